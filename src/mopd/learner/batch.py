@@ -1,0 +1,50 @@
+"""The rollout batch: the one structure every stage after sampling reads.
+
+Layout (B rows, T positions): each row is `[left padding][prompt][completion][right padding]`.
+Every `*_B_T` tensor is aligned to `input_ids_B_T`: the value at [b, t] concerns the token input_ids[b, t]
+(so a token's logprob sits at the token's own position, not at the position of the logits that predicted it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids_B_T: torch.Tensor  # long; prompt (left-padded) + completion (right-padded)
+    attention_mask_B_T: torch.Tensor  # long; 1 on real tokens (prompt and completion), 0 on padding
+    completion_mask_B_T: torch.Tensor  # float; 1 on sampled completion tokens (EOS included), else 0
+    sampler_logprobs_B_T: torch.Tensor  # float; log pi_sampler(token) on completion tokens, 0 elsewhere
+    domains: list[str]  # domain name per row; the router reads it
+    group_ids_B: torch.Tensor  # long; rows sampled from the same prompt share a group id
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)  # the domain's reference answer per row
+    rewards_B: torch.Tensor | None = None  # float in [0, 1], set by the verifier phase
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids_B_T.shape[0])
+
+    def with_rewards(self, rewards_B: torch.Tensor) -> RolloutBatch:
+        return replace(self, rewards_B=rewards_B)
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """Sub-batch of the given row indices (used to send each teacher only its routed rows)."""
+        idx = rows.tolist()
+        pick = lambda xs: [xs[i] for i in idx] if xs else []  # noqa: E731
+        return RolloutBatch(
+            input_ids_B_T=self.input_ids_B_T[rows],
+            attention_mask_B_T=self.attention_mask_B_T[rows],
+            completion_mask_B_T=self.completion_mask_B_T[rows],
+            sampler_logprobs_B_T=self.sampler_logprobs_B_T[rows],
+            domains=pick(self.domains),
+            group_ids_B=self.group_ids_B[rows],
+            prompts=pick(self.prompts),
+            completions=pick(self.completions),
+            references=pick(self.references),
+            rewards_B=None if self.rewards_B is None else self.rewards_B[rows],
+        )
