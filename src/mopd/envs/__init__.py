@@ -1,0 +1,26 @@
+"""Synthetic verifiable domains: importing this package registers the built-in ones."""
+
+from mopd.envs import synthetic as _synthetic  # noqa: F401  (registers the built-in domains)
+from mopd.envs.base import (
+    ALPHABET,
+    Domain,
+    Problem,
+    exact_match,
+    get_domain,
+    list_domains,
+    load_plugin,
+    partial_match_reward,
+    register_domain,
+)
+
+__all__ = [
+    "ALPHABET",
+    "Domain",
+    "Problem",
+    "exact_match",
+    "get_domain",
+    "list_domains",
+    "load_plugin",
+    "partial_match_reward",
+    "register_domain",
+]

@@ -1,0 +1,71 @@
+"""The `mopd` command line: run a recipe, run the bundled demo, rebuild a report."""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def bundled_recipe(name: str) -> Path:
+    return Path(str(resources.files("mopd") / "recipes" / f"{name}.yaml"))
+
+
+def _run(recipe: Path, out: Path | None) -> None:
+    from .recipe.load import RecipeError, load_recipe
+
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as e:
+        _fail(str(e))
+    from .recipe.runner import run_recipe
+
+    out = out or Path("runs") / loaded.recipe.name
+    summary = run_recipe(loaded, out, console)
+    if summary is not None:
+        score = summary["normalized_score"]
+        console.print(f"normalized score: {score:.3f}" if score is not None else "normalized score: n/a")
+        console.print(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="the recipe YAML file"),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
+) -> None:
+    """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
+    _run(recipe, out)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory")) -> None:
+    """The bundled demo: tiny base -> SFT -> one RL teacher per domain -> MOPD student, on this CPU."""
+    _run(bundled_recipe("demo"), out)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory written by `mopd run`")) -> None:
+    """Rebuild report.md, the PNG curves and summary.json from a run directory's saved metrics."""
+    from .report import build_report
+
+    try:
+        summary = build_report(run_dir)
+    except ValueError as e:
+        _fail(str(e))
+    console.print(f"normalized score: {summary['normalized_score']}")
+    console.print(f"report: {run_dir / 'report.md'}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,294 @@
+"""Verifiable domains: problems, rewards, a name registry and plugin loading.
+
+A *domain* is a generator `fn(rng, difficulty) -> (prompt, answer)` plus a verifier
+`verify(problem, completion) -> float in [0, 1]`. Register one with the `@register_domain`
+decorator; recipes refer to domains by name, and user files add more via `load_plugin`.
+
+Held-out discipline: `Domain.eval_set(n, seed)` is a fixed, deduplicated evaluation set, and
+`Domain.sample_train(rng, n, exclude=...)` resamples any prompt in `exclude`, so passing
+`domain.held_out_prompts(n, seed)` as `exclude` guarantees no eval prompt is ever trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+# The character-level tokenizer is built from exactly this alphabet (order fixes the token ids).
+ALPHABET: str = "0123456789abcdefghijklmnopqrstuvwxyz+*=:,- "
+_ALPHABET_SET = frozenset(ALPHABET)
+
+Generator = Callable[[random.Random, int], tuple[str, str]]
+Verifier = Callable[["Problem", str], float]
+
+# A sample is retried at most this many times when it lands on an excluded (held-out) prompt.
+_MAX_TRAIN_RETRIES = 1000
+# eval_set stops drawing from a difficulty once repeats exceed max(_SAT_MIN, _SAT_RATIO * unique):
+# its prompt space is then mostly used up, and the remainder of the quota moves to other difficulties,
+# which keeps most of a small space (e.g. 1-digit x 1-digit) available for training.
+_SAT_MIN = 4
+_SAT_RATIO = 0.25
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str  # the reference completion text, without any EOS
+    domain: str
+    difficulty: int
+
+
+def exact_match(problem: Problem, completion: str) -> bool:
+    """True when the completion, stripped of surrounding whitespace, equals the reference answer."""
+    return completion.strip() == problem.answer
+
+
+def partial_match_reward(problem: Problem, completion: str) -> float:
+    """Dense reward in [0, 1]: 1.0 for an exact match, else 0.5 * positional agreement.
+
+    Non-exact credit is `0.5 * #{i : completion[i] == answer[i]} / max(len(answer), len(completion))`
+    on the stripped completion (empty -> 0). Why dense: on-policy RL from a tiny, barely trained model
+    almost never hits an exact answer early on, so a 0/1 reward is zero for nearly every rollout and the
+    group-relative advantage vanishes. Per-position credit ranks near misses above garbage, which gives
+    a gradient from step one; capping it at 0.5 keeps an exact answer strictly the best outcome, and the
+    `max(...)` denominator penalises answers that are too long or too short.
+    """
+    text = completion.strip()
+    answer = problem.answer
+    if text == answer:
+        return 1.0
+    if not text or not answer:
+        return 0.0
+    hits = sum(1 for a, b in zip(text, answer, strict=False) if a == b)
+    return 0.5 * hits / max(len(answer), len(text))
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    generate: Generator
+    verify: Verifier
+    difficulties: tuple[int, ...]
+    description: str
+
+    def _check_difficulty(self, difficulty: int) -> None:
+        if difficulty not in self.difficulties:
+            raise ValueError(
+                f"domain {self.name!r} has no difficulty {difficulty!r}; choose from {list(self.difficulties)}"
+            )
+
+    def _make(self, rng: random.Random, difficulty: int) -> Problem:
+        out = self.generate(rng, difficulty)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(s, str) for s in out)):
+            raise TypeError(
+                f"domain {self.name!r}: generator must return (prompt: str, answer: str), got {out!r}"
+            )
+        prompt, answer = out
+        if not prompt or not answer:
+            raise ValueError(f"domain {self.name!r}: empty prompt or answer in {out!r}")
+        bad = sorted(set(prompt + answer) - _ALPHABET_SET)
+        if bad:
+            raise ValueError(
+                f"domain {self.name!r}: characters {bad!r} in {out!r} are outside ALPHABET {ALPHABET!r}"
+            )
+        return Problem(prompt=prompt, answer=answer, domain=self.name, difficulty=difficulty)
+
+    def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
+        """One problem; `difficulty=None` draws the difficulty uniformly from `self.difficulties`."""
+        if difficulty is None:
+            difficulty = rng.choice(self.difficulties)
+        self._check_difficulty(difficulty)
+        return self._make(rng, difficulty)
+
+    def sample_train(
+        self,
+        rng: random.Random,
+        n: int,
+        difficulty: int | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[Problem]:
+        """`n` training problems, none of whose prompts is in `exclude` (excluded draws are resampled).
+
+        The difficulty of each sample is fixed before resampling, so exclusion does not skew the mix.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if difficulty is not None:
+            self._check_difficulty(difficulty)
+        out: list[Problem] = []
+        for _ in range(n):
+            d = rng.choice(self.difficulties) if difficulty is None else difficulty
+            for _ in range(_MAX_TRAIN_RETRIES):
+                problem = self._make(rng, d)
+                if problem.prompt not in exclude:
+                    out.append(problem)
+                    break
+            else:
+                raise RuntimeError(
+                    f"domain {self.name!r}, difficulty {d}: {_MAX_TRAIN_RETRIES} draws in a row were all "
+                    "excluded (held-out) prompts; the eval set covers nearly this whole prompt space"
+                )
+        return out
+
+    def eval_set(self, n: int, seed: int = 1234) -> list[Problem]:
+        """Fixed held-out set: deterministic in (domain name, n, seed), unique prompts, even over difficulties.
+
+        Each difficulty gets `n // k` problems (the first `n % k` one more). A difficulty whose prompt space
+        runs out (too many repeated draws) stops early and its shortfall moves to the others. Ordered by
+        difficulty. Raises ValueError if the domain cannot supply `n` distinct prompts.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        diffs = self.difficulties
+        rngs = {d: random.Random(f"mopd-eval:{self.name}:{seed}:{d}") for d in diffs}
+        picked: dict[int, list[Problem]] = {d: [] for d in diffs}
+        repeats = dict.fromkeys(diffs, 0)
+        seen: set[str] = set()
+        open_diffs = list(diffs)
+        quota = dict.fromkeys(diffs, 0)
+        while open_diffs:
+            missing = n - sum(len(v) for v in picked.values())
+            if missing <= 0:
+                break
+            share, extra = divmod(missing, len(open_diffs))
+            for i, d in enumerate(open_diffs):
+                quota[d] = len(picked[d]) + share + (1 if i < extra else 0)
+            for d in list(open_diffs):
+                while len(picked[d]) < quota[d]:
+                    problem = self._make(rngs[d], d)
+                    if problem.prompt in seen:
+                        repeats[d] += 1
+                        if repeats[d] > max(_SAT_MIN, _SAT_RATIO * len(picked[d])):
+                            open_diffs.remove(d)
+                            break
+                        continue
+                    seen.add(problem.prompt)
+                    picked[d].append(problem)
+        total = sum(len(v) for v in picked.values())
+        if total < n:
+            raise ValueError(
+                f"domain {self.name!r} cannot supply {n} distinct held-out prompts without exhausting "
+                f"its prompt space (got {total}); ask for a smaller eval set"
+            )
+        return [p for d in diffs for p in picked[d]]
+
+    def held_out_prompts(self, n: int, seed: int = 1234) -> frozenset[str]:
+        """The prompts of `eval_set(n, seed)`: pass as `exclude` to `sample_train`."""
+        return frozenset(p.prompt for p in self.eval_set(n, seed))
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Domain] = {}
+
+
+def _same_function(a: Callable, b: Callable) -> bool:
+    """Same object, or the same source-level function re-created by re-importing its module."""
+    if a is b:
+        return True
+    ca, cb = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (
+        ca is not None
+        and cb is not None
+        and getattr(a, "__module__", None) == getattr(b, "__module__", None)
+        and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+        and ca.co_code == cb.co_code
+        and ca.co_consts == cb.co_consts
+    )
+
+
+def register_domain(
+    name: str,
+    *,
+    difficulties: tuple[int, ...] = (1, 2, 3),
+    verify: Verifier | None = None,
+    description: str = "",
+) -> Callable[[Generator], Generator]:
+    """Decorator registering `fn(rng, difficulty) -> (prompt, answer)` as domain `name`; returns `fn` unchanged.
+
+    `verify` defaults to `partial_match_reward`. Registering the same generator again is a no-op (the first
+    registration is kept); registering a different generator under a taken name raises ValueError.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"domain name must be a non-empty string, got {name!r}")
+    diffs = tuple(difficulties)
+    if not diffs or not all(isinstance(d, int) and not isinstance(d, bool) for d in diffs):
+        raise ValueError(f"difficulties must be a non-empty tuple of ints, got {difficulties!r}")
+    if len(set(diffs)) != len(diffs):
+        raise ValueError(f"duplicate difficulties in {difficulties!r}")
+
+    def decorator(fn: Generator) -> Generator:
+        if not callable(fn):
+            raise TypeError(f"register_domain({name!r}) must decorate a callable, got {fn!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None:
+            if _same_function(existing.generate, fn):
+                return fn
+            raise ValueError(
+                f"domain {name!r} is already registered by {existing.generate.__module__}."
+                f"{getattr(existing.generate, '__qualname__', existing.generate)!s}; pick another name"
+            )
+        _REGISTRY[name] = Domain(
+            name=name,
+            generate=fn,
+            verify=verify if verify is not None else partial_match_reward,
+            difficulties=diffs,
+            description=description,
+        )
+        return fn
+
+    return decorator
+
+
+def get_domain(name: str) -> Domain:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY)) or "(none)"
+        raise KeyError(f"unknown domain {name!r}; known domains: {known}") from None
+
+
+def list_domains() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------------------------- plugins
+
+
+def load_plugin(path: str | Path, relative_to: str | Path | None = None) -> ModuleType:
+    """Import a user Python file by path so its `@register_domain` calls run; returns the module.
+
+    A relative `path` is resolved against `relative_to` (a directory, or a file whose directory is used,
+    e.g. the recipe file) when given, else against the current directory. Loading the same file twice
+    returns the already-imported module without re-running it.
+    """
+    p = Path(path).expanduser()
+    if not p.is_absolute() and relative_to is not None:
+        base = Path(relative_to).expanduser()
+        p = (base if base.is_dir() else base.parent) / p
+    p = p.resolve()
+    if not p.is_file():
+        raise FileNotFoundError(f"domain plugin not found: {p} (given as {str(path)!r})")
+    if p.suffix != ".py":
+        raise ValueError(f"domain plugin must be a .py file, got {p}")
+    digest = hashlib.sha1(str(p).encode()).hexdigest()[:12]
+    mod_name = f"mopd_plugin_{p.stem}_{digest}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, p)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import domain plugin {p}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(mod_name, None)
+        raise
+    return module

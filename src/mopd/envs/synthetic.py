@@ -1,0 +1,66 @@
+"""Built-in synthetic verifiable domains, sized for ~0.4M-parameter character-level models.
+
+Prompts are <= 14 chars and end with "=", answers are <= 8 chars. Each prompt carries a cue for its
+domain: the operator for arithmetic ("+" or "*"), a "rev:" / "sort:" prefix for the string tasks.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+from mopd.envs.base import register_domain
+
+_LETTERS = string.ascii_lowercase
+# difficulty -> (min, max) word length for the string tasks
+_LENGTH_BANDS = {1: (3, 4), 2: (5, 6), 3: (7, 8)}
+
+
+def _n_digits(rng: random.Random, digits: int) -> int:
+    """A number with exactly `digits` digits (1 digit: 0..9)."""
+    if digits == 1:
+        return rng.randint(0, 9)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def _word(rng: random.Random, difficulty: int) -> str:
+    lo, hi = _LENGTH_BANDS[difficulty]
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(lo, hi)))
+
+
+@register_domain("addition", description="a+b= with the longer operand having `difficulty` digits (1..3)")
+def addition(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    a = _n_digits(rng, difficulty)
+    b = _n_digits(rng, rng.randint(1, difficulty))
+    if rng.random() < 0.5:
+        a, b = b, a
+    return f"{a}+{b}=", str(a + b)
+
+
+@register_domain(
+    "multiplication", description="a*b= with 1x1-digit (d1), 1x2-digit (d2) or 2x2-digit (d3) factors"
+)
+def multiplication(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    one = lambda: rng.randint(1, 9)  # noqa: E731
+    two = lambda: rng.randint(10, 99)  # noqa: E731
+    if difficulty == 1:
+        a, b = one(), one()
+    elif difficulty == 2:
+        a, b = one(), two()
+        if rng.random() < 0.5:
+            a, b = b, a
+    else:
+        a, b = two(), two()
+    return f"{a}*{b}=", str(a * b)
+
+
+@register_domain("reversal", description="rev:WORD= -> WORD reversed; 3-4, 5-6 or 7-8 lowercase letters")
+def reversal(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    word = _word(rng, difficulty)
+    return f"rev:{word}=", word[::-1]
+
+
+@register_domain("sorting", description="sort:WORD= -> the letters of WORD sorted; 3-4, 5-6 or 7-8 letters")
+def sorting(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    word = _word(rng, difficulty)
+    return f"sort:{word}=", "".join(sorted(word))

@@ -1,0 +1,89 @@
+"""Checkpoint IO: Hugging Face directories plus `mopd.json` lineage, written atomically.
+
+A checkpoint is complete only once its directory has been renamed into place: we write everything into a
+temporary sibling directory, fsync, then `os.replace`. A crash mid-write leaves a `.tmp-*` directory that is never
+loaded (and is cleaned up on the next write), so an interrupted run never resumes from half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the run's own progress
+
+LINEAGE_FILE = "mopd.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: Path,
+    model,
+    tokenizer,
+    lineage: dict[str, Any],
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write model + tokenizer + lineage (+ optimizer/RNG state for resuming) to `path`, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        old = path.with_name(f".old-{path.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").exists() and (path / LINEAGE_FILE).exists()
+
+
+def read_lineage(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / LINEAGE_FILE).read_text())
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_trainer_state(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / TRAINER_STATE_FILE
+    return torch.load(f, weights_only=False) if f.exists() else None

@@ -1,0 +1,107 @@
+"""Training curves over steps, rendered to PNG bytes with matplotlib's Agg canvas.
+
+Uses `matplotlib.figure.Figure` + `FigureCanvasAgg` directly (no pyplot), so rendering never touches
+the global backend or leaks figures. matplotlib is imported lazily: importing mopd.report stays cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+# stage -> metric key -> [(step, value)] sorted by step
+Curves = Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]
+
+FIGURE_NAMES = ("reward.png", "reverse_kl.png", "entropy.png", "completion_len.png")
+DPI = 110
+_MARKERS_BELOW = 30  # draw point markers when a line has at most this many points
+
+
+def _reward_panels(keys: set[str]) -> list[tuple[str, str]]:
+    panels = [("reward/mean", "mean reward")] if "reward/mean" in keys else []
+    for k in sorted(keys):
+        if k.startswith("reward/") and k != "reward/mean":
+            panels.append((k, f"reward: {k[len('reward/') :]}"))
+    return panels
+
+
+def _kl_panels(keys: set[str]) -> list[tuple[str, str]]:
+    prefix = "mopd/reverse_kl/"
+    panels = [(k, f"reverse KL to teacher {k[len(prefix) :]}") for k in sorted(keys) if k.startswith(prefix)]
+    if "opd/reverse_kl" in keys:
+        panels.append(("opd/reverse_kl", "reverse KL to teacher (OPD)"))
+    return panels
+
+
+# file -> (figure title, y label, panel chooser)
+_FIGURES = {
+    "reward.png": ("Reward", "mean verifier reward", _reward_panels),
+    "reverse_kl.png": ("Reverse KL (student || teacher)", "reverse KL", _kl_panels),
+    "entropy.png": (
+        "Policy entropy",
+        "entropy",
+        lambda ks: [("entropy", "entropy")] if "entropy" in ks else [],
+    ),
+    "completion_len.png": (
+        "Completion length",
+        "completion length (tokens)",
+        lambda ks: [("completion_len", "completion length")] if "completion_len" in ks else [],
+    ),
+}
+
+
+def render_figures(curves: Curves, stage_order: Sequence[str], recipe: str = "") -> dict[str, bytes]:
+    """Render every figure that has data; returns {file name: PNG bytes} (figures with no data are absent).
+
+    Each panel is one metric key, with one line per stage that logs it. A stage keeps the same colour
+    in every figure (its position in `stage_order`).
+    """
+    keys = {k for per_key in curves.values() for k, pts in per_key.items() if pts}
+    out: dict[str, bytes] = {}
+    for name, (title, ylabel, choose) in _FIGURES.items():
+        panels = choose(keys)
+        if panels:
+            full_title = f"{recipe}: {title}" if recipe else title
+            out[name] = _render(curves, stage_order, panels, full_title, ylabel)
+    return out
+
+
+def _render(
+    curves: Curves, stage_order: Sequence[str], panels: list[tuple[str, str]], title: str, ylabel: str
+) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    palette = [f"C{i}" for i in range(10)]
+    order = list(stage_order) + [s for s in curves if s not in stage_order]
+    colour = {s: palette[i % len(palette)] for i, s in enumerate(order)}
+
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.8 * ncols, 3.5 * nrows), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (key, panel_title) in zip(axes, panels, strict=False):
+        for stage in order:
+            pts = (curves.get(stage) or {}).get(key) or []
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            marker = "o" if len(pts) <= _MARKERS_BELOW else None
+            ax.plot(xs, ys, label=stage, color=colour[stage], marker=marker, markersize=3, linewidth=1.4)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, title="stage", title_fontsize=8)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()

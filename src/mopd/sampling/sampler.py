@@ -1,0 +1,123 @@
+"""Batched, KV-cached sampling with temperature and top-p that records the sampler's per-token logprobs.
+
+The recorded logprob is that of the distribution the token was actually drawn from (after temperature and
+top-p), which is what importance-sampling correction needs; with temperature 1 and top_p 1 it equals the
+policy's own logprob at sampling time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..learner.batch import RolloutBatch
+from ..models.forward import position_ids_from_mask
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `[BOS] prompt` ids and attention mask."""
+    ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return input_ids, mask
+
+
+def _filter_top_p(logprobs_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches top_p; renormalize."""
+    sorted_lp, order = logprobs_B_V.sort(dim=-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
+    drop_sorted = mass_before >= top_p  # the first token is always kept
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logprobs_B_V.masked_fill(drop, float("-inf")).log_softmax(-1)
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    domains: list[str] | None = None,
+    group_ids: list[int] | None = None,
+    references: list[str] | None = None,
+) -> RolloutBatch:
+    """Sample one completion per prompt (repeat prompts for groups). temperature 0 means greedy."""
+    was_training = model.training
+    model.eval()
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    B = prompt_ids.shape[0]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    new_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long)
+    new_lp = torch.zeros((B, max_new_tokens))
+    new_mask = torch.zeros((B, max_new_tokens))
+    finished = torch.zeros(B, dtype=torch.bool)
+
+    mask = prompt_mask
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=True,
+    )
+    cache = out.past_key_values
+    next_pos = mask.sum(-1, keepdim=True)  # [B, 1] position of the next token
+    logits = out.logits[:, -1].float()
+    steps = 0
+    for t in range(max_new_tokens):
+        logprobs_B_V = logits.log_softmax(-1)
+        if temperature == 0:
+            tok = logprobs_B_V.argmax(-1)
+            tok_lp = torch.zeros(B)
+        else:
+            dist_lp = (logits / temperature).log_softmax(-1)
+            if top_p < 1.0:
+                dist_lp = _filter_top_p(dist_lp, top_p)
+            tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
+            tok_lp = dist_lp.gather(-1, tok[:, None]).squeeze(-1)
+        live = ~finished
+        new_ids[:, t] = torch.where(live, tok, torch.full_like(tok, pad))
+        new_lp[:, t] = torch.where(live, tok_lp, torch.zeros_like(tok_lp))
+        new_mask[:, t] = live.float()
+        finished |= tok == eos
+        steps = t + 1
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, live.long()[:, None]], dim=1)
+        out = model(
+            input_ids=new_ids[:, t : t + 1],
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1].float()
+    if was_training:
+        model.train()
+
+    new_ids, new_lp, new_mask = new_ids[:, :steps], new_lp[:, :steps], new_mask[:, :steps]
+    completions = [
+        tokenizer.decode([i for i, m in zip(row.tolist(), mrow.tolist(), strict=True) if m and i != eos])
+        for row, mrow in zip(new_ids, new_mask, strict=True)
+    ]
+    P = prompt_ids.shape[1]
+    return RolloutBatch(
+        input_ids_B_T=torch.cat([prompt_ids, new_ids], dim=1),
+        attention_mask_B_T=torch.cat([prompt_mask, new_mask.long()], dim=1),
+        completion_mask_B_T=torch.cat([torch.zeros(B, P), new_mask], dim=1),
+        sampler_logprobs_B_T=torch.cat([torch.zeros(B, P), new_lp], dim=1),
+        domains=list(domains) if domains else [""] * B,
+        group_ids_B=torch.tensor(group_ids if group_ids is not None else list(range(B)), dtype=torch.long),
+        prompts=list(prompts),
+        completions=completions,
+        references=list(references) if references else [],
+    )
