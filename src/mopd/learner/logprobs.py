@@ -1,0 +1,95 @@
+"""Per-token log-probabilities and entropies from causal-LM logits, aligned to `input_ids`.
+
+A causal LM's logits at position t-1 give the distribution of token t. Everything downstream (the rollout
+batch, advantages, losses) stores a token's value at the token's own position (see `batch.py`), so:
+
+    logprobs_B_T[b, t] = log softmax(logits_B_T_V[b, t-1])[input_ids_B_T[b, t]]   for t >= 1
+    logprobs_B_T[b, 0] = 0                                                        (nothing predicts it)
+
+Departures from the naive `log_softmax(logits).gather(...)`:
+- we compute `logit[y] - logsumexp(logits)` instead of materialising (and saving for backward) a second
+  [B, T, V] log-softmax tensor; the only full-vocabulary temporaries are the float32 copy of the logits and
+  the ones inside `logsumexp`;
+- the arithmetic is float32 even when the model runs in bf16 (bf16 log-softmax loses ~2 digits).
+
+Full-vocabulary objectives (`objectives.py`) need aligned *logits* rather than logprobs: pass
+`logits_B_T_V[:, :-1]` with `mask_B_T[:, 1:]` (a view, no copy) — position t of that slice is the
+distribution that produced token t+1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token under the distribution that produced it, aligned to `input_ids`.
+
+    logprobs[b, t] = logits[b, t-1, y_t] - logsumexp_v logits[b, t-1, v], with y_t = input_ids[b, t];
+    logprobs[b, 0] = 0.
+
+    Args:
+        logits_B_T_V: causal-LM logits (any float dtype; computed in float32). May carry grad.
+        input_ids_B_T: long token ids, same B and T.
+
+    Returns:
+        logprobs_B_T: float32, differentiable wrt the logits.
+    """
+    _check_aligned(logits_B_T_V, input_ids_B_T)
+    logits_B_S_V = logits_B_T_V[:, :-1].float()  # S = T-1: position s predicts token s+1
+    targets_B_S = input_ids_B_T[:, 1:]
+    picked_B_S = logits_B_S_V.gather(-1, targets_B_S.unsqueeze(-1)).squeeze(-1)
+    logprobs_B_S = picked_B_S - torch.logsumexp(logits_B_S_V, dim=-1)
+    return _pad_front(logprobs_B_S)
+
+
+def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
+    """Entropy of the distribution that produced each token, aligned to `input_ids` like `token_logprobs`.
+
+    H[b, t] = -sum_v p_v log p_v  with p = softmax(logits[b, t-1]),  computed as
+    H = logsumexp(l) - sum_v p_v l_v  (no log-softmax tensor needed); H[b, 0] = 0.
+
+    Args:
+        logits_B_T_V: causal-LM logits (computed in float32). May carry grad.
+
+    Returns:
+        entropy_B_T: float32, in nats.
+    """
+    logits_B_S_V = logits_B_T_V[:, :-1].float()
+    lse_B_S = torch.logsumexp(logits_B_S_V, dim=-1)
+    probs_B_S_V = torch.softmax(logits_B_S_V, dim=-1)
+    # 0 * (-inf) would be nan for masked-out vocabulary entries (logit -inf, prob 0): zero them first.
+    finite_logits_B_S_V = torch.where(probs_B_S_V > 0, logits_B_S_V, torch.zeros_like(logits_B_S_V))
+    entropy_B_S = lse_B_S - (probs_B_S_V * finite_logits_B_S_V).sum(-1)
+    return _pad_front(entropy_B_S)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x * mask) / sum(mask), or 0 when the mask sums to 0.
+
+    Masked-out entries are selected away (not multiplied), so a nan/inf there does not leak into the result.
+
+    Args:
+        x: values, any shape.
+        mask: 0/1 (or non-negative weights), broadcastable to x.
+
+    Returns:
+        A 0-dim tensor (differentiable wrt x).
+    """
+    mask = mask.to(x.dtype)
+    total = torch.where(mask > 0, x * mask, torch.zeros_like(x)).sum()
+    denom = mask.expand_as(x).sum()
+    return torch.where(denom > 0, total / denom.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(total))
+
+
+def _pad_front(x_B_S: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] -> [B, T] with a zero column in front (position 0 has no predicting distribution)."""
+    return torch.cat([x_B_S.new_zeros(x_B_S.shape[0], 1), x_B_S], dim=1)
+
+
+def _check_aligned(logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> None:
+    if logits_B_T_V.dim() != 3 or logits_B_T_V.shape[:2] != input_ids_B_T.shape:
+        raise ValueError(
+            f"logits {tuple(logits_B_T_V.shape)} must be [B, T, V] with [B, T] = input_ids "
+            f"{tuple(input_ids_B_T.shape)}"
+        )

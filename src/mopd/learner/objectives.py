@@ -1,0 +1,216 @@
+"""Full-distribution distillation losses on the student's own rollouts.
+
+Where `advantages.opd_advantages` uses one sampled token per position (a Monte Carlo estimate of the reverse
+KL), these losses compare whole next-token distributions at every completion position. Inputs:
+- `student_logits_B_T_V` (with grad) and `teacher_logits_B_T_V` (detached here), both aligned like logprobs:
+  position t holds the distribution that produced token t. From raw causal-LM logits pass
+  `logits_B_T_V[:, :-1]` together with `mask_B_T[:, 1:]`.
+- `mask_B_T`: 1 on completion positions.
+Every loss is a token mean over the mask, computed in float32, and returns `(loss, metrics)`.
+
+Objectives (p = pi_S student, q = pi_T teacher, sums over the vocabulary):
+- full reverse KL  KL(p || q)                 mode-seeking; DeepSeek-V4-style full-vocabulary OPD
+- forward KL       KL(q || p)                 mass-covering; classic (Hinton) distillation on student rollouts
+- generalized JSD  GKD, Agarwal et al. 2024, arXiv:2306.13649, Sec. 3
+- top-k reverse KL reverse KL between coarse-grained distributions over the teacher's top-k tokens + "rest",
+                   so a teacher only ships K logprobs and ids per position
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mopd.learner.logprobs import masked_mean
+
+
+def full_reverse_kl_loss(
+    student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor, mask_B_T: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reverse KL over the full vocabulary, token-mean over the mask.
+
+        loss = mean_{t in mask} sum_v p_v (log p_v - log q_v),  p = softmax(student), q = softmax(teacher)
+
+    Its gradient is the exact (zero-variance) version of the sampled-token OPD gradient at each position.
+
+    Returns:
+        loss: 0-dim tensor, grad wrt the student logits only.
+        metrics: "distill/reverse_kl".
+    """
+    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
+    kl_B_T = _kl(logp_B_T_V, logq_B_T_V)
+    loss = masked_mean(kl_B_T, mask_B_T)
+    return loss, {"distill/reverse_kl": float(loss.detach())}
+
+
+def forward_kl_loss(
+    student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor, mask_B_T: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward KL over the full vocabulary, token-mean over the mask.
+
+        loss = mean_{t in mask} sum_v q_v (log q_v - log p_v),  p = softmax(student), q = softmax(teacher)
+
+    (GKD with divergence KL(q||p) on student-generated sequences, arXiv:2306.13649.)
+
+    Returns:
+        loss: 0-dim tensor, grad wrt the student logits only.
+        metrics: "distill/forward_kl".
+    """
+    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
+    kl_B_T = _kl(logq_B_T_V, logp_B_T_V)
+    loss = masked_mean(kl_B_T, mask_B_T)
+    return loss, {"distill/forward_kl": float(loss.detach())}
+
+
+def generalized_jsd_loss(
+    student_logits_B_T_V: torch.Tensor,
+    teacher_logits_B_T_V: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024, arXiv:2306.13649, Sec. 3):
+
+        m     = beta * q + (1 - beta) * p                       (q = teacher, p = student)
+        JSD_b = beta * KL(q || m) + (1 - beta) * KL(p || m),    loss = mean_{t in mask} JSD_b
+
+    beta must lie in the open interval (0, 1); beta = 0.5 is the symmetric JSD (bounded by log 2). Endpoints:
+    JSD_b -> 0 at both, but its leading term is the forward KL as beta -> 0 (JSD_b / beta -> KL(q || p)) and
+    the reverse KL as beta -> 1 (JSD_b / (1 - beta) -> KL(p || q)); use `forward_kl_loss` /
+    `full_reverse_kl_loss` for those limits. (Same convention as TRL's GKDTrainer: beta -> 0 is forward KL.)
+    log m = logaddexp(log(beta) + log q, log(1 - beta) + log p), elementwise (no stacked copy).
+
+    Returns:
+        loss: 0-dim tensor, grad wrt the student logits only (through p and m).
+        metrics: "distill/jsd".
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"beta must be in (0, 1), got {beta}; use forward_kl_loss (beta -> 0) or full_reverse_kl_loss "
+            "(beta -> 1)"
+        )
+    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
+    logm_B_T_V = torch.logaddexp(logq_B_T_V + math.log(beta), logp_B_T_V + math.log1p(-beta))
+    jsd_B_T = beta * _kl(logq_B_T_V, logm_B_T_V) + (1.0 - beta) * _kl(logp_B_T_V, logm_B_T_V)
+    loss = masked_mean(jsd_B_T, mask_B_T)
+    return loss, {"distill/jsd": float(loss.detach())}
+
+
+def teacher_topk(teacher_logits_B_T_V: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely tokens per position and their (full-vocabulary) log-probabilities.
+
+    Args:
+        teacher_logits_B_T_V: teacher logits (computed in float32, no grad).
+        k: 1 <= k <= V.
+
+    Returns:
+        topk_logprobs_B_T_K: float32 log q of the top-k tokens, descending.
+        topk_ids_B_T_K: long token ids.
+    """
+    with torch.no_grad():
+        logits_B_T_V = teacher_logits_B_T_V.float()
+        top_logits_B_T_K, topk_ids_B_T_K = logits_B_T_V.topk(k, dim=-1)
+        topk_logprobs_B_T_K = top_logits_B_T_K - torch.logsumexp(logits_B_T_V, dim=-1, keepdim=True)
+    return topk_logprobs_B_T_K, topk_ids_B_T_K
+
+
+def topk_reverse_kl_loss(
+    student_logits_B_T_V: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_topk_ids_B_T_K: torch.Tensor,
+    mask_B_T: torch.Tensor,
+    min_rest_mass: float = 1e-6,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reverse KL between the coarse-grained distributions on the teacher's top-k support plus a "rest" bin.
+
+    With S = the teacher's top-k ids at a position, coarse-grain both distributions to K + 1 outcomes
+        p~ = [p_{s_1}, ..., p_{s_K}, p_rest = 1 - sum_k p_{s_k}],   q~ likewise (q from the teacher's logprobs),
+    and use the exact KL between them:
+        loss_t = sum_k p_{s_k} (log p_{s_k} - log q_{s_k}) + p_rest (log p_rest - log q_rest).
+    By the chain rule of KL this equals
+        KL(Bern(P_in) || Bern(Q_in)) + P_in * KL(p|_S || q|_S),   P_in = sum_k p_{s_k}, Q_in = sum_k q_{s_k},
+    i.e. the KL between the top-k-renormalised distributions (weighted by the student's mass on S) plus the
+    KL between the "inside top-k vs outside" Bernoullis. So the loss is a proper divergence: >= 0, and 0 iff
+    p_{s_k} = q_{s_k} for all k (hence p_rest = q_rest); how the student spreads p_rest over the other tokens is
+    unconstrained. By the data-processing inequality it lower-bounds the full reverse KL, with equality when
+    K = V. Dropping the p_rest term instead would not be a divergence (the student could lower it by moving
+    mass off the support).
+
+    Numerics: the student's log p_rest is a logsumexp over the non-top-k logits (no 1 - sum cancellation);
+    the teacher's q_rest comes from the K logprobs alone (1 - sum exp) and is floored at `min_rest_mass`
+    because rounding of shipped logprobs can push sum_k q_{s_k} to >= 1.
+
+    Args:
+        student_logits_B_T_V: student logits, with grad, aligned like logprobs.
+        teacher_topk_logprobs_B_T_K: the teacher's full-vocabulary log q of its top-k tokens (e.g. from
+            `teacher_topk`); detached here.
+        teacher_topk_ids_B_T_K: their ids (long, distinct within a position).
+        mask_B_T: 1 on completion positions.
+        min_rest_mass: floor on the teacher's rest mass q_rest.
+
+    Returns:
+        loss: 0-dim tensor, grad wrt the student logits only.
+        metrics: "distill/topk_reverse_kl", "distill/teacher_topk_mass" (mean Q_in),
+            "distill/student_topk_mass" (mean P_in), both over mask tokens.
+    """
+    if teacher_topk_logprobs_B_T_K.shape != teacher_topk_ids_B_T_K.shape:
+        raise ValueError(
+            f"top-k logprobs {tuple(teacher_topk_logprobs_B_T_K.shape)} and ids "
+            f"{tuple(teacher_topk_ids_B_T_K.shape)} must have the same shape"
+        )
+    logits_B_T_V = student_logits_B_T_V.float()
+    lse_B_T = torch.logsumexp(logits_B_T_V, dim=-1)
+    ids_B_T_K = teacher_topk_ids_B_T_K.long()
+    logp_B_T_K = logits_B_T_V.gather(-1, ids_B_T_K) - lse_B_T[..., None]
+    # log p_rest = logsumexp over the logits outside the top-k, minus the normaliser. Rows with nothing outside
+    # (K = V) get p_rest = 0 via a where, so logsumexp never sees an all -inf row (its backward would be nan).
+    outside_B_T_V = logits_B_T_V.scatter(-1, ids_B_T_K, -torch.inf)
+    has_rest_B_T = torch.isfinite(outside_B_T_V).any(-1)
+    outside_B_T_V = torch.where(has_rest_B_T[..., None], outside_B_T_V, 0.0)
+    logp_rest_B_T = torch.where(has_rest_B_T, torch.logsumexp(outside_B_T_V, dim=-1) - lse_B_T, -torch.inf)
+
+    logq_B_T_K = teacher_topk_logprobs_B_T_K.detach().float()
+    logq_in_B_T = torch.logsumexp(logq_B_T_K, dim=-1).clamp(max=math.log1p(-min_rest_mass))
+    logq_rest_B_T = _log1mexp(logq_in_B_T)
+
+    # KL between the (K + 1)-outcome coarse-grained distributions [p_s1 .. p_sK, p_rest] and [q_s1 .. q_rest]
+    kl_B_T = _kl(
+        torch.cat([logp_B_T_K, logp_rest_B_T[..., None]], dim=-1),
+        torch.cat([logq_B_T_K, logq_rest_B_T[..., None]], dim=-1),
+    )
+    loss = masked_mean(kl_B_T, mask_B_T)
+    metrics = {
+        "distill/topk_reverse_kl": float(loss.detach()),
+        "distill/teacher_topk_mass": float(masked_mean(logq_in_B_T.exp(), mask_B_T)),
+        "distill/student_topk_mass": float(masked_mean(-torch.expm1(logp_rest_B_T.detach()), mask_B_T)),
+    }
+    return loss, metrics
+
+
+def _log_softmax_pair(
+    student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor, mask_B_T: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if (
+        student_logits_B_T_V.shape != teacher_logits_B_T_V.shape
+        or student_logits_B_T_V.shape[:2] != mask_B_T.shape
+    ):
+        raise ValueError(
+            f"student {tuple(student_logits_B_T_V.shape)} and teacher {tuple(teacher_logits_B_T_V.shape)} "
+            f"logits must be [B, T, V] with [B, T] = mask {tuple(mask_B_T.shape)}"
+        )
+    logp_B_T_V = torch.log_softmax(student_logits_B_T_V.float(), dim=-1)
+    logq_B_T_V = torch.log_softmax(teacher_logits_B_T_V.detach().float(), dim=-1)
+    return logp_B_T_V, logq_B_T_V
+
+
+def _kl(loga_B_T_V: torch.Tensor, logb_B_T_V: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) = sum over the last dim of a_v (log a_v - log b_v), with 0 log 0 := 0 (e.g. -inf logits)."""
+    a_B_T_V = loga_B_T_V.exp()
+    # select the difference first so a (-inf) - (-inf) = nan never meets the multiply, even in backward
+    diff_B_T_V = torch.where(a_B_T_V > 0, loga_B_T_V - logb_B_T_V, 0.0)
+    return (a_B_T_V * diff_B_T_V).sum(-1)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

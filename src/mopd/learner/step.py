@@ -1,0 +1,141 @@
+"""One learner step for every stage kind: the phases of the one loop, in order.
+
+    supervised (pretrain, sft):  batch from data ─► token NLL
+    policy (rlvr, mopd):         sample ─► reward ─► teacher scores ─► advantages ─► PG loss
+
+An algorithm is an advantage estimator plugged into `policy_loss`; there is no trainer per algorithm.
+Each function returns `(loss, metrics)`; the caller owns backward, the optimizer and logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..envs import Problem, get_domain
+from ..models.forward import sequence_logits
+from ..sampling.sampler import sample
+from ..teachers.panel import TeacherPanel
+from .advantages import combine_advantages, grpo_advantages, mopd_advantages
+from .logprobs import masked_mean, token_entropy, token_logprobs
+from .losses import policy_gradient_loss, sft_nll_loss
+
+
+def supervised_batch(tokenizer, problems: list[Problem], *, loss_on_prompt: bool):
+    """`[BOS] prompt answer [EOS]`, left-padded like the sampler's rows; targets are the answer and EOS
+    (and the prompt too when `loss_on_prompt`, which is what pretraining on a corpus means)."""
+    rows, targets = [], []
+    for p in problems:
+        prompt = [tokenizer.bos_token_id, *tokenizer(p.prompt, add_special_tokens=False).input_ids]
+        answer = [*tokenizer(p.answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        targets.append([0] + [int(loss_on_prompt)] * (len(prompt) - 1) + [1] * len(answer))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.zeros((len(rows), width))
+    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        attn[i, width - len(r) :] = 1
+        target[i, width - len(r) :] = torch.tensor(t, dtype=torch.float)
+    return ids, attn, target
+
+
+def supervised_loss(model, tokenizer, problems: list[Problem], *, loss_on_prompt: bool):
+    ids_B_T, attn_B_T, target_B_T = supervised_batch(tokenizer, problems, loss_on_prompt=loss_on_prompt)
+    logprobs_B_T = token_logprobs(sequence_logits(model, ids_B_T, attn_B_T), ids_B_T)
+    loss, metrics = sft_nll_loss(logprobs_B_T, target_B_T)
+    return loss, {"loss": float(loss.detach()), **metrics}
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """What `policy_loss` needs from a stage's settings (rlvr or mopd)."""
+
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    is_mode: str
+    eps_low: float
+    eps_high: float
+    adv_clip: float | None
+    alpha: float  # weight of A_GRPO; with no teachers (rlvr) the GRPO advantage is used alone
+
+
+def policy_loss(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    settings: PolicySettings,
+    generator: torch.Generator,
+    panel: TeacherPanel | None = None,
+):
+    """Sample G completions per problem, score them, and return the policy-gradient loss.
+
+    rlvr (panel is None): A = A_GRPO.  mopd: A = A_MOPD + alpha * A_GRPO.
+    """
+    # 1. sample: G rows per prompt, sharing a group id
+    G = settings.group_size
+    rows = [p for p in problems for _ in range(G)]
+    batch = sample(
+        model,
+        tokenizer,
+        [p.prompt for p in rows],
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        generator=generator,
+        domains=[p.domain for p in rows],
+        group_ids=[i // G for i in range(len(rows))],
+        references=[p.answer for p in rows],
+    )
+    mask_B_T = batch.completion_mask_B_T
+
+    # 2. reward: each row's domain verifier
+    rewards_B = torch.tensor([get_domain(p.domain).verify(p, c) for p, c in zip(rows, batch.completions, strict=True)])
+    batch = batch.with_rewards(rewards_B)
+
+    # 3. current-policy logprobs (with grad) on the sampled rows
+    logits_B_T_V = sequence_logits(model, batch.input_ids_B_T, batch.attention_mask_B_T)
+    logprobs_B_T = token_logprobs(logits_B_T_V, batch.input_ids_B_T)
+    metrics: dict[str, float] = {
+        "reward/mean": float(rewards_B.mean()),
+        "entropy": float(masked_mean(token_entropy(logits_B_T_V.detach()), mask_B_T)),
+        "completion_len": float(mask_B_T.sum(-1).mean()),
+    }
+    for d in sorted(set(batch.domains)):
+        sel = torch.tensor([x == d for x in batch.domains])
+        metrics[f"reward/{d}"] = float(rewards_B[sel].mean())
+
+    # 4. advantages: GRPO from rewards; MOPD from the routed teachers' scores of the sampled tokens
+    loss_mask_B_T = mask_B_T
+    advantages_B_T = torch.zeros_like(mask_B_T)
+    if panel is None or settings.alpha > 0:
+        grpo_B_T, keep_B, grpo_metrics = grpo_advantages(rewards_B, batch.group_ids_B, mask_B_T)
+        metrics.update(grpo_metrics)
+        if panel is None:
+            advantages_B_T = grpo_B_T
+            loss_mask_B_T = mask_B_T * keep_B[:, None].float()
+    if panel is not None:
+        names_B = panel.route(batch)
+        teacher_lp_B_T = panel.sampled_logprobs(batch, names_B)
+        opd_B_T, opd_metrics = mopd_advantages(teacher_lp_B_T, logprobs_B_T.detach(), mask_B_T, names_B)
+        metrics.update(opd_metrics)
+        advantages_B_T = combine_advantages(opd_B_T, grpo_B_T, settings.alpha) if settings.alpha > 0 else opd_B_T
+
+    # 5. loss: one policy-gradient loss with truncated importance weights and advantage clipping
+    loss, pg_metrics = policy_gradient_loss(
+        logprobs_B_T,
+        batch.sampler_logprobs_B_T,
+        advantages_B_T,
+        loss_mask_B_T,
+        is_mode=settings.is_mode,  # type: ignore[arg-type]
+        eps_low=settings.eps_low,
+        eps_high=settings.eps_high,
+        adv_clip=settings.adv_clip,
+    )
+    metrics.update(pg_metrics)
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics

@@ -1,0 +1,66 @@
+"""Shared fixtures: a miniature recipe that exercises every stage kind in seconds."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+MINI_RECIPE = textwrap.dedent(
+    """\
+    name: mini
+    seed: 0
+    domains: [addition, reversal, sorting]
+    eval: {size: 12, max_new_tokens: 8}
+    stages:
+      base:
+        kind: pretrain
+        model: {hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 64}
+        steps: 6
+        batch_size: 12
+        checkpoint_every: 3
+      sft:
+        kind: sft
+        init: base
+        steps: 3
+        batch_size: 12
+      teacher_add:
+        kind: rlvr
+        init: sft
+        domains: [addition]
+        steps: 2
+        batch_size: 3
+        group_size: 4
+      teacher_rev:
+        kind: rlvr
+        init: sft
+        domains: [reversal]
+        steps: 2
+        batch_size: 3
+        group_size: 4
+      teacher_sort:
+        kind: rlvr
+        init: sft
+        domains: [sorting]
+        steps: 2
+        batch_size: 3
+        group_size: 4
+      student:
+        kind: mopd
+        init: sft
+        teachers: {addition: teacher_add, reversal: teacher_rev, sorting: teacher_sort}
+        steps: 4
+        batch_size: 6
+        group_size: 2
+        alpha: 0.5
+        checkpoint_every: 2
+    """
+)
+
+
+@pytest.fixture
+def mini_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "mini.yaml"
+    path.write_text(MINI_RECIPE)
+    return path
