@@ -64,3 +64,9 @@ def reversal(rng: random.Random, difficulty: int) -> tuple[str, str]:
 def sorting(rng: random.Random, difficulty: int) -> tuple[str, str]:
     word = _word(rng, difficulty)
     return f"sort:{word}=", "".join(sorted(word))
+
+
+@register_domain("shift", description="shift:WORD= -> each letter moved one place on (z wraps to a); 3-8 letters")
+def shift(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    word = _word(rng, difficulty)
+    return f"shift:{word}=", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)

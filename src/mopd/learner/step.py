@@ -20,6 +20,7 @@ from ..teachers.panel import TeacherPanel
 from .advantages import combine_advantages, grpo_advantages, mopd_advantages
 from .logprobs import masked_mean, token_entropy, token_logprobs
 from .losses import policy_gradient_loss, sft_nll_loss
+from .objectives import forward_kl_loss, full_reverse_kl_loss, generalized_jsd_loss, topk_reverse_kl_loss
 
 
 def supervised_batch(tokenizer, problems: list[Problem], *, loss_on_prompt: bool):
@@ -62,6 +63,30 @@ class PolicySettings:
     eps_high: float
     adv_clip: float | None
     alpha: float  # weight of A_GRPO; with no teachers (rlvr) the GRPO advantage is used alone
+    objective: str = "sampled"  # sampled | topk | full_reverse_kl | forward_kl | jsd (mopd only)
+    topk: int = 16
+    jsd_beta: float = 0.5
+
+
+def distillation_loss(student_logits_B_T_V, batch, names_B, panel: TeacherPanel, settings: PolicySettings):
+    """A supervised loss over teacher distributions on the student's own rollouts (non-sampled objectives).
+
+    Logits at position t-1 predict token t, so student logits [:, :-1] pair with the aligned teacher
+    distributions [:, 1:] under the completion mask [:, 1:].
+    """
+    student_B_T_V = student_logits_B_T_V[:, :-1]
+    mask_B_T = batch.completion_mask_B_T[:, 1:]
+    if settings.objective == "topk":
+        top_lp, top_ids = panel.topk(batch, names_B, settings.topk)
+        return topk_reverse_kl_loss(student_B_T_V, top_lp[:, 1:], top_ids[:, 1:], mask_B_T)
+    teacher_B_T_V = panel.full_logits(batch, names_B)[:, 1:]
+    if settings.objective == "full_reverse_kl":
+        return full_reverse_kl_loss(student_B_T_V, teacher_B_T_V, mask_B_T)
+    if settings.objective == "forward_kl":
+        return forward_kl_loss(student_B_T_V, teacher_B_T_V, mask_B_T)
+    if settings.objective == "jsd":
+        return generalized_jsd_loss(student_B_T_V, teacher_B_T_V, mask_B_T, settings.jsd_beta)
+    raise ValueError(f"unknown distillation objective {settings.objective!r}")
 
 
 def policy_loss(
@@ -120,6 +145,20 @@ def policy_loss(
             loss_mask_B_T = mask_B_T * keep_B[:, None].float()
     if panel is not None:
         names_B = panel.route(batch)
+        if settings.objective != "sampled":
+            # full-distribution objectives: their own loss, plus the optional GRPO term through the PG loss
+            loss, distill_metrics = distillation_loss(logits_B_T_V, batch, names_B, panel, settings)
+            metrics.update(distill_metrics)
+            if settings.alpha > 0:
+                pg, pg_metrics = policy_gradient_loss(
+                    logprobs_B_T, batch.sampler_logprobs_B_T, settings.alpha * grpo_B_T, mask_B_T,
+                    is_mode=settings.is_mode, eps_low=settings.eps_low, eps_high=settings.eps_high,  # type: ignore[arg-type]
+                    adv_clip=settings.adv_clip,
+                )
+                loss = loss + pg
+                metrics.update(pg_metrics)
+            metrics["loss"] = float(loss.detach())
+            return loss, metrics
         teacher_lp_B_T = panel.sampled_logprobs(batch, names_B)
         opd_B_T, opd_metrics = mopd_advantages(teacher_lp_B_T, logprobs_B_T.detach(), mask_B_T, names_B)
         metrics.update(opd_metrics)

@@ -139,7 +139,7 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
                 ctx = StageContext(
                     name=name, settings=stage, recipe=recipe, stage_dir=stage_dir, identity=ids[name],
                     seed=recipe.seed if seed is None else seed, tokenizer=tokenizer,
-                    init_path=refs.get(getattr(stage, "init", None) or "", None),
+                    init_path=refs.get(getattr(stage, "init", None) or ""),
                     model_refs=dict(refs), parents={r: ids.get(r, refs.get(r, r)) for _, r in _refs(stage)},
                     on_progress=lambda step, tot, m, task=task: progress.update(
                         task, completed=step, info=_progress_info(m)),

@@ -97,6 +97,11 @@ class MOPDStage(TrainStage, SamplingSettings):
     teachers: dict[str, str] = Field(description="domain -> teacher (stage name or HF directory)")
     alpha: float = Field(0.0, ge=0, description="weight of the verifiable-reward (GRPO) advantage")
     group_size: int = Field(1, gt=0)
+    objective: Literal["sampled", "topk", "full_reverse_kl", "forward_kl", "jsd"] = Field(
+        "sampled", description="sampled-token reverse KL (default) or a loss over teacher distributions"
+    )
+    topk: int = Field(16, gt=0, description="teacher support size for objective: topk")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight for objective: jsd")
 
     @model_validator(mode="after")
     def _groups_for_grpo(self) -> MOPDStage:

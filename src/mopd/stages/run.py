@@ -19,6 +19,9 @@ def _policy_settings(s: RLVRStage | MOPDStage) -> PolicySettings:
         group_size=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
         is_mode=s.is_mode, eps_low=s.eps_low, eps_high=s.eps_high, adv_clip=s.adv_clip,
         alpha=getattr(s, "alpha", 0.0),
+        objective=getattr(s, "objective", "sampled"),
+        topk=getattr(s, "topk", 16),
+        jsd_beta=getattr(s, "jsd_beta", 0.5),
     )
 
 
