@@ -64,15 +64,5 @@ class TeacherPanel:
     @torch.no_grad()
     def topk(self, batch: RolloutBatch, names_B: list[str], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The routed teacher's top-k logprobs and token ids per position: ([B, T, K], [B, T, K])."""
-        lp_out: torch.Tensor | None = None
-        id_out: torch.Tensor | None = None
-        for name, rows in self._rows_by_teacher(names_B).items():
-            ids, mask = batch.input_ids_B_T[rows], batch.attention_mask_B_T[rows]
-            logprobs = _aligned_logits(sequence_logits(self.models[name], ids, mask)).log_softmax(-1)
-            top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-            if lp_out is None or id_out is None:
-                lp_out = top_lp.new_zeros((batch.size, *top_lp.shape[1:]))
-                id_out = top_ids.new_zeros((batch.size, *top_ids.shape[1:]))
-            lp_out[rows], id_out[rows] = top_lp, top_ids
-        assert lp_out is not None and id_out is not None
-        return lp_out, id_out
+        logprobs = self.full_logits(batch, names_B).log_softmax(-1)
+        return logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
