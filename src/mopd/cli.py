@@ -1,4 +1,4 @@
-"""The `mopd` command line: run a recipe, run the bundled demo, rebuild a report."""
+"""The `mopd` command line: run a recipe, run the bundled demo, compare methods, rebuild a report."""
 
 from __future__ import annotations
 
@@ -30,9 +30,13 @@ def _run(recipe: Path, out: Path | None) -> None:
     except RecipeError as e:
         _fail(str(e))
     from .recipe.runner import run_recipe
+    from .teachers.preflight import PreflightError
 
     out = out or Path("runs") / loaded.recipe.name
-    summary = run_recipe(loaded, out, console)
+    try:
+        summary = run_recipe(loaded, out, console)
+    except PreflightError as e:
+        _fail(str(e))
     if summary is not None:
         score = summary["normalized_score"]
         console.print(f"normalized score: {score:.3f}" if score is not None else "normalized score: n/a")
@@ -52,6 +56,37 @@ def run(
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory")) -> None:
     """The bundled demo: tiny base -> SFT -> one RL teacher per domain -> MOPD student, on this CPU."""
     _run(bundled_recipe("demo"), out)
+
+
+@app.command()
+def compare(
+    recipe: Path = typer.Argument(..., help="a recipe with a `compare:` block (bundled: compare)"),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
+) -> None:
+    """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
+    compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods."""
+    from .recipe.compare import compare_plan
+    from .recipe.load import RecipeError, load_recipe
+
+    if not recipe.exists() and bundled_recipe(str(recipe)).exists():
+        recipe = bundled_recipe(str(recipe))
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeError as e:
+        _fail(str(e))
+    if loaded.recipe.compare is None:
+        _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
+    from .recipe.runner import run_recipe
+    from .report.compare import build_compare
+
+    out = out or Path("runs") / loaded.recipe.name
+    run_recipe(loaded, out, console)
+    result = build_compare(out, compare_plan(loaded))
+    for label, m in result["methods"].items():
+        score = m["normalized_score"]
+        console.print(f"{label:<24} normalized score {'n/a' if score is None else f'{score:.3f}'}"
+                      f"  student samples {m['samples']:,}")
+    console.print(f"table: {out / 'compare.md'}")
 
 
 @app.command()

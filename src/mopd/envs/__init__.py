@@ -4,7 +4,9 @@ from mopd.envs import synthetic as _synthetic  # noqa: F401  (registers the buil
 from mopd.envs.base import (
     ALPHABET,
     Domain,
+    DomainLike,
     Problem,
+    add_domain,
     exact_match,
     get_domain,
     list_domains,
@@ -16,7 +18,9 @@ from mopd.envs.base import (
 __all__ = [
     "ALPHABET",
     "Domain",
+    "DomainLike",
     "Problem",
+    "add_domain",
     "exact_match",
     "get_domain",
     "list_domains",

@@ -16,9 +16,10 @@ import importlib.util
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Protocol
 
 # The character-level tokenizer is built from exactly this alphabet (order fixes the token ids).
 ALPHABET: str = "0123456789abcdefghijklmnopqrstuvwxyz+*=:,- "
@@ -42,6 +43,9 @@ class Problem:
     answer: str  # the reference completion text, without any EOS
     domain: str
     difficulty: int
+    # What a data-backed domain's verifier needs beyond `answer` (e.g. "tests", "constraints"). Not part of
+    # equality or hashing: a problem is identified by its prompt, and a dict is not hashable.
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 def exact_match(problem: Problem, completion: str) -> bool:
@@ -185,7 +189,26 @@ class Domain:
 
 # ---------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Domain] = {}
+
+class DomainLike(Protocol):
+    """What the rest of mopd uses of a domain: `Domain` (generated prompts) and `envs.data.DataDomain` both fit."""
+
+    name: str
+    difficulties: tuple[int, ...]
+    description: str
+
+    def verify(self, problem: Problem, completion: str) -> float: ...
+
+    def sample_train(
+        self, rng: random.Random, n: int, difficulty: int | None = None, exclude: frozenset[str] = frozenset()
+    ) -> list[Problem]: ...
+
+    def eval_set(self, n: int, seed: int = 1234) -> list[Problem]: ...
+
+    def held_out_prompts(self, n: int, seed: int = 1234) -> frozenset[str]: ...
+
+
+_REGISTRY: dict[str, Any] = {}  # name -> Domain or another DomainLike (see add_domain)
 
 
 def _same_function(a: Callable, b: Callable) -> bool:
@@ -227,6 +250,8 @@ def register_domain(
         if not callable(fn):
             raise TypeError(f"register_domain({name!r}) must decorate a callable, got {fn!r}")
         existing = _REGISTRY.get(name)
+        if existing is not None and not isinstance(existing, Domain):
+            raise ValueError(f"domain {name!r} is already a recipe's data domain; pick another name")
         if existing is not None:
             if _same_function(existing.generate, fn):
                 return fn
@@ -244,6 +269,18 @@ def register_domain(
         return fn
 
     return decorator
+
+
+def add_domain(domain: DomainLike) -> None:
+    """Register a ready-made domain object (a recipe's data-backed domain) under `domain.name`.
+
+    Why replacing is allowed: a data domain is rebuilt each time a recipe is loaded, so loading the same (or an
+    edited) recipe again in one process must win. A name held by a generator domain is never replaced.
+    """
+    existing = _REGISTRY.get(domain.name)
+    if isinstance(existing, Domain) and not isinstance(domain, Domain):
+        raise ValueError(f"domain name {domain.name!r} is taken by a built-in or plugin domain; pick another name")
+    _REGISTRY[domain.name] = domain
 
 
 def get_domain(name: str) -> Domain:

@@ -15,20 +15,24 @@ import torch
 
 from ..envs import Problem, get_domain
 from ..models.forward import sequence_logits
+from ..models.prompting import prompt_token_ids
 from ..sampling.sampler import sample
-from ..teachers.panel import TeacherPanel
+from ..teachers.panel import TeacherPanel, aligned_token_logprobs
 from .advantages import combine_advantages, grpo_advantages, mopd_advantages
+from .diagnostics import teacher_diagnostics
+from .filters import solved_group_filter
 from .logprobs import masked_mean, token_entropy, token_logprobs
-from .losses import policy_gradient_loss, sft_nll_loss
+from .losses import policy_gradient_loss, sft_nll_loss, surprise_weights
 from .objectives import forward_kl_loss, full_reverse_kl_loss, generalized_jsd_loss, topk_reverse_kl_loss
 
 
 def supervised_batch(tokenizer, problems: list[Problem], *, loss_on_prompt: bool):
-    """`[BOS] prompt answer [EOS]`, left-padded like the sampler's rows; targets are the answer and EOS
-    (and the prompt too when `loss_on_prompt`, which is what pretraining on a corpus means)."""
+    """`prompt answer [EOS]`, left-padded like the sampler's rows; targets are the answer and EOS
+    (and the prompt too when `loss_on_prompt`, which is what pretraining on a corpus means). The prompt is
+    rendered by `prompt_token_ids`, the sampler's own function (`[BOS] prompt`, or the chat template)."""
     rows, targets = [], []
     for p in problems:
-        prompt = [tokenizer.bos_token_id, *tokenizer(p.prompt, add_special_tokens=False).input_ids]
+        prompt = prompt_token_ids(tokenizer, p.prompt)
         answer = [*tokenizer(p.answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
         rows.append(prompt + answer)
         targets.append([0] + [int(loss_on_prompt)] * (len(prompt) - 1) + [1] * len(answer))
@@ -44,7 +48,10 @@ def supervised_batch(tokenizer, problems: list[Problem], *, loss_on_prompt: bool
 
 
 def supervised_loss(model, tokenizer, problems: list[Problem], *, loss_on_prompt: bool):
-    ids_B_T, attn_B_T, target_B_T = supervised_batch(tokenizer, problems, loss_on_prompt=loss_on_prompt)
+    dev = next(model.parameters()).device
+    ids_B_T, attn_B_T, target_B_T = (
+        x.to(dev) for x in supervised_batch(tokenizer, problems, loss_on_prompt=loss_on_prompt)
+    )
     logprobs_B_T = token_logprobs(sequence_logits(model, ids_B_T, attn_B_T), ids_B_T)
     loss, metrics = sft_nll_loss(logprobs_B_T, target_B_T)
     return loss, {"loss": float(loss.detach()), **metrics}
@@ -66,27 +73,43 @@ class PolicySettings:
     objective: str = "sampled"  # sampled | topk | full_reverse_kl | forward_kl | jsd (mopd only)
     topk: int = 16
     jsd_beta: float = 0.5
+    surprise_alpha: float = 0.0  # sampled objective: A_t * (1 + a * (1 - sg[pi_S(y_t)]))
+    filter_solved: bool = False  # drop groups whose pass rate is 0 or 1 from the loss
 
 
-def distillation_loss(student_logits_B_T_V, batch, names_B, panel: TeacherPanel, settings: PolicySettings):
+def distillation_loss(
+    student_logits_B_T_V, batch, names_B, panel: TeacherPanel, settings: PolicySettings, loss_mask_B_T
+):
     """A supervised loss over teacher distributions on the student's own rollouts (non-sampled objectives).
 
     Logits at position t-1 predict token t, so student logits [:, :-1] pair with the aligned teacher
-    distributions [:, 1:] under the completion mask [:, 1:].
+    distributions [:, 1:] under the loss mask [:, 1:].
+
+    Returns:
+        (loss, metrics, teacher_logprobs_B_T): the last is log pi_T of each sampled token (for diagnostics),
+        taken from the distributions the loss already needed, so it costs no extra teacher pass.
     """
+    # The student's logits may cover only the last K positions (`policy_loss` skips the prompt): they start at
+    # column `off` of the batch, so the teacher columns and mask they pair with start at off + 1.
+    off = batch.input_ids_B_T.shape[1] - student_logits_B_T_V.shape[1]
     student_B_T_V = student_logits_B_T_V[:, :-1]
-    mask_B_T = batch.completion_mask_B_T[:, 1:]
+    mask_B_T = loss_mask_B_T[:, off + 1 :]
     if settings.objective == "topk":
-        top_lp, top_ids = panel.topk(batch, names_B, settings.topk)
-        return topk_reverse_kl_loss(student_B_T_V, top_lp[:, 1:], top_ids[:, 1:], mask_B_T)
-    teacher_B_T_V = panel.full_logits(batch, names_B)[:, 1:]
+        top_lp, top_ids, teacher_lp_B_T = panel.topk(batch, names_B, settings.topk)
+        loss, metrics = topk_reverse_kl_loss(student_B_T_V, top_lp[:, off + 1 :], top_ids[:, off + 1 :], mask_B_T)
+        return loss, metrics, teacher_lp_B_T
+    full_B_T_V = panel.full_logits(batch, names_B)
+    teacher_lp_B_T = aligned_token_logprobs(full_B_T_V, batch.input_ids_B_T) * batch.completion_mask_B_T
+    teacher_B_T_V = full_B_T_V[:, off + 1 :]
     if settings.objective == "full_reverse_kl":
-        return full_reverse_kl_loss(student_B_T_V, teacher_B_T_V, mask_B_T)
-    if settings.objective == "forward_kl":
-        return forward_kl_loss(student_B_T_V, teacher_B_T_V, mask_B_T)
-    if settings.objective == "jsd":
-        return generalized_jsd_loss(student_B_T_V, teacher_B_T_V, mask_B_T, settings.jsd_beta)
-    raise ValueError(f"unknown distillation objective {settings.objective!r}")
+        loss, metrics = full_reverse_kl_loss(student_B_T_V, teacher_B_T_V, mask_B_T)
+    elif settings.objective == "forward_kl":
+        loss, metrics = forward_kl_loss(student_B_T_V, teacher_B_T_V, mask_B_T)
+    elif settings.objective == "jsd":
+        loss, metrics = generalized_jsd_loss(student_B_T_V, teacher_B_T_V, mask_B_T, settings.jsd_beta)
+    else:
+        raise ValueError(f"unknown distillation objective {settings.objective!r}")
+    return loss, metrics, teacher_lp_B_T
 
 
 def policy_loss(
@@ -96,15 +119,18 @@ def policy_loss(
     settings: PolicySettings,
     generator: torch.Generator,
     panel: TeacherPanel | None = None,
+    sampler=sample,  # `sampling.sampler.sample` or a drop-in with its signature (the vLLM backend)
 ):
     """Sample G completions per problem, score them, and return the policy-gradient loss.
 
-    rlvr (panel is None): A = A_GRPO.  mopd: A = A_MOPD + alpha * A_GRPO.
+    rlvr (panel is None): A = A_GRPO.  mopd: A = A_MOPD + alpha * A_GRPO, each A_MOPD token scaled by the
+    surprise weight 1 + surprise_alpha * (1 - sg[pi_S(y_t)]) when set. With `filter_solved`, rows of groups whose
+    pass rate is 0 or 1 leave every loss term. Every mopd objective logs per-teacher routing share and teacher NLL.
     """
     # 1. sample: G rows per prompt, sharing a group id
     G = settings.group_size
     rows = [p for p in problems for _ in range(G)]
-    batch = sample(
+    batch = sampler(
         model,
         tokenizer,
         [p.prompt for p in rows],
@@ -119,39 +145,58 @@ def policy_loss(
     mask_B_T = batch.completion_mask_B_T
 
     # 2. reward: each row's domain verifier
-    rewards_B = torch.tensor([get_domain(p.domain).verify(p, c) for p, c in zip(rows, batch.completions, strict=True)])
+    rewards_B = torch.tensor(
+        [get_domain(p.domain).verify(p, c) for p, c in zip(rows, batch.completions, strict=True)],
+        device=mask_B_T.device,
+    )
     batch = batch.with_rewards(rewards_B)
 
-    # 3. current-policy logprobs (with grad) on the sampled rows
-    logits_B_T_V = sequence_logits(model, batch.input_ids_B_T, batch.attention_mask_B_T)
-    logprobs_B_T = token_logprobs(logits_B_T_V, batch.input_ids_B_T)
+    # 3. current-policy logprobs (with grad) on the sampled rows. Logits only for the K positions that predict a
+    # completion token (from the column before the first completion column): the prompt's [B, P, V] projection,
+    # and its saved activations for backward, would be computed only to be thrown away.
+    T = batch.input_ids_B_T.shape[1]
+    K = T - int(mask_B_T.any(0).long().argmax()) + 1
+    logits_B_K_V = sequence_logits(model, batch.input_ids_B_T, batch.attention_mask_B_T, logits_to_keep=K)
+    logprobs_B_K = token_logprobs(logits_B_K_V, batch.input_ids_B_T[:, T - K :])
+    logprobs_B_T = torch.cat([logprobs_B_K.new_zeros(logprobs_B_K.shape[0], T - K), logprobs_B_K], dim=1)
     metrics: dict[str, float] = {
         "reward/mean": float(rewards_B.mean()),
-        "entropy": float(masked_mean(token_entropy(logits_B_T_V.detach()), mask_B_T)),
+        "entropy": float(masked_mean(token_entropy(logits_B_K_V.detach()), mask_B_T[:, T - K :])),
         "completion_len": float(mask_B_T.sum(-1).mean()),
     }
     for d in sorted(set(batch.domains)):
-        sel = torch.tensor([x == d for x in batch.domains])
+        sel = torch.tensor([x == d for x in batch.domains], device=rewards_B.device)
         metrics[f"reward/{d}"] = float(rewards_B[sel].mean())
+    metrics["sampling/temperature"] = settings.temperature
 
-    # 4. advantages: GRPO from rewards; MOPD from the routed teachers' scores of the sampled tokens
+    # 4. advantages: GRPO from rewards; MOPD from the routed teachers' scores of the sampled tokens.
+    # Difficulty filtering first: rows of all-solved / none-solved groups leave every loss below.
     loss_mask_B_T = mask_B_T
+    if settings.filter_solved:
+        if G < 2:
+            raise ValueError("filter_solved needs group_size >= 2 (a pass rate of one rollout is 0 or 1)")
+        solved_keep_B, filter_metrics = solved_group_filter(rewards_B, batch.group_ids_B)
+        metrics.update(filter_metrics)
+        loss_mask_B_T = mask_B_T * solved_keep_B[:, None].float()
     advantages_B_T = torch.zeros_like(mask_B_T)
     if panel is None or settings.alpha > 0:
         grpo_B_T, keep_B, grpo_metrics = grpo_advantages(rewards_B, batch.group_ids_B, mask_B_T)
         metrics.update(grpo_metrics)
         if panel is None:
             advantages_B_T = grpo_B_T
-            loss_mask_B_T = mask_B_T * keep_B[:, None].float()
+            loss_mask_B_T = loss_mask_B_T * keep_B[:, None].float()
     if panel is not None:
         names_B = panel.route(batch)
         if settings.objective != "sampled":
             # full-distribution objectives: their own loss, plus the optional GRPO term through the PG loss
-            loss, distill_metrics = distillation_loss(logits_B_T_V, batch, names_B, panel, settings)
+            loss, distill_metrics, teacher_lp_B_T = distillation_loss(
+                logits_B_K_V, batch, names_B, panel, settings, loss_mask_B_T
+            )
             metrics.update(distill_metrics)
+            metrics.update(teacher_diagnostics(teacher_lp_B_T, mask_B_T, names_B, logprobs_B_T.detach()))
             if settings.alpha > 0:
                 pg, pg_metrics = policy_gradient_loss(
-                    logprobs_B_T, batch.sampler_logprobs_B_T, settings.alpha * grpo_B_T, mask_B_T,
+                    logprobs_B_T, batch.sampler_logprobs_B_T, settings.alpha * grpo_B_T, loss_mask_B_T,
                     is_mode=settings.is_mode, eps_low=settings.eps_low, eps_high=settings.eps_high,  # type: ignore[arg-type]
                     adv_clip=settings.adv_clip,
                 )
@@ -162,7 +207,14 @@ def policy_loss(
         teacher_lp_B_T = panel.sampled_logprobs(batch, names_B)
         opd_B_T, opd_metrics = mopd_advantages(teacher_lp_B_T, logprobs_B_T.detach(), mask_B_T, names_B)
         metrics.update(opd_metrics)
+        metrics.update(teacher_diagnostics(teacher_lp_B_T, mask_B_T, names_B))
         advantages_B_T = combine_advantages(opd_B_T, grpo_B_T, settings.alpha) if settings.alpha > 0 else opd_B_T
+        if settings.surprise_alpha > 0:
+            # token reweighting by student surprise (arXiv:2608.25643): w_t = 1 + a * (1 - sg[pi_S(y_t)]),
+            # applied before advantage clipping, so |w_t A_t| <= adv_clip still holds in the loss
+            weights_B_T = surprise_weights(logprobs_B_T, settings.surprise_alpha)
+            advantages_B_T = advantages_B_T * weights_B_T
+            metrics["surprise/weight_mean"] = float(masked_mean(weights_B_T, mask_B_T))
 
     # 5. loss: one policy-gradient loss with truncated importance weights and advantage clipping
     loss, pg_metrics = policy_gradient_loss(

@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from .lora import is_lora, merged_copy, save_adapter
+
 hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the run's own progress
 
 LINEAGE_FILE = "mopd.json"
@@ -47,12 +49,16 @@ def save_checkpoint(
     for stale in path.parent.glob(f".tmp-{path.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    model.save_pretrained(tmp, safe_serialization=True)
+    if is_lora(model):  # a plain HF directory (adapters merged) plus the adapter alone, for resuming
+        merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
-    for f in tmp.iterdir():
+    for f in (f for f in tmp.rglob("*") if f.is_file()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if path.exists():

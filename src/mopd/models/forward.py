@@ -6,6 +6,8 @@ only (cumsum of the attention mask), which makes a row's logits independent of h
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -13,12 +15,27 @@ def position_ids_from_mask(attention_mask_B_T: torch.Tensor) -> torch.Tensor:
     return (attention_mask_B_T.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def sequence_logits(model, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, V] in float32; logits[:, t] predict token t + 1."""
+def accepts(model, argument: str) -> bool:
+    """Whether `model.forward` takes `argument` (HF causal LMs take `logits_to_keep`; other backends may not)."""
+    return argument in inspect.signature(model.forward).parameters
+
+
+def sequence_logits(
+    model, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor, logits_to_keep: int = 0
+) -> torch.Tensor:
+    """Logits [B, T, V] in float32; logits[:, t] predict token t + 1.
+
+    `logits_to_keep > 0` returns only the last `logits_to_keep` positions, [B, K, V]: the backbone still runs
+    over every position, but the vocabulary projection (and the float32 copy) skips the prompt, which for a
+    real vocabulary is most of a scoring pass's memory.
+    """
+    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep and accepts(model, "logits_to_keep") else {}
     out = model(
         input_ids=input_ids_B_T,
         attention_mask=attention_mask_B_T,
         position_ids=position_ids_from_mask(attention_mask_B_T),
         use_cache=False,
+        **keep,
     )
-    return out.logits.float()
+    logits = out.logits if keep or not logits_to_keep else out.logits[:, -logits_to_keep:]
+    return logits.float()

@@ -21,7 +21,8 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     for ch in chars:
         vocab[ch] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # `[\s\S]`, not `.`: a dot skips newlines, so "\n\n" would become one unknown token
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=core,

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import string
+
 from ..envs import ALPHABET
 from ..models.tokenizer import build_char_tokenizer
 from .schema import Recipe
 
 
+def tokenizer_alphabet(recipe: Recipe) -> str:
+    """The characters of the recipe's tokenizer: `printable` names Python's `string.printable` (real data)."""
+    alphabet = recipe.tokenizer.alphabet
+    if alphabet == "printable":
+        return string.printable
+    return alphabet or ALPHABET
+
+
 def recipe_tokenizer(recipe: Recipe):
     """The character tokenizer every model built from scratch in this recipe shares."""
-    return build_char_tokenizer(recipe.tokenizer.alphabet or ALPHABET)
+    return build_char_tokenizer(tokenizer_alphabet(recipe))

@@ -1,8 +1,8 @@
 """Load a YAML recipe and reject every mistake before any compute, in one line naming file, line and key.
 
 Checks, in order: YAML syntax; schema (unknown keys, unknown stage kinds, types); plugins; domains; references
-to stages that do not exist; cycles; MOPD domains without a teacher; teachers whose tokenizer differs from the
-student's.
+to stages that do not exist; cycles; MOPD / off-policy domains without a teacher; cascade orders, teacher
+schedules and the `compare:` block; teachers (and merged models) whose tokenizer differs from the student's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,17 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .schema import KINDS, EvalStage, MOPDStage, PretrainStage, Recipe
+from .schema import (
+    KINDS,
+    CascadeRLStage,
+    EvalStage,
+    MergeStage,
+    MOPDStage,
+    OffPolicyFTStage,
+    PretrainStage,
+    Recipe,
+    SamplingSettings,
+)
 
 
 class RecipeError(ValueError):
@@ -65,6 +75,9 @@ def _schema_error(path: Path, lines: dict[tuple, int], err: ValidationError) -> 
     # pydantic inserts the union tag (the stage kind) into the location: stages.<name>.<kind>.<field>
     if len(loc) >= 3 and loc[0] == "stages" and loc[2] in KINDS:
         del loc[2]
+    # ... and the entry tag of a domain (a name or a data mapping): domains.<i>.data.<field>
+    if len(loc) >= 3 and loc[0] == "domains" and loc[2] in ("name", "data"):
+        del loc[2]
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -80,11 +93,38 @@ def _refs(stage) -> list[tuple[tuple, str]]:
     refs: list[tuple[tuple, str]] = []
     if getattr(stage, "init", None):
         refs.append((("init",), stage.init))
-    if isinstance(stage, MOPDStage):
+    if isinstance(stage, MOPDStage | OffPolicyFTStage):
         refs += [(("teachers", d), t) for d, t in stage.teachers.items()]
+    if isinstance(stage, MergeStage):
+        refs.append((("base",), stage.base))
+        refs += [(("models", i), m) for i, m in enumerate(stage.models)]
     if isinstance(stage, EvalStage):
         refs += [(("models", i), m) for i, m in enumerate(stage.models)]
     return refs
+
+
+def _check_sampling(stage: SamplingSettings, where) -> None:
+    """Sampling settings that only make sense together (rlvr and mopd stages); `where(*key)` locates a key."""
+    if stage.temperature_schedule == "linear" and stage.temperature_end is None:
+        raise RecipeError(f"{where('temperature_schedule')}: a linear schedule needs `temperature_end`")
+    if stage.temperature_schedule == "constant" and stage.temperature_end is not None:
+        raise RecipeError(
+            f"{where('temperature_end')}: only used by `temperature_schedule: linear` (the schedule is constant)"
+        )
+    if stage.filter_solved and stage.group_size < 2:
+        raise RecipeError(
+            f"{where('filter_solved')}: a group pass rate needs group_size >= 2 (got {stage.group_size})"
+        )
+    if isinstance(stage, MOPDStage) and stage.surprise_alpha > 0 and stage.objective != "sampled":
+        raise RecipeError(
+            f"{where('surprise_alpha')}: surprise reweighting scales sampled-token advantages; it needs "
+            f"`objective: sampled` (got {stage.objective!r})"
+        )
+
+
+def init_ref(stage) -> str | None:
+    """The checkpoint a stage's weights start from: `init`, or a merge's `base`."""
+    return stage.base if isinstance(stage, MergeStage) else getattr(stage, "init", None)
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -154,6 +194,9 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
             load_plugin(p)
         except Exception as e:  # a broken plugin is a recipe error, reported in one line
             raise RecipeError(f"{where('plugins', i)}: plugin {p} failed to load: {e}") from None
+    from .resources import check_resources
+
+    check_resources(recipe, path, where)  # data domains (built and registered here), devices, packages
     for i, d in enumerate(recipe.domains):
         try:
             get_domain(d)
@@ -181,7 +224,12 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
                 raise RecipeError(
                     f"{where('stages', name, 'domains', i)}: domain {d!r} is not in the recipe's `domains`"
                 )
-        if isinstance(stage, MOPDStage):
+        for i, d in enumerate(stage.order if isinstance(stage, CascadeRLStage) else []):
+            if d not in recipe.domains:
+                raise RecipeError(
+                    f"{where('stages', name, 'order', i)}: domain {d!r} is not in the recipe's `domains`"
+                )
+        if isinstance(stage, MOPDStage | OffPolicyFTStage):
             for d in stage.teachers:
                 if d not in recipe.domains:
                     raise RecipeError(
@@ -193,7 +241,14 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
                         f"{where('stages', name, 'teachers')}: domain {d!r} has no teacher "
                         f"(add `{d}: <teacher stage>` or drop it from the stage's `domains`)"
                     )
+        if isinstance(stage, SamplingSettings):
+            _check_sampling(stage, lambda *key, name=name: where("stages", name, *key))
     order = topo_order(recipe.stages, deps, where)
+    for name, stage in recipe.stages.items():
+        if isinstance(stage, MOPDStage) and stage.teacher_schedule:
+            _check_teacher_schedule(recipe, name, stage, where)
+    if recipe.compare is not None:
+        _check_compare(recipe, where)
     if recipe.report.student is not None and not isinstance(
         recipe.stages.get(recipe.report.student), MOPDStage
     ):
@@ -202,6 +257,58 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
     if check_tokenizers:
         check_tokenizer_agreement(loaded)
     return loaded
+
+
+def _check_teacher_schedule(recipe: Recipe, name: str, stage: MOPDStage, where) -> None:
+    """Every scheduled snapshot must be one each teacher keeps: a recipe stage with keep_every dividing it."""
+    for i, phase in enumerate(stage.teacher_schedule or []):
+        if phase.snapshot == "final":
+            continue
+        at = where("stages", name, "teacher_schedule", i, "snapshot")
+        for domain, teacher in stage.teachers.items():
+            t = recipe.stages.get(teacher)
+            if t is None:
+                raise RecipeError(
+                    f"{at}: teacher {teacher!r} ({domain}) is not a stage of this recipe, so it keeps no snapshots"
+                )
+            keep = getattr(t, "keep_every", 0)
+            if not keep:
+                raise RecipeError(f"{at}: teacher {teacher!r} keeps no snapshots (set `keep_every` on it)")
+            if phase.snapshot % keep or phase.snapshot >= t.steps:
+                raise RecipeError(
+                    f"{at}: teacher {teacher!r} keeps snapshots every {keep} steps before step {t.steps}; "
+                    f"there is no step-{phase.snapshot}"
+                )
+
+
+def _check_compare(recipe: Recipe, where) -> None:
+    """The `compare:` block names training stages of this recipe, and a teacher for every domain."""
+    cmp = recipe.compare
+    assert cmp is not None
+    trained = [n for n, s in recipe.stages.items() if not isinstance(s, EvalStage)]
+
+    def need_stage(ref: str, *key: Any) -> None:
+        if ref not in trained:
+            raise RecipeError(
+                f"{where('compare', *key)}: {ref!r} is not a training stage of this recipe; stages are: "
+                f"{', '.join(trained)}"
+            )
+
+    need_stage(cmp.start, "start")
+    for d, t in cmp.teachers.items():
+        if d not in recipe.domains:
+            raise RecipeError(f"{where('compare', 'teachers', d)}: domain {d!r} is not in the recipe's `domains`")
+        need_stage(t, "teachers", d)
+    for d in recipe.domains:
+        if d not in cmp.teachers:
+            raise RecipeError(f"{where('compare', 'teachers')}: domain {d!r} has no teacher")
+    for label, stage in cmp.methods.items():
+        need_stage(stage, "methods", label)
+    for i, label in enumerate(cmp.curves or []):
+        if label not in cmp.methods:
+            raise RecipeError(
+                f"{where('compare', 'curves', i)}: {label!r} is not a method; methods are: {', '.join(cmp.methods)}"
+            )
 
 
 def stage_roots(loaded: LoadedRecipe) -> dict[str, str]:
@@ -214,25 +321,27 @@ def stage_roots(loaded: LoadedRecipe) -> dict[str, str]:
             continue
         if isinstance(s, PretrainStage) and s.model is not None:
             roots[name] = "scratch"
-        elif s.init in stages:
-            roots[name] = roots[s.init]
+        elif init_ref(s) in stages:
+            roots[name] = roots[init_ref(s)]
         else:
-            roots[name] = _resolve_external(s.init, loaded.path.parent) or s.init
+            roots[name] = _resolve_external(init_ref(s), loaded.path.parent) or init_ref(s)
     return roots
 
 
-def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str]:
-    """Fingerprint of the tokenizer every model reference in the recipe will carry (cheap: no weights)."""
-    from ..models.checkpoint import load_tokenizer
+def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str | None]:
+    """Fingerprint of the tokenizer every model reference in the recipe will carry (cheap: no weights; None for
+    a Hub id that is not in the local cache, since validation never downloads)."""
     from ..models.tokenizer import tokenizer_fingerprint
     from .build import recipe_tokenizer
+    from .resources import offline_fingerprint
 
-    cache: dict[str, str] = {}
+    cache: dict[str, str | None] = {}
 
-    def of_root(root: str) -> str:
+    def of_root(root: str) -> str | None:
         if root not in cache:
-            tok = recipe_tokenizer(loaded.recipe) if root == "scratch" else load_tokenizer(root)
-            cache[root] = tokenizer_fingerprint(tok)
+            cache[root] = (
+                tokenizer_fingerprint(recipe_tokenizer(loaded.recipe)) if root == "scratch" else offline_fingerprint(root)
+            )
         return cache[root]
 
     roots = stage_roots(loaded)
@@ -240,32 +349,41 @@ def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str]:
 
 
 def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
-    """A teacher must score the student's token ids: refuse any teacher whose tokenizer differs."""
+    """A teacher must score the student's token ids, and merged models must share one vocabulary: refuse any
+    teacher (merged model) whose tokenizer differs from the student's (the merge base's)."""
     recipe = loaded.recipe
-    if not any(isinstance(s, MOPDStage) for s in recipe.stages.values()):
+    if not any(isinstance(s, MOPDStage | MergeStage) for s in recipe.stages.values()):
         return
     fps = tokenizer_fingerprints(loaded)
-    from ..models.checkpoint import load_tokenizer
-    from ..models.tokenizer import tokenizer_fingerprint
+    from .resources import offline_fingerprint
 
     for name, stage in recipe.stages.items():
-        if not isinstance(stage, MOPDStage):
+        if not isinstance(stage, MOPDStage | MergeStage):
             continue
         student_fp = fps[name]
-        for domain, teacher in stage.teachers.items():
+        key = "teachers" if isinstance(stage, MOPDStage) else "models"
+        pairs = stage.teachers.items() if isinstance(stage, MOPDStage) else enumerate(stage.models)
+        for domain, teacher in pairs:
             if teacher in recipe.stages:
                 fp = fps[teacher]
             else:
                 ref = _resolve_external(teacher, loaded.path.parent) or teacher
                 try:
-                    fp = tokenizer_fingerprint(load_tokenizer(ref))
+                    fp = offline_fingerprint(ref)
                 except Exception as e:
                     raise RecipeError(
-                        f"{loaded.where('stages', name, 'teachers', domain)}: cannot load the tokenizer of "
+                        f"{loaded.where('stages', name, key, domain)}: cannot load the tokenizer of "
                         f"{teacher!r}: {e}"
                     ) from None
+            if fp is None or student_fp is None:
+                continue  # a Hub id not cached here: validation never downloads; checked when the stage starts
+            if fp != student_fp and isinstance(stage, MergeStage):
+                raise RecipeError(
+                    f"{loaded.where('stages', name, key, domain)}: {teacher!r} uses a different tokenizer from the "
+                    f"base {stage.base!r}; merging parameters needs the same vocabulary"
+                )
             if fp != student_fp:
                 raise RecipeError(
-                    f"{loaded.where('stages', name, 'teachers', domain)}: teacher {teacher!r} uses a different "
+                    f"{loaded.where('stages', name, key, domain)}: teacher {teacher!r} uses a different "
                     f"tokenizer from the student {stage.init!r}; on-policy distillation needs the same vocabulary"
                 )

@@ -20,13 +20,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import __version__
 from ..models.checkpoint import read_lineage, write_json_atomic
 from ..stages.context import StageContext
+from ..stages.placement import stage_tokenizer
 from ..stages.run import run_stage
 from ..stages.train import FINAL
 from .build import recipe_tokenizer
-from .load import LoadedRecipe, _refs, _resolve_external
+from .load import LoadedRecipe, _refs, _resolve_external, init_ref
 from .schema import EvalStage, MOPDStage
 
-SETTINGS_NOT_IN_IDENTITY = {"checkpoint_every", "eval_every"}  # they change logging, not the weights
+# they change logging (and the MOPD preflight check), not the weights
+SETTINGS_NOT_IN_IDENTITY = {"checkpoint_every", "eval_every", "preflight"}
 
 
 def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
@@ -47,8 +49,28 @@ def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
             "tokenizer": recipe.tokenizer.model_dump(mode="json"),
             "parents": parents,
         }
+        payload.update(_real_model_identity(recipe, settings))
         ids[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return ids
+
+
+def _real_model_identity(recipe, settings: dict) -> dict:
+    """Identity entries of the real-model settings (data domains, prompt rendering, precision, LoRA).
+
+    Only what differs from the defaults is added, and `device` never is (where a stage runs does not define it),
+    so recipes that use none of these keep the identities their finished stages were saved under.
+    """
+    for key in ("dtype", "lora", "device"):
+        if settings.get(key) is None or key == "device":
+            settings.pop(key, None)
+    extra: dict = {}
+    if recipe.data_domains:
+        extra["data_domains"] = [d.model_dump(mode="json") for d in recipe.data_domains.values()]
+    rendering = {"chat_template": recipe.chat_template, "chat_template_kwargs": recipe.chat_template_kwargs,
+                 "dtype": recipe.dtype}
+    if rendering != {"chat_template": "auto", "chat_template_kwargs": {}, "dtype": "auto"}:
+        extra["rendering"] = rendering
+    return extra
 
 
 def report_block(loaded: LoadedRecipe) -> dict | None:
@@ -119,8 +141,8 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
                     refs[ref] = _resolve_external(ref, loaded.path.parent) or ref
             info = {
                 "kind": stage.kind,
-                "init": getattr(stage, "init", None),
-                "teachers": dict(stage.teachers) if isinstance(stage, MOPDStage) else None,
+                "init": init_ref(stage),
+                "teachers": dict(teachers) if isinstance(teachers := getattr(stage, "teachers", None), dict) else None,
                 "domains": getattr(stage, "domains", None) or recipe.domains,
                 "identity": ids[name],
             }
@@ -138,11 +160,14 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
                 seed = getattr(stage, "seed", None)
                 ctx = StageContext(
                     name=name, settings=stage, recipe=recipe, stage_dir=stage_dir, identity=ids[name],
-                    seed=recipe.seed if seed is None else seed, tokenizer=tokenizer,
-                    init_path=refs.get(getattr(stage, "init", None) or ""),
+                    seed=recipe.seed if seed is None else seed,
+                    tokenizer=stage_tokenizer(recipe, tokenizer, refs.get(init_ref(stage) or "")),
+                    init_path=refs.get(init_ref(stage) or ""),
                     model_refs=dict(refs), parents={r: ids.get(r, refs.get(r, r)) for _, r in _refs(stage)},
                     on_progress=lambda step, tot, m, task=task: progress.update(
                         task, completed=step, info=_progress_info(m)),
+                    on_warning=lambda msg: progress.console.print(
+                        f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True),
                 )
                 t0 = time.time()
                 run_stage(ctx)

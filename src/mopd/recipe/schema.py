@@ -6,9 +6,18 @@ Stage kinds form a discriminated union on `kind`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from ..models.tiny import TinyModelConfig
 
@@ -20,7 +29,9 @@ class Strict(BaseModel):
 class TokenizerSettings(Strict):
     """Character tokenizer for tiny models built from scratch; `alphabet: null` means the domains' alphabet."""
 
-    alphabet: str | None = None
+    alphabet: str | None = Field(
+        None, description="the characters; `printable` = Python's string.printable (covers the bundled data sets)"
+    )
 
 
 class EvalSettings(Strict):
@@ -30,6 +41,22 @@ class EvalSettings(Strict):
     seed: int = 1234
     max_new_tokens: int = Field(12, gt=0)
     batch_size: int = Field(256, gt=0)
+
+
+DType = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on a CUDA device that supports it, else float32
+DeviceName = Literal["auto", "cpu", "cuda"]  # auto: cuda when available, else cpu
+
+
+class LoraSettings(Strict):
+    """LoRA adapters via peft (`pip install mopd[lora]`). The saved checkpoint is the merged plain HF model."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names to adapt, or `all-linear`",
+    )
 
 
 class TrainStage(Strict):
@@ -46,6 +73,12 @@ class TrainStage(Strict):
     difficulties: list[int] | None = Field(None, description="difficulty levels to train on; default all")
     checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
     eval_every: int = Field(0, ge=0, description="steps between held-out evals logged as curves; 0 = end only")
+    dtype: DType | None = Field(None, description="defaults to the recipe's `dtype`")
+    device: DeviceName | None = Field(None, description="defaults to the recipe's `device`")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters (needs peft); saved merged")
+    keep_every: int = Field(
+        0, ge=0, description="keep an HF snapshot every N steps under snapshots/step-N (staged teachers); 0 = none"
+    )
 
 
 class PretrainStage(TrainStage):
@@ -77,6 +110,16 @@ class SamplingSettings(Strict):
     eps_low: float = Field(0.5, gt=0, description="tokens with pi_theta/pi_sampler below this are dropped")
     eps_high: float = Field(2.0, gt=1, description="... and above this")
     adv_clip: float | None = Field(5.0, gt=0, description="|A| <= adv_clip")
+    temperature_schedule: Literal["constant", "linear"] = Field(
+        "constant", description="linear: from `temperature` at the first step to `temperature_end` at the last"
+    )
+    temperature_end: float | None = Field(None, gt=0, description="final temperature of a linear schedule")
+    filter_solved: bool = Field(
+        False, description="drop groups whose pass rate (reward == 1) is 0 or 1 from the loss; group_size >= 2"
+    )
+    curriculum: bool = Field(
+        False, description="easiest difficulty first; the allowed maximum rises linearly over the steps"
+    )
 
 
 class RLVRStage(TrainStage, SamplingSettings):
@@ -84,6 +127,114 @@ class RLVRStage(TrainStage, SamplingSettings):
 
     kind: Literal["rlvr"]
     init: str
+
+
+class MixRLStage(TrainStage, SamplingSettings):
+    """Mix-RL baseline: one GRPO run on the union of the domains' prompts (the rlvr step with every domain)."""
+
+    kind: Literal["mix_rl"]
+    init: str
+
+
+class CascadeRLStage(TrainStage, SamplingSettings):
+    """Cascade-RL baseline: GRPO on one domain after another; the step's phase picks the domain.
+
+    Steps are split evenly over `order` (earlier domains take the remainder) unless `steps_per_domain` is given.
+    """
+
+    kind: Literal["cascade_rl"]
+    init: str
+    order: list[str] = Field(min_length=1, description="domains in training order, each once")
+    steps_per_domain: dict[str, int] | None = Field(None, description="domain -> steps; must sum to `steps`")
+
+    @model_validator(mode="after")
+    def _phases(self) -> CascadeRLStage:
+        if self.domains is not None:
+            raise ValueError("cascade_rl takes its domains from `order`, not `domains`")
+        if len(set(self.order)) != len(self.order):
+            raise ValueError("`order` lists a domain twice")
+        if len(self.order) > self.steps:
+            raise ValueError(f"{len(self.order)} domains in `order` need at least as many `steps`")
+        if self.steps_per_domain is not None:
+            if set(self.steps_per_domain) != set(self.order):
+                raise ValueError("`steps_per_domain` must name exactly the domains of `order`")
+            if any(n <= 0 for n in self.steps_per_domain.values()):
+                raise ValueError("`steps_per_domain` values must be positive")
+            if sum(self.steps_per_domain.values()) != self.steps:
+                raise ValueError(
+                    f"`steps_per_domain` sums to {sum(self.steps_per_domain.values())} but `steps` is {self.steps}"
+                )
+        return self
+
+
+class OffPolicyFTStage(TrainStage):
+    """Off-policy finetune (trace distillation): SFT on traces each domain's teacher samples for its prompts.
+
+    Traces are drawn afresh every step from (seed, step), so a resumed stage sees the same traces. With
+    `verified_only`, traces whose verifier reward is below `min_reward` are dropped. Usable as the `init` of a
+    mopd stage (warm-up SFT on teacher traces before on-policy distillation).
+    """
+
+    kind: Literal["offpolicy_ft"]
+    init: str
+    teachers: dict[str, str] = Field(description="domain -> teacher (stage name or HF directory)")
+    verified_only: bool = False
+    min_reward: float = Field(1.0, ge=0, le=1, description="with verified_only: keep traces with reward >= this")
+    max_new_tokens: int = Field(12, gt=0)
+    temperature: float = Field(1.0, gt=0, description="teacher sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _threshold_needs_filter(self) -> OffPolicyFTStage:
+        if not self.verified_only and "min_reward" in self.model_fields_set:
+            raise ValueError("`min_reward` applies only with verified_only: true")
+        return self
+
+
+class MergeStage(Strict):
+    """Parameter merging of teachers, no training.
+
+    average:          theta = mean_i theta_i
+    task_arithmetic:  theta = theta_base + lam * sum_i (theta_i - theta_base)   (Ilharco et al. 2023)
+    """
+
+    kind: Literal["merge"]
+    base: str = Field(description="the checkpoint the teachers started from (stage name or HF directory)")
+    models: list[str] = Field(min_length=1, description="the checkpoints to merge (the teachers)")
+    method: Literal["average", "task_arithmetic"] = "average"
+    lam: float = Field(1.0, description="task-vector scale; task_arithmetic only")
+
+    @model_validator(mode="after")
+    def _lam_only_for_task_arithmetic(self) -> MergeStage:
+        if self.method == "average" and "lam" in self.model_fields_set:
+            raise ValueError("`lam` applies only to method: task_arithmetic")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("`models` lists a checkpoint twice")
+        return self
+
+
+class TeacherPhase(Strict):
+    """Until `until_step` (exclusive), every teacher is its `snapshot` (a kept step, or `final`)."""
+
+    until_step: int = Field(gt=0)
+    snapshot: int | str = Field(description="a step the teachers kept (keep_every), or final")
+
+    @field_validator("snapshot")
+    @classmethod
+    def _step_or_final(cls, v: int | str) -> int | str:
+        if (isinstance(v, str) and v != "final") or (isinstance(v, int) and v <= 0):
+            raise ValueError(f"a snapshot is a positive step number or `final`, not {v!r}")
+        return v
+
+
+class PreflightSettings(Strict):
+    """Checked once before a MOPD stage trains: same tokenizer (refused otherwise) and the initial per-token
+    reverse KL(student || teacher) on the student's own rollouts of each teacher's domains (warned above
+    `kl_warn`; the MOPD paper saw ~0.04 for a same-lineage teacher and ~0.19 for a foreign one that collapsed)."""
+
+    enabled: bool = True
+    kl_warn: float = Field(0.1, gt=0, description="warn when a teacher's initial reverse KL exceeds this")
+    prompts: int = Field(32, gt=0, description="student rollouts per teacher for the KL measurement")
 
 
 class MOPDStage(TrainStage, SamplingSettings):
@@ -102,11 +253,37 @@ class MOPDStage(TrainStage, SamplingSettings):
     )
     topk: int = Field(16, gt=0, description="teacher support size for objective: topk")
     jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight for objective: jsd")
+    surprise_alpha: float = Field(
+        0.0, ge=0, description="objective: sampled; advantages times w_t = 1 + a * (1 - sg[pi_S(y_t)])"
+    )
+    preflight: PreflightSettings = Field(
+        default_factory=lambda: PreflightSettings(), description="teacher-student compatibility check"
+    )
+    teacher_schedule: list[TeacherPhase] | None = Field(
+        None, description="staged teachers: earlier snapshots first, then later ones; null = final teachers"
+    )
 
     @model_validator(mode="after")
     def _groups_for_grpo(self) -> MOPDStage:
         if self.alpha > 0 and self.group_size < 2:
             raise ValueError("alpha > 0 adds a GRPO advantage, which needs group_size >= 2")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_in_order(self) -> MOPDStage:
+        phases = self.teacher_schedule or []
+        if self.teacher_schedule is not None and not phases:
+            raise ValueError("`teacher_schedule` is empty; leave it out to use the final teachers")
+        order = [float("inf") if p.snapshot == "final" else p.snapshot for p in phases]
+        for a, b in zip(phases, phases[1:], strict=False):
+            if b.until_step <= a.until_step:
+                raise ValueError("`teacher_schedule` until_step values must increase")
+        if order != sorted(order):
+            raise ValueError("`teacher_schedule` must use earlier snapshots first, then later ones")
+        if phases and phases[-1].until_step != self.steps:
+            raise ValueError(
+                f"`teacher_schedule` must end at until_step = steps ({self.steps}), not {phases[-1].until_step}"
+            )
         return self
 
 
@@ -118,20 +295,111 @@ class EvalStage(Strict):
     domains: list[str] | None = None
 
 
-Stage = Annotated[PretrainStage | SFTStage | RLVRStage | MOPDStage | EvalStage, Field(discriminator="kind")]
-KINDS = ("pretrain", "sft", "rlvr", "mopd", "eval")
+Stage = Annotated[
+    PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MergeStage | MOPDStage
+    | EvalStage,
+    Field(discriminator="kind"),
+]
+KINDS = ("pretrain", "sft", "rlvr", "mix_rl", "cascade_rl", "offpolicy_ft", "merge", "mopd", "eval")
 
 
 class ReportSettings(Strict):
     student: str | None = Field(None, description="the MOPD stage the summary scores; default: the last one")
 
 
+class CompareSettings(Strict):
+    """A comparison of merge methods (`mopd compare`): each scored by recovery against one start and teachers."""
+
+    start: str = Field(description="the stage every method starts from (recovery's zero)")
+    teachers: dict[str, str] = Field(description="domain -> teacher stage (recovery's one), for every domain")
+    methods: dict[str, str] = Field(min_length=1, description="display name -> the stage that is its result")
+    curves: list[str] | None = Field(
+        None, description="methods drawn on the sample-efficiency plot; null = those whose stage is mopd or mix_rl"
+    )
+
+
+class DataFields(Strict):
+    """Which source column holds each of our fields (see `mopd.data.load_prompts`)."""
+
+    prompt: str = "prompt"
+    answer: str | None = Field(
+        None, description="reference completion / final answer; default: column `reference`, else `answer`"
+    )
+    tests: str | None = Field(None, description="code tests (a string or list of asserts); default: `tests`")
+    constraints: str | None = Field(None, description="instruction constraints; default: `constraints`")
+
+
+class DataDomainSpec(Strict):
+    """A domain whose prompts come from data and whose rewards come from a real verifier (`mopd.envs.data`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str = Field(
+        description="bundled:math|code|instructions, a .jsonl/.json/.parquet file or datasets directory "
+        "(relative to the recipe), or a Hub dataset id (read on first use)"
+    )
+    verifier: Literal["math", "code", "instructions", "exact"]
+    format: Literal["jsonl", "json", "parquet", "datasets"] | None = Field(None, description="default: from source")
+    split: str = "train"
+    eval_split: str | None = Field(None, description="read held-out prompts from this split instead of holding out")
+    domain_column: str | None = Field(None, description="column naming each record's domain (mixed data sets)")
+    domain_value: str | None = Field(None, description="keep records whose domain column equals this")
+    fields: DataFields = DataFields()
+    eval_size: int | None = Field(
+        None, gt=0, description="held-out prompts; default: eval.size, at most a quarter of the records"
+    )
+    limit: int | None = Field(None, gt=0, description="read at most this many records")
+    code_timeout_s: float = Field(5.0, gt=0, description="wall-clock limit of one sandboxed code run")
+
+
+DomainEntry = Annotated[
+    Annotated[str, Tag("name")] | Annotated[DataDomainSpec, Tag("data")],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "data"),
+]
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     plugins: list[str] = Field(default_factory=list, description="Python files that register domains")
-    domains: list[str] = Field(min_length=1)
+    domains: list[DomainEntry] = Field(
+        min_length=1, description="registered domain names, or data domains declared as mappings"
+    )
     tokenizer: TokenizerSettings = TokenizerSettings()
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="auto: render prompts with the tokenizer's chat template when it has one"
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra apply_chat_template arguments, e.g. {enable_thinking: false}"
+    )
+    dtype: DType = "auto"
+    device: DeviceName = "auto"
+    teacher_device: Literal["auto", "cpu", "same"] = Field(
+        "auto",
+        description="same: teachers stay on the student's device; cpu: kept on CPU and moved to the device only "
+        "to score their rows; auto: same unless they would not fit beside the student",
+    )
+    rollout_backend: Literal["auto", "torch", "vllm"] = Field(
+        "torch", description="vllm needs CUDA and vllm (untested on GPU); auto picks vllm when both are present"
+    )
+    vllm_memory_fraction: float = Field(0.3, gt=0, lt=1, description="GPU memory share of the vLLM engine")
     eval: EvalSettings = EvalSettings()
     stages: dict[str, Stage] = Field(min_length=1)
     report: ReportSettings = ReportSettings()
+    compare: CompareSettings | None = None
+
+    _data_domains: dict[int, DataDomainSpec] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_only(self) -> Recipe:
+        """After validation `domains` holds names only, so every consumer compares plain strings; the data
+        domains' declarations move to `data_domains` (keyed by their position in the list)."""
+        self._data_domains = {i: d for i, d in enumerate(self.domains) if isinstance(d, DataDomainSpec)}
+        self.domains = [d if isinstance(d, str) else d.name for d in self.domains]
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"`domains` names a domain twice: {self.domains}")
+        return self
+
+    @property
+    def data_domains(self) -> dict[int, DataDomainSpec]:
+        """Position in `domains` -> declaration, for the data-backed domains."""
+        return dict(self._data_domains)

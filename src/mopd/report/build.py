@@ -2,7 +2,9 @@
 
 Reads RUN/run.json, RUN/<stage>/metrics.jsonl and RUN/<stage>/final/mopd.json; writes, each atomically
 (temp file in RUN/, then os.replace): report.md, report.html, summary.json and the curve PNGs
-(reward.png, reverse_kl.png, entropy.png, completion_len.png; a figure with no data is not written).
+(reward.png, reverse_kl.png, entropy.png, completion_len.png, routing_share.png, is_dropped.png,
+teacher_nll.png; a figure with no data is not written). Each MOPD stage's RUN/<stage>/preflight.json (the
+teacher-student compatibility check) becomes a "Teacher preflight" table.
 """
 
 from __future__ import annotations
@@ -262,6 +264,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
 
     main = _recovery_table(start, teachers, students, rec, norm, score)
     stage_tbl, acc_tbl = _stage_tables(order, stages, finals, domains)
+    preflight = _preflight_table(run_dir, [s for s in order if stages[s].get("kind") == "mopd"])
 
     curves = {}
     for s in order:
@@ -279,8 +282,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
 
     header = _header(run, recipe, wall)
     title = f"MOPD report: {recipe} ({_fmt_duration(wall)} wall)"
-    md = _markdown(title, header, main, norm, stage_tbl, acc_tbl, list(pngs))
-    page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs)
+    md = _markdown(title, header, main, norm, stage_tbl, acc_tbl, list(pngs), preflight)
+    page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight)
     _atomic_write(run_dir / "summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
     _atomic_write(run_dir / "report.md", md.encode("utf-8"))
     _atomic_write(run_dir / "report.html", page.encode("utf-8"))
@@ -356,6 +359,39 @@ def _stage_tables(order, stages, finals, domains) -> tuple[Table, Table]:
     return Table(headers, rows), acc
 
 
+def _preflight_table(run_dir: Path, mopd_stages: list[str]) -> Table | None:
+    """One row per (MOPD stage, teacher) from <stage>/preflight.json; None when no stage has one."""
+    rows, notes = [], []
+    for s in mopd_stages:
+        path = run_dir / s / "preflight.json"
+        if not path.is_file():
+            continue
+        try:
+            pf = json.loads(path.read_text(encoding="utf-8"))
+            teachers = pf["teachers"]
+            kl_warn = _num(pf.get("kl_warn"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            warnings.warn(f"{path}: unreadable preflight result, left out ({e})", RuntimeWarning, stacklevel=2)
+            continue
+        for t, r in teachers.items():
+            kl = _num(r.get("reverse_kl"))
+            status = "**WARNING**: far from the student" if r.get("warn") else "ok"
+            rows.append([s, t, ", ".join(r.get("domains") or []), _fmt(kl, 4), _fmt(kl_warn, 3), status])
+        notes += [str(w) for w in pf.get("warnings") or []]
+    if not rows:
+        return None
+    headers = ["stage", "teacher", "domains", "initial reverse KL", "kl_warn", "status"]
+    return Table(headers, rows, notes)
+
+
+PREFLIGHT_HOW = (
+    "Checked before each MOPD stage trained: every teacher has the student's vocabulary and special tokens "
+    "(refused otherwise), and the exact per-token reverse KL(student || teacher) on the student's own rollouts "
+    "of the teacher's domains. A large initial KL flags a foreign or drifted teacher (the MOPD paper saw ~0.04 "
+    "for a same-lineage teacher and ~0.19 for a foreign one whose distillation collapsed)."
+)
+
+
 def _header(run, recipe, wall) -> str:
     bits = [f"recipe `{recipe}`"]
     if run.get("recipe_path"):
@@ -382,10 +418,12 @@ def _norm_line(norm: dict[str, float | None]) -> str:
     return "**Normalized score** (mean recovery over domains): " + "; ".join(parts) + "."
 
 
-def _markdown(title, header, main, norm, stage_tbl, acc_tbl, figures) -> str:
+def _markdown(title, header, main, norm, stage_tbl, acc_tbl, figures, preflight: Table | None = None) -> str:
     out = [f"# {title}\n", header[0].upper() + header[1:] + "\n"]
     out += ["## Teacher gain recovered\n", main.markdown(), _norm_line(norm) + "\n"]
     out += ["### How to read this\n", HOW_TO_READ + "\n"]
+    if preflight is not None:
+        out += ["## Teacher preflight\n", PREFLIGHT_HOW + "\n", preflight.markdown()]
     if figures:
         out.append("## Training curves\n")
         out += [f"![{Path(f).stem}]({f})\n" for f in figures]
@@ -400,7 +438,8 @@ _CSS = (
 )
 
 
-def _html(title, header, main, norm, stage_tbl, acc_tbl, pngs: dict[str, bytes]) -> str:
+def _html(title, header, main, norm, stage_tbl, acc_tbl, pngs: dict[str, bytes],
+          preflight: Table | None = None) -> str:
     e = html.escape
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
@@ -410,6 +449,8 @@ def _html(title, header, main, norm, stage_tbl, acc_tbl, pngs: dict[str, bytes])
         f"<p>{e(_norm_line(norm).replace('`', '').replace('**', ''))}</p>",
         f"<h3>How to read this</h3><p>{e(HOW_TO_READ.replace('*', ''))}</p>",
     ]
+    if preflight is not None:
+        parts += ["<h2>Teacher preflight</h2>", f"<p>{e(PREFLIGHT_HOW)}</p>", preflight.html()]
     if pngs:
         parts.append("<h2>Training curves</h2>")
         for name, data in pngs.items():

@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 # stage -> metric key -> [(step, value)] sorted by step
 Curves = Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]
 
-FIGURE_NAMES = ("reward.png", "reverse_kl.png", "entropy.png", "completion_len.png")
+FIGURE_NAMES = (
+    "reward.png", "reverse_kl.png", "entropy.png", "completion_len.png",
+    "routing_share.png", "is_dropped.png", "teacher_nll.png",
+)
 DPI = 110
 _MARKERS_BELOW = 30  # draw point markers when a line has at most this many points
 
@@ -34,6 +37,15 @@ def _kl_panels(keys: set[str]) -> list[tuple[str, str]]:
     return panels
 
 
+def _per_teacher_panels(prefix: str, label: str):
+    """One panel per teacher for the keys `<prefix><teacher>`."""
+
+    def choose(keys: set[str]) -> list[tuple[str, str]]:
+        return [(k, f"{label} {k[len(prefix) :]}") for k in sorted(keys) if k.startswith(prefix)]
+
+    return choose
+
+
 # file -> (figure title, y label, panel chooser)
 _FIGURES = {
     "reward.png": ("Reward", "mean verifier reward", _reward_panels),
@@ -47,6 +59,21 @@ _FIGURES = {
         "Completion length",
         "completion length (tokens)",
         lambda ks: [("completion_len", "completion length")] if "completion_len" in ks else [],
+    ),
+    "routing_share.png": (
+        "Routing share (fraction of rows per teacher)",
+        "routing share",
+        _per_teacher_panels("mopd/routing_share/", "rows routed to"),
+    ),
+    "is_dropped.png": (
+        "Importance sampling: tokens dropped (truncate) or clipped (clip)",
+        "fraction of tokens",
+        lambda ks: [("is/dropped_frac", "IS-dropped fraction")] if "is/dropped_frac" in ks else [],
+    ),
+    "teacher_nll.png": (
+        "Teacher NLL of the student's rollouts (rising = student leaves the teacher's support)",
+        "-log pi_T(y_t)",
+        _per_teacher_panels("mopd/teacher_nll/", "NLL under teacher"),
     ),
 }
 

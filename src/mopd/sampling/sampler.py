@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from ..learner.batch import RolloutBatch
-from ..models.forward import position_ids_from_mask
+from ..models.forward import accepts, position_ids_from_mask
+from ..models.prompting import prompt_token_ids
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded `[BOS] prompt` ids and attention mask."""
-    ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
+    """Left-padded prompt ids (rendered by `prompt_token_ids`: `[BOS] prompt` or the chat template) and mask."""
+    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -35,6 +36,18 @@ def _filter_top_p(logprobs_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return logprobs_B_V.masked_fill(drop, float("-inf")).log_softmax(-1)
 
 
+def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """`generator` itself on its own device; on another device, a generator there seeded from it.
+
+    Why: `torch.multinomial` needs a generator on the probabilities' device, while stages derive a CPU
+    generator from (seed, step); seeding from it keeps an accelerator run deterministic in (seed, step) too.
+    """
+    if generator is None or generator.device == device or device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -52,51 +65,59 @@ def sample(
     """Sample one completion per prompt (repeat prompts for groups). temperature 0 means greedy."""
     was_training = model.training
     model.eval()
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    dev = next(model.parameters()).device  # the batch lives where the model does (cpu or an accelerator)
+    prompt_ids, prompt_mask = (x.to(dev) for x in encode_prompts(tokenizer, prompts))
+    generator = on_device(generator, dev)
     B = prompt_ids.shape[0]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    new_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long)
-    new_lp = torch.zeros((B, max_new_tokens))
-    new_mask = torch.zeros((B, max_new_tokens))
-    finished = torch.zeros(B, dtype=torch.bool)
+    new_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
+    new_lp = torch.zeros((B, max_new_tokens), device=dev)
+    new_mask = torch.zeros((B, max_new_tokens), device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
 
-    mask = prompt_mask
+    # One preallocated [B, P + N] attention mask whose growing prefix each decode step reads (a view), instead
+    # of a torch.cat per token; and logits for the last position only (`logits_to_keep=1`): the prefill would
+    # otherwise project every prompt position onto the vocabulary, [B, P, V], to use one column of it.
+    P = prompt_ids.shape[1]
+    keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    full_mask = torch.cat([prompt_mask, torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)], dim=1)
     out = model(
         input_ids=prompt_ids,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
         use_cache=True,
+        **keep_last,
     )
     cache = out.past_key_values
-    next_pos = mask.sum(-1, keepdim=True)  # [B, 1] position of the next token
+    next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the next token
     logits = out.logits[:, -1].float()
     steps = 0
     for t in range(max_new_tokens):
-        logprobs_B_V = logits.log_softmax(-1)
         if temperature == 0:
-            tok = logprobs_B_V.argmax(-1)
-            tok_lp = torch.zeros(B)
+            tok = logits.argmax(-1)  # argmax of the logits is that of the log-softmax: no [B, V] normalisation
+            tok_lp = torch.zeros(B, device=dev)
         else:
-            dist_lp = (logits / temperature).log_softmax(-1)
+            dist_lp = (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
             if top_p < 1.0:
                 dist_lp = _filter_top_p(dist_lp, top_p)
             tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
             tok_lp = dist_lp.gather(-1, tok[:, None]).squeeze(-1)
         live = ~finished
-        new_ids[:, t] = torch.where(live, tok, torch.full_like(tok, pad))
-        new_lp[:, t] = torch.where(live, tok_lp, torch.zeros_like(tok_lp))
+        new_ids[:, t] = tok.masked_fill(finished, pad)
+        new_lp[:, t] = tok_lp.masked_fill(finished, 0.0)
         new_mask[:, t] = live.float()
         finished |= tok == eos
         steps = t + 1
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or bool(finished.all()):
             break
-        mask = torch.cat([mask, live.long()[:, None]], dim=1)
+        full_mask[:, P + t] = live.long()
         out = model(
             input_ids=new_ids[:, t : t + 1],
-            attention_mask=mask,
+            attention_mask=full_mask[:, : P + t + 1],
             position_ids=next_pos,
             past_key_values=cache,
             use_cache=True,
+            **keep_last,
         )
         cache = out.past_key_values
         next_pos = next_pos + 1
@@ -109,14 +130,15 @@ def sample(
         tokenizer.decode([i for i, m in zip(row.tolist(), mrow.tolist(), strict=True) if m and i != eos])
         for row, mrow in zip(new_ids, new_mask, strict=True)
     ]
-    P = prompt_ids.shape[1]
     return RolloutBatch(
         input_ids_B_T=torch.cat([prompt_ids, new_ids], dim=1),
         attention_mask_B_T=torch.cat([prompt_mask, new_mask.long()], dim=1),
-        completion_mask_B_T=torch.cat([torch.zeros(B, P), new_mask], dim=1),
-        sampler_logprobs_B_T=torch.cat([torch.zeros(B, P), new_lp], dim=1),
+        completion_mask_B_T=torch.cat([torch.zeros(B, P, device=dev), new_mask], dim=1),
+        sampler_logprobs_B_T=torch.cat([torch.zeros(B, P, device=dev), new_lp], dim=1),
         domains=list(domains) if domains else [""] * B,
-        group_ids_B=torch.tensor(group_ids if group_ids is not None else list(range(B)), dtype=torch.long),
+        group_ids_B=torch.tensor(
+            group_ids if group_ids is not None else list(range(B)), dtype=torch.long, device=dev
+        ),
         prompts=list(prompts),
         completions=completions,
         references=list(references) if references else [],

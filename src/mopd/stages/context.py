@@ -23,6 +23,7 @@ class StageContext:
     model_refs: dict[str, str] = field(default_factory=dict)  # stage name / reference -> checkpoint path
     parents: dict[str, str] = field(default_factory=dict)  # parent name -> its identity
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None  # (step, total, metrics)
+    on_warning: Callable[[str], None] | None = None  # one-line warnings for the console (default: logging)
 
     @property
     def domains(self) -> list[str]:

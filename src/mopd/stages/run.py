@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 from ..learner.step import PolicySettings, policy_loss, supervised_loss
-from ..models.checkpoint import load_model, write_json_atomic
+from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
 from ..models.tiny import build_tiny_model
-from ..recipe.schema import EvalStage, MOPDStage, PretrainStage, RLVRStage, SFTStage
+from ..recipe.schema import (
+    CascadeRLStage,
+    EvalStage,
+    MergeStage,
+    MOPDStage,
+    OffPolicyFTStage,
+    PretrainStage,
+    RLVRStage,
+    SFTStage,
+)
 from ..teachers.panel import TeacherPanel
+from ..teachers.preflight import RolloutSettings, run_preflight
+from .baselines import cascade_sources, offpolicy_loss_fn
 from .context import StageContext
+from .merge import run_merge
+from .placement import lazy_rollout_sampler, load_placed, load_teachers
+from .schedules import temperature_at
+from .teacher_schedule import ScheduledPanel
 from .train import FINAL, ProblemSource, eval_metrics, lineage, step_generator, step_rng, train
 
 
-def _policy_settings(s: RLVRStage | MOPDStage) -> PolicySettings:
+def _policy_settings(s: RLVRStage | MOPDStage | CascadeRLStage) -> PolicySettings:
     return PolicySettings(
         group_size=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
         is_mode=s.is_mode, eps_low=s.eps_low, eps_high=s.eps_high, adv_clip=s.adv_clip,
@@ -22,6 +39,8 @@ def _policy_settings(s: RLVRStage | MOPDStage) -> PolicySettings:
         objective=getattr(s, "objective", "sampled"),
         topk=getattr(s, "topk", 16),
         jsd_beta=getattr(s, "jsd_beta", 0.5),
+        surprise_alpha=getattr(s, "surprise_alpha", 0.0),
+        filter_solved=s.filter_solved,
     )
 
 
@@ -29,7 +48,7 @@ def _init_model(ctx: StageContext):
     s = ctx.settings
     if isinstance(s, PretrainStage) and s.model is not None:
         return build_tiny_model(s.model, len(ctx.tokenizer), ctx.tokenizer, ctx.seed)
-    return load_model(ctx.init_path)
+    return load_placed(ctx, ctx.init_path)
 
 
 def run_stage(ctx: StageContext) -> Path:
@@ -37,6 +56,10 @@ def run_stage(ctx: StageContext) -> Path:
     s = ctx.settings
     if isinstance(s, EvalStage):
         return _run_eval(ctx)
+    if isinstance(s, MergeStage):
+        return run_merge(ctx)
+    if isinstance(s, OffPolicyFTStage):
+        return train(ctx, lambda: _init_model(ctx), offpolicy_loss_fn(ctx))
     source = ProblemSource(ctx)
     if isinstance(s, PretrainStage | SFTStage):
         on_prompt = isinstance(s, PretrainStage)
@@ -47,21 +70,60 @@ def run_stage(ctx: StageContext) -> Path:
 
         return train(ctx, lambda: _init_model(ctx), loss_fn)
 
+    # rlvr, mix_rl (rlvr on every domain), cascade_rl (rlvr on the step's domain) and mopd share one step
     settings = _policy_settings(s)
     panel = None
+    scheduled = ScheduledPanel(ctx) if isinstance(s, MOPDStage) and s.teacher_schedule else None
+    source_at = cascade_sources(ctx) if isinstance(s, CascadeRLStage) else (lambda step: source)
     if isinstance(s, MOPDStage):
-        models = {}
-        for teacher in sorted(set(s.teachers.values())):
-            m = load_model(ctx.model_refs[teacher])
-            m.eval().requires_grad_(False)
-            models[teacher] = m
-        panel = TeacherPanel(models=models, teacher_of_domain=s.teachers)
+        # resident on the student's device, or kept on CPU and moved there per scoring call (teacher_device)
+        models, compute_device = load_teachers(ctx, sorted(set(s.teachers.values())))
+        panel = TeacherPanel(models=models, teacher_of_domain=s.teachers, compute_device=compute_device)
+        _preflight(ctx, models, source)
+
+    rollouts = lazy_rollout_sampler(ctx)  # torch sampler, or vLLM (recipe `rollout_backend`), built on first use
 
     def policy_fn(model, step):
-        problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
-        return policy_loss(model, ctx.tokenizer, problems, settings, step_generator(ctx.seed, step), panel)
+        problems = source_at(step).draw(step_rng(ctx.seed, step), s.batch_size, step=step)
+        temperature = temperature_at(step, s.steps, s.temperature, s.temperature_end, s.temperature_schedule)
+        step_settings = replace(settings, temperature=temperature)
+        step_panel = scheduled.at(step) if scheduled else panel
+        loss, metrics = policy_loss(model, ctx.tokenizer, problems, step_settings, step_generator(ctx.seed, step),
+                                    step_panel, sampler=rollouts())
+        return loss, {**metrics, "samples/student": len(problems) * s.group_size}
 
     return train(ctx, lambda: _init_model(ctx), policy_fn)
+
+
+def _preflight(ctx: StageContext, teachers: dict, source: ProblemSource) -> None:
+    """Teacher-student compatibility check before the first MOPD step; its result is <stage>/preflight.json.
+
+    Skipped when that file exists: a resumed stage was already checked (a stale stage directory is moved aside
+    by the runner, so an existing file belongs to this very stage identity).
+    """
+    s: MOPDStage = ctx.settings
+    path = ctx.stage_dir / "preflight.json"
+    if not s.preflight.enabled or path.exists():
+        return
+    student = load_placed(ctx, ctx.init_path).eval()  # the stage's device and precision, as it will train
+    result = run_preflight(
+        stage=ctx.name,
+        student=student,
+        tokenizer=ctx.tokenizer,
+        student_tok=load_tokenizer(ctx.init_path),
+        teachers=teachers,
+        teacher_toks={t: load_tokenizer(ctx.model_refs[t]) for t in teachers},
+        teacher_of_domain=s.teachers,
+        domains=ctx.domains,
+        settings=RolloutSettings(prompts=s.preflight.prompts, max_new_tokens=s.max_new_tokens,
+                                 temperature=s.temperature, top_p=s.top_p),
+        kl_warn=s.preflight.kl_warn,
+        seed=ctx.seed,
+        exclude=source.exclude,
+        warn=ctx.on_warning or logging.getLogger("mopd").warning,
+    )
+    del student  # training loads its own copy (or resumes)
+    write_json_atomic(path, result)
 
 
 def _run_eval(ctx: StageContext) -> Path:

@@ -2,6 +2,9 @@
 
 A stage plugs in only `loss_fn(model, step) -> (loss, metrics)`. Everything random in a step is derived from
 (seed, step), so a stage resumed from its last checkpoint continues exactly as an uninterrupted one would.
+A step's metrics may count what it sampled (`samples/student`: rollouts of the model being trained;
+`samples/teacher`: teacher traces); every metrics.jsonl record carries the running totals `samples` and
+`teacher_samples`, so curves can be drawn against samples as well as steps.
 """
 
 from __future__ import annotations
@@ -22,19 +25,26 @@ from ..envs import Problem, get_domain
 from ..eval.evaluate import evaluate
 from ..models.checkpoint import (
     is_checkpoint,
-    load_model,
     load_trainer_state,
     save_checkpoint,
 )
 from .context import StageContext
+from .placement import trainable_model, trainable_parameters
+from .schedules import curriculum_levels
 
 CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
 FINAL = "final"
 METRICS = "metrics.jsonl"
 
 
 def step_seed(seed: int, step: int, salt: str = "") -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{salt}".encode()).digest()[:8], "little") >> 1
+
+
+def snapshot_path(stage_dir: Path, step: int) -> Path:
+    """Where `keep_every` puts the HF snapshot of a stage at `step` (kept after the stage finishes)."""
+    return Path(stage_dir) / SNAPSHOTS / f"step-{step:07d}"
 
 
 def step_rng(seed: int, step: int) -> random.Random:
@@ -48,17 +58,22 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 class ProblemSource:
     """Training problems for a stage: balanced over its domains, never a held-out eval prompt."""
 
-    def __init__(self, ctx: StageContext):
-        self.domains = [get_domain(d) for d in ctx.domains]
+    def __init__(self, ctx: StageContext, domains: list[str] | None = None):
+        self.domains = [get_domain(d) for d in (domains or ctx.domains)]
         ev = ctx.recipe.eval
         self.exclude = {d.name: d.held_out_prompts(ev.size, seed=ev.seed) for d in self.domains}
         self.difficulties = getattr(ctx.settings, "difficulties", None)
+        self.curriculum = bool(getattr(ctx.settings, "curriculum", False))
+        self.total_steps = int(getattr(ctx.settings, "steps", 1))
 
-    def draw(self, rng: random.Random, n: int) -> list[Problem]:
+    def draw(self, rng: random.Random, n: int, step: int | None = None) -> list[Problem]:
+        """`n` problems; with `curriculum`, only the difficulty levels `curriculum_levels` allows at `step`."""
         out = []
         for i in range(n):
             d = self.domains[i % len(self.domains)]
             levels = [x for x in (self.difficulties or d.difficulties) if x in d.difficulties] or list(d.difficulties)
+            if self.curriculum and step is not None:
+                levels = curriculum_levels(levels, step, self.total_steps)
             out += d.sample_train(rng, 1, difficulty=rng.choice(levels), exclude=self.exclude[d.name])
         rng.shuffle(out)
         return out
@@ -108,17 +123,47 @@ def eval_metrics(ctx: StageContext, model) -> dict[str, dict[str, float]]:
                     max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
 
 
+def teacher_lineage(ctx: StageContext) -> dict[str, dict] | None:
+    """Per domain: the teacher's stage name, identity and checkpoint, so a round-2 student shows which teacher
+    version fed it; with a teacher_schedule, also each phase's snapshot."""
+    teachers = getattr(ctx.settings, "teachers", None)
+    if not teachers:
+        return None
+    schedule = getattr(ctx.settings, "teacher_schedule", None) or []
+    out = {}
+    for domain, t in teachers.items():
+        ref = ctx.model_refs.get(t, t)
+        out[domain] = {"stage": t, "identity": ctx.parents.get(t), "checkpoint": ref}
+        if schedule:
+            out[domain]["schedule"] = [
+                {"until_step": ph.until_step, "snapshot": ph.snapshot,
+                 "checkpoint": teacher_checkpoint(ref, ph.snapshot)}
+                for ph in schedule
+            ]
+    return out
+
+
+def teacher_checkpoint(final_ref: str, snapshot: int | str) -> str:
+    """The checkpoint of a teacher at a scheduled snapshot: its final directory, or a kept step beside it."""
+    if snapshot == "final":
+        return final_ref
+    return str(snapshot_path(Path(final_ref).parent, int(snapshot)))
+
+
 def lineage(ctx: StageContext, step: int, metrics: dict) -> dict:
+    s = ctx.settings
     return {
         "stage": ctx.name,
-        "kind": ctx.settings.kind,
+        "kind": s.kind,
         "identity": ctx.identity,
         "parents": ctx.parents,
         "init": ctx.init_path,
+        "init_stage": getattr(s, "init", None) or getattr(s, "base", None),
+        "teachers": teacher_lineage(ctx),
         "seed": ctx.seed,
         "step": step,
         "version": __version__,
-        "settings": ctx.settings.model_dump(mode="json"),
+        "settings": s.model_dump(mode="json"),
         "metrics": metrics,
     }
 
@@ -129,14 +174,16 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
     s = ctx.settings
     torch.manual_seed(ctx.seed)
     resume_from = latest_checkpoint(ctx.stage_dir)
-    model = load_model(resume_from) if resume_from else model_factory()
+    model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
     start = 0
+    totals = {"samples": 0, "teacher_samples": 0}  # running sample counts (see module docstring)
     if resume_from:
         state = load_trainer_state(resume_from)
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
+        totals.update(state.get("totals", {}))
     log = MetricsLog(ctx.stage_dir / METRICS, start)
     t0 = time.time()
     try:
@@ -152,7 +199,9 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             done = step + 1
-            record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics}
+            totals["samples"] += int(metrics.get("samples/student", 0))
+            totals["teacher_samples"] += int(metrics.get("samples/teacher", 0))
+            record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics, **totals}
             if s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 model.eval()
                 record.update({f"eval/{d}": v["score"] for d, v in eval_metrics(ctx, model).items()})
@@ -163,15 +212,20 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
             if done % s.checkpoint_every == 0 and done < s.steps:
                 path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
                 save_checkpoint(path, model, ctx.tokenizer, lineage(ctx, done, {}),
-                                trainer_state={"optimizer": opt.state_dict(), "step": done})
+                                trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals)})
                 for old in sorted((ctx.stage_dir / CHECKPOINTS).glob("step-*"))[:-1]:
                     shutil.rmtree(old, ignore_errors=True)
+            keep = getattr(s, "keep_every", 0)
+            if keep and done % keep == 0 and done < s.steps:
+                # an HF snapshot only (no optimizer state); a resumed stage rewrites it identically
+                save_checkpoint(snapshot_path(ctx.stage_dir, done), model, ctx.tokenizer,
+                                lineage(ctx, done, dict(totals)))
         model.eval()
         final_eval = eval_metrics(ctx, model)
-        log.write({"step": s.steps, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
+        log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()
     final = save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
-                            lineage(ctx, s.steps, {"eval": final_eval}))
+                            lineage(ctx, s.steps, {"eval": final_eval, **totals}))
     shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)
     return final

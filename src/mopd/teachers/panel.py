@@ -17,6 +17,7 @@ from ..learner.advantages import route_teachers
 from ..learner.batch import RolloutBatch
 from ..learner.logprobs import token_logprobs
 from ..models.forward import sequence_logits
+from .offload import placed_on
 
 
 def _aligned_logits(logits_B_T_V: torch.Tensor) -> torch.Tensor:
@@ -28,6 +29,34 @@ def _aligned_logits(logits_B_T_V: torch.Tensor) -> torch.Tensor:
 class TeacherPanel:
     models: Mapping[str, torch.nn.Module]  # teacher name -> frozen model
     teacher_of_domain: Mapping[str, str]  # domain -> teacher name
+    # where teachers score: None = where each one lives (resident); a device = moved there per call, then back
+    # (teachers kept on CPU, accelerator memory bounded by student + largest teacher; see teachers/offload.py)
+    compute_device: torch.device | None = None
+
+    def _teacher_logits(
+        self, name: str, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """The teacher's logits for its routed rows (the last `logits_to_keep` positions, when > 0), returned on
+        the rows' device."""
+        with placed_on(self.models[name], self.compute_device) as model:
+            dev = next(model.parameters()).device
+            logits = sequence_logits(model, ids_B_T.to(dev), mask_B_T.to(dev), logits_to_keep=logits_to_keep)
+            return logits.to(ids_B_T.device)
+
+    @staticmethod
+    def _routed_rows(batch: RolloutBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A teacher's rows of ids and mask, minus the leading columns that are padding in every one of them.
+
+        Why: the batch is left-padded to its longest prompt; a teacher that gets only its own domain's rows
+        (similar prompt lengths) need not run over the other domains' padding. Position ids count real tokens,
+        so dropping all-padding columns changes no logit. A teacher that gets every row indexes nothing (no
+        copy of the batch). Returns (ids, mask, number of columns dropped).
+        """
+        every_row = rows.numel() == batch.size  # rows are ascending, so this is arange(B)
+        ids = batch.input_ids_B_T if every_row else batch.input_ids_B_T[rows]
+        mask = batch.attention_mask_B_T if every_row else batch.attention_mask_B_T[rows]
+        start = int(mask.any(0).long().argmax())  # first column with a real token in some row
+        return ids[:, start:], mask[:, start:], start
 
     def route(self, batch: RolloutBatch) -> list[str]:
         return route_teachers(batch.domains, self.teacher_of_domain)
@@ -42,10 +71,14 @@ class TeacherPanel:
     def sampled_logprobs(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor:
         """log pi_T(y_t) of each sampled token under the row's routed teacher: [B, T]."""
         out_B_T = torch.zeros_like(batch.sampler_logprobs_B_T)
+        # Only positions that predict a completion token need logits: from the column before the first
+        # completion column to the end (the prompt's vocabulary projection is skipped).
+        first = int(batch.completion_mask_B_T.any(0).long().argmax())
         for name, rows in self._rows_by_teacher(names_B).items():
-            ids, mask = batch.input_ids_B_T[rows], batch.attention_mask_B_T[rows]
-            logits = sequence_logits(self.models[name], ids, mask)
-            out_B_T[rows] = token_logprobs(logits, ids)
+            ids, mask, _ = self._routed_rows(batch, rows)
+            keep = min(batch.input_ids_B_T.shape[1] - first + 1, ids.shape[1])
+            logits = self._teacher_logits(name, ids, mask, logits_to_keep=keep)  # [b, keep, V]
+            out_B_T[rows, -keep:] = token_logprobs(logits, ids[:, -keep:])
         return out_B_T * batch.completion_mask_B_T
 
     @torch.no_grad()
@@ -53,16 +86,30 @@ class TeacherPanel:
         """The routed teacher's full next-token logits, aligned to tokens: [B, T, V]."""
         out: torch.Tensor | None = None
         for name, rows in self._rows_by_teacher(names_B).items():
-            ids, mask = batch.input_ids_B_T[rows], batch.attention_mask_B_T[rows]
-            logits = _aligned_logits(sequence_logits(self.models[name], ids, mask))
+            ids, mask, start = self._routed_rows(batch, rows)
+            logits = _aligned_logits(self._teacher_logits(name, ids, mask))
+            if start == 0 and rows.numel() == batch.size:
+                return logits  # one teacher for the whole batch: its logits are the answer, no scatter copy
             if out is None:
-                out = logits.new_zeros((batch.size, *logits.shape[1:]))
-            out[rows] = logits
+                out = logits.new_zeros((batch.size, batch.input_ids_B_T.shape[1], logits.shape[-1]))
+            out[rows, start:] = logits
         assert out is not None
         return out
 
     @torch.no_grad()
-    def topk(self, batch: RolloutBatch, names_B: list[str], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routed teacher's top-k logprobs and token ids per position: ([B, T, K], [B, T, K])."""
+    def topk(
+        self, batch: RolloutBatch, names_B: list[str], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routed teacher's top-k logprobs and token ids per position ([B, T, K], [B, T, K]), plus the
+        logprob of each sampled token ([B, T], 0 off the completion): what a remote teacher would ship."""
         logprobs = self.full_logits(batch, names_B).log_softmax(-1)
-        return logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        sampled = logprobs.gather(-1, batch.input_ids_B_T[..., None]).squeeze(-1)
+        return top_lp, top_ids, sampled * batch.completion_mask_B_T
+
+
+def aligned_token_logprobs(aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[b, t])[input_ids[b, t]] for logits already aligned to their tokens (`full_logits`)."""
+    logits = aligned_logits_B_T_V.float()
+    picked_B_T = logits.gather(-1, input_ids_B_T[..., None]).squeeze(-1)
+    return picked_B_T - torch.logsumexp(logits, dim=-1)

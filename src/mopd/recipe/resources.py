@@ -1,0 +1,120 @@
+"""Load-time checks of what a recipe needs beyond its own text: its data domains, the machine, optional packages.
+
+Why here and not at stage start: a recipe that names `device: cuda` on a laptop, a LoRA stage without peft, or a
+data set whose records the verifier cannot score must fail before the first stage spends any compute, in one line
+naming the file, line and key (the `where` callable of `load.py` builds that prefix).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..envs import add_domain
+from ..envs.data import DataDomain, DataDomainError
+from .build import tokenizer_alphabet
+from .schema import PretrainStage, Recipe, SFTStage
+
+Where = Callable[..., str]
+
+
+def _error(message: str) -> Exception:
+    from .load import RecipeError  # load imports this module; the error class lives there
+
+    return RecipeError(message)
+
+
+def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[str, DataDomain]:
+    """Build, read (local sources) and register every data domain the recipe declares."""
+    built: dict[str, DataDomain] = {}
+    for i, spec in recipe.data_domains.items():
+        try:
+            domain = DataDomain(
+                spec.name, spec.source, spec.verifier,
+                fields=spec.fields.model_dump(exclude_none=True), format=spec.format, split=spec.split,
+                eval_split=spec.eval_split, domain_column=spec.domain_column, domain_value=spec.domain_value,
+                eval_size=spec.eval_size, default_eval_size=recipe.eval.size, limit=spec.limit,
+                seed=recipe.eval.seed, code_timeout_s=spec.code_timeout_s, base_dir=recipe_path.parent,
+            )
+            if domain.local:
+                domain.load()
+        except DataDomainError as e:
+            raise _error(f"{where('domains', i, *e.key)}: {e}") from None
+        try:
+            add_domain(domain)
+        except ValueError as e:
+            raise _error(f"{where('domains', i, 'name')}: {e}") from None
+        built[spec.name] = domain
+    return built
+
+
+def check_data_fit(recipe: Recipe, data: dict[str, DataDomain], where: Where) -> None:
+    """SFT stages need reference completions; a character tokenizer must cover the data's characters."""
+    for name, stage in recipe.stages.items():
+        if not isinstance(stage, SFTStage):  # pretraining reads prompts as a corpus; answers are optional there
+            continue
+        for d in stage.domains or recipe.domains:
+            if d in data and data[d].local and not data[d].has_answers:
+                raise _error(
+                    f"{where('stages', name, 'domains')}: {stage.kind} trains on reference completions, but data "
+                    f"domain {d!r} has records without one (map `fields.answer`, or leave it out of this stage)"
+                )
+    from_scratch = any(isinstance(s, PretrainStage) and s.model is not None for s in recipe.stages.values())
+    if not from_scratch:
+        return
+    alphabet = set(tokenizer_alphabet(recipe))
+    for i, spec in recipe.data_domains.items():
+        domain = data[spec.name]
+        missing = sorted(domain.characters() - alphabet) if domain.local else []
+        if missing:
+            shown = "".join(missing[:20]).encode("unicode_escape").decode()
+            raise _error(
+                f"{where('domains', i)}: {len(missing)} character(s) of {spec.source!r} are not in the tiny "
+                f"model's tokenizer alphabet ({shown!r}); set `tokenizer: {{alphabet: printable}}` or list them"
+            )
+
+
+def check_machine(recipe: Recipe, where: Where) -> None:
+    """Devices, rollout backend and LoRA the recipe asks for must exist on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if recipe.device == "cuda" and not cuda:
+        raise _error(f"{where('device')}: `cuda` asked for, but torch sees no CUDA device here (use auto or cpu)")
+    for name, stage in recipe.stages.items():
+        if getattr(stage, "device", None) == "cuda" and not cuda:
+            raise _error(f"{where('stages', name, 'device')}: `cuda` asked for, but torch sees no CUDA device here")
+        if getattr(stage, "lora", None) is not None and importlib.util.find_spec("peft") is None:
+            raise _error(f"{where('stages', name, 'lora')}: LoRA needs peft (pip install 'mopd[lora]')")
+    if recipe.rollout_backend == "vllm":
+        from ..sampling.backend import vllm_unavailable_reason
+
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise _error(f"{where('rollout_backend')}: vllm backend unavailable: {reason}")
+
+
+def offline_fingerprint(ref: str) -> str | None:
+    """Tokenizer fingerprint of a model directory or a Hub id already in the local cache; None when only the
+    Hub has it (validation never downloads). A local directory whose tokenizer cannot load raises."""
+    from transformers import AutoTokenizer
+
+    from ..models.tokenizer import tokenizer_fingerprint
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ref), local_files_only=True)
+    except Exception:
+        if Path(ref).is_dir():
+            raise
+        return None
+    return tokenizer_fingerprint(tok)
+
+
+def check_resources(recipe: Recipe, recipe_path: Path, where: Where) -> dict[str, Any]:
+    """All of the above, in order; returns the data domains built (name -> DataDomain)."""
+    data = build_data_domains(recipe, recipe_path, where)
+    check_data_fit(recipe, data, where)
+    check_machine(recipe, where)
+    return data

@@ -1,0 +1,112 @@
+"""The comparison baselines of the MOPD paper (arXiv 2606.30406, Table 1) as loss functions for the shared driver.
+
+    mix_rl:       the rlvr step on the union of the domains' prompts (no code here: `run.py` treats it as rlvr)
+    cascade_rl:   the rlvr step whose prompts come from one domain at a time, chosen by the step's phase
+    offpolicy_ft: each domain's teacher samples its own prompts; the student takes the SFT step on those traces
+
+Everything random is derived from (seed, step), as in every stage, so a resumed stage continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..envs import Problem, get_domain
+from ..learner.step import supervised_loss
+from ..models.checkpoint import load_model, load_tokenizer
+from ..recipe.schema import CascadeRLStage, OffPolicyFTStage
+from ..sampling.sampler import sample
+from .context import StageContext
+from .train import ProblemSource, step_generator, step_rng
+
+LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def cascade_spans(s: CascadeRLStage) -> list[tuple[str, int]]:
+    """[(domain, end step)] in training order: `steps_per_domain`, or `steps` split evenly with the remainder
+    going to the earlier domains (so 10 steps over 3 domains is 4, 3, 3)."""
+    if s.steps_per_domain is not None:
+        counts = [s.steps_per_domain[d] for d in s.order]
+    else:
+        q, r = divmod(s.steps, len(s.order))
+        counts = [q + (i < r) for i in range(len(s.order))]
+    spans, end = [], 0
+    for d, n in zip(s.order, counts, strict=True):
+        end += n
+        spans.append((d, end))
+    return spans
+
+
+def cascade_domain(spans: list[tuple[str, int]], step: int) -> str:
+    """The domain of 0-based `step`: the first span that ends after it."""
+    return next(d for d, end in spans if step < end)
+
+
+def cascade_sources(ctx: StageContext) -> Callable[[int], ProblemSource]:
+    """Step -> the problem source of that step's domain (one source per domain, built once)."""
+    spans = cascade_spans(ctx.settings)
+    sources = {d: ProblemSource(ctx, [d]) for d, _ in spans}
+    return lambda step: sources[cascade_domain(spans, step)]
+
+
+def offpolicy_loss_fn(ctx: StageContext) -> LossFn:
+    """Trace distillation: SFT on completions the routed teacher samples for the step's prompts."""
+    s: OffPolicyFTStage = ctx.settings
+    source = ProblemSource(ctx)
+    names = sorted(set(s.teachers.values()))
+    teachers = {}
+    for t in names:
+        model = load_model(ctx.model_refs[t])
+        model.eval().requires_grad_(False)
+        # a teacher samples with its own tokenizer: traces are text, so the student's vocabulary may differ
+        teachers[t] = (model, load_tokenizer(ctx.model_refs[t]))
+
+    def loss_fn(model, step):
+        problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
+        traces, metrics = teacher_traces(problems, s, teachers, step_generator(ctx.seed, step))
+        metrics.update({"samples/student": 0, "samples/teacher": len(problems)})
+        if not traces:  # every trace failed verification: no update this step
+            return torch.zeros(()), {"loss": 0.0, **metrics}
+        loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False)
+        return loss, {**sft_metrics, **metrics}
+
+    return loss_fn
+
+
+def teacher_traces(
+    problems: list[Problem],
+    s: OffPolicyFTStage,
+    teachers: dict[str, tuple[torch.nn.Module, object]],
+    generator: torch.Generator,
+) -> tuple[list[Problem], dict[str, float]]:
+    """Each problem's domain teacher samples one completion; returns the kept traces as Problems whose `answer`
+    is the teacher's completion (what `supervised_loss` trains on), and metrics.
+
+    Teachers sample in sorted-name order from one generator, so the traces of a step are a function of
+    (seed, step). With `verified_only`, a trace is kept when its verifier reward is >= `min_reward`. A trace cut
+    at `max_new_tokens` is trained on with an EOS appended, like any SFT target.
+    """
+    by_teacher: dict[str, list[Problem]] = {}
+    for p in problems:
+        by_teacher.setdefault(s.teachers[p.domain], []).append(p)
+    kept: list[Problem] = []
+    rewards: list[float] = []
+    for name in sorted(by_teacher):
+        model, tokenizer = teachers[name]
+        rows = by_teacher[name]
+        batch = sample(model, tokenizer, [p.prompt for p in rows], max_new_tokens=s.max_new_tokens,
+                       temperature=s.temperature, top_p=s.top_p, generator=generator,
+                       domains=[p.domain for p in rows])
+        for p, completion in zip(rows, batch.completions, strict=True):
+            r = float(get_domain(p.domain).verify(p, completion))
+            rewards.append(r)
+            if not s.verified_only or r >= s.min_reward:
+                kept.append(Problem(prompt=p.prompt, answer=completion, domain=p.domain,
+                                    difficulty=p.difficulty))
+    metrics = {
+        "offpolicy/teacher_reward": sum(rewards) / max(len(rewards), 1),
+        "offpolicy/kept_frac": len(kept) / max(len(problems), 1),
+    }
+    return kept, metrics

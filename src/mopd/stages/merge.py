@@ -1,0 +1,36 @@
+"""The merge stage: teachers' parameters merged into one checkpoint, no training (a baseline of the MOPD paper).
+
+It writes what every stage writes, so reports and `init:` references treat it like any other stage: an HF
+checkpoint in `final/` with `mopd.json` lineage (eval metrics included) and a one-record metrics.jsonl
+(0 student samples: merging samples nothing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..models.checkpoint import load_model, save_checkpoint
+from ..models.merge import merge_state_dicts
+from ..recipe.schema import MergeStage
+from .context import StageContext
+from .train import FINAL, METRICS, eval_metrics, lineage
+
+
+def run_merge(ctx: StageContext) -> Path:
+    s: MergeStage = ctx.settings
+    model = load_model(ctx.model_refs[s.base])
+    base_sd = model.state_dict()
+    others = [load_model(ctx.model_refs[m]).state_dict() for m in s.models]
+    try:
+        merged = merge_state_dicts(base_sd, others, s.method, s.lam)
+    except ValueError as e:  # e.g. a shape mismatch between merged checkpoints
+        raise ValueError(f"stage {ctx.name!r}: cannot merge {', '.join(s.models)}: {e}") from None
+    model.load_state_dict(merged)
+    model.eval()
+    final_eval = eval_metrics(ctx, model)
+    totals = {"samples": 0, "teacher_samples": 0}
+    record = {"step": 0, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}}
+    (ctx.stage_dir / METRICS).write_text(json.dumps(record, sort_keys=True) + "\n")
+    return save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
+                           lineage(ctx, 0, {"eval": final_eval, **totals}))

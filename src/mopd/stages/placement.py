@@ -1,0 +1,114 @@
+"""A stage's models as they train and score: tokenizer and prompt rendering, device and precision, LoRA, teachers.
+
+The stage kinds in `run.py` stay short compositions; what changes between a laptop run on tiny models and a GPU
+run on Hugging Face checkpoints is decided here, once per stage, from the recipe's `device`, `dtype`,
+`teacher_device`, `chat_template` and the stage's `lora`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..models.checkpoint import load_model, load_tokenizer
+from ..models.lora import apply_lora, load_adapter_into
+from ..models.placement import stage_placement
+from ..models.prompting import set_prompt_format
+from ..models.tokenizer import tokenizer_fingerprint
+from ..teachers.offload import teachers_fit
+from .context import StageContext
+
+
+def stage_tokenizer(recipe, scratch_tokenizer, init_path: str | None):
+    """The tokenizer a stage trains and samples with: its starting model's (the recipe's character tokenizer
+    for a model built from scratch), rendering prompts as the recipe's `chat_template` says."""
+    tok = scratch_tokenizer if init_path is None else load_tokenizer(init_path)
+    return set_prompt_format(tok, recipe.chat_template, recipe.chat_template_kwargs)
+
+
+def placed(ctx: StageContext, model: torch.nn.Module) -> torch.nn.Module:
+    device, dtype = stage_placement(ctx.settings, ctx.recipe)
+    return model.to(device=device, dtype=dtype)
+
+
+def load_placed(ctx: StageContext, path: str | Path) -> torch.nn.Module:
+    """A checkpoint loaded directly in the stage's precision (no float32 copy of a large model), on its device."""
+    _, dtype = stage_placement(ctx.settings, ctx.recipe)
+    return placed(ctx, load_model(path, dtype=dtype))
+
+
+def trainable_model(
+    ctx: StageContext, model_factory: Callable[[], torch.nn.Module], resume_from: Path | None
+) -> torch.nn.Module:
+    """The model a stage trains: resumed from its last checkpoint, else new; with `lora`, adapters on top.
+
+    A LoRA stage resumes as (starting model + saved adapter), not from the merged weights, so the adapter and
+    its optimizer state continue exactly (see models/lora.py).
+    """
+    lora = getattr(ctx.settings, "lora", None)
+    if lora is None:
+        model = load_placed(ctx, resume_from) if resume_from else placed(ctx, model_factory())
+        return model
+    model = apply_lora(placed(ctx, model_factory()), lora)
+    if resume_from:
+        load_adapter_into(model, resume_from)
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer updates: every parameter, or only the adapters of a LoRA model (base frozen)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def load_teachers(ctx: StageContext, teachers: list[str]) -> tuple[dict[str, torch.nn.Module], torch.device | None]:
+    """Frozen teachers and the device they score on (the `compute_device` of a `TeacherPanel`).
+
+    teacher_device `same`: resident on the student's device (compute_device None). `cpu`: kept on CPU and moved
+    to the student's device per scoring call. `auto`: same if they fit beside the student (`teachers_fit`).
+    A teacher whose tokenizer differs from the student's is refused here too, for Hub ids validation could not
+    check without downloading.
+    """
+    from ..teachers.preflight import PreflightError, check_tokenizers
+
+    device, dtype = stage_placement(ctx.settings, ctx.recipe)
+    student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
+    student_fp = tokenizer_fingerprint(student_tok)
+    models: dict[str, torch.nn.Module] = {}
+    for name in teachers:
+        ref = ctx.model_refs[name]
+        teacher_tok = load_tokenizer(ref)
+        if tokenizer_fingerprint(teacher_tok) != student_fp:
+            # the preflight's one-line error naming what differs (the CLI prints a PreflightError as one line)
+            label = f"stage {ctx.name!r}: teacher {name!r} ({ref})"
+            check_tokenizers(student_tok, teacher_tok, label)
+            raise PreflightError(f"{label}: uses a different tokenizer from the student")
+        models[name] = load_model(ref, dtype=dtype).eval().requires_grad_(False)
+    mode = ctx.recipe.teacher_device
+    if mode == "auto":
+        biggest = max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in models.values()), default=0)
+        mode = "same" if teachers_fit(list(models.values()), device, reserve_bytes=biggest) else "cpu"
+    if mode == "same":
+        for m in models.values():
+            m.to(device)
+        return models, None
+    return models, device
+
+
+def lazy_rollout_sampler(ctx: StageContext) -> Callable[[], Callable]:
+    """A function returning the stage's rollout sampler, built once on first call (a vLLM engine takes GPU
+    memory and seconds to start, so it is not built for a stage that resumes already finished)."""
+    from ..sampling.backend import choose_backend, rollout_sampler
+
+    built: list[Callable] = []
+
+    def get() -> Callable:
+        if not built:
+            _, dtype = stage_placement(ctx.settings, ctx.recipe)
+            backend = choose_backend(ctx.recipe.rollout_backend)
+            built.append(rollout_sampler(backend, init_path=ctx.init_path, tokenizer=ctx.tokenizer, dtype=dtype,
+                                         memory_fraction=ctx.recipe.vllm_memory_fraction, seed=ctx.seed))
+        return built[0]
+
+    return get

@@ -1,0 +1,176 @@
+"""Teacher-student compatibility preflight: run once before a MOPD stage spends compute.
+
+Two failure modes waste a whole MOPD run, and both are visible before the first step:
+1. the teacher scores different token ids than the student samples (another vocabulary, other special-token
+   ids): every per-token signal is then noise. Refused with `PreflightError` (one line).
+   A different chat template is only warned about: the token ids still agree, but the teacher was trained on
+   differently formatted prompts, so its scores of the student's prompts are off its own distribution.
+2. the teacher is far from the student: the MOPD paper (arXiv 2606.30406) measured an initial per-token
+   reverse KL of ~0.04 for a same-lineage teacher and ~0.19 for a foreign one whose distillation later
+   collapsed. We measure the exact KL(pi_S || pi_T) over the full vocabulary at every completion position of
+   student rollouts of the teacher's own domains, and warn above `kl_warn`.
+The result is written to <stage>/preflight.json and shown in the report.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..envs import get_domain
+from ..learner.objectives import full_reverse_kl_loss
+from ..models.forward import sequence_logits
+from ..sampling.sampler import sample
+
+SPECIAL = ("bos", "eos", "pad", "unk")
+
+
+class PreflightError(RuntimeError):
+    """A teacher the student cannot be distilled from; str() is the one line the CLI prints."""
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How the preflight samples the student: as the stage's first step would."""
+
+    prompts: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+def _special_tokens(tokenizer) -> dict[str, tuple[str | None, int | None]]:
+    return {k: (getattr(tokenizer, f"{k}_token", None), getattr(tokenizer, f"{k}_token_id", None)) for k in SPECIAL}
+
+
+def check_tokenizers(student_tok, teacher_tok, label: str) -> list[str]:
+    """Refuse a teacher whose vocabulary or special tokens differ from the student's; return warnings.
+
+    Args:
+        student_tok, teacher_tok: Hugging Face tokenizers.
+        label: how the error names the pair, e.g. "stage 'student': teacher 't_add' (domain addition)".
+
+    Returns:
+        warnings (one line each): a chat template that differs from the student's.
+
+    Raises:
+        PreflightError: vocabulary (token -> id) or bos/eos/pad/unk (string or id) mismatch.
+    """
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s = sorted(set(sv) - set(tv))
+        only_t = sorted(set(tv) - set(sv))
+        moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])
+        detail = (
+            f"student {len(sv)} tokens, teacher {len(tv)}; {len(only_s)} only in the student "
+            f"{only_s[:3]}, {len(only_t)} only in the teacher {only_t[:3]}, {len(moved)} with other ids"
+        )
+        raise PreflightError(
+            f"{label}: vocabulary differs from the student's ({detail}); on-policy distillation needs the "
+            "teacher to score the student's token ids"
+        )
+    ss, ts = _special_tokens(student_tok), _special_tokens(teacher_tok)
+    bad = [f"{k}: student {ss[k]} vs teacher {ts[k]}" for k in SPECIAL if ss[k] != ts[k]]
+    if bad:
+        raise PreflightError(f"{label}: special tokens differ from the student's ({'; '.join(bad)})")
+    warnings = []
+    if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+        warnings.append(
+            f"{label}: chat template differs from the student's (same token ids, but the teacher was trained "
+            "on differently formatted prompts)"
+        )
+    return warnings
+
+
+@torch.no_grad()
+def initial_reverse_kl(
+    student, teacher, tokenizer, prompts: list[str], settings: RolloutSettings, generator: torch.Generator
+) -> tuple[float, int]:
+    """Exact per-token reverse KL(pi_S || pi_T), full vocabulary, on student rollouts of `prompts`.
+
+        KL = mean over completion positions t of sum_v pi_S(v | y_<t) (log pi_S(v | y_<t) - log pi_T(v | y_<t))
+
+    Returns:
+        (kl, number of completion tokens it averages over).
+    """
+    batch = sample(student, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                   temperature=settings.temperature, top_p=settings.top_p, generator=generator)
+    ids_B_T, attn_B_T = batch.input_ids_B_T, batch.attention_mask_B_T
+    student_B_T_V = sequence_logits(student, ids_B_T, attn_B_T)
+    # a teacher kept on another device (e.g. offloaded to CPU) scores there; the KL is taken on the student's
+    t_dev = next(teacher.parameters()).device
+    teacher_B_T_V = sequence_logits(teacher, ids_B_T.to(t_dev), attn_B_T.to(t_dev)).to(student_B_T_V.device)
+    # logits at t-1 produce token t: pair [:, :-1] with the completion mask [:, 1:]
+    mask_B_T = batch.completion_mask_B_T[:, 1:]
+    kl, _ = full_reverse_kl_loss(student_B_T_V[:, :-1], teacher_B_T_V[:, :-1], mask_B_T)
+    return float(kl), int(mask_B_T.sum())
+
+
+def domain_prompts(domains: list[str], n: int, rng: random.Random, exclude: Mapping[str, frozenset[str]]) -> list[str]:
+    """`n` training prompts spread evenly over `domains` (never a held-out eval prompt)."""
+    out = []
+    for i in range(n):
+        d = get_domain(domains[i % len(domains)])
+        out += [p.prompt for p in d.sample_train(rng, 1, exclude=exclude.get(d.name, frozenset()))]
+    return out
+
+
+def run_preflight(
+    *,
+    stage: str,
+    student,
+    tokenizer,
+    student_tok,
+    teachers: Mapping[str, Any],
+    teacher_toks: Mapping[str, Any],
+    teacher_of_domain: Mapping[str, str],
+    domains: list[str],
+    settings: RolloutSettings,
+    kl_warn: float,
+    seed: int,
+    exclude: Mapping[str, frozenset[str]],
+    warn: Callable[[str], None],
+) -> dict[str, Any]:
+    """Check every teacher of a MOPD stage; returns the JSON-ready result (also passed through `warn`).
+
+    Tokenizers (`student_tok` against each of `teacher_toks`, as saved with the checkpoints) are checked for
+    all teachers first, so a refusal costs no sampling; then, per teacher, the student samples (with
+    `tokenizer`, the one training uses) `settings.prompts` prompts of that teacher's domains and the initial
+    reverse KL is measured.
+    Deterministic in `seed`; it draws from its own generators, so training is unaffected.
+    """
+    warnings: list[str] = []
+    for teacher in sorted(teachers):
+        routed = sorted(d for d, t in teacher_of_domain.items() if t == teacher)
+        label = f"stage {stage!r}: teacher {teacher!r} ({', '.join(routed)})"
+        warnings += check_tokenizers(student_tok, teacher_toks[teacher], label)
+    results: dict[str, Any] = {}
+    for i, teacher in enumerate(sorted(teachers)):
+        routed = [d for d in domains if teacher_of_domain.get(d) == teacher]
+        if not routed:
+            continue
+        rng = random.Random(f"mopd-preflight:{seed}:{teacher}")
+        prompts = domain_prompts(routed, settings.prompts, rng, exclude)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        kl, tokens = initial_reverse_kl(student, teachers[teacher], tokenizer, prompts, settings, gen)
+        flagged = kl > kl_warn
+        results[teacher] = {"domains": routed, "reverse_kl": kl, "tokens": tokens, "warn": flagged}
+        if flagged:
+            warnings.append(
+                f"stage {stage!r}: teacher {teacher!r} starts far from the student: per-token reverse KL "
+                f"{kl:.3f} > kl_warn {kl_warn:g} (a foreign or drifted teacher; distillation may collapse)"
+            )
+    for w in warnings:
+        warn(w)
+    return {
+        "stage": stage,
+        "kl_warn": kl_warn,
+        "prompts": settings.prompts,
+        "tokenizer": "same vocabulary and special tokens",
+        "teachers": results,
+        "warnings": warnings,
+    }

@@ -1,0 +1,89 @@
+"""The scoring shortcuts of issue 5 change no number: the teacher panel's (a teacher's own rows without shared
+padding, logits for the completion only, no scatter for a single teacher) give what scoring every row over the
+whole batch gives, and policy_loss on the completion window gives the full-sequence loss and gradient."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from mopd.envs import ALPHABET, get_domain
+from mopd.learner.logprobs import token_logprobs
+from mopd.learner.objectives import full_reverse_kl_loss
+from mopd.learner.step import PolicySettings, policy_loss
+from mopd.models.forward import sequence_logits
+from mopd.models.tiny import TinyModelConfig, build_tiny_model
+from mopd.models.tokenizer import build_char_tokenizer
+from mopd.sampling.sampler import sample
+from mopd.teachers.panel import TeacherPanel
+
+
+def _setup():
+    tok = build_char_tokenizer(ALPHABET)
+    cfg = TinyModelConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64)
+    student, *teachers = (build_tiny_model(cfg, len(tok), tok, seed=s).eval() for s in range(3))
+    # short prompts go to teacher "a", long ones to "b": b's rows share no padding with a's longest
+    prompts = ["1+2=", "rev:abcdefghijkl=", "3+4=", "sort:zyxwvutsrqp="] * 3
+    domains = ["short", "long"] * 6
+    batch = sample(student, tok, prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(0),
+                   domains=domains)
+    return batch, {"a": teachers[0], "b": teachers[1]}
+
+
+def _reference(batch, models, names):
+    """Every row scored over the whole, untrimmed batch by its routed teacher: [B, T] and [B, T, V]."""
+    lp = torch.zeros_like(batch.sampler_logprobs_B_T)
+    full = None
+    for i, name in enumerate(names):
+        logits = sequence_logits(models[name], batch.input_ids_B_T[i : i + 1], batch.attention_mask_B_T[i : i + 1])
+        lp[i] = token_logprobs(logits, batch.input_ids_B_T[i : i + 1])[0]
+        if full is None:
+            full = torch.zeros(batch.size, *logits.shape[1:])
+        full[i, 1:] = logits[0, :-1]
+    return lp * batch.completion_mask_B_T, full
+
+
+def test_routed_scores_equal_whole_batch_scores() -> None:
+    batch, models = _setup()
+    panel = TeacherPanel(models=models, teacher_of_domain={"short": "a", "long": "b"})
+    names = panel.route(batch)
+    ref_lp, ref_full = _reference(batch, models, names)
+    assert torch.allclose(panel.sampled_logprobs(batch, names), ref_lp, atol=1e-5)
+    real = batch.attention_mask_B_T.bool()  # positions after a real token; padding columns may differ
+    prev_real = torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
+    assert torch.allclose(panel.full_logits(batch, names)[prev_real], ref_full[prev_real], atol=1e-5)
+
+
+def test_single_teacher_scores_equal_whole_batch_scores() -> None:
+    batch, models = _setup()
+    panel = TeacherPanel(models={"a": models["a"]}, teacher_of_domain={"short": "a", "long": "a"})
+    names = panel.route(batch)
+    ref_lp, ref_full = _reference(batch, models, names)
+    assert torch.allclose(panel.sampled_logprobs(batch, names), ref_lp, atol=1e-5)
+    prev_real = torch.cat([torch.zeros_like(batch.attention_mask_B_T[:, :1]), batch.attention_mask_B_T[:, :-1]], 1)
+    assert torch.allclose(panel.full_logits(batch, names)[prev_real.bool()], ref_full[prev_real.bool()], atol=1e-5)
+
+
+def test_policy_loss_on_completion_window_equals_full_sequence() -> None:
+    """policy_loss projects only the completion window onto the vocabulary; loss and gradient are unchanged."""
+    tok = build_char_tokenizer(ALPHABET)
+    cfg = TinyModelConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64)
+    student = build_tiny_model(cfg, len(tok), tok, seed=0)
+    panel = TeacherPanel(models={"t": build_tiny_model(cfg, len(tok), tok, seed=1).eval()},
+                         teacher_of_domain={"reversal": "t", "sorting": "t"})
+    rng = random.Random(0)
+    problems = [get_domain(d).sample(rng) for d in ("reversal", "sorting") * 4]
+    settings = PolicySettings(group_size=1, max_new_tokens=5, temperature=1.0, top_p=1.0, is_mode="truncate",
+                              eps_low=0.5, eps_high=2.0, adv_clip=5.0, alpha=0.0, objective="full_reverse_kl")
+    loss, _ = policy_loss(student, tok, problems, settings, torch.Generator().manual_seed(0), panel)
+    batch = sample(student, tok, [p.prompt for p in problems], max_new_tokens=5,
+                   generator=torch.Generator().manual_seed(0), domains=[p.domain for p in problems])
+    logits = sequence_logits(student, batch.input_ids_B_T, batch.attention_mask_B_T)
+    names = panel.route(batch)
+    mask = batch.completion_mask_B_T
+    ref, _ = full_reverse_kl_loss(logits[:, :-1], panel.full_logits(batch, names)[:, 1:], mask[:, 1:])
+    params = list(student.parameters())
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(loss, ref, atol=1e-6)

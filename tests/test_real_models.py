@@ -1,0 +1,317 @@
+"""Real models and real data (issue #6): data-backed domains, chat templates, placement, teacher offload, LoRA,
+rollout-backend selection, the bundled Qwen recipe's validation and a miniature end-to-end run on real verifiers."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+import mopd.envs.data as data_mod
+from mopd.envs import get_domain
+from mopd.envs.data import DataDomain
+from mopd.learner.step import supervised_batch
+from mopd.models.checkpoint import save_checkpoint
+from mopd.models.forward import sequence_logits
+from mopd.models.placement import resolve_device, resolve_dtype
+from mopd.models.prompting import prompt_token_ids, set_prompt_format
+from mopd.models.tiny import TinyModelConfig, build_tiny_model
+from mopd.models.tokenizer import build_char_tokenizer
+from mopd.recipe.load import RecipeError, load_recipe
+from mopd.sampling.backend import choose_backend
+from mopd.sampling.sampler import encode_prompts, sample
+from mopd.sampling.vllm_backend import pack_batch
+from mopd.teachers.panel import TeacherPanel
+
+MINI_REAL = textwrap.dedent(
+    """\
+    name: mini_real
+    seed: 0
+    tokenizer: {alphabet: printable}
+    domains:
+      - {name: math, source: "bundled:math", verifier: math, eval_size: 3}
+      - {name: code, source: "bundled:code", verifier: code, fields: {answer: solution}, eval_size: 2}
+      - {name: instructions, source: "bundled:instructions", verifier: instructions,
+         fields: {answer: example_response}, eval_size: 2}
+    eval: {size: 3, max_new_tokens: 4}
+    stages:
+      base:
+        kind: pretrain
+        model: {hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 64, max_positions: 2048}
+        steps: 2
+        batch_size: 3
+      teacher_math: {kind: rlvr, init: base, domains: [math], steps: 1, batch_size: 2, group_size: 2, max_new_tokens: 4}
+      teacher_code: {kind: rlvr, init: base, domains: [code], steps: 1, batch_size: 1, group_size: 2, max_new_tokens: 4}
+      teacher_if: {kind: rlvr, init: base, domains: [instructions], steps: 1, batch_size: 2, group_size: 2,
+                   max_new_tokens: 4}
+      student:
+        kind: mopd
+        init: base
+        teachers: {math: teacher_math, code: teacher_code, instructions: teacher_if}
+        steps: 2
+        batch_size: 3
+        max_new_tokens: 4
+        lora: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}
+    """
+)
+
+
+def _write(tmp_path: Path, data: dict | str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def _mini() -> dict:
+    return yaml.safe_load(MINI_REAL)
+
+
+def _error(tmp_path: Path, data) -> str:
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, data))
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "r.yaml") in msg
+    return msg
+
+
+def _tiny(tok, seed: int = 0):
+    cfg = TinyModelConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, max_positions=256)
+    return build_tiny_model(cfg, len(tok), tok, seed)
+
+
+# ------------------------------------------------------------------------------------------ data domains
+
+
+def test_data_domains_register_and_keep_held_out_prompts_out_of_training(tmp_path: Path) -> None:
+    loaded = load_recipe(_write(tmp_path, MINI_REAL))
+    assert loaded.recipe.domains == ["math", "code", "instructions"]
+    for name, n_eval in (("math", 3), ("code", 2), ("instructions", 2)):
+        domain = get_domain(name)
+        assert isinstance(domain, DataDomain)
+        held = domain.eval_set(100)
+        assert len(held) == n_eval and domain.held_out_prompts(1) == {p.prompt for p in held}
+        drawn = domain.sample_train(random.Random(0), 200)
+        assert not {p.prompt for p in drawn} & domain.held_out_prompts(1)
+
+
+def test_reference_completions_score_one_through_the_real_verifiers(tmp_path: Path) -> None:
+    load_recipe(_write(tmp_path, MINI_REAL))
+    for name in ("math", "code", "instructions"):
+        domain = get_domain(name)
+        for p in domain.eval_set(2):
+            reference = f"The answer is \\boxed{{{p.answer}}}." if name == "math" else p.answer
+            assert domain.verify(p, reference) == 1.0, (name, p.prompt)
+            assert domain.verify(p, "no idea") < 1.0
+
+
+def test_domain_column_and_value_filter_a_mixed_file(tmp_path: Path) -> None:
+    rows = [{"kind": "m" if i % 2 else "x", "question": f"q{i}?", "final": str(i)} for i in range(12)]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = DataDomain("mixed_m", "mixed.jsonl", "exact", fields={"prompt": "question", "answer": "final"},
+                   domain_column="kind", domain_value="m", eval_size=2, base_dir=tmp_path).load()
+    train, held = d._data()
+    assert len(train) + len(held) == 6 and all(int(p.prompt[1:-1]) % 2 for p in train + held)
+    assert d.verify(held[0], held[0].answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("patch", "where"),
+    [
+        ({"fields": {"prompt": "question"}}, "domains.0.fields.prompt"),
+        ({"verifier": "code"}, "domains.0.fields.tests"),
+        ({"verifier": "regex"}, "domains.0.verifier"),
+        ({"source": "missing.jsonl"}, "domains.0.source"),
+        ({"source": "bundled:poetry"}, "domains.0.source"),
+        ({"eval_size": 40}, "domains.0.eval_size"),
+        ({"domain_value": "nope"}, "domains.0.domain_value"),
+        ({"colour": 1}, "domains.0.colour"),
+    ],
+)
+def test_bad_data_domain_fails_at_load_naming_the_key(tmp_path: Path, patch: dict, where: str) -> None:
+    data = _mini()
+    data["domains"][0].update(patch)
+    msg = _error(tmp_path, data)
+    assert re.search(rf"r\.yaml:\d+: {re.escape(where)}: ", msg), msg
+
+
+def test_tokenizer_alphabet_must_cover_the_data(tmp_path: Path) -> None:
+    data = _mini()
+    del data["tokenizer"]
+    assert "printable" in _error(tmp_path, data)
+
+
+def test_sft_needs_reference_completions(tmp_path: Path) -> None:
+    data = _mini()
+    data["domains"][1]["fields"] = {}  # code without `solution`: no reference completion
+    data["stages"]["sft"] = {"kind": "sft", "init": "base", "steps": 1, "domains": ["code"]}
+    assert "stages.sft.domains" in _error(tmp_path, data)
+
+
+def test_machine_checks_fail_at_load(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without CUDA")
+    assert "rollout_backend" in _error(tmp_path, {**_mini(), "rollout_backend": "vllm"})
+    assert ": device: " in _error(tmp_path, {**_mini(), "device": "cuda"})
+
+
+def test_bundled_qwen_recipe_validates_without_downloading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = Path(__file__).resolve().parents[1] / "src" / "mopd" / "recipes" / "qwen3_0.6b.yaml"
+    loaded = load_recipe(path)
+    student = loaded.recipe.stages["student"]
+    assert student.init == "Qwen/Qwen3-0.6B" and student.lora is not None
+    assert loaded.recipe.chat_template == "auto" and loaded.recipe.dtype == "auto"
+
+
+# ---------------------------------------------------------------------------------------- chat templates
+
+_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+def test_chat_template_renders_the_same_prompt_for_sampling_and_supervision() -> None:
+    tok = build_char_tokenizer(string.printable)
+    assert prompt_token_ids(tok, "2+2=") == [tok.bos_token_id, *tok("2+2=", add_special_tokens=False).input_ids]
+    set_prompt_format(tok, "auto")  # no template on the char tokenizer: raw rendering
+    raw = prompt_token_ids(tok, "2+2=")
+    assert raw[0] == tok.bos_token_id
+    tok.chat_template = _TEMPLATE
+    set_prompt_format(tok, "auto")
+    chat = prompt_token_ids(tok, "2+2=")
+    assert tok.decode(chat) == "<user>2+2=\n<assistant>"
+    ids, mask = encode_prompts(tok, ["2+2="])
+    assert ids[0][mask[0].bool()].tolist() == chat
+    from mopd.envs import Problem
+
+    sup_ids, sup_attn, target = supervised_batch(tok, [Problem("2+2=", "4", "x", 1)], loss_on_prompt=False)
+    assert sup_ids[0][: len(chat)].tolist() == chat and target[0][: len(chat)].sum() == 0
+    set_prompt_format(tok, "none")
+    assert prompt_token_ids(tok, "2+2=") == raw
+
+
+# ---------------------------------------------------------------------------------- placement and offload
+
+
+def test_auto_placement_on_cpu_is_float32() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CPU expectations")
+    assert resolve_device("auto").type == "cpu"
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_offloaded_teachers_score_exactly_like_resident_ones() -> None:
+    tok = build_char_tokenizer("0123456789+=")
+    teachers = {"a": _tiny(tok, 1).eval(), "b": _tiny(tok, 2).eval()}
+    student = _tiny(tok, 3)
+    batch = sample(student, tok, ["1+2=", "3+4=", "5+6="], max_new_tokens=4,
+                   generator=torch.Generator().manual_seed(0), domains=["x", "y", "x"])
+    resident = TeacherPanel(models=teachers, teacher_of_domain={"x": "a", "y": "b"})
+    offload = TeacherPanel(models=teachers, teacher_of_domain={"x": "a", "y": "b"},
+                           compute_device=torch.device("cpu"))
+    names = resident.route(batch)
+    assert torch.equal(resident.sampled_logprobs(batch, names), offload.sampled_logprobs(batch, names))
+    assert torch.equal(resident.full_logits(batch, names), offload.full_logits(batch, names))
+    assert all(next(m.parameters()).device.type == "cpu" for m in teachers.values())  # moved back home
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from mopd.models.lora import apply_lora, load_adapter_into
+    from mopd.recipe.schema import LoraSettings
+
+    tok = build_char_tokenizer("0123456789+=")
+    settings = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    model = apply_lora(_tiny(tok), settings)
+    ids, mask = encode_prompts(tok, ["12+3=", "4+5="])
+    sequence_logits(model, ids, mask).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():  # make the adapters non-trivial (lora_B starts at zero)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()
+    expected = sequence_logits(model, ids, mask)
+    save_checkpoint(tmp_path / "ckpt", model, tok, {"stage": "t"})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert not hasattr(plain, "peft_config")
+    torch.testing.assert_close(sequence_logits(plain, ids, mask), expected, rtol=1e-4, atol=1e-4)
+    resumed = apply_lora(_tiny(tok), settings).eval()  # resume = starting model + saved adapter
+    load_adapter_into(resumed, tmp_path / "ckpt")
+    torch.testing.assert_close(sequence_logits(resumed, ids, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ rollout backend
+
+
+def test_backend_selection() -> None:
+    assert choose_backend("torch", cuda=True, has_vllm=True) == "torch"
+    assert choose_backend("auto", cuda=True, has_vllm=True) == "vllm"
+    assert choose_backend("auto", cuda=False, has_vllm=True) == "torch"
+    assert choose_backend("auto", cuda=True, has_vllm=False) == "torch"
+    assert choose_backend("vllm", cuda=True, has_vllm=True) == "vllm"
+    with pytest.raises(ValueError, match="CUDA"):
+        choose_backend("vllm", cuda=False, has_vllm=True)
+    with pytest.raises(ValueError, match="not installed"):
+        choose_backend("vllm", cuda=True, has_vllm=False)
+
+
+def test_vllm_outputs_pack_into_the_samplers_batch_layout() -> None:
+    tok = build_char_tokenizer("0123456789+=")
+    model = _tiny(tok)
+    ref = sample(model, tok, ["1+2=", "33+4="], max_new_tokens=5, generator=torch.Generator().manual_seed(0),
+                 domains=["a", "b"], group_ids=[0, 1])
+    P = encode_prompts(tok, ref.prompts)[0].shape[1]
+    rows, lps = [], []
+    for b in range(2):
+        m = ref.completion_mask_B_T[b].bool()
+        rows.append(ref.input_ids_B_T[b][m].tolist())
+        lps.append(ref.sampler_logprobs_B_T[b][m].tolist())
+    packed = pack_batch(tok, ref.prompts, rows, lps, eos=tok.eos_token_id, pad=tok.pad_token_id,
+                        device=torch.device("cpu"), domains=["a", "b"], group_ids=[0, 1], references=None)
+    assert packed.input_ids_B_T.shape[1] - max(len(r) for r in rows) == P
+    for field in ("input_ids_B_T", "attention_mask_B_T", "completion_mask_B_T", "sampler_logprobs_B_T"):
+        assert torch.equal(getattr(packed, field), getattr(ref, field)), field
+    assert packed.completions == ref.completions and packed.domains == ref.domains
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_miniature_real_data_recipe_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("peft")
+    from mopd.recipe.runner import run_recipe
+
+    calls = {"math": 0, "code": 0, "instructions": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(data_mod, "math_reward", counting("math", data_mod.math_reward))
+    monkeypatch.setattr(data_mod, "code_reward", counting("code", data_mod.code_reward))
+    monkeypatch.setattr(data_mod, "instruction_reward", counting("instructions", data_mod.instruction_reward))
+    loaded = load_recipe(_write(tmp_path, MINI_REAL))
+    run_recipe(loaded, tmp_path / "out")
+    assert all(n > 0 for n in calls.values()), calls
+    student = tmp_path / "out" / "student" / "final"
+    assert (student / "model.safetensors").exists() and (student / "adapter").is_dir()
+    AutoModelForCausalLM.from_pretrained(student)  # a plain HF directory
+    first = json.loads((tmp_path / "out" / "student" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"reward/math", "reward/code", "reward/instructions"} <= set(first)
+    assert (tmp_path / "out" / "report.md").exists()

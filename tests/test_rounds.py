@@ -1,0 +1,141 @@
+"""Multi-round MOPD and staged teachers on a miniature recipe (seconds): lineage of a round-2 student, teacher
+snapshots (`keep_every`), a teacher schedule, and an exact resume with snapshots and sample counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from mopd.recipe.load import RecipeError, load_recipe
+from mopd.recipe.runner import run_recipe
+from mopd.stages import run as run_module
+from mopd.stages.teacher_schedule import ScheduledPanel
+
+from .mini_compare import recipe
+
+MOPD = "{kind: mopd, init: %s, teachers: %s, steps: %d, batch_size: 2, group_size: 2%s}"
+ROUNDS = "\n".join([
+    "student: " + MOPD % ("sft", "{reversal: teacher_rev, sorting: teacher_sort}", 2, ""),
+    "staged: " + MOPD % ("sft", "{reversal: teacher_rev, sorting: teacher_sort}", 4,
+                         ", teacher_schedule: [{until_step: 2, snapshot: 2}, {until_step: 4, snapshot: final}]"),
+    "teacher_rev_r2: {kind: rlvr, init: student, domains: [reversal], steps: 2, batch_size: 2, group_size: 4}",
+    "student_r2: " + MOPD % ("student", "{reversal: teacher_rev_r2, sorting: teacher_sort}", 2, ""),
+]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("rounds")
+    (d / "r.yaml").write_text(recipe(ROUNDS))
+    run_recipe(load_recipe(d / "r.yaml"), d / "out", Console(quiet=True))
+    return d / "out"
+
+
+def _lineage(out: Path, stage: str) -> dict:
+    return json.loads((out / stage / "final" / "mopd.json").read_text())
+
+
+def test_round2_lineage_names_round1_student_and_refreshed_teachers(run: Path) -> None:
+    r2 = _lineage(run, "student_r2")
+    assert r2["init_stage"] == "student" and r2["init"] == str(run / "student" / "final")
+    assert r2["parents"]["student"] == _lineage(run, "student")["identity"]
+    refreshed, reused = r2["teachers"]["reversal"], r2["teachers"]["sorting"]
+    assert refreshed == {"stage": "teacher_rev_r2", "identity": _lineage(run, "teacher_rev_r2")["identity"],
+                         "checkpoint": str(run / "teacher_rev_r2" / "final")}
+    assert reused == {"stage": "teacher_sort", "identity": _lineage(run, "teacher_sort")["identity"],
+                      "checkpoint": str(run / "teacher_sort" / "final")}
+    t2 = _lineage(run, "teacher_rev_r2")  # the refreshed teacher itself started from the round-1 student
+    assert t2["init_stage"] == "student" and t2["parents"] == {"student": r2["parents"]["student"]}
+    r1 = _lineage(run, "student")
+    assert r1["teachers"]["reversal"]["stage"] == "teacher_rev" and r1["init_stage"] == "sft"
+
+
+def test_keep_every_leaves_hf_snapshots_and_no_resumable_checkpoints(run: Path) -> None:
+    snaps = sorted(p.name for p in (run / "teacher_rev" / "snapshots").iterdir())
+    assert snaps == ["step-0000002"]  # every 2 of 4 steps; the last step is `final`
+    AutoModelForCausalLM.from_pretrained(run / "teacher_rev" / "snapshots" / "step-0000002")
+    assert not (run / "teacher_rev" / "checkpoints").exists()
+
+
+def test_teacher_schedule_uses_snapshots_first_then_final(run: Path) -> None:
+    lineage = _lineage(run, "staged")["teachers"]["reversal"]["schedule"]
+    snap = str(run / "teacher_rev" / "snapshots" / "step-0000002")
+    assert lineage == [{"until_step": 2, "snapshot": 2, "checkpoint": snap},
+                       {"until_step": 4, "snapshot": "final", "checkpoint": str(run / "teacher_rev" / "final")}]
+    loaded = load_recipe(run / "recipe.yaml")
+    ctx = run_module.StageContext(
+        name="staged", settings=loaded.recipe.stages["staged"], recipe=loaded.recipe, stage_dir=run / "staged",
+        identity="x", seed=0, tokenizer=None, init_path=None,
+        model_refs={t: str(run / t / "final") for t in ("teacher_rev", "teacher_sort")})
+    panels = ScheduledPanel(ctx)
+    assert [panels.phase_of(i) for i in range(4)] == [0, 0, 1, 1]
+    snap_w = AutoModelForCausalLM.from_pretrained(snap).state_dict()
+    final_w = AutoModelForCausalLM.from_pretrained(run / "teacher_rev" / "final").state_dict()
+    assert any(not torch.equal(snap_w[k], final_w[k]) for k in snap_w)  # RL steps 3-4 moved the teacher
+    for step, want in ((0, snap_w), (1, snap_w), (2, final_w), (3, final_w)):
+        got = panels.at(step).models["teacher_rev"].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), step
+
+
+def test_resume_with_snapshots_is_exact(tmp_path: Path, monkeypatch) -> None:
+    """Interrupted after its step-2 checkpoint, a teacher resumes to the same metrics, totals and snapshots."""
+    text = recipe("").replace("steps: 4, batch_size: 2, group_size: 4, keep_every: 2",
+                              "steps: 4, batch_size: 2, group_size: 4, keep_every: 1, checkpoint_every: 2")
+    (tmp_path / "r.yaml").write_text(text)
+    loaded = load_recipe(tmp_path / "r.yaml")
+    run_recipe(loaded, tmp_path / "whole", Console(quiet=True))
+
+    real, calls = run_module.policy_loss, {"n": 0}
+
+    def crash_on_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "policy_loss", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
+    assert (tmp_path / "cut" / "teacher_rev" / "checkpoints" / "step-0000002").exists()
+    monkeypatch.setattr(run_module, "policy_loss", real)
+    run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
+
+    def rows(out: Path) -> list[dict]:
+        lines = (out / "teacher_rev" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
+
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
+    assert [r["samples"] for r in rows(tmp_path / "cut")] == [8, 16, 24, 32, 32]
+    for step in (1, 2, 3):
+        name = f"snapshots/step-{step:07d}/model.safetensors"
+        a = (tmp_path / "whole" / "teacher_rev" / name).read_bytes()
+        assert (tmp_path / "cut" / "teacher_rev" / name).read_bytes() == a
+
+
+@pytest.mark.parametrize(
+    ("schedule", "teacher_keep", "key", "needle"),
+    [
+        ("[{until_step: 2, snapshot: 3}, {until_step: 4, snapshot: final}]", "keep_every: 2",
+         "stages.staged.teacher_schedule.0.snapshot", "there is no step-3"),
+        ("[{until_step: 2, snapshot: 2}, {until_step: 4, snapshot: final}]", "keep_every: 0",
+         "stages.staged.teacher_schedule.0.snapshot", "keeps no snapshots (set `keep_every` on it)"),
+        ("[{until_step: 2, snapshot: 2}, {until_step: 3, snapshot: final}]", "keep_every: 2",
+         "stages.staged", "must end at until_step = steps (4), not 3"),
+        ("[{until_step: 2, snapshot: final}, {until_step: 4, snapshot: 2}]", "keep_every: 2",
+         "stages.staged", "earlier snapshots first"),
+    ],
+)
+def test_bad_teacher_schedule_fails_in_one_line(tmp_path: Path, schedule, teacher_keep, key, needle) -> None:
+    stage = "staged: " + MOPD % ("sft", "{reversal: teacher_rev, sorting: teacher_sort}", 4,
+                                 f", teacher_schedule: {schedule}")
+    path = tmp_path / "bad.yaml"
+    path.write_text(recipe(stage + "\n").replace("keep_every: 2", teacher_keep))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert "\n" not in msg and needle in msg and f": {key}:" in msg and msg.startswith(f"{path}:"), msg
