@@ -1,0 +1,193 @@
+"""Single-teacher on-policy reverse-KL distillation: TRL's DistillationTrainer against mopd, same machine.
+
+    .venv/bin/python benchmarks/trl_vs_mopd.py [--runs 5] [--steps 5] [--warmup 2] [--threads 1]
+
+(needs the benchmark extra: `.venv/bin/pip install -e '.[bench]'`.)
+
+Both tools train the same tiny Qwen3 student (0.79M parameters) against the same teacher (2.77M), built here
+from a seed with the character tokenizer, on the same prompts (64 per step, `[BOS] prompt`), sampling 8
+completion tokens at temperature 1 and taking an AdamW step (lr 3e-4, betas (0.9, 0.99), no weight decay,
+grad-norm clip 1.0) in float32 on the CPU with the same number of torch threads.
+
+- `trl`: `trl.DistillationTrainer` with beta = 1 (reverse KL over the full vocabulary on the student's own
+  samples), generation by `transformers.generate`; gradient checkpointing, bf16, logging, eval and saving off.
+- `mopd-full`: mopd's `objective: full_reverse_kl` — the same loss as TRL's beta = 1.
+- `mopd`: mopd's default `objective: sampled` (the per-token reverse-KL advantage of MOPD, one teacher).
+
+Each run of a tool is a fresh subprocess (so each has its own peak RSS): `--warmup` untimed steps, then
+`--steps` timed ones; a run's completions/s is 64 x steps / their wall time. Runs alternate between the tools
+(the order rotates each round) so load from other processes hits all of them alike; the figures are medians
+over runs. Writes `benchmarks/results.json` (key "trl_vs_mopd", or "trl_vs_mopd/threads=N" for N != 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+BATCH = 64
+COMPLETION_TOKENS = 8
+TOOLS = ("trl", "mopd-full", "mopd")
+
+
+def _worker_trl(models: Path, run: int, warmup: int, steps: int) -> list[float]:
+    """Train with TRL's DistillationTrainer; a callback times each optimizer step (generation included)."""
+    import _common
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    tok = PreTrainedTokenizerFast.from_pretrained(models / "tokenizer")
+    student = AutoModelForCausalLM.from_pretrained(models / "student", dtype="float32")
+    teacher = AutoModelForCausalLM.from_pretrained(models / "teacher0", dtype="float32")
+    prompts = [f"{tok.bos_token}{p.prompt}" for p in _common.problems(BATCH * (warmup + steps), seed=run)]
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = DistillationConfig(
+            output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+            max_steps=warmup + steps, max_completion_length=COMPLETION_TOKENS, temperature=1.0, top_p=1.0,
+            top_k=0, beta=1.0, learning_rate=_common.LR, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0, bf16=False, fp16=False,
+            gradient_checkpointing=False, use_cpu=True, shuffle_dataset=False, dataloader_num_workers=0,
+            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+            disable_tqdm=True, seed=run,
+        )
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=cfg,
+                                      train_dataset=Dataset.from_dict({"prompt": prompts}),
+                                      processing_class=tok, callbacks=[StepTimer()])
+        trainer.train()
+    return times[warmup:]
+
+
+def _worker_mopd(models: Path, run: int, warmup: int, steps: int, objective: str) -> list[float]:
+    """Train with mopd's real step (policy_loss with a one-teacher panel, backward, clip, AdamW)."""
+    import _common
+
+    from mopd.models.checkpoint import load_model
+    from mopd.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer(_common.ALPHABET)
+    student, teacher = load_model(models / "student"), load_model(models / "teacher0")
+    step = _common.mopd_step_fn(student, {"teacher0": teacher}, tok,
+                                _common.mopd_settings(COMPLETION_TOKENS, objective),
+                                {d: "teacher0" for d in _common.DOMAINS})
+    batch = _common.problems(BATCH * (warmup + steps), seed=run)
+    times = [_common.timed(lambda i=i: step(batch[i * BATCH : (i + 1) * BATCH], run * 1000 + i))
+             for i in range(warmup + steps)]
+    return times[warmup:]
+
+
+def worker(args: argparse.Namespace) -> None:
+    import _common
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.run)
+    if args.worker == "trl":
+        times = _worker_trl(args.models, args.run, args.warmup, args.steps)
+    else:
+        objective = "full_reverse_kl" if args.worker == "mopd-full" else "sampled"
+        times = _worker_mopd(args.models, args.run, args.warmup, args.steps, objective)
+    print(json.dumps({
+        "tool": args.worker, "run": args.run, "step_seconds": [round(t, 4) for t in times],
+        "completions_per_s": BATCH * len(times) / sum(times),
+        "peak_rss_mib": round(_common.peak_rss_mib(), 1), "threads": torch.get_num_threads(),
+    }))
+
+
+def run_worker(tool: str, models: Path, run: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", tool, "--models", str(models), "--run", str(run),
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(HERE), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{tool} run {run} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def update_results(key: str, value: dict) -> None:
+    """Merge one benchmark's figures into benchmarks/results.json (the other scripts own the other keys)."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[key] = value
+    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for every tool")
+    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    ap.add_argument("--models", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import _common
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp)
+        _common.build_models(models, n_teachers=1)
+        runs: dict[str, list[dict]] = {t: [] for t in args.tools}
+        for r in range(args.runs):
+            order = args.tools[r % len(args.tools):] + args.tools[: r % len(args.tools)]
+            for tool in order:
+                res = run_worker(tool, models, r, args)
+                runs[tool].append(res)
+                print(f"run {r} {tool:9s} {res['completions_per_s']:8.1f} completions/s  "
+                      f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
+
+    summary = {t: {"completions_per_s": round(_common.median([x["completions_per_s"] for x in rs]), 1),
+                   "peak_rss_mib": round(_common.median([x["peak_rss_mib"] for x in rs]), 1)}
+               for t, rs in runs.items()}
+    if "trl" in summary:
+        base = summary["trl"]["completions_per_s"]
+        for t in summary:
+            summary[t]["speedup_vs_trl"] = round(summary[t]["completions_per_s"] / base, 2)
+    import torch
+
+    result = {
+        "command": "python benchmarks/trl_vs_mopd.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "versions": {"torch": torch.__version__, "trl": _version("trl"), "mopd": _version("mopd")},
+        "settings": {"batch": BATCH, "completion_tokens": COMPLETION_TOKENS, "runs": args.runs,
+                     "timed_steps_per_run": args.steps, "warmup_steps_per_run": args.warmup,
+                     "threads": args.threads, "dtype": "float32"},
+        "median": summary,
+        "runs": runs,
+    }
+    print(json.dumps(result["median"], indent=2))
+    update_results("trl_vs_mopd" if args.threads == 1 else f"trl_vs_mopd/threads={args.threads}", result)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    main()
