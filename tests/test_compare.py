@@ -91,7 +91,8 @@ def test_bundled_compare_recipe_has_equal_student_budgets() -> None:
     off = stages["offpolicy_ft"]
     assert off.steps * off.batch_size == budget["student"]  # the same number of traces as MOPD's rollouts
     demo = load_recipe(bundled_recipe("demo"), check_tokenizers=False).recipe.stages
-    for name in ("base", "sft", "student"):  # the shared block is the demo's (teachers add keep_every only)
+    for name in ("base", "sft", "sft_reversal", "sft_sorting", "sft_shift", "student"):  # the demo's block
+        # (teachers add keep_every only)
         assert stages[name] == demo[name], name
     for name in ("teacher_reversal", "teacher_sorting", "teacher_shift"):
         assert stages[name].model_copy(update={"keep_every": 0}) == demo[name], name

@@ -146,3 +146,17 @@ def test_filter_solved_needs_groups() -> None:
     with pytest.raises(ValueError, match="group_size >= 2"):
         policy_loss(student, TOK, problems, replace(settings, filter_solved=True),
                     torch.Generator().manual_seed(0), panel)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_importance_ratio_is_one_on_policy_at_any_sampling_temperature(monkeypatch, temperature: float) -> None:
+    """Before any update the policy is the sampler: the PG term must see ratio 1 (no token dropped), which needs
+    the tempered policy logprob, while the OPD advantage keeps the model's own (T = 1) distribution."""
+    student, panel, problems, settings = _setup()
+    calls = _capture_pg(monkeypatch)
+    _, metrics = policy_loss(student, TOK, problems, replace(settings, temperature=temperature),
+                             torch.Generator().manual_seed(5), panel)
+    (pg,) = calls
+    mask = pg["mask"].bool()
+    torch.testing.assert_close(pg["logprobs"][mask], pg["sampler"][mask], atol=1e-5, rtol=1e-5)
+    assert metrics["is/dropped_frac"] == 0.0

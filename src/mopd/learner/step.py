@@ -159,6 +159,13 @@ def policy_loss(
     logits_B_K_V = sequence_logits(model, batch.input_ids_B_T, batch.attention_mask_B_T, logits_to_keep=K)
     logprobs_B_K = token_logprobs(logits_B_K_V, batch.input_ids_B_T[:, T - K :])
     logprobs_B_T = torch.cat([logprobs_B_K.new_zeros(logprobs_B_K.shape[0], T - K), logprobs_B_K], dim=1)
+    # The importance ratio compares the policy with the distribution the tokens were drawn from, so at a sampling
+    # temperature != 1 the policy-gradient term uses the tempered policy (as the sampler recorded it); the OPD
+    # advantage and the diagnostics keep the model's own distribution, which is what is distilled.
+    pg_logprobs_B_T = logprobs_B_T
+    if settings.temperature != 1.0:
+        tempered_B_K = token_logprobs(logits_B_K_V / settings.temperature, batch.input_ids_B_T[:, T - K :])
+        pg_logprobs_B_T = torch.cat([tempered_B_K.new_zeros(tempered_B_K.shape[0], T - K), tempered_B_K], dim=1)
     metrics: dict[str, float] = {
         "reward/mean": float(rewards_B.mean()),
         "entropy": float(masked_mean(token_entropy(logits_B_K_V.detach()), mask_B_T[:, T - K :])),
@@ -196,7 +203,7 @@ def policy_loss(
             metrics.update(teacher_diagnostics(teacher_lp_B_T, mask_B_T, names_B, logprobs_B_T.detach()))
             if settings.alpha > 0:
                 pg, pg_metrics = policy_gradient_loss(
-                    logprobs_B_T, batch.sampler_logprobs_B_T, settings.alpha * grpo_B_T, loss_mask_B_T,
+                    pg_logprobs_B_T, batch.sampler_logprobs_B_T, settings.alpha * grpo_B_T, loss_mask_B_T,
                     is_mode=settings.is_mode, eps_low=settings.eps_low, eps_high=settings.eps_high,  # type: ignore[arg-type]
                     adv_clip=settings.adv_clip,
                 )
@@ -218,7 +225,7 @@ def policy_loss(
 
     # 5. loss: one policy-gradient loss with truncated importance weights and advantage clipping
     loss, pg_metrics = policy_gradient_loss(
-        logprobs_B_T,
+        pg_logprobs_B_T,
         batch.sampler_logprobs_B_T,
         advantages_B_T,
         loss_mask_B_T,

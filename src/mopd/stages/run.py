@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..learner.step import PolicySettings, policy_loss, supervised_loss
-from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
+from ..models.checkpoint import load_tokenizer, write_json_atomic
 from ..models.tiny import build_tiny_model
 from ..recipe.schema import (
     CascadeRLStage,
@@ -25,7 +25,7 @@ from ..teachers.preflight import RolloutSettings, run_preflight
 from .baselines import cascade_sources, offpolicy_loss_fn
 from .context import StageContext
 from .merge import run_merge
-from .placement import lazy_rollout_sampler, load_placed, load_teachers
+from .placement import lazy_rollout_sampler, load_placed, load_teachers, stage_tokenizer
 from .schedules import temperature_at
 from .teacher_schedule import ScheduledPanel
 from .train import FINAL, ProblemSource, eval_metrics, lineage, step_generator, step_rng, train
@@ -130,9 +130,11 @@ def _run_eval(ctx: StageContext) -> Path:
     s: EvalStage = ctx.settings
     results = {}
     for ref in s.models:
-        model = load_model(ctx.model_refs[ref])
-        model.eval()
-        results[ref] = eval_metrics(ctx, model)
+        # each model with its own tokenizer and the recipe's prompt rendering: a Hugging Face model scored with
+        # the recipe's character tokenizer would be scored on garbage ids
+        model = load_placed(ctx, ctx.model_refs[ref]).eval()
+        tokenizer = stage_tokenizer(ctx.recipe, ctx.tokenizer, ctx.model_refs[ref])
+        results[ref] = eval_metrics(ctx, model, tokenizer)
         if s.domains:
             results[ref] = {d: v for d, v in results[ref].items() if d in s.domains}
     out = ctx.stage_dir / FINAL

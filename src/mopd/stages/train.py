@@ -117,9 +117,10 @@ class MetricsLog:
         self.f.close()
 
 
-def eval_metrics(ctx: StageContext, model) -> dict[str, dict[str, float]]:
+def eval_metrics(ctx: StageContext, model, tokenizer=None) -> dict[str, dict[str, float]]:
+    """Held-out scores; `tokenizer` defaults to the stage's (an eval stage passes each scored model's own)."""
     ev = ctx.recipe.eval
-    return evaluate(model, ctx.tokenizer, ctx.recipe.domains, size=ev.size, seed=ev.seed,
+    return evaluate(model, tokenizer or ctx.tokenizer, ctx.recipe.domains, size=ev.size, seed=ev.seed,
                     max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
 
 
