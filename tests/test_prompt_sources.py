@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -177,7 +176,6 @@ def test_bundled_sets_load():
         assert len({r.prompt for r in records}) == len(records)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("math_verify") is None, reason="math-verify not installed")
 def test_bundled_math_answers_verify():
     for rec in load_prompts("bundled:math"):
         assert rec.reference, rec
