@@ -1,5 +1,6 @@
 """kill -9 during the MOPD stage, then the same command again: finished stages are not redone, the MOPD stage
-resumes from its last checkpoint, and a valid report is written."""
+resumes from its last checkpoint, and a valid report is written. A LoRA MOPD stage cut after a checkpoint resumes
+to the same metrics and weights as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -12,9 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mopd.models.lora import is_lora
+from mopd.recipe.load import load_recipe
+from mopd.recipe.runner import run_recipe
+from mopd.stages import run as run_module
 
 from .conftest import MINI_RECIPE
+from .mini_compare import recipe
 
 
 @pytest.mark.slow
@@ -60,3 +71,70 @@ def test_kill_9_during_mopd_then_rerun(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["domains"]) == {"addition", "reversal", "sorting"}
     assert (out / "report.md").read_text().count("| addition |") >= 1
+
+
+LORA_STUDENT = (
+    "student: {kind: mopd, init: sft, teachers: {reversal: teacher_rev, sorting: teacher_sort}, steps: 4, "
+    "batch_size: 2, group_size: 2, lr: 0.01, checkpoint_every: 2, "
+    "lora: {r: 4, alpha: 8, dropout: 0.3, target_modules: [q_proj, v_proj]}}\n"
+)
+
+
+def test_lora_stage_cut_after_a_checkpoint_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    """Cut after its step-2 checkpoint, a LoRA MOPD stage resumes (starting model + saved adapter + optimizer and
+    RNG state; dropout > 0 draws from the global generator) to the uninterrupted run's metrics, adapter and merged
+    weights; the base weights stay those of its `init`."""
+    pytest.importorskip("peft")
+    (tmp_path / "r.yaml").write_text(recipe(LORA_STUDENT))
+    loaded = load_recipe(tmp_path / "r.yaml")
+    run_recipe(loaded, tmp_path / "whole", Console(quiet=True))
+
+    real, calls = run_module.policy_loss, {"lora": 0}
+
+    def crash_on_third_lora_step(model, *args, **kwargs):
+        calls["lora"] += is_lora(model)  # teacher (RLVR) stages train full models: only the student counts
+        if calls["lora"] == 3:
+            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "policy_loss", crash_on_third_lora_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
+    cut = tmp_path / "cut" / "student"
+    ckpt = cut / "checkpoints" / "step-0000002"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").exists() and (ckpt / "trainer_state.pt").exists()
+    assert not (cut / "final").exists()
+    before = (cut / "metrics.jsonl").read_text().splitlines()
+    monkeypatch.setattr(run_module, "policy_loss", real)
+    run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
+
+    def rows(stage: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k != "time"}
+                for x in (stage / "metrics.jsonl").read_text().splitlines()]
+
+    whole = tmp_path / "whole" / "student"
+    assert (cut / "metrics.jsonl").read_text().splitlines()[:2] == before[:2]  # resumed, not restarted
+    assert rows(cut) == rows(whole) and [r["step"] for r in rows(cut)] == [1, 2, 3, 4, 4]
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        assert (cut / "final" / name).read_bytes() == (whole / "final" / name).read_bytes(), name
+    assert not (cut / "checkpoints").exists()
+
+    # the final checkpoint is a plain HF model: the init's weights plus the adapter's update, nothing else moved
+    merged = AutoModelForCausalLM.from_pretrained(cut / "final")
+    assert not hasattr(merged, "peft_config")
+    base = load_file(tmp_path / "cut" / "sft" / "final" / "model.safetensors")
+    adapter = load_file(cut / "final" / "adapter" / "adapter_model.safetensors")
+    adapted = []
+    for key, weight in merged.state_dict().items():
+        if key not in base:  # the tied output head
+            continue
+        module = key.removesuffix(".weight")
+        lora_a = adapter.get(f"base_model.model.{module}.lora_A.weight")
+        if lora_a is None:
+            assert torch.equal(weight, base[key]), key
+            continue
+        delta = adapter[f"base_model.model.{module}.lora_B.weight"] @ lora_a * (8 / 4)  # alpha / r
+        assert delta.abs().max() > 0, key  # the adapter trained
+        torch.testing.assert_close(weight, base[key] + delta, rtol=1e-5, atol=1e-6)
+        adapted.append(module.rsplit(".", 1)[-1])
+    assert sorted(adapted) == ["q_proj", "v_proj"] and len(base) > len(adapted)

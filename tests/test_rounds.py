@@ -11,10 +11,15 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
+from mopd.envs import ALPHABET
+from mopd.models.checkpoint import save_checkpoint
+from mopd.models.tiny import TinyModelConfig, build_tiny_model
+from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.recipe.runner import run_recipe
 from mopd.stages import run as run_module
 from mopd.stages.teacher_schedule import ScheduledPanel
+from mopd.teachers.preflight import PreflightError
 
 from .mini_compare import recipe
 
@@ -62,17 +67,21 @@ def test_keep_every_leaves_hf_snapshots_and_no_resumable_checkpoints(run: Path) 
     assert not (run / "teacher_rev" / "checkpoints").exists()
 
 
+def _staged_ctx(run: Path, init: str = "sft", stage: dict | None = None, **recipe: str) -> run_module.StageContext:
+    """The context of the `staged` stage of `run`, with stage settings and recipe keys overridden."""
+    loaded = load_recipe(run / "recipe.yaml").recipe.model_copy(update=recipe)
+    return run_module.StageContext(
+        name="staged", settings=loaded.stages["staged"].model_copy(update=stage or {}), recipe=loaded,
+        stage_dir=run / "staged", identity="x", seed=0, tokenizer=None, init_path=str(run / init / "final"),
+        model_refs={t: str(run / t / "final") for t in ("teacher_rev", "teacher_sort")})
+
+
 def test_teacher_schedule_uses_snapshots_first_then_final(run: Path) -> None:
     lineage = _lineage(run, "staged")["teachers"]["reversal"]["schedule"]
     snap = str(run / "teacher_rev" / "snapshots" / "step-0000002")
     assert lineage == [{"until_step": 2, "snapshot": 2, "checkpoint": snap},
                        {"until_step": 4, "snapshot": "final", "checkpoint": str(run / "teacher_rev" / "final")}]
-    loaded = load_recipe(run / "recipe.yaml")
-    ctx = run_module.StageContext(
-        name="staged", settings=loaded.recipe.stages["staged"], recipe=loaded.recipe, stage_dir=run / "staged",
-        identity="x", seed=0, tokenizer=None, init_path=None,
-        model_refs={t: str(run / t / "final") for t in ("teacher_rev", "teacher_sort")})
-    panels = ScheduledPanel(ctx)
+    panels = ScheduledPanel(_staged_ctx(run))
     assert [panels.phase_of(i) for i in range(4)] == [0, 0, 1, 1]
     snap_w = AutoModelForCausalLM.from_pretrained(snap).state_dict()
     final_w = AutoModelForCausalLM.from_pretrained(run / "teacher_rev" / "final").state_dict()
@@ -80,6 +89,29 @@ def test_teacher_schedule_uses_snapshots_first_then_final(run: Path) -> None:
     for step, want in ((0, snap_w), (1, snap_w), (2, final_w), (3, final_w)):
         got = panels.at(step).models["teacher_rev"].state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want), step
+
+
+def test_scheduled_snapshots_are_placed_and_checked_like_final_teachers(run: Path, tmp_path: Path) -> None:
+    """A snapshot teacher honours `teacher_device` and the stage's dtype, and its tokenizer is checked."""
+    snap = AutoModelForCausalLM.from_pretrained(run / "teacher_rev" / "snapshots" / "step-0000002").state_dict()
+    offloaded = ScheduledPanel(_staged_ctx(run, stage={"dtype": "bfloat16"}, teacher_device="cpu")).at(0)
+    assert offloaded.compute_device == torch.device("cpu")  # kept home, moved to the student's device per call
+    got = offloaded.models["teacher_rev"].state_dict()
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, snap[k].to(torch.bfloat16)) for k, v in got.items())
+    assert all(not p.requires_grad for m in offloaded.models.values() for p in m.parameters())
+    resident = ScheduledPanel(_staged_ctx(run, teacher_device="same")).at(0)
+    assert resident.compute_device is None
+    assert all(p.dtype == torch.float32 for p in resident.models["teacher_rev"].parameters())
+
+    # a student whose tokenizer differs from the snapshots' is refused before any scoring
+    own = build_char_tokenizer(ALPHABET + "ABC")
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16),
+                             len(own), own, 0)
+    save_checkpoint(tmp_path / "other" / "final", model, own, {"stage": "other"})
+    ctx = _staged_ctx(run)
+    ctx.init_path = str(tmp_path / "other" / "final")
+    with pytest.raises(PreflightError, match="teacher 'teacher_rev'.*step-0000002"):
+        ScheduledPanel(ctx).at(0)
 
 
 def test_resume_with_snapshots_is_exact(tmp_path: Path, monkeypatch) -> None:

@@ -7,7 +7,7 @@ run on Hugging Face checkpoints is decided here, once per stage, from the recipe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from ..models.placement import stage_placement
 from ..models.prompting import set_prompt_format
 from ..models.tokenizer import tokenizer_fingerprint
 from ..teachers.offload import teachers_fit
+from ..teachers.panel import TeacherPanel
 from .context import StageContext
 
 
@@ -62,8 +63,14 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def load_teachers(ctx: StageContext, teachers: list[str]) -> tuple[dict[str, torch.nn.Module], torch.device | None]:
+def load_teachers(
+    ctx: StageContext, checkpoints: Mapping[str, str]
+) -> tuple[dict[str, torch.nn.Module], torch.device | None]:
     """Frozen teachers and the device they score on (the `compute_device` of a `TeacherPanel`).
+
+    `checkpoints` maps each teacher's name to the directory to load: its final checkpoint, or the snapshot a
+    `teacher_schedule` phase names. Every teacher a stage scores with goes through here, so a snapshot gets the
+    same precision, placement and tokenizer check as a final teacher.
 
     teacher_device `same`: resident on the student's device (compute_device None). `cpu`: kept on CPU and moved
     to the student's device per scoring call. `auto`: same if they fit beside the student (`teachers_fit`).
@@ -76,8 +83,7 @@ def load_teachers(ctx: StageContext, teachers: list[str]) -> tuple[dict[str, tor
     student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
     student_fp = tokenizer_fingerprint(student_tok)
     models: dict[str, torch.nn.Module] = {}
-    for name in teachers:
-        ref = ctx.model_refs[name]
+    for name, ref in checkpoints.items():
         teacher_tok = load_tokenizer(ref)
         if tokenizer_fingerprint(teacher_tok) != student_fp:
             # the preflight's one-line error naming what differs (the CLI prints a PreflightError as one line)
@@ -94,6 +100,13 @@ def load_teachers(ctx: StageContext, teachers: list[str]) -> tuple[dict[str, tor
             m.to(device)
         return models, None
     return models, device
+
+
+def teacher_panel(ctx: StageContext, checkpoints: Mapping[str, str]) -> TeacherPanel:
+    """The MOPD stage's panel over the teachers loaded from `checkpoints` (see `load_teachers`), routed by the
+    stage's `teachers` (domain -> teacher name)."""
+    models, compute_device = load_teachers(ctx, checkpoints)
+    return TeacherPanel(models=models, teacher_of_domain=ctx.settings.teachers, compute_device=compute_device)
 
 
 def lazy_rollout_sampler(ctx: StageContext) -> Callable[[], Callable]:

@@ -20,12 +20,11 @@ from ..recipe.schema import (
     RLVRStage,
     SFTStage,
 )
-from ..teachers.panel import TeacherPanel
 from ..teachers.preflight import RolloutSettings, run_preflight
 from .baselines import cascade_sources, offpolicy_loss_fn
 from .context import StageContext
 from .merge import run_merge
-from .placement import lazy_rollout_sampler, load_placed, load_teachers, stage_tokenizer
+from .placement import lazy_rollout_sampler, load_placed, stage_tokenizer, teacher_panel
 from .schedules import temperature_at
 from .teacher_schedule import ScheduledPanel
 from .train import FINAL, ProblemSource, eval_metrics, lineage, step_generator, step_rng, train
@@ -77,9 +76,10 @@ def run_stage(ctx: StageContext) -> Path:
     source_at = cascade_sources(ctx) if isinstance(s, CascadeRLStage) else (lambda step: source)
     if isinstance(s, MOPDStage):
         # resident on the student's device, or kept on CPU and moved there per scoring call (teacher_device)
-        models, compute_device = load_teachers(ctx, sorted(set(s.teachers.values())))
-        panel = TeacherPanel(models=models, teacher_of_domain=s.teachers, compute_device=compute_device)
-        _preflight(ctx, models, source)
+        panel = teacher_panel(ctx, {t: ctx.model_refs[t] for t in sorted(set(s.teachers.values()))})
+        _preflight(ctx, dict(panel.models), source)
+        if scheduled:
+            panel = None  # the schedule loads its own teachers per phase; don't hold the final ones beside them
 
     rollouts = lazy_rollout_sampler(ctx)  # torch sampler, or vLLM (recipe `rollout_backend`), built on first use
 

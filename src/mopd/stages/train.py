@@ -1,7 +1,9 @@
 """The training driver every trainable stage shares: resume, optimizer, schedule, logging, eval, checkpoints.
 
 A stage plugs in only `loss_fn(model, step) -> (loss, metrics)`. Everything random in a step is derived from
-(seed, step), so a stage resumed from its last checkpoint continues exactly as an uninterrupted one would.
+(seed, step), except what draws from torch's global generator (LoRA dropout), whose state a resumable checkpoint
+saves and a resumed stage restores; so a stage resumed from its last checkpoint continues exactly as an
+uninterrupted one would.
 A step's metrics may count what it sampled (`samples/student`: rollouts of the model being trained;
 `samples/teacher`: teacher traces); every metrics.jsonl record carries the running totals `samples` and
 `teacher_samples`, so curves can be drawn against samples as well as steps.
@@ -17,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,6 +89,26 @@ def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> flo
         progress = (step - warmup) / max(1, total - warmup)
         return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
     return base
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's global generator states (CPU and each CUDA device), saved with a resumable checkpoint.
+
+    Why: problems and sampling use generators derived from (seed, step), but some randomness draws from the
+    global generator (LoRA dropout masks). Without its state, a resumed stage would draw different masks from
+    the uninterrupted run at every step after the checkpoint.
+    """
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng_state(state: dict[str, Any] | None) -> None:
+    """Put back what `rng_state` saved; a checkpoint from before it was saved (None) leaves the seeding as is."""
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:
@@ -185,6 +208,7 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         totals.update(state.get("totals", {}))
+        restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
     log = MetricsLog(ctx.stage_dir / METRICS, start)
     t0 = time.time()
     try:
@@ -213,7 +237,8 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
             if done % s.checkpoint_every == 0 and done < s.steps:
                 path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
                 save_checkpoint(path, model, ctx.tokenizer, lineage(ctx, done, {}),
-                                trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals)})
+                                trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals),
+                                               "rng": rng_state()})
                 for old in sorted((ctx.stage_dir / CHECKPOINTS).glob("step-*"))[:-1]:
                     shutil.rmtree(old, ignore_errors=True)
             keep = getattr(s, "keep_every", 0)
