@@ -24,8 +24,12 @@ def _peft():
     return peft
 
 
-def apply_lora(model, settings) -> torch.nn.Module:
-    """Wrap `model` with fresh LoRA adapters (`settings`: r, alpha, dropout, target_modules); base frozen."""
+def apply_lora(model, settings, adapter_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Wrap `model` with fresh LoRA adapters (`settings`: r, alpha, dropout, target_modules); base frozen.
+
+    The adapters are created in `adapter_dtype` (default: the base model's dtype), so a bfloat16 base can carry
+    float32 adapters whose small updates do not round away.
+    """
     peft = _peft()
     config = peft.LoraConfig(
         r=settings.r,
@@ -35,7 +39,12 @@ def apply_lora(model, settings) -> torch.nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, config)
+    wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+    if adapter_dtype is not None:
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(adapter_dtype)
+    return wrapped
 
 
 def is_lora(model) -> bool:

@@ -1,11 +1,20 @@
-"""Where a stage's models live and in which precision: `device` and `dtype` of the recipe (or the stage).
+"""Where a stage's models live and in which precision: `device`, `dtype` and `master_weights` of the recipe (or
+the stage).
 
 auto device: CUDA when torch sees one, else CPU. auto dtype: bfloat16 on a CUDA device that supports it (the
-usual precision of the released checkpoints, half the memory), else float32 (CPU bf16 matmuls are slow, and the
-tiny models' tests compare exact float32 numbers).
+usual precision of the released checkpoints, half the memory), else float32 (the tiny models' tests compare
+exact float32 numbers).
+
+`dtype` is the compute precision. The weights a stage trains (and AdamW's state) stay in float32 by default
+(`master_weights: float32`) and the step runs under autocast: a bfloat16 weight has 8 bits of mantissa, so an
+update smaller than about 1/256 of the weight rounds away, and at the learning rates real models use (1e-6 on a
+weight of 0.02) almost every update would (`tests/test_precision.py`). Frozen models (teachers, the base of a
+LoRA model, evaluation) hold `dtype` itself.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -31,3 +40,16 @@ def stage_placement(stage, recipe) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of a stage: its own `device`/`dtype` when set, else the recipe's."""
     device = resolve_device(getattr(stage, "device", None) or recipe.device)
     return device, resolve_dtype(getattr(stage, "dtype", None) or recipe.dtype, device)
+
+
+def master_dtype(stage, recipe, compute: torch.dtype) -> torch.dtype:
+    """The precision of the weights a stage trains: float32, or the compute dtype with `master_weights: same`."""
+    mode = getattr(stage, "master_weights", None) or recipe.master_weights
+    return torch.float32 if mode == "float32" else compute
+
+
+def compute_precision(device: torch.device, compute: torch.dtype, weights: torch.dtype):
+    """Autocast to the compute dtype when the trained weights are kept wider; otherwise nothing to do."""
+    if weights == compute:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute)

@@ -55,12 +55,13 @@ def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
 
 
 def _real_model_identity(recipe, settings: dict) -> dict:
-    """Identity entries of the real-model settings (data domains, prompt rendering, precision, LoRA).
+    """Identity entries of the real-model settings (data domains, prompt rendering, precision, master weights,
+    LoRA).
 
     Only what differs from the defaults is added, and `device` never is (where a stage runs does not define it),
     so recipes that use none of these keep the identities their finished stages were saved under.
     """
-    for key in ("dtype", "lora", "device"):
+    for key in ("dtype", "master_weights", "lora", "device"):
         if settings.get(key) is None or key == "device":
             settings.pop(key, None)
     extra: dict = {}
@@ -70,6 +71,8 @@ def _real_model_identity(recipe, settings: dict) -> dict:
                  "dtype": recipe.dtype}
     if rendering != {"chat_template": "auto", "chat_template_kwargs": {}, "dtype": "auto"}:
         extra["rendering"] = rendering
+    if recipe.master_weights != "float32":
+        extra["master_weights"] = recipe.master_weights
     return extra
 
 

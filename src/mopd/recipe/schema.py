@@ -45,6 +45,9 @@ class EvalSettings(Strict):
 
 DType = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on a CUDA device that supports it, else float32
 DeviceName = Literal["auto", "cpu", "cuda"]  # auto: cuda when available, else cpu
+# float32: trained weights and optimizer state in float32, compute in `dtype` under autocast (mixed precision);
+# same: weights kept in `dtype` too (half the memory, but AdamW updates below bfloat16's resolution vanish)
+MasterWeights = Literal["float32", "same"]
 
 
 class LoraSettings(Strict):
@@ -74,6 +77,7 @@ class TrainStage(Strict):
     checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
     eval_every: int = Field(0, ge=0, description="steps between held-out evals logged as curves; 0 = end only")
     dtype: DType | None = Field(None, description="defaults to the recipe's `dtype`")
+    master_weights: MasterWeights | None = Field(None, description="defaults to the recipe's `master_weights`")
     device: DeviceName | None = Field(None, description="defaults to the recipe's `device`")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters (needs peft); saved merged")
     keep_every: int = Field(
@@ -372,6 +376,11 @@ class Recipe(Strict):
         default_factory=dict, description="extra apply_chat_template arguments, e.g. {enable_thinking: false}"
     )
     dtype: DType = "auto"
+    master_weights: MasterWeights = Field(
+        "float32",
+        description="precision of the trained weights and optimizer state: float32 (compute in `dtype` under "
+        "autocast) or same (pure `dtype`: at bfloat16 most AdamW updates at lr 1e-6 round away)",
+    )
     device: DeviceName = "auto"
     teacher_device: Literal["auto", "cpu", "same"] = Field(
         "auto",

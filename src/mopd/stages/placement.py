@@ -2,7 +2,7 @@
 
 The stage kinds in `run.py` stay short compositions; what changes between a laptop run on tiny models and a GPU
 run on Hugging Face checkpoints is decided here, once per stage, from the recipe's `device`, `dtype`,
-`teacher_device`, `chat_template` and the stage's `lora`.
+`master_weights`, `teacher_device`, `chat_template` and the stage's `lora`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ..models.checkpoint import load_model, load_tokenizer
 from ..models.lora import apply_lora, load_adapter_into
-from ..models.placement import stage_placement
+from ..models.placement import compute_precision, master_dtype, stage_placement
 from ..models.prompting import set_prompt_format
 from ..models.tokenizer import tokenizer_fingerprint
 from ..teachers.offload import teachers_fit
@@ -29,30 +29,47 @@ def stage_tokenizer(recipe, scratch_tokenizer, init_path: str | None):
     return set_prompt_format(tok, recipe.chat_template, recipe.chat_template_kwargs)
 
 
-def placed(ctx: StageContext, model: torch.nn.Module) -> torch.nn.Module:
-    device, dtype = stage_placement(ctx.settings, ctx.recipe)
-    return model.to(device=device, dtype=dtype)
+def placed(ctx: StageContext, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`model` on the stage's device, in `dtype` (default: the stage's compute dtype)."""
+    device, compute = stage_placement(ctx.settings, ctx.recipe)
+    return model.to(device=device, dtype=dtype or compute)
 
 
-def load_placed(ctx: StageContext, path: str | Path) -> torch.nn.Module:
-    """A checkpoint loaded directly in the stage's precision (no float32 copy of a large model), on its device."""
-    _, dtype = stage_placement(ctx.settings, ctx.recipe)
-    return placed(ctx, load_model(path, dtype=dtype))
+def load_placed(ctx: StageContext, path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A checkpoint loaded directly in `dtype` (default: the stage's compute dtype; no float32 copy of a large
+    model), on the stage's device."""
+    _, compute = stage_placement(ctx.settings, ctx.recipe)
+    return placed(ctx, load_model(path, dtype=dtype or compute), dtype)
+
+
+def weights_dtype(ctx: StageContext) -> torch.dtype:
+    """The precision of the weights the stage trains (`master_weights`; see models/placement.py)."""
+    _, compute = stage_placement(ctx.settings, ctx.recipe)
+    return master_dtype(ctx.settings, ctx.recipe, compute)
+
+
+def training_precision(ctx: StageContext):
+    """The context a stage's forward passes run in: autocast to `dtype` when the trained weights are wider."""
+    device, compute = stage_placement(ctx.settings, ctx.recipe)
+    return compute_precision(device, compute, weights_dtype(ctx))
 
 
 def trainable_model(
-    ctx: StageContext, model_factory: Callable[[], torch.nn.Module], resume_from: Path | None
+    ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Module], resume_from: Path | None
 ) -> torch.nn.Module:
     """The model a stage trains: resumed from its last checkpoint, else new; with `lora`, adapters on top.
 
+    `model_factory(dtype)` builds or loads the starting model in `dtype`. Fully trained weights are held in
+    `weights_dtype`; a LoRA model's frozen base holds the compute dtype and only its adapters are wide.
     A LoRA stage resumes as (starting model + saved adapter), not from the merged weights, so the adapter and
     its optimizer state continue exactly (see models/lora.py).
     """
+    weights = weights_dtype(ctx)
     lora = getattr(ctx.settings, "lora", None)
     if lora is None:
-        model = load_placed(ctx, resume_from) if resume_from else placed(ctx, model_factory())
-        return model
-    model = apply_lora(placed(ctx, model_factory()), lora)
+        return load_placed(ctx, resume_from, weights) if resume_from else placed(ctx, model_factory(weights), weights)
+    _, compute = stage_placement(ctx.settings, ctx.recipe)
+    model = apply_lora(placed(ctx, model_factory(compute)), lora, adapter_dtype=weights)
     if resume_from:
         load_adapter_into(model, resume_from)
     return model

@@ -7,6 +7,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from ..learner.step import PolicySettings, policy_loss, supervised_loss
 from ..models.checkpoint import load_tokenizer, write_json_atomic
 from ..models.tiny import build_tiny_model
@@ -43,11 +45,11 @@ def _policy_settings(s: RLVRStage | MOPDStage | CascadeRLStage) -> PolicySetting
     )
 
 
-def _init_model(ctx: StageContext):
+def _init_model(ctx: StageContext, dtype: torch.dtype):
     s = ctx.settings
     if isinstance(s, PretrainStage) and s.model is not None:
         return build_tiny_model(s.model, len(ctx.tokenizer), ctx.tokenizer, ctx.seed)
-    return load_placed(ctx, ctx.init_path)
+    return load_placed(ctx, ctx.init_path, dtype)
 
 
 def run_stage(ctx: StageContext) -> Path:
@@ -58,7 +60,7 @@ def run_stage(ctx: StageContext) -> Path:
     if isinstance(s, MergeStage):
         return run_merge(ctx)
     if isinstance(s, OffPolicyFTStage):
-        return train(ctx, lambda: _init_model(ctx), offpolicy_loss_fn(ctx))
+        return train(ctx, lambda dtype: _init_model(ctx, dtype), offpolicy_loss_fn(ctx))
     source = ProblemSource(ctx)
     if isinstance(s, PretrainStage | SFTStage):
         on_prompt = isinstance(s, PretrainStage)
@@ -67,7 +69,7 @@ def run_stage(ctx: StageContext) -> Path:
             problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
             return supervised_loss(model, ctx.tokenizer, problems, loss_on_prompt=on_prompt)
 
-        return train(ctx, lambda: _init_model(ctx), loss_fn)
+        return train(ctx, lambda dtype: _init_model(ctx, dtype), loss_fn)
 
     # rlvr, mix_rl (rlvr on every domain), cascade_rl (rlvr on the step's domain) and mopd share one step
     settings = _policy_settings(s)
@@ -92,7 +94,7 @@ def run_stage(ctx: StageContext) -> Path:
                                     step_panel, sampler=rollouts())
         return loss, {**metrics, "samples/student": len(problems) * s.group_size}
 
-    return train(ctx, lambda: _init_model(ctx), policy_fn)
+    return train(ctx, lambda dtype: _init_model(ctx, dtype), policy_fn)
 
 
 def _preflight(ctx: StageContext, teachers: dict, source: ProblemSource) -> None:

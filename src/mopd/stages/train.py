@@ -32,7 +32,7 @@ from ..models.checkpoint import (
     save_checkpoint,
 )
 from .context import StageContext
-from .placement import trainable_model, trainable_parameters
+from .placement import trainable_model, trainable_parameters, training_precision
 from .schedules import curriculum_levels
 
 CHECKPOINTS = "checkpoints"
@@ -192,9 +192,13 @@ def lineage(ctx: StageContext, step: int, metrics: dict) -> dict:
     }
 
 
-def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
+def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Module],
           loss_fn: Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]) -> Path:
-    """Run (or resume) the stage's steps and write its final checkpoint; returns the final checkpoint path."""
+    """Run (or resume) the stage's steps and write its final checkpoint; returns the final checkpoint path.
+
+    Forward passes (rollouts, loss, evals) run in `training_precision`: autocast to the stage's `dtype` when the
+    trained weights are kept in float32; backward and the optimizer step run outside it, on the wide weights.
+    """
     s = ctx.settings
     torch.manual_seed(ctx.seed)
     resume_from = latest_checkpoint(ctx.stage_dir)
@@ -216,7 +220,8 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
             lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, metrics = loss_fn(model, step)
+            with training_precision(ctx):
+                loss, metrics = loss_fn(model, step)
             if loss.requires_grad:  # a batch with no learning signal (e.g. all-equal GRPO groups) skips the update
                 loss.backward()
                 if s.grad_clip:
@@ -229,7 +234,9 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
             record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics, **totals}
             if s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 model.eval()
-                record.update({f"eval/{d}": v["score"] for d, v in eval_metrics(ctx, model).items()})
+                with training_precision(ctx):
+                    scores = eval_metrics(ctx, model)
+                record.update({f"eval/{d}": v["score"] for d, v in scores.items()})
                 model.train()
             log.write(record)
             if ctx.on_progress:
@@ -247,7 +254,8 @@ def train(ctx: StageContext, model_factory: Callable[[], torch.nn.Module],
                 save_checkpoint(snapshot_path(ctx.stage_dir, done), model, ctx.tokenizer,
                                 lineage(ctx, done, dict(totals)))
         model.eval()
-        final_eval = eval_metrics(ctx, model)
+        with training_precision(ctx):
+            final_eval = eval_metrics(ctx, model)
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()
