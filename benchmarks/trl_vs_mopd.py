@@ -13,6 +13,13 @@ grad-norm clip 1.0) in float32 on the CPU with the same number of torch threads.
   samples), generation by `transformers.generate`; gradient checkpointing, bf16, logging, eval and saving off.
 - `mopd-full`: mopd's `objective: full_reverse_kl` — the same loss as TRL's beta = 1.
 - `mopd`: mopd's default `objective: sampled` (the per-token reverse-KL advantage of MOPD, one teacher).
+- `trl-bf16` / `mopd-full-bf16`: the same two with bfloat16 mixed precision, float32 master weights on both
+  sides (TRL `bf16=True`, which autocasts; mopd `dtype: bfloat16`, which autocasts the student, holds the
+  frozen teacher in bfloat16 and trains with eager attention on CPU, as a mopd stage does). Optional
+  (`--tools`): bfloat16 pays off only on CPUs with AMX / AVX512-BF16.
+- `trl-bf16-eager`: `trl-bf16` with both models loaded with `attn_implementation="eager"`, the choice mopd makes
+  for itself, so that what it buys is not credited to mopd alone.
+- `trl-default`: TRL's own defaults for these two switches (`bf16=True`, `gradient_checkpointing=True`).
 
 Each run of a tool is a fresh subprocess (so each has its own peak RSS): `--warmup` untimed steps, then
 `--steps` timed ones; a run's completions/s is 64 x steps / their wall time. Runs alternate between the tools
@@ -37,9 +44,11 @@ RESULTS = HERE / "results.json"
 BATCH = 64
 COMPLETION_TOKENS = 8
 TOOLS = ("trl", "mopd-full", "mopd")
+EXTRA_TOOLS = ("trl-bf16", "mopd-full-bf16", "trl-bf16-eager", "trl-default")
 
 
-def _worker_trl(models: Path, run: int, warmup: int, steps: int) -> list[float]:
+def _worker_trl(models: Path, run: int, warmup: int, steps: int, bf16: bool = False,
+                checkpointing: bool = False, attention: str = "sdpa") -> list[float]:
     """Train with TRL's DistillationTrainer; a callback times each optimizer step (generation included)."""
     import _common
     from datasets import Dataset
@@ -47,8 +56,8 @@ def _worker_trl(models: Path, run: int, warmup: int, steps: int) -> list[float]:
     from trl import DistillationConfig, DistillationTrainer
 
     tok = PreTrainedTokenizerFast.from_pretrained(models / "tokenizer")
-    student = AutoModelForCausalLM.from_pretrained(models / "student", dtype="float32")
-    teacher = AutoModelForCausalLM.from_pretrained(models / "teacher0", dtype="float32")
+    student = AutoModelForCausalLM.from_pretrained(models / "student", dtype="float32", attn_implementation=attention)
+    teacher = AutoModelForCausalLM.from_pretrained(models / "teacher0", dtype="float32", attn_implementation=attention)
     prompts = [f"{tok.bos_token}{p.prompt}" for p in _common.problems(BATCH * (warmup + steps), seed=run)]
     times: list[float] = []
 
@@ -64,8 +73,8 @@ def _worker_trl(models: Path, run: int, warmup: int, steps: int) -> list[float]:
             output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
             max_steps=warmup + steps, max_completion_length=COMPLETION_TOKENS, temperature=1.0, top_p=1.0,
             top_k=0, beta=1.0, learning_rate=_common.LR, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0, bf16=False, fp16=False,
-            gradient_checkpointing=False, use_cpu=True, shuffle_dataset=False, dataloader_num_workers=0,
+            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0, bf16=bf16, fp16=False,
+            gradient_checkpointing=checkpointing, use_cpu=True, shuffle_dataset=False, dataloader_num_workers=0,
             logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
             disable_tqdm=True, seed=run,
         )
@@ -76,21 +85,30 @@ def _worker_trl(models: Path, run: int, warmup: int, steps: int) -> list[float]:
     return times[warmup:]
 
 
-def _worker_mopd(models: Path, run: int, warmup: int, steps: int, objective: str) -> list[float]:
-    """Train with mopd's real step (policy_loss with a one-teacher panel, backward, clip, AdamW)."""
+def _worker_mopd(models: Path, run: int, warmup: int, steps: int, objective: str, bf16: bool = False) -> list[float]:
+    """Train with mopd's real step (policy_loss with a one-teacher panel, backward, clip, AdamW); with `bf16`, in
+    mopd's mixed precision: float32 student weights stepped under autocast, the frozen teacher in bfloat16."""
     import _common
+    import torch
 
     from mopd.models.checkpoint import load_model
+    from mopd.models.placement import compute_precision, training_attention
     from mopd.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer(_common.ALPHABET)
-    student, teacher = load_model(models / "student"), load_model(models / "teacher0")
+    compute = torch.bfloat16 if bf16 else torch.float32
+    student, teacher = load_model(models / "student"), load_model(models / "teacher0", dtype=compute)
+    training_attention(student, torch.device("cpu"), compute)  # what a mopd stage does with `dtype: bfloat16`
     step = _common.mopd_step_fn(student, {"teacher0": teacher}, tok,
                                 _common.mopd_settings(COMPLETION_TOKENS, objective),
                                 {d: "teacher0" for d in _common.DOMAINS})
     batch = _common.problems(BATCH * (warmup + steps), seed=run)
-    times = [_common.timed(lambda i=i: step(batch[i * BATCH : (i + 1) * BATCH], run * 1000 + i))
-             for i in range(warmup + steps)]
+
+    def one(i: int) -> None:
+        with compute_precision(torch.device("cpu"), compute, torch.float32):
+            step(batch[i * BATCH : (i + 1) * BATCH], run * 1000 + i)
+
+    times = [_common.timed(lambda i=i: one(i)) for i in range(warmup + steps)]
     return times[warmup:]
 
 
@@ -100,11 +118,14 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.run)
-    if args.worker == "trl":
-        times = _worker_trl(args.models, args.run, args.warmup, args.steps)
+    if args.worker.startswith("trl"):
+        times = _worker_trl(args.models, args.run, args.warmup, args.steps, bf16=args.worker != "trl",
+                            checkpointing=args.worker == "trl-default",
+                            attention="eager" if args.worker.endswith("-eager") else "sdpa")
     else:
-        objective = "full_reverse_kl" if args.worker == "mopd-full" else "sampled"
-        times = _worker_mopd(args.models, args.run, args.warmup, args.steps, objective)
+        objective = "full_reverse_kl" if args.worker.startswith("mopd-full") else "sampled"
+        times = _worker_mopd(args.models, args.run, args.warmup, args.steps, objective,
+                             bf16=args.worker.endswith("-bf16"))
     print(json.dumps({
         "tool": args.worker, "run": args.run, "step_seconds": [round(t, 4) for t in times],
         "completions_per_s": BATCH * len(times) / sum(times),
@@ -135,8 +156,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for every tool")
-    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
-    ap.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS + EXTRA_TOOLS)
+    ap.add_argument("--key", help="results.json key (default: trl_vs_mopd, or trl_vs_mopd/threads=N)")
+    ap.add_argument("--worker", choices=TOOLS + EXTRA_TOOLS, help=argparse.SUPPRESS)
     ap.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -160,10 +182,11 @@ def main() -> None:
     summary = {t: {"completions_per_s": round(_common.median([x["completions_per_s"] for x in rs]), 1),
                    "peak_rss_mib": round(_common.median([x["peak_rss_mib"] for x in rs]), 1)}
                for t, rs in runs.items()}
-    if "trl" in summary:
-        base = summary["trl"]["completions_per_s"]
-        for t in summary:
-            summary[t]["speedup_vs_trl"] = round(summary[t]["completions_per_s"] / base, 2)
+    for ref in ("trl", "trl-bf16", "trl-default"):
+        if ref in summary:
+            base = summary[ref]["completions_per_s"]
+            for t in summary:
+                summary[t][f"speedup_vs_{ref}"] = round(summary[t]["completions_per_s"] / base, 2)
     import torch
 
     result = {
@@ -172,12 +195,14 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "trl": _version("trl"), "mopd": _version("mopd")},
         "settings": {"batch": BATCH, "completion_tokens": COMPLETION_TOKENS, "runs": args.runs,
                      "timed_steps_per_run": args.steps, "warmup_steps_per_run": args.warmup,
-                     "threads": args.threads, "dtype": "float32"},
+                     "threads": args.threads,
+                     "dtype": "bfloat16 mixed precision for *-bf16 and trl-default, else float32"},
         "median": summary,
         "runs": runs,
     }
     print(json.dumps(result["median"], indent=2))
-    update_results("trl_vs_mopd" if args.threads == 1 else f"trl_vs_mopd/threads={args.threads}", result)
+    key = args.key or ("trl_vs_mopd" if args.threads == 1 else f"trl_vs_mopd/threads={args.threads}")
+    update_results(key, result)
 
 
 def _version(package: str) -> str:

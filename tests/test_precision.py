@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from mopd.models.placement import compute_precision, master_dtype
+from mopd.models.placement import compute_precision, master_dtype, training_attention
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import load_recipe
@@ -98,6 +98,16 @@ def test_compute_precision_autocasts_only_when_weights_are_wider() -> None:
     assert master_dtype(Stage(), RecipeStub(), torch.bfloat16) == torch.float32
     Stage.master_weights = "same"
     assert master_dtype(Stage(), RecipeStub(), torch.bfloat16) == torch.bfloat16
+
+
+def test_bfloat16_training_on_cpu_uses_eager_attention_and_other_placements_keep_sdpa() -> None:
+    tok = build_char_tokenizer("0123456789+=")
+    cfg = TinyModelConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
+    cpu = torch.device("cpu")
+    fast = training_attention(build_tiny_model(cfg, len(tok), tok, seed=0), cpu, torch.bfloat16)
+    kept = training_attention(build_tiny_model(cfg, len(tok), tok, seed=0), cpu, torch.float32)
+    assert fast.config._attn_implementation == "eager"
+    assert kept.config._attn_implementation == "sdpa"
 
 
 def test_lora_on_a_bfloat16_base_trains_float32_adapters() -> None:

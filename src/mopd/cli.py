@@ -18,6 +18,18 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core). Use 1 per process when several "
+                "recipes share a few cores: their OpenMP threads otherwise wait on each other. Results are "
+                "reproducible for a given thread count")
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def bundled_recipe(name: str) -> Path:
     return Path(str(resources.files("mopd") / "recipes" / f"{name}.yaml"))
 
@@ -47,14 +59,20 @@ def _run(recipe: Path, out: Path | None) -> None:
 def run(
     recipe: Path = typer.Argument(..., help="the recipe YAML file"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
+    _threads(threads)
     _run(recipe, out)
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory")) -> None:
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+) -> None:
     """The bundled demo: tiny base -> SFT -> one RL teacher per domain -> MOPD student, on this CPU."""
+    _threads(threads)
     _run(bundled_recipe("demo"), out)
 
 
@@ -62,6 +80,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run director
 def compare(
     recipe: Path = typer.Argument(..., help="a recipe with a `compare:` block (bundled: compare)"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods."""
@@ -76,6 +95,7 @@ def compare(
         _fail(str(e))
     if loaded.recipe.compare is None:
         _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
+    _threads(threads)
     from .recipe.runner import run_recipe
     from .report.compare import build_compare
 

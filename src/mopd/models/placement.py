@@ -53,3 +53,15 @@ def compute_precision(device: torch.device, compute: torch.dtype, weights: torch
     if weights == compute:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=compute)
+
+
+def training_attention(model: torch.nn.Module, device: torch.device, compute: torch.dtype) -> torch.nn.Module:
+    """Eager attention for a model that trains on CPU in bfloat16; any other model keeps its own choice.
+
+    Why: torch's CPU flash-attention (`sdpa`) backward in bfloat16 is an order of magnitude slower than in
+    float32, enough to cancel what bfloat16 matrix multiplies gain; eager attention made the bfloat16 mixed-
+    precision MOPD step 1.4x faster than with `sdpa` (`benchmarks/precision_levers.py`, docs/BENCHMARKS.md).
+    """
+    if device.type == "cpu" and compute == torch.bfloat16 and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    return model

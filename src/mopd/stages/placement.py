@@ -14,7 +14,7 @@ import torch
 
 from ..models.checkpoint import load_model, load_tokenizer
 from ..models.lora import apply_lora, load_adapter_into
-from ..models.placement import compute_precision, master_dtype, stage_placement
+from ..models.placement import compute_precision, master_dtype, stage_placement, training_attention
 from ..models.prompting import set_prompt_format
 from ..models.tokenizer import tokenizer_fingerprint
 from ..teachers.offload import teachers_fit
@@ -65,11 +65,13 @@ def trainable_model(
     its optimizer state continue exactly (see models/lora.py).
     """
     weights = weights_dtype(ctx)
+    device, compute = stage_placement(ctx.settings, ctx.recipe)
     lora = getattr(ctx.settings, "lora", None)
     if lora is None:
-        return load_placed(ctx, resume_from, weights) if resume_from else placed(ctx, model_factory(weights), weights)
-    _, compute = stage_placement(ctx.settings, ctx.recipe)
-    model = apply_lora(placed(ctx, model_factory(compute)), lora, adapter_dtype=weights)
+        model = load_placed(ctx, resume_from, weights) if resume_from else placed(ctx, model_factory(weights), weights)
+        return training_attention(model, device, compute)
+    base = training_attention(placed(ctx, model_factory(compute)), device, compute)
+    model = apply_lora(base, lora, adapter_dtype=weights)
     if resume_from:
         load_adapter_into(model, resume_from)
     return model
