@@ -222,6 +222,26 @@ def test_offloaded_teachers_score_exactly_like_resident_ones() -> None:
     assert all(next(m.parameters()).device.type == "cpu" for m in teachers.values())  # moved back home
 
 
+def test_offload_memory_benchmark_runs_its_steps_on_cpu(monkeypatch) -> None:
+    """benchmarks/offload_memory.py measures the GPU memory bound of issue 6 the first time a GPU is lent; here
+    its worker takes real offloaded and resident MOPD steps at the tiny shape, so it is known to run."""
+    import importlib
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    offload_memory = importlib.import_module("offload_memory")
+    try:
+        runs = {m: offload_memory.worker(m, "tiny", teachers=3, batch=3, new_tokens=4, steps=1)
+                for m in ("offloaded", "one-teacher")}
+    finally:
+        sys.modules.pop("offload_memory", None)
+    assert runs["offloaded"]["teachers"] == 3 and runs["one-teacher"]["teachers"] == 1
+    assert runs["offloaded"]["student_mib"] == runs["one-teacher"]["student_mib"] > 0
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert all(r["device"].startswith(expected) for r in runs.values())
+
+
 # ------------------------------------------------------------------------------------------------- LoRA
 
 
