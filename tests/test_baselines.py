@@ -165,6 +165,52 @@ def test_verified_only_keeps_exactly_the_traces_at_or_above_threshold(run: Path,
     assert metrics["offpolicy/teacher_reward"] == pytest.approx(sum(reward_of.values()) / 12)
 
 
+# ---------------------------------------------------------------------------------------------- placement
+
+
+def _ctx(run: Path, stage: str, stage_dir: Path, **recipe_keys: str):
+    from mopd.stages.context import StageContext
+
+    loaded = load_recipe(run / "recipe.yaml").recipe.model_copy(update=recipe_keys)
+    return StageContext(name=stage, settings=loaded.stages[stage], recipe=loaded, stage_dir=stage_dir, identity="x",
+                        seed=0, tokenizer=load_tokenizer(run / "sft" / "final"), init_path=None,
+                        model_refs={s: str(run / s / "final") for s in ("sft", "teacher_rev", "teacher_sort")})
+
+
+def test_offpolicy_teachers_are_placed_in_the_stage_precision(run: Path, monkeypatch) -> None:
+    """Off-policy teachers are frozen models like MOPD's: on the stage's device in its compute dtype (they were
+    loaded in float32 on the host whatever the recipe said, so a GPU run sampled its teachers on the CPU)."""
+    seen = {}
+
+    def record(problems, s, teachers, generator):
+        seen.update({name: next(model.parameters()).dtype for name, (model, _) in teachers.items()})
+        return [], {}
+
+    monkeypatch.setattr(baselines, "teacher_traces", record)
+    loss_fn = baselines.offpolicy_loss_fn(_ctx(run, "offpolicy", run / "unused", dtype="bfloat16"))
+    loss, _ = loss_fn(None, 0)
+    assert seen == {"teacher_rev": torch.bfloat16, "teacher_sort": torch.bfloat16} and not loss.requires_grad
+
+
+def test_merge_evaluates_in_the_stage_precision_and_saves_float32(run: Path, tmp_path: Path, monkeypatch) -> None:
+    """The merged model is scored as a trained stage is (autocast to `dtype` over float32 weights on the stage's
+    device), and its checkpoint is the exact float32 merge."""
+    from mopd.stages import merge
+
+    seen = {}
+
+    def record(ctx, model):
+        seen.update(autocast=torch.is_autocast_enabled("cpu"), compute=torch.get_autocast_dtype("cpu"),
+                    weights=next(model.parameters()).dtype)
+        return {}
+
+    monkeypatch.setattr(merge, "eval_metrics", record)
+    out = merge.run_merge(_ctx(run, "merge_avg", tmp_path, dtype="bfloat16"))
+    assert seen == {"autocast": True, "compute": torch.bfloat16, "weights": torch.float32}
+    got, want = _params(out), _params(run / "merge_avg" / "final")
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k]) for k in want)
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 

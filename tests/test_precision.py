@@ -129,3 +129,31 @@ def test_lora_on_a_bfloat16_base_trains_float32_adapters() -> None:
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
     merged = merged_copy(model)
     assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+
+
+def test_placing_a_model_in_bfloat16_keeps_its_float32_rope_frequencies(tmp_path: Path) -> None:
+    """`load_placed` in bfloat16 must give the model `from_pretrained(dtype=bfloat16)` gives (the teachers' and any
+    inference stack's): transformers keeps RoPE's `inv_freq` in float32, and a blanket `.to(bfloat16)` rounded it,
+    shifting every rotary angle; the logits of a long row then differ."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from mopd.stages.placement import load_placed, placed
+
+    tok = build_char_tokenizer("0123456789+=")
+    cfg = TinyModelConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, max_positions=256)
+    build_tiny_model(cfg, len(tok), tok, seed=0).save_pretrained(tmp_path)
+    where = SimpleNamespace(device="cpu", dtype="bfloat16")
+    ctx = SimpleNamespace(settings=where, recipe=where)
+    model = load_placed(ctx, tmp_path).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.tensor([[int(i) % len(tok) for i in range(4, 204)]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    # a model built in float32 and placed in bfloat16 (a from-scratch or LoRA base) keeps them too
+    built = placed(ctx, build_tiny_model(cfg, len(tok), tok, seed=0))
+    assert built.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in built.parameters())

@@ -207,6 +207,17 @@ def test_auto_placement_on_cpu_is_float32() -> None:
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
+def test_auto_dtype_is_bfloat16_only_where_the_gpu_has_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pre-Ampere GPU (V100, T4) only emulates bfloat16: torch's default check says yes there, `auto` says
+    float32."""
+    native = {"yes": False}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native["yes"] or including_emulation)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    native["yes"] = True
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
 def test_offloaded_teachers_score_exactly_like_resident_ones() -> None:
     tok = build_char_tokenizer("0123456789+=")
     teachers = {"a": _tiny(tok, 1).eval(), "b": _tiny(tok, 2).eval()}
@@ -305,6 +316,58 @@ def test_vllm_outputs_pack_into_the_samplers_batch_layout() -> None:
     for field in ("input_ids_B_T", "attention_mask_B_T", "completion_mask_B_T", "sampler_logprobs_B_T"):
         assert torch.equal(getattr(packed, field), getattr(ref, field)), field
     assert packed.completions == ref.completions and packed.domains == ref.domains
+
+
+def test_vllm_engine_runs_outside_the_trainers_autocast_and_resets_its_prefix_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The in-process engine runs in the trainer's thread, inside the stage's bfloat16 autocast: it must be built,
+    synced and run with CUDA autocast off, and must not reuse prompt KV cached under the previous weights. A fake
+    `vllm` module records what the engine saw (CUDA autocast is a thread-local flag, settable without a GPU)."""
+    import sys
+    import types
+
+    from mopd.sampling.vllm_backend import VLLMSampler
+
+    seen: list[tuple[str, bool]] = []
+    autocast = lambda: torch.is_autocast_enabled("cuda")  # noqa: E731
+
+    class Runner:
+        class model:  # noqa: N801
+            @staticmethod
+            def load_weights(weights):
+                seen.append(("load_weights", autocast()))
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen.append(("init", autocast()))
+
+        def collective_rpc(self, fn, args):
+            fn(types.SimpleNamespace(model_runner=Runner), *args)
+
+        def reset_prefix_cache(self):
+            seen.append(("reset_prefix_cache", autocast()))
+
+        def generate(self, requests, params, use_tqdm=False):
+            seen.append(("generate", autocast()))
+            step = {5: types.SimpleNamespace(logprob=-0.5)}
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[5], logprobs=[step])])
+                    for _ in requests]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    tok = build_char_tokenizer("0123456789+=")
+    torch.set_autocast_enabled("cuda", True)  # what `training_precision` holds around a step on a GPU
+    try:
+        sampler = VLLMSampler("unused", tok, dtype=torch.bfloat16, memory_fraction=0.3, seed=0)
+        batch = sampler(_tiny(tok), tok, ["1+2=", "3+4="], max_new_tokens=2, generator=torch.Generator())
+        still_on = autocast()
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+    assert still_on  # the trainer's own autocast is back after the call
+    assert seen == [("init", False), ("load_weights", False), ("reset_prefix_cache", False), ("generate", False)]
+    assert batch.sampler_logprobs_B_T[:, -1].tolist() == [-0.5, -0.5]
 
 
 # --------------------------------------------------------------------------------------------- end to end

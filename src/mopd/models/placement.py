@@ -31,7 +31,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name in (None, "auto"):
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # native bfloat16 only: by default torch also reports True on a pre-Ampere GPU (V100, T4) that merely
+        # emulates it, slowly, and where vLLM refuses bfloat16
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if bf16 else torch.float32
     return _DTYPES[name]
 

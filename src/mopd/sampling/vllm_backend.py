@@ -13,7 +13,11 @@ Departures and assumptions, stated because they are unverified here:
   supported, which is requested and silently skipped on older versions (then the importance-sampling correction
   sees slightly different behaviour logprobs at temperature != 1);
 * randomness: each request gets a seed drawn from the step's generator, so a run is repeatable in (seed, step)
-  on the same machine, but not token-identical to the PyTorch sampler.
+  on the same machine, but not token-identical to the PyTorch sampler;
+* the in-process engine runs in the trainer's thread, where the stage's forward passes hold `torch.autocast`
+  (mixed precision): the engine is built, synced and run with autocast off (`_outside_autocast`), and its prefix
+  cache is reset after every weight sync, since cached prompt KV computed with the previous weights would
+  otherwise be reused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ from ..models.prompting import prompt_token_ids
 from .sampler import encode_prompts
 
 
+def _outside_autocast():
+    """CUDA autocast off for the block. Why: the engine picks its own precision for every kernel, including its
+    start-up profiling, compilation and CUDA-graph capture, and none of it expects an enclosing autocast; and the
+    LoRA merge of a weight sync under bfloat16 autocast multiplies the float32 adapters in bfloat16, so the
+    engine would get other weights than the saved (merged outside autocast) checkpoint."""
+    return torch.autocast(device_type="cuda", enabled=False)
+
+
 class VLLMSampler:
     def __init__(self, model_path: str, tokenizer, *, dtype: torch.dtype, memory_fraction: float, seed: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync in memory
@@ -40,24 +52,28 @@ class VLLMSampler:
             seed=seed,
             enable_prefix_caching=True,
         )
-        try:
-            self.llm = LLM(**kwargs, logprobs_mode="processed_logprobs")
-        except TypeError:  # older vLLM: no logprobs_mode (see the module docstring)
-            self.llm = LLM(**kwargs)
+        with _outside_autocast():  # built lazily, inside the first step's autocast
+            try:
+                self.llm = LLM(**kwargs, logprobs_mode="processed_logprobs")
+            except TypeError:  # older vLLM: no logprobs_mode (see the module docstring)
+                self.llm = LLM(**kwargs)
         self.tokenizer = tokenizer
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Copy the student's current weights into the engine (LoRA adapters merged first)."""
-        source = merged_copy(model) if is_lora(model) else model
-        weights = [(name, p.detach()) for name, p in source.state_dict().items()]
+        """Copy the student's current weights into the engine (LoRA adapters merged first), then drop the
+        engine's prefix cache: its prompt KV was computed with the previous weights."""
+        with _outside_autocast():
+            source = merged_copy(model) if is_lora(model) else model
+            weights = [(name, p.detach()) for name, p in source.state_dict().items()]
 
-        def load(worker, named):  # runs inside the (in-process) vLLM worker
-            worker.model_runner.model.load_weights(weights=named)
+            def load(worker, named):  # runs inside the (in-process) vLLM worker
+                worker.model_runner.model.load_weights(weights=named)
 
-        try:
-            self.llm.collective_rpc(load, args=(weights,))
-        except (AttributeError, TypeError):  # older engines expose the model directly
-            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+            try:
+                self.llm.collective_rpc(load, args=(weights,))
+            except (AttributeError, TypeError):  # older engines expose the model directly
+                self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+            self.llm.reset_prefix_cache()
 
     @torch.no_grad()
     def __call__(
@@ -87,7 +103,8 @@ class VLLMSampler:
             )
             for s in seeds
         ]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with _outside_autocast():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         rows: list[list[int]] = []
         lps: list[list[float]] = []

@@ -15,10 +15,11 @@ import torch
 
 from ..envs import Problem, get_domain
 from ..learner.step import supervised_loss
-from ..models.checkpoint import load_model, load_tokenizer
+from ..models.checkpoint import load_tokenizer
 from ..recipe.schema import CascadeRLStage, OffPolicyFTStage
 from ..sampling.sampler import sample
 from .context import StageContext
+from .placement import load_placed
 from .train import ProblemSource, step_generator, step_rng
 
 LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
@@ -58,7 +59,8 @@ def offpolicy_loss_fn(ctx: StageContext) -> LossFn:
     names = sorted(set(s.teachers.values()))
     teachers = {}
     for t in names:
-        model = load_model(ctx.model_refs[t])
+        # frozen: on the stage's device in its compute dtype, like MOPD teachers (not float32 on the host)
+        model = load_placed(ctx, ctx.model_refs[t])
         model.eval().requires_grad_(False)
         # a teacher samples with its own tokenizer: traces are text, so the student's vocabulary may differ
         teachers[t] = (model, load_tokenizer(ctx.model_refs[t]))

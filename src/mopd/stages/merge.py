@@ -3,6 +3,10 @@
 It writes what every stage writes, so reports and `init:` references treat it like any other stage: an HF
 checkpoint in `final/` with `mopd.json` lineage (eval metrics included) and a one-record metrics.jsonl
 (0 student samples: merging samples nothing).
+
+The merge itself runs on the host in float64 and the checkpoint keeps float32 weights; the merged model is then
+evaluated on the stage's device in its compute precision (autocast over the float32 weights, as a trained stage's
+final evaluation runs).
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..models.checkpoint import load_model, save_checkpoint
 from ..models.merge import merge_state_dicts
+from ..models.placement import compute_precision, stage_placement
 from ..recipe.schema import MergeStage
 from .context import StageContext
 from .train import FINAL, METRICS, eval_metrics, lineage
@@ -27,8 +34,10 @@ def run_merge(ctx: StageContext) -> Path:
     except ValueError as e:  # e.g. a shape mismatch between merged checkpoints
         raise ValueError(f"stage {ctx.name!r}: cannot merge {', '.join(s.models)}: {e}") from None
     model.load_state_dict(merged)
-    model.eval()
-    final_eval = eval_metrics(ctx, model)
+    device, compute = stage_placement(s, ctx.recipe)
+    model.to(device).eval()
+    with compute_precision(device, compute, torch.float32):
+        final_eval = eval_metrics(ctx, model)
     totals = {"samples": 0, "teacher_samples": 0}
     record = {"step": 0, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}}
     (ctx.stage_dir / METRICS).write_text(json.dumps(record, sort_keys=True) + "\n")

@@ -30,9 +30,20 @@ def stage_tokenizer(recipe, scratch_tokenizer, init_path: str | None):
 
 
 def placed(ctx: StageContext, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """`model` on the stage's device, in `dtype` (default: the stage's compute dtype)."""
+    """`model` on the stage's device, its parameters in `dtype` (default: the stage's compute dtype).
+
+    Only parameters are cast; buffers keep their dtype. Why: transformers keeps a model's RoPE frequencies
+    (`rotary_emb.inv_freq`, a non-persistent buffer) in float32 even when it loads the weights in bfloat16, and
+    a blanket `model.to(bfloat16)` rounds them to 8 bits of mantissa, which shifts every rotary angle by up to
+    ~0.4% of its value, so a model placed that way computes other logits than the same checkpoint loaded by
+    `from_pretrained(dtype=bfloat16)` (the teachers here, vLLM, any inference stack).
+    """
     device, compute = stage_placement(ctx.settings, ctx.recipe)
-    return model.to(device=device, dtype=dtype or compute)
+    model.to(device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != (dtype or compute):
+            p.data = p.data.to(dtype or compute)
+    return model
 
 
 def load_placed(ctx: StageContext, path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -79,7 +79,7 @@ def run_stage(ctx: StageContext) -> Path:
     if isinstance(s, MOPDStage):
         # resident on the student's device, or kept on CPU and moved there per scoring call (teacher_device)
         panel = teacher_panel(ctx, {t: ctx.model_refs[t] for t in sorted(set(s.teachers.values()))})
-        _preflight(ctx, dict(panel.models), source)
+        _preflight(ctx, dict(panel.models), source, panel.compute_device)
         if scheduled:
             panel = None  # the schedule loads its own teachers per phase; don't hold the final ones beside them
 
@@ -97,7 +97,9 @@ def run_stage(ctx: StageContext) -> Path:
     return train(ctx, lambda dtype: _init_model(ctx, dtype), policy_fn)
 
 
-def _preflight(ctx: StageContext, teachers: dict, source: ProblemSource) -> None:
+def _preflight(
+    ctx: StageContext, teachers: dict, source: ProblemSource, compute_device: torch.device | None = None
+) -> None:
     """Teacher-student compatibility check before the first MOPD step; its result is <stage>/preflight.json.
 
     Skipped when that file exists: a resumed stage was already checked (a stale stage directory is moved aside
@@ -123,6 +125,7 @@ def _preflight(ctx: StageContext, teachers: dict, source: ProblemSource) -> None
         seed=ctx.seed,
         exclude=source.exclude,
         warn=ctx.on_warning or logging.getLogger("mopd").warning,
+        compute_device=compute_device,  # offloaded teachers score on the student's device, as in training
     )
     del student  # training loads its own copy (or resumes)
     write_json_atomic(path, result)

@@ -25,6 +25,7 @@ from ..envs import get_domain
 from ..learner.objectives import full_reverse_kl_loss
 from ..models.forward import sequence_logits
 from ..sampling.sampler import sample
+from .offload import placed_on
 
 SPECIAL = ("bos", "eos", "pad", "unk")
 
@@ -134,6 +135,7 @@ def run_preflight(
     seed: int,
     exclude: Mapping[str, frozenset[str]],
     warn: Callable[[str], None],
+    compute_device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Check every teacher of a MOPD stage; returns the JSON-ready result (also passed through `warn`).
 
@@ -141,6 +143,8 @@ def run_preflight(
     all teachers first, so a refusal costs no sampling; then, per teacher, the student samples (with
     `tokenizer`, the one training uses) `settings.prompts` prompts of that teacher's domains and the initial
     reverse KL is measured.
+    `compute_device` is the teacher panel's: an offloaded teacher (kept in host memory) is moved there to score,
+    as in training, rather than running its forward pass on the host CPU.
     Deterministic in `seed`; it draws from its own generators, so training is unaffected.
     """
     warnings: list[str] = []
@@ -156,7 +160,8 @@ def run_preflight(
         rng = random.Random(f"mopd-preflight:{seed}:{teacher}")
         prompts = domain_prompts(routed, settings.prompts, rng, exclude)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        kl, tokens = initial_reverse_kl(student, teachers[teacher], tokenizer, prompts, settings, gen)
+        with placed_on(teachers[teacher], compute_device) as model:
+            kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen)
         flagged = kl > kl_warn
         results[teacher] = {"domains": routed, "reverse_kl": kl, "tokens": tokens, "warn": flagged}
         if flagged:
