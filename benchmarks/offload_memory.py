@@ -43,7 +43,10 @@ def build(shape: str, tokenizer, seed: int, dtype):
     torch.manual_seed(seed)
     cfg = Qwen3Config(**SHAPES[shape], tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return Qwen3ForCausalLM(cfg).to(dtype)
+    model = Qwen3ForCausalLM(cfg)
+    for p in model.parameters():  # parameters only: the float32 RoPE frequencies stay float32, as mopd places them
+        p.data = p.data.to(dtype)
+    return model
 
 
 def worker(mode: str, shape: str, teachers: int, batch: int, new_tokens: int, steps: int) -> dict:
