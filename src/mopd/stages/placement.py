@@ -8,6 +8,7 @@ run on Hugging Face checkpoints is decided here, once per stage, from the recipe
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -39,10 +40,11 @@ def placed(ctx: StageContext, model: torch.nn.Module, dtype: torch.dtype | None 
     `from_pretrained(dtype=bfloat16)` (the teachers here, vLLM, any inference stack).
     """
     device, compute = stage_placement(ctx.settings, ctx.recipe)
+    target = dtype or compute
     model.to(device)
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != (dtype or compute):
-            p.data = p.data.to(dtype or compute)
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
     return model
 
 
@@ -59,10 +61,12 @@ def weights_dtype(ctx: StageContext) -> torch.dtype:
     return master_dtype(ctx.settings, ctx.recipe, compute)
 
 
-def training_precision(ctx: StageContext):
-    """The context a stage's forward passes run in: autocast to `dtype` when the trained weights are wider."""
+def training_precision(ctx: StageContext) -> Callable[[], AbstractContextManager]:
+    """A factory of the context a stage's forward passes run in: autocast to `dtype` when the trained weights are
+    wider. Resolved once per stage, so a step only enters it."""
     device, compute = stage_placement(ctx.settings, ctx.recipe)
-    return compute_precision(device, compute, weights_dtype(ctx))
+    weights = master_dtype(ctx.settings, ctx.recipe, compute)
+    return lambda: compute_precision(device, compute, weights)
 
 
 def trainable_model(

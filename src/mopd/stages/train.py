@@ -214,13 +214,14 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
         totals.update(state.get("totals", {}))
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
     log = MetricsLog(ctx.stage_dir / METRICS, start)
+    precision = training_precision(ctx)
     t0 = time.time()
     try:
         for step in range(start, s.steps):
             lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with training_precision(ctx):
+            with precision():
                 loss, metrics = loss_fn(model, step)
             if loss.requires_grad:  # a batch with no learning signal (e.g. all-equal GRPO groups) skips the update
                 loss.backward()
@@ -234,7 +235,7 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
             record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics, **totals}
             if s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 model.eval()
-                with training_precision(ctx):
+                with precision():
                     scores = eval_metrics(ctx, model)
                 record.update({f"eval/{d}": v["score"] for d, v in scores.items()})
                 model.train()
@@ -254,7 +255,7 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
                 save_checkpoint(snapshot_path(ctx.stage_dir, done), model, ctx.tokenizer,
                                 lineage(ctx, done, dict(totals)))
         model.eval()
-        with training_precision(ctx):
+        with precision():
             final_eval = eval_metrics(ctx, model)
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
