@@ -8,6 +8,8 @@ not be comparable.
 
 from __future__ import annotations
 
+import os
+import platform
 import random
 import resource
 import statistics
@@ -22,6 +24,7 @@ from mopd.envs import ALPHABET, Problem, get_domain
 from mopd.learner.step import PolicySettings, policy_loss
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
+from mopd.runtime import keep_freed_memory
 from mopd.teachers.panel import TeacherPanel
 
 # Qwen3, character vocabulary (47 tokens): 0.79M and 2.77M parameters.
@@ -60,7 +63,9 @@ def mopd_settings(max_new_tokens: int, objective: str) -> PolicySettings:
 
 def mopd_step_fn(student, teachers: dict[str, torch.nn.Module], tokenizer, settings: PolicySettings,
                  teacher_of_domain: dict[str, str]) -> Callable[[list[Problem], int], dict[str, float]]:
-    """One training step as `stages/train.py` runs it: policy_loss, backward, grad clip 1.0, AdamW."""
+    """One training step as `stages/train.py` runs it: policy_loss, backward, grad clip 1.0, AdamW; in a process
+    with the allocator setting that the `mopd` command applies to itself (`mopd.runtime`)."""
+    keep_freed_memory()
     for t in teachers.values():
         t.eval().requires_grad_(False)
     panel = TeacherPanel(models=teachers, teacher_of_domain=teacher_of_domain)
@@ -77,6 +82,19 @@ def mopd_step_fn(student, teachers: dict[str, torch.nn.Module], tokenizer, setti
         return metrics
 
     return step
+
+
+def machine() -> str:
+    """CPU model, cores and Python: the figures differ between machines (AMX vs AVX512-BF16 bfloat16 GEMMs)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({platform.machine()}), {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -20,6 +20,9 @@ grad-norm clip 1.0) in float32 on the CPU with the same number of torch threads.
 - `trl-bf16-eager`: `trl-bf16` with both models loaded with `attn_implementation="eager"`, the choice mopd makes
   for itself, so that what it buys is not credited to mopd alone.
 - `trl-default`: TRL's own defaults for these two switches (`bf16=True`, `gradient_checkpointing=True`).
+- `trl-malloc`: `trl` in a process given the allocator setting the `mopd` command applies to itself
+  (`mopd.runtime.keep_freed_memory`; mopd's runs always have it), so that what the setting buys is not
+  credited to mopd alone.
 
 Each run of a tool is a fresh subprocess (so each has its own peak RSS): `--warmup` untimed steps, then
 `--steps` timed ones; a run's completions/s is 64 x steps / their wall time. Runs alternate between the tools
@@ -32,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,7 +46,7 @@ RESULTS = HERE / "results.json"
 BATCH = 64
 COMPLETION_TOKENS = 8
 TOOLS = ("trl", "mopd-full", "mopd")
-EXTRA_TOOLS = ("trl-bf16", "mopd-full-bf16", "trl-bf16-eager", "trl-default")
+EXTRA_TOOLS = ("trl-bf16", "mopd-full-bf16", "trl-bf16-eager", "trl-default", "trl-malloc")
 
 
 def _worker_trl(models: Path, run: int, warmup: int, steps: int, bf16: bool = False,
@@ -119,7 +121,12 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.run)
     if args.worker.startswith("trl"):
-        times = _worker_trl(args.models, args.run, args.warmup, args.steps, bf16=args.worker != "trl",
+        if args.worker == "trl-malloc":
+            from mopd.runtime import keep_freed_memory
+
+            keep_freed_memory()
+        times = _worker_trl(args.models, args.run, args.warmup, args.steps,
+                            bf16=args.worker not in ("trl", "trl-malloc"),
                             checkpointing=args.worker == "trl-default",
                             attention="eager" if args.worker.endswith("-eager") else "sdpa")
     else:
@@ -191,7 +198,7 @@ def main() -> None:
 
     result = {
         "command": "python benchmarks/trl_vs_mopd.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": _common.machine(),
         "versions": {"torch": torch.__version__, "trl": _version("trl"), "mopd": _version("mopd")},
         "settings": {"batch": BATCH, "completion_tokens": COMPLETION_TOKENS, "runs": args.runs,
                      "timed_steps_per_run": args.steps, "warmup_steps_per_run": args.warmup,

@@ -23,11 +23,15 @@ THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core). Use 
                 "reproducible for a given thread count")
 
 
-def _threads(n: int | None) -> None:
-    if n is not None:
+def _prepare_process(threads: int | None) -> None:
+    """Before any compute: the allocator setting of `mopd.runtime` and the thread count, if one is given."""
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(n)
+        torch.set_num_threads(threads)
 
 
 def bundled_recipe(name: str) -> Path:
@@ -62,7 +66,7 @@ def run(
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
-    _threads(threads)
+    _prepare_process(threads)
     _run(recipe, out)
 
 
@@ -72,7 +76,7 @@ def demo(
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """The bundled demo: tiny base -> SFT -> one RL teacher per domain -> MOPD student, on this CPU."""
-    _threads(threads)
+    _prepare_process(threads)
     _run(bundled_recipe("demo"), out)
 
 
@@ -95,7 +99,7 @@ def compare(
         _fail(str(e))
     if loaded.recipe.compare is None:
         _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
-    _threads(threads)
+    _prepare_process(threads)
     from .recipe.runner import run_recipe
     from .report.compare import build_compare
 

@@ -1,0 +1,43 @@
+"""Process-wide settings the `mopd` command applies once, before any compute.
+
+Why the allocator: a CPU training step allocates and frees hundreds of activation tensors of 0.1-10 MiB. glibc
+serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh pages from the kernel
+and hands the top of a freed heap back to it, so each step page-faults again for memory the last step just
+returned. Keeping freed memory in the process (what PyTorch's CPU tuning guides get by preloading jemalloc or
+tcmalloc, here with glibc's own `mallopt`) made the benchmark's MOPD step 1.15-1.3x faster
+(docs/BENCHMARKS.md). Peak memory is unchanged: the process keeps what it has already used, not more.
+
+A library user who wants the same calls `keep_freed_memory()` at the start of their program; importing mopd
+changes nothing process-wide.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc's largest allowed mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX): larger blocks, such
+# as a real model's weights or logits, are still mapped and unmapped individually
+_MMAP_THRESHOLD = 32 * 1024 * 1024
+_TRIM_THRESHOLD = 1024 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed blocks below 32 MiB for reuse instead of returning them to the kernel.
+
+    Returns whether the setting took effect: False off Linux or on a C library without glibc's `mallopt`
+    (musl, macOS), where nothing is changed.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
