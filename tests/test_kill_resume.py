@@ -55,6 +55,8 @@ def test_kill_9_during_mopd_then_rerun(tmp_path: Path) -> None:
         return [x for x in metrics.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
 
     before_kill = lines_upto(killed_at)
+    ckpt_lineage = json.loads((ckpts / f"step-{killed_at:07d}" / "mopd.json").read_text())
+    trained_before_kill = ckpt_lineage["metrics"]["elapsed_seconds"]
 
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert {s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns for s in finished} == mtimes
@@ -68,6 +70,12 @@ def test_kill_9_during_mopd_then_rerun(tmp_path: Path) -> None:
     # resumed, not restarted: the steps up to the checkpoint were not recomputed (their lines, with their
     # wall-clock times, are untouched)
     assert lines_upto(killed_at) == before_kill and len(before_kill) == killed_at
+    # the stage's clock goes on across the resume: its metrics' time axis does not restart at zero, and the
+    # stage's wall time (what the comparison table charges) includes the time before the kill
+    times = [json.loads(x)["time"] for x in (out / "student" / "metrics.jsonl").read_text().splitlines()
+             if "time" in json.loads(x)]
+    assert times == sorted(times) and times[killed_at] >= trained_before_kill > 0
+    assert run["stages"]["student"]["wall_seconds"] > trained_before_kill
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["domains"]) == {"addition", "reversal", "sorting"}
     assert (out / "report.md").read_text().count("| addition |") >= 1

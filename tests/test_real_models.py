@@ -284,6 +284,26 @@ def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(tmp_path: Path
     torch.testing.assert_close(sequence_logits(resumed, ids, mask), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_student_projects_only_the_kept_positions_onto_the_vocabulary() -> None:
+    """A peft-wrapped model still gets `logits_to_keep` (its forward hides the argument behind **kwargs)."""
+    pytest.importorskip("peft")
+    from mopd.models.lora import apply_lora
+    from mopd.recipe.schema import LoraSettings
+
+    tok = build_char_tokenizer("0123456789+=")
+    model = apply_lora(_tiny(tok), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])).eval()
+    ids, mask = encode_prompts(tok, ["12+3=", "4+5="])
+    projected: list[int] = []
+    head = model.get_base_model().lm_head
+    handle = head.register_forward_hook(lambda _m, inputs, _out: projected.append(inputs[0].shape[1]))
+    try:
+        kept = sequence_logits(model, ids, mask, logits_to_keep=2)
+    finally:
+        handle.remove()
+    assert projected == [2]  # before the fix: the whole sequence, then sliced
+    torch.testing.assert_close(kept, sequence_logits(model, ids, mask)[:, -2:])
+
+
 # ------------------------------------------------------------------------------------------ rollout backend
 
 

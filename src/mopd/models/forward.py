@@ -16,8 +16,13 @@ def position_ids_from_mask(attention_mask_B_T: torch.Tensor) -> torch.Tensor:
 
 
 def accepts(model, argument: str) -> bool:
-    """Whether `model.forward` takes `argument` (HF causal LMs take `logits_to_keep`; other backends may not)."""
-    return argument in inspect.signature(model.forward).parameters
+    """Whether `model.forward` takes `argument` (HF causal LMs take `logits_to_keep`; other backends may not).
+
+    A peft wrapper's forward takes `**kwargs` and hands them to the model it wraps, so that model's signature
+    decides: without this a LoRA student would project every position onto the vocabulary.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(inner.forward).parameters
 
 
 def sequence_logits(

@@ -22,7 +22,7 @@ from ..models.checkpoint import read_lineage, write_json_atomic
 from ..stages.context import StageContext
 from ..stages.placement import stage_tokenizer
 from ..stages.run import run_stage
-from ..stages.train import FINAL
+from ..stages.train import FINAL, checkpointed_seconds
 from .build import recipe_tokenizer
 from .load import LoadedRecipe, _refs, _resolve_external, init_ref
 from .schema import EvalStage, MOPDStage
@@ -172,7 +172,7 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
                     on_warning=lambda msg: progress.console.print(
                         f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True),
                 )
-                t0 = time.time()
+                t0 = time.time() - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
                 run_stage(ctx)
                 info["wall_seconds"] = round(time.time() - t0, 2)
                 info["status"] = "ran"

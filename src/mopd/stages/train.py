@@ -29,6 +29,7 @@ from ..eval.evaluate import evaluate
 from ..models.checkpoint import (
     is_checkpoint,
     load_trainer_state,
+    read_lineage,
     save_checkpoint,
 )
 from .context import StageContext
@@ -114,6 +115,17 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
 def latest_checkpoint(stage_dir: Path) -> Path | None:
     ckpts = sorted(p for p in (stage_dir / CHECKPOINTS).glob("step-*") if is_checkpoint(p))
     return ckpts[-1] if ckpts else None
+
+
+def checkpointed_seconds(stage_dir: Path) -> float:
+    """Training seconds that the stage's resumable checkpoint already holds (0 without one).
+
+    Why: a resumed stage must report the time it took in all, not that of the invocation that finished it:
+    the comparison table charges each method its stages' wall time, and the metrics' `time` axis (sample
+    efficiency against wall time) would otherwise restart at zero at the resume.
+    """
+    ckpt = latest_checkpoint(stage_dir)
+    return float(read_lineage(ckpt)["metrics"].get("elapsed_seconds", 0.0)) if ckpt else 0.0
 
 
 class MetricsLog:
@@ -215,7 +227,7 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
     log = MetricsLog(ctx.stage_dir / METRICS, start)
     precision = training_precision(ctx)
-    t0 = time.time()
+    t0 = time.time() - (checkpointed_seconds(ctx.stage_dir) if resume_from else 0.0)  # a resumed clock goes on
     try:
         for step in range(start, s.steps):
             lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.schedule)
@@ -244,7 +256,8 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
                 ctx.on_progress(done, s.steps, metrics)
             if done % s.checkpoint_every == 0 and done < s.steps:
                 path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
-                save_checkpoint(path, model, ctx.tokenizer, lineage(ctx, done, {}),
+                save_checkpoint(path, model, ctx.tokenizer,
+                                lineage(ctx, done, {"elapsed_seconds": round(time.time() - t0, 3)}),
                                 trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals),
                                                "rng": rng_state()})
                 for old in sorted((ctx.stage_dir / CHECKPOINTS).glob("step-*"))[:-1]:
