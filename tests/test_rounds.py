@@ -171,3 +171,58 @@ def test_bad_teacher_schedule_fails_in_one_line(tmp_path: Path, schedule, teache
         load_recipe(path)
     msg = str(e.value)
     assert "\n" not in msg and needle in msg and f": {key}:" in msg and msg.startswith(f"{path}:"), msg
+
+
+class _TrainingStarted(Exception):
+    pass
+
+
+def _run_staged_until_training(ctx: run_module.StageContext, monkeypatch) -> list[dict[str, str]]:
+    """Run the `staged` stage up to its first policy step; returns the final-teacher loads made at stage start
+    (the schedule's own phase loads go through `ScheduledPanel`, not through `run_module.teacher_panel`)."""
+    loads: list[dict[str, str]] = []
+    real = run_module.teacher_panel
+
+    def recording(c, checkpoints):
+        loads.append(dict(checkpoints))
+        return real(c, checkpoints)
+
+    def stop(*_a, **_k):
+        raise _TrainingStarted
+
+    monkeypatch.setattr(run_module, "teacher_panel", recording)
+    monkeypatch.setattr(run_module, "policy_loss", stop)
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)  # as the runner does
+    with pytest.raises(_TrainingStarted):
+        run_module.run_stage(ctx)
+    return loads
+
+
+def test_scheduled_stage_loads_its_final_teachers_only_for_the_preflight(run: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    preflight = load_recipe(run / "recipe.yaml").recipe.stages["staged"].preflight
+    finals = {t: str(run / t / "final") for t in ("teacher_rev", "teacher_sort")}
+    for enabled, expected in ((True, [finals]), (False, [])):
+        ctx = _staged_ctx(run, stage={"preflight": preflight.model_copy(update={"enabled": enabled})})
+        ctx.stage_dir, ctx.tokenizer = tmp_path / f"staged-{enabled}", build_char_tokenizer(ALPHABET)
+        assert _run_staged_until_training(ctx, monkeypatch) == expected
+        assert (ctx.stage_dir / "preflight.json").exists() == enabled
+
+
+def test_a_late_phase_teacher_with_another_tokenizer_fails_before_the_first_step(run: Path, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """Phase 0 scores with a good snapshot; the final teacher (phase 1) has another tokenizer: refused at the
+    start, with the preflight off, instead of halfway through the stage."""
+    import shutil
+
+    own = build_char_tokenizer(ALPHABET + "ABC")
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16),
+                             len(own), own, 0)
+    save_checkpoint(tmp_path / "teacher_rev" / "final", model, own, {"stage": "teacher_rev"})
+    shutil.copytree(run / "teacher_rev" / "snapshots", tmp_path / "teacher_rev" / "snapshots")
+    preflight = load_recipe(run / "recipe.yaml").recipe.stages["staged"].preflight
+    ctx = _staged_ctx(run, stage={"preflight": preflight.model_copy(update={"enabled": False})})
+    ctx.stage_dir, ctx.tokenizer = tmp_path / "staged", build_char_tokenizer(ALPHABET)
+    ctx.model_refs["teacher_rev"] = str(tmp_path / "teacher_rev" / "final")
+    with pytest.raises(PreflightError, match=r"teacher 'teacher_rev' \(.*teacher_rev/final\)"):
+        _run_staged_until_training(ctx, monkeypatch)

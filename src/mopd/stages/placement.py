@@ -97,6 +97,23 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def check_teacher_tokenizers(ctx: StageContext, checkpoints: Mapping[str, str]) -> None:
+    """Refuse a teacher whose tokenizer differs from the student's, reading tokenizer files only (no weights).
+
+    Raises the preflight's one-line error naming what differs (the CLI prints a PreflightError as one line).
+    """
+    from ..teachers.preflight import PreflightError, check_tokenizers
+
+    student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
+    student_fp = tokenizer_fingerprint(student_tok)
+    for name, ref in checkpoints.items():
+        teacher_tok = load_tokenizer(ref)
+        if tokenizer_fingerprint(teacher_tok) != student_fp:
+            label = f"stage {ctx.name!r}: teacher {name!r} ({ref})"
+            check_tokenizers(student_tok, teacher_tok, label)
+            raise PreflightError(f"{label}: uses a different tokenizer from the student")
+
+
 def load_teachers(
     ctx: StageContext, checkpoints: Mapping[str, str]
 ) -> tuple[dict[str, torch.nn.Module], torch.device | None]:
@@ -111,20 +128,9 @@ def load_teachers(
     A teacher whose tokenizer differs from the student's is refused here too, for Hub ids validation could not
     check without downloading.
     """
-    from ..teachers.preflight import PreflightError, check_tokenizers
-
+    check_teacher_tokenizers(ctx, checkpoints)
     device, dtype = stage_placement(ctx.settings, ctx.recipe)
-    student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
-    student_fp = tokenizer_fingerprint(student_tok)
-    models: dict[str, torch.nn.Module] = {}
-    for name, ref in checkpoints.items():
-        teacher_tok = load_tokenizer(ref)
-        if tokenizer_fingerprint(teacher_tok) != student_fp:
-            # the preflight's one-line error naming what differs (the CLI prints a PreflightError as one line)
-            label = f"stage {ctx.name!r}: teacher {name!r} ({ref})"
-            check_tokenizers(student_tok, teacher_tok, label)
-            raise PreflightError(f"{label}: uses a different tokenizer from the student")
-        models[name] = load_model(ref, dtype=dtype).eval().requires_grad_(False)
+    models = {name: load_model(ref, dtype=dtype).eval().requires_grad_(False) for name, ref in checkpoints.items()}
     mode = ctx.recipe.teacher_device
     if mode == "auto":
         biggest = max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in models.values()), default=0)

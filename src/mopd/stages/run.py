@@ -26,10 +26,18 @@ from ..teachers.preflight import RolloutSettings, run_preflight
 from .baselines import cascade_sources, offpolicy_loss_fn
 from .context import StageContext
 from .merge import run_merge
-from .placement import lazy_rollout_sampler, load_placed, stage_tokenizer, teacher_panel
+from .placement import (
+    check_teacher_tokenizers,
+    lazy_rollout_sampler,
+    load_placed,
+    stage_tokenizer,
+    teacher_panel,
+)
 from .schedules import temperature_at
 from .teacher_schedule import ScheduledPanel
 from .train import FINAL, ProblemSource, eval_metrics, lineage, step_generator, step_rng, train
+
+PREFLIGHT_FILE = "preflight.json"
 
 
 def _policy_settings(s: RLVRStage | MOPDStage | CascadeRLStage) -> PolicySettings:
@@ -77,11 +85,15 @@ def run_stage(ctx: StageContext) -> Path:
     scheduled = ScheduledPanel(ctx) if isinstance(s, MOPDStage) and s.teacher_schedule else None
     source_at = cascade_sources(ctx) if isinstance(s, CascadeRLStage) else (lambda step: source)
     if isinstance(s, MOPDStage):
-        # resident on the student's device, or kept on CPU and moved there per scoring call (teacher_device)
-        panel = teacher_panel(ctx, {t: ctx.model_refs[t] for t in sorted(set(s.teachers.values()))})
-        _preflight(ctx, dict(panel.models), source, panel.compute_device)
+        if scheduled:  # every phase's tokenizers now (no weights): a mismatch in a late phase fails before step 0
+            for phase in range(len(scheduled.phases)):
+                check_teacher_tokenizers(ctx, scheduled.checkpoints(phase))
+        if not scheduled or _preflight_due(ctx):
+            # resident on the student's device, or kept on CPU and moved there per scoring call (teacher_device)
+            panel = teacher_panel(ctx, {t: ctx.model_refs[t] for t in sorted(set(s.teachers.values()))})
+            _preflight(ctx, dict(panel.models), source, panel.compute_device)
         if scheduled:
-            panel = None  # the schedule loads its own teachers per phase; don't hold the final ones beside them
+            panel = None  # the schedule loads its own teachers per phase; the final ones served the preflight only
 
     rollouts = lazy_rollout_sampler(ctx)  # torch sampler, or vLLM (recipe `rollout_backend`), built on first use
 
@@ -97,6 +109,10 @@ def run_stage(ctx: StageContext) -> Path:
     return train(ctx, lambda dtype: _init_model(ctx, dtype), policy_fn)
 
 
+def _preflight_due(ctx: StageContext) -> bool:
+    return ctx.settings.preflight.enabled and not (ctx.stage_dir / PREFLIGHT_FILE).exists()
+
+
 def _preflight(
     ctx: StageContext, teachers: dict, source: ProblemSource, compute_device: torch.device | None = None
 ) -> None:
@@ -106,8 +122,7 @@ def _preflight(
     by the runner, so an existing file belongs to this very stage identity).
     """
     s: MOPDStage = ctx.settings
-    path = ctx.stage_dir / "preflight.json"
-    if not s.preflight.enabled or path.exists():
+    if not _preflight_due(ctx):
         return
     student = load_placed(ctx, ctx.init_path).eval()  # the stage's device and precision, as it will train
     result = run_preflight(
@@ -128,7 +143,7 @@ def _preflight(
         compute_device=compute_device,  # offloaded teachers score on the student's device, as in training
     )
     del student  # training loads its own copy (or resumes)
-    write_json_atomic(path, result)
+    write_json_atomic(ctx.stage_dir / PREFLIGHT_FILE, result)
 
 
 def _run_eval(ctx: StageContext) -> Path:
