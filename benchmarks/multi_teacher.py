@@ -55,6 +55,7 @@ def main() -> None:
     med = {k: _common.median(v) for k, v in times.items()}
     result = {
         "command": "python benchmarks/multi_teacher.py " + " ".join(sys.argv[1:]),
+        "machine": _common.machine(),
         "settings": {"batch": 64, "completion_tokens": args.tokens, "objective": args.objective,
                      "threads": args.threads, "timed_steps_each": args.steps},
         "median_step_ms": {k: round(1000 * v, 1) for k, v in med.items()},

@@ -94,6 +94,7 @@ def main() -> None:
         print(name, out[name], flush=True)
     update_results("roofline", {
         "command": "python benchmarks/roofline.py " + " ".join(sys.argv[1:]),
+        "machine": _common.machine(),
         "threads": args.threads, "gemm_peak_gflop_s": peaks, "demo_model_parameters": n_params, "steps": out,
     })
 

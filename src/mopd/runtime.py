@@ -4,7 +4,7 @@ Why the allocator: a CPU training step allocates and frees hundreds of activatio
 serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh pages from the kernel
 and hands the top of a freed heap back to it, so each step page-faults again for memory the last step just
 returned. Keeping freed memory in the process (what PyTorch's CPU tuning guides get by preloading jemalloc or
-tcmalloc, here with glibc's own `mallopt`) made the benchmark's MOPD step 1.15-1.3x faster and the whole
+tcmalloc, here with glibc's own `mallopt`) made the benchmark's MOPD step 1.1-1.3x faster and the whole
 demo 1.04x (docs/BENCHMARKS.md). The price is a little peak memory: the demo's peak RSS went from 598 to
 615 MiB, as freed blocks are reused rather than returned.
 
