@@ -7,7 +7,7 @@ run on Hugging Face checkpoints is decided here, once per stage, from the recipe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -65,7 +65,7 @@ def training_precision(ctx: StageContext) -> Callable[[], AbstractContextManager
     """A factory of the context a stage's forward passes run in: autocast to `dtype` when the trained weights are
     wider. Resolved once per stage, so a step only enters it."""
     device, compute = stage_placement(ctx.settings, ctx.recipe)
-    weights = master_dtype(ctx.settings, ctx.recipe, compute)
+    weights = weights_dtype(ctx)
     return lambda: compute_precision(device, compute, weights)
 
 
@@ -97,16 +97,17 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def check_teacher_tokenizers(ctx: StageContext, checkpoints: Mapping[str, str]) -> None:
+def check_teacher_tokenizers(ctx: StageContext, checkpoints: Iterable[tuple[str, str]]) -> None:
     """Refuse a teacher whose tokenizer differs from the student's, reading tokenizer files only (no weights).
 
-    Raises the preflight's one-line error naming what differs (the CLI prints a PreflightError as one line).
+    `checkpoints`: (teacher name, directory) pairs, several per name for a `teacher_schedule`'s phases. Raises the
+    preflight's one-line error naming what differs (the CLI prints a PreflightError as one line).
     """
     from ..teachers.preflight import PreflightError, check_tokenizers
 
     student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
     student_fp = tokenizer_fingerprint(student_tok)
-    for name, ref in checkpoints.items():
+    for name, ref in checkpoints:
         teacher_tok = load_tokenizer(ref)
         if tokenizer_fingerprint(teacher_tok) != student_fp:
             label = f"stage {ctx.name!r}: teacher {name!r} ({ref})"
@@ -128,7 +129,7 @@ def load_teachers(
     A teacher whose tokenizer differs from the student's is refused here too, for Hub ids validation could not
     check without downloading.
     """
-    check_teacher_tokenizers(ctx, checkpoints)
+    check_teacher_tokenizers(ctx, checkpoints.items())
     device, dtype = stage_placement(ctx.settings, ctx.recipe)
     models = {name: load_model(ref, dtype=dtype).eval().requires_grad_(False) for name, ref in checkpoints.items()}
     mode = ctx.recipe.teacher_device

@@ -86,8 +86,8 @@ def run_stage(ctx: StageContext) -> Path:
     source_at = cascade_sources(ctx) if isinstance(s, CascadeRLStage) else (lambda step: source)
     if isinstance(s, MOPDStage):
         if scheduled:  # every phase's tokenizers now (no weights): a mismatch in a late phase fails before step 0
-            for phase in range(len(scheduled.phases)):
-                check_teacher_tokenizers(ctx, scheduled.checkpoints(phase))
+            check_teacher_tokenizers(ctx, [pair for phase in range(len(scheduled.phases))
+                                           for pair in scheduled.checkpoints(phase).items()])
         if not scheduled or _preflight_due(ctx):
             # resident on the student's device, or kept on CPU and moved there per scoring call (teacher_device)
             panel = teacher_panel(ctx, {t: ctx.model_refs[t] for t in sorted(set(s.teachers.values()))})

@@ -227,7 +227,7 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
     log = MetricsLog(ctx.stage_dir / METRICS, start)
     precision = training_precision(ctx)
-    t0 = time.time() - (checkpointed_seconds(ctx.stage_dir) if resume_from else 0.0)  # a resumed clock goes on
+    t0 = time.time() - checkpointed_seconds(ctx.stage_dir)  # a resumed stage's clock goes on (0 if new)
     try:
         for step in range(start, s.steps):
             lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.schedule)
