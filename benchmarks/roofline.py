@@ -8,8 +8,10 @@ FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multipli
 backward; elementwise ops count zero), over one step, then divided by the median wall time of steps run
 without the counter. Steps: the demo's MOPD step (batch 64, 12 completion tokens, three teachers of the same
 shape, sampled-token objective), its pretraining step (batch 64, supervised), and the step that
-benchmarks/trl_vs_mopd.py times. Writes
-benchmarks/results.json (key "roofline").
+benchmarks/trl_vs_mopd.py times. For that last step it also splits the FLOPs by phase (sampling, teacher
+scoring, the student's training forward, backward), reads the share of real (non-padding) tokens, and times the
+step's matrix multiplies under `torch.profiler` to give the GFLOP/s its GEMMs reach: together they say whether
+a faster step needs faster kernels or less arithmetic. Writes benchmarks/results.json (key "roofline").
 """
 
 from __future__ import annotations
@@ -17,15 +19,22 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import _common
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from trl_vs_mopd import update_results
 
+import mopd.learner.step as learner_step
 from mopd.learner.step import supervised_loss
 from mopd.models.checkpoint import load_model
+from mopd.teachers.panel import TeacherPanel
+
+GEMM_OPS = ("mm", "addmm", "bmm")  # matrix-multiply kernels, as both the flop counter and the profiler name them
 
 
 def gemm_peak(n: int, seconds: float = 1.0) -> float:
@@ -45,6 +54,55 @@ def step_gflop(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
+
+
+def phase_breakdown(step: Callable[[list, int], object], batch: list, seed: int) -> dict[str, float]:
+    """GFLOP of one step by phase, and the share of real tokens in the rows the student trains on.
+
+    The phases are read by counting around the functions that implement them (the student's differentiable
+    forward, the teacher panel, backward); sampling is the rest of the step (the verifier and the loss arithmetic
+    count zero).
+    """
+    counter = FlopCounterMode(display=False)
+    gflop: dict[str, float] = {}
+    real: list[float] = []
+
+    def counted(label: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            before = counter.get_total_flops()
+            out = fn(*args, **kwargs)
+            gflop[label] = gflop.get(label, 0.0) + (counter.get_total_flops() - before) / 1e9
+            if label == "student training forward":
+                real.append(float(args[2].float().mean()))  # attention_mask of the sampled rows
+            return out
+        return wrapper
+
+    with (mock.patch.object(learner_step, "sequence_logits",
+                            counted("student training forward", learner_step.sequence_logits)),
+          mock.patch.object(TeacherPanel, "sampled_logprobs",
+                            counted("teacher scoring", TeacherPanel.sampled_logprobs)),
+          mock.patch.object(torch.Tensor, "backward", counted("backward", torch.Tensor.backward)),
+          counter):
+        step(batch, seed)
+    total = counter.get_total_flops() / 1e9
+    return {"sampling (prefill + KV-cached decode)": round(total - sum(gflop.values()), 3),
+            **{k: round(v, 3) for k, v in gflop.items()}, "real_token_fraction": round(real[0], 3)}
+
+
+def gemm_rate(step: Callable[[list, int], object], problems: list, first: int, n: int) -> dict[str, float]:
+    """The step's matrix multiplies: their share of its time under the profiler, and their GFLOP/s."""
+    with FlopCounterMode(display=False) as counter:
+        step(problems[first * 64 : (first + 1) * 64], first)
+    flops = {str(op).split(".")[1]: v for op, v in counter.get_flop_counts()["Global"].items()}
+    gemm_flop = sum(v for op, v in flops.items() if op in GEMM_OPS)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(first + 1, first + 1 + n):
+            step(problems[i * 64 : (i + 1) * 64], i)
+    events = prof.key_averages()
+    gemm_us = sum(e.self_cpu_time_total for e in events if e.key in {f"aten::{op}" for op in GEMM_OPS}) / n
+    total_us = sum(e.self_cpu_time_total for e in events) / n
+    return {"gemm_share_of_step": round(gemm_us / total_us, 3),
+            "gemm_gflop_s": round(gemm_flop / (gemm_us * 1e-6) / 1e9, 1)}
 
 
 def main() -> None:
@@ -68,7 +126,7 @@ def main() -> None:
     mopd_step = _common.mopd_step_fn(student, {f"t{i}": t for i, t in enumerate(teachers)}, tok,
                                      _common.mopd_settings(12, "sampled"),
                                      {d: f"t{i}" for i, d in enumerate(_common.DOMAINS)})
-    problems = _common.problems(64 * (args.steps + 4))
+    problems = _common.problems(64 * (args.steps + 8))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
 
     def pretrain_step(batch) -> None:
@@ -92,6 +150,15 @@ def main() -> None:
                      "achieved_gflop_s": round(gflop / t, 1),
                      "fraction_of_peak": round(gflop / t / max(peaks.values()), 3)}
         print(name, out[name], flush=True)
+    name = next(reversed(steps))
+    out[name]["gflop_by_phase"] = phase_breakdown(bench_step, problems[:64], 2 + args.steps)
+    out[name].update(gemm_rate(bench_step, problems, 3 + args.steps, 4))
+    peak = max(peaks.values())
+    # the fastest any tool doing this arithmetic could go, and with every padding token removed
+    out[name]["completions_per_s_at_peak"] = round(64 / (out[name]["gflop_per_step"] / peak), 1)
+    out[name]["completions_per_s_at_peak_without_padding"] = round(
+        64 / (out[name]["gflop_per_step"] * out[name]["gflop_by_phase"]["real_token_fraction"] / peak), 1)
+    print(name, out[name], flush=True)
     update_results("roofline", {
         "command": "python benchmarks/roofline.py " + " ".join(sys.argv[1:]),
         "machine": _common.machine(),
