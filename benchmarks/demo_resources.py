@@ -70,18 +70,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.allocator_ab and args.before:
         raise SystemExit("--allocator-ab and --before are separate comparisons: pass one")
-    recipe = args.recipe.resolve() if args.recipe else (DEMO_RECIPE if args.before else None)  # the old code's own demo may differ
+    # with --before, both codes run the same recipe file: the old code's own demo may be other work
+    recipe = args.recipe.resolve() if args.recipe else (DEMO_RECIPE if args.before else None)
     # variant -> keyword arguments of run_demo; "this checkout" first
     variants: dict[str, dict] = {"this checkout": {}}
     if args.allocator_ab:
         variants["without allocator setting"] = {"allocator_setting": False}
+    before = None  # the variant label of the old code's runs
     with tempfile.TemporaryDirectory() as tmp:
         if args.before:
             rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.before], check=True,
                                  capture_output=True, text=True).stdout.strip()
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", f"{tmp}/before", rev],
                            check=True, capture_output=True)
-            variants[f"code of {rev}"] = {"code": Path(tmp) / "before" / "src"}
+            before = f"code of {rev}"
+            variants[before] = {"code": Path(tmp) / "before" / "src"}
         runs: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         out = (args.out or Path(tmp) / "demo").resolve()  # the child runs in out's parent directory
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ def main() -> None:
                     runs[v].append(run_demo(out, recipe, **variants[v]))
                     print(f"run {i} {v}: {runs[v][-1][0]:.1f} s, {runs[v][-1][1]:.0f} MiB", flush=True)
         finally:
-            if args.before:
+            if before:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", f"{tmp}/before"],
                                check=False, capture_output=True)
 
@@ -107,12 +110,11 @@ def main() -> None:
         result["without_allocator_setting"] = figures(runs["without allocator setting"])
         result["speedup_from_allocator_setting"] = round(
             result["without_allocator_setting"]["median_wall_seconds"] / result["median_wall_seconds"], 2)
-    if args.before:
-        before = next(v for v in variants if v.startswith("code of"))
-        result["before"] = {"revision": before.removeprefix("code of "), **figures(runs[before])}
+    if before:
+        result["before"] = {"revision": rev, **figures(runs[before])}
         result["speedup_over_before"] = round(result["before"]["median_wall_seconds"] / result["median_wall_seconds"], 2)
     print(result)
-    key = "demo_resources" if args.recipe is None or args.before else f"recipe_resources/{args.recipe.stem}"
+    key = "demo_resources" if args.recipe is None else f"recipe_resources/{args.recipe.stem}"
     suffix = "/allocator_ab" if args.allocator_ab else "/before_after" if args.before else ""
     update_results(key + suffix, result)
 
