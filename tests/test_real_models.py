@@ -171,6 +171,45 @@ def test_bundled_qwen_recipe_validates_without_downloading(monkeypatch: pytest.M
     assert loaded.recipe.chat_template == "auto" and loaded.recipe.dtype == "auto"
 
 
+def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AVX2-only CPU emulates bfloat16 GEMMs (about 8x slower than float32, docs/BENCHMARKS.md): a recipe that
+    asks for bfloat16 there still runs, but the runner says so, naming the stages, before the first one starts."""
+    import io
+
+    from rich.console import Console
+
+    import mopd.models.placement as placement
+    import mopd.recipe.runner as runner
+    from mopd.recipe.resources import precision_warnings
+
+    assert placement.emulated_bfloat16(torch.device("cuda")) is False
+    data = {**_mini(), "device": "cpu"}
+    data["stages"]["student"]["dtype"] = "bfloat16"
+    loaded = load_recipe(_write(tmp_path, data))
+    monkeypatch.setattr(placement, "emulated_bfloat16", lambda device: device.type == "cpu")
+    [msg] = precision_warnings(loaded.recipe)
+    assert "student" in msg and "base" not in msg and "teacher_math" not in msg and "\n" not in msg
+
+    class Started(Exception):
+        pass
+
+    def first_stage(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(runner, "run_stage", first_stage)
+    out = io.StringIO()
+    with pytest.raises(Started):
+        runner.run_recipe(loaded, tmp_path / "run", console=Console(file=out, width=400))
+    assert "warning:" in out.getvalue() and msg in out.getvalue()
+
+    monkeypatch.setattr(placement, "emulated_bfloat16", lambda device: False)  # AVX512 / AMX CPU, or a GPU
+    assert precision_warnings(loaded.recipe) == []
+    monkeypatch.setattr(placement, "emulated_bfloat16", lambda device: True)
+    data["stages"]["student"].pop("dtype")  # float32 everywhere: nothing to say
+    assert precision_warnings(load_recipe(_write(tmp_path, data)).recipe) == []
+
+
 # ---------------------------------------------------------------------------------------- chat templates
 
 _TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"

@@ -38,6 +38,16 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def emulated_bfloat16(device: torch.device) -> bool:
+    """True where bfloat16 matrix multiplies have no hardware path: a CPU without AVX512 (oneDNN's bfloat16
+    kernels need it; an AVX2-only CPU falls back to scalar code).
+
+    Why it matters: on such a CPU (an AVX2-only AMD EPYC, docs/BENCHMARKS.md) a bfloat16 linear layer ran about 8x
+    slower than a float32 one, so a `dtype: bfloat16` stage there is slower, not faster.
+    """
+    return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def stage_placement(stage, recipe) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of a stage: its own `device`/`dtype` when set, else the recipe's."""
     device = resolve_device(getattr(stage, "device", None) or recipe.device)

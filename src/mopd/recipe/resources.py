@@ -96,6 +96,22 @@ def check_machine(recipe: Recipe, where: Where) -> None:
             raise _error(f"{where('rollout_backend')}: vllm backend unavailable: {reason}")
 
 
+def precision_warnings(recipe: Recipe) -> list[str]:
+    """A one-line warning when stages would compute in bfloat16 where the hardware has no bfloat16 matrix
+    multiply (an AVX2-only CPU): legal, so not an error, but its linear layers run about 8x slower than in float32
+    there, which a user should hear about before the first stage rather than guess from a slow progress bar."""
+    import torch
+
+    from ..models.placement import emulated_bfloat16, stage_placement
+
+    slow = [name for name, stage in recipe.stages.items()
+            if (placed := stage_placement(stage, recipe))[1] == torch.bfloat16 and emulated_bfloat16(placed[0])]
+    if not slow:
+        return []
+    return [f"stage(s) {', '.join(slow)} compute in bfloat16 on a CPU without bfloat16 matrix multiplies "
+            "(no AVX512): emulated there, several times slower than float32; `dtype: auto` picks float32"]
+
+
 def offline_fingerprint(ref: str) -> str | None:
     """Tokenizer fingerprint of a model directory or a Hub id already in the local cache; None when only the
     Hub has it (validation never downloads). A local directory whose tokenizer cannot load raises."""

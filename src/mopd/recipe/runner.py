@@ -25,6 +25,7 @@ from ..stages.run import run_stage
 from ..stages.train import FINAL, checkpointed_seconds
 from .build import recipe_tokenizer
 from .load import LoadedRecipe, _refs, _resolve_external, init_ref
+from .resources import precision_warnings
 from .schema import EvalStage, MOPDStage
 
 # they change logging (and the MOPD preflight check), not the weights
@@ -132,6 +133,11 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
     if loaded.path.resolve() != (out / "recipe.yaml").resolve():
         shutil.copyfile(loaded.path, out / "recipe.yaml")
 
+    def warn(msg: str, console: Console = console) -> None:
+        console.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+
+    for msg in precision_warnings(recipe):  # before any stage spends compute
+        warn(msg)
     with Progress(
         TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"), console=console, transient=False,
@@ -169,8 +175,7 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
                     model_refs=dict(refs), parents={r: ids.get(r, refs.get(r, r)) for _, r in _refs(stage)},
                     on_progress=lambda step, tot, m, task=task: progress.update(
                         task, completed=step, info=_progress_info(m)),
-                    on_warning=lambda msg: progress.console.print(
-                        f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True),
+                    on_warning=lambda msg: warn(msg, progress.console),
                 )
                 t0 = time.time() - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
                 run_stage(ctx)
