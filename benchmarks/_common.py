@@ -76,6 +76,7 @@ def mopd_step_fn(student, teachers: dict[str, torch.nn.Module], tokenizer, setti
         loss, metrics = policy_loss(student, tokenizer, batch, settings, torch.Generator().manual_seed(seed), panel)
         if loss.requires_grad:
             loss.backward()
+        if any(p.grad is not None for p in student.parameters()):
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

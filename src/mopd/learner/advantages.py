@@ -172,22 +172,31 @@ def mopd_advantages(
         metrics: "mopd/reverse_kl" (all rows), and per teacher t: "mopd/reverse_kl/<t>" (masked token mean
             over t's rows) and "mopd/routing_share/<t>" (fraction of rows routed to t).
     """
-    batch = student_logprobs_B_T.shape[0]
+    advantages_B_T, _ = opd_advantages(routed_teacher_logprobs_B_T, student_logprobs_B_T, completion_mask_B_T)
+    return advantages_B_T, mopd_metrics(advantages_B_T, completion_mask_B_T, teacher_names_B)
+
+
+def mopd_metrics(
+    opd_advantages_B_T: torch.Tensor, completion_mask_B_T: torch.Tensor, teacher_names_B: list[str]
+) -> dict[str, float]:
+    """The metrics of `mopd_advantages` from its advantages: the learner computes the advantages per
+    micro-batch and these once over the whole batch.
+
+    Returns:
+        "mopd/reverse_kl" (all rows), and per teacher t: "mopd/reverse_kl/<t>" (masked token mean of the
+        reverse-KL estimate -A over t's rows) and "mopd/routing_share/<t>" (fraction of rows routed to t).
+    """
+    batch = opd_advantages_B_T.shape[0]
     if len(teacher_names_B) != batch:
         raise ValueError(f"teacher_names_B has {len(teacher_names_B)} names for {batch} rows")
-    advantages_B_T, opd_metrics = opd_advantages(
-        routed_teacher_logprobs_B_T, student_logprobs_B_T, completion_mask_B_T
-    )
     mask_B_T = completion_mask_B_T.float()
-    metrics = {"mopd/reverse_kl": opd_metrics["opd/reverse_kl"]}
+    metrics = {"mopd/reverse_kl": float(masked_mean(-opd_advantages_B_T, mask_B_T))}
     for teacher in sorted(set(teacher_names_B)):
         rows_B = torch.tensor([name == teacher for name in teacher_names_B], device=mask_B_T.device)
         # reverse-KL estimate = -advantage on masked tokens
-        metrics[f"mopd/reverse_kl/{teacher}"] = float(
-            masked_mean(-advantages_B_T, mask_B_T * rows_B[:, None])
-        )
+        metrics[f"mopd/reverse_kl/{teacher}"] = float(masked_mean(-opd_advantages_B_T, mask_B_T * rows_B[:, None]))
         metrics[f"mopd/routing_share/{teacher}"] = float(rows_B.sum()) / batch
-    return advantages_B_T, metrics
+    return metrics
 
 
 def combine_advantages(opd_B_T: torch.Tensor, grpo_B_T: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -28,8 +28,9 @@ from .load import LoadedRecipe, _refs, _resolve_external, init_ref
 from .resources import precision_warnings
 from .schema import EvalStage, MOPDStage
 
-# they change logging (and the MOPD preflight check), not the weights
-SETTINGS_NOT_IN_IDENTITY = {"checkpoint_every", "eval_every", "preflight"}
+# they change logging (and the MOPD preflight check), or how a step's gradient is computed (micro-batches: the same
+# gradient up to float rounding), not what is trained
+SETTINGS_NOT_IN_IDENTITY = {"checkpoint_every", "eval_every", "preflight", "micro_batch_size"}
 
 
 def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:

@@ -83,6 +83,12 @@ class TrainStage(Strict):
     keep_every: int = Field(
         0, ge=0, description="keep an HF snapshot every N steps under snapshots/step-N (staged teachers); 0 = none"
     )
+    micro_batch_size: int | None = Field(
+        None, gt=0,
+        description="rows per forward/backward pass (rollouts for sampling stages); the step's gradient is "
+        "accumulated over micro-batches, the same as the whole batch's up to float rounding, with the activation "
+        "memory of one micro-batch; default: the whole batch at once",
+    )
 
 
 class PretrainStage(TrainStage):

@@ -71,7 +71,8 @@ def offpolicy_loss_fn(ctx: StageContext) -> LossFn:
         metrics.update({"samples/student": 0, "samples/teacher": len(problems)})
         if not traces:  # every trace failed verification: no update this step
             return torch.zeros(()), {"loss": 0.0, **metrics}
-        loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False)
+        loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False,
+                                            micro_batch_size=s.micro_batch_size)
         return loss, {**sft_metrics, **metrics}
 
     return loss_fn

@@ -50,6 +50,7 @@ def _policy_settings(s: RLVRStage | MOPDStage | CascadeRLStage) -> PolicySetting
         jsd_beta=getattr(s, "jsd_beta", 0.5),
         surprise_alpha=getattr(s, "surprise_alpha", 0.0),
         filter_solved=s.filter_solved,
+        micro_batch_size=s.micro_batch_size,
     )
 
 
@@ -75,7 +76,8 @@ def run_stage(ctx: StageContext) -> Path:
 
         def loss_fn(model, step):
             problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
-            return supervised_loss(model, ctx.tokenizer, problems, loss_on_prompt=on_prompt)
+            return supervised_loss(model, ctx.tokenizer, problems, loss_on_prompt=on_prompt,
+                                   micro_batch_size=s.micro_batch_size)
 
         return train(ctx, lambda dtype: _init_model(ctx, dtype), loss_fn)
 

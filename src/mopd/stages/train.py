@@ -210,6 +210,8 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
 
     Forward passes (rollouts, loss, evals) run in `training_precision`: autocast to the stage's `dtype` when the
     trained weights are kept in float32; backward and the optimizer step run outside it, on the wide weights.
+    A loss function that splits its step into micro-batches has already run each one's backward (with autocast
+    off) and returns the loss detached: the update follows whenever the step left gradients.
     """
     s = ctx.settings
     torch.manual_seed(ctx.seed)
@@ -234,9 +236,11 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
             for group in opt.param_groups:
                 group["lr"] = lr
             with precision():
-                loss, metrics = loss_fn(model, step)
-            if loss.requires_grad:  # a batch with no learning signal (e.g. all-equal GRPO groups) skips the update
+                loss, metrics = loss_fn(model, step)  # micro-batched: backward already done, loss detached
+            if loss.requires_grad:
                 loss.backward()
+            # a batch with no learning signal (e.g. all-equal GRPO groups) leaves no gradient and skips the update
+            if any(p.grad is not None for p in trainable_parameters(model)):
                 if s.grad_clip:
                     metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
                 opt.step()
