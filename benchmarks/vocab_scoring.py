@@ -6,6 +6,8 @@ The TRL-comparison models (hidden 128 / 256) with a 32k vocabulary, batch 64, pr
 plus 8 sampled tokens. Interleaved, medians:
 - teacher scoring: full-sequence logits then `token_logprobs` (what the panel did before issue 5) against
   `TeacherPanel.sampled_logprobs` (logits only for positions that predict a completion token);
+- the teacher's full distributions for the full-vocabulary objectives (`TeacherPanel.full_logits`, then the
+  log-softmax every such loss takes): every position against the completion window;
 - sampler prefill: the prompt forward with logits for every position against `logits_to_keep=1`;
 - the learner's differentiable logprobs + backward (policy_loss phase 3): full-sequence logits against the
   completion window.
@@ -67,6 +69,10 @@ def main() -> None:
     cases = {
         "teacher scoring, full-sequence logits (before)": score_full,
         "teacher scoring, completion window (after)": lambda: panel.sampled_logprobs(batch, names),
+        "teacher full logits + log-softmax, every position (before)":
+            lambda: panel.full_logits(batch, names).log_softmax(-1),
+        "teacher full logits + log-softmax, completion window (after)":
+            lambda: panel.full_logits(batch, names, keep - 1).log_softmax(-1),
         "sampler prefill, logits for every prompt position (before)": lambda: prefill(0),
         "sampler prefill, logits_to_keep=1 (after)": lambda: prefill(1),
         "student logprobs + backward, full-sequence logits (before)": lambda: student_pass(0),

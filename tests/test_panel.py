@@ -87,3 +87,24 @@ def test_policy_loss_on_completion_window_equals_full_sequence() -> None:
     for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(loss, ref, atol=1e-6)
+
+
+def test_completion_window_of_full_logits_and_topk_equals_the_whole_sequence() -> None:
+    """The full-distribution objectives ask the panel for the completion window only; it is the window of what
+    every position would give, for routed (trimmed) rows and for one teacher over the whole batch."""
+    batch, models = _setup()
+    first = int(batch.completion_mask_B_T.any(0).long().argmax())
+    window = batch.input_ids_B_T.shape[1] - first
+    for routing in ({"short": "a", "long": "b"}, {"short": "a", "long": "a"}):
+        panel = TeacherPanel(models=models, teacher_of_domain=routing)
+        names = panel.route(batch)
+        whole = panel.full_logits(batch, names)
+        part = panel.full_logits(batch, names, window)
+        assert part.shape == (batch.size, window, whole.shape[-1])
+        torch.testing.assert_close(part, whole[:, -window:], atol=1e-5, rtol=0)
+        top_lp, top_ids, sampled = panel.topk(batch, names, 3)
+        w_lp, w_ids, w_sampled = panel.topk(batch, names, 3, window)
+        torch.testing.assert_close(w_lp, top_lp[:, -window:], atol=1e-5, rtol=0)
+        assert torch.equal(w_ids, top_ids[:, -window:])
+        torch.testing.assert_close(w_sampled, sampled, atol=1e-5, rtol=0)  # [B, T], zero off the completion
+        assert float(sampled.abs().sum()) > 0

@@ -65,6 +65,16 @@ def backward_outside_autocast(loss: torch.Tensor) -> None:
         loss.backward()
 
 
+def accumulate(loss: torch.Tensor, part: torch.Tensor, micro_batched: bool) -> torch.Tensor:
+    """The step's loss so far plus one micro-batch's part. Without micro-batches the part is the loss (the caller
+    runs backward); with them, the part's backward runs now and only its value is kept."""
+    if not micro_batched:
+        return part
+    if part.requires_grad:
+        backward_outside_autocast(part)
+    return loss + part.detach()
+
+
 def _share(tokens: float, total: float) -> float:
     """A micro-batch's share of a token mean over the whole step (1.0 for the whole batch itself)."""
     return tokens / total if total > 0 else 0.0
@@ -82,11 +92,7 @@ def supervised_loss(model, tokenizer, problems: list[Problem], *, loss_on_prompt
     for rows in chunks:
         logprobs_b_T = token_logprobs(sequence_logits(model, ids_B_T[rows], attn_B_T[rows]), ids_B_T[rows])
         part, _ = sft_nll_loss(logprobs_b_T, target_B_T[rows])
-        part = part * _share(float(target_B_T[rows].sum()), total)
-        if len(chunks) > 1:
-            backward_outside_autocast(part)
-            part = part.detach()
-        loss = part if len(chunks) == 1 else loss + part
+        loss = accumulate(loss, part * _share(float(target_B_T[rows].sum()), total), len(chunks) > 1)
     return loss, {"loss": float(loss.detach()), "sft/nll": float(loss.detach()), "sft/num_tokens": total}
 
 
@@ -124,17 +130,19 @@ def distillation_loss(
         taken from the distributions the loss already needed, so it costs no extra teacher pass.
     """
     # The student's logits may cover only the last K positions (`policy_loss` skips the prompt): they start at
-    # column `off` of the batch, so the teacher columns and mask they pair with start at off + 1.
+    # column `off` of the batch, so the teacher columns and mask they pair with start at off + 1, and the teacher
+    # is asked for those columns only.
     off = batch.input_ids_B_T.shape[1] - student_logits_B_T_V.shape[1]
+    window = student_logits_B_T_V.shape[1] - 1
     student_B_T_V = student_logits_B_T_V[:, :-1]
     mask_B_T = loss_mask_B_T[:, off + 1 :]
     if settings.objective == "topk":
-        top_lp, top_ids, teacher_lp_B_T = panel.topk(batch, names_B, settings.topk)
-        loss, metrics = topk_reverse_kl_loss(student_B_T_V, top_lp[:, off + 1 :], top_ids[:, off + 1 :], mask_B_T)
+        top_lp, top_ids, teacher_lp_B_T = panel.topk(batch, names_B, settings.topk, window)
+        loss, metrics = topk_reverse_kl_loss(student_B_T_V, top_lp, top_ids, mask_B_T)
         return loss, metrics, teacher_lp_B_T
-    full_B_T_V = panel.full_logits(batch, names_B)
-    teacher_lp_B_T = aligned_token_logprobs(full_B_T_V, batch.input_ids_B_T) * batch.completion_mask_B_T
-    teacher_B_T_V = full_B_T_V[:, off + 1 :]
+    teacher_B_T_V = panel.full_logits(batch, names_B, window)
+    lp_B_W = aligned_token_logprobs(teacher_B_T_V, batch.input_ids_B_T[:, off + 1 :])
+    teacher_lp_B_T = torch.cat([lp_B_W.new_zeros(batch.size, off + 1), lp_B_W], dim=1) * batch.completion_mask_B_T
     if settings.objective == "full_reverse_kl":
         loss, metrics = full_reverse_kl_loss(student_B_T_V, teacher_B_T_V, mask_B_T)
     elif settings.objective == "forward_kl":
@@ -234,11 +242,7 @@ def policy_loss(
         share = _share(float(loss_mask_B_T[r].sum()), total)
         for k, v in part_metrics.items():  # each is a token mean over the micro-batch's loss mask
             loss_metrics[k] = loss_metrics.get(k, 0.0) + share * v
-        if len(chunks) > 1:
-            if part_loss.requires_grad:
-                backward_outside_autocast(part_loss)
-            part_loss = part_loss.detach()
-        loss = part_loss if len(chunks) == 1 else loss + part_loss
+        loss = accumulate(loss, part_loss, len(chunks) > 1)
         parts.append(part)
     whole_B = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

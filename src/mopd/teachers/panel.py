@@ -20,11 +20,6 @@ from ..models.forward import sequence_logits
 from .offload import placed_on
 
 
-def _aligned_logits(logits_B_T_V: torch.Tensor) -> torch.Tensor:
-    """Shift logits so position t holds the distribution that produced token t (position 0: zeros)."""
-    return torch.cat([torch.zeros_like(logits_B_T_V[:, :1]), logits_B_T_V[:, :-1]], dim=1)
-
-
 @dataclass
 class TeacherPanel:
     models: Mapping[str, torch.nn.Module]  # teacher name -> frozen model
@@ -82,30 +77,41 @@ class TeacherPanel:
         return out_B_T * batch.completion_mask_B_T
 
     @torch.no_grad()
-    def full_logits(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor:
-        """The routed teacher's full next-token logits, aligned to tokens: [B, T, V]."""
+    def full_logits(self, batch: RolloutBatch, names_B: list[str], window: int | None = None) -> torch.Tensor:
+        """The routed teacher's full next-token logits aligned to tokens: [B, T, V], or for the last `window`
+        tokens only ([B, window, V]; column j concerns token T - window + j).
+
+        A completion-only objective passes the completion window: at a real vocabulary the prompt positions'
+        projection (and everything the loss would do to it) is most of the pass, as for `sampled_logprobs`.
+        A token no position predicts within its teacher's trimmed rows (padding, or the first token) gets zeros.
+        """
+        width = batch.input_ids_B_T.shape[1] if window is None else window
         out: torch.Tensor | None = None
         for name, rows in self._rows_by_teacher(names_B).items():
-            ids, mask, start = self._routed_rows(batch, rows)
-            logits = _aligned_logits(self._teacher_logits(name, ids, mask))
-            if start == 0 and rows.numel() == batch.size:
-                return logits  # one teacher for the whole batch: its logits are the answer, no scatter copy
+            ids, mask, _ = self._routed_rows(batch, rows)
+            keep = min(width + 1, ids.shape[1])  # the last position predicts past the row: computed, dropped
+            aligned = self._teacher_logits(name, ids, mask, logits_to_keep=keep)[:, :-1]
+            if keep == width + 1 and rows.numel() == batch.size:
+                return aligned  # one teacher for the whole batch: its logits are the answer, no scatter copy
             if out is None:
-                out = logits.new_zeros((batch.size, batch.input_ids_B_T.shape[1], logits.shape[-1]))
-            out[rows, start:] = logits
+                out = aligned.new_zeros((batch.size, width, aligned.shape[-1]))
+            out[rows, width - aligned.shape[1] :] = aligned
         assert out is not None
         return out
 
     @torch.no_grad()
     def topk(
-        self, batch: RolloutBatch, names_B: list[str], k: int
+        self, batch: RolloutBatch, names_B: list[str], k: int, window: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The routed teacher's top-k logprobs and token ids per position ([B, T, K], [B, T, K]), plus the
-        logprob of each sampled token ([B, T], 0 off the completion): what a remote teacher would ship."""
-        logprobs = self.full_logits(batch, names_B).log_softmax(-1)
+        """The routed teacher's top-k logprobs and token ids per position ([B, W, K] each, W = T or `window`, as
+        `full_logits`), plus the logprob of each sampled token ([B, T], 0 off the completion): what a remote
+        teacher would ship."""
+        logprobs = self.full_logits(batch, names_B, window).log_softmax(-1)
         top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-        sampled = logprobs.gather(-1, batch.input_ids_B_T[..., None]).squeeze(-1)
-        return top_lp, top_ids, sampled * batch.completion_mask_B_T
+        W = logprobs.shape[1]
+        sampled = logprobs.gather(-1, batch.input_ids_B_T[:, -W:, None]).squeeze(-1)
+        sampled_B_T = torch.cat([sampled.new_zeros(batch.size, batch.input_ids_B_T.shape[1] - W), sampled], dim=1)
+        return top_lp, top_ids, sampled_B_T * batch.completion_mask_B_T
 
 
 def aligned_token_logprobs(aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
