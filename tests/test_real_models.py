@@ -173,7 +173,7 @@ def test_bundled_qwen_recipe_validates_without_downloading(monkeypatch: pytest.M
 
 def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """An AVX2-only CPU emulates bfloat16 GEMMs (about 8x slower than float32, docs/BENCHMARKS.md): a recipe that
+    """An AVX2-only CPU emulates bfloat16 GEMMs (the MOPD step 8x slower than float32, docs/BENCHMARKS.md): a recipe that
     asks for bfloat16 there still runs, but the runner says so, naming the stages, before the first one starts."""
     import io
 

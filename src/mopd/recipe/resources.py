@@ -98,8 +98,8 @@ def check_machine(recipe: Recipe, where: Where) -> None:
 
 def precision_warnings(recipe: Recipe) -> list[str]:
     """A one-line warning when stages would compute in bfloat16 where the hardware has no bfloat16 matrix
-    multiply (an AVX2-only CPU): legal, so not an error, but its linear layers run about 8x slower than in float32
-    there, which a user should hear about before the first stage rather than guess from a slow progress bar."""
+    multiply (an AVX2-only CPU): legal, so not an error, but the MOPD step ran 8x slower than in float32 there,
+    which a user should hear about before the first stage rather than guess from a slow progress bar."""
     import torch
 
     from ..models.placement import emulated_bfloat16, stage_placement
@@ -109,7 +109,7 @@ def precision_warnings(recipe: Recipe) -> list[str]:
     if not slow:
         return []
     return [f"stage(s) {', '.join(slow)} compute in bfloat16 on a CPU without bfloat16 matrix multiplies "
-            "(no AVX512): emulated there, several times slower than float32; `dtype: auto` picks float32"]
+            "(no AVX512): emulated there, about 8x slower than float32; `dtype: auto` picks float32"]
 
 
 def offline_fingerprint(ref: str) -> str | None:
