@@ -239,7 +239,7 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
                 loss, metrics = loss_fn(model, step)  # micro-batched: backward already done, loss detached
             if loss.requires_grad:
                 loss.backward()
-            # a batch with no learning signal (e.g. all-equal GRPO groups) leaves no gradient and skips the update
+            # a step with nothing to learn from (offpolicy_ft with no verified trace) leaves no gradient: no update
             if any(p.grad is not None for p in trainable_parameters(model)):
                 if s.grad_clip:
                     metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
