@@ -234,12 +234,12 @@ def policy_loss(
     parts: list[dict[str, torch.Tensor]] = []
     for r in chunks:
         whole = r.start == 0 and r.stop == batch.size
+        share = _share(float(loss_mask_B_T[r].sum()), total)
         part_loss, part_metrics, part = _micro_batch_loss(
             model, batch if whole else batch.select(torch.arange(r.start, r.stop)), loss_mask_B_T[r],
             None if grpo_B_T is None else grpo_B_T[r], None if names_B is None else names_B[r], panel, settings,
-            K, total,
+            K, total, share,
         )
-        share = _share(float(loss_mask_B_T[r].sum()), total)
         for k, v in part_metrics.items():  # each is a token mean over the micro-batch's loss mask
             loss_metrics[k] = loss_metrics.get(k, 0.0) + share * v
         loss = accumulate(loss, part_loss, len(chunks) > 1)
@@ -264,13 +264,13 @@ def policy_loss(
 
 def _micro_batch_loss(
     model, batch, loss_mask_B_T, grpo_B_T, names_B, panel: TeacherPanel | None, settings: PolicySettings,
-    K: int, total_tokens: float,
+    K: int, total_tokens: float, share: float,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
     """Phases 3-5 of `policy_loss` on some rows of the batch (all of them without micro-batches); the student's
     logits cover the last K positions.
 
-    Returns (loss, loss metrics, kept): the loss is this micro-batch's share of the whole step's token mean
-    (`total_tokens` loss-mask tokens); its metrics are token means over this micro-batch's loss mask (the caller
+    Returns (loss, loss metrics, kept): the loss is this micro-batch's `share` of the whole step's token mean
+    over `total_tokens` loss-mask tokens; its metrics are token means over this micro-batch's loss mask (the caller
     weights them by their token share); `kept` holds the detached per-token tensors the whole-batch metrics read.
     """
     mask_B_T = batch.completion_mask_B_T
@@ -288,7 +288,6 @@ def _micro_batch_loss(
         tempered_B_K = token_logprobs(logits_B_K_V / settings.temperature, batch.input_ids_B_T[:, T - K :])
         pg_logprobs_B_T = torch.cat([tempered_B_K.new_zeros(tempered_B_K.shape[0], T - K), tempered_B_K], dim=1)
     kept = {"entropy_B_K": token_entropy(logits_B_K_V.detach()), "logprobs_B_T": logprobs_B_T.detach()}
-    share = _share(float(loss_mask_B_T.sum()), total_tokens)
 
     def pg_loss(advantages_B_T):
         return policy_gradient_loss(
