@@ -89,30 +89,17 @@ def machine() -> str:
     """CPU model, its widest vector unit (torch's dispatch level, plus AMX / AVX512-BF16 where present), cores and
     Python: the figures differ between machines (AMX, AVX512-BF16 or emulated bfloat16 GEMMs), and two of the
     project's machines were both just "AMD EPYC"."""
-    model = platform.processor() or platform.machine()
+    model, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        lines = (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in lines}  # the same for every processor listed
+        model = fields.get("model name", model)
+        flags = set(fields.get("flags", "").split())
     except OSError:
         pass
-    return (f"{model} ({platform.machine()}, {cpu_features()}), {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}")
-
-
-def cpu_features() -> str:
-    """torch's CPU capability (AVX2, AVX512, ...) and the bfloat16 units /proc/cpuinfo lists."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    extra = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX")) if flag in flags]
-    return "+".join([torch.backends.cpu.get_cpu_capability(), *extra])
+    units = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX")) if flag in flags]
+    features = "+".join([torch.backends.cpu.get_cpu_capability(), *units])
+    return f"{model} ({platform.machine()}, {features}), {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -43,14 +43,15 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tok = build_char_tokenizer(_common.ALPHABET)
     student, teacher = load_model(args.models / "student"), load_model(args.models / "teacher0")
-    settings = replace(_common.mopd_settings(COMPLETION_TOKENS, "full_reverse_kl"), micro_batch_size=args.micro or None)
+    settings = replace(_common.mopd_settings(COMPLETION_TOKENS, "full_reverse_kl"),
+                       micro_batch_size=args.micro_size or None)
     step = _common.mopd_step_fn(student, {"teacher0": teacher}, tok, settings, {d: "teacher0" for d in _common.DOMAINS})
     batches = [_common.problems(args.rollouts, seed=100 + i) for i in range(args.steps + 1)]
     before = _rss_mib()
     step(batches[0], 0)  # warm-up (AdamW state is created here)
     times = [_common.timed(lambda i=i: step(batches[i], i)) for i in range(1, args.steps + 1)]
     peak = _common.peak_rss_mib()
-    print(json.dumps({"micro": args.micro, "peak_rss_mib": round(peak, 1), "rss_before_mib": round(before, 1),
+    print(json.dumps({"micro": args.micro_size, "peak_rss_mib": round(peak, 1), "rss_before_mib": round(before, 1),
                       "step_peak_above_start_mib": round(peak - before, 1),
                       "step_ms": round(1000 * _common.median(times), 1)}))
 
@@ -68,7 +69,6 @@ def main() -> None:
     ap.add_argument("--micro-size", dest="micro_size", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        args.micro = args.micro_size
         return worker(args)
 
     import _common

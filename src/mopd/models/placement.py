@@ -40,7 +40,7 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def emulated_bfloat16(device: torch.device) -> bool:
     """True where bfloat16 matrix multiplies have no hardware path: a CPU without AVX512 (oneDNN's bfloat16
-    kernels need it; an AVX2-only CPU falls back to scalar code).
+    kernels need it; on an AVX2-only CPU torch emulates them).
 
     Why it matters: on such a CPU (an AVX2-only AMD EPYC, docs/BENCHMARKS.md) a bfloat16 GEMM ran 29x slower than
     a float32 one and the bfloat16 MOPD step 8x slower, so a `dtype: bfloat16` stage there is slower, not faster.
