@@ -208,7 +208,9 @@ class DomainLike(Protocol):
     def held_out_prompts(self, n: int, seed: int = 1234) -> frozenset[str]: ...
 
 
-_REGISTRY: dict[str, Any] = {}  # name -> Domain or another DomainLike (see add_domain)
+# name -> Domain: the built-in domains and those plugins register. A recipe reads it once, when it is loaded
+# (`recipe.load`); stages get their domains from the loaded recipe, never from here.
+_REGISTRY: dict[str, Domain] = {}
 
 
 def _same_function(a: Callable, b: Callable) -> bool:
@@ -250,8 +252,6 @@ def register_domain(
         if not callable(fn):
             raise TypeError(f"register_domain({name!r}) must decorate a callable, got {fn!r}")
         existing = _REGISTRY.get(name)
-        if existing is not None and not isinstance(existing, Domain):
-            raise ValueError(f"domain {name!r} is already a recipe's data domain; pick another name")
         if existing is not None:
             if _same_function(existing.generate, fn):
                 return fn
@@ -269,18 +269,6 @@ def register_domain(
         return fn
 
     return decorator
-
-
-def add_domain(domain: DomainLike) -> None:
-    """Register a ready-made domain object (a recipe's data-backed domain) under `domain.name`.
-
-    Why replacing is allowed: a data domain is rebuilt each time a recipe is loaded, so loading the same (or an
-    edited) recipe again in one process must win. A name held by a generator domain is never replaced.
-    """
-    existing = _REGISTRY.get(domain.name)
-    if isinstance(existing, Domain) and not isinstance(domain, Domain):
-        raise ValueError(f"domain name {domain.name!r} is taken by a built-in or plugin domain; pick another name")
-    _REGISTRY[domain.name] = domain
 
 
 def get_domain(name: str) -> Domain:

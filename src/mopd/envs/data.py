@@ -1,6 +1,6 @@
 """Data-backed domains: prompts from a file or dataset, rewards from a real verifier.
 
-A recipe declares one as a mapping in `domains:` (see `recipe.schema.DataDomainSpec`); `DataDomain` gives it the
+A recipe declares one as a mapping in `domains:` (see `core.schema.DataDomainSpec`); `DataDomain` gives it the
 interface every stage already uses for generated domains (`sample_train`, `eval_set`, `held_out_prompts`,
 `verify`), so sampling, routing, rewards and evaluation need no special case.
 

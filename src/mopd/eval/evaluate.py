@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from ..envs import exact_match, get_domain
+from ..core.schema import EvalSettings
+from ..envs import DomainLike, exact_match
+from ..models.prompting import RAW, PromptFormat
 from ..sampling.sampler import sample
 
 
@@ -12,26 +16,22 @@ from ..sampling.sampler import sample
 def evaluate(
     model,
     tokenizer,
-    domains: list[str],
-    *,
-    size: int,
-    seed: int,
-    max_new_tokens: int,
-    batch_size: int = 256,
+    domains: Sequence[DomainLike],
+    settings: EvalSettings,
+    prompt_format: PromptFormat = RAW,
 ) -> dict[str, dict[str, float]]:
     """{domain: {"score": mean verifier reward, "accuracy": exact-match rate}} on the held-out sets."""
     results: dict[str, dict[str, float]] = {}
-    for name in domains:
-        domain = get_domain(name)
-        problems = domain.eval_set(size, seed=seed)
+    for domain in domains:
+        problems = domain.eval_set(settings.size, seed=settings.seed)
         rewards: list[float] = []
         exact: list[bool] = []
-        for i in range(0, len(problems), batch_size):
-            chunk = problems[i : i + batch_size]
-            batch = sample(model, tokenizer, [p.prompt for p in chunk], max_new_tokens=max_new_tokens,
-                           temperature=0.0)
+        for i in range(0, len(problems), settings.batch_size):
+            chunk = problems[i : i + settings.batch_size]
+            batch = sample(model, tokenizer, [p.prompt for p in chunk], max_new_tokens=settings.max_new_tokens,
+                           temperature=0.0, prompt_format=prompt_format)
             for p, c in zip(chunk, batch.completions, strict=True):
                 rewards.append(float(domain.verify(p, c)))
                 exact.append(bool(exact_match(p, c)))
-        results[name] = {"score": sum(rewards) / len(rewards), "accuracy": sum(exact) / len(exact)}
+        results[domain.name] = {"score": sum(rewards) / len(rewards), "accuracy": sum(exact) / len(exact)}
     return results

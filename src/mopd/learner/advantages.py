@@ -1,6 +1,6 @@
 """Advantage estimators: small pure functions that turn rewards / teacher scores into per-token advantages.
 
-Contract (STYLE.md, principle 1): every estimator returns `advantages_B_T` aligned to `input_ids_B_T`
+Contract: every estimator returns `advantages_B_T` aligned to `input_ids_B_T`
 (zero outside the completion mask) plus a dict of namespaced python-float metrics; `policy_gradient_loss`
 in `losses.py` consumes them. Nothing here carries gradient: advantages are constants (stop-gradient).
 
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mopd.learner.logprobs import masked_mean
+from ..core.logprobs import masked_mean
 
 
 def grpo_advantages(

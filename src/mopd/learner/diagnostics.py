@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs import masked_mean
+from ..core.logprobs import masked_mean
 
 
 def teacher_diagnostics(

@@ -1,6 +1,6 @@
 """The one policy-gradient loss every advantage estimator feeds, plus SFT NLL and surprise reweighting.
 
-Inputs are per-token and aligned to `input_ids_B_T` (see `batch.py`): current-policy logprobs (with grad),
+Inputs are per-token and aligned to `input_ids_B_T` (see `core/batch.py`): current-policy logprobs (with grad),
 the sampler's logprobs (the policy that generated the tokens, e.g. vLLM), advantages (constants) and a mask.
 
 Departures from textbook PPO:
@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from mopd.learner.logprobs import masked_mean
+from ..core.logprobs import masked_mean
 
 ISMode = Literal["truncate", "clip", "none"]
 

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from mopd.learner.logprobs import masked_mean
+from ..core.logprobs import masked_mean
 
 
 def full_reverse_kl_loss(

@@ -6,26 +6,10 @@ and the same recipe code path later runs on real Hugging Face checkpoints.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
-
-class TinyModelConfig(BaseModel):
-    """Shape of a tiny model. Every default is visible here; a recipe's `model:` block overrides them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    arch: Literal["qwen3", "llama"] = "qwen3"
-    hidden_size: int = 128
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 384
-    max_positions: int = 64
-    tie_embeddings: bool = True
+from ..core.schema import TinyModelConfig
 
 
 def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, tokenizer, seed: int) -> PreTrainedModel:

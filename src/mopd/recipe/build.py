@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import string
 
+from ..core.schema import Recipe
 from ..envs import ALPHABET
 from ..models.tokenizer import build_char_tokenizer
-from .schema import Recipe
 
 
 def tokenizer_alphabet(recipe: Recipe) -> str:

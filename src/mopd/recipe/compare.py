@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .load import LoadedRecipe, _refs, init_ref
+from .load import LoadedRecipe
+from .refs import init_ref, stage_refs
 
 
 def _ancestors(stages: dict, name: str) -> set[str]:
     seen: set[str] = set()
     todo = [name]
     while todo:
-        for _, ref in _refs(stages[todo.pop()]):
+        for _, ref in stage_refs(stages[todo.pop()]):
             if ref in stages and ref not in seen:
                 seen.add(ref)
                 todo.append(ref)

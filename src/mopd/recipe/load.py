@@ -1,5 +1,9 @@
 """Load a YAML recipe and reject every mistake before any compute, in one line naming file, line and key.
 
+Loading is also where process-wide state is read, once: plugins register their domains, and every domain the
+recipe names is looked up and kept on the `LoadedRecipe`; stages get their domains from there, never from the
+registry.
+
 Checks, in order: YAML syntax; schema (unknown keys, unknown stage kinds, types); plugins; domains; references
 to stages that do not exist; cycles; MOPD / off-policy domains without a teacher; cascade orders, teacher
 schedules and the `compare:` block; teachers (and merged models) whose tokenizer differs from the student's.
@@ -7,28 +11,29 @@ schedules and the `compare:` block; teachers (and merged models) whose tokenizer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from .schema import (
+from ..core.errors import RecipeError
+from ..core.schema import (
     KINDS,
     CascadeRLStage,
     EvalStage,
-    MergeStage,
     MOPDStage,
     OffPolicyFTStage,
-    PretrainStage,
     Recipe,
     SamplingSettings,
 )
+from ..envs import DomainLike, get_domain, list_domains, load_plugin
+from .refs import looks_like_path, resolve_external, stage_refs, topo_order
+from .resources import check_resources
+from .tokenizer_checks import check_tokenizer_agreement
 
-
-class RecipeError(ValueError):
-    """A recipe mistake; str() is the one line the CLI prints."""
+__all__ = ["LoadedRecipe", "RecipeError", "load_recipe"]
 
 
 @dataclass
@@ -37,6 +42,8 @@ class LoadedRecipe:
     path: Path
     order: list[str]  # stages in dependency order
     lines: dict[tuple, int]
+    # every recipe domain by name, read once here: registered (built-in, plugin) or declared as data
+    domains: dict[str, DomainLike] = field(default_factory=dict)
 
     def where(self, *key: Any) -> str:
         return _where(self.path, self.lines, key)
@@ -88,21 +95,6 @@ def _schema_error(path: Path, lines: dict[tuple, int], err: ValidationError) -> 
     return RecipeError(f"{_where(path, lines, tuple(loc))}: {msg}")
 
 
-def _refs(stage) -> list[tuple[tuple, str]]:
-    """(key path within the stage, referenced name) for every reference a stage makes."""
-    refs: list[tuple[tuple, str]] = []
-    if getattr(stage, "init", None):
-        refs.append((("init",), stage.init))
-    if isinstance(stage, MOPDStage | OffPolicyFTStage):
-        refs += [(("teachers", d), t) for d, t in stage.teachers.items()]
-    if isinstance(stage, MergeStage):
-        refs.append((("base",), stage.base))
-        refs += [(("models", i), m) for i, m in enumerate(stage.models)]
-    if isinstance(stage, EvalStage):
-        refs += [(("models", i), m) for i, m in enumerate(stage.models)]
-    return refs
-
-
 def _check_sampling(stage: SamplingSettings, where) -> None:
     """Sampling settings that only make sense together (rlvr and mopd stages); `where(*key)` locates a key."""
     if stage.temperature_schedule == "linear" and stage.temperature_end is None:
@@ -120,45 +112,6 @@ def _check_sampling(stage: SamplingSettings, where) -> None:
             f"{where('surprise_alpha')}: surprise reweighting scales sampled-token advantages; it needs "
             f"`objective: sampled` (got {stage.objective!r})"
         )
-
-
-def init_ref(stage) -> str | None:
-    """The checkpoint a stage's weights start from: `init`, or a merge's `base`."""
-    return stage.base if isinstance(stage, MergeStage) else getattr(stage, "init", None)
-
-
-def _looks_like_path(ref: str) -> bool:
-    return "/" in ref or ref.startswith(".") or Path(ref).exists()
-
-
-def _resolve_external(ref: str, base: Path) -> str | None:
-    """An external reference: a local HF directory (relative to the recipe) or a hub id (contains '/')."""
-    p = Path(ref).expanduser()
-    p = p if p.is_absolute() else (base / p)
-    if p.is_dir():
-        return str(p.resolve())
-    return ref if "/" in ref and not ref.startswith((".", "/")) else None
-
-
-def topo_order(stages: dict[str, Any], deps: dict[str, list[str]], where) -> list[str]:
-    order: list[str] = []
-    state: dict[str, int] = {}  # 1 visiting, 2 done
-
-    def visit(name: str, chain: list[str]) -> None:
-        if state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            cycle = " -> ".join([*chain[chain.index(name) :], name])
-            raise RecipeError(f"{where('stages', name)}: cycle in stage references: {cycle}")
-        state[name] = 1
-        for d in deps[name]:
-            visit(d, [*chain, name])
-        state[name] = 2
-        order.append(name)
-
-    for name in stages:
-        visit(name, [])
-    return order
 
 
 def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRecipe:
@@ -184,8 +137,6 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
     def where(*key: Any) -> str:
         return _where(path, lines, key)
 
-    from ..envs import get_domain, list_domains, load_plugin
-
     for i, plugin in enumerate(recipe.plugins):
         p = Path(plugin) if Path(plugin).is_absolute() else path.parent / plugin
         if not p.exists():
@@ -194,12 +145,11 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
             load_plugin(p)
         except Exception as e:  # a broken plugin is a recipe error, reported in one line
             raise RecipeError(f"{where('plugins', i)}: plugin {p} failed to load: {e}") from None
-    from .resources import check_resources
-
-    check_resources(recipe, path, where)  # data domains (built and registered here), devices, packages
+    data = check_resources(recipe, path, where)  # data domains (built here), devices, packages
+    domains: dict[str, DomainLike] = {}
     for i, d in enumerate(recipe.domains):
         try:
-            get_domain(d)
+            domains[d] = data[d] if d in data else get_domain(d)
         except KeyError:
             raise RecipeError(
                 f"{where('domains', i)}: unknown domain {d!r}; known: {', '.join(list_domains())}"
@@ -208,13 +158,13 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
     deps: dict[str, list[str]] = {}
     for name, stage in recipe.stages.items():
         deps[name] = []
-        for key, ref in _refs(stage):
+        for key, ref in stage_refs(stage):
             if ref in recipe.stages:
                 if ref == name:
                     raise RecipeError(f"{where('stages', name, *key)}: stage {name!r} refers to itself")
                 deps[name].append(ref)
-            elif _resolve_external(ref, path.parent) is None:
-                hint = "" if _looks_like_path(ref) else f"; stages are: {', '.join(recipe.stages)}"
+            elif resolve_external(ref, path.parent) is None:
+                hint = "" if looks_like_path(ref) else f"; stages are: {', '.join(recipe.stages)}"
                 raise RecipeError(
                     f"{where('stages', name, *key)}: {ref!r} is neither a stage of this recipe nor a model "
                     f"directory{hint}"
@@ -253,7 +203,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
         recipe.stages.get(recipe.report.student), MOPDStage
     ):
         raise RecipeError(f"{where('report', 'student')}: {recipe.report.student!r} is not a mopd stage")
-    loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines)
+    loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines, domains=domains)
     if check_tokenizers:
         check_tokenizer_agreement(loaded)
     return loaded
@@ -311,79 +261,3 @@ def _check_compare(recipe: Recipe, where) -> None:
             )
 
 
-def stage_roots(loaded: LoadedRecipe) -> dict[str, str]:
-    """For each stage, the model its weights descend from: 'scratch' or an external directory / hub id."""
-    roots: dict[str, str] = {}
-    stages = loaded.recipe.stages
-    for name in loaded.order:
-        s = stages[name]
-        if isinstance(s, EvalStage):
-            continue
-        if isinstance(s, PretrainStage) and s.model is not None:
-            roots[name] = "scratch"
-        elif init_ref(s) in stages:
-            roots[name] = roots[init_ref(s)]
-        else:
-            roots[name] = _resolve_external(init_ref(s), loaded.path.parent) or init_ref(s)
-    return roots
-
-
-def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str | None]:
-    """Fingerprint of the tokenizer every model reference in the recipe will carry (cheap: no weights; None for
-    a Hub id that is not in the local cache, since validation never downloads)."""
-    from ..models.tokenizer import tokenizer_fingerprint
-    from .build import recipe_tokenizer
-    from .resources import offline_fingerprint
-
-    cache: dict[str, str | None] = {}
-
-    def of_root(root: str) -> str | None:
-        if root not in cache:
-            cache[root] = (
-                tokenizer_fingerprint(recipe_tokenizer(loaded.recipe)) if root == "scratch" else offline_fingerprint(root)
-            )
-        return cache[root]
-
-    roots = stage_roots(loaded)
-    return {name: of_root(root) for name, root in roots.items()}
-
-
-def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
-    """A teacher must score the student's token ids, and merged models must share one vocabulary: refuse any
-    teacher (merged model) whose tokenizer differs from the student's (the merge base's)."""
-    recipe = loaded.recipe
-    if not any(isinstance(s, MOPDStage | MergeStage) for s in recipe.stages.values()):
-        return
-    fps = tokenizer_fingerprints(loaded)
-    from .resources import offline_fingerprint
-
-    for name, stage in recipe.stages.items():
-        if not isinstance(stage, MOPDStage | MergeStage):
-            continue
-        student_fp = fps[name]
-        key = "teachers" if isinstance(stage, MOPDStage) else "models"
-        pairs = stage.teachers.items() if isinstance(stage, MOPDStage) else enumerate(stage.models)
-        for domain, teacher in pairs:
-            if teacher in recipe.stages:
-                fp = fps[teacher]
-            else:
-                ref = _resolve_external(teacher, loaded.path.parent) or teacher
-                try:
-                    fp = offline_fingerprint(ref)
-                except Exception as e:
-                    raise RecipeError(
-                        f"{loaded.where('stages', name, key, domain)}: cannot load the tokenizer of "
-                        f"{teacher!r}: {e}"
-                    ) from None
-            if fp is None or student_fp is None:
-                continue  # a Hub id not cached here: validation never downloads; checked when the stage starts
-            if fp != student_fp and isinstance(stage, MergeStage):
-                raise RecipeError(
-                    f"{loaded.where('stages', name, key, domain)}: {teacher!r} uses a different tokenizer from the "
-                    f"base {stage.base!r}; merging parameters needs the same vocabulary"
-                )
-            if fp != student_fp:
-                raise RecipeError(
-                    f"{loaded.where('stages', name, key, domain)}: teacher {teacher!r} uses a different "
-                    f"tokenizer from the student {stage.init!r}; on-policy distillation needs the same vocabulary"
-                )

@@ -12,22 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..envs import add_domain
+from ..core.errors import RecipeError
+from ..core.schema import PretrainStage, Recipe, SFTStage
+from ..envs import list_domains
 from ..envs.data import DataDomain, DataDomainError
+from ..models.precision import emulated_bfloat16, resolve_placement
+from ..sampling.backend import vllm_unavailable_reason
 from .build import tokenizer_alphabet
-from .schema import PretrainStage, Recipe, SFTStage
 
 Where = Callable[..., str]
 
 
-def _error(message: str) -> Exception:
-    from .load import RecipeError  # load imports this module; the error class lives there
-
-    return RecipeError(message)
-
-
 def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[str, DataDomain]:
-    """Build, read (local sources) and register every data domain the recipe declares."""
+    """Build and read (local sources) every data domain the recipe declares. They are not registered: they
+    travel in the loaded recipe, so loading one recipe never changes what another process-wide lookup sees."""
     built: dict[str, DataDomain] = {}
     for i, spec in recipe.data_domains.items():
         try:
@@ -41,11 +39,12 @@ def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[
             if domain.local:
                 domain.load()
         except DataDomainError as e:
-            raise _error(f"{where('domains', i, *e.key)}: {e}") from None
-        try:
-            add_domain(domain)
-        except ValueError as e:
-            raise _error(f"{where('domains', i, 'name')}: {e}") from None
+            raise RecipeError(f"{where('domains', i, *e.key)}: {e}") from None
+        if spec.name in list_domains():
+            raise RecipeError(
+                f"{where('domains', i, 'name')}: domain name {spec.name!r} is taken by a built-in or plugin domain; "
+                "pick another name"
+            )
         built[spec.name] = domain
     return built
 
@@ -57,7 +56,7 @@ def check_data_fit(recipe: Recipe, data: dict[str, DataDomain], where: Where) ->
             continue
         for d in stage.domains or recipe.domains:
             if d in data and data[d].local and not data[d].has_answers:
-                raise _error(
+                raise RecipeError(
                     f"{where('stages', name, 'domains')}: {stage.kind} trains on reference completions, but data "
                     f"domain {d!r} has records without one (map `fields.answer`, or leave it out of this stage)"
                 )
@@ -70,7 +69,7 @@ def check_data_fit(recipe: Recipe, data: dict[str, DataDomain], where: Where) ->
         missing = sorted(domain.characters() - alphabet) if domain.local else []
         if missing:
             shown = "".join(missing[:20]).encode("unicode_escape").decode()
-            raise _error(
+            raise RecipeError(
                 f"{where('domains', i)}: {len(missing)} character(s) of {spec.source!r} are not in the tiny "
                 f"model's tokenizer alphabet ({shown!r}); set `tokenizer: {{alphabet: printable}}` or list them"
             )
@@ -82,18 +81,16 @@ def check_machine(recipe: Recipe, where: Where) -> None:
 
     cuda = torch.cuda.is_available()
     if recipe.device == "cuda" and not cuda:
-        raise _error(f"{where('device')}: `cuda` asked for, but torch sees no CUDA device here (use auto or cpu)")
+        raise RecipeError(f"{where('device')}: `cuda` asked for, but torch sees no CUDA device here (use auto or cpu)")
     for name, stage in recipe.stages.items():
         if getattr(stage, "device", None) == "cuda" and not cuda:
-            raise _error(f"{where('stages', name, 'device')}: `cuda` asked for, but torch sees no CUDA device here")
+            raise RecipeError(f"{where('stages', name, 'device')}: `cuda` asked for, but torch sees no CUDA device here")
         if getattr(stage, "lora", None) is not None and importlib.util.find_spec("peft") is None:
-            raise _error(f"{where('stages', name, 'lora')}: LoRA needs peft (pip install 'mopd[lora]')")
+            raise RecipeError(f"{where('stages', name, 'lora')}: LoRA needs peft (pip install 'mopd[lora]')")
     if recipe.rollout_backend == "vllm":
-        from ..sampling.backend import vllm_unavailable_reason
-
         reason = vllm_unavailable_reason()
         if reason:
-            raise _error(f"{where('rollout_backend')}: vllm backend unavailable: {reason}")
+            raise RecipeError(f"{where('rollout_backend')}: vllm backend unavailable: {reason}")
 
 
 def precision_warnings(recipe: Recipe) -> list[str]:
@@ -102,30 +99,12 @@ def precision_warnings(recipe: Recipe) -> list[str]:
     which a user should hear about before the first stage rather than guess from a slow progress bar."""
     import torch
 
-    from ..models.placement import emulated_bfloat16, stage_placement
-
     slow = [name for name, stage in recipe.stages.items()
-            if (placed := stage_placement(stage, recipe))[1] == torch.bfloat16 and emulated_bfloat16(placed[0])]
+            if (p := resolve_placement(stage, recipe)).compute_dtype == torch.bfloat16 and emulated_bfloat16(p.device)]
     if not slow:
         return []
     return [f"stage(s) {', '.join(slow)} compute in bfloat16 on a CPU without bfloat16 matrix multiplies "
             "(no AVX512): emulated there, about 8x slower than float32; `dtype: auto` picks float32"]
-
-
-def offline_fingerprint(ref: str) -> str | None:
-    """Tokenizer fingerprint of a model directory or a Hub id already in the local cache; None when only the
-    Hub has it (validation never downloads). A local directory whose tokenizer cannot load raises."""
-    from transformers import AutoTokenizer
-
-    from ..models.tokenizer import tokenizer_fingerprint
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(ref), local_files_only=True)
-    except Exception:
-        if Path(ref).is_dir():
-            raise
-        return None
-    return tokenizer_fingerprint(tok)
 
 
 def check_resources(recipe: Recipe, recipe_path: Path, where: Where) -> dict[str, Any]:

@@ -7,7 +7,6 @@ moved aside to `.superseded/` (never deleted), so nothing already saved is lost.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,64 +17,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import __version__
+from ..core.schema import MOPDStage
 from ..models.checkpoint import read_lineage, write_json_atomic
-from ..stages.context import StageContext
-from ..stages.placement import stage_tokenizer
+from ..stages.driver import FINAL, checkpointed_seconds
 from ..stages.run import run_stage
-from ..stages.train import FINAL, checkpointed_seconds
-from .build import recipe_tokenizer
-from .load import LoadedRecipe, _refs, _resolve_external, init_ref
+from .identity import stage_identities
+from .load import LoadedRecipe
+from .refs import init_ref, stage_domains
+from .resolve import resolve_stage
 from .resources import precision_warnings
-from .schema import EvalStage, MOPDStage
-
-# they change logging (and the MOPD preflight check), or how a step's gradient is computed (micro-batches: the same
-# gradient up to float rounding), not what is trained
-SETTINGS_NOT_IN_IDENTITY = {"checkpoint_every", "eval_every", "preflight", "micro_batch_size"}
-
-
-def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
-    recipe = loaded.recipe
-    ids: dict[str, str] = {}
-    for name in loaded.order:
-        stage = recipe.stages[name]
-        settings = stage.model_dump(mode="json", exclude=SETTINGS_NOT_IN_IDENTITY)
-        parents = {
-            ref: ids.get(ref) or f"external:{_resolve_external(ref, loaded.path.parent) or ref}"
-            for _, ref in _refs(stage)
-        }
-        payload = {
-            "settings": settings,
-            "seed": getattr(stage, "seed", None) if getattr(stage, "seed", None) is not None else recipe.seed,
-            "domains": getattr(stage, "domains", None) or recipe.domains,
-            "eval": recipe.eval.model_dump(mode="json"),
-            "tokenizer": recipe.tokenizer.model_dump(mode="json"),
-            "parents": parents,
-        }
-        payload.update(_real_model_identity(recipe, settings))
-        ids[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return ids
-
-
-def _real_model_identity(recipe, settings: dict) -> dict:
-    """Identity entries of the real-model settings (data domains, prompt rendering, precision, master weights,
-    LoRA).
-
-    Only what differs from the defaults is added, and `device` never is (where a stage runs does not define it),
-    so recipes that use none of these keep the identities their finished stages were saved under.
-    """
-    for key in ("dtype", "master_weights", "lora", "device"):
-        if settings.get(key) is None or key == "device":
-            settings.pop(key, None)
-    extra: dict = {}
-    if recipe.data_domains:
-        extra["data_domains"] = [d.model_dump(mode="json") for d in recipe.data_domains.values()]
-    rendering = {"chat_template": recipe.chat_template, "chat_template_kwargs": recipe.chat_template_kwargs,
-                 "dtype": recipe.dtype}
-    if rendering != {"chat_template": "auto", "chat_template_kwargs": {}, "dtype": "auto"}:
-        extra["rendering"] = rendering
-    if recipe.master_weights != "float32":
-        extra["master_weights"] = recipe.master_weights
-    return extra
 
 
 def report_block(loaded: LoadedRecipe) -> dict | None:
@@ -111,8 +61,6 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = stage_identities(loaded)
-    tokenizer = recipe_tokenizer(recipe)
-    refs: dict[str, str] = {}  # stage name or external reference -> loadable path / hub id
     run_path = out / "run.json"
     previous = json.loads(run_path.read_text()) if run_path.exists() else {}
     stages_info: dict[str, dict] = {}
@@ -146,14 +94,11 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
         for name in loaded.order:
             stage = recipe.stages[name]
             stage_dir = out / name
-            for _, ref in _refs(stage):
-                if ref not in recipe.stages:
-                    refs[ref] = _resolve_external(ref, loaded.path.parent) or ref
             info = {
                 "kind": stage.kind,
                 "init": init_ref(stage),
                 "teachers": dict(teachers) if isinstance(teachers := getattr(stage, "teachers", None), dict) else None,
-                "domains": getattr(stage, "domains", None) or recipe.domains,
+                "domains": stage_domains(stage, recipe),
                 "identity": ids[name],
             }
             total = getattr(stage, "steps", 1)
@@ -167,13 +112,8 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
                 _archive_if_stale(stage_dir, ids[name], out)
                 stage_dir.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": stage.kind})
-                seed = getattr(stage, "seed", None)
-                ctx = StageContext(
-                    name=name, settings=stage, recipe=recipe, stage_dir=stage_dir, identity=ids[name],
-                    seed=recipe.seed if seed is None else seed,
-                    tokenizer=stage_tokenizer(recipe, tokenizer, refs.get(init_ref(stage) or "")),
-                    init_path=refs.get(init_ref(stage) or ""),
-                    model_refs=dict(refs), parents={r: ids.get(r, refs.get(r, r)) for _, r in _refs(stage)},
+                ctx = resolve_stage(
+                    loaded, name, out, ids,
                     on_progress=lambda step, tot, m, task=task: progress.update(
                         task, completed=step, info=_progress_info(m)),
                     on_warning=lambda msg: warn(msg, progress.console),
@@ -183,8 +123,6 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
                 info["wall_seconds"] = round(time.time() - t0, 2)
                 info["status"] = "ran"
                 progress.update(task, completed=total)
-            if not isinstance(stage, EvalStage):
-                refs[name] = str(stage_dir / FINAL)
             stages_info[name] = info
             write_run_json()
 

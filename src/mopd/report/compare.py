@@ -12,18 +12,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mopd.report.build import (
+from mopd.report.build import atomic_write
+from mopd.report.compare_plots import render_bars, render_sample_efficiency
+from mopd.report.scores import normalized_score, recovery
+from mopd.report.tables import (
     MISSING,
     Table,
-    _atomic_write,
-    _fmt,
-    _fmt_duration,
+    fmt_duration,
+    fmt_number,
     load_run,
     read_final_eval,
     read_metrics,
 )
-from mopd.report.compare_plots import render_bars, render_sample_efficiency
-from mopd.report.scores import normalized_score, recovery
 
 FILES = ("compare.md", "compare.json", "compare_bars.png", "sample_efficiency.png")
 
@@ -117,11 +117,11 @@ def build_compare(run_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "sample_efficiency": {k: [list(p) for p in v] for k, v in curves.items()},
     }
     title = f"{run['recipe']}: normalized score by method"
-    _atomic_write(run_dir / "compare_bars.png", render_bars(methods, list(teachers), title))
-    _atomic_write(run_dir / "sample_efficiency.png",
-                  render_sample_efficiency(curves, f"{run['recipe']}: sample efficiency"))
-    _atomic_write(run_dir / "compare.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
-    _atomic_write(run_dir / "compare.md", _markdown(result, plan).encode("utf-8"))
+    atomic_write(run_dir / "compare_bars.png", render_bars(methods, list(teachers), title))
+    atomic_write(run_dir / "sample_efficiency.png",
+                 render_sample_efficiency(curves, f"{run['recipe']}: sample efficiency"))
+    atomic_write(run_dir / "compare.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(run_dir / "compare.md", _markdown(result, plan).encode("utf-8"))
     return result
 
 
@@ -131,18 +131,19 @@ def compare_table(result: dict[str, Any]) -> Table:
                "student samples", "other samples", "wall"]
     start, teach = result["start"], result["teachers"]
     rows = [
-        ["start", start["stage"], *(_fmt(start["domains"].get(d)) for d in domains), *([MISSING] * len(domains)),
-         "0 (by definition)", "", "", ""],
-        ["teacher", ", ".join(t["stage"] for t in teach.values()), *(_fmt(teach[d]["score"]) for d in domains),
+        ["start", start["stage"], *(fmt_number(start["domains"].get(d)) for d in domains),
+         *([MISSING] * len(domains)), "0 (by definition)", "", "", ""],
+        ["teacher", ", ".join(t["stage"] for t in teach.values()),
+         *(fmt_number(teach[d]["score"]) for d in domains),
          *([MISSING] * len(domains)), "1 (by definition)", "", "", ""],
     ]
     for label, m in result["methods"].items():
         rows.append([
             f"**{label}**", m["stage"],
-            *(_fmt(m["domains"][d]["score"]) for d in domains),
-            *(_fmt(m["domains"][d]["recovery"]) for d in domains),
-            f"**{_fmt(m['normalized_score'])}**", f"{m['samples']:,}", f"{m['other_samples']:,}",
-            _fmt_duration(m["wall_seconds"]),
+            *(fmt_number(m["domains"][d]["score"]) for d in domains),
+            *(fmt_number(m["domains"][d]["recovery"]) for d in domains),
+            f"**{fmt_number(m['normalized_score'])}**", f"{m['samples']:,}", f"{m['other_samples']:,}",
+            fmt_duration(m["wall_seconds"]),
         ])
     notes = [
         "Scores: mean verifier reward on each domain's fixed held-out set (greedy). Recovery = (method - start) / "

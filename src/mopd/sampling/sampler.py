@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from ..learner.batch import RolloutBatch
+from ..core.batch import RolloutBatch, rollout_batch
 from ..models.forward import accepts, position_ids_from_mask
-from ..models.prompting import prompt_token_ids
+from ..models.prompting import RAW, PromptFormat
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids (rendered by `prompt_token_ids`: `[BOS] prompt` or the chat template) and mask."""
-    ids = [prompt_token_ids(tokenizer, p) for p in prompts]
+def encode_prompts(
+    tokenizer, prompts: list[str], prompt_format: PromptFormat = RAW
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids (rendered by `prompt_format`: `[BOS] prompt` or the chat template) and mask."""
+    ids = [prompt_format.token_ids(tokenizer, p) for p in prompts]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -61,12 +63,13 @@ def sample(
     domains: list[str] | None = None,
     group_ids: list[int] | None = None,
     references: list[str] | None = None,
+    prompt_format: PromptFormat = RAW,
 ) -> RolloutBatch:
     """Sample one completion per prompt (repeat prompts for groups). temperature 0 means greedy."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device  # the batch lives where the model does (cpu or an accelerator)
-    prompt_ids, prompt_mask = (x.to(dev) for x in encode_prompts(tokenizer, prompts))
+    prompt_ids, prompt_mask = (x.to(dev) for x in encode_prompts(tokenizer, prompts, prompt_format))
     generator = on_device(generator, dev)
     B = prompt_ids.shape[0]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -130,16 +133,5 @@ def sample(
         tokenizer.decode([i for i, m in zip(row.tolist(), mrow.tolist(), strict=True) if m and i != eos])
         for row, mrow in zip(new_ids, new_mask, strict=True)
     ]
-    return RolloutBatch(
-        input_ids_B_T=torch.cat([prompt_ids, new_ids], dim=1),
-        attention_mask_B_T=torch.cat([prompt_mask, new_mask.long()], dim=1),
-        completion_mask_B_T=torch.cat([torch.zeros(B, P, device=dev), new_mask], dim=1),
-        sampler_logprobs_B_T=torch.cat([torch.zeros(B, P, device=dev), new_lp], dim=1),
-        domains=list(domains) if domains else [""] * B,
-        group_ids_B=torch.tensor(
-            group_ids if group_ids is not None else list(range(B)), dtype=torch.long, device=dev
-        ),
-        prompts=list(prompts),
-        completions=completions,
-        references=list(references) if references else [],
-    )
+    return rollout_batch(prompt_ids, prompt_mask, new_ids, new_lp, new_mask, prompts=prompts,
+                         completions=completions, domains=domains, group_ids=group_ids, references=references)

@@ -26,9 +26,9 @@ import os
 
 import torch
 
-from ..learner.batch import RolloutBatch
+from ..core.batch import RolloutBatch, rollout_batch
 from ..models.lora import is_lora, merged_copy
-from ..models.prompting import prompt_token_ids
+from ..models.prompting import RAW, PromptFormat
 from .sampler import encode_prompts
 
 
@@ -89,13 +89,14 @@ class VLLMSampler:
         domains: list[str] | None = None,
         group_ids: list[int] | None = None,
         references: list[str] | None = None,
+        prompt_format: PromptFormat = RAW,
     ) -> RolloutBatch:
         from vllm import SamplingParams
 
         self.sync_weights(model)
         dev = next(model.parameters()).device
         seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
-        requests = [{"prompt_token_ids": prompt_token_ids(tokenizer, p)} for p in prompts]
+        requests = [{"prompt_token_ids": prompt_format.token_ids(tokenizer, p)} for p in prompts]
         params = [
             SamplingParams(
                 temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0, seed=s,
@@ -117,13 +118,14 @@ class VLLMSampler:
             rows.append(ids)
             lps.append(lp[: len(ids)] + [0.0] * (len(ids) - len(lp)))
         return pack_batch(tokenizer, prompts, rows, lps, eos=eos, pad=pad, device=dev, domains=domains,
-                          group_ids=group_ids, references=references)
+                          group_ids=group_ids, references=references, prompt_format=prompt_format)
 
 
-def pack_batch(tokenizer, prompts, rows, lps, *, eos, pad, device, domains, group_ids, references) -> RolloutBatch:
-    """Completion token lists + their logprobs -> the sampler's `RolloutBatch` layout."""
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
-    B, P = prompt_ids.shape
+def pack_batch(tokenizer, prompts, rows, lps, *, eos, pad, device, domains, group_ids, references,
+               prompt_format: PromptFormat = RAW) -> RolloutBatch:
+    """Completion token lists + their logprobs -> the sampler's `RolloutBatch` layout, on `device`."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, prompt_format)
+    B = prompt_ids.shape[0]
     T = max((len(r) for r in rows), default=0)
     new_ids = torch.full((B, T), pad, dtype=torch.long)
     new_lp = torch.zeros((B, T))
@@ -133,25 +135,6 @@ def pack_batch(tokenizer, prompts, rows, lps, *, eos, pad, device, domains, grou
         new_lp[i, : len(r)] = torch.tensor(lp)
         new_mask[i, : len(r)] = 1.0
     completions = [tokenizer.decode([t for t in r if t != eos]) for r in rows]
-    batch = RolloutBatch(
-        input_ids_B_T=torch.cat([prompt_ids, new_ids], dim=1),
-        attention_mask_B_T=torch.cat([prompt_mask, new_mask.long()], dim=1),
-        completion_mask_B_T=torch.cat([torch.zeros(B, P), new_mask], dim=1),
-        sampler_logprobs_B_T=torch.cat([torch.zeros(B, P), new_lp], dim=1),
-        domains=list(domains) if domains else [""] * B,
-        group_ids_B=torch.tensor(group_ids if group_ids is not None else list(range(B)), dtype=torch.long),
-        prompts=list(prompts),
-        completions=completions,
-        references=list(references) if references else [],
-    )
-    return RolloutBatch(
-        input_ids_B_T=batch.input_ids_B_T.to(device),
-        attention_mask_B_T=batch.attention_mask_B_T.to(device),
-        completion_mask_B_T=batch.completion_mask_B_T.to(device),
-        sampler_logprobs_B_T=batch.sampler_logprobs_B_T.to(device),
-        domains=batch.domains,
-        group_ids_B=batch.group_ids_B.to(device),
-        prompts=batch.prompts,
-        completions=batch.completions,
-        references=batch.references,
-    )
+    batch = rollout_batch(prompt_ids, prompt_mask, new_ids, new_lp, new_mask, prompts=prompts,
+                          completions=completions, domains=domains, group_ids=group_ids, references=references)
+    return batch.to(device)

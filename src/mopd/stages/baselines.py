@@ -1,6 +1,6 @@
 """The comparison baselines of the MOPD paper (arXiv 2606.30406, Table 1) as loss functions for the shared driver.
 
-    mix_rl:       the rlvr step on the union of the domains' prompts (no code here: `run.py` treats it as rlvr)
+    mix_rl:       the rlvr step on the union of the domains' prompts (no code here: `rl.py` treats it as rlvr)
     cascade_rl:   the rlvr step whose prompts come from one domain at a time, chosen by the step's phase
     offpolicy_ft: each domain's teacher samples its own prompts; the student takes the SFT step on those traces
 
@@ -9,18 +9,21 @@ Everything random is derived from (seed, step), as in every stage, so a resumed 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
-from ..envs import Problem, get_domain
-from ..learner.step import supervised_loss
+from ..core.schema import CascadeRLStage, OffPolicyFTStage
+from ..envs import DomainLike, Problem
+from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer
-from ..recipe.schema import CascadeRLStage, OffPolicyFTStage
 from ..sampling.sampler import sample
-from .context import StageContext
-from .placement import load_placed
-from .train import ProblemSource, step_generator, step_rng
+from .driver import train
+from .loading import load_placed
+from .problems import ProblemSource, problem_source, step_generator, step_rng
+from .resolved import ResolvedStage
+from .start import starting_model
 
 LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -45,34 +48,40 @@ def cascade_domain(spans: list[tuple[str, int]], step: int) -> str:
     return next(d for d, end in spans if step < end)
 
 
-def cascade_sources(ctx: StageContext) -> Callable[[int], ProblemSource]:
+def cascade_sources(ctx: ResolvedStage) -> Callable[[int], ProblemSource]:
     """Step -> the problem source of that step's domain (one source per domain, built once)."""
     spans = cascade_spans(ctx.settings)
-    sources = {d: ProblemSource(ctx, [d]) for d, _ in spans}
+    domains = ctx.domain_map
+    sources = {d: problem_source(ctx, [domains[d]]) for d, _ in spans}
     return lambda step: sources[cascade_domain(spans, step)]
 
 
-def offpolicy_loss_fn(ctx: StageContext) -> LossFn:
+def run_offpolicy(ctx: ResolvedStage) -> Path:
+    return train(ctx, starting_model(ctx), offpolicy_loss_fn(ctx))
+
+
+def offpolicy_loss_fn(ctx: ResolvedStage) -> LossFn:
     """Trace distillation: SFT on completions the routed teacher samples for the step's prompts."""
     s: OffPolicyFTStage = ctx.settings
-    source = ProblemSource(ctx)
-    names = sorted(set(s.teachers.values()))
+    source = problem_source(ctx)
+    domains = ctx.domain_map
     teachers = {}
-    for t in names:
+    for name in sorted(ctx.teachers):
+        ref = ctx.teachers[name].checkpoint
         # frozen: on the stage's device in its compute dtype, like MOPD teachers (not float32 on the host)
-        model = load_placed(ctx, ctx.model_refs[t])
+        model = load_placed(ctx, ref)
         model.eval().requires_grad_(False)
         # a teacher samples with its own tokenizer: traces are text, so the student's vocabulary may differ
-        teachers[t] = (model, load_tokenizer(ctx.model_refs[t]))
+        teachers[name] = (model, load_tokenizer(ref))
 
     def loss_fn(model, step):
         problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
-        traces, metrics = teacher_traces(problems, s, teachers, step_generator(ctx.seed, step))
+        traces, metrics = teacher_traces(problems, s, teachers, step_generator(ctx.seed, step), domains)
         metrics.update({"samples/student": 0, "samples/teacher": len(problems)})
         if not traces:  # every trace failed verification: no update this step
             return torch.zeros(()), {"loss": 0.0, **metrics}
         loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False,
-                                            micro_batch_size=s.micro_batch_size)
+                                            micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format)
         return loss, {**sft_metrics, **metrics}
 
     return loss_fn
@@ -83,6 +92,7 @@ def teacher_traces(
     s: OffPolicyFTStage,
     teachers: dict[str, tuple[torch.nn.Module, object]],
     generator: torch.Generator,
+    domains: Mapping[str, DomainLike],
 ) -> tuple[list[Problem], dict[str, float]]:
     """Each problem's domain teacher samples one completion; returns the kept traces as Problems whose `answer`
     is the teacher's completion (what `supervised_loss` trains on), and metrics.
@@ -103,7 +113,7 @@ def teacher_traces(
                        temperature=s.temperature, top_p=s.top_p, generator=generator,
                        domains=[p.domain for p in rows])
         for p, completion in zip(rows, batch.completions, strict=True):
-            r = float(get_domain(p.domain).verify(p, completion))
+            r = float(domains[p.domain].verify(p, completion))
             rewards.append(r)
             if not s.verified_only or r >= s.min_reward:
                 kept.append(Problem(prompt=p.prompt, answer=completion, domain=p.domain,

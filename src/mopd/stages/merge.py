@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
+from ..core.schema import MergeStage
 from ..models.checkpoint import load_model, save_checkpoint
 from ..models.merge import merge_state_dicts
-from ..models.placement import compute_precision, stage_placement
-from ..recipe.schema import MergeStage
-from .context import StageContext
-from .train import FINAL, METRICS, eval_metrics, lineage
+from ..models.precision import compute_precision
+from .driver import FINAL, METRICS, eval_metrics
+from .lineage import lineage
+from .resolved import ResolvedStage
 
 
-def run_merge(ctx: StageContext) -> Path:
+def run_merge(ctx: ResolvedStage) -> Path:
     s: MergeStage = ctx.settings
     model = load_model(ctx.model_refs[s.base])
     base_sd = model.state_dict()
@@ -34,9 +35,9 @@ def run_merge(ctx: StageContext) -> Path:
     except ValueError as e:  # e.g. a shape mismatch between merged checkpoints
         raise ValueError(f"stage {ctx.name!r}: cannot merge {', '.join(s.models)}: {e}") from None
     model.load_state_dict(merged)
-    device, compute = stage_placement(s, ctx.recipe)
-    model.to(device).eval()
-    with compute_precision(device, compute, torch.float32):
+    p = ctx.placement
+    model.to(p.device).eval()
+    with compute_precision(p.device, p.compute_dtype, torch.float32):
         final_eval = eval_metrics(ctx, model)
     totals = {"samples": 0, "teacher_samples": 0}
     record = {"step": 0, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}}

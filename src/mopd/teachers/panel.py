@@ -1,4 +1,6 @@
-"""The teacher panel: one frozen model per teacher, each scoring only the rows routed to it.
+"""The in-process teacher panel: one frozen model per teacher, each scoring only the rows routed to it.
+
+It implements `core.scoring.TeacherScorer`, the protocol the learner scores through.
 
 Multi-teacher distillation is routing, not a new algorithm: `route_teachers` maps each row's domain to a
 teacher name, the panel runs each teacher once on its own sub-batch, and the routed results are scattered
@@ -13,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.batch import RolloutBatch
+from ..core.logprobs import token_logprobs
 from ..learner.advantages import route_teachers
-from ..learner.batch import RolloutBatch
-from ..learner.logprobs import token_logprobs
 from ..models.forward import sequence_logits
 from .offload import placed_on
 
@@ -113,9 +115,3 @@ class TeacherPanel:
         sampled_B_T = torch.cat([sampled.new_zeros(batch.size, batch.input_ids_B_T.shape[1] - W), sampled], dim=1)
         return top_lp, top_ids, sampled_B_T * batch.completion_mask_B_T
 
-
-def aligned_token_logprobs(aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits[b, t])[input_ids[b, t]] for logits already aligned to their tokens (`full_logits`)."""
-    logits = aligned_logits_B_T_V.float()
-    picked_B_T = logits.gather(-1, input_ids_B_T[..., None]).squeeze(-1)
-    return picked_B_T - torch.logsumexp(logits, dim=-1)

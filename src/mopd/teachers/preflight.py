@@ -15,15 +15,16 @@ The result is written to <stage>/preflight.json and shown in the report.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..envs import get_domain
+from ..envs import DomainLike
 from ..learner.objectives import full_reverse_kl_loss
 from ..models.forward import sequence_logits
+from ..models.prompting import RAW, PromptFormat
 from ..sampling.sampler import sample
 from .offload import placed_on
 
@@ -89,7 +90,8 @@ def check_tokenizers(student_tok, teacher_tok, label: str) -> list[str]:
 
 @torch.no_grad()
 def initial_reverse_kl(
-    student, teacher, tokenizer, prompts: list[str], settings: RolloutSettings, generator: torch.Generator
+    student, teacher, tokenizer, prompts: list[str], settings: RolloutSettings, generator: torch.Generator,
+    prompt_format: PromptFormat = RAW,
 ) -> tuple[float, int]:
     """Exact per-token reverse KL(pi_S || pi_T), full vocabulary, on student rollouts of `prompts`.
 
@@ -99,7 +101,8 @@ def initial_reverse_kl(
         (kl, number of completion tokens it averages over).
     """
     batch = sample(student, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-                   temperature=settings.temperature, top_p=settings.top_p, generator=generator)
+                   temperature=settings.temperature, top_p=settings.top_p, generator=generator,
+                   prompt_format=prompt_format)
     ids_B_T, attn_B_T = batch.input_ids_B_T, batch.attention_mask_B_T
     student_B_T_V = sequence_logits(student, ids_B_T, attn_B_T)
     # a teacher kept on another device (e.g. offloaded to CPU) scores there; the KL is taken on the student's
@@ -111,11 +114,13 @@ def initial_reverse_kl(
     return float(kl), int(mask_B_T.sum())
 
 
-def domain_prompts(domains: list[str], n: int, rng: random.Random, exclude: Mapping[str, frozenset[str]]) -> list[str]:
+def domain_prompts(
+    domains: Sequence[DomainLike], n: int, rng: random.Random, exclude: Mapping[str, frozenset[str]]
+) -> list[str]:
     """`n` training prompts spread evenly over `domains` (never a held-out eval prompt)."""
     out = []
     for i in range(n):
-        d = get_domain(domains[i % len(domains)])
+        d = domains[i % len(domains)]
         out += [p.prompt for p in d.sample_train(rng, 1, exclude=exclude.get(d.name, frozenset()))]
     return out
 
@@ -129,19 +134,20 @@ def run_preflight(
     teachers: Mapping[str, Any],
     teacher_toks: Mapping[str, Any],
     teacher_of_domain: Mapping[str, str],
-    domains: list[str],
+    domains: Sequence[DomainLike],
     settings: RolloutSettings,
     kl_warn: float,
     seed: int,
     exclude: Mapping[str, frozenset[str]],
     warn: Callable[[str], None],
     compute_device: torch.device | None = None,
+    prompt_format: PromptFormat = RAW,
 ) -> dict[str, Any]:
     """Check every teacher of a MOPD stage; returns the JSON-ready result (also passed through `warn`).
 
     Tokenizers (`student_tok` against each of `teacher_toks`, as saved with the checkpoints) are checked for
     all teachers first, so a refusal costs no sampling; then, per teacher, the student samples (with
-    `tokenizer`, the one training uses) `settings.prompts` prompts of that teacher's domains and the initial
+    `tokenizer` and `prompt_format`, as training does) `settings.prompts` prompts of that teacher's domains and the initial
     reverse KL is measured.
     `compute_device` is the teacher panel's: an offloaded teacher (kept in host memory) is moved there to score,
     as in training, rather than running its forward pass on the host CPU.
@@ -154,16 +160,16 @@ def run_preflight(
         warnings += check_tokenizers(student_tok, teacher_toks[teacher], label)
     results: dict[str, Any] = {}
     for i, teacher in enumerate(sorted(teachers)):
-        routed = [d for d in domains if teacher_of_domain.get(d) == teacher]
+        routed = [d for d in domains if teacher_of_domain.get(d.name) == teacher]
         if not routed:
             continue
         rng = random.Random(f"mopd-preflight:{seed}:{teacher}")
         prompts = domain_prompts(routed, settings.prompts, rng, exclude)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         with placed_on(teachers[teacher], compute_device) as model:
-            kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen)
+            kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen, prompt_format)
         flagged = kl > kl_warn
-        results[teacher] = {"domains": routed, "reverse_kl": kl, "tokens": tokens, "warn": flagged}
+        results[teacher] = {"domains": [d.name for d in routed], "reverse_kl": kl, "tokens": tokens, "warn": flagged}
         if flagged:
             warnings.append(
                 f"stage {stage!r}: teacher {teacher!r} starts far from the student: per-token reverse KL "

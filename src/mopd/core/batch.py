@@ -32,6 +32,18 @@ class RolloutBatch:
     def with_rewards(self, rewards_B: torch.Tensor) -> RolloutBatch:
         return replace(self, rewards_B=rewards_B)
 
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with every tensor on `device` (the text fields are shared, not copied)."""
+        return replace(
+            self,
+            input_ids_B_T=self.input_ids_B_T.to(device),
+            attention_mask_B_T=self.attention_mask_B_T.to(device),
+            completion_mask_B_T=self.completion_mask_B_T.to(device),
+            sampler_logprobs_B_T=self.sampler_logprobs_B_T.to(device),
+            group_ids_B=self.group_ids_B.to(device),
+            rewards_B=None if self.rewards_B is None else self.rewards_B.to(device),
+        )
+
     def select(self, rows: torch.Tensor) -> RolloutBatch:
         """Sub-batch of the given row indices (used to send each teacher only its routed rows)."""
         idx = rows.tolist()
@@ -48,3 +60,35 @@ class RolloutBatch:
             references=pick(self.references),
             rewards_B=None if self.rewards_B is None else self.rewards_B[rows],
         )
+
+
+def rollout_batch(
+    prompt_ids_B_P: torch.Tensor,
+    prompt_mask_B_P: torch.Tensor,
+    completion_ids_B_N: torch.Tensor,
+    completion_logprobs_B_N: torch.Tensor,
+    completion_mask_B_N: torch.Tensor,
+    *,
+    prompts: list[str],
+    completions: list[str],
+    domains: list[str] | None = None,
+    group_ids: list[int] | None = None,
+    references: list[str] | None = None,
+) -> RolloutBatch:
+    """The one constructor every sampler uses: left-padded prompts and right-padded completions -> the layout
+    above, on the prompts' device. Without `group_ids` every row is its own group; without `domains`, rows
+    carry an empty domain name."""
+    B, P = prompt_ids_B_P.shape
+    dev = prompt_ids_B_P.device
+    return RolloutBatch(
+        input_ids_B_T=torch.cat([prompt_ids_B_P, completion_ids_B_N], dim=1),
+        attention_mask_B_T=torch.cat([prompt_mask_B_P, completion_mask_B_N.long()], dim=1),
+        completion_mask_B_T=torch.cat([torch.zeros(B, P, device=dev), completion_mask_B_N], dim=1),
+        sampler_logprobs_B_T=torch.cat([torch.zeros(B, P, device=dev), completion_logprobs_B_N], dim=1),
+        domains=list(domains) if domains else [""] * B,
+        group_ids_B=torch.tensor(group_ids if group_ids is not None else list(range(B)), dtype=torch.long,
+                                 device=dev),
+        prompts=list(prompts),
+        completions=completions,
+        references=list(references) if references else [],
+    )

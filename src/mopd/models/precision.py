@@ -1,5 +1,5 @@
 """Where a stage's models live and in which precision: `device`, `dtype` and `master_weights` of the recipe (or
-the stage).
+the stage), resolved once per stage into a `Placement`.
 
 auto device: CUDA when torch sees one, else CPU. auto dtype: bfloat16 on a CUDA device that supports it (the
 usual precision of the released checkpoints, half the memory), else float32 (the tiny models' tests compare
@@ -15,6 +15,8 @@ LoRA model, evaluation) hold `dtype` itself.
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 
@@ -48,16 +50,33 @@ def emulated_bfloat16(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def stage_placement(stage, recipe) -> tuple[torch.device, torch.dtype]:
-    """(device, dtype) of a stage: its own `device`/`dtype` when set, else the recipe's."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a stage's models live and in which precision, resolved once per stage (`resolve_placement`).
+
+    device: where the student trains and teachers score. compute_dtype: the precision forward passes compute
+    in (and frozen models are held in). weights_dtype: the precision of the trained weights and optimizer state.
+    teacher_device: the recipe's `teacher_device` (same | cpu | auto).
+    """
+
+    device: torch.device
+    compute_dtype: torch.dtype
+    weights_dtype: torch.dtype
+    teacher_device: str = "auto"
+
+    def precision(self) -> AbstractContextManager:
+        """The context a forward pass of the trained model runs in (autocast when the weights are wider)."""
+        return compute_precision(self.device, self.compute_dtype, self.weights_dtype)
+
+
+def resolve_placement(stage, recipe) -> Placement:
+    """A stage's placement: its own `device`/`dtype`/`master_weights` when set, else the recipe's."""
     device = resolve_device(getattr(stage, "device", None) or recipe.device)
-    return device, resolve_dtype(getattr(stage, "dtype", None) or recipe.dtype, device)
-
-
-def master_dtype(stage, recipe, compute: torch.dtype) -> torch.dtype:
-    """The precision of the weights a stage trains: float32, or the compute dtype with `master_weights: same`."""
-    mode = getattr(stage, "master_weights", None) or recipe.master_weights
-    return torch.float32 if mode == "float32" else compute
+    compute = resolve_dtype(getattr(stage, "dtype", None) or recipe.dtype, device)
+    weights = torch.float32 if (getattr(stage, "master_weights", None) or recipe.master_weights) == "float32" \
+        else compute
+    return Placement(device=device, compute_dtype=compute, weights_dtype=weights,
+                     teacher_device=recipe.teacher_device)
 
 
 def compute_precision(device: torch.device, compute: torch.dtype, weights: torch.dtype):

@@ -1,4 +1,4 @@
-"""The training driver every trainable stage shares: resume, optimizer, schedule, logging, eval, checkpoints.
+"""The training loop every trainable stage shares: resume, optimizer, schedule, logging, eval, checkpoints.
 
 A stage plugs in only `loss_fn(model, step) -> (loss, metrics)`. Everything random in a step is derived from
 (seed, step), except what draws from torch's global generator (LoRA dropout), whose state a resumable checkpoint
@@ -11,10 +11,8 @@ A step's metrics may count what it sampled (`samples/student`: rollouts of the m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -23,8 +21,6 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..envs import Problem, get_domain
 from ..eval.evaluate import evaluate
 from ..models.checkpoint import (
     is_checkpoint,
@@ -32,55 +28,13 @@ from ..models.checkpoint import (
     read_lineage,
     save_checkpoint,
 )
-from .context import StageContext
-from .placement import trainable_model, trainable_parameters, training_precision
-from .schedules import curriculum_levels
+from .lineage import lineage, snapshot_path
+from .loading import trainable_model, trainable_parameters
+from .resolved import ResolvedStage
 
 CHECKPOINTS = "checkpoints"
-SNAPSHOTS = "snapshots"
 FINAL = "final"
 METRICS = "metrics.jsonl"
-
-
-def step_seed(seed: int, step: int, salt: str = "") -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{salt}".encode()).digest()[:8], "little") >> 1
-
-
-def snapshot_path(stage_dir: Path, step: int) -> Path:
-    """Where `keep_every` puts the HF snapshot of a stage at `step` (kept after the stage finishes)."""
-    return Path(stage_dir) / SNAPSHOTS / f"step-{step:07d}"
-
-
-def step_rng(seed: int, step: int) -> random.Random:
-    return random.Random(step_seed(seed, step, "problems"))
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(step_seed(seed, step, "sampling"))
-
-
-class ProblemSource:
-    """Training problems for a stage: balanced over its domains, never a held-out eval prompt."""
-
-    def __init__(self, ctx: StageContext, domains: list[str] | None = None):
-        self.domains = [get_domain(d) for d in (domains or ctx.domains)]
-        ev = ctx.recipe.eval
-        self.exclude = {d.name: d.held_out_prompts(ev.size, seed=ev.seed) for d in self.domains}
-        self.difficulties = getattr(ctx.settings, "difficulties", None)
-        self.curriculum = bool(getattr(ctx.settings, "curriculum", False))
-        self.total_steps = int(getattr(ctx.settings, "steps", 1))
-
-    def draw(self, rng: random.Random, n: int, step: int | None = None) -> list[Problem]:
-        """`n` problems; with `curriculum`, only the difficulty levels `curriculum_levels` allows at `step`."""
-        out = []
-        for i in range(n):
-            d = self.domains[i % len(self.domains)]
-            levels = [x for x in (self.difficulties or d.difficulties) if x in d.difficulties] or list(d.difficulties)
-            if self.curriculum and step is not None:
-                levels = curriculum_levels(levels, step, self.total_steps)
-            out += d.sample_train(rng, 1, difficulty=rng.choice(levels), exclude=self.exclude[d.name])
-        rng.shuffle(out)
-        return out
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> float:
@@ -152,59 +106,14 @@ class MetricsLog:
         self.f.close()
 
 
-def eval_metrics(ctx: StageContext, model, tokenizer=None) -> dict[str, dict[str, float]]:
-    """Held-out scores; `tokenizer` defaults to the stage's (an eval stage passes each scored model's own)."""
-    ev = ctx.recipe.eval
-    return evaluate(model, tokenizer or ctx.tokenizer, ctx.recipe.domains, size=ev.size, seed=ev.seed,
-                    max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+def eval_metrics(ctx: ResolvedStage, model, tokenizer=None, prompt_format=None) -> dict[str, dict[str, float]]:
+    """Held-out scores on every recipe domain; `tokenizer` and `prompt_format` default to the stage's (an eval
+    stage passes each scored model's own)."""
+    return evaluate(model, tokenizer or ctx.tokenizer, ctx.eval_domains, ctx.eval,
+                    prompt_format or ctx.prompt_format)
 
 
-def teacher_lineage(ctx: StageContext) -> dict[str, dict] | None:
-    """Per domain: the teacher's stage name, identity and checkpoint, so a round-2 student shows which teacher
-    version fed it; with a teacher_schedule, also each phase's snapshot."""
-    teachers = getattr(ctx.settings, "teachers", None)
-    if not teachers:
-        return None
-    schedule = getattr(ctx.settings, "teacher_schedule", None) or []
-    out = {}
-    for domain, t in teachers.items():
-        ref = ctx.model_refs.get(t, t)
-        out[domain] = {"stage": t, "identity": ctx.parents.get(t), "checkpoint": ref}
-        if schedule:
-            out[domain]["schedule"] = [
-                {"until_step": ph.until_step, "snapshot": ph.snapshot,
-                 "checkpoint": teacher_checkpoint(ref, ph.snapshot)}
-                for ph in schedule
-            ]
-    return out
-
-
-def teacher_checkpoint(final_ref: str, snapshot: int | str) -> str:
-    """The checkpoint of a teacher at a scheduled snapshot: its final directory, or a kept step beside it."""
-    if snapshot == "final":
-        return final_ref
-    return str(snapshot_path(Path(final_ref).parent, int(snapshot)))
-
-
-def lineage(ctx: StageContext, step: int, metrics: dict) -> dict:
-    s = ctx.settings
-    return {
-        "stage": ctx.name,
-        "kind": s.kind,
-        "identity": ctx.identity,
-        "parents": ctx.parents,
-        "init": ctx.init_path,
-        "init_stage": getattr(s, "init", None) or getattr(s, "base", None),
-        "teachers": teacher_lineage(ctx),
-        "seed": ctx.seed,
-        "step": step,
-        "version": __version__,
-        "settings": s.model_dump(mode="json"),
-        "metrics": metrics,
-    }
-
-
-def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Module],
+def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Module],
           loss_fn: Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]) -> Path:
     """Run (or resume) the stage's steps and write its final checkpoint; returns the final checkpoint path.
 
@@ -228,7 +137,7 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
         totals.update(state.get("totals", {}))
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
     log = MetricsLog(ctx.stage_dir / METRICS, start)
-    precision = training_precision(ctx)
+    precision = ctx.placement.precision
     t0 = time.time() - checkpointed_seconds(ctx.stage_dir)  # a resumed stage's clock goes on (0 if new)
     try:
         for step in range(start, s.steps):
@@ -266,8 +175,7 @@ def train(ctx: StageContext, model_factory: Callable[[torch.dtype], torch.nn.Mod
                                                "rng": rng_state()})
                 for old in sorted((ctx.stage_dir / CHECKPOINTS).glob("step-*"))[:-1]:
                     shutil.rmtree(old, ignore_errors=True)
-            keep = getattr(s, "keep_every", 0)
-            if keep and done % keep == 0 and done < s.steps:
+            if s.keep_every and done % s.keep_every == 0 and done < s.steps:
                 # an HF snapshot only (no optimizer state); a resumed stage rewrites it identically
                 save_checkpoint(snapshot_path(ctx.stage_dir, done), model, ctx.tokenizer,
                                 lineage(ctx, done, dict(totals)))

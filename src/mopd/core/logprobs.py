@@ -64,6 +64,14 @@ def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
     return _pad_front(entropy_B_S)
 
 
+def aligned_token_logprobs(aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[b, t])[input_ids[b, t]] for logits already aligned to their tokens (a teacher's
+    `full_logits`), in float32."""
+    logits = aligned_logits_B_T_V.float()
+    picked_B_T = logits.gather(-1, input_ids_B_T[..., None]).squeeze(-1)
+    return picked_B_T - torch.logsumexp(logits, dim=-1)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(x * mask) / sum(mask), or 0 when the mask sums to 0.
 

@@ -1,46 +1,33 @@
-"""The recipe schema: every setting and its default is visible here.
+"""The recipe schema of the stage kinds: every setting and its default is visible here, and only here.
 
 pydantic with `extra="forbid"` everywhere, so a misspelt key is an error at load time, never a silent default.
-Stage kinds form a discriminated union on `kind`.
+Stage kinds form a discriminated union on `kind`. Every layer reads these types (they sit in the bottom layer),
+so a stage's settings keep one form from the YAML file down to the learner.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    PrivateAttr,
-    Tag,
-    field_validator,
-    model_validator,
-)
-
-from ..models.tiny import TinyModelConfig
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TokenizerSettings(Strict):
-    """Character tokenizer for tiny models built from scratch; `alphabet: null` means the domains' alphabet."""
+class TinyModelConfig(Strict):
+    """Shape of a tiny model built from scratch. Every default is visible here; a recipe's `model:` block
+    overrides them."""
 
-    alphabet: str | None = Field(
-        None, description="the characters; `printable` = Python's string.printable (covers the bundled data sets)"
-    )
-
-
-class EvalSettings(Strict):
-    """Every trained stage is scored on each domain's fixed held-out set with greedy decoding."""
-
-    size: int = Field(96, gt=0, description="held-out prompts per domain")
-    seed: int = 1234
-    max_new_tokens: int = Field(12, gt=0)
-    batch_size: int = Field(256, gt=0)
+    arch: Literal["qwen3", "llama"] = "qwen3"
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 384
+    max_positions: int = 64
+    tie_embeddings: bool = True
 
 
 DType = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on a CUDA device that supports it, else float32
@@ -247,7 +234,27 @@ class PreflightSettings(Strict):
     prompts: int = Field(32, gt=0, description="student rollouts per teacher for the KL measurement")
 
 
-class MOPDStage(TrainStage, SamplingSettings):
+DistillationObjective = Literal["sampled", "topk", "full_reverse_kl", "forward_kl", "jsd"]
+
+
+class DistillationSettings(Strict):
+    """What a MOPD step optimises: the distillation objective and the weight of the verifiable-reward term.
+
+    The learner reads exactly this object (`learner.policy.policy_loss`); a stage without teachers has none.
+    """
+
+    alpha: float = Field(0.0, ge=0, description="weight of the verifiable-reward (GRPO) advantage")
+    objective: DistillationObjective = Field(
+        "sampled", description="sampled-token reverse KL (default) or a loss over teacher distributions"
+    )
+    topk: int = Field(16, gt=0, description="teacher support size for objective: topk")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight for objective: jsd")
+    surprise_alpha: float = Field(
+        0.0, ge=0, description="objective: sampled; advantages times w_t = 1 + a * (1 - sg[pi_S(y_t)])"
+    )
+
+
+class MOPDStage(TrainStage, SamplingSettings, DistillationSettings):
     """Multi-teacher on-policy distillation: each rollout routed to its domain's teacher, per-token reverse KL.
 
     A = A_OPD + alpha * A_GRPO; alpha = 0 is pure distillation.
@@ -256,16 +263,7 @@ class MOPDStage(TrainStage, SamplingSettings):
     kind: Literal["mopd"]
     init: str
     teachers: dict[str, str] = Field(description="domain -> teacher (stage name or HF directory)")
-    alpha: float = Field(0.0, ge=0, description="weight of the verifiable-reward (GRPO) advantage")
     group_size: int = Field(1, gt=0)
-    objective: Literal["sampled", "topk", "full_reverse_kl", "forward_kl", "jsd"] = Field(
-        "sampled", description="sampled-token reverse KL (default) or a loss over teacher distributions"
-    )
-    topk: int = Field(16, gt=0, description="teacher support size for objective: topk")
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight for objective: jsd")
-    surprise_alpha: float = Field(
-        0.0, ge=0, description="objective: sampled; advantages times w_t = 1 + a * (1 - sg[pi_S(y_t)])"
-    )
     preflight: PreflightSettings = Field(
         default_factory=lambda: PreflightSettings(), description="teacher-student compatibility check"
     )
@@ -311,110 +309,5 @@ Stage = Annotated[
     Field(discriminator="kind"),
 ]
 KINDS = ("pretrain", "sft", "rlvr", "mix_rl", "cascade_rl", "offpolicy_ft", "merge", "mopd", "eval")
-
-
-class ReportSettings(Strict):
-    student: str | None = Field(None, description="the MOPD stage the summary scores; default: the last one")
-
-
-class CompareSettings(Strict):
-    """A comparison of merge methods (`mopd compare`): each scored by recovery against one start and teachers."""
-
-    start: str = Field(description="the stage every method starts from (recovery's zero)")
-    teachers: dict[str, str] = Field(description="domain -> teacher stage (recovery's one), for every domain")
-    methods: dict[str, str] = Field(min_length=1, description="display name -> the stage that is its result")
-    curves: list[str] | None = Field(
-        None, description="methods drawn on the sample-efficiency plot; null = those whose stage is mopd or mix_rl"
-    )
-
-
-class DataFields(Strict):
-    """Which source column holds each of our fields (see `mopd.data.load_prompts`)."""
-
-    prompt: str = "prompt"
-    answer: str | None = Field(
-        None, description="reference completion / final answer; default: column `reference`, else `answer`"
-    )
-    tests: str | None = Field(None, description="code tests (a string or list of asserts); default: `tests`")
-    constraints: str | None = Field(None, description="instruction constraints; default: `constraints`")
-
-
-class DataDomainSpec(Strict):
-    """A domain whose prompts come from data and whose rewards come from a real verifier (`mopd.envs.data`)."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    source: str = Field(
-        description="bundled:math|code|instructions, a .jsonl/.json/.parquet file or datasets directory "
-        "(relative to the recipe), or a Hub dataset id (read on first use)"
-    )
-    verifier: Literal["math", "code", "instructions", "exact"]
-    format: Literal["jsonl", "json", "parquet", "datasets"] | None = Field(None, description="default: from source")
-    split: str = "train"
-    eval_split: str | None = Field(None, description="read held-out prompts from this split instead of holding out")
-    domain_column: str | None = Field(None, description="column naming each record's domain (mixed data sets)")
-    domain_value: str | None = Field(None, description="keep records whose domain column equals this")
-    fields: DataFields = DataFields()
-    eval_size: int | None = Field(
-        None, gt=0, description="held-out prompts; default: eval.size, at most a quarter of the records"
-    )
-    limit: int | None = Field(None, gt=0, description="read at most this many records")
-    code_timeout_s: float = Field(5.0, gt=0, description="wall-clock limit of one sandboxed code run")
-
-
-DomainEntry = Annotated[
-    Annotated[str, Tag("name")] | Annotated[DataDomainSpec, Tag("data")],
-    Discriminator(lambda v: "name" if isinstance(v, str) else "data"),
-]
-
-
-class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
-    plugins: list[str] = Field(default_factory=list, description="Python files that register domains")
-    domains: list[DomainEntry] = Field(
-        min_length=1, description="registered domain names, or data domains declared as mappings"
-    )
-    tokenizer: TokenizerSettings = TokenizerSettings()
-    chat_template: Literal["auto", "none"] = Field(
-        "auto", description="auto: render prompts with the tokenizer's chat template when it has one"
-    )
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra apply_chat_template arguments, e.g. {enable_thinking: false}"
-    )
-    dtype: DType = "auto"
-    master_weights: MasterWeights = Field(
-        "float32",
-        description="precision of the trained weights and optimizer state: float32 (compute in `dtype` under "
-        "autocast) or same (pure `dtype`: at bfloat16 most AdamW updates at lr 1e-6 round away)",
-    )
-    device: DeviceName = "auto"
-    teacher_device: Literal["auto", "cpu", "same"] = Field(
-        "auto",
-        description="same: teachers stay on the student's device; cpu: kept on CPU and moved to the device only "
-        "to score their rows; auto: same unless they would not fit beside the student",
-    )
-    rollout_backend: Literal["auto", "torch", "vllm"] = Field(
-        "torch", description="vllm needs CUDA and vllm (untested on GPU); auto picks vllm when both are present"
-    )
-    vllm_memory_fraction: float = Field(0.3, gt=0, lt=1, description="GPU memory share of the vLLM engine")
-    eval: EvalSettings = EvalSettings()
-    stages: dict[str, Stage] = Field(min_length=1)
-    report: ReportSettings = ReportSettings()
-    compare: CompareSettings | None = None
-
-    _data_domains: dict[int, DataDomainSpec] = PrivateAttr(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _names_only(self) -> Recipe:
-        """After validation `domains` holds names only, so every consumer compares plain strings; the data
-        domains' declarations move to `data_domains` (keyed by their position in the list)."""
-        self._data_domains = {i: d for i, d in enumerate(self.domains) if isinstance(d, DataDomainSpec)}
-        self.domains = [d if isinstance(d, str) else d.name for d in self.domains]
-        if len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"`domains` names a domain twice: {self.domains}")
-        return self
-
-    @property
-    def data_domains(self) -> dict[int, DataDomainSpec]:
-        """Position in `domains` -> declaration, for the data-backed domains."""
-        return dict(self._data_domains)
+SamplingStage = RLVRStage | MixRLStage | CascadeRLStage | MOPDStage  # the stages that train on their own rollouts
+TrainedStage = PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MOPDStage

@@ -1,0 +1,7 @@
+"""Errors a user sees as one line (the CLI prints str(error) and exits 2)."""
+
+from __future__ import annotations
+
+
+class RecipeError(ValueError):
+    """A recipe mistake; str() is the one line the CLI prints: file, line, key and what is wrong."""

@@ -1,0 +1,62 @@
+"""One generic micro-batch accumulator: a step's forward/backward N rows at a time, with the whole batch's gradient.
+
+Why: at a real vocabulary a step's logits ([B, T, V], float32, and their saved activations) do not fit at once;
+run `part(rows, share)` per micro-batch and backpropagate each part as soon as it is computed, so only one
+micro-batch's activations are alive. Each part returns its share of the whole step's token mean (the caller
+scales by `share`, the micro-batch's fraction of the step's loss tokens), so the accumulated gradient is the
+whole batch's up to float rounding (`tests/test_micro_batches.py`). Without micro-batches there is one part, of
+share 1, whose loss is returned with its graph: the training driver runs backward, as for any loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# part(rows, share) -> (loss, token-mean metrics over the part, detached per-row tensors to keep)
+Part = Callable[[slice, float], tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]]
+
+
+def micro_batches(rows: int, size: int | None) -> list[slice]:
+    """Row slices of at most `size` rows covering `rows` (one slice of everything when `size` is None)."""
+    size = size or max(rows, 1)
+    return [slice(i, min(i + size, rows)) for i in range(0, rows, size)] or [slice(0, 0)]
+
+
+def backward_outside_autocast(loss: torch.Tensor) -> None:
+    """`loss.backward()` with autocast off, as the training driver runs a whole batch's backward: a micro-batch's
+    backward happens inside the step's forward context, and backward ops must not be re-cast."""
+    with torch.autocast(device_type=loss.device.type, enabled=False):
+        loss.backward()
+
+
+def accumulate_micro_batches(
+    part: Part, tokens_B_T: torch.Tensor, size: int | None
+) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """Run `part` over the micro-batches of `size` rows of a step whose loss tokens are `tokens_B_T` (rows first).
+
+    Returns:
+        loss: the whole step's loss; detached (gradients already in `.grad`) when there was more than one part.
+        metrics: each part's metrics weighted by its share (so token means over the whole step).
+        kept: each part's kept tensors concatenated along rows.
+    """
+    chunks = micro_batches(tokens_B_T.shape[0], size)
+    split = len(chunks) > 1
+    total = float(tokens_B_T.sum())
+    loss = torch.zeros((), device=tokens_B_T.device)
+    metrics: dict[str, float] = {}
+    kept: list[dict[str, torch.Tensor]] = []
+    for rows in chunks:
+        share = float(tokens_B_T[rows].sum()) / total if total > 0 else 0.0
+        part_loss, part_metrics, part_kept = part(rows, share)
+        for k, v in part_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + share * v
+        if not split:
+            loss = part_loss  # the driver runs backward on the whole batch's loss
+        else:
+            if part_loss.requires_grad:
+                backward_outside_autocast(part_loss)
+            loss = loss + part_loss.detach()
+        kept.append(part_kept)
+    return loss, metrics, {k: torch.cat([p[k] for p in kept]) for k in kept[0]}

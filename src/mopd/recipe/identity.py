@@ -1,0 +1,62 @@
+"""A stage's identity: the hash of its settings and its parents' identities.
+
+Why: a rerun skips finished stages and resumes an interrupted one, and changing one teacher reruns only what
+depends on it. Settings that change how a step is computed but not what is trained stay out of the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .load import LoadedRecipe
+from .refs import resolve_external, stage_domains, stage_refs, stage_seed
+
+# they change logging (and the MOPD preflight check), or how a step's gradient is computed (micro-batches: the same
+# gradient up to float rounding), not what is trained
+SETTINGS_NOT_IN_IDENTITY = {"checkpoint_every", "eval_every", "preflight", "micro_batch_size"}
+
+
+def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
+    recipe = loaded.recipe
+    ids: dict[str, str] = {}
+    for name in loaded.order:
+        stage = recipe.stages[name]
+        settings = stage.model_dump(mode="json", exclude=SETTINGS_NOT_IN_IDENTITY)
+        parents = {
+            ref: ids.get(ref) or f"external:{resolve_external(ref, loaded.path.parent) or ref}"
+            for _, ref in stage_refs(stage)
+        }
+        payload = {
+            "settings": settings,
+            "seed": stage_seed(stage, recipe),
+            "domains": stage_domains(stage, recipe),
+            "eval": recipe.eval.model_dump(mode="json"),
+            "tokenizer": recipe.tokenizer.model_dump(mode="json"),
+            "parents": parents,
+        }
+        payload.update(_real_model_identity(recipe, settings))
+        ids[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return ids
+
+
+def _real_model_identity(recipe, settings: dict) -> dict:
+    """Identity entries of the real-model settings (data domains, prompt rendering, precision, master weights,
+    LoRA).
+
+    Only what differs from the defaults is added, and `device` never is (where a stage runs does not define it),
+    so recipes that use none of these keep the identities their finished stages were saved under.
+    """
+    for key in ("dtype", "master_weights", "lora", "device"):
+        if settings.get(key) is None or key == "device":
+            settings.pop(key, None)
+    extra: dict = {}
+    if recipe.data_domains:
+        extra["data_domains"] = [d.model_dump(mode="json") for d in recipe.data_domains.values()]
+    rendering = {"chat_template": recipe.chat_template, "chat_template_kwargs": recipe.chat_template_kwargs,
+                 "dtype": recipe.dtype}
+    if rendering != {"chat_template": "auto", "chat_template_kwargs": {}, "dtype": "auto"}:
+        extra["rendering"] = rendering
+    if recipe.master_weights != "float32":
+        extra["master_weights"] = recipe.master_weights
+    return extra

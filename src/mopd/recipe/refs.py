@@ -1,0 +1,91 @@
+"""A recipe as a graph: which names each stage refers to, what an external reference resolves to, and the
+order stages run in. Pure functions of the schema, shared by loading, identities, resolution and comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import RecipeError
+from ..core.schema import EvalStage, MergeStage, MOPDStage, OffPolicyFTStage, PretrainStage
+
+
+def stage_refs(stage) -> list[tuple[tuple, str]]:
+    """(key path within the stage, referenced name) for every reference a stage makes."""
+    refs: list[tuple[tuple, str]] = []
+    if getattr(stage, "init", None):
+        refs.append((("init",), stage.init))
+    if isinstance(stage, MOPDStage | OffPolicyFTStage):
+        refs += [(("teachers", d), t) for d, t in stage.teachers.items()]
+    if isinstance(stage, MergeStage):
+        refs.append((("base",), stage.base))
+        refs += [(("models", i), m) for i, m in enumerate(stage.models)]
+    if isinstance(stage, EvalStage):
+        refs += [(("models", i), m) for i, m in enumerate(stage.models)]
+    return refs
+
+
+def init_ref(stage) -> str | None:
+    """The checkpoint a stage's weights start from: `init`, or a merge's `base`."""
+    return stage.base if isinstance(stage, MergeStage) else getattr(stage, "init", None)
+
+
+def looks_like_path(ref: str) -> bool:
+    return "/" in ref or ref.startswith(".") or Path(ref).exists()
+
+
+def resolve_external(ref: str, base: Path) -> str | None:
+    """An external reference: a local HF directory (relative to the recipe) or a hub id (contains '/')."""
+    p = Path(ref).expanduser()
+    p = p if p.is_absolute() else (base / p)
+    if p.is_dir():
+        return str(p.resolve())
+    return ref if "/" in ref and not ref.startswith((".", "/")) else None
+
+
+def topo_order(stages: dict[str, Any], deps: dict[str, list[str]], where) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join([*chain[chain.index(name) :], name])
+            raise RecipeError(f"{where('stages', name)}: cycle in stage references: {cycle}")
+        state[name] = 1
+        for d in deps[name]:
+            visit(d, [*chain, name])
+        state[name] = 2
+        order.append(name)
+
+    for name in stages:
+        visit(name, [])
+    return order
+
+
+def stage_roots(stages: dict[str, Any], order: list[str], base: Path) -> dict[str, str]:
+    """For each stage, the model its weights descend from: 'scratch' or an external directory / hub id."""
+    roots: dict[str, str] = {}
+    for name in order:
+        s = stages[name]
+        if isinstance(s, EvalStage):
+            continue
+        if isinstance(s, PretrainStage) and s.model is not None:
+            roots[name] = "scratch"
+        elif init_ref(s) in stages:
+            roots[name] = roots[init_ref(s)]
+        else:
+            roots[name] = resolve_external(init_ref(s), base) or init_ref(s)
+    return roots
+
+
+def stage_seed(stage, recipe) -> int:
+    """A stage's seed: its own `seed`, else the recipe's (merge and eval stages have none of their own)."""
+    seed = getattr(stage, "seed", None)
+    return recipe.seed if seed is None else seed
+
+
+def stage_domains(stage, recipe) -> list[str]:
+    """The domains a stage trains on (or an eval stage reports): its `domains`, else every recipe domain."""
+    return list(getattr(stage, "domains", None) or recipe.domains)

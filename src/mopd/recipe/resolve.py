@@ -1,0 +1,89 @@
+"""Resolve a stage once, just before it runs: everything below reads the `ResolvedStage` this returns.
+
+Why just before: a stage's tokenizer is its starting checkpoint's, which exists only once its parent finished.
+Every other entry (device and precisions, seed, domains, prompt rendering, checkpoints of the teachers in every
+schedule phase) is a function of the loaded recipe and the run directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..core.schema import MOPDStage, OffPolicyFTStage
+from ..models.checkpoint import load_tokenizer
+from ..models.precision import resolve_placement
+from ..models.prompting import Rendering, with_pad_token
+from ..stages.driver import FINAL
+from ..stages.lineage import teacher_checkpoint
+from ..stages.resolved import ResolvedStage, TeacherRef
+from .build import recipe_tokenizer
+from .load import LoadedRecipe
+from .refs import init_ref, resolve_external, stage_domains, stage_refs, stage_seed
+
+
+def model_refs(loaded: LoadedRecipe, out: Path) -> dict[str, str]:
+    """Every name a stage can refer to -> a loadable path / hub id: a stage's final checkpoint under `out`, or
+    an external reference resolved against the recipe's folder."""
+    refs: dict[str, str] = {}
+    for name in loaded.order:
+        for _, ref in stage_refs(loaded.recipe.stages[name]):
+            if ref not in loaded.recipe.stages:
+                refs[ref] = resolve_external(ref, loaded.path.parent) or ref
+    for name, stage in loaded.recipe.stages.items():
+        if stage.kind != "eval":
+            refs[name] = str(out / name / FINAL)
+    return refs
+
+
+def resolve_stage(
+    loaded: LoadedRecipe,
+    name: str,
+    out: Path,
+    identities: dict[str, str],
+    *,
+    on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> ResolvedStage:
+    recipe = loaded.recipe
+    stage = recipe.stages[name]
+    refs = model_refs(loaded, out)
+    start = init_ref(stage)
+    init_path = refs.get(start) if start else None
+    tokenizer = with_pad_token(recipe_tokenizer(recipe) if init_path is None else load_tokenizer(init_path))
+    rendering = Rendering(recipe.chat_template, dict(recipe.chat_template_kwargs))
+    parents = {r: identities.get(r, refs.get(r, r)) for _, r in stage_refs(stage)}
+    teacher_of_domain = dict(stage.teachers) if isinstance(stage, MOPDStage | OffPolicyFTStage) else {}
+    schedule = stage.teacher_schedule if isinstance(stage, MOPDStage) else None
+    teachers = {
+        t: TeacherRef(
+            name=t, identity=parents[t], checkpoint=refs[t],
+            phases=tuple(teacher_checkpoint(refs[t], ph.snapshot) for ph in schedule or []),
+        )
+        for t in sorted(set(teacher_of_domain.values()))
+    }
+    return ResolvedStage(
+        name=name,
+        settings=stage,
+        identity=identities[name],
+        seed=stage_seed(stage, recipe),
+        stage_dir=out / name,
+        placement=resolve_placement(stage, recipe),
+        domains=[loaded.domains[d] for d in stage_domains(stage, recipe)],
+        eval_domains=[loaded.domains[d] for d in recipe.domains],
+        eval=recipe.eval,
+        tokenizer=tokenizer,
+        prompt_format=rendering.format_for(tokenizer),
+        rendering=rendering,
+        init_ref=start,
+        init_path=init_path,
+        model_refs=refs,
+        parents=parents,
+        teachers=teachers,
+        teacher_of_domain=teacher_of_domain,
+        rollout_backend=recipe.rollout_backend,
+        vllm_memory_fraction=recipe.vllm_memory_fraction,
+        on_progress=on_progress,
+        on_warning=on_warning,
+    )
+

@@ -1,0 +1,86 @@
+"""Load-time tokenizer agreement: a teacher must score the student's token ids, and merged models must share one
+vocabulary. Reads tokenizer files only (no weights); a Hub id not in the local cache is checked when its stage
+starts, since validation never downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..core.errors import RecipeError
+from ..core.schema import MergeStage, MOPDStage
+from ..models.tokenizer import tokenizer_fingerprint
+from .build import recipe_tokenizer
+from .refs import resolve_external, stage_roots
+
+if TYPE_CHECKING:
+    from .load import LoadedRecipe
+
+
+def offline_fingerprint(ref: str) -> str | None:
+    """Tokenizer fingerprint of a model directory or a Hub id already in the local cache; None when only the
+    Hub has it (validation never downloads). A local directory whose tokenizer cannot load raises."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ref), local_files_only=True)
+    except Exception:
+        if Path(ref).is_dir():
+            raise
+        return None
+    return tokenizer_fingerprint(tok)
+
+
+def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str | None]:
+    """Fingerprint of the tokenizer every model reference in the recipe will carry (cheap: no weights; None for
+    a Hub id that is not in the local cache, since validation never downloads)."""
+    cache: dict[str, str | None] = {}
+
+    def of_root(root: str) -> str | None:
+        if root not in cache:
+            cache[root] = (
+                tokenizer_fingerprint(recipe_tokenizer(loaded.recipe)) if root == "scratch" else offline_fingerprint(root)
+            )
+        return cache[root]
+
+    roots = stage_roots(loaded.recipe.stages, loaded.order, loaded.path.parent)
+    return {name: of_root(root) for name, root in roots.items()}
+
+
+def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
+    """A teacher must score the student's token ids, and merged models must share one vocabulary: refuse any
+    teacher (merged model) whose tokenizer differs from the student's (the merge base's)."""
+    recipe = loaded.recipe
+    if not any(isinstance(s, MOPDStage | MergeStage) for s in recipe.stages.values()):
+        return
+    fps = tokenizer_fingerprints(loaded)
+    for name, stage in recipe.stages.items():
+        if not isinstance(stage, MOPDStage | MergeStage):
+            continue
+        student_fp = fps[name]
+        key = "teachers" if isinstance(stage, MOPDStage) else "models"
+        pairs = stage.teachers.items() if isinstance(stage, MOPDStage) else enumerate(stage.models)
+        for domain, teacher in pairs:
+            if teacher in recipe.stages:
+                fp = fps[teacher]
+            else:
+                ref = resolve_external(teacher, loaded.path.parent) or teacher
+                try:
+                    fp = offline_fingerprint(ref)
+                except Exception as e:
+                    raise RecipeError(
+                        f"{loaded.where('stages', name, key, domain)}: cannot load the tokenizer of "
+                        f"{teacher!r}: {e}"
+                    ) from None
+            if fp is None or student_fp is None:
+                continue  # a Hub id not cached here: validation never downloads; checked when the stage starts
+            if fp != student_fp and isinstance(stage, MergeStage):
+                raise RecipeError(
+                    f"{loaded.where('stages', name, key, domain)}: {teacher!r} uses a different tokenizer from the "
+                    f"base {stage.base!r}; merging parameters needs the same vocabulary"
+                )
+            if fp != student_fp:
+                raise RecipeError(
+                    f"{loaded.where('stages', name, key, domain)}: teacher {teacher!r} uses a different "
+                    f"tokenizer from the student {stage.init!r}; on-policy distillation needs the same vocabulary"
+                )

@@ -1,0 +1,384 @@
+"""Read a run directory and compute what its report shows: recovery, normalized scores, the summary and
+the tables, as data.
+
+Kept apart from rendering (:mod:`mopd.report.build`) so the numbers can be checked, and reused by
+`mopd compare` and the benchmarks, without writing any report file; nothing here writes to the run directory.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mopd.report.scores import MIN_TEACHER_GAIN, normalized_score, recovery
+
+REQUIRED_RUN_KEYS = ("recipe", "stages", "report")
+REQUIRED_REPORT_KEYS = ("start", "student", "teachers")
+MISSING = "—"
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """Read and check RUN/run.json; raises a one-line ValueError naming the file."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found (is this a run directory?)")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path}: expected a JSON object at top level")
+    missing = [k for k in REQUIRED_RUN_KEYS if k not in run]
+    rep = run.get("report")
+    if isinstance(rep, dict):
+        missing += [f"report.{k}" for k in REQUIRED_REPORT_KEYS if k not in rep]
+    elif "report" in run:
+        raise ValueError(f"{path}: 'report' must be an object with keys {', '.join(REQUIRED_REPORT_KEYS)}")
+    if missing:
+        raise ValueError(f"{path}: missing required key(s): {', '.join(missing)}")
+    stages = run["stages"]
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise ValueError(f"{path}: 'stages' must map stage names to objects")
+    if not isinstance(rep["teachers"] or {}, dict):
+        raise ValueError(f"{path}: 'report.teachers' must map domains to teacher stages")
+    return run
+
+
+def _as_step(x: Any) -> int | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    return None
+
+
+def _num(x: Any) -> float | None:
+    """x as a finite float, or None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Parsed lines of a metrics.jsonl; malformed lines (bad JSON, not an object, no integer "step")
+    are skipped with one RuntimeWarning per file."""
+    rows: list[dict[str, Any]] = []
+    bad: list[int] = []
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(lineno)
+                continue
+            step = _as_step(obj.get("step")) if isinstance(obj, dict) else None
+            if step is None:
+                bad.append(lineno)
+                continue
+            obj["step"] = step
+            rows.append(obj)
+    if bad:
+        warnings.warn(
+            f"{path}: skipped {len(bad)} malformed line(s) (first at line {bad[0]})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return rows
+
+
+def curves_from_rows(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """metric key -> [(step, value)] sorted by step; numeric finite values only, eval/* keys left out.
+    When a step is logged twice (a resumed stage), the later line wins."""
+    by_key: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            val = _num(v)
+            if k == "step" or k.startswith("eval/") or val is None:
+                continue
+            by_key.setdefault(k, {})[row["step"]] = val
+    return {k: sorted(d.items()) for k, d in by_key.items()}
+
+
+def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | None:
+    """{domain: {"score", "accuracy"}} from <stage>/final/mopd.json; None when the file is absent
+    (stage not finished) or unreadable (with a warning)."""
+    path = Path(stage_dir) / "final" / "mopd.json"
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.warn(f"{path}: unreadable, stage treated as unfinished ({e})", RuntimeWarning, stacklevel=2)
+        return None
+    metrics = obj.get("metrics") if isinstance(obj, dict) else None
+    ev = metrics.get("eval") if isinstance(metrics, dict) else None
+    out: dict[str, dict[str, float | None]] = {}
+    if isinstance(ev, dict):
+        for domain, d in ev.items():
+            if isinstance(d, dict):
+                out[str(domain)] = {"score": _num(d.get("score")), "accuracy": _num(d.get("accuracy"))}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        def cell(s: str) -> str:
+            return s.replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(cell(h) for h in self.headers) + " |"]
+        lines.append("|" + "|".join("---" for _ in self.headers) + "|")
+        lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in self.rows]
+        out = "\n".join(lines) + "\n"
+        if self.notes:
+            out += "\n" + "\n".join(f"- {n}" for n in self.notes) + "\n"
+        return out
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c.replace('**', ''))}</td>" for c in row) + "</tr>"
+            for row in self.rows
+        )
+        out = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        if self.notes:
+            out += (
+                "<ul>" + "".join(f"<li>{html.escape(n.replace('`', ''))}</li>" for n in self.notes) + "</ul>"
+            )
+        return out
+
+
+def fmt_number(x: float | None, nd: int = 3) -> str:
+    return MISSING if x is None else f"{x:.{nd}f}"
+
+
+def fmt_duration(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60)} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _stage_order(run: dict[str, Any]) -> list[str]:
+    stages = run["stages"]
+    order = [s for s in (run.get("order") or []) if s in stages]
+    return order + [s for s in stages if s not in order]
+
+
+@dataclass
+class ReportData:
+    """Everything report.md, report.html and summary.json show, computed before any of it is rendered."""
+
+    run: dict[str, Any]
+    recipe: str
+    wall: float
+    order: list[str]
+    summary: dict[str, Any]
+    norm: dict[str, float | None]
+    recovery_table: Table
+    stage_table: Table
+    accuracy_table: Table
+    preflight_table: Table | None
+    curves: dict[str, dict[str, list[tuple[int, float]]]]
+
+
+def compute_report(run_dir: Path) -> ReportData:
+    """Read `run_dir` and compute the report's numbers and tables.
+
+    Raises ValueError (one line, naming the file) when run.json is missing or lacks required keys.
+    """
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    stages: dict[str, dict[str, Any]] = run["stages"]
+    rep = run["report"]
+    order = _stage_order(run)
+    recipe = str(run["recipe"])
+    start, student = rep["start"], rep["student"]
+    teachers: dict[str, str] = {str(d): t for d, t in (rep["teachers"] or {}).items()}
+    domains = list(teachers)
+
+    wall = _num(run.get("wall_seconds"))
+    if wall is None:
+        wall = sum(_num(st.get("wall_seconds")) or 0.0 for st in stages.values())
+
+    finals = {s: read_final_eval(run_dir / s) for s in order}
+
+    def score(stage: str | None, domain: str, key: str = "score") -> float | None:
+        ev = finals.get(stage) if stage is not None else None
+        return (ev or {}).get(domain, {}).get(key)
+
+    students = [s for s in order if stages[s].get("kind") == "mopd"]
+    if student is not None and student not in students:
+        students.insert(0, student)
+
+    # recovery per (student, domain), shared start and per-domain teacher from the report block
+    rec = {
+        s: {d: recovery(score(start, d), score(teachers[d], d), score(s, d)) for d in domains}
+        for s in students
+    }
+    norm = {s: normalized_score(rec[s].values()) for s in students}
+
+    summary = {
+        "recipe": recipe,
+        "wall_seconds": float(wall),
+        "normalized_score": norm.get(student),
+        "domains": {
+            d: {
+                "start": score(start, d),
+                "teacher": score(teachers[d], d),
+                "student": score(student, d),
+                "recovery": rec[student][d] if student in rec else None,
+            }
+            for d in domains
+        },
+    }
+
+    main = _recovery_table(start, teachers, students, rec, norm, score)
+    stage_tbl, acc_tbl = _stage_tables(order, stages, finals, domains)
+    preflight = _preflight_table(run_dir, [s for s in order if stages[s].get("kind") == "mopd"])
+
+    curves = {}
+    for s in order:
+        path = run_dir / s / "metrics.jsonl"
+        if path.is_file():
+            curves[s] = curves_from_rows(read_metrics(path))
+
+    return ReportData(
+        run=run,
+        recipe=recipe,
+        wall=wall,
+        order=order,
+        summary=summary,
+        norm=norm,
+        recovery_table=main,
+        stage_table=stage_tbl,
+        accuracy_table=acc_tbl,
+        preflight_table=preflight,
+        curves=curves,
+    )
+
+
+def _recovery_table(start, teachers, students, rec, norm, score) -> Table:
+    many = len(students) > 1
+    headers = ["domain", f"start ({start})"]
+    headers.append("teacher")
+    for s in students:
+        headers += [s, f"recovery ({s})" if many else "recovery"]
+    rows, notes = [], []
+    for d, t in teachers.items():
+        st, te = score(start, d), score(t, d)
+        row = [d, fmt_number(st), f"{fmt_number(te)} ({t})"]
+        for s in students:
+            r = rec[s][d]
+            row += [fmt_number(score(s, d)), "n/a" if r is None else f"{r:.3f}"]
+        rows.append(row)
+        if st is None or te is None:
+            notes.append(
+                f"n/a on `{d}`: no final eval score for "
+                + " and ".join(f"`{x}`" for x, v in ((start, st), (t, te)) if v is None)
+                + "; excluded from the normalized score."
+            )
+        elif te - st <= MIN_TEACHER_GAIN:
+            notes.append(
+                f"n/a on `{d}`: the teacher `{t}` did not improve on start (teacher - start = {te - st:+.3g} "
+                f"<= {MIN_TEACHER_GAIN:g}), so there is no gain to recover; excluded from the normalized score."
+            )
+        else:
+            for s in students:
+                if rec[s][d] is None:
+                    notes.append(f"n/a on `{d}` for `{s}`: no final eval score (stage not finished?).")
+    last = ["**normalized score**", "", ""]
+    for s in students:
+        last += ["", f"**{fmt_number(norm[s])}**"]
+    if students:
+        rows.append(last)
+    return Table(headers, rows, notes)
+
+
+def _stage_tables(order, stages, finals, domains) -> tuple[Table, Table]:
+    all_domains = list(domains) + sorted({d for ev in finals.values() if ev for d in ev} - set(domains))
+    headers = ["stage", "kind", "init", "teachers", "status", "wall (s)"] + [
+        f"eval: {d}" for d in all_domains
+    ]
+    rows = []
+    for s in order:
+        st = stages[s]
+        tmap = st.get("teachers") or {}
+        tcell = ", ".join(f"{d}: {t}" for d, t in tmap.items()) if isinstance(tmap, dict) else str(tmap)
+        ev = finals[s]
+        w = _num(st.get("wall_seconds"))
+        rows.append(
+            [
+                s,
+                str(st.get("kind") or MISSING),
+                str(st.get("init") or MISSING),
+                tcell or MISSING,
+                "finished" if ev is not None else "no final/mopd.json",
+                fmt_number(w, 1),
+            ]
+            + [fmt_number((ev or {}).get(d, {}).get("score")) for d in all_domains]
+        )
+    acc_rows = [
+        [s] + [fmt_number(finals[s].get(d, {}).get("accuracy")) for d in all_domains]
+        for s in order
+        if finals[s]
+    ]
+    acc = Table(["stage"] + [f"accuracy: {d}" for d in all_domains], acc_rows)
+    if not acc_rows:
+        acc.notes.append("No stage has a final eval yet.")
+    return Table(headers, rows), acc
+
+
+def _preflight_table(run_dir: Path, mopd_stages: list[str]) -> Table | None:
+    """One row per (MOPD stage, teacher) from <stage>/preflight.json; None when no stage has one."""
+    rows, notes = [], []
+    for s in mopd_stages:
+        path = run_dir / s / "preflight.json"
+        if not path.is_file():
+            continue
+        try:
+            pf = json.loads(path.read_text(encoding="utf-8"))
+            teachers = pf["teachers"]
+            kl_warn = _num(pf.get("kl_warn"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            warnings.warn(
+                f"{path}: unreadable preflight result, left out ({e})", RuntimeWarning, stacklevel=2
+            )
+            continue
+        for t, r in teachers.items():
+            kl = _num(r.get("reverse_kl"))
+            status = "**WARNING**: far from the student" if r.get("warn") else "ok"
+            rows.append(
+                [s, t, ", ".join(r.get("domains") or []), fmt_number(kl, 4), fmt_number(kl_warn, 3), status]
+            )
+        notes += [str(w) for w in pf.get("warnings") or []]
+    if not rows:
+        return None
+    headers = ["stage", "teacher", "domains", "initial reverse KL", "kl_warn", "status"]
+    return Table(headers, rows, notes)

@@ -1,0 +1,152 @@
+"""The MOPD stage's wiring: its teachers (loaded once, placed, tokenizer-checked), the staged-teacher schedule,
+the preflight, and the policy step with a teacher panel.
+
+Staged teachers: a MOPD stage may distil from earlier teacher snapshots first, then later ones. Why: a student
+far from a fully trained teacher sees large, noisy reverse-KL advantages; a schedule of the teachers'
+intermediate checkpoints (kept by the teacher stage's `keep_every`) gives it nearer targets first. The phase of
+a step is a function of the step alone, so a resumed stage loads the same teachers. Every teacher a stage
+scores with goes through `load_teachers`, so a snapshot gets the same precision, placement and tokenizer check
+as a final teacher; the preflight measures the teachers the first step distils from, and training goes on with
+that very panel, so no teacher is loaded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from ..core.schema import MOPDStage
+from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
+from ..models.tokenizer import tokenizer_fingerprint
+from ..teachers.offload import teachers_fit
+from ..teachers.panel import TeacherPanel
+from ..teachers.preflight import PreflightError, RolloutSettings, check_tokenizers, run_preflight
+from .driver import train
+from .loading import load_placed
+from .problems import ProblemSource, problem_source
+from .resolved import ResolvedStage
+from .rl import policy_step_fn
+from .start import starting_model
+
+PREFLIGHT_FILE = "preflight.json"
+
+
+def run_mopd(ctx: ResolvedStage) -> Path:
+    s: MOPDStage = ctx.settings
+    source = problem_source(ctx)
+    schedule = TeacherSchedule(ctx)
+    # every phase's tokenizers now (no weights): a mismatch in a late phase fails before step 0
+    check_teacher_tokenizers(ctx, [pair for i in range(len(schedule.phases)) for pair in schedule.checkpoints(i)])
+    due = s.preflight.enabled and not (ctx.stage_dir / PREFLIGHT_FILE).exists()
+    if due or not s.teacher_schedule:  # a resumed scheduled stage loads its phase's teachers at its first step
+        first = schedule.at(0)  # the teachers of step 0, loaded once: training goes on with this panel
+        if due:
+            preflight(ctx, first, source)
+    return train(ctx, starting_model(ctx), policy_step_fn(ctx, lambda step: source, schedule.at))
+
+
+class TeacherSchedule:
+    """The teacher panel of a step; loads the next phase's checkpoints when a step crosses a phase boundary.
+
+    Without a `teacher_schedule` there is one phase: the final teachers for every step.
+    """
+
+    def __init__(self, ctx: ResolvedStage):
+        s: MOPDStage = ctx.settings
+        self.ctx = ctx
+        self.phases = [ph.until_step for ph in s.teacher_schedule] if s.teacher_schedule else [s.steps]
+        self.phase: int | None = None
+        self.panel: TeacherPanel | None = None
+
+    def phase_of(self, step: int) -> int:
+        """Index of the phase of 0-based `step`: the first whose until_step is after it."""
+        return next(i for i, until in enumerate(self.phases) if step < until)
+
+    def checkpoints(self, phase: int) -> list[tuple[str, str]]:
+        """(teacher name, checkpoint) of phase `phase`, in name order: a kept snapshot or the final directory."""
+        return [(name, t.phases[phase] if t.phases else t.checkpoint) for name, t in sorted(self.ctx.teachers.items())]
+
+    def at(self, step: int) -> TeacherPanel:
+        """The panel of 0-based `step`; crossing into a new phase replaces the previous phase's teachers."""
+        i = self.phase_of(step)
+        if i != self.phase or self.panel is None:
+            self.panel = None  # let the previous phase's teachers go before the next ones take memory
+            self.panel, self.phase = teacher_panel(self.ctx, dict(self.checkpoints(i))), i
+        return self.panel
+
+
+def check_teacher_tokenizers(ctx: ResolvedStage, checkpoints: Iterable[tuple[str, str]]) -> None:
+    """Refuse a teacher whose tokenizer differs from the student's, reading tokenizer files only (no weights).
+
+    `checkpoints`: (teacher name, directory) pairs, several per name for a `teacher_schedule`'s phases. Raises the
+    preflight's one-line error naming what differs (the CLI prints a PreflightError as one line). Hub ids that
+    recipe validation could not check without downloading are checked here.
+    """
+    student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
+    student_fp = tokenizer_fingerprint(student_tok)
+    for name, ref in checkpoints:
+        teacher_tok = load_tokenizer(ref)
+        if tokenizer_fingerprint(teacher_tok) != student_fp:
+            label = f"stage {ctx.name!r}: teacher {name!r} ({ref})"
+            check_tokenizers(student_tok, teacher_tok, label)
+            raise PreflightError(f"{label}: uses a different tokenizer from the student")
+
+
+def load_teachers(
+    ctx: ResolvedStage, checkpoints: Mapping[str, str]
+) -> tuple[dict[str, torch.nn.Module], torch.device | None]:
+    """Frozen teachers and the device they score on (the `compute_device` of a `TeacherPanel`).
+
+    teacher_device `same`: resident on the student's device (compute_device None). `cpu`: kept on CPU and moved
+    to the student's device per scoring call. `auto`: same if they fit beside the student (`teachers_fit`).
+    """
+    device, dtype = ctx.placement.device, ctx.placement.compute_dtype
+    models = {name: load_model(ref, dtype=dtype).eval().requires_grad_(False) for name, ref in checkpoints.items()}
+    mode = ctx.placement.teacher_device
+    if mode == "auto":
+        biggest = max((sum(p.numel() * p.element_size() for p in m.parameters()) for m in models.values()), default=0)
+        mode = "same" if teachers_fit(list(models.values()), device, reserve_bytes=biggest) else "cpu"
+    if mode == "same":
+        for m in models.values():
+            m.to(device)
+        return models, None
+    return models, device
+
+
+def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> TeacherPanel:
+    """The stage's panel over the teachers loaded from `checkpoints`, routed by the stage's `teachers`."""
+    models, compute_device = load_teachers(ctx, checkpoints)
+    return TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device)
+
+
+def preflight(ctx: ResolvedStage, panel: TeacherPanel, source: ProblemSource) -> None:
+    """Teacher-student compatibility check before the first MOPD step; its result is <stage>/preflight.json.
+
+    Skipped (by the caller) when that file exists: a resumed stage was already checked (a stale stage directory
+    is moved aside by the runner, so an existing file belongs to this very stage identity).
+    """
+    s: MOPDStage = ctx.settings
+    student = load_placed(ctx, ctx.init_path).eval()  # the stage's device and precision, as it will train
+    result = run_preflight(
+        stage=ctx.name,
+        student=student,
+        tokenizer=ctx.tokenizer,
+        student_tok=load_tokenizer(ctx.init_path),
+        teachers=dict(panel.models),
+        teacher_toks={name: load_tokenizer(ctx.teachers[name].checkpoint) for name in panel.models},
+        teacher_of_domain=ctx.teacher_of_domain,
+        domains=ctx.domains,
+        settings=RolloutSettings(prompts=s.preflight.prompts, max_new_tokens=s.max_new_tokens,
+                                 temperature=s.temperature, top_p=s.top_p),
+        kl_warn=s.preflight.kl_warn,
+        seed=ctx.seed,
+        exclude=source.exclude,
+        warn=ctx.on_warning or logging.getLogger("mopd").warning,
+        compute_device=panel.compute_device,  # offloaded teachers score on the student's device, as in training
+        prompt_format=ctx.prompt_format,
+    )
+    del student  # training loads its own copy (or resumes)
+    write_json_atomic(ctx.stage_dir / PREFLIGHT_FILE, result)

@@ -1,0 +1,60 @@
+"""A stage resolved once, by the runner, before any of its compute: the one object stages and the driver read.
+
+Why: device, precision, seed, domains, prompt rendering, the starting checkpoint and the teachers' checkpoints
+are each decided in one place (`recipe.resolve.resolve_stage`), so no module below re-derives them from the
+recipe, and nothing during a stage reads process-wide state (the domain registry is read once, at load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.schema import EvalSettings, Stage
+from ..envs import DomainLike
+from ..models.precision import Placement
+from ..models.prompting import PromptFormat, Rendering
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """One teacher of a stage: where its final checkpoint is, and the checkpoint each `teacher_schedule` phase
+    scores with (empty without a schedule)."""
+
+    name: str  # a stage of the recipe, or an external reference as written
+    identity: str  # the stage's identity, or the resolved external reference
+    checkpoint: str  # the final checkpoint (a directory, or a Hub id)
+    phases: tuple[str, ...] = ()
+
+
+@dataclass
+class ResolvedStage:
+    name: str
+    settings: Stage  # one of the stage kinds of `core.schema`, exactly as the recipe declared it
+    identity: str
+    seed: int
+    stage_dir: Path
+    placement: Placement
+    domains: list[DomainLike]  # the stage's training domains
+    eval_domains: list[DomainLike]  # the recipe's domains: every trained stage is scored on each
+    eval: EvalSettings
+    tokenizer: Any  # the starting model's tokenizer (the recipe's character tokenizer for a model from scratch)
+    prompt_format: PromptFormat  # how this stage renders prompts for `tokenizer`
+    rendering: Rendering  # the recipe's `chat_template` choice, for models scored with their own tokenizer
+    init_ref: str | None  # the `init` (or a merge's `base`) as written in the recipe
+    init_path: str | None  # ... resolved: a finished checkpoint or HF directory / id
+    model_refs: dict[str, str] = field(default_factory=dict)  # stage name / reference -> checkpoint path
+    parents: dict[str, str] = field(default_factory=dict)  # parent name -> its identity
+    teachers: dict[str, TeacherRef] = field(default_factory=dict)  # teacher name -> where it is
+    teacher_of_domain: dict[str, str] = field(default_factory=dict)  # domain -> teacher name (mopd, offpolicy)
+    rollout_backend: str = "torch"  # the recipe's `rollout_backend`
+    vllm_memory_fraction: float = 0.3
+    on_progress: Callable[[int, int, dict[str, float]], None] | None = None  # (step, total, metrics)
+    on_warning: Callable[[str], None] | None = None  # one-line warnings for the console (default: logging)
+
+    @property
+    def domain_map(self) -> dict[str, DomainLike]:
+        """Domain name -> domain, for the stage's and the recipe's domains (a row's verifier by its name)."""
+        return {d.name: d for d in [*self.eval_domains, *self.domains]}

@@ -1,0 +1,264 @@
+"""Run an untrusted Python program and its tests in a sandboxed subprocess, and collect the outcomes.
+
+Kept apart from the verifier (:mod:`mopd.verifiers.code`) so that what is isolated, and how, can be read and
+audited in one place, independent of how a completion is turned into code and scored.
+
+Result protocol
+---------------
+The child reports each outcome as a line ``<nonce> <index> PASS|FAIL`` on a pipe, where the nonce is 128
+random bits sent over stdin only (never on disk, in argv or in the environment). Exiting early
+(``os._exit(0)``), printing fake "PASS" lines, or writing to any file descriptor therefore earns nothing.
+The process's exit status is not used at all.
+
+Sandbox (layers; each one is used when the host supports it, see :func:`sandbox_info`)
+----------------------------------------------------------------------------------------
+* fresh ``tempfile`` directory as cwd, HOME and TMPDIR, deleted afterwards (also on timeout);
+* ``python -I -S -B``: isolated mode (no PYTHON* env vars, no user site, script dir not on sys.path),
+  no site-packages (stdlib only), no .pyc writes; minimal environment (PATH, LANG, HOME, TMPDIR);
+* new session / process group (``start_new_session``), the whole group SIGKILLed at the end and on the
+  wall-clock timeout (``timeout_s``, counted from spawn);
+* resource limits, set by the child on itself before any untrusted code runs: RLIMIT_AS (``memory_mb``),
+  RLIMIT_CPU, RLIMIT_FSIZE (16 MiB), RLIMIT_NOFILE, RLIMIT_CORE=0; RLIMIT_NPROC=0 only as a fallback when
+  seccomp is unavailable (it does not apply to root, and it would otherwise also forbid threads);
+* seccomp-BPF filter (x86_64 and aarch64): fork/vfork/non-thread clone -> EPERM (fork bombs die at the
+  first fork; threads still work), clone3 -> ENOSYS (glibc falls back to clone), ``socket()`` -> EPERM,
+  signals only to itself, and EPERM for setrlimit/prlimit64 (limits cannot be raised even by root),
+  ptrace, process_vm_*, pidfd_*, io_uring, bpf, perf_event_open, mount/namespace/module/keyring/reboot
+  and clock calls; other ABIs (i386, x32) are refused;
+* Landlock (Linux >= 5.13): writes, creations, deletions, renames and truncation are refused everywhere
+  except the temp dir (and /dev/null); with Landlock ABI >= 4 TCP bind/connect are refused, with ABI >= 6
+  signals and abstract unix sockets are scoped to the sandbox. Reading files is *not* restricted;
+* a new network namespace via ``unshare --net`` (or ``unshare --user --net``) when that works here;
+* Python-level socket blocking (``socket.socket`` & co. raise) as a last, friendlier layer.
+
+The layers inside the child are installed by :mod:`mopd.verifiers.sandbox_child`, the child's driver.
+
+Not guaranteed: this is hardening for model-generated code, not a security boundary against a determined
+attacker, especially when running as root: read access to the file system is open, code running in the
+same interpreter as the driver can in principle find the nonce by introspection (``sys._getframe``), and
+solutions can still "win" assert-based tests by returning objects whose ``__eq__`` always answers True or
+by monkeypatching builtins the tests use. Without seccomp and Landlock (non-Linux, old kernels, unknown
+architectures) only the temp dir, rlimits, process-group kill and the Python-level socket block remain,
+and a fork bomb run as root is only stopped by the timeout. For hostile code use a container or VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from . import sandbox_child
+
+__all__ = ["CodeRunResult", "run_code_tests", "sandbox_info"]
+
+_RESULT_CAP_BYTES = 1 << 20
+_STDERR_TAIL_CHARS = 4000
+
+
+@dataclass
+class CodeRunResult:
+    """Outcome of one sandboxed run."""
+
+    passed: int
+    total: int
+    per_test: list[bool]
+    timed_out: bool
+    returncode: int | None
+    duration_s: float
+    stderr_tail: str = ""
+    protections: dict = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+
+def run_code_tests(
+    code: str, tests: str | list[str], *, timeout_s: float = 5.0, memory_mb: int = 512
+) -> CodeRunResult:
+    """Run ``code`` then each test in the sandbox; see the module docstring for what is isolated."""
+    test_list = _normalize_tests(tests)
+    if not isinstance(code, str):
+        code = ""
+    if timeout_s <= 0 or memory_mb <= 0:
+        raise ValueError("timeout_s and memory_mb must be positive")
+    nonce = secrets.token_hex(16)
+    start = time.monotonic()
+    deadline = start + timeout_s
+    workdir = tempfile.mkdtemp(prefix="mopd_sandbox_")
+    proc: subprocess.Popen | None = None
+    buf = b""
+    timed_out = False
+    stderr_tail = ""
+    try:
+        os.chmod(workdir, 0o700)
+        payload = {
+            "code": code,
+            "tests": test_list,
+            "workdir": workdir,
+            "memory_bytes": int(memory_mb) << 20,
+            "cpu_s": int(timeout_s) + 1,
+        }
+        with open(os.path.join(workdir, "payload.json"), "w", encoding="utf-8") as f:
+            json.dump(payload, f)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+        cmd = [*_netns_prefix(), sys.executable, "-I", "-S", "-B", os.path.abspath(sandbox_child.__file__)]
+        with open(os.path.join(workdir, "stderr.txt"), "wb") as err:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=workdir,
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+            )
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(nonce.encode() + b"\n")
+            proc.stdin.close()
+        except OSError:
+            pass
+        buf, timed_out = _read_until(proc, deadline)
+        stderr_tail = _tail(os.path.join(workdir, "stderr.txt"))
+    finally:
+        if proc is not None:
+            _kill_group(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    per_test, protections = _parse_results(buf, nonce, len(test_list))
+    return CodeRunResult(
+        passed=sum(per_test),
+        total=len(test_list),
+        per_test=per_test,
+        timed_out=timed_out,
+        returncode=proc.returncode if proc is not None else None,
+        duration_s=time.monotonic() - start,
+        stderr_tail=stderr_tail,
+        protections=protections,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def sandbox_info() -> dict:
+    """Which protection layers work on this host (runs one trivial sandboxed program, cached)."""
+    res = run_code_tests("x = 1", ["assert x == 1"], timeout_s=10.0)
+    info = dict(res.protections)
+    info["works"] = res.passed == 1
+    info["netns"] = bool(_netns_prefix())
+    return info
+
+
+# ----------------------------------------------------------------------------------------- parent side
+
+
+def _normalize_tests(tests: str | list[str]) -> list[str]:
+    if isinstance(tests, str):
+        if not tests.strip():
+            raise ValueError("code tests are empty")
+        return [tests]
+    if isinstance(tests, (list, tuple)) and tests and all(isinstance(t, str) and t.strip() for t in tests):
+        return list(tests)
+    raise ValueError("code tests must be a non-empty string or a non-empty list of non-empty strings")
+
+
+def _read_until(proc: subprocess.Popen, deadline: float) -> tuple[bytes, bool]:
+    """Read the result pipe until EOF and process exit, or until the deadline. Returns (bytes, timed_out)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    chunks: list[bytes] = []
+    size = 0
+    eof = False
+    while not eof:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return b"".join(chunks), True
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        data = os.read(fd, 65536)
+        if not data:
+            eof = True
+        elif size < _RESULT_CAP_BYTES:
+            chunks.append(data)
+            size += len(data)
+    # EOF: wait (without reaping, so the process group id stays ours) for the leader to exit.
+    while True:
+        try:
+            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            break
+        if info is not None:
+            break
+        if time.monotonic() >= deadline:
+            return b"".join(chunks), True
+        time.sleep(0.002)
+    return b"".join(chunks), False
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    # The leader is not reaped yet, so its pid (== the process group id) cannot have been reused.
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=5)
+    with contextlib.suppress(Exception):
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _STDERR_TAIL_CHARS))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _parse_results(buf: bytes, nonce: str, n: int) -> tuple[list[bool], dict]:
+    text = buf.decode("utf-8", "replace")
+    protections: dict = {}
+    m = re.search(re.escape(nonce) + r" ready (\{[^\n]*\})\n", text)
+    if m:
+        with contextlib.suppress(ValueError):
+            protections = json.loads(m.group(1))
+    outcome: dict[int, set[str]] = {}
+    for m in re.finditer(re.escape(nonce) + r" (\d+) (PASS|FAIL)\n", text):
+        outcome.setdefault(int(m.group(1)), set()).add(m.group(2))
+    # A test passes only if it was reported PASS, never FAIL (duplicates would mean tampering).
+    return [outcome.get(i) == {"PASS"} for i in range(n)], protections
+
+
+@functools.lru_cache(maxsize=1)
+def _netns_prefix() -> tuple[str, ...]:
+    """A command prefix that runs the child in a fresh network namespace, or () when none works here."""
+    exe = shutil.which("unshare")
+    if not exe or not sys.platform.startswith("linux"):
+        return ()
+    for prefix in ((exe, "--net", "--"), (exe, "--user", "--net", "--")):
+        try:
+            r = subprocess.run(
+                [*prefix, sys.executable, "-I", "-S", "-c", "pass"], capture_output=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if r.returncode == 0:
+            return prefix
+    return ()
