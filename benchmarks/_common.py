@@ -1,9 +1,9 @@
 """Shared parts of the speed benchmarks: the tiny models, the prompts, and one real mopd training step.
 
 Why one module: the TRL comparison, the multi-teacher timing, the roofline and the profiler must all time the
-same models on the same prompts through the same mopd code path (`learner.step.policy_loss` with a
-`TeacherPanel`, then backward and an AdamW step, exactly as `stages/train.py` does), or their figures would
-not be comparable.
+same models on the same prompts through the same mopd code path (`learner.rollout.rollout`, then
+`learner.policy.policy_loss` with a `TeacherPanel`, as `stages/rl.py` runs them, then backward and an AdamW step,
+exactly as `stages/driver.py` does), or their figures would not be comparable.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from pathlib import Path
 
 import torch
 
+from mopd.core.schema import MOPDStage
 from mopd.envs import ALPHABET, Problem, get_domain
-from mopd.learner.step import PolicySettings, policy_loss
+from mopd.learner.objective_table import PolicyConfig
+from mopd.learner.policy import policy_loss
+from mopd.learner.rollout import rollout
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.runtime import keep_freed_memory
@@ -54,17 +57,31 @@ def problems(n: int, seed: int = 0, domains: tuple[str, ...] = DOMAINS) -> list[
     return [get_domain(domains[i % len(domains)]).sample(rng) for i in range(n)]
 
 
-def mopd_settings(max_new_tokens: int, objective: str) -> PolicySettings:
-    """On-policy distillation as the demo's MOPD stage runs it: one rollout per prompt, no GRPO term."""
-    return PolicySettings(group_size=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
-                          is_mode="truncate", eps_low=0.5, eps_high=2.0, adv_clip=5.0, alpha=0.0,
-                          objective=objective)
+def mopd_settings(max_new_tokens: int, objective: str) -> MOPDStage:
+    """On-policy distillation as the demo's MOPD stage runs it: one rollout per prompt, no GRPO term. (The
+    stage's `teachers` are a placeholder: rows are routed by the `TeacherPanel` a step is given.)"""
+    return MOPDStage(kind="mopd", init="student", steps=1, teachers={d: "teacher0" for d in DOMAINS},
+                     group_size=1, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, is_mode="truncate",
+                     eps_low=0.5, eps_high=2.0, adv_clip=5.0, alpha=0.0, objective=objective)
 
 
-def mopd_step_fn(student, teachers: dict[str, torch.nn.Module], tokenizer, settings: PolicySettings,
+def policy_step(student, tokenizer, batch: list[Problem], settings: MOPDStage, generator: torch.Generator,
+                panel: TeacherPanel) -> tuple[torch.Tensor, dict[str, float]]:
+    """mopd's policy step as a MOPD stage runs it (`stages/rl.py`): rollout (sample, reward with each row's domain
+    verifier), then the policy loss against `panel`, micro-batched by the settings' `micro_batch_size`."""
+    domains = {p.domain: get_domain(p.domain) for p in batch}
+    rollouts, metrics = rollout(student, tokenizer, batch, domains, settings, temperature=settings.temperature,
+                                generator=generator)
+    cfg = PolicyConfig(sampling=settings, distill=settings, teachers=panel)
+    loss, loss_metrics = policy_loss(student, rollouts, cfg, temperature=settings.temperature,
+                                     micro_batch_size=settings.micro_batch_size)
+    return loss, {**metrics, **loss_metrics}
+
+
+def mopd_step_fn(student, teachers: dict[str, torch.nn.Module], tokenizer, settings: MOPDStage,
                  teacher_of_domain: dict[str, str]) -> Callable[[list[Problem], int], dict[str, float]]:
-    """One training step as `stages/train.py` runs it: policy_loss, backward, grad clip 1.0, AdamW; in a process
-    with the allocator setting that the `mopd` command applies to itself (`mopd.runtime`)."""
+    """One training step as `stages/driver.py` runs it: the policy step, backward, grad clip 1.0, AdamW; in a
+    process with the allocator setting that the `mopd` command applies to itself (`mopd.runtime`)."""
     keep_freed_memory()
     for t in teachers.values():
         t.eval().requires_grad_(False)
@@ -73,7 +90,7 @@ def mopd_step_fn(student, teachers: dict[str, torch.nn.Module], tokenizer, setti
     opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0, betas=(0.9, 0.99))
 
     def step(batch: list[Problem], seed: int) -> dict[str, float]:
-        loss, metrics = policy_loss(student, tokenizer, batch, settings, torch.Generator().manual_seed(seed), panel)
+        loss, metrics = policy_step(student, tokenizer, batch, settings, torch.Generator().manual_seed(seed), panel)
         if loss.requires_grad:
             loss.backward()
         if any(p.grad is not None for p in student.parameters()):

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,8 +42,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     tok = build_char_tokenizer(_common.ALPHABET)
     student, teacher = load_model(args.models / "student"), load_model(args.models / "teacher0")
-    settings = replace(_common.mopd_settings(COMPLETION_TOKENS, "full_reverse_kl"),
-                       micro_batch_size=args.micro_size or None)
+    settings = _common.mopd_settings(COMPLETION_TOKENS, "full_reverse_kl").model_copy(
+        update={"micro_batch_size": args.micro_size or None})
     step = _common.mopd_step_fn(student, {"teacher0": teacher}, tok, settings, {d: "teacher0" for d in _common.DOMAINS})
     batches = [_common.problems(args.rollouts, seed=100 + i) for i in range(args.steps + 1)]
     before = _rss_mib()

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 import yaml
 
-from mopd.recipe.load import LoadedRecipe, _refs, _resolve_external, load_recipe
+from mopd.core.schema import MOPDStage
+from mopd.recipe.load import LoadedRecipe, load_recipe
+from mopd.recipe.refs import resolve_external, stage_refs
 from mopd.recipe.runner import run_recipe
-from mopd.recipe.schema import MOPDStage
-from mopd.report.build import read_final_eval
 from mopd.report.scores import normalized_score, recovery
+from mopd.report.tables import read_final_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 # objective name -> the student settings that select it
@@ -59,7 +60,7 @@ def ancestors(loaded: LoadedRecipe, stage: str) -> list[str]:
     """The stages `stage` depends on, in the recipe's dependency order."""
     stages, need, todo = loaded.recipe.stages, set(), [stage]
     while todo:
-        for _, ref in _refs(stages[todo.pop()]):
+        for _, ref in stage_refs(stages[todo.pop()]):
             if ref in stages and ref not in need:
                 need.add(ref)
                 todo.append(ref)
@@ -72,7 +73,7 @@ def variant_recipe(loaded: LoadedRecipe, student: str) -> dict[str, Any]:
     base = loaded.path.parent
 
     def absolute(ref: str) -> str:  # the variant recipe lives elsewhere: pin relative external references
-        return _resolve_external(ref, base) or ref
+        return resolve_external(ref, base) or ref
 
     raw["plugins"] = [str((base / p).resolve()) for p in raw.get("plugins") or []]
     stages = {}

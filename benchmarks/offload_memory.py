@@ -4,8 +4,9 @@
 
 The figure issue 6 asks for: with `teacher_device: cpu` the accelerator holds the student plus the largest
 teacher, not the sum of the teachers. Three fresh subprocesses each take `--steps` real MOPD steps
-(`policy_loss` with a `TeacherPanel`, `full_reverse_kl`, backward, AdamW) in mopd's mixed precision (float32
-student weights under bfloat16 autocast, bfloat16 teachers) and report `torch.cuda.max_memory_allocated`:
+(rollout, then `policy_loss` with a `TeacherPanel`, `full_reverse_kl`, backward, AdamW) in mopd's mixed
+precision (float32 student weights under bfloat16 autocast, bfloat16 teachers) and report
+`torch.cuda.max_memory_allocated`:
 
 - `resident`: every teacher on the accelerator (`teacher_device: same`);
 - `offloaded`: every teacher in host memory, moved in only to score its rows (`teacher_device: cpu`);
@@ -54,8 +55,7 @@ def worker(mode: str, shape: str, teachers: int, batch: int, new_tokens: int, st
     import _common
     import torch
 
-    from mopd.learner.step import policy_loss
-    from mopd.models.placement import compute_precision, training_attention
+    from mopd.models.precision import compute_precision, training_attention
     from mopd.models.tokenizer import build_char_tokenizer
     from mopd.teachers.panel import TeacherPanel
 
@@ -77,8 +77,8 @@ def worker(mode: str, shape: str, teachers: int, batch: int, new_tokens: int, st
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(steps):
         with compute_precision(device, compute, torch.float32):
-            loss, _ = policy_loss(student, tok, _common.problems(batch, seed=step), settings,
-                                  torch.Generator().manual_seed(step), panel)
+            loss, _ = _common.policy_step(student, tok, _common.problems(batch, seed=step), settings,
+                                          torch.Generator().manual_seed(step), panel)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()

@@ -42,7 +42,7 @@ def worker(variant: str, models: Path, steps: int, warmup: int) -> dict:
     import torch
 
     from mopd.models.checkpoint import load_model
-    from mopd.models.placement import compute_precision
+    from mopd.models.precision import compute_precision
     from mopd.models.tokenizer import build_char_tokenizer
 
     torch.set_num_threads(1)

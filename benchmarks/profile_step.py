@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py [--teachers 1] [--objective sampled] [--steps 6] [--threads 1]
 
-The step is the real one (`_common.mopd_step_fn`: policy_loss with a TeacherPanel, backward, clip, AdamW) on
+The step is the real one (`_common.mopd_step_fn`: rollout, policy_loss with a TeacherPanel, backward, clip, AdamW) on
 the TRL-comparison models (student 0.79M, teachers 2.77M parameters), batch 64, 8 completion tokens.
 Phases are cumulative times of the functions that implement them, as shares of the step; the op table says
 whether a phase is bound by matrix multiplies (useful work) or by elementwise/Python overhead.
@@ -28,7 +28,7 @@ PHASES = {  # phase -> (file suffix, function name) whose cumulative time it is
     "teacher scoring (full logits)": ("teachers/panel.py", "full_logits"),
     "backward": ("torch/_tensor.py", "backward"),
     "optimizer step": ("torch/optim/optimizer.py", "wrapper"),
-    "policy_loss (all phases before backward)": ("learner/step.py", "policy_loss"),
+    "rollout + policy_loss (before backward)": ("benchmarks/_common.py", "policy_step"),
 }
 
 

@@ -29,8 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from trl_vs_mopd import update_results
 
-import mopd.learner.step as learner_step
-from mopd.learner.step import supervised_loss
+import mopd.learner.policy as learner_policy
+from mopd.learner.supervised import supervised_loss
 from mopd.models.checkpoint import load_model
 from mopd.teachers.panel import TeacherPanel
 
@@ -78,8 +78,8 @@ def phase_breakdown(step: Callable[[list, int], object], batch: list, seed: int)
             return out
         return wrapper
 
-    with (mock.patch.object(learner_step, "sequence_logits",
-                            counted("student training forward", learner_step.sequence_logits)),
+    with (mock.patch.object(learner_policy, "sequence_logits",
+                            counted("student training forward", learner_policy.sequence_logits)),
           mock.patch.object(TeacherPanel, "sampled_logprobs",
                             counted("teacher scoring", TeacherPanel.sampled_logprobs)),
           mock.patch.object(torch.Tensor, "backward", counted("backward", torch.Tensor.backward)),

@@ -88,13 +88,14 @@ def _worker_trl(models: Path, run: int, warmup: int, steps: int, bf16: bool = Fa
 
 
 def _worker_mopd(models: Path, run: int, warmup: int, steps: int, objective: str, bf16: bool = False) -> list[float]:
-    """Train with mopd's real step (policy_loss with a one-teacher panel, backward, clip, AdamW); with `bf16`, in
-    mopd's mixed precision: float32 student weights stepped under autocast, the frozen teacher in bfloat16."""
+    """Train with mopd's real step (rollout, policy_loss with a one-teacher panel, backward, clip, AdamW); with
+    `bf16`, in mopd's mixed precision: float32 student weights stepped under autocast, the frozen teacher in
+    bfloat16."""
     import _common
     import torch
 
     from mopd.models.checkpoint import load_model
-    from mopd.models.placement import compute_precision, training_attention
+    from mopd.models.precision import compute_precision, training_attention
     from mopd.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer(_common.ALPHABET)

@@ -9,7 +9,7 @@ plus 8 sampled tokens. Interleaved, medians:
 - the teacher's full distributions for the full-vocabulary objectives (`TeacherPanel.full_logits`, then the
   log-softmax every such loss takes): every position against the completion window;
 - sampler prefill: the prompt forward with logits for every position against `logits_to_keep=1`;
-- the learner's differentiable logprobs + backward (policy_loss phase 3): full-sequence logits against the
+- the learner's differentiable logprobs + backward (`learner.policy.student_scores`): full-sequence logits against the
   completion window.
 Writes benchmarks/results.json (key "vocab_scoring").
 """
@@ -23,7 +23,7 @@ import _common
 import torch
 from trl_vs_mopd import update_results
 
-from mopd.learner.logprobs import token_logprobs
+from mopd.core.logprobs import token_logprobs
 from mopd.models.forward import position_ids_from_mask, sequence_logits
 from mopd.sampling.sampler import encode_prompts, sample
 from mopd.teachers.panel import TeacherPanel

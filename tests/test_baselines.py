@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
+from mopd.core.schema import CascadeRLStage, OffPolicyFTStage
 from mopd.models.checkpoint import load_model, load_tokenizer
 from mopd.models.merge import merge_state_dicts
+from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
+from mopd.recipe.resolve import resolve_stage
 from mopd.recipe.runner import run_recipe
-from mopd.recipe.schema import CascadeRLStage, OffPolicyFTStage
 from mopd.stages import baselines
 from mopd.stages.baselines import cascade_domain, cascade_spans, teacher_traces
-from mopd.stages.train import ProblemSource, step_generator, step_rng
+from mopd.stages.problems import problem_source, step_generator, step_rng
 
 from .mini_compare import recipe
 
@@ -136,7 +137,7 @@ def test_offpolicy_is_usable_as_init_of_mopd(run: Path) -> None:
     assert lineage["init_stage"] == "offpolicy" and lineage["init"] == str(run / "offpolicy" / "final")
 
 
-def test_verified_only_keeps_exactly_the_traces_at_or_above_threshold(run: Path, monkeypatch) -> None:
+def test_verified_only_keeps_exactly_the_traces_at_or_above_threshold(run: Path) -> None:
     # a stub verifier with known, varied rewards, so the filter is tested whatever the tiny teachers produce
     reward_of = {}
 
@@ -145,20 +146,19 @@ def test_verified_only_keeps_exactly_the_traces_at_or_above_threshold(run: Path,
         def verify(problem, completion):
             return reward_of[problem.prompt]
 
-    monkeypatch.setattr(baselines, "get_domain", lambda name: Stub)
+    stubs = {name: Stub for name in ("reversal", "sorting")}
     teachers = {t: (load_model(run / t / "final"), load_tokenizer(run / t / "final"))
                 for t in ("teacher_rev", "teacher_sort")}
     loaded = load_recipe(run / "recipe.yaml")
-    ctx = SimpleNamespace(recipe=loaded.recipe, settings=loaded.recipe.stages["offpolicy"],
-                          domains=["reversal", "sorting"])
-    problems = ProblemSource(ctx).draw(step_rng(0, 0), 12)
+    ctx = resolve_stage(loaded, "offpolicy", run, stage_identities(loaded))
+    problems = problem_source(ctx).draw(step_rng(0, 0), 12)
     reward_of.update({p.prompt: (i % 4) / 3 for i, p in enumerate(problems)})  # 0, 1/3, 2/3, 1, 0, ...
     base = dict(kind="offpolicy_ft", init="sft", teachers={"reversal": "teacher_rev", "sorting": "teacher_sort"},
                 steps=1)
-    every, m_all = teacher_traces(problems, OffPolicyFTStage(**base), teachers, step_generator(0, 0))
+    every, m_all = teacher_traces(problems, OffPolicyFTStage(**base), teachers, step_generator(0, 0), stubs)
     assert len(every) == 12 and m_all["offpolicy/kept_frac"] == 1.0
     kept, metrics = teacher_traces(problems, OffPolicyFTStage(**base, verified_only=True, min_reward=0.5),
-                                   teachers, step_generator(0, 0))
+                                   teachers, step_generator(0, 0), stubs)
     expect = [t for t in every if reward_of[t.prompt] >= 0.5]
     assert kept == expect and len(expect) == 6  # same traces (same generator), only the verified half kept
     assert metrics["offpolicy/kept_frac"] == 0.5
@@ -169,12 +169,14 @@ def test_verified_only_keeps_exactly_the_traces_at_or_above_threshold(run: Path,
 
 
 def _ctx(run: Path, stage: str, stage_dir: Path, **recipe_keys: str):
-    from mopd.stages.context import StageContext
+    """`stage` of the finished `run` resolved with recipe keys overridden, writing to `stage_dir`."""
+    from dataclasses import replace
 
-    loaded = load_recipe(run / "recipe.yaml").recipe.model_copy(update=recipe_keys)
-    return StageContext(name=stage, settings=loaded.stages[stage], recipe=loaded, stage_dir=stage_dir, identity="x",
-                        seed=0, tokenizer=load_tokenizer(run / "sft" / "final"), init_path=None,
-                        model_refs={s: str(run / s / "final") for s in ("sft", "teacher_rev", "teacher_sort")})
+    loaded = load_recipe(run / "recipe.yaml")
+    loaded = replace(loaded, recipe=loaded.recipe.model_copy(update=recipe_keys))
+    ctx = resolve_stage(loaded, stage, run, stage_identities(loaded))
+    ctx.stage_dir = stage_dir
+    return ctx
 
 
 def test_offpolicy_teachers_are_placed_in_the_stage_precision(run: Path, monkeypatch) -> None:
@@ -182,7 +184,7 @@ def test_offpolicy_teachers_are_placed_in_the_stage_precision(run: Path, monkeyp
     loaded in float32 on the host whatever the recipe said, so a GPU run sampled its teachers on the CPU)."""
     seen = {}
 
-    def record(problems, s, teachers, generator):
+    def record(problems, s, teachers, generator, domains):
         seen.update({name: next(model.parameters()).dtype for name, (model, _) in teachers.items()})
         return [], {}
 

@@ -11,7 +11,7 @@ from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import load_recipe
 from mopd.recipe.runner import run_recipe
-from mopd.stages import train as train_module
+from mopd.stages import driver as driver_module
 
 
 def test_eval_stage_uses_the_scored_models_own_tokenizer(tmp_path: Path, monkeypatch) -> None:
@@ -29,13 +29,13 @@ def test_eval_stage_uses_the_scored_models_own_tokenizer(tmp_path: Path, monkeyp
         f"stages:\n  score: {{kind: eval, models: ['{tmp_path / 'hf_model'}']}}\n"
     )
     seen: list[dict] = []
-    real = train_module.evaluate
+    real = driver_module.evaluate
 
     def spy(model, tokenizer, *args, **kwargs):
         seen.append(tokenizer.get_vocab())
         return real(model, tokenizer, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    monkeypatch.setattr(driver_module, "evaluate", spy)
     run_recipe(load_recipe(recipe), tmp_path / "run")
     assert seen == [own.get_vocab()]
     results = json.loads((tmp_path / "run" / "score" / "final" / "eval.json").read_text())

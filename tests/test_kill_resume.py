@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from mopd.models.lora import is_lora
 from mopd.recipe.load import load_recipe
 from mopd.recipe.runner import run_recipe
-from mopd.stages import run as run_module
+from mopd.stages import rl as rl_module
 
 from .conftest import MINI_RECIPE
 from .mini_compare import recipe
@@ -97,7 +97,7 @@ def test_lora_stage_cut_after_a_checkpoint_resumes_exactly(tmp_path: Path, monke
     loaded = load_recipe(tmp_path / "r.yaml")
     run_recipe(loaded, tmp_path / "whole", Console(quiet=True))
 
-    real, calls = run_module.policy_loss, {"lora": 0}
+    real, calls = rl_module.policy_loss, {"lora": 0}
 
     def crash_on_third_lora_step(model, *args, **kwargs):
         calls["lora"] += is_lora(model)  # teacher (RLVR) stages train full models: only the student counts
@@ -105,7 +105,7 @@ def test_lora_stage_cut_after_a_checkpoint_resumes_exactly(tmp_path: Path, monke
             raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "policy_loss", crash_on_third_lora_step)
+    monkeypatch.setattr(rl_module, "policy_loss", crash_on_third_lora_step)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
     cut = tmp_path / "cut" / "student"
@@ -113,7 +113,7 @@ def test_lora_stage_cut_after_a_checkpoint_resumes_exactly(tmp_path: Path, monke
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists() and (ckpt / "trainer_state.pt").exists()
     assert not (cut / "final").exists()
     before = (cut / "metrics.jsonl").read_text().splitlines()
-    monkeypatch.setattr(run_module, "policy_loss", real)
+    monkeypatch.setattr(rl_module, "policy_loss", real)
     run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
 
     def rows(stage: Path) -> list[dict]:

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from mopd.learner.logprobs import masked_mean, token_entropy, token_logprobs
+from mopd.core.logprobs import masked_mean, token_entropy, token_logprobs
 
 
 def _hand_logits_1_T_V() -> torch.Tensor:

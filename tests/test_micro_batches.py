@@ -6,36 +6,44 @@ from __future__ import annotations
 
 import random
 import weakref
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from mopd.envs import ALPHABET, get_domain
-from mopd.learner import step as step_module
-from mopd.learner.step import PolicySettings, micro_batches, policy_loss, supervised_loss
+from mopd.core.schema import MOPDStage, RLVRStage
+from mopd.envs import ALPHABET, DomainLike, get_domain
+from mopd.learner.micro_batches import micro_batches
+from mopd.learner.objective_table import PolicyConfig
+from mopd.learner.policy import policy_loss
+from mopd.learner.rollout import rollout
+from mopd.learner.supervised import supervised_loss
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
+from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import stage_identities
 from mopd.teachers.panel import TeacherPanel
 
 TINY = TinyModelConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=48)
 TOK = build_char_tokenizer(ALPHABET)
-BASE = PolicySettings(group_size=2, max_new_tokens=6, temperature=1.0, top_p=1.0, is_mode="truncate",
-                      eps_low=0.5, eps_high=2.0, adv_clip=5.0, alpha=0.0)
-CASES = {
-    "sampled": replace(BASE),
-    "sampled+grpo+surprise, T=0.7": replace(BASE, alpha=0.5, surprise_alpha=0.7, temperature=0.7),
-    "full_reverse_kl": replace(BASE, objective="full_reverse_kl"),
-    "topk+grpo": replace(BASE, objective="topk", topk=4, alpha=0.3),
-    "jsd": replace(BASE, objective="jsd"),
-    "forward_kl": replace(BASE, objective="forward_kl"),
-    "rlvr": replace(BASE, group_size=3),
-    "rlvr+filter_solved": replace(BASE, group_size=3, filter_solved=True),
+SAMPLING = dict(group_size=2, max_new_tokens=6, temperature=1.0, top_p=1.0, is_mode="truncate",
+                eps_low=0.5, eps_high=2.0, adv_clip=5.0)
+BASE = MOPDStage(kind="mopd", init="x", steps=1, teachers={"addition": "t_add", "reversal": "t_rev"},
+                 alpha=0.0, **SAMPLING)
+RLVR = RLVRStage(kind="rlvr", init="x", steps=1, **SAMPLING)
+CASES: dict[str, MOPDStage | RLVRStage] = {
+    "sampled": BASE,
+    "sampled+grpo+surprise, T=0.7": BASE.model_copy(update={"alpha": 0.5, "surprise_alpha": 0.7, "temperature": 0.7}),
+    "full_reverse_kl": BASE.model_copy(update={"objective": "full_reverse_kl"}),
+    "topk+grpo": BASE.model_copy(update={"objective": "topk", "topk": 4, "alpha": 0.3}),
+    "jsd": BASE.model_copy(update={"objective": "jsd"}),
+    "forward_kl": BASE.model_copy(update={"objective": "forward_kl"}),
+    "rlvr": RLVR.model_copy(update={"group_size": 3}),
+    "rlvr+filter_solved": RLVR.model_copy(update={"group_size": 3, "filter_solved": True}),
 }
+DOMAINS: dict[str, DomainLike] = {n: get_domain(n) for n in ("addition", "reversal")}
 
 
 def _problems():
@@ -51,7 +59,7 @@ def _panel() -> TeacherPanel:
 
 
 @pytest.fixture
-def mixed_rewards(monkeypatch: pytest.MonkeyPatch) -> None:
+def mixed_rewards() -> dict[str, DomainLike]:
     """Rewards that give GRPO a signal and the filter something to drop (a random tiny model solves nothing):
     every row of an even-numbered problem passes, the others pass when their completion has odd length."""
     passing = {p.prompt for p in _problems()[::2]}
@@ -60,13 +68,24 @@ def mixed_rewards(monkeypatch: pytest.MonkeyPatch) -> None:
         def verify(self, problem, completion):
             return 1.0 if problem.prompt in passing else float(len(completion) % 2)
 
-    monkeypatch.setattr(step_module, "get_domain", lambda name: Stub())
+    return {name: Stub() for name in DOMAINS}
 
 
-def _step(settings: PolicySettings, panel: TeacherPanel | None, micro: int | None):
+def _policy_step(student, problems, settings: MOPDStage | RLVRStage, generator: torch.Generator,
+                 panel: TeacherPanel | None, micro: int | None, domains: Mapping[str, DomainLike] = DOMAINS):
+    """One policy step (rollout, then the policy loss): GRPO without a panel, the stage's distillation with one."""
+    batch, rollout_metrics = rollout(student, TOK, problems, domains, settings, temperature=settings.temperature,
+                                     generator=generator)
+    cfg = PolicyConfig(sampling=settings, distill=None if panel is None else settings, teachers=panel)
+    loss, loss_metrics = policy_loss(student, batch, cfg, temperature=settings.temperature, micro_batch_size=micro)
+    return loss, {**rollout_metrics, **loss_metrics}
+
+
+def _step(settings: MOPDStage | RLVRStage, panel: TeacherPanel | None, micro: int | None,
+          domains: Mapping[str, DomainLike]):
     student = build_tiny_model(TINY, len(TOK), TOK, 0)
-    loss, metrics = policy_loss(student, TOK, _problems(), replace(settings, micro_batch_size=micro),
-                                torch.Generator().manual_seed(3), panel)
+    loss, metrics = _policy_step(student, _problems(), settings, torch.Generator().manual_seed(3), panel, micro,
+                                 domains)
     accumulated = not loss.requires_grad
     if loss.requires_grad:
         loss.backward()
@@ -80,11 +99,13 @@ def test_micro_batch_slices_cover_every_row_once() -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("micro", [1, 4])
-def test_micro_batched_step_equals_the_whole_batch(case: str, micro: int, mixed_rewards: None) -> None:
+def test_micro_batched_step_equals_the_whole_batch(
+    case: str, micro: int, mixed_rewards: dict[str, DomainLike]
+) -> None:
     settings = CASES[case]
     panel = None if case.startswith("rlvr") else _panel()
-    loss, metrics, grads, accumulated = _step(settings, panel, None)
-    m_loss, m_metrics, m_grads, m_accumulated = _step(settings, panel, micro)
+    loss, metrics, grads, accumulated = _step(settings, panel, None, mixed_rewards)
+    m_loss, m_metrics, m_grads, m_accumulated = _step(settings, panel, micro, mixed_rewards)
     assert not accumulated and m_accumulated  # the micro-batched loss comes back detached, gradients in .grad
     scale = max(float(g.abs().max()) for g in grads.values())
     assert scale > 1e-4  # a real learning signal, not two zero gradients
@@ -137,8 +158,8 @@ def test_micro_batches_bound_the_activations_alive_at_once() -> None:
 
     def run(micro):
         def go():
-            loss, _ = policy_loss(build_tiny_model(TINY, len(TOK), TOK, 0), TOK, _problems() * 4,
-                                  replace(settings, micro_batch_size=micro), torch.Generator().manual_seed(3), panel)
+            loss, _ = _policy_step(build_tiny_model(TINY, len(TOK), TOK, 0), _problems() * 4, settings,
+                                   torch.Generator().manual_seed(3), panel, micro)
             if loss.requires_grad:
                 loss.backward()
         return _peak_saved_bytes(go)
@@ -159,7 +180,7 @@ def test_micro_batch_size_is_not_part_of_a_stage_identity(mini_recipe: Path, tmp
 
 
 def test_a_recipe_with_micro_batches_trains_like_one_without(mini_recipe: Path, tmp_path: Path) -> None:
-    """End to end through the stage driver (`stages/train.py` steps on gradients a loss function already
+    """End to end through the stage driver (`stages/driver.py` steps on gradients a loss function already
     accumulated): every stage of the miniature recipe logs the same losses and gradient norms, step by step."""
     import json
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from collections.abc import Mapping
 
 import pytest
 import torch
 
+from mopd.core.schema import MOPDStage
 from mopd.envs import ALPHABET, get_domain
-from mopd.learner import step as step_module
+from mopd.learner import objective_table
 from mopd.learner.losses import policy_gradient_loss
-from mopd.learner.step import PolicySettings, policy_loss
+from mopd.learner.objective_table import PolicyConfig
+from mopd.learner.policy import policy_loss
+from mopd.learner.rollout import rollout
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
@@ -21,6 +24,7 @@ from mopd.teachers.panel import TeacherPanel
 TINY = TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16)
 OBJECTIVES = ["sampled", "topk", "full_reverse_kl", "forward_kl", "jsd"]
 TOK = build_char_tokenizer(ALPHABET)
+DOMAINS = {n: get_domain(n) for n in ("addition", "reversal")}
 
 
 def _setup(group_size: int = 2):
@@ -31,9 +35,20 @@ def _setup(group_size: int = 2):
     panel = TeacherPanel(models=teachers, teacher_of_domain={"addition": "t_add", "reversal": "t_rev"})
     rng = random.Random(0)
     problems = [*get_domain("addition").sample_train(rng, 2), *get_domain("reversal").sample_train(rng, 1)]
-    settings = PolicySettings(group_size=group_size, max_new_tokens=5, temperature=1.0, top_p=1.0,
-                              is_mode="truncate", eps_low=0.5, eps_high=2.0, adv_clip=5.0, alpha=0.0)
+    settings = MOPDStage(kind="mopd", init="x", steps=1, teachers={"addition": "t_add", "reversal": "t_rev"},
+                         group_size=group_size, max_new_tokens=5, temperature=1.0, top_p=1.0,
+                         is_mode="truncate", eps_low=0.5, eps_high=2.0, adv_clip=5.0, alpha=0.0)
     return student, panel, problems, settings
+
+
+def _policy_step(student, problems, settings: MOPDStage, generator: torch.Generator, panel: TeacherPanel,
+                 domains: Mapping = DOMAINS):
+    """One MOPD policy step: rollout (sample + reward), then the policy loss; metrics of both phases."""
+    batch, rollout_metrics = rollout(student, TOK, problems, domains, settings, temperature=settings.temperature,
+                                     generator=generator)
+    loss, loss_metrics = policy_loss(student, batch, PolicyConfig(sampling=settings, distill=settings, teachers=panel),
+                                     temperature=settings.temperature)
+    return loss, {**rollout_metrics, **loss_metrics}
 
 
 def _capture_pg(monkeypatch) -> list[dict]:
@@ -44,7 +59,7 @@ def _capture_pg(monkeypatch) -> list[dict]:
                       "mask": mask_B_T, "kw": kw})
         return policy_gradient_loss(logprobs_B_T, sampler_logprobs_B_T, advantages_B_T, mask_B_T, **kw)
 
-    monkeypatch.setattr(step_module, "policy_gradient_loss", spy)
+    monkeypatch.setattr(objective_table, "policy_gradient_loss", spy)
     return calls
 
 
@@ -52,7 +67,7 @@ def test_surprise_weights_hand_example() -> None:
     """w_t = 1 + a (1 - pi_S(y_t)), multiplied into the advantage before the PG loss (rho = 1 here)."""
     logprobs = torch.log(torch.tensor([[0.5, 0.25]])).requires_grad_()
     adv, mask = torch.tensor([[1.0, -2.0]]), torch.ones(1, 2)
-    w = step_module.surprise_weights(logprobs, 0.5)
+    w = objective_table.surprise_weights(logprobs, 0.5)
     torch.testing.assert_close(w, torch.tensor([[1.25, 1.375]]))
     loss, _ = policy_gradient_loss(logprobs, logprobs.detach(), adv * w, mask)
     # -(1.25 * 1 + 1.375 * (-2)) / 2 = 0.75, against -(1 - 2) / 2 = 0.5 unweighted
@@ -63,10 +78,10 @@ def test_surprise_weights_hand_example() -> None:
 def test_surprise_alpha_scales_mopd_advantages_exactly(monkeypatch) -> None:
     student, panel, problems, settings = _setup()
     calls = _capture_pg(monkeypatch)
-    loss0, m0 = policy_loss(student, TOK, problems, settings, torch.Generator().manual_seed(3), panel)
+    loss0, m0 = _policy_step(student, problems, settings, torch.Generator().manual_seed(3), panel)
     a = 0.7
-    loss_a, m_a = policy_loss(student, TOK, problems, replace(settings, surprise_alpha=a),
-                              torch.Generator().manual_seed(3), panel)
+    loss_a, m_a = _policy_step(student, problems, settings.model_copy(update={"surprise_alpha": a}),
+                               torch.Generator().manual_seed(3), panel)
     plain, weighted = calls
     torch.testing.assert_close(plain["logprobs"], weighted["logprobs"])  # the same rollouts
     w = 1 + a * (1 - plain["logprobs"].exp())
@@ -100,8 +115,8 @@ def _expected_teacher_nll(student, panel, problems, settings) -> dict[str, float
 def test_teacher_nll_per_teacher_for_every_objective(objective: str) -> None:
     student, panel, problems, settings = _setup()
     expected = _expected_teacher_nll(student, panel, problems, settings)
-    _, metrics = policy_loss(student, TOK, problems, replace(settings, objective=objective, topk=4),
-                             torch.Generator().manual_seed(5), panel)
+    _, metrics = _policy_step(student, problems, settings.model_copy(update={"objective": objective, "topk": 4}),
+                              torch.Generator().manual_seed(5), panel)
     for name, nll in expected.items():
         assert metrics[f"mopd/teacher_nll/{name}"] == pytest.approx(nll, rel=1e-5)
     assert metrics["mopd/routing_share/t_add"] == pytest.approx(4 / 6)
@@ -120,17 +135,17 @@ def test_filter_solved_masks_exactly_the_all_pass_and_no_pass_groups(monkeypatch
         def verify(self, problem, completion):
             return next(rewards)
 
-    monkeypatch.setattr(step_module, "get_domain", lambda name: Stub())
+    stubs = {name: Stub() for name in DOMAINS}
     distill_masks: list[torch.Tensor] = []
-    full_kl = step_module.full_reverse_kl_loss
+    full_kl = objective_table.full_reverse_kl_loss
 
     def distill_spy(student_B_T_V, teacher_B_T_V, mask_B_T):
         distill_masks.append(mask_B_T)
         return full_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
 
-    monkeypatch.setattr(step_module, "full_reverse_kl_loss", distill_spy)
-    s = replace(settings, filter_solved=True, objective=objective, alpha=0.5)
-    _, metrics = policy_loss(student, TOK, problems, s, torch.Generator().manual_seed(1), panel)
+    monkeypatch.setattr(objective_table, "full_reverse_kl_loss", distill_spy)
+    s = settings.model_copy(update={"filter_solved": True, "objective": objective, "alpha": 0.5})
+    _, metrics = _policy_step(student, problems, s, torch.Generator().manual_seed(1), panel, stubs)
     assert metrics["filter/kept_frac"] == pytest.approx(2 / 6)
     assert metrics["filter/all_solved_frac"] == pytest.approx(2 / 6)
     assert metrics["filter/none_solved_frac"] == pytest.approx(2 / 6)
@@ -144,8 +159,8 @@ def test_filter_solved_masks_exactly_the_all_pass_and_no_pass_groups(monkeypatch
 def test_filter_solved_needs_groups() -> None:
     student, panel, problems, settings = _setup(group_size=1)
     with pytest.raises(ValueError, match="group_size >= 2"):
-        policy_loss(student, TOK, problems, replace(settings, filter_solved=True),
-                    torch.Generator().manual_seed(0), panel)
+        _policy_step(student, problems, settings.model_copy(update={"filter_solved": True}),
+                     torch.Generator().manual_seed(0), panel)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.7])
@@ -154,8 +169,8 @@ def test_importance_ratio_is_one_on_policy_at_any_sampling_temperature(monkeypat
     the tempered policy logprob, while the OPD advantage keeps the model's own (T = 1) distribution."""
     student, panel, problems, settings = _setup()
     calls = _capture_pg(monkeypatch)
-    _, metrics = policy_loss(student, TOK, problems, replace(settings, temperature=temperature),
-                             torch.Generator().manual_seed(5), panel)
+    _, metrics = _policy_step(student, problems, settings.model_copy(update={"temperature": temperature}),
+                              torch.Generator().manual_seed(5), panel)
     (pg,) = calls
     mask = pg["mask"].bool()
     torch.testing.assert_close(pg["logprobs"][mask], pg["sampler"][mask], atol=1e-5, rtol=1e-5)

@@ -8,10 +8,13 @@ import random
 
 import torch
 
+from mopd.core.logprobs import token_logprobs
+from mopd.core.schema import MOPDStage
 from mopd.envs import ALPHABET, get_domain
-from mopd.learner.logprobs import token_logprobs
+from mopd.learner.objective_table import PolicyConfig
 from mopd.learner.objectives import full_reverse_kl_loss
-from mopd.learner.step import PolicySettings, policy_loss
+from mopd.learner.policy import policy_loss
+from mopd.learner.rollout import rollout
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
@@ -74,9 +77,14 @@ def test_policy_loss_on_completion_window_equals_full_sequence() -> None:
                          teacher_of_domain={"reversal": "t", "sorting": "t"})
     rng = random.Random(0)
     problems = [get_domain(d).sample(rng) for d in ("reversal", "sorting") * 4]
-    settings = PolicySettings(group_size=1, max_new_tokens=5, temperature=1.0, top_p=1.0, is_mode="truncate",
-                              eps_low=0.5, eps_high=2.0, adv_clip=5.0, alpha=0.0, objective="full_reverse_kl")
-    loss, _ = policy_loss(student, tok, problems, settings, torch.Generator().manual_seed(0), panel)
+    settings = MOPDStage(kind="mopd", init="x", steps=1, teachers={"reversal": "t", "sorting": "t"}, group_size=1,
+                         max_new_tokens=5, temperature=1.0, top_p=1.0, is_mode="truncate", eps_low=0.5, eps_high=2.0,
+                         adv_clip=5.0, alpha=0.0, objective="full_reverse_kl")
+    domains = {d: get_domain(d) for d in ("reversal", "sorting")}
+    rollouts, _ = rollout(student, tok, problems, domains, settings, temperature=settings.temperature,
+                          generator=torch.Generator().manual_seed(0))
+    loss, _ = policy_loss(student, rollouts, PolicyConfig(sampling=settings, distill=settings, teachers=panel),
+                          temperature=settings.temperature)
     batch = sample(student, tok, [p.prompt for p in problems], max_new_tokens=5,
                    generator=torch.Generator().manual_seed(0), domains=[p.domain for p in problems])
     logits = sequence_logits(student, batch.input_ids_B_T, batch.attention_mask_B_T)

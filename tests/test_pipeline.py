@@ -11,9 +11,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.recipe.load import load_recipe
 from mopd.recipe.runner import run_recipe
-from mopd.stages import train as train_module
+from mopd.stages import driver as driver_module
 
 STAGES = ["base", "sft", "teacher_add", "teacher_rev", "teacher_sort", "student"]
+# every module whose stage runners call the driver's `train` (each imported it into its own namespace)
+TRAIN_CALLERS = ("mopd.stages.run", "mopd.stages.rl", "mopd.stages.mopd", "mopd.stages.baselines")
+
+
+def _patch_train(monkeypatch: pytest.MonkeyPatch, fn) -> None:
+    for module in TRAIN_CALLERS:
+        monkeypatch.setattr(f"{module}.train", fn)
 
 
 def _run(recipe: Path, out: Path) -> dict:
@@ -105,7 +112,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(mini_recipe: Path, tmp_pa
     reference = _run(mini_recipe, tmp_path / "uninterrupted")
 
     out = tmp_path / "interrupted"
-    real_train = train_module.train
+    real_train = driver_module.train
 
     def crashing_train(ctx, model_factory, loss_fn):
         if ctx.name != "student":
@@ -118,14 +125,14 @@ def test_interrupted_stage_resumes_from_its_checkpoint(mini_recipe: Path, tmp_pa
 
         return real_train(ctx, model_factory, loss_then_crash)
 
-    monkeypatch.setattr("mopd.stages.run.train", crashing_train)
+    _patch_train(monkeypatch, crashing_train)
     with pytest.raises(KeyboardInterrupt):
         _run(mini_recipe, out)
     assert (out / "student" / "checkpoints" / "step-0000002" / "trainer_state.pt").exists()
     assert not (out / "student" / "final").exists()
     before = {s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns for s in STAGES[:-1]}
 
-    monkeypatch.setattr("mopd.stages.run.train", real_train)
+    _patch_train(monkeypatch, real_train)
     resumed_steps: list[int] = []
     real_loss = []
 
@@ -137,7 +144,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(mini_recipe: Path, tmp_pa
         real_loss.append(ctx.name)
         return real_train(ctx, model_factory, rec)
 
-    monkeypatch.setattr("mopd.stages.run.train", recording_train)
+    _patch_train(monkeypatch, recording_train)
     summary = _run(mini_recipe, out)
     assert real_loss == ["student"]  # finished stages were not redone
     assert resumed_steps == [2, 3]  # the student resumed after its step-2 checkpoint

@@ -14,12 +14,13 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from mopd.models.placement import compute_precision, master_dtype, training_attention
+from mopd.core.schema import LoraSettings
+from mopd.models.precision import compute_precision, resolve_placement, training_attention
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
+from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe, stage_identities
-from mopd.recipe.schema import LoraSettings
+from mopd.recipe.runner import run_recipe
 
 from .mini_compare import recipe
 
@@ -93,11 +94,15 @@ def test_compute_precision_autocasts_only_when_weights_are_wider() -> None:
         master_weights = None
 
     class RecipeStub:
+        device = "cpu"
+        dtype = "bfloat16"
         master_weights = "float32"
+        teacher_device = "auto"
 
-    assert master_dtype(Stage(), RecipeStub(), torch.bfloat16) == torch.float32
+    placement = resolve_placement(Stage(), RecipeStub())
+    assert placement.compute_dtype == torch.bfloat16 and placement.weights_dtype == torch.float32
     Stage.master_weights = "same"
-    assert master_dtype(Stage(), RecipeStub(), torch.bfloat16) == torch.bfloat16
+    assert resolve_placement(Stage(), RecipeStub()).weights_dtype == torch.bfloat16
 
 
 def test_bfloat16_training_on_cpu_uses_eager_attention_and_other_placements_keep_sdpa() -> None:
@@ -139,13 +144,13 @@ def test_placing_a_model_in_bfloat16_keeps_its_float32_rope_frequencies(tmp_path
 
     from transformers import AutoModelForCausalLM
 
-    from mopd.stages.placement import load_placed, placed
+    from mopd.stages.loading import load_placed, placed
 
     tok = build_char_tokenizer("0123456789+=")
     cfg = TinyModelConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, max_positions=256)
     build_tiny_model(cfg, len(tok), tok, seed=0).save_pretrained(tmp_path)
-    where = SimpleNamespace(device="cpu", dtype="bfloat16")
-    ctx = SimpleNamespace(settings=where, recipe=where)
+    where = SimpleNamespace(device="cpu", dtype="bfloat16", master_weights="float32", teacher_device="auto")
+    ctx = SimpleNamespace(placement=resolve_placement(where, where))
     model = load_placed(ctx, tmp_path).eval()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -16,13 +16,12 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import mopd.envs.data as data_mod
-from mopd.envs import get_domain
 from mopd.envs.data import DataDomain
-from mopd.learner.step import supervised_batch
+from mopd.learner.supervised import supervised_batch
 from mopd.models.checkpoint import save_checkpoint
 from mopd.models.forward import sequence_logits
-from mopd.models.placement import resolve_device, resolve_dtype
-from mopd.models.prompting import prompt_token_ids, set_prompt_format
+from mopd.models.precision import resolve_device, resolve_dtype
+from mopd.models.prompting import RAW, prompt_format
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import RecipeError, load_recipe
@@ -94,7 +93,7 @@ def test_data_domains_register_and_keep_held_out_prompts_out_of_training(tmp_pat
     loaded = load_recipe(_write(tmp_path, MINI_REAL))
     assert loaded.recipe.domains == ["math", "code", "instructions"]
     for name, n_eval in (("math", 3), ("code", 2), ("instructions", 2)):
-        domain = get_domain(name)
+        domain = loaded.domains[name]
         assert isinstance(domain, DataDomain)
         held = domain.eval_set(100)
         assert len(held) == n_eval and domain.held_out_prompts(1) == {p.prompt for p in held}
@@ -103,9 +102,9 @@ def test_data_domains_register_and_keep_held_out_prompts_out_of_training(tmp_pat
 
 
 def test_reference_completions_score_one_through_the_real_verifiers(tmp_path: Path) -> None:
-    load_recipe(_write(tmp_path, MINI_REAL))
+    loaded = load_recipe(_write(tmp_path, MINI_REAL))
     for name in ("math", "code", "instructions"):
-        domain = get_domain(name)
+        domain = loaded.domains[name]
         for p in domain.eval_set(2):
             reference = f"The answer is \\boxed{{{p.answer}}}." if name == "math" else p.answer
             assert domain.verify(p, reference) == 1.0, (name, p.prompt)
@@ -179,15 +178,16 @@ def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: 
 
     from rich.console import Console
 
-    import mopd.models.placement as placement
+    import mopd.models.precision as precision
+    import mopd.recipe.resources as resources
     import mopd.recipe.runner as runner
     from mopd.recipe.resources import precision_warnings
 
-    assert placement.emulated_bfloat16(torch.device("cuda")) is False
+    assert precision.emulated_bfloat16(torch.device("cuda")) is False
     data = {**_mini(), "device": "cpu"}
     data["stages"]["student"]["dtype"] = "bfloat16"
     loaded = load_recipe(_write(tmp_path, data))
-    monkeypatch.setattr(placement, "emulated_bfloat16", lambda device: device.type == "cpu")
+    monkeypatch.setattr(resources, "emulated_bfloat16", lambda device: device.type == "cpu")
     [msg] = precision_warnings(loaded.recipe)
     assert "student" in msg and "base" not in msg and "teacher_math" not in msg and "\n" not in msg
 
@@ -203,9 +203,9 @@ def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: 
         runner.run_recipe(loaded, tmp_path / "run", console=Console(file=out, width=400))
     assert "warning:" in out.getvalue() and msg in out.getvalue()
 
-    monkeypatch.setattr(placement, "emulated_bfloat16", lambda device: False)  # AVX512 / AMX CPU, or a GPU
+    monkeypatch.setattr(resources, "emulated_bfloat16", lambda device: False)  # AVX512 / AMX CPU, or a GPU
     assert precision_warnings(loaded.recipe) == []
-    monkeypatch.setattr(placement, "emulated_bfloat16", lambda device: True)
+    monkeypatch.setattr(resources, "emulated_bfloat16", lambda device: True)
     data["stages"]["student"].pop("dtype")  # float32 everywhere: nothing to say
     assert precision_warnings(load_recipe(_write(tmp_path, data)).recipe) == []
 
@@ -217,22 +217,22 @@ _TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endf
 
 def test_chat_template_renders_the_same_prompt_for_sampling_and_supervision() -> None:
     tok = build_char_tokenizer(string.printable)
-    assert prompt_token_ids(tok, "2+2=") == [tok.bos_token_id, *tok("2+2=", add_special_tokens=False).input_ids]
-    set_prompt_format(tok, "auto")  # no template on the char tokenizer: raw rendering
-    raw = prompt_token_ids(tok, "2+2=")
+    assert RAW.token_ids(tok, "2+2=") == [tok.bos_token_id, *tok("2+2=", add_special_tokens=False).input_ids]
+    auto = prompt_format(tok, "auto")  # no template on the char tokenizer: raw rendering
+    raw = auto.token_ids(tok, "2+2=")
     assert raw[0] == tok.bos_token_id
     tok.chat_template = _TEMPLATE
-    set_prompt_format(tok, "auto")
-    chat = prompt_token_ids(tok, "2+2=")
+    chat_format = prompt_format(tok, "auto")
+    chat = chat_format.token_ids(tok, "2+2=")
     assert tok.decode(chat) == "<user>2+2=\n<assistant>"
-    ids, mask = encode_prompts(tok, ["2+2="])
+    ids, mask = encode_prompts(tok, ["2+2="], prompt_format=chat_format)
     assert ids[0][mask[0].bool()].tolist() == chat
     from mopd.envs import Problem
 
-    sup_ids, sup_attn, target = supervised_batch(tok, [Problem("2+2=", "4", "x", 1)], loss_on_prompt=False)
+    sup_ids, sup_attn, target = supervised_batch(tok, [Problem("2+2=", "4", "x", 1)], loss_on_prompt=False,
+                                                 prompt_format=chat_format)
     assert sup_ids[0][: len(chat)].tolist() == chat and target[0][: len(chat)].sum() == 0
-    set_prompt_format(tok, "none")
-    assert prompt_token_ids(tok, "2+2=") == raw
+    assert prompt_format(tok, "none").token_ids(tok, "2+2=") == raw
 
 
 # ---------------------------------------------------------------------------------- placement and offload
@@ -297,8 +297,8 @@ def test_offload_memory_benchmark_runs_its_steps_on_cpu(monkeypatch) -> None:
 
 def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(tmp_path: Path) -> None:
     pytest.importorskip("peft")
+    from mopd.core.schema import LoraSettings
     from mopd.models.lora import apply_lora, load_adapter_into
-    from mopd.recipe.schema import LoraSettings
 
     tok = build_char_tokenizer("0123456789+=")
     settings = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
@@ -326,8 +326,8 @@ def test_lora_trains_only_adapters_and_saves_a_plain_merged_model(tmp_path: Path
 def test_lora_student_projects_only_the_kept_positions_onto_the_vocabulary() -> None:
     """A peft-wrapped model still gets `logits_to_keep` (its forward hides the argument behind **kwargs)."""
     pytest.importorskip("peft")
+    from mopd.core.schema import LoraSettings
     from mopd.models.lora import apply_lora
-    from mopd.recipe.schema import LoraSettings
 
     tok = build_char_tokenizer("0123456789+=")
     model = apply_lora(_tiny(tok), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])).eval()

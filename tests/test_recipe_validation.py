@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.runner import stage_identities
 
 from .conftest import MINI_RECIPE
 

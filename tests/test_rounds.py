@@ -4,6 +4,7 @@ snapshots (`keep_every`), a teacher schedule, and an exact resume with snapshots
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,16 @@ from mopd.envs import ALPHABET
 from mopd.models.checkpoint import save_checkpoint
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
+from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
+from mopd.recipe.resolve import resolve_stage
 from mopd.recipe.runner import run_recipe
+from mopd.stages import mopd as mopd_module
+from mopd.stages import rl as rl_module
 from mopd.stages import run as run_module
-from mopd.stages.teacher_schedule import ScheduledPanel
+from mopd.stages.lineage import teacher_checkpoint
+from mopd.stages.mopd import TeacherSchedule
+from mopd.stages.resolved import ResolvedStage
 from mopd.teachers.preflight import PreflightError
 
 from .mini_compare import recipe
@@ -67,13 +74,13 @@ def test_keep_every_leaves_hf_snapshots_and_no_resumable_checkpoints(run: Path) 
     assert not (run / "teacher_rev" / "checkpoints").exists()
 
 
-def _staged_ctx(run: Path, init: str = "sft", stage: dict | None = None, **recipe: str) -> run_module.StageContext:
-    """The context of the `staged` stage of `run`, with stage settings and recipe keys overridden."""
-    loaded = load_recipe(run / "recipe.yaml").recipe.model_copy(update=recipe)
-    return run_module.StageContext(
-        name="staged", settings=loaded.stages["staged"].model_copy(update=stage or {}), recipe=loaded,
-        stage_dir=run / "staged", identity="x", seed=0, tokenizer=None, init_path=str(run / init / "final"),
-        model_refs={t: str(run / t / "final") for t in ("teacher_rev", "teacher_sort")})
+def _staged_ctx(run: Path, stage: dict | None = None, **recipe: str) -> ResolvedStage:
+    """The resolved `staged` stage of `run`, with stage settings and recipe keys overridden."""
+    loaded = load_recipe(run / "recipe.yaml")
+    r = loaded.recipe
+    staged = r.stages["staged"].model_copy(update=stage or {})
+    loaded = replace(loaded, recipe=r.model_copy(update={**recipe, "stages": {**r.stages, "staged": staged}}))
+    return resolve_stage(loaded, "staged", run, stage_identities(loaded))
 
 
 def test_teacher_schedule_uses_snapshots_first_then_final(run: Path) -> None:
@@ -81,7 +88,7 @@ def test_teacher_schedule_uses_snapshots_first_then_final(run: Path) -> None:
     snap = str(run / "teacher_rev" / "snapshots" / "step-0000002")
     assert lineage == [{"until_step": 2, "snapshot": 2, "checkpoint": snap},
                        {"until_step": 4, "snapshot": "final", "checkpoint": str(run / "teacher_rev" / "final")}]
-    panels = ScheduledPanel(_staged_ctx(run))
+    panels = TeacherSchedule(_staged_ctx(run))
     assert [panels.phase_of(i) for i in range(4)] == [0, 0, 1, 1]
     snap_w = AutoModelForCausalLM.from_pretrained(snap).state_dict()
     final_w = AutoModelForCausalLM.from_pretrained(run / "teacher_rev" / "final").state_dict()
@@ -91,15 +98,16 @@ def test_teacher_schedule_uses_snapshots_first_then_final(run: Path) -> None:
         assert all(torch.equal(got[k], want[k]) for k in want), step
 
 
-def test_scheduled_snapshots_are_placed_and_checked_like_final_teachers(run: Path, tmp_path: Path) -> None:
+def test_scheduled_snapshots_are_placed_and_checked_like_final_teachers(run: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
     """A snapshot teacher honours `teacher_device` and the stage's dtype, and its tokenizer is checked."""
     snap = AutoModelForCausalLM.from_pretrained(run / "teacher_rev" / "snapshots" / "step-0000002").state_dict()
-    offloaded = ScheduledPanel(_staged_ctx(run, stage={"dtype": "bfloat16"}, teacher_device="cpu")).at(0)
+    offloaded = TeacherSchedule(_staged_ctx(run, stage={"dtype": "bfloat16"}, teacher_device="cpu")).at(0)
     assert offloaded.compute_device == torch.device("cpu")  # kept home, moved to the student's device per call
     got = offloaded.models["teacher_rev"].state_dict()
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, snap[k].to(torch.bfloat16)) for k, v in got.items())
     assert all(not p.requires_grad for m in offloaded.models.values() for p in m.parameters())
-    resident = ScheduledPanel(_staged_ctx(run, teacher_device="same")).at(0)
+    resident = TeacherSchedule(_staged_ctx(run, teacher_device="same")).at(0)
     assert resident.compute_device is None
     assert all(p.dtype == torch.float32 for p in resident.models["teacher_rev"].parameters())
 
@@ -109,9 +117,9 @@ def test_scheduled_snapshots_are_placed_and_checked_like_final_teachers(run: Pat
                              len(own), own, 0)
     save_checkpoint(tmp_path / "other" / "final", model, own, {"stage": "other"})
     ctx = _staged_ctx(run)
-    ctx.init_path = str(tmp_path / "other" / "final")
+    ctx.init_path, ctx.stage_dir = str(tmp_path / "other" / "final"), tmp_path / "staged"
     with pytest.raises(PreflightError, match="teacher 'teacher_rev'.*step-0000002"):
-        ScheduledPanel(ctx).at(0)
+        _run_staged_until_training(ctx, monkeypatch)
 
 
 def test_resume_with_snapshots_is_exact(tmp_path: Path, monkeypatch) -> None:
@@ -122,7 +130,7 @@ def test_resume_with_snapshots_is_exact(tmp_path: Path, monkeypatch) -> None:
     loaded = load_recipe(tmp_path / "r.yaml")
     run_recipe(loaded, tmp_path / "whole", Console(quiet=True))
 
-    real, calls = run_module.policy_loss, {"n": 0}
+    real, calls = rl_module.policy_loss, {"n": 0}
 
     def crash_on_third_step(*args, **kwargs):
         calls["n"] += 1
@@ -130,11 +138,11 @@ def test_resume_with_snapshots_is_exact(tmp_path: Path, monkeypatch) -> None:
             raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "policy_loss", crash_on_third_step)
+    monkeypatch.setattr(rl_module, "policy_loss", crash_on_third_step)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
     assert (tmp_path / "cut" / "teacher_rev" / "checkpoints" / "step-0000002").exists()
-    monkeypatch.setattr(run_module, "policy_loss", real)
+    monkeypatch.setattr(rl_module, "policy_loss", real)
     run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
 
     def rows(out: Path) -> list[dict]:
@@ -177,11 +185,11 @@ class _TrainingStarted(Exception):
     pass
 
 
-def _run_staged_until_training(ctx: run_module.StageContext, monkeypatch) -> list[dict[str, str]]:
-    """Run the `staged` stage up to its first policy step; returns the final-teacher loads made at stage start
-    (the schedule's own phase loads go through `ScheduledPanel`, not through `run_module.teacher_panel`)."""
+def _run_staged_until_training(ctx: ResolvedStage, monkeypatch) -> list[dict[str, str]]:
+    """Run the `staged` stage up to its first policy step; returns the teacher loads made up to then (every
+    teacher a MOPD stage scores with, final or a schedule phase's snapshot, is loaded by `teacher_panel`)."""
     loads: list[dict[str, str]] = []
-    real = run_module.teacher_panel
+    real = mopd_module.teacher_panel
 
     def recording(c, checkpoints):
         loads.append(dict(checkpoints))
@@ -190,22 +198,25 @@ def _run_staged_until_training(ctx: run_module.StageContext, monkeypatch) -> lis
     def stop(*_a, **_k):
         raise _TrainingStarted
 
-    monkeypatch.setattr(run_module, "teacher_panel", recording)
-    monkeypatch.setattr(run_module, "policy_loss", stop)
+    monkeypatch.setattr(mopd_module, "teacher_panel", recording)
+    monkeypatch.setattr(rl_module, "policy_loss", stop)
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)  # as the runner does
     with pytest.raises(_TrainingStarted):
         run_module.run_stage(ctx)
     return loads
 
 
-def test_scheduled_stage_loads_its_final_teachers_only_for_the_preflight(run: Path, tmp_path: Path,
-                                                                        monkeypatch) -> None:
+def test_scheduled_stage_loads_each_teacher_once_and_preflights_the_first_phase(run: Path, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """With a `teacher_schedule` the preflight measures the teachers step 0 distils from (the first phase's
+    snapshots) and training goes on with that very panel: up to the first policy step each teacher is loaded once,
+    with the preflight on or off, and no final teacher is loaded before its phase (README, `preflight`)."""
     preflight = load_recipe(run / "recipe.yaml").recipe.stages["staged"].preflight
-    finals = {t: str(run / t / "final") for t in ("teacher_rev", "teacher_sort")}
-    for enabled, expected in ((True, [finals]), (False, [])):
+    first_phase = {t: str(run / t / "snapshots" / "step-0000002") for t in ("teacher_rev", "teacher_sort")}
+    for enabled in (True, False):
         ctx = _staged_ctx(run, stage={"preflight": preflight.model_copy(update={"enabled": enabled})})
         ctx.stage_dir, ctx.tokenizer = tmp_path / f"staged-{enabled}", build_char_tokenizer(ALPHABET)
-        assert _run_staged_until_training(ctx, monkeypatch) == expected
+        assert _run_staged_until_training(ctx, monkeypatch) == [first_phase]
         assert (ctx.stage_dir / "preflight.json").exists() == enabled
 
 
@@ -223,6 +234,8 @@ def test_a_late_phase_teacher_with_another_tokenizer_fails_before_the_first_step
     preflight = load_recipe(run / "recipe.yaml").recipe.stages["staged"].preflight
     ctx = _staged_ctx(run, stage={"preflight": preflight.model_copy(update={"enabled": False})})
     ctx.stage_dir, ctx.tokenizer = tmp_path / "staged", build_char_tokenizer(ALPHABET)
-    ctx.model_refs["teacher_rev"] = str(tmp_path / "teacher_rev" / "final")
+    moved = str(tmp_path / "teacher_rev" / "final")
+    phases = tuple(teacher_checkpoint(moved, ph.snapshot) for ph in ctx.settings.teacher_schedule)
+    ctx.teachers["teacher_rev"] = replace(ctx.teachers["teacher_rev"], checkpoint=moved, phases=phases)
     with pytest.raises(PreflightError, match=r"teacher 'teacher_rev' \(.*teacher_rev/final\)"):
         _run_staged_until_training(ctx, monkeypatch)

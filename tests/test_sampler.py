@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mopd.core.logprobs import token_logprobs
 from mopd.envs import ALPHABET
-from mopd.learner.logprobs import token_logprobs
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer

@@ -13,11 +13,13 @@ from mopd.learner.filters import solved_group_filter
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
+from mopd.recipe.build import recipe_tokenizer
+from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
+from mopd.recipe.resolve import resolve_stage
 from mopd.sampling.sampler import sample
-from mopd.stages.context import StageContext
+from mopd.stages.problems import ProblemSource, problem_source, step_rng
 from mopd.stages.schedules import curriculum_levels, temperature_at
-from mopd.stages.train import ProblemSource, step_rng
 
 from .conftest import MINI_RECIPE
 
@@ -67,10 +69,11 @@ def _source(tmp_path: Path, curriculum: bool) -> ProblemSource:
     data["stages"]["teacher_add"].update(curriculum=curriculum, steps=30)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
-    recipe = load_recipe(path, check_tokenizers=False).recipe
-    ctx = StageContext(name="teacher_add", settings=recipe.stages["teacher_add"], recipe=recipe,
-                       stage_dir=tmp_path, identity="x", seed=0, tokenizer=None, init_path=None)
-    return ProblemSource(ctx)
+    loaded = load_recipe(path, check_tokenizers=False)
+    out = tmp_path / "out"
+    # resolving a stage reads its starting checkpoint's tokenizer: the parent `sft` has not run, give it the recipe's
+    recipe_tokenizer(loaded.recipe).save_pretrained(out / "sft" / "final")
+    return problem_source(resolve_stage(loaded, "teacher_add", out, stage_identities(loaded)))
 
 
 def test_curriculum_draws_only_level_one_early_and_all_levels_late(tmp_path: Path) -> None:

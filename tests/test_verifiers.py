@@ -262,7 +262,7 @@ def test_code_filesystem_writes_outside_tempdir():
         if res.protections.get("landlock_abi", 0) > 0:
             assert not os.path.exists(target)  # blocked by Landlock
             assert res.fraction == 0.0
-        # Without Landlock, writes elsewhere are NOT blocked (documented in mopd.verifiers.code).
+        # Without Landlock, writes elsewhere are NOT blocked (documented in mopd.verifiers.sandbox).
     finally:
         if os.path.exists(target):
             os.unlink(target)

@@ -4,10 +4,11 @@ the preflight, and the policy step with a teacher panel.
 Staged teachers: a MOPD stage may distil from earlier teacher snapshots first, then later ones. Why: a student
 far from a fully trained teacher sees large, noisy reverse-KL advantages; a schedule of the teachers'
 intermediate checkpoints (kept by the teacher stage's `keep_every`) gives it nearer targets first. The phase of
-a step is a function of the step alone, so a resumed stage loads the same teachers. Every teacher a stage
-scores with goes through `load_teachers`, so a snapshot gets the same precision, placement and tokenizer check
-as a final teacher; the preflight measures the teachers the first step distils from, and training goes on with
-that very panel, so no teacher is loaded twice.
+a step is a function of the step alone, so a resumed stage loads the same teachers. Every phase's teacher
+tokenizers are checked before step 0 (tokenizer files only), and every teacher a stage scores with is loaded by
+`load_teachers`, so a snapshot gets the same precision and placement as a final teacher; the preflight measures
+the teachers the first step distils from, and training goes on with that very panel, so no teacher is loaded
+twice.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def run_mopd(ctx: ResolvedStage) -> Path:
     if due or not s.teacher_schedule:  # a resumed scheduled stage loads its phase's teachers at its first step
         first = schedule.at(0)  # the teachers of step 0, loaded once: training goes on with this panel
         if due:
-            preflight(ctx, first, source)
+            preflight(ctx, first, dict(schedule.checkpoints(0)), source)
     return train(ctx, starting_model(ctx), policy_step_fn(ctx, lambda step: source, schedule.at))
 
 
@@ -122,8 +123,10 @@ def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> Teacher
     return TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device)
 
 
-def preflight(ctx: ResolvedStage, panel: TeacherPanel, source: ProblemSource) -> None:
+def preflight(ctx: ResolvedStage, panel: TeacherPanel, checkpoints: Mapping[str, str], source: ProblemSource) -> None:
     """Teacher-student compatibility check before the first MOPD step; its result is <stage>/preflight.json.
+
+    `panel` holds the teachers loaded from `checkpoints` (teacher name -> directory): the first phase's.
 
     Skipped (by the caller) when that file exists: a resumed stage was already checked (a stale stage directory
     is moved aside by the runner, so an existing file belongs to this very stage identity).
@@ -136,7 +139,7 @@ def preflight(ctx: ResolvedStage, panel: TeacherPanel, source: ProblemSource) ->
         tokenizer=ctx.tokenizer,
         student_tok=load_tokenizer(ctx.init_path),
         teachers=dict(panel.models),
-        teacher_toks={name: load_tokenizer(ctx.teachers[name].checkpoint) for name in panel.models},
+        teacher_toks={name: load_tokenizer(checkpoints[name]) for name in panel.models},
         teacher_of_domain=ctx.teacher_of_domain,
         domains=ctx.domains,
         settings=RolloutSettings(prompts=s.preflight.prompts, max_new_tokens=s.max_new_tokens,
