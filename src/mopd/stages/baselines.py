@@ -19,13 +19,11 @@ from ..envs import DomainLike, Problem
 from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer
 from ..sampling.sampler import sample
-from .driver import train
+from .driver import LossFn, train
 from .loading import load_placed
 from .problems import ProblemSource, problem_source, step_generator, step_rng
 from .resolved import ResolvedStage
 from .start import starting_model
-
-LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
 
 
 def cascade_spans(s: CascadeRLStage) -> list[tuple[str, int]]:

@@ -32,6 +32,8 @@ from .lineage import lineage, snapshot_path
 from .loading import trainable_model, trainable_parameters
 from .resolved import ResolvedStage
 
+# a stage's step: (model, 0-based step) -> (loss, metrics); the one thing a stage kind plugs into `train`
+LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 METRICS = "metrics.jsonl"
@@ -114,7 +116,7 @@ def eval_metrics(ctx: ResolvedStage, model, tokenizer=None, prompt_format=None) 
 
 
 def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Module],
-          loss_fn: Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]) -> Path:
+          loss_fn: LossFn) -> Path:
     """Run (or resume) the stage's steps and write its final checkpoint; returns the final checkpoint path.
 
     Forward passes (rollouts, loss, evals) run in `training_precision`: autocast to the stage's `dtype` when the

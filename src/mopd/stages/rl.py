@@ -15,14 +15,12 @@ from ..learner.objective_table import PolicyConfig
 from ..learner.policy import policy_loss
 from ..learner.rollout import rollout
 from .baselines import cascade_sources
-from .driver import train
+from .driver import LossFn, train
 from .loading import lazy_rollout_sampler
 from .problems import ProblemSource, problem_source, step_generator, step_rng
 from .resolved import ResolvedStage
 from .schedules import temperature_at
 from .start import starting_model
-
-LossFn = Callable[..., tuple]
 
 
 def policy_step_fn(
