@@ -62,7 +62,7 @@ class Placement:
     device: torch.device
     compute_dtype: torch.dtype
     weights_dtype: torch.dtype
-    teacher_device: str = "auto"
+    teacher_device: str
 
     def precision(self) -> AbstractContextManager:
         """The context a forward pass of the trained model runs in (autocast when the weights are wider)."""

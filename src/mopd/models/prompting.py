@@ -61,8 +61,8 @@ def with_pad_token(tokenizer):
 class Rendering:
     """A recipe's `chat_template` and `chat_template_kwargs`: the `PromptFormat` each tokenizer gets from them."""
 
-    mode: str = "auto"
-    template_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    mode: str
+    template_kwargs: dict[str, Any] = field(hash=False)
 
     def format_for(self, tokenizer) -> PromptFormat:
         return prompt_format(tokenizer, self.mode, self.template_kwargs)

@@ -8,7 +8,7 @@ recipe, and nothing during a stage reads process-wide state (the domain registry
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,12 @@ class ResolvedStage:
     rendering: Rendering  # the recipe's `chat_template` choice, for models scored with their own tokenizer
     init_ref: str | None  # the `init` (or a merge's `base`) as written in the recipe
     init_path: str | None  # ... resolved: a finished checkpoint or HF directory / id
-    model_refs: dict[str, str] = field(default_factory=dict)  # stage name / reference -> checkpoint path
-    parents: dict[str, str] = field(default_factory=dict)  # parent name -> its identity
-    teachers: dict[str, TeacherRef] = field(default_factory=dict)  # teacher name -> where it is
-    teacher_of_domain: dict[str, str] = field(default_factory=dict)  # domain -> teacher name (mopd, offpolicy)
-    rollout_backend: str = "torch"  # the recipe's `rollout_backend`
-    vllm_memory_fraction: float = 0.3
+    model_refs: dict[str, str]  # stage name / reference -> checkpoint path
+    parents: dict[str, str]  # parent name -> its identity
+    teachers: dict[str, TeacherRef]  # teacher name -> where it is (mopd, offpolicy_ft; else empty)
+    teacher_of_domain: dict[str, str]  # domain -> teacher name (mopd, offpolicy_ft; else empty)
+    rollout_backend: str  # the recipe's `rollout_backend`
+    vllm_memory_fraction: float  # the recipe's `vllm_memory_fraction`
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None  # (step, total, metrics)
     on_warning: Callable[[str], None] | None = None  # one-line warnings for the console (default: logging)
 
