@@ -38,6 +38,19 @@ def bundled_recipe(name: str) -> Path:
     return Path(str(resources.files("mopd") / "recipes" / f"{name}.yaml"))
 
 
+def _run_or_fail(loaded, out: Path) -> dict | None:
+    """`run_recipe`, with every error a user can cause or meet mid-run printed as its one line (exit 2)."""
+    from .core.errors import StageError
+    from .recipe.runner import RunLockedError, run_recipe
+    from .teachers.preflight import PreflightError
+
+    try:
+        return run_recipe(loaded, out, console)
+    except (PreflightError, StageError, RunLockedError) as e:
+        _fail(str(e))
+    return None
+
+
 def _run(recipe: Path, out: Path | None) -> None:
     from .recipe.load import RecipeError, load_recipe
 
@@ -45,14 +58,8 @@ def _run(recipe: Path, out: Path | None) -> None:
         loaded = load_recipe(recipe)
     except RecipeError as e:
         _fail(str(e))
-    from .recipe.runner import run_recipe
-    from .teachers.preflight import PreflightError
-
     out = out or Path("runs") / loaded.recipe.name
-    try:
-        summary = run_recipe(loaded, out, console)
-    except PreflightError as e:
-        _fail(str(e))
+    summary = _run_or_fail(loaded, out)
     if summary is not None:
         score = summary["normalized_score"]
         console.print(f"normalized score: {score:.3f}" if score is not None else "normalized score: n/a")
@@ -100,11 +107,10 @@ def compare(
     if loaded.recipe.compare is None:
         _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
     _prepare_process(threads)
-    from .recipe.runner import run_recipe
     from .report.compare import build_compare
 
     out = out or Path("runs") / loaded.recipe.name
-    run_recipe(loaded, out, console)
+    _run_or_fail(loaded, out)
     result = build_compare(out, compare_plan(loaded))
     for label, m in result["methods"].items():
         score = m["normalized_score"]

@@ -92,4 +92,5 @@ def load_tokenizer(path: str | Path):
 
 def load_trainer_state(path: Path) -> dict[str, Any] | None:
     f = Path(path) / TRAINER_STATE_FILE
-    return torch.load(f, weights_only=False) if f.exists() else None
+    # plain tensors and containers only: a crafted file in a run directory must not run code on `mopd run`
+    return torch.load(f, weights_only=True) if f.exists() else None

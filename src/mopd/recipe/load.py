@@ -11,6 +11,7 @@ schedules and the `compare:` block; teachers (and merged models) whose tokenizer
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from ..core.errors import RecipeError
 from ..core.schema import (
     KINDS,
+    NAME_PATTERN,
     CascadeRLStage,
     EvalStage,
     MOPDStage,
@@ -63,6 +65,23 @@ def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
             out[path] = v.start_mark.line + 1
             out.update(_key_lines(v, path))
     return out
+
+
+def _refuse_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
+    """YAML lets a later key silently replace an earlier one; a recipe that says a setting twice is a mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for k, v in node.value:
+            if k.value in seen:
+                raise RecipeError(
+                    f"{path}:{k.start_mark.line + 1}: key {k.value!r} appears twice in one mapping "
+                    f"(first on line {seen[k.value]})"
+                )
+            seen[k.value] = k.start_mark.line + 1
+            _refuse_duplicate_keys(path, v)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _refuse_duplicate_keys(path, v)
 
 
 def _where(path: Path, lines: dict[tuple, int], key: tuple) -> str:
@@ -118,7 +137,12 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"{path}: no such recipe file")
-    text = path.read_text()
+    if not path.is_file():
+        raise RecipeError(f"{path}: not a file (a recipe is a YAML file)")
+    try:
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError) as e:
+        raise RecipeError(f"{path}: cannot read it as a YAML text file ({e.__class__.__name__})") from None
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -127,6 +151,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
         line = f":{mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
     lines = _key_lines(node) if node is not None else {}
+    _refuse_duplicate_keys(path, node)
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with at least `name`, `domains` and `stages`")
     try:
@@ -137,14 +162,24 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
     def where(*key: Any) -> str:
         return _where(path, lines, key)
 
+    for name in recipe.stages:  # a stage name becomes a directory of the run
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise RecipeError(
+                f"{where('stages', name)}: stage name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
+                "starting with a letter, digit or '_' (it names the stage's directory in the run)"
+            )
     for i, plugin in enumerate(recipe.plugins):
         p = Path(plugin) if Path(plugin).is_absolute() else path.parent / plugin
         if not p.exists():
             raise RecipeError(f"{where('plugins', i)}: plugin file {p} does not exist")
         try:
             load_plugin(p)
-        except Exception as e:  # a broken plugin is a recipe error, reported in one line
-            raise RecipeError(f"{where('plugins', i)}: plugin {p} failed to load: {e}") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # a broken plugin (even one that calls sys.exit) is a recipe error, one line
+            raise RecipeError(
+                f"{where('plugins', i)}: plugin {p} failed to load: {e.__class__.__name__}: {e}"
+            ) from None
     data = check_resources(recipe, path, where)  # data domains (built here), devices, packages
     domains: dict[str, DomainLike] = {}
     for i, d in enumerate(recipe.domains):

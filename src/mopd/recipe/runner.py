@@ -26,6 +26,9 @@ from .load import LoadedRecipe
 from .refs import init_ref, stage_domains
 from .resolve import resolve_stage
 from .resources import precision_warnings
+from .run_lock import RunLockedError, run_lock
+
+__all__ = ["RunLockedError", "report_block", "run_recipe"]
 
 
 def report_block(loaded: LoadedRecipe) -> dict | None:
@@ -55,8 +58,14 @@ def _archive_if_stale(stage_dir: Path, identity: str, out: Path) -> None:
 
 
 def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) -> dict | None:
-    """Run every stage in dependency order; returns the summary (None if the recipe has no mopd stage)."""
-    console = console or Console()
+    """Run every stage in dependency order; returns the summary (None if the recipe has no mopd stage).
+
+    Holds the run directory's lock throughout (`run_lock`): a second run into it fails at once, in one line."""
+    with run_lock(Path(out)):
+        return _run_locked(loaded, Path(out), console or Console())
+
+
+def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | None:
     recipe = loaded.recipe
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import StageError
 from ..eval.evaluate import evaluate
 from ..models.checkpoint import (
     is_checkpoint,
@@ -28,6 +29,7 @@ from ..models.checkpoint import (
     read_lineage,
     save_checkpoint,
 )
+from .guards import DivergenceWatch, check_finite_weights, nonfinite_step, update_norm
 from .lineage import lineage, snapshot_path
 from .loading import trainable_model, trainable_parameters
 from .resolved import ResolvedStage
@@ -132,12 +134,22 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     opt = torch.optim.AdamW(trainable_parameters(model), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
     start = 0
     totals = {"samples": 0, "teacher_samples": 0}  # running sample counts (see module docstring)
+    skipped = 0  # steps whose update was skipped for a non-finite loss or gradient (`nonfinite: skip`)
     if resume_from:
-        state = load_trainer_state(resume_from)
+        try:
+            state = load_trainer_state(resume_from)
+        except Exception as e:  # e.g. a file that would need unpickling code: refused, never executed
+            raise StageError(
+                f"stage {ctx.name!r}: the resumable checkpoint {resume_from} cannot be read safely "
+                f"({e.__class__.__name__}); move it aside to start the stage over"
+            ) from None
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         totals.update(state.get("totals", {}))
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
+        skipped = int(state.get("skipped", 0))
+    watch = DivergenceWatch(ctx.name, ctx.on_warning)
+    params = trainable_parameters(model)
     log = MetricsLog(ctx.stage_dir / METRICS, start)
     precision = ctx.placement.precision
     t0 = time.time() - checkpointed_seconds(ctx.stage_dir)  # a resumed stage's clock goes on (0 if new)
@@ -148,15 +160,28 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 group["lr"] = lr
             with precision():
                 loss, metrics = loss_fn(model, step)  # micro-batched: backward already done, loss detached
-            if loss.requires_grad:
+            done = step + 1
+            bad = None if bool(torch.isfinite(loss.detach()).all()) else ("loss", float(loss.detach()))
+            if loss.requires_grad and bad is None:
                 loss.backward()
             # a step with nothing to learn from (offpolicy_ft with no verified trace) leaves no gradient: no update
-            if any(p.grad is not None for p in trainable_parameters(model)):
+            if any(p.grad is not None for p in params):
+                norm = float(update_norm(params, s.grad_clip))
                 if s.grad_clip:
-                    metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip))
-                opt.step()
+                    metrics["grad_norm"] = norm
+                if bad is None and not math.isfinite(norm):
+                    bad = ("grad_norm", norm)
+                if bad is None:
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
-            done = step + 1
+            if bad is not None:
+                if s.nonfinite == "stop":
+                    raise nonfinite_step(ctx.name, done, *bad, "stop")
+                skipped += 1
+                metrics["nonfinite/skipped"] = skipped
+                if ctx.on_warning:
+                    ctx.on_warning(f"{nonfinite_step(ctx.name, done, *bad, 'skip')}: update skipped ({skipped} so far)")
+            watch.observe(done, metrics)
             totals["samples"] += int(metrics.get("samples/student", 0))
             totals["teacher_samples"] += int(metrics.get("samples/teacher", 0))
             record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics, **totals}
@@ -169,12 +194,14 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             log.write(record)
             if ctx.on_progress:
                 ctx.on_progress(done, s.steps, metrics)
+            if (done % s.checkpoint_every == 0 or s.keep_every and done % s.keep_every == 0) and done < s.steps:
+                check_finite_weights(ctx.name, done, model.parameters())
             if done % s.checkpoint_every == 0 and done < s.steps:
                 path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
                 save_checkpoint(path, model, ctx.tokenizer,
                                 lineage(ctx, done, {"elapsed_seconds": round(time.time() - t0, 3)}),
                                 trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals),
-                                               "rng": rng_state()})
+                                               "rng": rng_state(), "skipped": skipped})
                 for old in sorted((ctx.stage_dir / CHECKPOINTS).glob("step-*"))[:-1]:
                     shutil.rmtree(old, ignore_errors=True)
             if s.keep_every and done % s.keep_every == 0 and done < s.steps:
@@ -187,6 +214,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()
+    check_finite_weights(ctx.name, s.steps, model.parameters())
     final = save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
                             lineage(ctx, s.steps, {"eval": final_eval, **totals}))
     shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)

@@ -12,6 +12,7 @@ from .recipe import (
 )
 from .stages import (
     KINDS,
+    NAME_PATTERN,
     CascadeRLStage,
     DeviceName,
     DistillationObjective,
@@ -39,7 +40,7 @@ from .stages import (
 )
 
 __all__ = [
-    "KINDS", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeviceName",
+    "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeviceName",
     "DistillationObjective", "DistillationSettings", "DType", "DomainEntry", "EvalSettings", "EvalStage",
     "LoraSettings", "MasterWeights", "MergeStage", "MixRLStage", "MOPDStage", "OffPolicyFTStage",
     "PreflightSettings", "PretrainStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",

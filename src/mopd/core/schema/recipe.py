@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
-from .stages import DeviceName, DType, MasterWeights, Stage, Strict
+from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Stage, Strict
 
 
 class TokenizerSettings(Strict):
@@ -58,7 +58,7 @@ class DataFields(Strict):
 class DataDomainSpec(Strict):
     """A domain whose prompts come from data and whose rewards come from a real verifier (`mopd.envs.data`)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     source: str = Field(
         description="bundled:math|code|instructions, a .jsonl/.json/.parquet file or datasets directory "
         "(relative to the recipe), or a Hub dataset id (read on first use)"
@@ -84,7 +84,7 @@ DomainEntry = Annotated[
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
     plugins: list[str] = Field(default_factory=list, description="Python files that register domains")
     domains: list[DomainEntry] = Field(

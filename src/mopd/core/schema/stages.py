@@ -11,9 +11,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# A stage name is a directory of the run: letters, digits, '_', '-' and '.', not starting with '.' or '-' (so
+# never '', '.', '..', a path, or a hidden or option-like name).
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors; numbers are finite (`lr: .inf` is refused); `true` is not the integer 1."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class TinyModelConfig(Strict):
@@ -59,6 +65,10 @@ class TrainStage(Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a step whose loss or gradient is NaN/inf: stop the stage in one line naming stage, step "
+        "and metric (nothing non-finite is saved), or skip its update and count it (`nonfinite/skipped`)",
+    )
     domains: list[str] | None = Field(None, description="defaults to every recipe domain")
     difficulties: list[int] | None = Field(None, description="difficulty levels to train on; default all")
     checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")

@@ -1,0 +1,89 @@
+"""Numeric guards of the training loop: no update from a non-finite step, no non-finite checkpoint, and a warning
+when a stage's curves collapse although every number stays finite.
+
+Why: a blown-up step (NaN/inf loss or gradient) trained on would be saved as a finished stage, reused by every
+rerun, and surface much later as a sampling error far from its cause. The loop stops at the first such step
+(`nonfinite: stop`, one line naming stage, step and metric) or skips its update and counts it (`skip`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..core.errors import StageError
+
+
+def update_norm(parameters: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    """The gradients' total norm, clipping them to `clip` when set (the norm before clipping, as torch reports it)."""
+    if clip:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def nonfinite_step(stage: str, step: int, metric: str, value: float, mode: str) -> StageError:
+    """The one-line error of a non-finite step (raised by the loop when `nonfinite: stop`)."""
+    return StageError(
+        f"stage {stage!r}: step {step}: {metric} is {value} (not finite); stopped before the update, nothing "
+        f"non-finite was saved (lower `lr`, or set `nonfinite: skip` to skip such steps)"
+        if mode == "stop" else f"stage {stage!r}: step {step}: {metric} is {value}"
+    )
+
+
+def check_finite_weights(stage: str, step: int, parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Refuse to save weights with a NaN or inf: a checkpoint that exists is one a rerun may trust."""
+    for p in parameters:
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise StageError(f"stage {stage!r}: step {step}: the weights hold NaN or inf; not saved (lower `lr`)")
+
+
+class DivergenceWatch:
+    """Warns once when a stage's reward collapses or its reverse KL blows up while every number stays finite
+    (e.g. a too-high learning rate with gradient clipping on: scores fall to 0 with no NaN anywhere).
+
+    Over windows of `window` steps: the reward's window mean falls below `drop` x its best window mean (once that
+    best reached `min_best`), or the reverse KL's window mean exceeds `rise` x its first window's mean plus 1 nat.
+    """
+
+    def __init__(self, stage: str, warn: Callable[[str], None] | None = None, window: int = 10,
+                 drop: float = 0.25, min_best: float = 0.2, rise: float = 10.0):
+        self.stage, self.window, self.drop, self.min_best, self.rise = stage, window, drop, min_best, rise
+        self.warn = warn or logging.getLogger("mopd").warning
+        self.rewards: deque[float] = deque(maxlen=window)
+        self.kls: deque[float] = deque(maxlen=window)
+        self.best_reward = -math.inf
+        self.first_kl: float | None = None
+        self.warned = False
+
+    def observe(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Feed one step's metrics; returns (and warns with) the message the first time a collapse shows."""
+        if self.warned:
+            return None
+        message = None
+        if "reward/mean" in metrics:
+            self.rewards.append(float(metrics["reward/mean"]))
+            if len(self.rewards) == self.window:
+                mean = sum(self.rewards) / self.window
+                self.best_reward = max(self.best_reward, mean)
+                if self.best_reward >= self.min_best and mean < self.drop * self.best_reward:
+                    message = (f"reward/mean over the last {self.window} steps fell to {mean:.3f} from "
+                               f"{self.best_reward:.3f}")
+        kl = metrics.get("mopd/reverse_kl")
+        if kl is not None and message is None:
+            self.kls.append(float(kl))
+            if len(self.kls) == self.window:
+                mean = sum(self.kls) / self.window
+                if self.first_kl is None:
+                    self.first_kl = mean
+                elif mean > self.rise * max(self.first_kl, 0.0) + 1.0:
+                    message = f"mopd/reverse_kl over the last {self.window} steps rose to {mean:.3f} from {self.first_kl:.3f}"
+        if message is None:
+            return None
+        self.warned = True
+        full = f"stage {self.stage!r}: step {step}: {message}: training may have diverged (too high `lr`?)"
+        self.warn(full)
+        return full
