@@ -10,8 +10,10 @@ tests, in a fresh interpreter. ``tests`` is either one string of Python statemen
 them run without raising, else 0.0) or a list of separate test snippets (reward = fraction that pass;
 they share the namespace of the solution and run in order, each one on its own, so a failing or raising
 test does not stop the next one; a test that hangs ends the run, and the tests after it count as failed).
-Only the per-test outcomes the sandboxed child reports under a secret nonce count; the process's exit
-status is not used at all.
+Only the per-test outcomes the trusted harness reports under a secret nonce count; the process's exit
+status is not used at all. The solution runs in a separate, unprivileged worker process; ``assert`` tests
+are decided by the harness, which asks the worker only for the values of the solution-dependent
+sub-expressions, so a solution cannot reach the tests or the expected answers.
 """
 
 from __future__ import annotations

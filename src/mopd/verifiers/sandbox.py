@@ -3,43 +3,54 @@
 Kept apart from the verifier (:mod:`mopd.verifiers.code`) so that what is isolated, and how, can be read and
 audited in one place, independent of how a completion is turned into code and scored.
 
+Processes
+---------
+``run_code_tests`` starts ``sandbox_harness.py`` (:mod:`mopd.verifiers.sandbox_harness`, the trusted
+harness), which first forks the worker (:mod:`mopd.verifiers.sandbox_worker`, untrusted) and only then reads
+the nonce and the tests. The worker runs the solution and evaluates the solution-dependent parts of each
+test; the harness compares the returned *values* with the expected ones in its own process, so reaching the
+harness through ``sys._getframe``/``gc`` (to replace the tests or read the answers) finds nothing: the
+tests were never in the worker's memory. Statements that are not ``assert`` (loops, ``check(f)``) still run
+in the worker, which only says whether they raised: such tests remain forgeable by a worker take-over.
+
 Result protocol
 ---------------
-The child reports each outcome as a line ``<nonce> <index> PASS|FAIL`` on a pipe, where the nonce is 128
-random bits sent over stdin only (never on disk, in argv or in the environment). Exiting early
-(``os._exit(0)``), printing fake "PASS" lines, or writing to any file descriptor therefore earns nothing.
-The process's exit status is not used at all.
+The harness reports each outcome as a line ``<nonce> <index> PASS|FAIL`` on a pipe, where the nonce is 128
+random bits sent over stdin only (never on disk, in argv or in the environment), read after the worker was
+forked. Exiting early, printing fake "PASS" lines, or writing to any file descriptor earns nothing. The
+process's exit status is not used at all.
 
 Sandbox (layers; each one is used when the host supports it, see :func:`sandbox_info`)
 ----------------------------------------------------------------------------------------
-* fresh ``tempfile`` directory as cwd, HOME and TMPDIR, deleted afterwards (also on timeout);
-* ``python -I -S -B``: isolated mode (no PYTHON* env vars, no user site, script dir not on sys.path),
-  no site-packages (stdlib only), no .pyc writes; minimal environment (PATH, LANG, HOME, TMPDIR);
+* fresh ``tempfile`` directory as cwd, HOME and TMPDIR, owned by the worker's uid, deleted afterwards (also
+  on timeout, and also if something in it was made immutable/append-only);
+* ``python -I -S -B``: isolated mode, no site-packages (stdlib only), no .pyc writes; an environment of only
+  PATH, LANG, HOME and TMPDIR (nothing inherited);
+* unprivileged worker: started as root, the worker drops every capability (bounding set, ambient, then
+  ``setresuid``) and becomes ``nobody`` (65534) with no groups, so chmod/chown/utime/xattrs/``chattr`` on
+  files it does not own fail, as does reading another uid's ``/proc/PID/environ`` or memory; the harness
+  is also made non-dumpable. As a normal user nothing can be dropped: the worker keeps the caller's uid;
+* fresh network, PID and mount namespaces (``unshare --net --pid --fork --mount-proc``, inside a new user
+  namespace when not root), so ``/proc`` shows only the sandbox's own processes; falling back to a network
+  namespace only, then to none;
 * new session / process group (``start_new_session``), the whole group SIGKILLed at the end and on the
   wall-clock timeout (``timeout_s``, counted from spawn);
-* resource limits, set by the child on itself before any untrusted code runs: RLIMIT_AS (``memory_mb``),
-  RLIMIT_CPU, RLIMIT_FSIZE (16 MiB), RLIMIT_NOFILE, RLIMIT_CORE=0; RLIMIT_NPROC=0 only as a fallback when
-  seccomp is unavailable (it does not apply to root, and it would otherwise also forbid threads);
-* seccomp-BPF filter (x86_64 and aarch64): fork/vfork/non-thread clone -> EPERM (fork bombs die at the
-  first fork; threads still work), clone3 -> ENOSYS (glibc falls back to clone), ``socket()`` -> EPERM,
-  signals only to itself, and EPERM for setrlimit/prlimit64 (limits cannot be raised even by root),
-  ptrace, process_vm_*, pidfd_*, io_uring, bpf, perf_event_open, mount/namespace/module/keyring/reboot
-  and clock calls; other ABIs (i386, x32) are refused;
-* Landlock (Linux >= 5.13): writes, creations, deletions, renames and truncation are refused everywhere
-  except the temp dir (and /dev/null); with Landlock ABI >= 4 TCP bind/connect are refused, with ABI >= 6
-  signals and abstract unix sockets are scoped to the sandbox. Reading files is *not* restricted;
-* a new network namespace via ``unshare --net`` (or ``unshare --user --net``) when that works here;
-* Python-level socket blocking (``socket.socket`` & co. raise) as a last, friendlier layer.
-
-The layers inside the child are installed by :mod:`mopd.verifiers.sandbox_child`, the child's driver.
+* resource limits on the worker: RLIMIT_AS (``memory_mb``), RLIMIT_CPU, RLIMIT_FSIZE (16 MiB),
+  RLIMIT_NOFILE, RLIMIT_CORE=0; RLIMIT_NPROC=0 only as a fallback when seccomp is unavailable;
+* seccomp-BPF filter on the worker (x86_64 and aarch64): fork/vfork/non-thread clone -> EPERM, clone3 ->
+  ENOSYS, ``socket()`` -> EPERM, signals only to itself, EPERM for setrlimit/prlimit64, ptrace,
+  process_vm_*, pidfd_*, io_uring, bpf, perf_event_open, mount/namespace/module/keyring/reboot and clock
+  calls; other ABIs (i386, x32) are refused;
+* Landlock on the worker (Linux >= 5.13): writes, creations, deletions, renames and truncation are refused
+  everywhere except the temp dir (and /dev/null); with ABI >= 4 TCP bind/connect, with ABI >= 6 signals and
+  abstract unix sockets are scoped. Reading files is *not* restricted (world-readable files stay readable);
+* Python-level socket blocking as a last, friendlier layer.
 
 Not guaranteed: this is hardening for model-generated code, not a security boundary against a determined
-attacker, especially when running as root: read access to the file system is open, code running in the
-same interpreter as the driver can in principle find the nonce by introspection (``sys._getframe``), and
-solutions can still "win" assert-based tests by returning objects whose ``__eq__`` always answers True or
-by monkeypatching builtins the tests use. Without seccomp and Landlock (non-Linux, old kernels, unknown
-architectures) only the temp dir, rlimits, process-group kill and the Python-level socket block remain,
-and a fork bomb run as root is only stopped by the timeout. For hostile code use a container or VM.
+attacker. Tests written as plain statements rather than ``assert`` are judged by the worker; files readable
+by ``nobody`` (or, as a normal user, by the caller) can be read; as a normal user without user namespaces,
+metadata of the caller's own files and ``/proc/<parent>/environ`` stay reachable. For hostile code use a
+container or VM.
 """
 
 from __future__ import annotations
@@ -294,7 +305,12 @@ def _namespace_prefix() -> tuple[str, ...]:
     if not exe or not sys.platform.startswith("linux"):
         return ()
     full = ("--net", "--pid", "--fork", "--mount-proc")
-    candidates = [(exe, *full, "--"), (exe, "--user", *full, "--"), (exe, "--net", "--"), (exe, "--user", "--net", "--")]
+    candidates = [
+        (exe, *full, "--"),
+        (exe, "--user", *full, "--"),
+        (exe, "--net", "--"),
+        (exe, "--user", "--net", "--"),
+    ]
     if os.geteuid() != 0:
         candidates = [candidates[1], candidates[3], candidates[0], candidates[2]]
     for prefix in candidates:

@@ -1,11 +1,9 @@
-"""The sandboxed child's driver: lock the interpreter down, then run the solution and its tests.
+"""The worker's lock-down layers: rlimits, the uid/capability drop, Landlock, seccomp, socket blocking.
 
-:func:`mopd.verifiers.sandbox.run_code_tests` executes this file as ``python -I -S -B .../sandbox_child.py``,
-so it imports nothing outside the standard library. It is a module of its own because everything in it runs
-inside the sandboxed interpreter, before and around the untrusted code: the limits must be in place before
-the solution's first line runs, and the outcomes must reach the parent under the nonce even if the solution
-tampers with ``os`` or builtins. See :mod:`mopd.verifiers.sandbox` for the layers and what they do not
-guarantee.
+Loaded by :mod:`mopd.verifiers.sandbox_harness` inside the sandboxed interpreter, so it imports nothing
+outside the standard library; :func:`lock_down` is called by the worker before the solution's first line
+runs. Kept apart so that what is locked down, and in which order, can be audited in one place. See
+:mod:`mopd.verifiers.sandbox` for the layers and what they do not guarantee.
 """
 
 from __future__ import annotations
@@ -266,22 +264,55 @@ def drop_privileges() -> dict:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     last = _CAP_LAST_FALLBACK
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            last = int(f.read())
+    with contextlib.suppress(OSError, ValueError), open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
     for cap in range(last + 1):
         libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP: no way back to any capability, even via exec
     libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    _keep_stdlib_reachable()
     try:
         os.setgroups([])
         os.setresgid(_NOBODY, _NOBODY, _NOBODY)
         os.setresuid(_NOBODY, _NOBODY, _NOBODY)  # clears the permitted and effective capability sets
-    except OSError:
-        out["caps_dropped"] = False
+    except OSError:  # e.g. a user namespace without 65534 mapped: stay uid 0, but without capabilities
+        out["caps_dropped"] = _clear_capabilities(libc) and _cap_eff() == 0
         return out
     out["uid"] = os.geteuid()
     out["caps_dropped"] = _cap_eff() == 0 and os.getuid() == _NOBODY
     return out
+
+
+def _keep_stdlib_reachable() -> None:
+    """Point ``sys.path`` at directory fds opened while still root.
+
+    The interpreter may live where ``nobody`` cannot search (pyenv under a 0700 ``/root``); the magic
+    link ``/proc/self/fd/N`` reaches the directory without walking its ancestors, so ``import`` keeps
+    working after the drop without granting read access to anything else.
+    """
+    for i, entry in enumerate(list(sys.path)):
+        if not entry or entry.startswith("/proc/self/fd/") or not os.path.isdir(entry):
+            continue
+        with contextlib.suppress(OSError):
+            via_fd = f"/proc/self/fd/{os.open(entry, os.O_PATH | os.O_DIRECTORY)}"
+            if os.path.isdir(via_fd):  # /proc is mounted
+                sys.path[i] = via_fd
+
+
+def _clear_capabilities(libc) -> bool:
+    """capset(2) with empty effective, permitted and inheritable sets (version 3 header)."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
+
+    return libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0
 
 
 def _cap_eff() -> int:

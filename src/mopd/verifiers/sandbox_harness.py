@@ -32,13 +32,11 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SAFE_CALLS = {
-    name: getattr(builtins, name)
-    for name in (
-        "abs all any bool bytes chr complex dict divmod float frozenset int len list max min ord pow range "
-        "repr round set sorted str sum tuple"
-    ).split()
-}
+_SAFE_NAMES = (
+    "abs all any bool bytes chr complex dict divmod float frozenset int len list max min ord pow range "
+    "repr round set sorted str sum tuple"
+)
+_SAFE_CALLS = {name: getattr(builtins, name) for name in _SAFE_NAMES.split(" ")}
 _RECURSE_CALLS = {"abs", "round", "math.isclose", "math.fabs", "math.sqrt"}
 _BINOPS = {
     ast.Add: operator.add,
@@ -126,7 +124,7 @@ class Checker:
             return eval(code, {"__builtins__": dict(_SAFE_CALLS), "math": math})  # noqa: S307 - trusted test
         if isinstance(node, ast.Compare):
             left = self.value(node.left)
-            for op, comp in zip(node.ops, node.comparators):
+            for op, comp in zip(node.ops, node.comparators, strict=True):
                 right = self.value(comp)
                 if not _CMPOPS[type(op)](left, right):
                     return False
@@ -149,19 +147,23 @@ class Checker:
             build = {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)]
             return build(self.value(e) for e in node.elts)
         if isinstance(node, ast.Dict) and None not in node.keys:
-            return {self.value(k): self.value(v) for k, v in zip(node.keys, node.values)}
-        if isinstance(node, ast.Call) and _call_name(node.func) in _RECURSE_CALLS:
-            if not any(isinstance(a, ast.Starred) for a in node.args) and all(k.arg for k in node.keywords):
-                fn = _callable(_call_name(node.func))
-                args = [self.value(a) for a in node.args]
-                return fn(*args, **{k.arg: self.value(k.value) for k in node.keywords})
+            return {self.value(k): self.value(v) for k, v in zip(node.keys, node.values, strict=True)}
+        if (
+            isinstance(node, ast.Call)
+            and _call_name(node.func) in _RECURSE_CALLS
+            and not any(isinstance(a, ast.Starred) for a in node.args)
+            and all(k.arg for k in node.keywords)
+        ):
+            fn = _callable(_call_name(node.func))
+            args = [self.value(a) for a in node.args]
+            return fn(*args, **{k.arg: self.value(k.value) for k in node.keywords})
         reply = self.ask("eval", ast.unparse(node))
         if reply.get("ok") is not True:
             raise AssertionError("the expression raised in the worker")
         try:
             return self.wire.decode(reply.get("value"))
         except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
-            raise WorkerGone from e
+            raise AssertionError("the value could not be decoded") from e
 
 
 def _call_name(func: ast.expr) -> str:
@@ -193,7 +195,7 @@ def _is_closed(node: ast.expr) -> bool:
 def main(argv: list[str]) -> None:  # pragma: no cover - runs in the sandboxed subprocess
     memory_bytes, cpu_s = int(argv[1]), int(argv[2])
     workdir = os.getcwd()
-    child = _load("mopd_sandbox_child", "sandbox_child.py")
+    _load("mopd_sandbox_child", "sandbox_child.py")  # the worker's lock_down, loaded before the fork
     wire = _load("mopd_sandbox_worker", "sandbox_worker.py")
     cmd_r, cmd_w = os.pipe()
     reply_r, reply_w = os.pipe()

@@ -97,9 +97,16 @@ def _enc(v: object, depth: int, budget: list[int]) -> object:
         return ["b" if isinstance(v, bytes) else "B", bytes(v).hex()]
     if isinstance(v, dict):
         return ["d", [[_enc(k, depth + 1, budget), _enc(x, depth + 1, budget)] for k, x in dict.items(v)]]
-    for typ, tag in ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F"), (KeysView, "S")):
+    for typ, tag in ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F")):
         if isinstance(v, typ):
             return [tag, [_enc(x, depth + 1, budget) for x in typ.__iter__(v)]]
+    fractions, decimal = sys.modules.get("fractions"), sys.modules.get("decimal")
+    if fractions is not None and isinstance(v, fractions.Fraction):
+        return ["Q", format(int(v.numerator), "x"), format(int(v.denominator), "x")]
+    if decimal is not None and isinstance(v, decimal.Decimal):
+        return ["D", str(decimal.Decimal.__str__(v))]
+    if isinstance(v, KeysView):  # compares like a set
+        return ["S", [_enc(x, depth + 1, budget) for x in iter(v)]]
     return ["o", type(v).__name__[:100]]
 
 
@@ -143,6 +150,14 @@ def decode(obj: object, depth: int = 0) -> object:
     build = {"l": list, "t": tuple, "S": set, "F": frozenset}.get(tag)
     if build is not None:
         return build(decode(x, depth + 1) for x in rest[0])
+    if tag == "Q":
+        from fractions import Fraction
+
+        return Fraction(int(str(rest[0]), 16), int(str(rest[1]), 16))
+    if tag == "D":
+        from decimal import Decimal
+
+        return Decimal(str(rest[0])[:10000])
     if tag == "o":
         return Opaque(str(rest[0])[:100])
     raise ValueError("bad tag")
@@ -151,7 +166,9 @@ def decode(obj: object, depth: int = 0) -> object:
 # --------------------------------------------------------------------------------------------- worker
 
 
-def worker_main(cmd_fd: int, reply_fd: int, workdir: str, memory_bytes: int, cpu_s: int) -> None:  # pragma: no cover
+def worker_main(
+    cmd_fd: int, reply_fd: int, workdir: str, memory_bytes: int, cpu_s: int
+) -> None:  # pragma: no cover
     """Lock this (forked) process down, then serve ``solution``/``exec``/``eval`` requests until EOF.
 
     Runs in the sandboxed worker: tracebacks go to stderr (the parent shows their tail), stdout goes to
@@ -192,4 +209,3 @@ def worker_main(cmd_fd: int, reply_fd: int, workdir: str, memory_bytes: int, cpu
             _send(reply_fd, reply)
         except _base_exc:
             _exit(3)
-
