@@ -315,12 +315,18 @@ def test_always_equal_objects_do_not_pass():
 )
 def test_non_root_caller(victim):
     """The same checks when the verifier itself runs as a normal user (nobody): no uid drop possible."""
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__import__("mopd").__file__)))
+    # a copy of the sandbox's files where nobody can read them: the checkout may sit below a 0700 directory
+    # (a `mktemp -d` clone), which is no part of what this test is about
+    verifiers = Path(__import__("mopd").__file__).resolve().parent / "verifiers"
+    code_dir = tempfile.mkdtemp(prefix="mopd_sandbox_code_")
+    os.chmod(code_dir, 0o755)
+    for f in verifiers.glob("sandbox*.py"):
+        os.chmod(shutil.copy(f, code_dir), 0o644)
     python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
     meta_attack = SETFLAGS + f"attempt(0, lambda: os.chmod({victim!r}, 0o777))\n"
     script = (
         "import importlib.util, json, os, sys\n"
-        f"spec = importlib.util.spec_from_file_location('sb', {os.path.join(src, 'mopd/verifiers/sandbox.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('sb', {os.path.join(code_dir, 'sandbox.py')!r})\n"
         "sb = importlib.util.module_from_spec(spec); sys.modules['sb'] = sb; spec.loader.exec_module(sb)\n"
         f"good = sb.run_code_tests({GOOD!r}, {ADD_TESTS!r})\n"
         f"wrong = sb.run_code_tests({WRONG!r}, {ADD_TESTS!r})\n"
@@ -330,14 +336,17 @@ def test_non_root_caller(victim):
         "print(json.dumps([os.geteuid(), good.fraction, wrong.fraction, env.fraction, meta.fraction,"
         " good.protections, sb._namespace_prefix(), memory.fraction]))\n"
     )
-    out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", script],
-        env={"PATH": "/usr/bin:/bin", "MOPD_SECRET": "s3cr3t"},
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", script],
+            env={"PATH": "/usr/bin:/bin", "MOPD_SECRET": "s3cr3t"},
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        shutil.rmtree(code_dir, ignore_errors=True)
     assert out.returncode == 0, out.stderr
     uid, good, wrong, env, meta, protections, prefix, memory = json.loads(out.stdout)
     assert uid == 65534 and (good, wrong, env, meta, memory) == (1.0, 0.0, 0.0, 1.0, 0.0), out.stdout
