@@ -212,3 +212,28 @@ def test_out_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunLockedError, match="cannot use it as a run directory"), run_lock(tmp_path / "file"):
         pass
+
+
+def test_a_reference_to_an_eval_stage_or_a_directory_without_a_model_is_one_line(tmp_path: Path) -> None:
+    data = yaml.safe_load(MINI_RECIPE)
+    data["stages"]["scores"] = {"kind": "eval", "models": ["base"]}
+    data["stages"]["sft"]["init"] = "scores"
+    msg = _load_error(tmp_path, yaml.safe_dump(data, sort_keys=False))
+    assert "stages.sft.init" in msg and "'scores' is an eval stage" in msg
+    (tmp_path / "empty_model").mkdir()
+    data = yaml.safe_load(MINI_RECIPE)
+    data["stages"]["sft"]["init"] = "./empty_model"
+    msg = _load_error(tmp_path, yaml.safe_dump(data, sort_keys=False))
+    assert "stages.sft.init" in msg and "without a Hugging Face model (no config.json)" in msg
+
+
+def test_absurd_thread_counts_are_refused_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mopd.cli import app
+
+    (tmp_path / "r.yaml").write_text(BASE_ONLY)
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"),
+                                   "--threads", "100000"])
+    assert res.exit_code == 2 and "--threads 100000: more than 8 threads per core" in res.output
+    assert not (tmp_path / "run").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -28,6 +29,9 @@ def _prepare_process(threads: int | None) -> None:
     from .runtime import keep_freed_memory
 
     keep_freed_memory()
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > 8 * cores:
+        _fail(f"--threads {threads}: more than 8 threads per core ({cores} cores here) only slows a run down")
     if threads is not None:
         import torch
 

@@ -197,12 +197,21 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
             if ref in recipe.stages:
                 if ref == name:
                     raise RecipeError(f"{where('stages', name, *key)}: stage {name!r} refers to itself")
+                if isinstance(recipe.stages[ref], EvalStage):
+                    raise RecipeError(
+                        f"{where('stages', name, *key)}: {ref!r} is an eval stage: it writes scores, not a model"
+                    )
                 deps[name].append(ref)
-            elif resolve_external(ref, path.parent) is None:
+            elif (external := resolve_external(ref, path.parent)) is None:
                 hint = "" if looks_like_path(ref) else f"; stages are: {', '.join(recipe.stages)}"
                 raise RecipeError(
                     f"{where('stages', name, *key)}: {ref!r} is neither a stage of this recipe nor a model "
                     f"directory{hint}"
+                )
+            elif Path(external).is_dir() and not (Path(external) / "config.json").is_file():
+                raise RecipeError(
+                    f"{where('stages', name, *key)}: {ref!r} is a directory without a Hugging Face model "
+                    "(no config.json)"
                 )
         for i, d in enumerate(getattr(stage, "domains", None) or []):
             if d not in recipe.domains:
