@@ -237,3 +237,39 @@ def test_absurd_thread_counts_are_refused_in_one_line(tmp_path: Path) -> None:
                                    "--threads", "100000"])
     assert res.exit_code == 2 and "--threads 100000: more than 8 threads per core" in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_rerun_keeps_the_finished_stages_in_run_json_and_report_says_what_is_missing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A rerun that stops early must not shrink run.json to the stages it reached; a report over a run with an
+    unfinished stage says so and `mopd report` exits non-zero; an unreadable run.json is moved aside, not lost."""
+    from typer.testing import CliRunner
+
+    import mopd.stages.rl as rl
+    from mopd.cli import app
+
+    (tmp_path / "r.yaml").write_text(MINI_RECIPE)
+    run = tmp_path / "run"
+    run_recipe(load_recipe(tmp_path / "r.yaml"), run)
+    before = json.loads((run / "run.json").read_text())["stages"]
+    # the student changes and fails at its first step: the finished stages must stay in run.json
+    assert "    alpha: 0.5\n" in MINI_RECIPE
+    (tmp_path / "r.yaml").write_text(MINI_RECIPE.replace("    alpha: 0.5\n", "    alpha: 0.25\n"))
+    real = rl.policy_loss
+    monkeypatch.setattr(rl, "policy_loss", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
+    with pytest.raises(StageError):
+        run_recipe(load_recipe(tmp_path / "r.yaml"), run)
+    after = json.loads((run / "run.json").read_text())["stages"]
+    assert set(after) == set(before) - {"student"}  # the changed student is no longer what this run holds
+    assert after["teacher_add"]["identity"] == before["teacher_add"]["identity"]
+    assert after["teacher_add"]["wall_seconds"] == before["teacher_add"]["wall_seconds"]
+    res = CliRunner().invoke(app, ["report", str(run)])
+    assert res.exit_code == 2 and "incomplete run: no finished checkpoint for student" in res.output
+    assert "**Incomplete:**" in (run / "report.md").read_text()
+    monkeypatch.undo()
+    (run / "run.json").write_text("{ not json")
+    run_recipe(load_recipe(tmp_path / "r.yaml"), run)
+    assert list((run / ".superseded").glob("run.json-unreadable-*"))
+    assert set(json.loads((run / "run.json").read_text())["stages"]) == set(before)
+    assert "missing_stages" not in json.loads((run / "summary.json").read_text())

@@ -134,6 +134,8 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory written by 
         _fail(str(e))
     console.print(f"normalized score: {summary['normalized_score']}")
     console.print(f"report: {run_dir / 'report.md'}")
+    if summary.get("missing_stages"):
+        _fail(f"{run_dir}: incomplete run: no finished checkpoint for {', '.join(summary['missing_stages'])}")
 
 
 def main() -> None:  # pragma: no cover

@@ -71,8 +71,12 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
     out.mkdir(parents=True, exist_ok=True)
     ids = stage_identities(loaded)
     run_path = out / "run.json"
-    previous = json.loads(run_path.read_text()) if run_path.exists() else {}
-    stages_info: dict[str, dict] = {}
+    previous = _previous_run(run_path, out)
+    # a rerun that stops early must not forget what an earlier run finished: start from its entries (same
+    # identity only); each stage this run reaches replaces its own
+    stages_info: dict[str, dict] = {
+        n: v for n, v in previous.get("stages", {}).items() if isinstance(v, dict) and v.get("identity") == ids.get(n)
+    }
     start_time = time.time()
 
     def write_run_json() -> None:
@@ -113,8 +117,8 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
             total = getattr(stage, "steps", 1)
             task = progress.add_task(name, total=total, info="")
             if _finished(stage_dir, ids[name]):
-                prior = previous.get("stages", {}).get(name, {})
-                info["wall_seconds"] = prior.get("wall_seconds", 0.0) if prior.get("identity") == ids[name] else 0.0
+                prior = stages_info.get(name, {})  # the earlier run's entry, kept only with the same identity
+                info["wall_seconds"] = prior.get("wall_seconds", 0.0)
                 info["status"] = "cached"
                 progress.update(task, completed=total, info="[dim]finished earlier (same identity): skipped")
             else:
@@ -142,6 +146,23 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
     from ..report import build_report
 
     return build_report(out)
+
+
+def _previous_run(run_path: Path, out: Path) -> dict:
+    """The run.json of an earlier run, or {}; one that is not a JSON object is moved aside to `.superseded/`
+    (it is an output, rewritten by this run, but nothing saved is deleted)."""
+    if not run_path.exists():
+        return {}
+    try:
+        previous = json.loads(run_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        previous = None
+    if isinstance(previous, dict) and isinstance(previous.get("stages", {}), dict):
+        return previous
+    dest = out / ".superseded" / f"run.json-unreadable-{int(time.time())}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run_path, dest)
+    return {}
 
 
 def _progress_info(m: dict[str, float]) -> str:

@@ -55,6 +55,9 @@ def build_report(run_dir: Path) -> dict[str, Any]:
                 target.unlink()
 
     header = _header(data.run, data.recipe, data.wall)
+    if data.summary.get("missing_stages"):
+        header += (f" **Incomplete:** no finished checkpoint on disk for {', '.join(data.summary['missing_stages'])}; "
+                   "their scores are missing below.")
     title = f"MOPD report: {data.recipe} ({fmt_duration(data.wall)} wall)"
     main, norm, preflight = data.recovery_table, data.norm, data.preflight_table
     stage_tbl, acc_tbl = data.stage_table, data.accuracy_table

@@ -259,6 +259,13 @@ def compute_report(run_dir: Path) -> ReportData:
         },
     }
 
+    # stages of the run with no readable final checkpoint on disk: the report says so (and `mopd report` exits
+    # non-zero) instead of showing their scores as if the run were complete
+    named = dict.fromkeys([*order, *(s for s in (start, *teachers.values(), student) if s is not None)])
+    missing = [s for s in named if (finals[s] if s in finals else read_final_eval(run_dir / s)) is None]
+    if missing:
+        summary["missing_stages"] = missing
+
     main = _recovery_table(start, teachers, students, rec, norm, score)
     stage_tbl, acc_tbl = _stage_tables(order, stages, finals, domains)
     preflight = _preflight_table(run_dir, [s for s in order if stages[s].get("kind") == "mopd"])
