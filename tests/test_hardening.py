@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from mopd.core.errors import StageError
+from mopd.models.checkpoint import check_finite_weights
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.recipe.run_lock import RunLockedError, run_lock
 from mopd.recipe.runner import run_recipe
-from mopd.stages.guards import DivergenceWatch, check_finite_weights
+from mopd.stages.guards import DivergenceWatch
 
 from .conftest import MINI_RECIPE
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from ..core.errors import StageError
 from .lora import is_lora, merged_copy, save_adapter
 
 hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the run's own progress
@@ -36,6 +38,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_finite_weights(stage: str, step: int, parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Refuse to save weights with a NaN or inf: a checkpoint that exists is one a rerun may trust."""
+    for p in parameters:
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise StageError(f"stage {stage!r}: step {step}: the weights hold NaN or inf; not saved (lower `lr`)")
+
+
 def save_checkpoint(
     path: Path,
     model,
@@ -43,7 +52,10 @@ def save_checkpoint(
     lineage: dict[str, Any],
     trainer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write model + tokenizer + lineage (+ optimizer/RNG state for resuming) to `path`, atomically."""
+    """Write model + tokenizer + lineage (+ optimizer/RNG state for resuming) to `path`, atomically.
+
+    Refuses (StageError) weights with a NaN or inf, naming the lineage's stage and step."""
+    check_finite_weights(lineage.get("stage"), lineage.get("step"), model.parameters())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".tmp-{path.name}-*"):

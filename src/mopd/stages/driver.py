@@ -29,7 +29,7 @@ from ..models.checkpoint import (
     read_lineage,
     save_checkpoint,
 )
-from .guards import DivergenceWatch, check_finite_weights, nonfinite_step, update_norm
+from .guards import DivergenceWatch, nonfinite_message, update_norm
 from .lineage import lineage, snapshot_path
 from .loading import trainable_model, trainable_parameters
 from .resolved import ResolvedStage
@@ -175,12 +175,14 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                     opt.step()
                 opt.zero_grad(set_to_none=True)
             if bad is not None:
+                what = nonfinite_message(ctx.name, done, *bad)
                 if s.nonfinite == "stop":
-                    raise nonfinite_step(ctx.name, done, *bad, "stop")
+                    raise StageError(f"{what}; stopped before the update, nothing non-finite was saved (lower `lr`, "
+                                     "or set `nonfinite: skip` to skip such steps)")
                 skipped += 1
                 metrics["nonfinite/skipped"] = skipped
                 if ctx.on_warning:
-                    ctx.on_warning(f"{nonfinite_step(ctx.name, done, *bad, 'skip')}: update skipped ({skipped} so far)")
+                    ctx.on_warning(f"{what}: update skipped ({skipped} so far)")
             watch.observe(done, metrics)
             totals["samples"] += int(metrics.get("samples/student", 0))
             totals["teacher_samples"] += int(metrics.get("samples/teacher", 0))
@@ -194,8 +196,6 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             log.write(record)
             if ctx.on_progress:
                 ctx.on_progress(done, s.steps, metrics)
-            if (done % s.checkpoint_every == 0 or s.keep_every and done % s.keep_every == 0) and done < s.steps:
-                check_finite_weights(ctx.name, done, model.parameters())
             if done % s.checkpoint_every == 0 and done < s.steps:
                 path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
                 save_checkpoint(path, model, ctx.tokenizer,
@@ -214,7 +214,6 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()
-    check_finite_weights(ctx.name, s.steps, model.parameters())
     final = save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
                             lineage(ctx, s.steps, {"eval": final_eval, **totals}))
     shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)

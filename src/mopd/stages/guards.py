@@ -1,5 +1,5 @@
-"""Numeric guards of the training loop: no update from a non-finite step, no non-finite checkpoint, and a warning
-when a stage's curves collapse although every number stays finite.
+"""Numeric guards of the training loop: no update from a non-finite step, and a warning when a stage's curves
+collapse although every number stays finite (`models.checkpoint.save_checkpoint` refuses non-finite weights).
 
 Why: a blown-up step (NaN/inf loss or gradient) trained on would be saved as a finished stage, reused by every
 rerun, and surface much later as a sampling error far from its cause. The loop stops at the first such step
@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
-
-from ..core.errors import StageError
 
 
 def update_norm(parameters: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
@@ -25,20 +23,9 @@ def update_norm(parameters: list[torch.nn.Parameter], clip: float | None) -> tor
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
-def nonfinite_step(stage: str, step: int, metric: str, value: float, mode: str) -> StageError:
-    """The one-line error of a non-finite step (raised by the loop when `nonfinite: stop`)."""
-    return StageError(
-        f"stage {stage!r}: step {step}: {metric} is {value} (not finite); stopped before the update, nothing "
-        f"non-finite was saved (lower `lr`, or set `nonfinite: skip` to skip such steps)"
-        if mode == "stop" else f"stage {stage!r}: step {step}: {metric} is {value}"
-    )
-
-
-def check_finite_weights(stage: str, step: int, parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Refuse to save weights with a NaN or inf: a checkpoint that exists is one a rerun may trust."""
-    for p in parameters:
-        if not bool(torch.isfinite(p.detach()).all()):
-            raise StageError(f"stage {stage!r}: step {step}: the weights hold NaN or inf; not saved (lower `lr`)")
+def nonfinite_message(stage: str, step: int, metric: str, value: float) -> str:
+    """What a non-finite step is, in one line: the stage, the step and the metric."""
+    return f"stage {stage!r}: step {step}: {metric} is {value} (not finite)"
 
 
 class DivergenceWatch:
