@@ -74,12 +74,12 @@ def phase_breakdown(step: Callable[[list, int], object], batch: list, seed: int)
             out = fn(*args, **kwargs)
             gflop[label] = gflop.get(label, 0.0) + (counter.get_total_flops() - before) / 1e9
             if label == "student training forward":
-                real.append(float(args[2].float().mean()))  # attention_mask of the sampled rows
+                real.append(float(args[1].attention_mask_B_T.float().mean()))  # of the rows the student trains on
             return out
         return wrapper
 
-    with (mock.patch.object(learner_policy, "sequence_logits",
-                            counted("student training forward", learner_policy.sequence_logits)),
+    with (mock.patch.object(learner_policy, "student_scores",
+                            counted("student training forward", learner_policy.student_scores)),
           mock.patch.object(TeacherPanel, "sampled_logprobs",
                             counted("teacher scoring", TeacherPanel.sampled_logprobs)),
           mock.patch.object(torch.Tensor, "backward", counted("backward", torch.Tensor.backward)),

@@ -32,7 +32,7 @@ def test_phase_breakdown_splits_the_whole_step_and_restores_what_it_wraps(roofli
     torch.manual_seed(0)
     paths = common.build_models(tmp_path)
     tok = common.build_char_tokenizer(common.ALPHABET)
-    originals = (learner_policy.sequence_logits, TeacherPanel.sampled_logprobs, torch.Tensor.backward)
+    originals = (learner_policy.student_scores, TeacherPanel.sampled_logprobs, torch.Tensor.backward)
 
     def fresh_step():  # the same weights and optimizer state for both counts
         return common.mopd_step_fn(load_model(paths["student"]), {"t": load_model(paths["teacher0"])}, tok,
@@ -40,7 +40,7 @@ def test_phase_breakdown_splits_the_whole_step_and_restores_what_it_wraps(roofli
 
     batch = common.problems(6)
     phases = roofline.phase_breakdown(fresh_step(), batch, 3)
-    assert (learner_policy.sequence_logits, TeacherPanel.sampled_logprobs, torch.Tensor.backward) == originals
+    assert (learner_policy.student_scores, TeacherPanel.sampled_logprobs, torch.Tensor.backward) == originals
     # sampling is what the step leaves over: count it directly, the same rollouts drawn with the step's seed
     with FlopCounterMode(display=False) as counter:
         sample(load_model(paths["student"]), tok, [p.prompt for p in batch], max_new_tokens=4, temperature=1.0,

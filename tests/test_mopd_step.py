@@ -137,13 +137,13 @@ def test_filter_solved_masks_exactly_the_all_pass_and_no_pass_groups(monkeypatch
 
     stubs = {name: Stub() for name in DOMAINS}
     distill_masks: list[torch.Tensor] = []
-    full_kl = objective_table.full_reverse_kl_loss
+    token_mean = objective_table.masked_mean  # the distribution step's token mean of its per-token loss
 
-    def distill_spy(student_B_T_V, teacher_B_T_V, mask_B_T):
-        distill_masks.append(mask_B_T)
-        return full_kl(student_B_T_V, teacher_B_T_V, mask_B_T)
+    def distill_spy(loss_B_W, mask_B_W):
+        distill_masks.append(mask_B_W)
+        return token_mean(loss_B_W, mask_B_W)
 
-    monkeypatch.setattr(objective_table, "full_reverse_kl_loss", distill_spy)
+    monkeypatch.setattr(objective_table, "masked_mean", distill_spy)
     s = settings.model_copy(update={"filter_solved": True, "objective": objective, "alpha": 0.5})
     _, metrics = _policy_step(student, problems, s, torch.Generator().manual_seed(1), panel, stubs)
     assert metrics["filter/kept_frac"] == pytest.approx(2 / 6)

@@ -10,7 +10,8 @@ Departures from the naive `log_softmax(logits).gather(...)`:
 - we compute `logit[y] - logsumexp(logits)` instead of materialising (and saving for backward) a second
   [B, T, V] log-softmax tensor; the only full-vocabulary temporaries are the float32 copy of the logits and
   the ones inside `logsumexp`;
-- the arithmetic is float32 even when the model runs in bf16 (bf16 log-softmax loses ~2 digits).
+- the arithmetic is float32 even when the model runs in bf16 (bf16 log-softmax loses ~2 digits); float64 stays
+  float64 (`upcast`).
 
 Full-vocabulary objectives (`objectives.py`) need aligned *logits* rather than logprobs: pass
 `logits_B_T_V[:, :-1]` with `mask_B_T[:, 1:]` (a view, no copy) — position t of that slice is the
@@ -20,6 +21,12 @@ distribution that produced token t+1.
 from __future__ import annotations
 
 import torch
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or kept in float64: losses are computed in at least float32 (bf16 loses digits), and a
+    float64 model (an exact-math test) keeps its precision."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def token_logprobs(logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
@@ -36,7 +43,7 @@ def token_logprobs(logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> t
         logprobs_B_T: float32, differentiable wrt the logits.
     """
     _check_aligned(logits_B_T_V, input_ids_B_T)
-    logits_B_S_V = logits_B_T_V[:, :-1].float()  # S = T-1: position s predicts token s+1
+    logits_B_S_V = upcast(logits_B_T_V[:, :-1])  # S = T-1: position s predicts token s+1
     targets_B_S = input_ids_B_T[:, 1:]
     picked_B_S = logits_B_S_V.gather(-1, targets_B_S.unsqueeze(-1)).squeeze(-1)
     logprobs_B_S = picked_B_S - torch.logsumexp(logits_B_S_V, dim=-1)
@@ -55,19 +62,23 @@ def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
     Returns:
         entropy_B_T: float32, in nats.
     """
-    logits_B_S_V = logits_B_T_V[:, :-1].float()
+    return _pad_front(aligned_token_entropy(logits_B_T_V[:, :-1]))
+
+
+def aligned_token_entropy(aligned_logits_B_T_V: torch.Tensor) -> torch.Tensor:
+    """Entropy of each distribution of logits already aligned to their tokens (no shift), in float32 nats."""
+    logits_B_S_V = upcast(aligned_logits_B_T_V)
     lse_B_S = torch.logsumexp(logits_B_S_V, dim=-1)
     probs_B_S_V = torch.softmax(logits_B_S_V, dim=-1)
     # 0 * (-inf) would be nan for masked-out vocabulary entries (logit -inf, prob 0): zero them first.
     finite_logits_B_S_V = torch.where(probs_B_S_V > 0, logits_B_S_V, torch.zeros_like(logits_B_S_V))
-    entropy_B_S = lse_B_S - (probs_B_S_V * finite_logits_B_S_V).sum(-1)
-    return _pad_front(entropy_B_S)
+    return lse_B_S - (probs_B_S_V * finite_logits_B_S_V).sum(-1)
 
 
 def aligned_token_logprobs(aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
     """log softmax(logits[b, t])[input_ids[b, t]] for logits already aligned to their tokens (a teacher's
     `full_logits`), in float32."""
-    logits = aligned_logits_B_T_V.float()
+    logits = upcast(aligned_logits_B_T_V)
     picked_B_T = logits.gather(-1, input_ids_B_T[..., None]).squeeze(-1)
     return picked_B_T - torch.logsumexp(logits, dim=-1)
 

@@ -4,15 +4,24 @@ Why a protocol in the bottom layer: the learner computes advantages and losses f
 care whether a teacher runs in this process, on a Ray worker or behind an HTTP server; the teachers layer
 implements this (`teachers.panel.TeacherPanel` in process) and the learner imports only this file.
 Every method scores the rows routed to each teacher and returns results in batch order.
+
+`logit_blocks` is how the full-distribution objectives read a teacher without [B, K, V] logits: the learner asks
+for the block of positions it is differentiating, and an in-process backend keeps only its final hidden states
+and applies its LM head per block. A backend that can only ship whole logits returns
+`blocks_of(full logits)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from .batch import RolloutBatch
+
+# blocks(start, stop) -> the logits of positions [start, stop) of the last `keep` positions, [B, stop - start, V]
+LogitBlocks = Callable[[int, int], torch.Tensor]
 
 
 class TeacherScorer(Protocol):
@@ -34,3 +43,14 @@ class TeacherScorer(Protocol):
     def full_logits(self, batch: RolloutBatch, names_B: list[str], window: int | None = None) -> torch.Tensor:
         """Full next-token logits aligned to the last `window` tokens: [B, W, V]."""
         ...
+
+    def logit_blocks(self, batch: RolloutBatch, names_B: list[str], keep: int) -> LogitBlocks:
+        """The routed teacher's next-token logits at the last `keep` positions, a block at a time: `blocks(start,
+        stop)` is `sequence_logits(teacher, ..., logits_to_keep=keep)[:, start:stop]` ([B, stop - start, V];
+        position j predicts the token at column T - keep + j + 1), zeros at positions before a row's tokens."""
+        ...
+
+
+def blocks_of(logits_B_K_V: torch.Tensor) -> LogitBlocks:
+    """`logit_blocks` of a backend that computed every position's logits at once (no memory saved)."""
+    return lambda start, stop: logits_B_K_V[:, start:stop]

@@ -12,7 +12,10 @@ loss, and the kept per-token tensors into whole-batch metrics:
     jsd              generalized JSD of GKD with `jsd_beta` (+ alpha * GRPO)
 
 Advantage objectives feed the one policy-gradient loss (`losses.policy_gradient_loss`); distribution objectives
-have a loss of their own over the teacher's distributions at every completion position.
+have a loss of their own over the teacher's distributions at every completion position. Their per-token loss
+terms are computed where the student's logits are, one block of positions at a time (`block_terms`, run by
+`chunked.token_scores`), from the routed teacher's logits of the same block (`TeacherScorer.logit_blocks`) or its
+top-k; the step then takes the token mean.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from ..core.logprobs import aligned_token_logprobs, masked_mean
 from ..core.schema import DistillationSettings, SamplingSettings
 from ..core.scoring import TeacherScorer
 from .advantages import combine_advantages, mopd_advantages, mopd_metrics
+from .chunked import BlockTerms, Scores, pad_front
 from .diagnostics import teacher_diagnostics
 from .losses import policy_gradient_loss, surprise_weights
-from .objectives import forward_kl_loss, full_reverse_kl_loss, generalized_jsd_loss, topk_reverse_kl_loss
+from .objectives import forward_kl_tokens, jsd_tokens, reverse_kl_tokens, topk_metrics, topk_reverse_kl_tokens
 
 Kept = dict[str, torch.Tensor]
 
@@ -38,15 +42,16 @@ Kept = dict[str, torch.Tensor]
 class MicroBatch:
     """Some rows of a step's rewarded batch with the student's scores of them (all rows without micro-batches).
 
-    Student tensors cover the last K positions of the rows (the logits) or are aligned to input_ids (the
-    logprobs). `share` is this micro-batch's fraction of the step's loss tokens, `total_tokens` the step's count.
+    Student tensors are aligned to input_ids, or (the objective's block terms) to the last W = K - 1 token
+    columns. `share` is this micro-batch's fraction of the step's loss tokens, `total_tokens` the step's count.
     """
 
     batch: RolloutBatch
     loss_mask_B_T: torch.Tensor  # the completion mask, minus filtered groups (and, for pure GRPO, flat groups)
-    logits_B_K_V: torch.Tensor  # the student's logits (with grad) at the last K positions
     logprobs_B_T: torch.Tensor  # log pi_S(y_t) (with grad)
     pg_logprobs_B_T: torch.Tensor  # the same at the sampling temperature: the importance ratio's numerator
+    entropy_B_T: torch.Tensor  # the entropy of pi_S at each token (no grad)
+    terms_B_W: Scores  # the objective's per-token terms (`Objective.block_terms`) of the last W tokens
     grpo_B_T: torch.Tensor | None  # GRPO advantages (None when the objective does not use them)
     names_B: list[str] | None  # routed teacher per row (None without teachers)
     share: float
@@ -97,36 +102,65 @@ def sampled_step(mb: MicroBatch, cfg: PolicyConfig) -> tuple[torch.Tensor, dict[
     return loss, metrics, kept
 
 
-DistributionLoss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+TokenLoss = Callable[[torch.Tensor, torch.Tensor, DistillationSettings], torch.Tensor]
 
 
-def distribution_step(loss_fn: DistributionLoss, *, topk: bool = False):
+def full_distribution_terms(token_loss: TokenLoss):
+    """`block_terms` of an objective over the teacher's full distribution: per block, the routed teacher's logits
+    of the same positions (`logit_blocks`), the per-token loss (with grad) and the teacher's log pi_T of each
+    sampled token (for the diagnostics: no extra teacher pass)."""
+
+    def prepare(batch: RolloutBatch, names_B: list[str] | None, K: int, cfg: PolicyConfig) -> BlockTerms:
+        d, teachers = cfg.distill, cfg.teachers
+        assert d is not None and teachers is not None and names_B is not None
+        blocks = teachers.logit_blocks(batch, names_B, K)
+
+        def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor) -> Scores:
+            teacher_B_N_V = blocks(start, stop)[:, : student_B_N_V.shape[1]]
+            return {"loss": token_loss(student_B_N_V, teacher_B_N_V, d),
+                    "teacher_lp": aligned_token_logprobs(teacher_B_N_V, y_B_N)}
+
+        return terms
+
+    return prepare
+
+
+def topk_terms(batch: RolloutBatch, names_B: list[str] | None, K: int, cfg: PolicyConfig) -> BlockTerms:
+    """`block_terms` of the top-k objective: the teacher ships its top-k logprobs and ids once (small, [B, W, k]);
+    each block takes the coarse-grained reverse KL of its positions, the student's rest mass and the teacher's
+    top-k mass (for the metrics)."""
+    d, teachers = cfg.distill, cfg.teachers
+    assert d is not None and teachers is not None and names_B is not None
+    top_lp_B_W_k, top_ids_B_W_k, teacher_lp_B_T = teachers.topk(batch, names_B, d.topk, K - 1)
+    teacher_lp_B_W = teacher_lp_B_T[:, teacher_lp_B_T.shape[1] - (K - 1) :]
+
+    def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor) -> Scores:
+        cols = slice(start, start + student_B_N_V.shape[1])
+        kl_B_N, logp_rest_B_N, logq_in_B_N = topk_reverse_kl_tokens(
+            student_B_N_V, top_lp_B_W_k[:, cols], top_ids_B_W_k[:, cols]
+        )
+        return {"loss": kl_B_N, "logp_rest": logp_rest_B_N.detach(), "logq_in": logq_in_B_N,
+                "teacher_lp": teacher_lp_B_W[:, cols]}
+
+    return terms
+
+
+def distribution_step(metric: str):
     """An objective whose loss compares the student's and the routed teacher's distributions at every
-    completion position (plus alpha * GRPO through the policy-gradient loss).
-
-    Logits at position t-1 predict token t, so student logits [:, :-1] pair with the aligned teacher
-    distributions under the loss mask [:, 1:]. The student's logits cover only the last K positions: they start
-    at column `off` of the batch, so the teacher is asked for the completion window only (`window` columns).
-    The teacher's log pi_T of each sampled token (for the diagnostics) comes from the distributions the loss
-    already needed, so it costs no extra teacher pass.
-    """
+    completion position (plus alpha * GRPO through the policy-gradient loss): the token mean of its block terms'
+    "loss" over the loss mask of the last W tokens (the columns the student's K positions predict)."""
 
     def step(mb: MicroBatch, cfg: PolicyConfig) -> tuple[torch.Tensor, dict[str, float], Kept]:
-        d, teachers, batch = cfg.distill, cfg.teachers, mb.batch
-        assert d is not None and teachers is not None and mb.names_B is not None
-        off = batch.input_ids_B_T.shape[1] - mb.logits_B_K_V.shape[1]
-        window = mb.logits_B_K_V.shape[1] - 1
-        student_B_W_V = mb.logits_B_K_V[:, :-1]
-        mask_B_W = mb.loss_mask_B_T[:, off + 1 :]
-        if topk:
-            top_lp, top_ids, teacher_lp_B_T = teachers.topk(batch, mb.names_B, d.topk, window)
-            loss, metrics = loss_fn(student_B_W_V, top_lp, top_ids, mask_B_W)
+        d, batch, terms = cfg.distill, mb.batch, mb.terms_B_W
+        assert d is not None
+        T, W = batch.input_ids_B_T.shape[1], terms["loss"].shape[1]
+        mask_B_W = mb.loss_mask_B_T[:, T - W :]
+        loss = masked_mean(terms["loss"], mask_B_W)
+        if "logq_in" in terms:
+            metrics = topk_metrics(loss, terms["logp_rest"], terms["logq_in"], mask_B_W)
         else:
-            teacher_B_W_V = teachers.full_logits(batch, mb.names_B, window)
-            lp_B_W = aligned_token_logprobs(teacher_B_W_V, batch.input_ids_B_T[:, off + 1 :])
-            teacher_lp_B_T = torch.cat([lp_B_W.new_zeros(batch.size, off + 1), lp_B_W], dim=1)
-            teacher_lp_B_T = teacher_lp_B_T * batch.completion_mask_B_T
-            loss, metrics = loss_fn(student_B_W_V, teacher_B_W_V, mask_B_W, d)
+            metrics = {metric: float(loss.detach())}
+        teacher_lp_B_T = pad_front(terms["teacher_lp"], T) * batch.completion_mask_B_T
         loss = loss * mb.share  # a token mean over this micro-batch -> its share of the whole step's
         if d.alpha > 0:
             assert mb.grpo_B_T is not None
@@ -159,15 +193,25 @@ class Objective:
     step: Callable[[MicroBatch, PolicyConfig], tuple[torch.Tensor, dict[str, float], Kept]]
     batch_metrics: Callable[[Kept, torch.Tensor, list[str] | None], dict[str, float]] | None = None
     uses_grpo: bool = False  # needs GRPO advantages even without `alpha` (pure GRPO)
+    # per-token terms computed from each block of the student's logits (distribution objectives); called with
+    # (micro-batch rows, their teachers, K, config) before the student's forward
+    block_terms: Callable[[RolloutBatch, list[str] | None, int, PolicyConfig], BlockTerms] | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {
     "grpo": Objective(grpo_step, uses_grpo=True),
     "sampled": Objective(sampled_step, sampled_metrics),
-    "topk": Objective(distribution_step(topk_reverse_kl_loss, topk=True), distribution_metrics),
-    "full_reverse_kl": Objective(distribution_step(lambda s, t, m, d: full_reverse_kl_loss(s, t, m)),
-                                 distribution_metrics),
-    "forward_kl": Objective(distribution_step(lambda s, t, m, d: forward_kl_loss(s, t, m)), distribution_metrics),
-    "jsd": Objective(distribution_step(lambda s, t, m, d: generalized_jsd_loss(s, t, m, d.jsd_beta)),
-                     distribution_metrics),
+    "topk": Objective(distribution_step("distill/topk_reverse_kl"), distribution_metrics, block_terms=topk_terms),
+    "full_reverse_kl": Objective(
+        distribution_step("distill/reverse_kl"), distribution_metrics,
+        block_terms=full_distribution_terms(lambda s, t, d: reverse_kl_tokens(s, t)),
+    ),
+    "forward_kl": Objective(
+        distribution_step("distill/forward_kl"), distribution_metrics,
+        block_terms=full_distribution_terms(lambda s, t, d: forward_kl_tokens(s, t)),
+    ),
+    "jsd": Objective(
+        distribution_step("distill/jsd"), distribution_metrics,
+        block_terms=full_distribution_terms(lambda s, t, d: jsd_tokens(s, t, d.jsd_beta)),
+    ),
 }

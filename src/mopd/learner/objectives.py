@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..core.logprobs import masked_mean
+from ..core.logprobs import masked_mean, upcast
 
 
 def full_reverse_kl_loss(
@@ -38,10 +38,15 @@ def full_reverse_kl_loss(
         loss: 0-dim tensor, grad wrt the student logits only.
         metrics: "distill/reverse_kl".
     """
-    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
-    kl_B_T = _kl(logp_B_T_V, logq_B_T_V)
-    loss = masked_mean(kl_B_T, mask_B_T)
+    _check_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
+    loss = masked_mean(reverse_kl_tokens(student_logits_B_T_V, teacher_logits_B_T_V), mask_B_T)
     return loss, {"distill/reverse_kl": float(loss.detach())}
+
+
+def reverse_kl_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) at each position, [B, T] (the per-token terms of `full_reverse_kl_loss`)."""
+    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
+    return _kl(logp_B_T_V, logq_B_T_V)
 
 
 def forward_kl_loss(
@@ -57,10 +62,15 @@ def forward_kl_loss(
         loss: 0-dim tensor, grad wrt the student logits only.
         metrics: "distill/forward_kl".
     """
-    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
-    kl_B_T = _kl(logq_B_T_V, logp_B_T_V)
-    loss = masked_mean(kl_B_T, mask_B_T)
+    _check_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
+    loss = masked_mean(forward_kl_tokens(student_logits_B_T_V, teacher_logits_B_T_V), mask_B_T)
     return loss, {"distill/forward_kl": float(loss.detach())}
+
+
+def forward_kl_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) at each position, [B, T] (the per-token terms of `forward_kl_loss`)."""
+    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
+    return _kl(logq_B_T_V, logp_B_T_V)
 
 
 def generalized_jsd_loss(
@@ -84,16 +94,21 @@ def generalized_jsd_loss(
         loss: 0-dim tensor, grad wrt the student logits only (through p and m).
         metrics: "distill/jsd".
     """
+    _check_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
+    loss = masked_mean(jsd_tokens(student_logits_B_T_V, teacher_logits_B_T_V, beta), mask_B_T)
+    return loss, {"distill/jsd": float(loss.detach())}
+
+
+def jsd_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor, beta: float) -> torch.Tensor:
+    """JSD_beta at each position, [B, T] (the per-token terms of `generalized_jsd_loss`)."""
     if not 0.0 < beta < 1.0:
         raise ValueError(
             f"beta must be in (0, 1), got {beta}; use forward_kl_loss (beta -> 0) or full_reverse_kl_loss "
             "(beta -> 1)"
         )
-    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V, mask_B_T)
+    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
     logm_B_T_V = torch.logaddexp(logq_B_T_V + math.log(beta), logp_B_T_V + math.log1p(-beta))
-    jsd_B_T = beta * _kl(logq_B_T_V, logm_B_T_V) + (1.0 - beta) * _kl(logp_B_T_V, logm_B_T_V)
-    loss = masked_mean(jsd_B_T, mask_B_T)
-    return loss, {"distill/jsd": float(loss.detach())}
+    return beta * _kl(logq_B_T_V, logm_B_T_V) + (1.0 - beta) * _kl(logp_B_T_V, logm_B_T_V)
 
 
 def teacher_topk(teacher_logits_B_T_V: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,12 +168,38 @@ def topk_reverse_kl_loss(
         metrics: "distill/topk_reverse_kl", "distill/teacher_topk_mass" (mean Q_in),
             "distill/student_topk_mass" (mean P_in), both over mask tokens.
     """
+    kl_B_T, logp_rest_B_T, logq_in_B_T = topk_reverse_kl_tokens(
+        student_logits_B_T_V, teacher_topk_logprobs_B_T_K, teacher_topk_ids_B_T_K, min_rest_mass
+    )
+    loss = masked_mean(kl_B_T, mask_B_T)
+    return loss, topk_metrics(loss, logp_rest_B_T, logq_in_B_T, mask_B_T)
+
+
+def topk_metrics(
+    loss: torch.Tensor, logp_rest_B_T: torch.Tensor, logq_in_B_T: torch.Tensor, mask_B_T: torch.Tensor
+) -> dict[str, float]:
+    """The metrics of `topk_reverse_kl_loss` from its token mean and per-token rest / top-k masses."""
+    return {
+        "distill/topk_reverse_kl": float(loss.detach()),
+        "distill/teacher_topk_mass": float(masked_mean(logq_in_B_T.exp(), mask_B_T)),
+        "distill/student_topk_mass": float(masked_mean(-torch.expm1(logp_rest_B_T.detach()), mask_B_T)),
+    }
+
+
+def topk_reverse_kl_tokens(
+    student_logits_B_T_V: torch.Tensor,
+    teacher_topk_logprobs_B_T_K: torch.Tensor,
+    teacher_topk_ids_B_T_K: torch.Tensor,
+    min_rest_mass: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-token terms of `topk_reverse_kl_loss`: (KL of the coarse-grained distributions [B, T] with grad,
+    the student's log p_rest [B, T], the teacher's log Q_in [B, T])."""
     if teacher_topk_logprobs_B_T_K.shape != teacher_topk_ids_B_T_K.shape:
         raise ValueError(
             f"top-k logprobs {tuple(teacher_topk_logprobs_B_T_K.shape)} and ids "
             f"{tuple(teacher_topk_ids_B_T_K.shape)} must have the same shape"
         )
-    logits_B_T_V = student_logits_B_T_V.float()
+    logits_B_T_V = upcast(student_logits_B_T_V)
     lse_B_T = torch.logsumexp(logits_B_T_V, dim=-1)
     ids_B_T_K = teacher_topk_ids_B_T_K.long()
     logp_B_T_K = logits_B_T_V.gather(-1, ids_B_T_K) - lse_B_T[..., None]
@@ -169,7 +210,7 @@ def topk_reverse_kl_loss(
     outside_B_T_V = torch.where(has_rest_B_T[..., None], outside_B_T_V, 0.0)
     logp_rest_B_T = torch.where(has_rest_B_T, torch.logsumexp(outside_B_T_V, dim=-1) - lse_B_T, -torch.inf)
 
-    logq_B_T_K = teacher_topk_logprobs_B_T_K.detach().float()
+    logq_B_T_K = upcast(teacher_topk_logprobs_B_T_K.detach())
     logq_in_B_T = torch.logsumexp(logq_B_T_K, dim=-1).clamp(max=math.log1p(-min_rest_mass))
     logq_rest_B_T = _log1mexp(logq_in_B_T)
 
@@ -178,18 +219,12 @@ def topk_reverse_kl_loss(
         torch.cat([logp_B_T_K, logp_rest_B_T[..., None]], dim=-1),
         torch.cat([logq_B_T_K, logq_rest_B_T[..., None]], dim=-1),
     )
-    loss = masked_mean(kl_B_T, mask_B_T)
-    metrics = {
-        "distill/topk_reverse_kl": float(loss.detach()),
-        "distill/teacher_topk_mass": float(masked_mean(logq_in_B_T.exp(), mask_B_T)),
-        "distill/student_topk_mass": float(masked_mean(-torch.expm1(logp_rest_B_T.detach()), mask_B_T)),
-    }
-    return loss, metrics
+    return kl_B_T, logp_rest_B_T, logq_in_B_T
 
 
-def _log_softmax_pair(
+def _check_pair(
     student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor, mask_B_T: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> None:
     if (
         student_logits_B_T_V.shape != teacher_logits_B_T_V.shape
         or student_logits_B_T_V.shape[:2] != mask_B_T.shape
@@ -198,8 +233,13 @@ def _log_softmax_pair(
             f"student {tuple(student_logits_B_T_V.shape)} and teacher {tuple(teacher_logits_B_T_V.shape)} "
             f"logits must be [B, T, V] with [B, T] = mask {tuple(mask_B_T.shape)}"
         )
-    logp_B_T_V = torch.log_softmax(student_logits_B_T_V.float(), dim=-1)
-    logq_B_T_V = torch.log_softmax(teacher_logits_B_T_V.detach().float(), dim=-1)
+
+
+def _log_softmax_pair(
+    student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logp_B_T_V = torch.log_softmax(upcast(student_logits_B_T_V), dim=-1)
+    logq_B_T_V = torch.log_softmax(upcast(teacher_logits_B_T_V.detach()), dim=-1)
     return logp_B_T_V, logq_B_T_V
 
 

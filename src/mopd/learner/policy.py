@@ -7,6 +7,8 @@
 An algorithm is an entry of `objective_table.OBJECTIVES`; there is no trainer per algorithm. Returns
 `(loss, metrics)`; the caller owns the optimizer and logging, and backward too unless the step is split into
 micro-batches (`micro_batches.py`: then the returned loss is detached and the gradient already accumulated).
+The student's logits are never held whole: its per-token scores (and a distribution objective's loss terms)
+come from its final hidden states a block of `logit_chunk` positions at a time (`chunked.py`).
 """
 
 from __future__ import annotations
@@ -14,21 +16,24 @@ from __future__ import annotations
 import torch
 
 from ..core.batch import RolloutBatch
-from ..core.logprobs import masked_mean, token_entropy, token_logprobs
-from ..models.forward import sequence_logits
+from ..core.logprobs import masked_mean
+from ..models.forward import final_hidden
 from .advantages import grpo_advantages
+from .chunked import BlockTerms, pad_front, token_scores
 from .filters import solved_group_filter
 from .micro_batches import accumulate_micro_batches
 from .objective_table import OBJECTIVES, MicroBatch, PolicyConfig
 
 
 def policy_loss(
-    model, batch: RolloutBatch, cfg: PolicyConfig, *, temperature: float, micro_batch_size: int | None = None
+    model, batch: RolloutBatch, cfg: PolicyConfig, *, temperature: float, micro_batch_size: int | None = None,
+    logit_chunk: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a rewarded batch: A = A_GRPO without teachers; with them, the distillation objective of
     `cfg.distill` (+ alpha * A_GRPO). With `filter_solved`, rows of groups whose pass rate is 0 or 1 leave every
     loss term. The batch-wide parts (filter, GRPO's group statistics, routing) and the metrics see the whole
-    batch; the student's forward, the teachers' scores and the loss run per micro-batch of rows."""
+    batch; the student's forward, the teachers' scores and the loss run per micro-batch of rows, and within one
+    a block of `logit_chunk` positions at a time (None: every position in one block)."""
     objective = OBJECTIVES["grpo" if cfg.distill is None else cfg.distill.objective]
     mask_B_T = batch.completion_mask_B_T
     loss_mask_B_T, grpo_B_T, metrics = batch_advantages(batch, cfg, objective.uses_grpo)
@@ -41,13 +46,15 @@ def policy_loss(
 
     def part(rows: slice, share: float):
         whole = rows.start == 0 and rows.stop == batch.size
+        part_batch = batch if whole else batch.select(torch.arange(rows.start, rows.stop))
+        part_names = None if names_B is None else names_B[rows]
+        terms = None if objective.block_terms is None else objective.block_terms(part_batch, part_names, K, cfg)
         mb = student_scores(
-            model, batch if whole else batch.select(torch.arange(rows.start, rows.stop)), K, temperature,
-            loss_mask_B_T[rows], None if grpo_B_T is None else grpo_B_T[rows],
-            None if names_B is None else names_B[rows], share, total,
+            model, part_batch, K, temperature, loss_mask_B_T[rows], None if grpo_B_T is None else grpo_B_T[rows],
+            part_names, share, total, terms=terms, logit_chunk=logit_chunk,
         )
         loss, part_metrics, kept = objective.step(mb, cfg)
-        entropy_B_K = token_entropy(mb.logits_B_K_V.detach())
+        entropy_B_K = mb.entropy_B_T[:, T - K :]
         return loss, part_metrics, {**kept, "entropy_B_K": entropy_B_K, "logprobs_B_T": mb.logprobs_B_T.detach()}
 
     loss, loss_metrics, kept = accumulate_micro_batches(part, loss_mask_B_T, micro_batch_size)
@@ -88,25 +95,23 @@ def batch_advantages(
 
 def student_scores(
     model, batch: RolloutBatch, K: int, temperature: float, loss_mask_B_T: torch.Tensor,
-    grpo_B_T: torch.Tensor | None, names_B: list[str] | None, share: float, total_tokens: float,
+    grpo_B_T: torch.Tensor | None, names_B: list[str] | None, share: float, total_tokens: float, *,
+    terms: BlockTerms | None = None, logit_chunk: int | None = None,
 ) -> MicroBatch:
-    """The student's forward pass (with grad) over the last K positions of `batch`'s rows.
+    """The student's forward pass (with grad) over the last K positions of `batch`'s rows, scored per token a
+    block of `logit_chunk` positions at a time, with the objective's loss `terms` from the same blocks.
 
     The importance ratio compares the policy with the distribution the tokens were drawn from, so at a sampling
     temperature != 1 the policy-gradient term uses the tempered policy (as the sampler recorded it); the OPD
     advantage and the diagnostics keep the model's own distribution, which is what is distilled.
     """
     T = batch.input_ids_B_T.shape[1]
-    logits_B_K_V = sequence_logits(model, batch.input_ids_B_T, batch.attention_mask_B_T, logits_to_keep=K)
-    logprobs_B_T = _pad_to(token_logprobs(logits_B_K_V, batch.input_ids_B_T[:, T - K :]), T)
-    pg_logprobs_B_T = logprobs_B_T
-    if temperature != 1.0:
-        pg_logprobs_B_T = _pad_to(token_logprobs(logits_B_K_V / temperature, batch.input_ids_B_T[:, T - K :]), T)
-    return MicroBatch(batch=batch, loss_mask_B_T=loss_mask_B_T, logits_B_K_V=logits_B_K_V, logprobs_B_T=logprobs_B_T,
-                      pg_logprobs_B_T=pg_logprobs_B_T, grpo_B_T=grpo_B_T, names_B=names_B, share=share,
-                      total_tokens=total_tokens)
-
-
-def _pad_to(x_B_K: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, K] values of the last K positions -> [B, T] aligned to input_ids (zeros in front)."""
-    return torch.cat([x_B_K.new_zeros(x_B_K.shape[0], T - x_B_K.shape[1]), x_B_K], dim=1)
+    hidden_B_K_H, head = final_hidden(model, batch.input_ids_B_T, batch.attention_mask_B_T, keep=K)
+    scores = token_scores(hidden_B_K_H, head, batch.input_ids_B_T[:, T - K + 1 :], logit_chunk,
+                          temperature=temperature, entropy=True, terms=terms)
+    logprobs_B_T = pad_front(scores.pop("logprobs"), T)
+    pg_logprobs_B_T = pad_front(scores.pop("pg_logprobs"), T) if temperature != 1.0 else logprobs_B_T
+    entropy_B_T = pad_front(scores.pop("entropy"), T)
+    return MicroBatch(batch=batch, loss_mask_B_T=loss_mask_B_T, logprobs_B_T=logprobs_B_T,
+                      pg_logprobs_B_T=pg_logprobs_B_T, entropy_B_T=entropy_B_T, terms_B_W=scores, grpo_B_T=grpo_B_T,
+                      names_B=names_B, share=share, total_tokens=total_tokens)

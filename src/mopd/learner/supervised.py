@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..core.logprobs import token_logprobs
 from ..envs import Problem
-from ..models.forward import sequence_logits
+from ..models.forward import final_hidden
 from ..models.prompting import RAW, PromptFormat
+from .chunked import pad_front, token_scores
 from .losses import sft_nll_loss
 from .micro_batches import accumulate_micro_batches
 
@@ -34,9 +34,11 @@ def supervised_batch(tokenizer, problems: list[Problem], *, loss_on_prompt: bool
 
 
 def supervised_loss(model, tokenizer, problems: list[Problem], *, loss_on_prompt: bool,
-                    micro_batch_size: int | None = None, prompt_format: PromptFormat = RAW):
+                    micro_batch_size: int | None = None, prompt_format: PromptFormat = RAW,
+                    logit_chunk: int | None = None):
     """Token NLL over the targets of `supervised_batch`, a token mean over the whole step (micro-batched when
-    `micro_batch_size` is set; see `micro_batches.py`). Returns (loss, metrics)."""
+    `micro_batch_size` is set; see `micro_batches.py`), the logits made `logit_chunk` positions at a time
+    (`chunked.py`; None: all at once). Returns (loss, metrics)."""
     dev = next(model.parameters()).device
     ids_B_T, attn_B_T, target_B_T = (
         x.to(dev)
@@ -44,7 +46,9 @@ def supervised_loss(model, tokenizer, problems: list[Problem], *, loss_on_prompt
     )
 
     def part(rows: slice, share: float):
-        logprobs_b_T = token_logprobs(sequence_logits(model, ids_B_T[rows], attn_B_T[rows]), ids_B_T[rows])
+        hidden_b_T_H, head = final_hidden(model, ids_B_T[rows], attn_B_T[rows])
+        scores = token_scores(hidden_b_T_H, head, ids_B_T[rows, 1:], logit_chunk)
+        logprobs_b_T = pad_front(scores["logprobs"], ids_B_T.shape[1])
         nll, _ = sft_nll_loss(logprobs_b_T, target_B_T[rows])
         return nll * share, {}, {}
 

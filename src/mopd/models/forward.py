@@ -7,8 +7,12 @@ only (cumsum of the attention mask), which makes a row's logits independent of h
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from ..core.logprobs import upcast
 
 
 def position_ids_from_mask(attention_mask_B_T: torch.Tensor) -> torch.Tensor:
@@ -28,7 +32,7 @@ def accepts(model, argument: str) -> bool:
 def sequence_logits(
     model, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor, logits_to_keep: int = 0
 ) -> torch.Tensor:
-    """Logits [B, T, V] in float32; logits[:, t] predict token t + 1.
+    """Logits [B, T, V] in float32 (float64 for a float64 model); logits[:, t] predict token t + 1.
 
     `logits_to_keep > 0` returns only the last `logits_to_keep` positions, [B, K, V]: the backbone still runs
     over every position, but the vocabulary projection (and the float32 copy) skips the prompt, which for a
@@ -43,4 +47,89 @@ def sequence_logits(
         **keep,
     )
     logits = out.logits if keep or not logits_to_keep else out.logits[:, -logits_to_keep:]
-    return logits.float()
+    return upcast(logits)
+
+
+# Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`, plus a final
+# elementwise map of the logits for the ones that have it (read from their config). Anything else is scored by
+# its own forward (`final_hidden` returns its logits as the "hidden states" with an identity head): correct,
+# but without the memory saving of a split head, rather than silently wrong for a forward we have not read.
+PLAIN_HEADS = frozenset({"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "gemma"})
+
+
+def _softcap(cfg) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return None if cap is None else (lambda x: torch.tanh(x / cap) * cap)  # Gemma 2/3: cap * tanh(x / cap)
+
+
+FINAL_MAPS: dict[str, Callable[[object], Callable[[torch.Tensor], torch.Tensor] | None]] = {
+    "gemma2": _softcap,
+    "gemma3_text": _softcap,
+    "cohere": lambda cfg: (lambda x: x * cfg.logit_scale),
+    "granite": lambda cfg: (lambda x: x / cfg.logits_scaling),
+}
+
+
+@dataclass(frozen=True)
+class LogitHead:
+    """hidden states [..., H] -> float32 logits [..., V]: the model's output projection and its final map.
+
+    Why a separate head: the vocabulary projection is what makes logits big ([B, T, V] at V = 151,936), so a
+    caller that applies it a block of positions at a time (`learner.chunked`) never holds every position's
+    logits. `projection` is the model's own output-embedding module (tied to the input embedding or not, a
+    LoRA-wrapped one included), so gradients reach its parameters as in the model's forward. `projection` None:
+    the "hidden states" already are logits (a model `final_hidden` cannot split).
+    """
+
+    projection: torch.nn.Module | None
+    final_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:
+            return upcast(hidden)
+        logits = self.projection(hidden)
+        if self.final_map is not None:
+            logits = self.final_map(logits)
+        return upcast(logits)
+
+
+def split_head(model) -> tuple[torch.nn.Module, LogitHead] | None:
+    """(decoder, head) of an HF causal LM whose forward is `final_map(lm_head(decoder(...)))`, else None.
+
+    A peft wrapper is looked through (`get_base_model()`: the HF model with its adapters injected in place), so
+    a LoRA student's decoder and head are the adapted ones.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if model_type not in PLAIN_HEADS and model_type not in FINAL_MAPS:
+        return None
+    decoder = getattr(inner, "model", None)
+    projection = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(decoder, torch.nn.Module) or projection is None:
+        return None
+    final_map = FINAL_MAPS[model_type](inner.config) if model_type in FINAL_MAPS else None
+    return decoder, LogitHead(projection, final_map)
+
+
+def final_hidden(
+    model, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor, keep: int = 0
+) -> tuple[torch.Tensor, LogitHead]:
+    """The final hidden states of the last `keep` positions ([B, K, H]; every position when 0) and the head
+    that turns them into the logits `sequence_logits` would return: head(hidden) == sequence_logits(..., keep).
+
+    Same positions and ids as `sequence_logits` (it is that forward without its last projection), so the one
+    block `head(hidden)` is the very computation `sequence_logits` does. A model `split_head` does not know
+    returns its logits and an identity head.
+    """
+    split = split_head(model)
+    if split is None:
+        return sequence_logits(model, input_ids_B_T, attention_mask_B_T, logits_to_keep=keep), LogitHead(None)
+    decoder, head = split
+    out = decoder(
+        input_ids=input_ids_B_T,
+        attention_mask=attention_mask_B_T,
+        position_ids=position_ids_from_mask(attention_mask_B_T),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    return (hidden[:, -keep:, :] if keep else hidden), head

@@ -12,10 +12,12 @@ import json
 from .load import LoadedRecipe
 from .refs import resolve_external, stage_domains, stage_refs, stage_seed
 
-# they change logging (and the MOPD preflight check), how a step's gradient is computed (micro-batches: the same
-# gradient up to float rounding), or what happens on a non-finite step (a stage that finished had none under
-# `stop`), not what is trained
-SETTINGS_NOT_IN_IDENTITY = {"checkpoint_every", "eval_every", "preflight", "micro_batch_size", "nonfinite"}
+# they change logging (and the MOPD preflight check), how a step's gradient is computed (micro-batches, and blocks
+# of logit positions: the same loss and gradient up to float rounding), or what happens on a non-finite step (a
+# stage that finished had none under `stop`), not what is trained
+SETTINGS_NOT_IN_IDENTITY = {
+    "checkpoint_every", "eval_every", "preflight", "micro_batch_size", "logit_chunk", "nonfinite",
+}
 
 
 def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:

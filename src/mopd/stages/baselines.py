@@ -79,7 +79,8 @@ def offpolicy_loss_fn(ctx: ResolvedStage) -> LossFn:
         if not traces:  # every trace failed verification: no update this step
             return torch.zeros(()), {"loss": 0.0, **metrics}
         loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False,
-                                            micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format)
+                                            micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format,
+                                            logit_chunk=s.logit_chunk)
         return loss, {**sft_metrics, **metrics}
 
     return loss_fn

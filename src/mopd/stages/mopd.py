@@ -120,7 +120,8 @@ def load_teachers(
 def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> TeacherPanel:
     """The stage's panel over the teachers loaded from `checkpoints`, routed by the stage's `teachers`."""
     models, compute_device = load_teachers(ctx, checkpoints)
-    return TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device)
+    return TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
+                         logit_chunk=ctx.settings.logit_chunk)
 
 
 def preflight(ctx: ResolvedStage, panel: TeacherPanel, checkpoints: Mapping[str, str], source: ProblemSource) -> None:

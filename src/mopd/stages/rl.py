@@ -43,7 +43,7 @@ def policy_step_fn(
                                  prompt_format=ctx.prompt_format)
         cfg = PolicyConfig(sampling=s, distill=distill, teachers=teachers_at(step) if teachers_at else None)
         loss, loss_metrics = policy_loss(model, batch, cfg, temperature=temperature,
-                                         micro_batch_size=s.micro_batch_size)
+                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk)
         return loss, {**metrics, **loss_metrics, "samples/student": len(problems) * s.group_size}
 
     return loss_fn

@@ -6,19 +6,27 @@ Multi-teacher distillation is routing, not a new algorithm: `route_teachers` map
 teacher name, the panel runs each teacher once on its own sub-batch, and the routed results are scattered
 back into batch order. The panel returns exactly what the objective needs — one logprob per sampled token,
 the teacher's top-k, or the full distribution — so the cheap objectives stay cheap.
+
+Every score comes from `logit_blocks`: each routed teacher runs its decoder once over its rows and keeps only its
+final hidden states; the LM head then makes the logits of one block of positions at a time (`logit_chunk`
+positions; None: all at once), so neither the panel nor the learner's full-distribution loss holds [B, K, V]
+teacher logits. One block is the unchunked computation, op for op.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ..core.batch import RolloutBatch
-from ..core.logprobs import token_logprobs
+from ..core.logprobs import aligned_token_logprobs
+from ..core.scoring import LogitBlocks
 from ..learner.advantages import route_teachers
-from ..models.forward import sequence_logits
+from ..learner.chunked import block_bounds
+from ..models.forward import LogitHead, final_hidden
 from .offload import placed_on
 
 
@@ -29,16 +37,22 @@ class TeacherPanel:
     # where teachers score: None = where each one lives (resident); a device = moved there per call, then back
     # (teachers kept on CPU, accelerator memory bounded by student + largest teacher; see teachers/offload.py)
     compute_device: torch.device | None = None
+    # positions per block of logits in `sampled_logprobs` and `topk` (None: every position at once); the
+    # full-distribution objectives choose their own blocks of `logit_blocks`
+    logit_chunk: int | None = None
 
-    def _teacher_logits(
-        self, name: str, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, logits_to_keep: int = 0
-    ) -> torch.Tensor:
-        """The teacher's logits for its routed rows (the last `logits_to_keep` positions, when > 0), returned on
-        the rows' device."""
+    def _teacher_hidden(
+        self, name: str, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, keep: int
+    ) -> tuple[torch.Tensor, LogitHead]:
+        """The teacher's final hidden states at the last `keep` positions of its routed rows and its LM head, both
+        where it scores. An offloaded teacher goes back to the host after its decoder pass; its head is copied to
+        the scoring device for the blocks (one vocabulary projection per routed teacher, not the whole model)."""
         with placed_on(self.models[name], self.compute_device) as model:
             dev = next(model.parameters()).device
-            logits = sequence_logits(model, ids_B_T.to(dev), mask_B_T.to(dev), logits_to_keep=logits_to_keep)
-            return logits.to(ids_B_T.device)
+            hidden, head = final_hidden(model, ids_B_T.to(dev), mask_B_T.to(dev), keep=keep)
+            if self.compute_device is not None and head.projection is not None:
+                head = LogitHead(copy.deepcopy(head.projection), head.final_map)
+            return hidden, head
 
     @staticmethod
     def _routed_rows(batch: RolloutBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -65,41 +79,45 @@ class TeacherPanel:
         return {name: torch.tensor(idx, dtype=torch.long) for name, idx in rows.items()}
 
     @torch.no_grad()
-    def sampled_logprobs(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor:
-        """log pi_T(y_t) of each sampled token under the row's routed teacher: [B, T]."""
-        out_B_T = torch.zeros_like(batch.sampler_logprobs_B_T)
-        # Only positions that predict a completion token need logits: from the column before the first
-        # completion column to the end (the prompt's vocabulary projection is skipped).
-        first = int(batch.completion_mask_B_T.any(0).long().argmax())
+    def logit_blocks(self, batch: RolloutBatch, names_B: list[str], keep: int) -> LogitBlocks:
+        """The routed teacher's logits at the last `keep` positions of the batch, one block at a time
+        (`core.scoring.TeacherScorer.logit_blocks`). Each teacher's decoder runs now, once, over its own rows
+        (minus their all-padding columns); a block applies each teacher's head to its rows' slice."""
+        parts = []
         for name, rows in self._rows_by_teacher(names_B).items():
             ids, mask, _ = self._routed_rows(batch, rows)
-            keep = min(batch.input_ids_B_T.shape[1] - first + 1, ids.shape[1])
-            logits = self._teacher_logits(name, ids, mask, logits_to_keep=keep)  # [b, keep, V]
-            out_B_T[rows, -keep:] = token_logprobs(logits, ids[:, -keep:])
-        return out_B_T * batch.completion_mask_B_T
+            hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]))
+            parts.append(_Routed(rows, hidden, head, keep - hidden.shape[1]))
+        return _RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device)
+
+    @torch.no_grad()
+    def sampled_logprobs(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor:
+        """log pi_T(y_t) of each sampled token under the row's routed teacher: [B, T]."""
+        # Only positions that predict a completion token need logits: from the column before the first
+        # completion column to the end (the prompt's vocabulary projection is skipped).
+        T = batch.input_ids_B_T.shape[1]
+        keep = T - int(batch.completion_mask_B_T.any(0).long().argmax()) + 1
+        blocks = self.logit_blocks(batch, names_B, keep)
+        targets_B_W = batch.input_ids_B_T[:, T - keep + 1 :]
+        parts = []
+        for start, stop in block_bounds(keep, self.logit_chunk):
+            n = min(stop, keep - 1) - start
+            parts.append(aligned_token_logprobs(blocks(start, stop)[:, :n], targets_B_W[:, start : start + n]))
+        lp_B_W = torch.cat(parts, dim=1)
+        return torch.cat([lp_B_W.new_zeros(batch.size, T - lp_B_W.shape[1]), lp_B_W], 1) * batch.completion_mask_B_T
 
     @torch.no_grad()
     def full_logits(self, batch: RolloutBatch, names_B: list[str], window: int | None = None) -> torch.Tensor:
         """The routed teacher's full next-token logits aligned to tokens: [B, T, V], or for the last `window`
-        tokens only ([B, window, V]; column j concerns token T - window + j).
+        tokens only ([B, window, V]; column j concerns token T - window + j), in one block.
 
-        A completion-only objective passes the completion window: at a real vocabulary the prompt positions'
-        projection (and everything the loss would do to it) is most of the pass, as for `sampled_logprobs`.
-        A token no position predicts within its teacher's trimmed rows (padding, or the first token) gets zeros.
+        For a backend or caller that wants the whole tensor; the objectives read `logit_blocks` instead. A
+        completion-only objective passes the completion window: at a real vocabulary the prompt positions'
+        projection is most of the pass. A token no position predicts within its teacher's trimmed rows
+        (padding, or the first token) gets zeros.
         """
-        width = batch.input_ids_B_T.shape[1] if window is None else window
-        out: torch.Tensor | None = None
-        for name, rows in self._rows_by_teacher(names_B).items():
-            ids, mask, _ = self._routed_rows(batch, rows)
-            keep = min(width + 1, ids.shape[1])  # the last position predicts past the row: computed, dropped
-            aligned = self._teacher_logits(name, ids, mask, logits_to_keep=keep)[:, :-1]
-            if keep == width + 1 and rows.numel() == batch.size:
-                return aligned  # one teacher for the whole batch: its logits are the answer, no scatter copy
-            if out is None:
-                out = aligned.new_zeros((batch.size, width, aligned.shape[-1]))
-            out[rows, width - aligned.shape[1] :] = aligned
-        assert out is not None
-        return out
+        keep = (batch.input_ids_B_T.shape[1] if window is None else window) + 1
+        return self.logit_blocks(batch, names_B, keep)(0, keep)[:, :-1]
 
     @torch.no_grad()
     def topk(
@@ -107,11 +125,56 @@ class TeacherPanel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routed teacher's top-k logprobs and token ids per position ([B, W, K] each, W = T or `window`, as
         `full_logits`), plus the logprob of each sampled token ([B, T], 0 off the completion): what a remote
-        teacher would ship."""
-        logprobs = self.full_logits(batch, names_B, window).log_softmax(-1)
-        top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
-        W = logprobs.shape[1]
-        sampled = logprobs.gather(-1, batch.input_ids_B_T[:, -W:, None]).squeeze(-1)
-        sampled_B_T = torch.cat([sampled.new_zeros(batch.size, batch.input_ids_B_T.shape[1] - W), sampled], dim=1)
-        return top_lp, top_ids, sampled_B_T * batch.completion_mask_B_T
+        teacher would ship. Computed a block of `logit_chunk` positions at a time."""
+        T = batch.input_ids_B_T.shape[1]
+        W = T if window is None else window
+        blocks = self.logit_blocks(batch, names_B, W + 1)
+        tops, ids, sampled = [], [], []
+        for start, stop in block_bounds(W + 1, self.logit_chunk):
+            n = min(stop, W) - start
+            logprobs = blocks(start, stop)[:, :n].log_softmax(-1)
+            top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            tops.append(top_lp)
+            ids.append(top_ids)
+            y = batch.input_ids_B_T[:, T - W + start : T - W + start + n, None]
+            sampled.append(logprobs.gather(-1, y).squeeze(-1))
+        sampled_B_W = torch.cat(sampled, dim=1)
+        sampled_B_T = torch.cat([sampled_B_W.new_zeros(batch.size, T - W), sampled_B_W], dim=1)
+        return torch.cat(tops, dim=1), torch.cat(ids, dim=1), sampled_B_T * batch.completion_mask_B_T
 
+
+@dataclass(frozen=True)
+class _Routed:
+    rows: torch.Tensor  # the teacher's rows of the batch
+    hidden: torch.Tensor  # [b, k, H]: its final hidden states at the last k <= keep positions
+    head: LogitHead
+    first: int  # the position (of the `keep`) of hidden's first column
+
+
+class _RoutedBlocks:
+    """`logit_blocks` of a panel: block [start, stop) applies each routed teacher's head to the positions of the
+    block it has, scattered into batch order (zeros where a teacher's trimmed rows have no position). A single
+    teacher over the whole batch and every position returns its block as it is (no scatter copy)."""
+
+    def __init__(self, parts: list[_Routed], size: int, device: torch.device):
+        self.parts, self.size, self.device = parts, size, device
+
+    @torch.no_grad()
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        if len(self.parts) == 1 and self.parts[0].rows.numel() == self.size and self.parts[0].first == 0:
+            p = self.parts[0]
+            return p.head(p.hidden[:, start:stop]).to(self.device)
+        out: torch.Tensor | None = None
+        for p in self.parts:
+            lo = max(start, p.first)
+            if lo >= stop:
+                continue
+            logits = p.head(p.hidden[:, lo - p.first : stop - p.first]).to(self.device)
+            if out is None:
+                out = logits.new_zeros((self.size, stop - start, logits.shape[-1]))
+            out[p.rows, lo - start :] = logits
+        if out is None:  # no teacher has a position in this block: its vocabulary size from one position
+            p = self.parts[0]
+            V = p.head(p.hidden[:1, :1]).shape[-1]
+            out = torch.zeros((self.size, stop - start, V), device=self.device)
+        return out

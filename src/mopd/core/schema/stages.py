@@ -11,6 +11,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Positions per block of logits (`TrainStage.logit_chunk`): at least the K - 1 completion positions of the tiny
+# recipes (and the <= 64 positions of their SFT rows), so those run in one block, the unchunked computation.
+DEFAULT_LOGIT_CHUNK = 128
+
 # A stage name is a directory of the run: letters, digits, '_', '-' and '.', not starting with '.' or '-' (so
 # never '', '.', '..', a path, or a hidden or option-like name).
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
@@ -27,13 +31,22 @@ class TinyModelConfig(Strict):
     overrides them."""
 
     arch: Literal["qwen3", "llama"] = "qwen3"
-    hidden_size: int = 128
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 384
-    max_positions: int = 64
+    hidden_size: int = Field(128, gt=0)
+    layers: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(384, gt=0)
+    max_positions: int = Field(64, gt=0)
     tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _shape_builds(self) -> TinyModelConfig:
+        """A shape that cannot be built is a recipe error at load, not a crash when the stage starts."""
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must divide by heads, and heads by kv_heads")
+        if (self.hidden_size // self.heads) % 2:
+            raise ValueError("hidden_size / heads (the head size) must be even: rotary embeddings rotate pairs")
+        return self
 
 
 DType = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on a CUDA device that supports it, else float32
@@ -85,6 +98,13 @@ class TrainStage(Strict):
         description="rows per forward/backward pass (rollouts for sampling stages); the step's gradient is "
         "accumulated over micro-batches, the same as the whole batch's up to float rounding, with the activation "
         "memory of one micro-batch; default: the whole batch at once",
+    )
+    logit_chunk: int | None = Field(
+        DEFAULT_LOGIT_CHUNK, gt=0,
+        description="positions per block of logits: the student's and teachers' logits ([rows, block, vocabulary]) "
+        "are made from the final hidden states, turned into the loss and differentiated one block at a time "
+        "(recomputed in backward), never all positions at once; the same loss and gradient up to float rounding; "
+        "null: one block",
     )
 
 

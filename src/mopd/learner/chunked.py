@@ -1,0 +1,113 @@
+"""Per-token scores from a block of positions' logits at a time: no step holds [B, K, V] logits (`logit_chunk`).
+
+At a real vocabulary (Qwen3: V = 151,936) the logits of a step's completion positions, in float32 and again in
+their log-softmax and their gradient, are most of its memory. Every quantity the objectives need is per token
+(a logprob, an entropy, a KL between two next-token distributions), so it can be computed from the final hidden
+states one block of positions at a time: the block's logits come from the LM head (`models.forward.LogitHead`),
+are reduced to per-token values at once, and are freed. With several blocks each runs under
+`torch.utils.checkpoint` (non-reentrant): the autograd graph keeps only the block's slice of the hidden states,
+and backward recomputes that block's logits (one more head projection per block, the teacher's included) just
+before it differentiates them. So the memory of the logits grows with the block, not with K x V.
+
+One block (a `chunk` of at least the K - 1 predicting positions, or None) is the unchunked computation, op for
+op: `head(hidden)` over all K positions, then the same per-token functions, with nothing recomputed. Several
+blocks give the same values and gradients up to float rounding (the head's matmul over fewer rows, and the
+weight gradient summed over blocks): `tests/test_chunked_objectives.py`.
+
+Positions: `hidden_B_K_H` holds the last K positions of the rows; position j predicts the token at column
+T - K + j + 1, so positions 0 .. K - 2 predict tokens ("predicting positions") and position K - 1 predicts past
+the row. Blocks partition the predicting positions; the last block also carries position K - 1 (so that one
+block is exactly the K-position projection the unchunked code did), whose logits are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..core.logprobs import aligned_token_entropy, aligned_token_logprobs
+from ..models.forward import LogitHead
+
+Scores = dict[str, torch.Tensor]
+# (the student's logits of predicting positions [start, start + n) as [B, n, V] with grad, start, stop (the
+# block's end over the K positions), their target ids [B, n]) -> more per-token tensors [B, n]
+BlockTerms = Callable[[torch.Tensor, int, int, torch.Tensor], Scores]
+
+
+def block_bounds(positions: int, chunk: int | None) -> list[tuple[int, int]]:
+    """Blocks [start, stop) over `positions` positions of which the last predicts nothing: at most `chunk`
+    predicting positions each, the last block extended to `positions`. One block when `chunk` is None or at
+    least positions - 1."""
+    predicting = positions - 1
+    if chunk is None or chunk >= predicting:
+        return [(0, positions)]
+    if chunk <= 0:
+        raise ValueError(f"logit_chunk must be positive, got {chunk}")
+    starts = list(range(0, predicting, chunk))
+    return [(s, e) for s, e in zip(starts, [*starts[1:], positions], strict=True)]
+
+
+def over_blocks(block: Callable[[int, int], Scores], bounds: list[tuple[int, int]]) -> Scores:
+    """Run `block(start, stop)` over `bounds` and concatenate its per-token tensors along dim 1.
+
+    One block runs as it is. Several run each under non-reentrant checkpointing when autograd records (so only
+    their inputs are saved and backward recomputes them), plainly otherwise (no graph to keep).
+    """
+    if len(bounds) == 1:
+        return block(*bounds[0])
+    record = torch.is_grad_enabled()
+    parts = [
+        checkpoint(block, start, stop, use_reentrant=False) if record else block(start, stop)
+        for start, stop in bounds
+    ]
+    return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
+
+
+def token_scores(
+    hidden_B_K_H: torch.Tensor,
+    head: LogitHead,
+    targets_B_W: torch.Tensor,
+    chunk: int | None,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    terms: BlockTerms | None = None,
+) -> Scores:
+    """Per-token scores of the K - 1 predicting positions, [B, K - 1] each, block by block.
+
+    Args:
+        hidden_B_K_H: final hidden states of the last K positions (with grad for the student).
+        head: the model's LM head (hidden -> float32 logits).
+        targets_B_W: the ids each predicting position scores: the tokens at columns T - K + 1 .. T - 1.
+        chunk: predicting positions per block (None: one block).
+        temperature: also return "pg_logprobs", log softmax(logits / temperature)[y] (when != 1).
+        entropy: also return "entropy" (no grad), the entropy of each position's distribution.
+        terms: more per-token tensors from each block's logits (a distribution objective's loss terms).
+
+    Returns:
+        "logprobs" (log softmax(logits)[y], with grad), and what the options add.
+    """
+    K = hidden_B_K_H.shape[1]
+
+    def block(start: int, stop: int) -> Scores:
+        logits_B_C_V = head(hidden_B_K_H[:, start:stop])
+        n = min(stop, K - 1) - start
+        pred_B_N_V = logits_B_C_V[:, :n]
+        y_B_N = targets_B_W[:, start : start + n]
+        out = {"logprobs": aligned_token_logprobs(pred_B_N_V, y_B_N)}
+        if temperature != 1.0:
+            out["pg_logprobs"] = aligned_token_logprobs((logits_B_C_V / temperature)[:, :n], y_B_N)
+        if entropy:
+            out["entropy"] = aligned_token_entropy(pred_B_N_V.detach())
+        if terms is not None:
+            out.update(terms(pred_B_N_V, start, stop, y_B_N))
+        return out
+
+    return over_blocks(block, block_bounds(K, chunk))
+
+
+def pad_front(x_B_W: torch.Tensor, T: int) -> torch.Tensor:
+    """Per-token values of the last W token columns -> [B, T] aligned to input_ids (zeros in front)."""
+    return torch.cat([x_B_W.new_zeros(x_B_W.shape[0], T - x_B_W.shape[1]), x_B_W], dim=1)
