@@ -1,16 +1,18 @@
-"""The `mopd` command line: run a recipe, run the bundled demo, compare methods, rebuild a report."""
+"""The `mopd` command line: run a recipe, run the bundled demo, compare methods, rebuild a report; validate,
+scaffold and score (the commands' work lives in `mopd.cli_tools`; this module only registers them)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from .cli_tools.bundled import bundled_recipe
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, help=__doc__)
 console = Console()
 
 
@@ -36,10 +38,6 @@ def _prepare_process(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def bundled_recipe(name: str) -> Path:
-    return Path(str(resources.files("mopd") / "recipes" / f"{name}.yaml"))
 
 
 def _run_or_fail(loaded, out: Path) -> dict | None:
@@ -70,7 +68,13 @@ def _run(recipe: Path, out: Path | None) -> None:
         console.print(f"report: {out / 'report.md'}")
 
 
-@app.command()
+def example(*lines: str) -> str:
+    """A command's --help epilog: its examples, one per line."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
+@app.command(epilog=example("mopd run my_recipe.yaml --out runs/mine",
+                            "mopd run src/mopd/recipes/demo.yaml --threads 1"))
 def run(
     recipe: Path = typer.Argument(..., help="the recipe YAML file"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
@@ -81,7 +85,7 @@ def run(
     _run(recipe, out)
 
 
-@app.command()
+@app.command(epilog=example("mopd demo", "mopd demo --out runs/demo2 --threads 1"))
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
@@ -91,7 +95,7 @@ def demo(
     _run(bundled_recipe("demo"), out)
 
 
-@app.command()
+@app.command(epilog=example("mopd compare compare", "mopd compare my_compare.yaml --out runs/cmp"))
 def compare(
     recipe: Path = typer.Argument(..., help="a recipe with a `compare:` block (bundled: compare)"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
@@ -123,10 +127,11 @@ def compare(
     console.print(f"table: {out / 'compare.md'}")
 
 
-@app.command()
+@app.command(epilog=example("mopd report runs/demo"))
 def report(run_dir: Path = typer.Argument(..., help="a run directory written by `mopd run`")) -> None:
     """Rebuild report.md, the PNG curves and summary.json from a run directory's saved metrics."""
     from .report import build_report
+    from .report.tables import incomplete_message
 
     try:
         summary = build_report(run_dir)
@@ -134,9 +139,121 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory written by 
         _fail(str(e))
     console.print(f"normalized score: {summary['normalized_score']}")
     console.print(f"report: {run_dir / 'report.md'}")
-    if summary.get("missing_stages"):
-        _fail(f"{run_dir}: incomplete run: no finished checkpoint for {', '.join(summary['missing_stages'])}")
+    if incomplete := incomplete_message(summary):
+        _fail(f"{run_dir}: incomplete run: {incomplete}")
 
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+@app.command(epilog=example("mopd validate my_recipe.yaml", "mopd validate src/mopd/recipes/demo.yaml"))
+def validate(recipe: Path = typer.Argument(..., help="the recipe YAML file")) -> None:
+    """Check a recipe without running it; each mistake is one line (exit 2).
+
+    Every load-time check: YAML, schema, plugins, domains, references, cycles, teachers and tokenizers, each
+    mistake one line naming file, line and key. Nothing is trained or written."""
+    from .cli_tools.validate import validate_recipe
+    from .recipe.load import RecipeError
+
+    try:
+        console.print(validate_recipe(recipe), highlight=False, soft_wrap=True)
+    except RecipeError as e:
+        _fail(str(e))
+
+
+@app.command(epilog=example("mopd schema > recipe.schema.json",
+                            "first line of a recipe:  # yaml-language-server: $schema=recipe.schema.json"))
+def schema() -> None:
+    """Print the recipe's JSON schema (for editors and other tools).
+
+    The package ships the same file, mopd/recipes/recipe.schema.json, which the bundled recipes name on their
+    first line so that yaml-language-server editors complete and check them."""
+    from .cli_tools.bundled import schema_text
+
+    sys.stdout.write(schema_text())
+
+
+@app.command(epilog=example("mopd recipes", "mopd run $(mopd recipes --paths | grep demo)"))
+def recipes(paths: bool = typer.Option(False, "--paths", help="print each recipe's file path only")) -> None:
+    """List the recipes bundled with mopd, each with its one-line description."""
+    from .cli_tools.bundled import bundled_recipe, bundled_recipes
+
+    for name, summary in bundled_recipes().items():
+        if paths:
+            print(bundled_recipe(name))
+        else:
+            console.print(f"[bold]{name:<12}[/] {summary}", highlight=False, soft_wrap=True)
+
+
+@app.command(epilog=example("mopd init my_project --domains reversal,sorting",
+                            "mopd init . --domains reversal,vowel_count --teachers reversal=runs/demo/teacher_reversal/final"))
+def init(
+    directory: Path = typer.Argument(Path("."), help="where to write recipe.yaml, my_domains.py, recipe.schema.json"),
+    domains: str = typer.Option("reversal,sorting", "--domains",
+                                help="comma-separated domains: built-in ones, or vowel_count from my_domains.py"),
+    teachers: str | None = typer.Option(None, "--teachers", help="DOMAIN=CHECKPOINT_DIR,...: distil that domain "
+                                        "from an existing teacher instead of training one in the recipe"),
+    force: bool = typer.Option(False, "--force", help="replace files that exist"),
+) -> None:
+    """Write a commented starter recipe that runs as written, and a plugin-domain template.
+
+    The recipe: base -> sft -> a teacher per domain (domain SFT + RLVR, or an existing checkpoint given with
+    --teachers) -> MOPD student; a few minutes on a laptop CPU. Also written: my_domains.py (a plugin that
+    registers the vowel_count domain, the pattern for your own) and recipe.schema.json for editors."""
+    from .cli_tools.scaffold import ScaffoldError, parse_teachers, write_starter
+    from .cli_tools.score import parse_names
+
+    try:
+        written = write_starter(directory, parse_names(domains), parse_teachers(teachers), force=force)
+    except ScaffoldError as e:
+        _fail(str(e))
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    console.print(f"next: mopd validate {written[0]} && mopd run {written[0]}", highlight=False, soft_wrap=True)
+
+
+@app.command(name="eval", epilog=example("mopd eval runs/demo/student/final --domains reversal,sorting,shift",
+                                         "mopd eval ./my_model --domains vowel_count --plugin my_domains.py "
+                                         "--size 300 --out scores.json"))
+def eval_model(
+    model_dir: Path = typer.Argument(..., help="a Hugging Face checkpoint directory (config.json, weights, "
+                                     "tokenizer)"),
+    domains: str = typer.Option(..., "--domains", help="comma-separated registered domains"),
+    plugin: list[Path] = typer.Option([], "--plugin", help="a Python file that registers domains (repeatable)"),
+    size: int | None = typer.Option(None, "--size", help="held-out prompts per domain (default 96)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="greedy tokens per prompt (default 12)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="prompts per forward batch (default 256)"),
+    seed: int | None = typer.Option(None, "--seed", help="the held-out set's seed (default 1234, as in recipes)"),
+    chat_template: str = typer.Option("auto", "--chat-template",
+                                      help="auto: the tokenizer's chat template if it has one; none: raw prompts"),
+    out: Path | None = typer.Option(None, "--out", help="also write the scores as JSON to this file"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+) -> None:
+    """Score any Hugging Face checkpoint directory on any domains; prints a table, --out writes JSON.
+
+    The evaluation every stage gets: each domain's fixed held-out set, greedy decoding, its verifier, with the
+    checkpoint's own tokenizer (and chat template, if it has one). A bad directory or an unknown domain is one
+    line (exit 2)."""
+    from .cli_tools.score import (
+        ScoreError,
+        eval_settings,
+        parse_names,
+        resolve_domains,
+        score_checkpoint,
+        scores_json,
+        scores_table,
+        write_scores,
+    )
+
+    _prepare_process(threads)
+    try:
+        settings = eval_settings(size=size, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        resolved = resolve_domains(parse_names(domains), plugin)
+        results = score_checkpoint(model_dir, resolved, settings, chat_template)
+    except ScoreError as e:
+        _fail(str(e))
+    console.print(scores_table(model_dir, results))
+    if out is not None:
+        write_scores(out, scores_json(model_dir, settings, results))
+        console.print(f"scores: {out}", highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ policy's own logprob at sampling time.
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 from ..core.batch import RolloutBatch, rollout_batch
 from ..models.forward import accepts, position_ids_from_mask
@@ -50,6 +51,18 @@ def on_device(generator: torch.Generator | None, device: torch.device) -> torch.
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def kv_cache(model) -> dict[str, DynamicCache]:
+    """The keyword argument that hands `model` one `DynamicCache`, created here and filled in place by each call.
+
+    Why: transformers 5 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in
+    5.40), and reading `out.past_key_values` back warns too. Creating the cache up front (as the model itself
+    would, from its config) and passing it under whichever name this transformers' forward takes needs neither,
+    and works from the lowest transformers pyproject allows to the newest.
+    """
+    name = "cache" if accepts(model, "cache") else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -83,15 +96,16 @@ def sample(
     # otherwise project every prompt position onto the vocabulary, [B, P, V], to use one column of it.
     P = prompt_ids.shape[1]
     keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    cache = kv_cache(model)
     full_mask = torch.cat([prompt_mask, torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)], dim=1)
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=position_ids_from_mask(prompt_mask),
         use_cache=True,
+        **cache,
         **keep_last,
     )
-    cache = out.past_key_values
     next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the next token
     logits = out.logits[:, -1].float()
     steps = 0
@@ -118,11 +132,10 @@ def sample(
             input_ids=new_ids[:, t : t + 1],
             attention_mask=full_mask[:, : P + t + 1],
             position_ids=next_pos,
-            past_key_values=cache,
             use_cache=True,
+            **cache,
             **keep_last,
         )
-        cache = out.past_key_values
         next_pos = next_pos + 1
         logits = out.logits[:, -1].float()
     if was_training:
