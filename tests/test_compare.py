@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mopd.cli import app, bundled_recipe
+from mopd.models.integrity import sealed_lineage
 from mopd.recipe.compare import compare_plan
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.report.compare import build_compare
@@ -22,7 +23,8 @@ from .mini_compare import recipe
 def _stage(run: Path, name: str, scores: dict[str, float], rows: list[dict]) -> None:
     (run / name / "final").mkdir(parents=True)
     evals = {d: {"score": v, "accuracy": v} for d, v in scores.items()}
-    (run / name / "final" / "mopd.json").write_text(json.dumps({"metrics": {"eval": evals}}))
+    lineage = sealed_lineage(run / name / "final", {"metrics": {"eval": evals}})
+    (run / name / "final" / "mopd.json").write_text(json.dumps(lineage))
     (run / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

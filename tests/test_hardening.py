@@ -266,7 +266,7 @@ def test_a_failed_rerun_keeps_the_finished_stages_in_run_json_and_report_says_wh
     assert after["teacher_add"]["identity"] == before["teacher_add"]["identity"]
     assert after["teacher_add"]["wall_seconds"] == before["teacher_add"]["wall_seconds"]
     res = CliRunner().invoke(app, ["report", str(run)])
-    assert res.exit_code == 2 and "incomplete run: no finished checkpoint for student" in res.output
+    assert res.exit_code == 2 and "incomplete run: no verified finished checkpoint for student" in res.output
     assert "**Incomplete:**" in (run / "report.md").read_text()
     monkeypatch.undo()
     (run / "run.json").write_text("{ not json")

@@ -162,9 +162,17 @@ def test_machine_checks_fail_at_load(tmp_path: Path) -> None:
 
 
 def test_bundled_qwen_recipe_validates_without_downloading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, a Hub id that is not cached is refused at load in one line (a run could not start); checked as a
+    recipe for another machine (`check_hub=False`), the same file loads."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = Path(__file__).resolve().parents[1] / "src" / "mopd" / "recipes" / "qwen3_0.6b.yaml"
-    loaded = load_recipe(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache("Qwen/Qwen3-0.6B", "config.json"), str):
+        with pytest.raises(RecipeError, match=r"qwen3_0.6b.yaml:\d+: stages\.\w+\.init: Hub model 'Qwen/Qwen3-0.6B': "
+                                              "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"):
+            load_recipe(path)
+    loaded = load_recipe(path, check_hub=False)
     student = loaded.recipe.stages["student"]
     assert student.init == "Qwen/Qwen3-0.6B" and student.lora is not None
     assert loaded.recipe.chat_template == "auto" and loaded.recipe.dtype == "auto"

@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 
+from mopd.models.integrity import sealed_lineage
 from mopd.report import build_report, normalized_score, recovery
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,7 +91,7 @@ def make_run(root: Path, scores=SCORES, bad_line: bool = False) -> Path:
             "settings": {},
             "metrics": {"eval": ev},
         }
-        (d / "final" / "mopd.json").write_text(json.dumps(final))
+        (d / "final" / "mopd.json").write_text(json.dumps(sealed_lineage(d / "final", final)))
     return root
 
 
@@ -177,7 +178,7 @@ def test_missing_data_and_malformed_lines(tmp_path):
     assert (run / "entropy.png").exists()
     md = (run / "report.md").read_text()
     assert "reverse_kl.png" not in md
-    assert "| mopd_r2 | mopd | mopd |" in md and "no final/mopd.json" in md
+    assert "| mopd_r2 | mopd | mopd |" in md and "no verified final/" in md
     assert "n/a on `math` for `mopd_r2`" in md
 
 

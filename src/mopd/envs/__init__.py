@@ -4,8 +4,10 @@ from mopd.envs import synthetic as _synthetic  # noqa: F401  (registers the buil
 from mopd.envs.base import (
     ALPHABET,
     Domain,
+    DomainError,
     DomainLike,
     Problem,
+    domain_problem,
     exact_match,
     get_domain,
     list_domains,
@@ -17,8 +19,10 @@ from mopd.envs.base import (
 __all__ = [
     "ALPHABET",
     "Domain",
+    "DomainError",
     "DomainLike",
     "Problem",
+    "domain_problem",
     "exact_match",
     "get_domain",
     "list_domains",

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from ..core.errors import StageError
+
 # The character-level tokenizer is built from exactly this alphabet (order fixes the token ids).
 ALPHABET: str = "0123456789abcdefghijklmnopqrstuvwxyz+*=:,- "
 _ALPHABET_SET = frozenset(ALPHABET)
@@ -88,17 +90,21 @@ class Domain:
             )
 
     def _make(self, rng: random.Random, difficulty: int) -> Problem:
-        out = self.generate(rng, difficulty)
+        try:
+            out = self.generate(rng, difficulty)
+        except (Exception, SystemExit) as e:  # plugin code: its failure is the domain's, named in one line
+            raise DomainError(f"domain {self.name!r}: its generator raised {e.__class__.__name__} at difficulty "
+                              f"{difficulty}: {e}") from None
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(s, str) for s in out)):
-            raise TypeError(
+            raise DomainError(
                 f"domain {self.name!r}: generator must return (prompt: str, answer: str), got {out!r}"
             )
         prompt, answer = out
         if not prompt or not answer:
-            raise ValueError(f"domain {self.name!r}: empty prompt or answer in {out!r}")
+            raise DomainError(f"domain {self.name!r}: empty prompt or answer in {out!r}")
         bad = sorted(set(prompt + answer) - _ALPHABET_SET)
         if bad:
-            raise ValueError(
+            raise DomainError(
                 f"domain {self.name!r}: characters {bad!r} in {out!r} are outside ALPHABET {ALPHABET!r}"
             )
         return Problem(prompt=prompt, answer=answer, domain=self.name, difficulty=difficulty)
@@ -145,7 +151,7 @@ class Domain:
 
         Each difficulty gets `n // k` problems (the first `n % k` one more). A difficulty whose prompt space
         runs out (too many repeated draws) stops early and its shortfall moves to the others. Ordered by
-        difficulty. Raises ValueError if the domain cannot supply `n` distinct prompts.
+        difficulty. Raises DomainError if the domain cannot supply `n` distinct prompts.
         """
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
@@ -176,7 +182,7 @@ class Domain:
                     picked[d].append(problem)
         total = sum(len(v) for v in picked.values())
         if total < n:
-            raise ValueError(
+            raise DomainError(
                 f"domain {self.name!r} cannot supply {n} distinct held-out prompts without exhausting "
                 f"its prompt space (got {total}); ask for a smaller eval set"
             )
@@ -228,6 +234,44 @@ def _same_function(a: Callable, b: Callable) -> bool:
     )
 
 
+class DomainError(StageError):
+    """A domain's own code (a plugin's generator or verifier) failed or broke its contract; str() is one line."""
+
+
+def guarded_verifier(name: str, verify: Verifier) -> Verifier:
+    """`verify` whose failures and out-of-contract rewards (not a number in [0, 1]) are one DomainError line:
+    a verifier is plugin code, and a NaN reward would otherwise flow silently into the advantages."""
+
+    def checked(problem: Problem, completion: str) -> float:
+        try:
+            r = verify(problem, completion)
+        except (Exception, SystemExit) as e:
+            raise DomainError(f"domain {name!r}: its verifier raised {e.__class__.__name__}: {e}") from None
+        if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r <= 1.0:
+            raise DomainError(f"domain {name!r}: its verifier returned {r!r}, not a number in [0, 1]")
+        return float(r)
+
+    checked.__wrapped__ = verify  # type: ignore[attr-defined]
+    return checked
+
+
+def domain_problem(domain: Domain, eval_size: int, eval_seed: int, draws: int = 4) -> str | None:
+    """None when `domain` generates and verifies a few problems of every difficulty as its contract says and can
+    supply its held-out set; else the one line of the first failure. Run at load, so a broken plugin domain fails
+    before any compute."""
+    rng = random.Random(0)
+    try:
+        domain.eval_set(eval_size, eval_seed)
+        for difficulty in domain.difficulties:
+            for _ in range(draws):
+                problem = domain._make(rng, difficulty)
+                domain.verify(problem, problem.answer)
+                domain.verify(problem, "")
+    except DomainError as e:
+        return str(e)
+    return None
+
+
 def register_domain(
     name: str,
     *,
@@ -262,7 +306,7 @@ def register_domain(
         _REGISTRY[name] = Domain(
             name=name,
             generate=fn,
-            verify=verify if verify is not None else partial_match_reward,
+            verify=guarded_verifier(name, verify if verify is not None else partial_match_reward),
             difficulties=diffs,
             description=description,
         )

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import StageError
+from .integrity import LINEAGE_FILE, checkpoint_problem, sealed_lineage
 from .lora import is_lora, merged_copy, save_adapter
+from .model_card import write_model_card
 
 hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the run's own progress
 
-LINEAGE_FILE = "mopd.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
@@ -52,27 +53,43 @@ def save_checkpoint(
     lineage: dict[str, Any],
     trainer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write model + tokenizer + lineage (+ optimizer/RNG state for resuming) to `path`, atomically.
+    """Write model + tokenizer + lineage (+ optimizer/RNG state for resuming) to `path`, atomically and sealed
+    with checksums (`integrity.sealed_lineage`).
 
     Refuses (StageError) weights with a NaN or inf, naming the lineage's stage and step."""
     check_finite_weights(lineage.get("stage"), lineage.get("step"), model.parameters())
+
+    def fill(tmp: Path) -> None:
+        if is_lora(model):  # a plain HF directory (adapters merged) plus the adapter alone, for resuming
+            merged_copy(model).save_pretrained(tmp, safe_serialization=True)
+            save_adapter(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, lineage)  # README.md: the directory uploads to a Hub as it is
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+
+    return publish_dir(path, fill, lineage)
+
+
+def publish_dir(path: Path, fill: Callable[[Path], None], lineage: dict[str, Any]) -> Path:
+    """Fill a temporary sibling of `path`, add its sealed `mopd.json`, fsync every file, then rename it into
+    place: `path` is either absent, the previous complete directory, or the new complete one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".tmp-{path.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    if is_lora(model):  # a plain HF directory (adapters merged) plus the adapter alone, for resuming
-        merged_copy(model).save_pretrained(tmp, safe_serialization=True)
-        save_adapter(model, tmp)
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str))
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
-    for f in (f for f in tmp.rglob("*") if f.is_file()):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        fill(tmp)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(sealed_lineage(tmp, lineage), indent=2, sort_keys=True))
+        for f in (f for f in tmp.rglob("*") if f.is_file()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:  # a full disk, a kill: the partial copy is never read, and its space is given back now
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         old = path.with_name(f".old-{path.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -85,8 +102,8 @@ def save_checkpoint(
 
 
 def is_checkpoint(path: Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").exists() and (path / LINEAGE_FILE).exists()
+    """A complete checkpoint directory whose files all match the checksums its lineage recorded."""
+    return checkpoint_problem(path) is None
 
 
 def read_lineage(path: Path) -> dict[str, Any]:

@@ -14,8 +14,6 @@ from ..core.schema import TinyModelConfig
 
 def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, tokenizer, seed: int) -> PreTrainedModel:
     """A randomly initialised model of the given shape; the seed makes the initial weights reproducible."""
-    if cfg.hidden_size % cfg.heads or cfg.heads % cfg.kv_heads:
-        raise ValueError("model: hidden_size must divide by heads, and heads by kv_heads")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,

@@ -30,7 +30,9 @@ from ..core.schema import (
     Recipe,
     SamplingSettings,
 )
-from ..envs import DomainLike, get_domain, list_domains, load_plugin
+from ..envs import Domain, DomainLike, domain_problem, get_domain, list_domains, load_plugin
+from .hub import hub_unavailable_reason
+from .memory_check import check_model_memory
 from .refs import looks_like_path, resolve_external, stage_refs, topo_order
 from .resources import check_resources
 from .tokenizer_checks import check_tokenizer_agreement
@@ -85,7 +87,7 @@ def _refuse_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
 
 
 def _where(path: Path, lines: dict[tuple, int], key: tuple) -> str:
-    key = tuple(key)
+    key = _as_yaml_keys(lines, tuple(key))
     line = None
     for n in range(len(key), 0, -1):
         if key[:n] in lines:
@@ -93,6 +95,15 @@ def _where(path: Path, lines: dict[tuple, int], key: tuple) -> str:
             break
     dotted = ".".join(str(k) for k in key) or "(top level)"
     return f"{path}:{line}: {dotted}" if line else f"{path}: {dotted}"
+
+
+def _as_yaml_keys(lines: dict[tuple, int], key: tuple) -> tuple:
+    """`key` with each number that is a mapping key in the file (`7:` parsed to 7) spelled as the file has it:
+    the line map holds mapping keys as text and list positions as numbers."""
+    out: tuple = ()
+    for k in key:
+        out += (k if (*out, k) in lines or not isinstance(k, int) else str(k),)
+    return out
 
 
 def _schema_error(path: Path, lines: dict[tuple, int], err: ValidationError) -> RecipeError:
@@ -105,9 +116,13 @@ def _schema_error(path: Path, lines: dict[tuple, int], err: ValidationError) -> 
     if len(loc) >= 3 and loc[0] == "domains" and loc[2] in ("name", "data"):
         del loc[2]
     msg = e["msg"]
+    if loc and loc[-1] == "[key]":  # a mapping key YAML read as a number or a bool (`7:`, `yes:`)
+        loc.pop()
+        msg = f"a name must be a string: quote it ('{loc[-1]}')"
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e["type"] == "union_tag_invalid":
+        loc.append("kind")
         msg = f"unknown stage kind {e['input'].get('kind')!r}; expected one of {', '.join(KINDS)}"
     elif e["type"] == "union_tag_not_found":
         msg = f"missing `kind`; expected one of {', '.join(KINDS)}"
@@ -133,7 +148,10 @@ def _check_sampling(stage: SamplingSettings, where) -> None:
         )
 
 
-def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRecipe:
+def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: bool = True) -> LoadedRecipe:
+    """Load and check a recipe (see the module docstring). `check_tokenizers=False` skips reading the models'
+    tokenizers; `check_hub=False` skips asking whether Hub ids can be loaded here (checking a recipe meant for
+    another machine)."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"{path}: no such recipe file")
@@ -189,6 +207,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
             raise RecipeError(
                 f"{where('domains', i)}: unknown domain {d!r}; known: {', '.join(list_domains())}"
             ) from None
+        if isinstance(domains[d], Domain) and (why := domain_problem(domains[d], recipe.eval.size, recipe.eval.seed)):
+            raise RecipeError(f"{where('domains', i)}: {why}")
 
     deps: dict[str, list[str]] = {}
     for name, stage in recipe.stages.items():
@@ -213,6 +233,9 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
                     f"{where('stages', name, *key)}: {ref!r} is a directory without a Hugging Face model "
                     "(no config.json)"
                 )
+            elif check_hub and not Path(external).is_dir() and (why := hub_unavailable_reason(external)):
+                raise RecipeError(f"{where('stages', name, *key)}: Hub model {ref!r}: {why}; download it first "
+                                  "or name a local directory")
         for i, d in enumerate(getattr(stage, "domains", None) or []):
             if d not in recipe.domains:
                 raise RecipeError(
@@ -238,6 +261,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True) -> LoadedRec
         if isinstance(stage, SamplingSettings):
             _check_sampling(stage, lambda *key, name=name: where("stages", name, *key))
     order = topo_order(recipe.stages, deps, where)
+    check_model_memory(recipe, order, path.parent, where)
     for name, stage in recipe.stages.items():
         if isinstance(stage, MOPDStage) and stage.teacher_schedule:
             _check_teacher_schedule(recipe, name, stage, where)

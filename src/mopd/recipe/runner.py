@@ -8,25 +8,32 @@ moved aside to `.superseded/` (never deleted), so nothing already saved is lost.
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import __version__
+from ..core.errors import StageError
 from ..core.schema import MOPDStage
 from ..models.checkpoint import read_lineage, write_json_atomic
-from ..stages.driver import FINAL, checkpointed_seconds
+from ..models.integrity import checkpoint_problem
+from ..stages.driver import FINAL
+from ..stages.lineage import SNAPSHOTS
+from ..stages.resumable import checkpointed_seconds, supersede
 from ..stages.run import run_stage
 from .identity import stage_identities
 from .load import LoadedRecipe
+from .progress import stage_progress
 from .refs import init_ref, stage_domains
 from .resolve import resolve_stage
 from .resources import precision_warnings
 from .run_lock import RunLockedError, run_lock
+from .storage import storage_problem
 
 __all__ = ["RunLockedError", "report_block", "run_recipe"]
 
@@ -41,27 +48,45 @@ def report_block(loaded: LoadedRecipe) -> dict | None:
     return {"start": s.init, "student": student, "teachers": dict(s.teachers)}
 
 
-def _finished(stage_dir: Path, identity: str) -> bool:
-    final = stage_dir / FINAL / "mopd.json"
-    return final.exists() and read_lineage(stage_dir / FINAL).get("identity") == identity
+def _finished(stage_dir: Path, identity: str, warn: Callable[[str], None]) -> bool:
+    """Whether the stage's outputs (its final directory and kept snapshots) are on disk with `identity` and pass
+    their checksums. Outputs that fail are moved to `.superseded/` (never deleted), with a warning naming the
+    file, and the stage runs again."""
+    final = stage_dir / FINAL
+    if not final.exists():
+        return False
+    outputs = [final, *sorted((stage_dir / SNAPSHOTS).glob("step-*"))]
+    problem = next((p for p in map(checkpoint_problem, outputs) if p is not None), None)
+    if problem is None:
+        return read_lineage(final).get("identity") == identity
+    dest = supersede(stage_dir, stage_dir.parent, f"{stage_dir.name}-unverified")
+    warn(f"stage {stage_dir.name!r}: its finished output failed verification ({problem}); moved to {dest}; "
+         "the stage runs again")
+    return False
 
 
 def _archive_if_stale(stage_dir: Path, identity: str, out: Path) -> None:
-    marker = stage_dir / "stage.json"
     if not stage_dir.exists():
         return
-    old = json.loads(marker.read_text()).get("identity", "unknown") if marker.exists() else "unknown"
-    if old != identity:
-        dest = out / ".superseded" / f"{stage_dir.name}-{old}-{int(time.time())}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage_dir, dest)
+    if _recorded_identity(stage_dir) != identity:
+        supersede(stage_dir, out, f"{stage_dir.name}-{_recorded_identity(stage_dir)}")
+
+
+def _recorded_identity(stage_dir: Path) -> str:
+    """The identity `stage.json` records, or "unknown" when it is missing or unreadable."""
+    try:
+        marker = json.loads((stage_dir / "stage.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "unknown"
+    identity = marker.get("identity") if isinstance(marker, dict) else None
+    return identity if isinstance(identity, str) and re.fullmatch(r"[0-9a-f]{16}", identity) else "unknown"
 
 
 def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) -> dict | None:
     """Run every stage in dependency order; returns the summary (None if the recipe has no mopd stage).
 
     Holds the run directory's lock throughout (`run_lock`): a second run into it fails at once, in one line."""
-    with run_lock(Path(out)):
+    with run_lock(Path(out)), _storage_errors("run", Path(out)):
         return _run_locked(loaded, Path(out), console or Console())
 
 
@@ -100,10 +125,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
 
     for msg in precision_warnings(recipe):  # before any stage spends compute
         warn(msg)
-    with Progress(
-        TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), console=console, transient=False,
-    ) as progress:
+    with stage_progress(console) as progress:
         for name in loaded.order:
             stage = recipe.stages[name]
             stage_dir = out / name
@@ -116,26 +138,27 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
             }
             total = getattr(stage, "steps", 1)
             task = progress.add_task(name, total=total, info="")
-            if _finished(stage_dir, ids[name]):
-                prior = stages_info.get(name, {})  # the earlier run's entry, kept only with the same identity
-                info["wall_seconds"] = prior.get("wall_seconds", 0.0)
-                info["status"] = "cached"
-                progress.update(task, completed=total, info="[dim]finished earlier (same identity): skipped")
-            else:
-                _archive_if_stale(stage_dir, ids[name], out)
-                stage_dir.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": stage.kind})
-                ctx = resolve_stage(
-                    loaded, name, out, ids,
-                    on_progress=lambda step, tot, m, task=task: progress.update(
-                        task, completed=step, info=_progress_info(m)),
-                    on_warning=lambda msg: warn(msg, progress.console),
-                )
-                t0 = time.time() - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
-                run_stage(ctx)
-                info["wall_seconds"] = round(time.time() - t0, 2)
-                info["status"] = "ran"
-                progress.update(task, completed=total)
+            with _storage_errors(f"stage {name!r}", out):
+                if _finished(stage_dir, ids[name], lambda msg: warn(msg, progress.console)):
+                    prior = stages_info.get(name, {})  # the earlier run's entry, kept only with the same identity
+                    info["wall_seconds"] = prior.get("wall_seconds", 0.0)
+                    info["status"] = "cached"
+                    progress.update(task, completed=total, info="[dim]finished earlier (same identity): skipped")
+                else:
+                    _archive_if_stale(stage_dir, ids[name], out)
+                    stage_dir.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": stage.kind})
+                    ctx = resolve_stage(
+                        loaded, name, out, ids,
+                        on_progress=lambda step, tot, m, task=task: progress.update(
+                            task, completed=step, info=_progress_info(m)),
+                        on_warning=lambda msg: warn(msg, progress.console),
+                    )
+                    t0 = time.time() - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
+                    run_stage(ctx)
+                    info["wall_seconds"] = round(time.time() - t0, 2)
+                    info["status"] = "ran"
+                    progress.update(task, completed=total)
             stages_info[name] = info
             write_run_json()
 
@@ -145,7 +168,20 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
         return None
     from ..report import build_report
 
-    return build_report(out)
+    with _storage_errors("report", out):
+        return build_report(out)
+
+
+@contextmanager
+def _storage_errors(what: str, out: Path) -> Iterator[None]:
+    """A full, read-only or forbidden disk under `what` becomes one StageError line; anything else propagates."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, StageError) or (why := storage_problem(e, out)) is None:
+            raise
+        raise StageError(f"{what}: cannot write under {out}: {why}; finished stages and verified checkpoints are "
+                         "kept: free space (or fix permissions) and run the same command again") from None
 
 
 def _previous_run(run_path: Path, out: Path) -> dict:
@@ -159,9 +195,7 @@ def _previous_run(run_path: Path, out: Path) -> dict:
         previous = None
     if isinstance(previous, dict) and isinstance(previous.get("stages", {}), dict):
         return previous
-    dest = out / ".superseded" / f"run.json-unreadable-{int(time.time())}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(run_path, dest)
+    supersede(run_path, out, "run.json-unreadable")
     return {}
 
 

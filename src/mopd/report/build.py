@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mopd.report.plots import FIGURE_NAMES, render_figures
-from mopd.report.tables import Table, compute_report, fmt_duration, fmt_number
+from mopd.report.tables import Table, compute_report, fmt_duration, fmt_number, incomplete_message
 
 # ----------------------------------------------------------------------------------------------- write
 
@@ -55,9 +55,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
                 target.unlink()
 
     header = _header(data.run, data.recipe, data.wall)
-    if data.summary.get("missing_stages"):
-        header += (f" **Incomplete:** no finished checkpoint on disk for {', '.join(data.summary['missing_stages'])}; "
-                   "their scores are missing below.")
+    if incomplete := incomplete_message(data.summary):
+        header += f" **Incomplete:** {incomplete}; their scores are missing below."
     title = f"MOPD report: {data.recipe} ({fmt_duration(data.wall)} wall)"
     main, norm, preflight = data.recovery_table, data.norm, data.preflight_table
     stage_tbl, acc_tbl = data.stage_table, data.accuracy_table

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mopd.models.integrity import checkpoint_problem
 from mopd.report.scores import MIN_TEACHER_GAIN, normalized_score, recovery
 
 REQUIRED_RUN_KEYS = ("recipe", "stages", "report")
@@ -114,17 +115,22 @@ def curves_from_rows(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, fl
     return {k: sorted(d.items()) for k, d in by_key.items()}
 
 
+def final_problem(stage_dir: Path) -> str | None:
+    """One line naming the file of <stage>/final that fails its checksums, or None (intact, or not there)."""
+    final = Path(stage_dir) / "final"
+    return checkpoint_problem(final) if (final / "mopd.json").is_file() else None
+
+
 def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | None:
-    """{domain: {"score", "accuracy"}} from <stage>/final/mopd.json; None when the file is absent
-    (stage not finished) or unreadable (with a warning)."""
+    """{domain: {"score", "accuracy"}} from <stage>/final/mopd.json; None when the stage is not finished or its
+    final directory fails verification (with a warning naming the file: see `final_problem`)."""
     path = Path(stage_dir) / "final" / "mopd.json"
     if not path.is_file():
         return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        warnings.warn(f"{path}: unreadable, stage treated as unfinished ({e})", RuntimeWarning, stacklevel=2)
+    if problem := final_problem(stage_dir):
+        warnings.warn(f"{problem}: stage treated as unfinished", RuntimeWarning, stacklevel=2)
         return None
+    obj = json.loads(path.read_text(encoding="utf-8"))
     metrics = obj.get("metrics") if isinstance(obj, dict) else None
     ev = metrics.get("eval") if isinstance(metrics, dict) else None
     out: dict[str, dict[str, float | None]] = {}
@@ -133,6 +139,17 @@ def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | Non
             if isinstance(d, dict):
                 out[str(domain)] = {"score": _num(d.get("score")), "accuracy": _num(d.get("accuracy"))}
     return out
+
+
+def incomplete_message(summary: dict[str, Any]) -> str | None:
+    """What a report of an incomplete run says first: the stages without a verified final checkpoint, and the
+    file that failed for each one that is on disk but corrupt. None for a complete run."""
+    missing = summary.get("missing_stages")
+    if not missing:
+        return None
+    corrupt = summary.get("corrupt", {})
+    parts = [f"{s} ({corrupt[s]})" if s in corrupt else s for s in missing]
+    return f"no verified finished checkpoint for {'; '.join(parts)}"
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -265,6 +282,9 @@ def compute_report(run_dir: Path) -> ReportData:
     missing = [s for s in named if (finals[s] if s in finals else read_final_eval(run_dir / s)) is None]
     if missing:
         summary["missing_stages"] = missing
+        corrupt = {s: p for s in missing if (p := final_problem(run_dir / s))}
+        if corrupt:
+            summary["corrupt"] = corrupt
 
     main = _recovery_table(start, teachers, students, rec, norm, score)
     stage_tbl, acc_tbl = _stage_tables(order, stages, finals, domains)
@@ -346,7 +366,7 @@ def _stage_tables(order, stages, finals, domains) -> tuple[Table, Table]:
                 str(st.get("kind") or MISSING),
                 str(st.get("init") or MISSING),
                 tcell or MISSING,
-                "finished" if ev is not None else "no final/mopd.json",
+                "finished" if ev is not None else "no verified final/",
                 fmt_number(w, 1),
             ]
             + [fmt_number((ev or {}).get(d, {}).get("score")) for d in all_domains]

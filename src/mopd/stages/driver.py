@@ -23,20 +23,21 @@ import torch
 
 from ..core.errors import StageError
 from ..eval.evaluate import evaluate
-from ..models.checkpoint import (
-    is_checkpoint,
-    load_trainer_state,
-    read_lineage,
-    save_checkpoint,
-)
+from ..models.checkpoint import load_trainer_state, save_checkpoint
 from .guards import DivergenceWatch, nonfinite_message, update_norm
 from .lineage import lineage, snapshot_path
 from .loading import trainable_model, trainable_parameters
 from .resolved import ResolvedStage
+from .resumable import (
+    CHECKPOINTS,
+    checkpointed_seconds,
+    latest_checkpoint,
+    prune_resumable,
+    set_aside_unverified,
+)
 
 # a stage's step: (model, 0-based step) -> (loss, metrics); the one thing a stage kind plugs into `train`
 LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
-CHECKPOINTS = "checkpoints"
 FINAL = "final"
 METRICS = "metrics.jsonl"
 
@@ -68,22 +69,6 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    ckpts = sorted(p for p in (stage_dir / CHECKPOINTS).glob("step-*") if is_checkpoint(p))
-    return ckpts[-1] if ckpts else None
-
-
-def checkpointed_seconds(stage_dir: Path) -> float:
-    """Training seconds that the stage's resumable checkpoint already holds (0 without one).
-
-    Why: a resumed stage must report the time it took in all, not that of the invocation that finished it:
-    the comparison table charges each method its stages' wall time, and the metrics' `time` axis (sample
-    efficiency against wall time) would otherwise restart at zero at the resume.
-    """
-    ckpt = latest_checkpoint(stage_dir)
-    return float(read_lineage(ckpt)["metrics"].get("elapsed_seconds", 0.0)) if ckpt else 0.0
 
 
 class MetricsLog:
@@ -128,6 +113,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     """
     s = ctx.settings
     torch.manual_seed(ctx.seed)
+    set_aside_unverified(ctx.stage_dir, ctx.name, ctx.on_warning)
     resume_from = latest_checkpoint(ctx.stage_dir)
     model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
     model.train()
@@ -202,8 +188,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                                 lineage(ctx, done, {"elapsed_seconds": round(time.time() - t0, 3)}),
                                 trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals),
                                                "rng": rng_state(), "skipped": skipped})
-                for old in sorted((ctx.stage_dir / CHECKPOINTS).glob("step-*"))[:-1]:
-                    shutil.rmtree(old, ignore_errors=True)
+                prune_resumable(ctx.stage_dir)
             if s.keep_every and done % s.keep_every == 0 and done < s.steps:
                 # an HF snapshot only (no optimizer state); a resumed stage rewrites it identically
                 save_checkpoint(snapshot_path(ctx.stage_dir, done), model, ctx.tokenizer,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.schema import EvalStage, PretrainStage
 from ..learner.supervised import supervised_loss
-from ..models.checkpoint import load_tokenizer, write_json_atomic
+from ..models.checkpoint import load_tokenizer, publish_dir, write_json_atomic
 from ..models.prompting import with_pad_token
 from .baselines import run_offpolicy
 from .driver import FINAL, eval_metrics, train
@@ -34,7 +34,8 @@ def run_supervised(ctx: ResolvedStage) -> Path:
     def loss_fn(model, step):
         problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
         return supervised_loss(model, ctx.tokenizer, problems, loss_on_prompt=on_prompt,
-                               micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format)
+                               micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format,
+                               logit_chunk=s.logit_chunk)
 
     return train(ctx, starting_model(ctx), loss_fn)
 
@@ -51,12 +52,9 @@ def run_eval(ctx: ResolvedStage) -> Path:
         results[ref] = eval_metrics(ctx, model, tokenizer, ctx.rendering.format_for(tokenizer))
         if s.domains:
             results[ref] = {d: v for d, v in results[ref].items() if d in s.domains}
-    out = ctx.stage_dir / FINAL
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "eval.json", results)
-    write_json_atomic(out / "mopd.json", lineage(ctx, 0, {"eval": results}))
     (ctx.stage_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval": results}) + "\n")
-    return out
+    return publish_dir(ctx.stage_dir / FINAL, lambda tmp: write_json_atomic(tmp / "eval.json", results),
+                       lineage(ctx, 0, {"eval": results}))
 
 
 RUNNERS: dict[str, Callable[[ResolvedStage], Path]] = {

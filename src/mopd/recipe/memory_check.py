@@ -1,0 +1,112 @@
+"""Refuse at load a stage whose model cannot fit in the memory of the device it trains on.
+
+Why: a recipe with `hidden_size: 100000` passes every schema check, trains the stages before it, and then dies in
+the allocator with a traceback (or the kernel's OOM killer ends the process with no message at all). The bytes a
+stage needs at the least are known before any compute: its parameters times what training keeps per parameter
+(weights, gradient and AdamW's two moments), plus the weights of the teachers it scores with. A stage whose floor
+already exceeds the device's total memory cannot run, so it is one line at load; anything below is left to run
+(activations depend on batch shapes, and a stage near the limit may still fit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..core.errors import RecipeError
+from ..core.schema import MergeStage, MOPDStage, OffPolicyFTStage, PretrainStage, Recipe, TinyModelConfig
+from ..models.precision import resolve_placement
+from .build import recipe_tokenizer
+from .refs import init_ref, resolve_external
+
+Where = Callable[..., str]
+ADAMW_STATE_BYTES = 8  # two float32 moments per trained parameter
+
+
+def tiny_parameters(cfg: TinyModelConfig, vocab: int) -> int:
+    """Parameters of the tiny model `models.tiny.build_tiny_model` builds (norms included)."""
+    head = cfg.hidden_size // cfg.heads
+    attention = 2 * cfg.hidden_size * cfg.heads * head + 2 * cfg.hidden_size * cfg.kv_heads * head
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    norms = 2 * cfg.hidden_size + (2 * head if cfg.arch == "qwen3" else 0)  # Qwen3 also normalises q and k
+    embeddings = vocab * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    return embeddings + cfg.layers * (attention + mlp + norms) + cfg.hidden_size
+
+
+def _external_parameters(directory: Path) -> int | None:
+    """Parameters of the model in a local Hugging Face directory, counted on the meta device (no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture this transformers does not know: left to the stage to report
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total bytes of `device`: a GPU's memory, or this machine's (or its container's limit) for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    if device.type != "cpu":
+        return None
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return total
+
+
+def stage_parameters(recipe: Recipe, order: list[str], base: Path) -> dict[str, int]:
+    """Parameter count of each stage's model, where it can be known without loading weights (`order`: stages in
+    dependency order, so a stage's init is counted before it)."""
+    vocab = len(recipe_tokenizer(recipe))
+    counts: dict[str, int] = {}
+    external: dict[str, int | None] = {}
+    for name in order:
+        s, ref = recipe.stages[name], init_ref(recipe.stages[name])
+        if isinstance(s, PretrainStage) and s.model is not None:
+            counts[name] = tiny_parameters(s.model, vocab)
+        elif ref in counts:
+            counts[name] = counts[ref]
+        elif ref is not None and ref not in recipe.stages and (path := resolve_external(ref, base)):
+            if ref not in external:
+                external[ref] = _external_parameters(Path(path)) if Path(path).is_dir() else None
+            if external[ref] is not None:
+                counts[name] = external[ref]
+    return counts
+
+
+def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Where) -> None:
+    """One RecipeError when a stage's floor (trained parameters with their gradients and AdamW state, or LoRA's
+    frozen weights, plus its teachers' weights) exceeds the total memory of its device."""
+    counts = stage_parameters(recipe, order, base)
+    for name, s in recipe.stages.items():
+        if name not in counts or isinstance(s, MergeStage):
+            continue
+        placement = resolve_placement(s, recipe)
+        total = device_memory(placement.device)
+        if total is None:
+            continue
+        weight_bytes = torch.empty((), dtype=placement.weights_dtype).element_size()
+        frozen_bytes = torch.empty((), dtype=placement.compute_dtype).element_size()
+        n = counts[name]
+        trained = n * frozen_bytes if getattr(s, "lora", None) else n * (2 * weight_bytes + ADAMW_STATE_BYTES)
+        teachers = set(s.teachers.values()) if isinstance(s, MOPDStage | OffPolicyFTStage) else set()
+        scored = sum(counts.get(t, 0) for t in teachers) * frozen_bytes
+        need = trained + scored
+        if need > total:
+            key = "model" if isinstance(s, PretrainStage) and s.model is not None else "init"
+            raise RecipeError(
+                f"{where('stages', name, key)}: stage {name!r} needs at least {need / 2**30:.1f} GiB "
+                f"({n:,} parameters with their gradients and optimizer state"
+                f"{f', plus {len(teachers)} teacher(s)' if teachers else ''}); {placement.device.type} has "
+                f"{total / 2**30:.1f} GiB in all"
+            )

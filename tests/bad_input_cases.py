@@ -1,0 +1,200 @@
+"""The bad-input corpus (issue 15): recipes and command lines a hostile or unlucky user writes, each with the one
+line mopd must answer. `tests/test_bad_input_corpus.py` runs every case through the CLI's entry function.
+
+A case edits the valid recipe `BASE` (its line numbers are what the expected messages name) by replacing one
+piece of text (`sub`), or replaces the whole file (`text`). `line` is the 1-based line the message must name (None
+where the mistake has no line: an empty file, a missing key); `says` is a fragment of the message.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+
+BASE = textwrap.dedent(
+    """\
+    name: corpus
+    seed: 0
+    domains: [addition, reversal]
+    eval: {size: 4, max_new_tokens: 4}
+    stages:
+      base:
+        kind: pretrain
+        model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}
+        steps: 4
+        batch_size: 4
+      teacher_add:
+        kind: rlvr
+        init: base
+        domains: [addition]
+        steps: 2
+        batch_size: 2
+        group_size: 2
+      teacher_rev:
+        kind: rlvr
+        init: base
+        domains: [reversal]
+        steps: 2
+        batch_size: 2
+        group_size: 2
+      student:
+        kind: mopd
+        init: base
+        teachers: {addition: teacher_add, reversal: teacher_rev}
+        steps: 2
+        batch_size: 2
+        group_size: 2
+    """
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    old: str | None  # text of BASE to replace (None: `new` is the whole file)
+    new: str
+    line: int | None
+    says: str
+    legal: bool = False  # a legal input: it must load, and exit 0
+
+    def text(self) -> str:
+        if self.old is None:
+            return self.new
+        assert BASE.count(self.old) >= 1, f"case {self.id}: {self.old!r} is not in BASE"
+        return BASE.replace(self.old, self.new, 1)
+
+
+def sub(id: str, old: str, new: str, line: int | None, says: str) -> Case:
+    return Case(id, old, new, line, says)
+
+
+def text(id: str, new: str, line: int | None, says: str) -> Case:
+    return Case(id, None, new, line, says)
+
+
+def legal(id: str, old: str, new: str) -> Case:
+    return Case(id, old, new, None, "", legal=True)
+
+
+TEACH = "    teachers: {addition: teacher_add, reversal: teacher_rev}\n"
+BASE_MODEL = "    model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}\n"
+
+CASES: list[Case] = [
+    # ----- the file itself
+    text("empty file", "", None, "a recipe is a mapping"),
+    text("only a comment", "# nothing here\n", None, "a recipe is a mapping"),
+    text("a list, not a mapping", "- name: x\n- stages: {}\n", None, "a recipe is a mapping"),
+    text("a scalar", "just words\n", None, "a recipe is a mapping"),
+    text("unclosed bracket", BASE.replace("[addition, reversal]", "[addition, reversal"), 4, "invalid YAML"),
+    text("tab indentation", BASE.replace("    kind: pretrain", "\tkind: pretrain"), 7, "invalid YAML"),
+    text("bad indentation", BASE.replace("    steps: 4\n", "   steps: 4\n"), 9, "invalid YAML"),
+    text("a key said twice", BASE.replace("    steps: 4\n", "    steps: 4\n    steps: 5\n"), 10, "appears twice"),
+    text("a stage said twice", BASE + "  base:\n    kind: sft\n    steps: 1\n", 32, "appears twice"),
+    text("a document separator", BASE + "---\nname: other\n", None, "invalid YAML"),
+    # ----- top-level keys
+    sub("no name", "name: corpus\n", "", None, "name"),
+    sub("no stages", "stages:\n", "stagez:\n", None, "stages: Field required"),
+    sub("unknown top-level key", "seed: 0\n", "seed: 0\nlearning_rate: 1\n", 3, "learning_rate"),
+    sub("recipe name with a slash", "name: corpus", "name: ../corpus", 1, "name"),
+    sub("recipe name empty", "name: corpus", "name: ''", 1, "name"),
+    sub("seed a string", "seed: 0", "seed: zero", 2, "seed"),
+    sub("seed a float", "seed: 0", "seed: 0.5", 2, "seed"),
+    sub("seed a bool", "seed: 0", "seed: true", 2, "seed"),
+    sub("domains a string", "domains: [addition, reversal]", "domains: addition", 3, "domains"),
+    sub("unknown domain", "domains: [addition, reversal]", "domains: [addition, reversal, chess]", 3, "chess"),
+    sub("domains empty", "domains: [addition, reversal]", "domains: []", 3, "domains"),
+    sub("eval size zero", "eval: {size: 4,", "eval: {size: 0,", 4, "size"),
+    sub("eval size negative", "eval: {size: 4,", "eval: {size: -4,", 4, "size"),
+    sub("eval tokens a string", "max_new_tokens: 4}", "max_new_tokens: many}", 4, "max_new_tokens"),
+    sub("eval unknown key", "max_new_tokens: 4}", "max_new_tokens: 4, greedy: yes}", 4, "greedy"),
+    sub("recipe dtype unknown", "seed: 0\n", "seed: 0\ndtype: float8\n", 3, "dtype"),
+    sub("recipe device unknown", "seed: 0\n", "seed: 0\ndevice: tpu\n", 3, "device"),
+    sub("stages empty", BASE[BASE.index("stages:"):], "stages: {}\n", 5, "stages"),
+    sub("stages a list", BASE[BASE.index("stages:"):], "stages: [base]\n", 5, "stages"),
+    # ----- stage names
+    sub("stage name is a path", "  teacher_rev:\n", "  ../../x:\n", 18, "../../x"),
+    sub("stage name absolute", "  teacher_rev:\n", "  /tmp/x:\n", 18, "/tmp/x"),
+    sub("stage name is a dot", "  teacher_rev:\n", "  .:\n", 18, "'.'"),
+    sub("stage name with a space", "  teacher_rev:\n", "  teacher rev:\n", 18, "teacher rev"),
+    sub("stage name empty", "  teacher_rev:\n", "  '':\n", 18, "''"),
+    sub("stage name a number", "  teacher_rev:\n", "  7:\n", 18, "quote it ('7')"),
+    # ----- stage kinds and keys
+    sub("unknown kind", "kind: pretrain", "kind: pretraining", 7, "pretraining"),
+    sub("no kind", "    kind: pretrain\n", "", 6, "kind"),
+    sub("unknown stage key", "    batch_size: 4\n", "    batch_size: 4\n    batchsize: 4\n", 11, "batchsize"),
+    sub("key of another kind", "    batch_size: 4\n", "    batch_size: 4\n    teachers: {}\n", 11, "teachers"),
+    sub("stage is a list", BASE[BASE.index("  student:"):], "  student: [mopd]\n", 25, "student"),
+    # ----- numbers
+    sub("steps zero", "    steps: 4\n", "    steps: 0\n", 9, "steps"),
+    sub("steps negative", "    steps: 4\n", "    steps: -4\n", 9, "steps"),
+    sub("steps true", "    steps: 4\n", "    steps: true\n", 9, "steps"),
+    sub("steps a string", "    steps: 4\n", "    steps: '4'\n", 9, "steps"),
+    sub("steps a float", "    steps: 4\n", "    steps: 4.5\n", 9, "steps"),
+    sub("steps null", "    steps: 4\n", "    steps:\n", 9, "steps"),
+    sub("batch size zero", "    batch_size: 4\n", "    batch_size: 0\n", 10, "batch_size"),
+    sub("lr infinite", "    batch_size: 4\n", "    batch_size: 4\n    lr: .inf\n", 11, "lr"),
+    sub("lr nan", "    batch_size: 4\n", "    batch_size: 4\n    lr: .nan\n", 11, "lr"),
+    sub("lr negative", "    batch_size: 4\n", "    batch_size: 4\n    lr: -0.001\n", 11, "lr"),
+    sub("lr a word", "    batch_size: 4\n", "    batch_size: 4\n    lr: fast\n", 11, "lr"),
+    sub("lr huge exponent", "    batch_size: 4\n", "    batch_size: 4\n    lr: 1e400\n", 11, "lr"),
+    sub("checkpoint_every zero", "    batch_size: 4\n", "    batch_size: 4\n    checkpoint_every: 0\n", 11,
+        "checkpoint_every"),
+    sub("warmup negative", "    batch_size: 4\n", "    batch_size: 4\n    warmup_steps: -1\n", 11, "warmup_steps"),
+    sub("grad_clip zero", "    batch_size: 4\n", "    batch_size: 4\n    grad_clip: 0\n", 11, "grad_clip"),
+    sub("nonfinite unknown", "    batch_size: 4\n", "    batch_size: 4\n    nonfinite: ignore\n", 11, "nonfinite"),
+    sub("schedule unknown", "    batch_size: 4\n", "    batch_size: 4\n    schedule: step\n", 11, "schedule"),
+    sub("stage dtype unknown", "    batch_size: 4\n", "    batch_size: 4\n    dtype: int8\n", 11, "dtype"),
+    sub("group size zero", "    group_size: 2\n", "    group_size: 0\n", 17, "group_size"),
+    sub("temperature zero", "    group_size: 2\n", "    group_size: 2\n    temperature: 0\n", 18, "temperature"),
+    sub("top_p above one", "    group_size: 2\n", "    group_size: 2\n    top_p: 1.5\n", 18, "top_p"),
+    sub("eps_high below one", "    group_size: 2\n", "    group_size: 2\n    eps_high: 0.9\n", 18, "eps_high"),
+    sub("linear temperature without end", "    group_size: 2\n",
+        "    group_size: 2\n    temperature_schedule: linear\n", 18, "temperature_end"),
+    # ----- the model shape
+    sub("heads zero", BASE_MODEL, BASE_MODEL.replace("heads: 2,", "heads: 0,"), 8, "heads"),
+    sub("hidden size a string", BASE_MODEL, BASE_MODEL.replace("hidden_size: 16", "hidden_size: big"), 8,
+        "hidden_size"),
+    sub("model too large for this machine", BASE_MODEL,
+        BASE_MODEL.replace("hidden_size: 16", "hidden_size: 65536").replace("intermediate_size: 32",
+                                                                            "intermediate_size: 1048576"), 8,
+        "needs at least"),
+    sub("head size odd", BASE_MODEL, BASE_MODEL.replace("hidden_size: 16", "hidden_size: 18"), 8, "even"),
+    sub("hidden size not divisible by heads", BASE_MODEL, BASE_MODEL.replace("hidden_size: 16", "hidden_size: 15"),
+        8, "divide"),
+    sub("model unknown key", BASE_MODEL, BASE_MODEL.replace("layers: 1,", "layers: 1, experts: 8,"), 8, "experts"),
+    # ----- references
+    sub("init names no stage", "    init: base\n    domains: [addition]", "    init: bse\n    domains: [addition]",
+        13, "bse"),
+    sub("init itself", "    init: base\n    domains: [addition]", "    init: teacher_add\n    domains: [addition]",
+        13, "itself"),
+    sub("a cycle", "    init: base\n    domains: [addition]", "    init: student\n    domains: [addition]", None, "cycle"),
+    sub("init a missing directory", "    init: base\n    domains: [addition]",
+        "    init: ./no/such/model\n    domains: [addition]", 13, "no/such/model"),
+    sub("teacher names no stage", TEACH, "    teachers: {addition: teacher_ad, reversal: teacher_rev}\n", 28,
+        "teacher_ad"),
+    sub("teacher domain not in recipe", TEACH,
+        "    teachers: {addition: teacher_add, reversal: teacher_rev, chess: teacher_rev}\n", 28, "chess"),
+    sub("a domain without a teacher", TEACH, "    teachers: {addition: teacher_add}\n", 28, "reversal"),
+    sub("teachers empty", TEACH, "    teachers: {}\n", 28, "teacher"),
+    sub("teachers a list", TEACH, "    teachers: [teacher_add, teacher_rev]\n", 28, "teachers"),
+    sub("stage domain unknown", "    domains: [addition]\n", "    domains: [additon]\n", 14, "additon"),
+    sub("objective unknown", TEACH, TEACH + "    objective: kl\n", 29, "objective"),
+    sub("alpha negative", TEACH, TEACH + "    alpha: -1\n", 29, "alpha"),
+    sub("jsd beta one", TEACH, TEACH + "    jsd_beta: 1\n", 29, "jsd_beta"),
+    sub("topk zero", TEACH, TEACH + "    topk: 0\n", 29, "topk"),
+    sub("preflight unknown key", TEACH, TEACH + "    preflight: {kl: 1}\n", 29, "kl"),
+    sub("schedule without snapshots", TEACH, TEACH + "    teacher_schedule: [{until_step: 1, snapshot: 1}, "
+        "{until_step: 2, snapshot: final}]\n", 29, "snapshot"),
+    sub("lora rank zero", TEACH, TEACH + "    lora: {r: 0}\n", 29, "r"),
+    sub("lora dropout one", TEACH, TEACH + "    lora: {dropout: 1}\n", 29, "dropout"),
+    sub("report student not mopd", "stages:\n", "report: {student: base}\nstages:\n", 5, "base"),
+    # ----- plugins
+    sub("plugin missing", "seed: 0\n", "seed: 0\nplugins: [./no_such_plugin.py]\n", 3, "no_such_plugin"),
+    sub("plugins a string", "seed: 0\n", "seed: 0\nplugins: 7\n", 3, "plugins"),
+    # ----- legal, if unusual: these load
+    legal("names with dots and dashes", "  student:\n", "  extra-sft.v2:\n    kind: sft\n    init: base\n    steps: 1\n"
+          "  student:\n"),
+    legal("unicode in a comment", "seed: 0\n", "seed: 0  # graine ☃\n"),
+    legal("a flow-style stage", "    kind: pretrain\n", "    kind: 'pretrain'\n"),
+    legal("scientific notation lr", "    batch_size: 4\n", "    batch_size: 4\n    lr: 3.0e-4\n"),
+]
