@@ -1,8 +1,14 @@
-"""Held-out evaluation: greedy decoding on each domain's fixed eval set, scored by the domain's verifier."""
+"""Held-out evaluation: greedy decoding on each domain's fixed eval set, scored by the domain's verifier.
+
+Each domain's result keeps its per-prompt rewards (in held-out order) beside their mean, so a comparison over
+seeds can resample prompts for its intervals (`report.compare_intervals`); the mean is computed from the same
+list as before, so no score changes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,9 +25,10 @@ def evaluate(
     domains: Sequence[DomainLike],
     settings: EvalSettings,
     prompt_format: PromptFormat = RAW,
-) -> dict[str, dict[str, float]]:
-    """{domain: {"score": mean verifier reward, "accuracy": exact-match rate}} on the held-out sets."""
-    results: dict[str, dict[str, float]] = {}
+) -> dict[str, dict[str, Any]]:
+    """{domain: {"score": mean verifier reward, "accuracy": exact-match rate, "rewards": per-prompt rewards}} on
+    the held-out sets."""
+    results: dict[str, dict[str, Any]] = {}
     for domain in domains:
         problems = domain.eval_set(settings.size, seed=settings.seed)
         rewards: list[float] = []
@@ -33,5 +40,6 @@ def evaluate(
             for p, c in zip(chunk, batch.completions, strict=True):
                 rewards.append(float(domain.verify(p, c)))
                 exact.append(bool(exact_match(p, c)))
-        results[domain.name] = {"score": sum(rewards) / len(rewards), "accuracy": sum(exact) / len(exact)}
+        results[domain.name] = {"score": sum(rewards) / len(rewards), "accuracy": sum(exact) / len(exact),
+                                "rewards": rewards}
     return results

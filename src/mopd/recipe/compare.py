@@ -27,8 +27,9 @@ def _ancestors(stages: dict, name: str) -> set[str]:
 
 
 def compare_plan(loaded: LoadedRecipe) -> dict[str, Any]:
-    """{"start", "teachers", "curves", "methods": {label: {"stage", "kind", "chain", "extra"}}} (plain data, so
-    the report layer reads it without the recipe)."""
+    """{"start", "teachers", "curves", "reference", "methods": {label: {"stage", "kind", "chain", "extra"}}}
+    (plain data, so the report layer reads it without the recipe). `reference`: the method every other is
+    compared with (paired differences): the one labelled MOPD, else the first mopd method, else the first."""
     recipe = loaded.recipe
     cmp = recipe.compare
     if cmp is None:
@@ -50,4 +51,12 @@ def compare_plan(loaded: LoadedRecipe) -> dict[str, Any]:
     curves = cmp.curves
     if curves is None:
         curves = [label for label, m in methods.items() if m["kind"] in ("mopd", "mix_rl")]
-    return {"start": cmp.start, "teachers": dict(cmp.teachers), "curves": list(curves), "methods": methods}
+    return {"start": cmp.start, "teachers": dict(cmp.teachers), "curves": list(curves), "methods": methods,
+            "reference": reference_method(methods)}
+
+
+def reference_method(methods: dict[str, dict]) -> str:
+    for label in methods:
+        if label.lower() == "mopd":
+            return label
+    return next((label for label, m in methods.items() if m["kind"] == "mopd"), next(iter(methods)))

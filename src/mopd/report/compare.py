@@ -4,16 +4,23 @@ For each method: per-domain held-out score, per-domain recovery (score - start) 
 normalized score (mean recovery), student samples and wall time. Writes compare.md, compare.json,
 compare_bars.png and sample_efficiency.png (normalized score against cumulative student samples, from the
 stages' `eval_every` records). What each method is charged for comes from the plan (recipe/compare.py).
+
+Over several seeds (one run directory each) every number is the mean over seeds; every cell also gets a 95%
+interval and its evaluation standard error, and each method its paired difference from the reference method
+(MOPD), from the per-prompt rewards of the stages' final evaluations (`compare_intervals`, `compare_seeds`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mopd.report.build import atomic_write
+from mopd.report.compare_intervals import compare_intervals
 from mopd.report.compare_plots import render_bars, render_sample_efficiency
+from mopd.report.compare_seeds import add_intervals, mean_over_seeds
 from mopd.report.scores import normalized_score, recovery
 from mopd.report.tables import (
     MISSING,
@@ -68,9 +75,8 @@ def _curve(run_dir: Path, plan_m: dict, start: dict, teacher: dict, score_of, to
     return sorted(set(points))
 
 
-def build_compare(run_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    """Write the comparison files into `run_dir`; returns what compare.json holds."""
-    run_dir = Path(run_dir)
+def _seed_result(run_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """One run directory's comparison (one seed): what compare.json held before seeds, without intervals."""
     run = load_run(run_dir)
     info = run["stages"]
     finals: dict[str, dict] = {}
@@ -109,41 +115,86 @@ def build_compare(run_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
         if label in plan["curves"]:
             curves[label] = _curve(run_dir, m, start, teacher, score_of, totals)
 
-    result = {
+    return {
         "recipe": run["recipe"],
         "start": {"stage": plan["start"], "domains": start},
         "teachers": {d: {"stage": t, "score": teacher[d]} for d, t in teachers.items()},
         "methods": methods,
         "sample_efficiency": {k: [list(p) for p in v] for k, v in curves.items()},
     }
-    title = f"{run['recipe']}: normalized score by method"
+
+
+def build_compare(run_dir: Path, plan: dict[str, Any], seed_dirs: Sequence[Path] | None = None) -> dict[str, Any]:
+    """Write the comparison files into `run_dir`; returns what compare.json holds.
+
+    `seed_dirs`: the run directories of the seeds (default: `run_dir` alone, one seed). Every number is the mean
+    over seeds; intervals resample seeds and held-out prompts (`report.compare_intervals`)."""
+    run_dir = Path(run_dir)
+    dirs = [Path(d) for d in seed_dirs] if seed_dirs else [run_dir]
+    per_seed = [_seed_result(d, plan) for d in dirs]
+    result = per_seed[0] if len(per_seed) == 1 else mean_over_seeds(per_seed)
+    reference = plan.get("reference")
+    add_intervals(result, compare_intervals(dirs, plan, reference), reference)
+    if len(dirs) > 1:
+        result["seed_dirs"] = [str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else str(d) for d in dirs]
+    methods, teachers = result["methods"], result["teachers"]
+    title = f"{result['recipe']}: normalized score by method" + (f" ({len(dirs)} seeds)" if len(dirs) > 1 else "")
+    bands = result.get("sample_efficiency_bands", {})
     atomic_write(run_dir / "compare_bars.png", render_bars(methods, list(teachers), title))
     atomic_write(run_dir / "sample_efficiency.png",
-                 render_sample_efficiency(curves, f"{run['recipe']}: sample efficiency"))
+                 render_sample_efficiency({k: [tuple(p) for p in v] for k, v in result["sample_efficiency"].items()},
+                                          f"{result['recipe']}: sample efficiency", bands))
     atomic_write(run_dir / "compare.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
     atomic_write(run_dir / "compare.md", _markdown(result, plan).encode("utf-8"))
     return result
 
 
+def fmt_cell(mean: float | None, cell: dict | None) -> str:
+    """`mean ±se [lo, hi]`: the mean, its evaluation standard error and its 95% interval; the mean alone when no
+    interval was computed."""
+    if mean is None or not cell or cell.get("ci") is None:
+        return fmt_number(mean)
+    se = "" if cell.get("se") is None else f" ±{cell['se']:.3f}"
+    lo, hi = cell["ci"]
+    return f"{mean:.3f}{se} [{lo:.3f}, {hi:.3f}]"
+
+
+def fmt_difference(m: dict, reference: str | None, label: str) -> str:
+    """The paired difference from the reference method, `*` when its interval excludes zero."""
+    if label == reference:
+        return "(reference)"
+    diff = m.get("vs_reference")
+    if not diff:
+        return MISSING
+    lo, hi = diff["ci"]
+    return f"{diff['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if diff["significant"] else "")
+
+
 def compare_table(result: dict[str, Any]) -> Table:
     domains = list(result["teachers"])
-    headers = ["method", "stage", *domains, *(f"recovery: {d}" for d in domains), "normalized score",
+    iv = result.get("intervals")
+    reference = iv["reference"] if iv else None
+    diff_col = [f"vs {reference}"] if iv and reference else []
+    headers = ["method", "stage", *domains, *(f"recovery: {d}" for d in domains), "normalized score", *diff_col,
                "student samples", "other samples", "wall"]
     start, teach = result["start"], result["teachers"]
+    start_iv = start.get("intervals", {})
     rows = [
-        ["start", start["stage"], *(fmt_number(start["domains"].get(d)) for d in domains),
-         *([MISSING] * len(domains)), "0 (by definition)", "", "", ""],
+        ["start", start["stage"], *(fmt_cell(start["domains"].get(d), start_iv.get(d)) for d in domains),
+         *([MISSING] * len(domains)), "0 (by definition)", *([""] * len(diff_col)), "", "", ""],
         ["teacher", ", ".join(t["stage"] for t in teach.values()),
-         *(fmt_number(teach[d]["score"]) for d in domains),
-         *([MISSING] * len(domains)), "1 (by definition)", "", "", ""],
+         *(fmt_cell(teach[d]["score"], teach[d].get("interval")) for d in domains),
+         *([MISSING] * len(domains)), "1 (by definition)", *([""] * len(diff_col)), "", "", ""],
     ]
     for label, m in result["methods"].items():
+        doms = m["domains"]
         rows.append([
             f"**{label}**", m["stage"],
-            *(fmt_number(m["domains"][d]["score"]) for d in domains),
-            *(fmt_number(m["domains"][d]["recovery"]) for d in domains),
-            f"**{fmt_number(m['normalized_score'])}**", f"{m['samples']:,}", f"{m['other_samples']:,}",
-            fmt_duration(m["wall_seconds"]),
+            *(fmt_cell(doms[d]["score"], doms[d].get("score_interval")) for d in domains),
+            *(fmt_cell(doms[d]["recovery"], doms[d].get("recovery_interval")) for d in domains),
+            f"**{fmt_cell(m['normalized_score'], m.get('normalized_interval'))}**",
+            *([fmt_difference(m, reference, label)] if diff_col else []),
+            f"{m['samples']:,}", f"{m['other_samples']:,}", fmt_duration(m["wall_seconds"]),
         ])
     notes = [
         "Scores: mean verifier reward on each domain's fixed held-out set (greedy). Recovery = (method - start) / "
@@ -153,6 +204,22 @@ def compare_table(result: dict[str, Any]) -> Table:
         "round-2 teachers. The shared start and round-1 teachers are not charged to any method.",
         "Wall: the method's own stages (a stage reused from an earlier run keeps its recorded time).",
     ]
+    if iv:
+        seeds = f"{iv['seeds']} seeds" if iv["seeds"] > 1 else "1 seed"
+        prompts = ", ".join(f"{d} {n}" for d, n in iv["prompts"].items())
+        notes.append(
+            f"Intervals ({seeds}; held-out prompts: {prompts}): each cell is `mean ±se [lo, hi]`, the mean over "
+            f"seeds, its evaluation standard error (prompts resampled, seeds fixed: the noise of a finite held-out "
+            f"set) and a {iv['level']:.0%} percentile bootstrap interval ({iv['resamples']} replicates resampling "
+            f"{iv['over']}; recovery is recomputed in each replicate, so the start's and teachers' noise counts).")
+        if diff_col:
+            notes.append(
+                f"`vs {reference}`: the normalized score minus {reference}'s, with the interval of the paired "
+                f"difference (both methods scored on the same resampled seeds and prompts); `*`: the interval "
+                "excludes 0, a significant difference at the 5% level.")
+        if iv["seeds"] < 5:
+            notes.append(f"With {seeds} the intervals are too narrow: a percentile bootstrap over so few seeds "
+                         "cannot see how far another seed could land; read them as a lower bound on the uncertainty.")
     for label, m in result["methods"].items():
         if len(m["stages"]) > 1:
             notes.append(f"`{label}` is charged for stages {', '.join(m['stages'])}.")
@@ -161,10 +228,17 @@ def compare_table(result: dict[str, Any]) -> Table:
 
 def _markdown(result: dict[str, Any], plan: dict[str, Any]) -> str:
     out = [f"# Method comparison: {result['recipe']}\n", compare_table(result).markdown()]
+    if dirs := result.get("seed_dirs"):
+        out.append("## Per seed\n")
+        out.append(Table(["method", *dirs], [
+            [label, *(fmt_number(x) for x in m["per_seed"])] for label, m in result["methods"].items()
+        ], ["Normalized score of each seed's run directory (each has its own compare.md)."]).markdown())
     out.append("![normalized score by method](compare_bars.png)\n")
     if result["sample_efficiency"]:
         out.append("## Sample efficiency\n")
+        band = (" The band is a 95% bootstrap interval over seeds at each evaluation."
+                if any(result.get("sample_efficiency_bands", {}).values()) else "")
         out.append("Normalized score against cumulative student samples for "
-                   + ", ".join(f"`{k}`" for k in result["sample_efficiency"]) + ".\n")
+                   + ", ".join(f"`{k}`" for k in result["sample_efficiency"]) + "." + band + "\n")
         out.append("![sample efficiency](sample_efficiency.png)\n")
     return "\n".join(out)

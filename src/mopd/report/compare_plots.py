@@ -2,7 +2,8 @@
 
 compare_bars.png: per method, the recovery on each domain and the normalized score (the paper's headline
 number), so a high mean from one lucky domain is visible. sample_efficiency.png: normalized score against
-cumulative student samples, one line per method.
+cumulative student samples, one line per method. When the comparison has intervals, each bar carries its 95%
+interval as an error bar and each curve its band over seeds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def render_bars(methods: Mapping[str, Mapping], domains: Sequence[str], title: s
     labels = list(methods)
     series = [(f"recovery: {d}", [methods[m]["domains"][d]["recovery"] for m in labels]) for d in domains]
     series.append(("normalized score", [methods[m]["normalized_score"] for m in labels]))
+    cis = [[methods[m]["domains"][d].get("recovery_interval") for m in labels] for d in domains]
+    cis.append([methods[m].get("normalized_interval") for m in labels])
     fig = Figure(figsize=(max(6.0, 1.3 * len(labels) + 2), 4.2), dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -35,7 +38,8 @@ def render_bars(methods: Mapping[str, Mapping], domains: Sequence[str], title: s
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(labels))]
         ys = [0.0 if v is None else float(v) for v in values]
         last = j == len(series) - 1
-        bars = ax.bar(xs, ys, width, label=name, color="0.2" if last else f"C{j}", alpha=1.0 if last else 0.7)
+        bars = ax.bar(xs, ys, width, label=name, color="0.2" if last else f"C{j}", alpha=1.0 if last else 0.7,
+                      yerr=_error_bars(ys, cis[j]), ecolor="0.35", capsize=2)
         if last:
             for b, v in zip(bars, values, strict=True):
                 ax.annotate("n/a" if v is None else f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
@@ -51,8 +55,22 @@ def render_bars(methods: Mapping[str, Mapping], domains: Sequence[str], title: s
     return _png(fig)
 
 
-def render_sample_efficiency(curves: Mapping[str, Sequence[tuple[float, float]]], title: str) -> bytes:
-    """Normalized score (y) against cumulative student samples (x), one line per method."""
+def _error_bars(ys: Sequence[float], cells: Sequence[Mapping | None]) -> list[list[float]] | None:
+    """matplotlib's asymmetric yerr ([below], [above]) from interval cells; None when no bar has one."""
+    if not any(c and c.get("ci") for c in cells):
+        return None
+    below, above = [], []
+    for y, c in zip(ys, cells, strict=True):
+        lo, hi = c["ci"] if c and c.get("ci") else (y, y)
+        below.append(max(0.0, y - lo))
+        above.append(max(0.0, hi - y))
+    return [below, above]
+
+
+def render_sample_efficiency(curves: Mapping[str, Sequence[tuple[float, float]]], title: str,
+                             bands: Mapping[str, Sequence[Sequence[float]] | None] | None = None) -> bytes:
+    """Normalized score (y) against cumulative student samples (x), one line per method; `bands`: per method,
+    [x, lo, hi] points drawn as a shaded interval."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -62,6 +80,9 @@ def render_sample_efficiency(curves: Mapping[str, Sequence[tuple[float, float]]]
     for i, (label, pts) in enumerate(curves.items()):
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label, color=f"C{i}")
+        if band := (bands or {}).get(label):
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], color=f"C{i}",
+                            alpha=0.2, linewidth=0)
     if not any(curves.values()):
         ax.text(0.5, 0.5, "no eval records (set eval_every on the methods' stages)", ha="center",
                 transform=ax.transAxes)

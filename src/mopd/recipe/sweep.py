@@ -1,0 +1,74 @@
+"""`mopd compare --seeds N` and `mopd sweep`: plan every variant (checked before any compute), run them one after
+another through `recipe.variants`, then write the reports.
+
+Layout: `compare --seeds N` runs seed s into RUN/seed-<s>/ (each a complete run directory with its own
+compare.md) and writes the combined compare.md/json in RUN. `sweep` runs point p, seed s into
+RUN/<p>/seed-<s>/ (RUN/<p>/ with one seed), and writes sweep.md/json and sweep_<key>.png in RUN. A point's name
+is its settings as typed (`student.lr=1e-4__student.objective=sampled`), so a rerun finds the same directories:
+finished stages are skipped, and an interrupted point resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import RecipeError
+from ..report.compare import build_compare
+from ..report.sweep import build_sweep
+from .compare import compare_plan
+from .load import LoadedRecipe
+from .runner import report_block
+from .variants import Executor, Variant, parse_grid, plan_variants, run_in_order, run_variants
+
+RunFn = Callable[[LoadedRecipe, Path], Any]
+
+
+def seed_count(option: int | None, loaded: LoadedRecipe) -> int:
+    """`--seeds` if given, else the recipe's `seeds`; below 1 is a one-line RecipeError."""
+    n = loaded.recipe.seeds if option is None else option
+    if n < 1:
+        raise RecipeError(f"--seeds {n}: must be at least 1")
+    return n
+
+
+def compare_seeds(loaded: LoadedRecipe, out: Path, seeds: int, run: RunFn,
+                  executor: Executor = run_in_order) -> dict[str, Any]:
+    """Run every method for `seeds` seeds (variants planned and checked first) and write each seed's comparison
+    and the combined one; returns the combined compare.json."""
+    plan = compare_plan(loaded)
+    variants = plan_variants(loaded, out, seeds)
+    run_variants(variants, run, executor)
+    for v in variants:
+        build_compare(v.out, plan)
+    return build_compare(out, plan, [v.out for v in variants])
+
+
+def _sweep_plan(variant: Variant) -> dict[str, Any]:
+    """What a point scores: the normalized score of the recipe's report student (start = its init, teachers =
+    its teachers), and the student's objective (the best setting is named per objective)."""
+    block = report_block(variant.loaded)
+    if block is None:
+        raise RecipeError(f"{variant.loaded.path}: no mopd stage: a sweep scores the report's student")
+    stage = variant.loaded.recipe.stages[block["student"]]
+    return {"start": block["start"], "teachers": block["teachers"], "student": block["student"],
+            "objective": getattr(stage, "objective", None)}
+
+
+def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: int, run: RunFn,
+          executor: Executor = run_in_order) -> dict[str, Any]:
+    """Run the grid of `--set` values x seeds (every variant checked first) and write sweep.md, sweep.json and
+    one sweep_<key>.png per key; returns sweep.json."""
+    grid = parse_grid(assignments)
+    variants = plan_variants(loaded, out, seeds, grid)
+    plans = {id(v): _sweep_plan(v) for v in variants}  # before any compute: every point has a student
+    run_variants(variants, run, executor)
+    points: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        p = points.setdefault(v.name, {"name": v.name, "settings": dict(v.texts), "seed_dirs": [],
+                                       **plans[id(v)]})
+        p["seed_dirs"].append(str(v.out.relative_to(out)))
+    return build_sweep(out, {"recipe": loaded.recipe.name, "keys": [k for k, _ in grid],
+                             "values": {k: texts for k, texts in grid},
+                             "seeds": sorted({v.seed for v in variants}), "points": list(points.values())})

@@ -1,0 +1,164 @@
+"""The report of `mopd sweep`: each grid point's normalized score with its 95% interval, one table and one plot
+per swept key, and the best setting per distillation objective.
+
+A point's score is the normalized score of the recipe's report student in each of the point's seed run
+directories (recovery against the student's start and teachers, as report.md computes it), averaged over seeds;
+its interval resamples seeds and held-out prompts and its ± is the evaluation standard error
+(`report.compare_intervals`). Reads only the run directories' files, from the plain description the recipe
+layer passes in (`recipe.sweep`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from mopd.report.build import atomic_write
+from mopd.report.compare import fmt_cell
+from mopd.report.compare_intervals import compare_intervals
+from mopd.report.scores import normalized_score, recovery
+from mopd.report.tables import MISSING, Table, read_final_eval
+
+DPI = 110
+
+
+def _seed_score(run_dir: Path, point: dict[str, Any]) -> float | None:
+    def scores(stage: str) -> dict[str, float | None]:
+        return {d: v.get("score") for d, v in (read_final_eval(run_dir / stage) or {}).items()}
+
+    start, student = scores(point["start"]), scores(point["student"])
+    teacher = {d: scores(t).get(d) for d, t in point["teachers"].items()}
+    return normalized_score(recovery(start.get(d), teacher[d], student.get(d)) for d in teacher)
+
+
+def score_point(out: Path, point: dict[str, Any]) -> dict[str, Any]:
+    """The point with its per-seed and mean normalized score and its interval cell."""
+    dirs = [Path(out) / d for d in point["seed_dirs"]]
+    per_seed = [_seed_score(d, point) for d in dirs]
+    mean = None if any(x is None for x in per_seed) else sum(per_seed) / len(per_seed)  # type: ignore[misc]
+    plan = {"start": point["start"], "teachers": point["teachers"],
+            "methods": {"student": {"stage": point["student"]}}}
+    cell = compare_intervals(dirs, plan, None)["methods"].get("student", {}).get("normalized")
+    return {**point, "normalized_score": mean, "per_seed": per_seed, "interval": cell}
+
+
+def best_per_objective(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """objective -> the point with the highest mean normalized score among the points with that objective."""
+    best: dict[str, dict[str, Any]] = {}
+    for p in points:
+        if p["normalized_score"] is None:
+            continue
+        key = str(p["objective"])
+        if key not in best or p["normalized_score"] > best[key]["normalized_score"]:
+            best[key] = {"point": p["name"], "settings": p["settings"], "normalized_score": p["normalized_score"],
+                         "interval": p["interval"]}
+    return best
+
+
+def _others(point: dict[str, Any], key: str) -> str:
+    return ", ".join(f"{k}={t}" for k, t in point["settings"].items() if k != key) or "score"
+
+
+def key_table(points: list[dict[str, Any]], key: str, values: list[str]) -> Table:
+    """Rows: the key's values; columns: each setting of the other swept keys."""
+    columns = list(dict.fromkeys(_others(p, key) for p in points))
+    cell = {(p["settings"][key], _others(p, key)): fmt_cell(p["normalized_score"], p["interval"]) for p in points}
+    rows = [[f"`{v}`", *(cell.get((v, c), MISSING) for c in columns)] for v in values]
+    return Table([key, *columns], rows)
+
+
+def _numeric(values: list[str]) -> list[float] | None:
+    try:
+        xs = [float(v) for v in values]
+    except ValueError:
+        return None
+    return xs if all(math.isfinite(x) for x in xs) else None
+
+
+def render_key_plot(points: list[dict[str, Any]], key: str, values: list[str], title: str) -> bytes:
+    """Normalized score against the key's values (log scale when they are positive numbers spanning more than a
+    factor of 10), one line with 95% error bars per setting of the other keys."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    nums = _numeric(values)
+    log = nums is not None and min(nums) > 0 and max(nums) / min(nums) > 10
+    xs = nums if nums is not None else list(range(len(values)))
+    fig = Figure(figsize=(6.4, 4.2), dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, other in enumerate(dict.fromkeys(_others(p, key) for p in points)):
+        line = [(xs[values.index(p["settings"][key])], p) for p in points
+                if _others(p, key) == other and p["normalized_score"] is not None]
+        if not line:
+            continue
+        ys = [p["normalized_score"] for _, p in line]
+        cis = [(p["interval"] or {}).get("ci") or [y, y] for y, (_, p) in zip(ys, line, strict=True)]
+        err = [[max(0.0, y - ci[0]) for y, ci in zip(ys, cis, strict=True)],
+               [max(0.0, ci[1] - y) for y, ci in zip(ys, cis, strict=True)]]
+        ax.errorbar([x for x, _ in line], ys, yerr=err, marker="o", markersize=4, capsize=3, label=other,
+                    color=f"C{i}")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xticks(xs, values)
+    ax.axhline(1.0, color="0.5", linestyle="--", linewidth=1)
+    ax.set_xlabel(key)
+    ax.set_ylabel("normalized score (95% interval)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def plot_name(key: str) -> str:
+    return "sweep_" + re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".png"
+
+
+def build_sweep(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Write sweep.md, sweep.json and one plot per key into `out`; returns what sweep.json holds. `spec`:
+    {"recipe", "keys", "values": {key: [as typed]}, "seeds", "points": [{"name", "settings", "seed_dirs",
+    "start", "teachers", "student", "objective"}]}."""
+    out = Path(out)
+    points = [score_point(out, p) for p in spec["points"]]
+    result = {**spec, "points": points, "best": best_per_objective(points),
+              "plots": {k: plot_name(k) for k in spec["keys"]}}
+    for key in spec["keys"]:
+        atomic_write(out / plot_name(key), render_key_plot(points, key, spec["values"][key],
+                                                          f"{spec['recipe']}: sweep of {key}"))
+    atomic_write(out / "sweep.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(out / "sweep.md", sweep_markdown(result).encode("utf-8"))
+    return result
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    seeds = result["seeds"]
+    lines = [f"# Sweep: {result['recipe']}\n",
+             f"{len(result['points'])} points x {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
+             f"({', '.join(map(str, seeds))}). Score: the normalized score of the report's student (mean recovery "
+             "of its teachers' gains). Each cell is `mean ±se [lo, hi]`: the mean over seeds, its evaluation "
+             "standard error and a 95% bootstrap interval over seeds and held-out prompts (see README, "
+             "\"Seeds, intervals and significance\").\n", "## Best setting per objective\n"]
+    for objective, b in result["best"].items():
+        settings = ", ".join(f"`{k}={t}`" for k, t in b["settings"].items())
+        lines.append(f"- objective `{objective}`: {settings}: {fmt_cell(b['normalized_score'], b['interval'])}")
+    if not result["best"]:
+        lines.append("- no point has a defined score (did the teachers beat the start?)")
+    lines.append("")
+    for key in result["keys"]:
+        lines.append(f"## {key}\n")
+        lines.append(key_table(result["points"], key, result["values"][key]).markdown())
+        lines.append(f"![{key}]({result['plots'][key]})\n")
+    lines.append("## Every point\n")
+    rows = [[p["name"], str(p["objective"]), fmt_cell(p["normalized_score"], p["interval"]),
+             " ".join("—" if x is None else f"{x:.3f}" for x in p["per_seed"]), ", ".join(p["seed_dirs"])]
+            for p in result["points"]]
+    lines.append(Table(["point", "objective", "normalized score", "per seed", "run directories"], rows).markdown())
+    return "\n".join(lines)

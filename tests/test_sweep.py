@@ -1,0 +1,166 @@
+"""`mopd sweep` and recipe variants: every bad input is one line before any compute; a 2-point sweep trains the
+shared parents once, writes its table and plots, and resumes after losing one point's result (seconds)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mopd.cli import app
+from mopd.core.errors import RecipeError
+from mopd.recipe.load import load_recipe
+from mopd.recipe.variants import key_path, parse_assignment, parse_grid, parse_value, plan_variants
+
+from .mini_compare import recipe
+
+MINI = recipe(
+    """\
+    student: {kind: mopd, init: sft, teachers: {reversal: teacher_rev, sorting: teacher_sort}, steps: 2,
+              batch_size: 2, group_size: 2}
+    """
+)
+
+
+def _write(tmp_path: Path, text: str = MINI) -> Path:
+    path = tmp_path / "mini.yaml"
+    path.write_text(text)
+    return path
+
+
+def _invoke(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def test_values_are_read_as_typed() -> None:
+    assert [parse_value(t) for t in ("3", "1e-4", "0.5", "true", "sampled", "null")] == [3, 1e-4, 0.5, True,
+                                                                                          "sampled", None]
+    assert parse_assignment("student.lr=1e-4, 3e-4") == ("student.lr", ["1e-4", "3e-4"])
+
+
+def test_keys_name_a_stage_setting_or_a_top_level_key() -> None:
+    raw = {"stages": {"student": {"kind": "mopd"}}}
+    assert key_path(raw, "student.lr") == ("stages", "student", "lr")
+    assert key_path(raw, "eval.size") == ("eval", "size")
+    for key, needle in [("studnet.lr", "neither a stage (student) nor a top-level"), ("student", "names a stage"),
+                        ("seed", "use --seeds"), ("student..lr", "empty part")]:
+        with pytest.raises(RecipeError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            key_path(raw, key)
+    with pytest.raises(RecipeError, match="set twice"):
+        parse_grid(["student.lr=1", "student.lr=2"])
+
+
+def test_variants_keep_identities_of_what_they_do_not_change(tmp_path: Path) -> None:
+    from mopd.recipe.identity import stage_identities
+
+    loaded = load_recipe(_write(tmp_path))
+    variants = plan_variants(loaded, tmp_path / "out", 2, [("student.lr", ["1e-3", "2e-3"])])
+    assert [(v.name, v.seed) for v in variants] == [("student.lr=1e-3", 0), ("student.lr=1e-3", 1),
+                                                    ("student.lr=2e-3", 0), ("student.lr=2e-3", 1)]
+    assert variants[2].out == tmp_path / "out" / "student.lr=2e-3" / "seed-0"
+    ids = [stage_identities(v.loaded) for v in variants]
+    assert ids[0]["sft"] == ids[2]["sft"] != ids[1]["sft"]  # same seed: parents shared across points
+    assert ids[0]["student"] != ids[2]["student"]
+    assert variants[0].loaded.recipe.stages["student"].lr == 1e-3
+    assert stage_identities(loaded) == ids[0] | {"student": stage_identities(loaded)["student"]}
+    assert not (tmp_path / "out").exists()  # planning writes nothing
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "student.lrr=1e-3"], "--set student.lrr=1e-3: stages.student.lrr: unknown key"),
+        (["--set", "studnet.lr=1e-3"], "'studnet' is neither a stage"),
+        (["--set", "student.lr=abc"], "--set student.lr=abc: stages.student.lr: Input should be a valid number"),
+        (["--set", "student.lr=1e-3,-1"], "--set student.lr=-1: stages.student.lr: Input should be greater than 0"),
+        (["--set", "student.lr="], "empty value"),
+        (["--set", "student.lr=1e-3,"], "empty value"),
+        (["--set", "student.lr"], "expected KEY=VALUE"),
+        (["--set", "student.lr=1e-3", "--seeds", "0"], "--seeds 0: must be at least 1"),
+        ([], "give at least one --set"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_before_any_compute(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = tmp_path / "out"
+    line = _one_error_line(_invoke("sweep", _write(tmp_path), *args, "--out", out))
+    assert needle in line, line
+    assert not out.exists()
+
+
+def test_compare_refuses_zero_seeds_in_one_line(tmp_path: Path) -> None:
+    text = MINI + "compare: {start: sft, teachers: {reversal: teacher_rev, sorting: teacher_sort}, " \
+                  "methods: {MOPD: student}}\n"
+    out = tmp_path / "out"
+    assert "--seeds 0: must be at least 1" in _one_error_line(
+        _invoke("compare", _write(tmp_path, text), "--seeds", "0", "--out", out))
+    assert not out.exists()
+    bad = _write(tmp_path, text.replace("seed: 0\n", "seed: 0\nseeds: 0\n", 1))
+    assert "seeds: Input should be greater than or equal to 1" in _one_error_line(_invoke("compare", bad))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _statuses(run_dir: Path) -> dict[str, str]:
+    return {n: s["status"] for n, s in json.loads((run_dir / "run.json").read_text())["stages"].items()}
+
+
+def test_two_point_sweep_shares_parents_and_resumes(tmp_path: Path) -> None:
+    path, out = _write(tmp_path), tmp_path / "sweep"
+    res = _invoke("sweep", path, "--set", "student.lr=1e-3,2e-3", "--out", out)
+    assert res.exit_code == 0, res.output
+    first, second = out / "student.lr=1e-3", out / "student.lr=2e-3"
+    assert set(_statuses(first).values()) == {"ran"}
+    shared = {"base", "sft", "teacher_rev", "teacher_sort"}
+    assert _statuses(second) == {**dict.fromkeys(shared, "cached"), "student": "ran"}  # parents trained once
+    assert all((second / s).is_symlink() for s in shared) and not (second / "student").is_symlink()
+    result = json.loads((out / "sweep.json").read_text())
+    assert [p["settings"] for p in result["points"]] == [{"student.lr": "1e-3"}, {"student.lr": "2e-3"}]
+    assert [p["seed_dirs"] for p in result["points"]] == [["student.lr=1e-3"], ["student.lr=2e-3"]]
+    assert result["points"][0]["objective"] == "sampled"
+    md = (out / "sweep.md").read_text()
+    assert "## student.lr" in md and "| `1e-3` |" in md and "## Best setting per objective" in md
+    assert (out / "sweep_student.lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    shutil.rmtree(first / "student" / "final")  # one point's result lost (or the point interrupted)
+    again = _invoke("sweep", path, "--set", "student.lr=1e-3,2e-3", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert _statuses(first) == {**dict.fromkeys(shared, "cached"), "student": "ran"}
+    assert set(_statuses(second).values()) == {"cached"}  # the finished point is skipped
+
+
+def test_links_follow_identities_and_a_stale_link_is_replaced(tmp_path: Path) -> None:
+    from mopd.recipe.identity import stage_identities
+    from mopd.recipe.variants import finished_stages, link_shared_stages
+
+    loaded = load_recipe(_write(tmp_path))
+    a, b = plan_variants(loaded, tmp_path / "out", 1, [("student.lr", ["1e-3", "2e-3"])])
+    ids = stage_identities(a.loaded)
+    for name in ("sft", "student"):  # a finished `sft` and `student` in point a (only their lineage matters here)
+        (a.out / name / "final").mkdir(parents=True)
+        (a.out / name / "final" / "mopd.json").write_text(json.dumps({"identity": ids[name]}))
+    b.out.mkdir(parents=True)
+    assert link_shared_stages(b, finished_stages([a.out, b.out])) == ["sft"]  # b's student differs: not linked
+    assert (b.out / "sft").resolve() == (a.out / "sft").resolve() and not (b.out / "student").exists()
+    assert link_shared_stages(b, finished_stages([a.out, b.out])) == []  # already linked
+    (a.out / "sft" / "final" / "mopd.json").write_text(json.dumps({"identity": "0" * 16}))  # a's sft changed
+    (tmp_path / "elsewhere" / "sft" / "final").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "sft" / "final" / "mopd.json").write_text(json.dumps({"identity": ids["sft"]}))
+    assert link_shared_stages(b, finished_stages([a.out, tmp_path / "elsewhere"])) == ["sft"]
+    assert (b.out / "sft").resolve() == (tmp_path / "elsewhere" / "sft").resolve()
