@@ -13,3 +13,12 @@ fi
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 .venv/bin/python -m pip install -q -e ".${extras}"
+# --dev: a headless Chromium from the system's packages, for the test that opens report.html in a real browser
+# (tests/test_report_view.py; Playwright drives it). Skipped, and that test with it, without root or apt-get.
+if [ "${1:-}" = "--dev" ] && ! .venv/bin/python scripts/report_in_browser.py --find >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      chromium-headless-shell fonts-dejavu-core) >/dev/null 2>&1 \
+      || echo "setup: could not install chromium-headless-shell; the browser test of report.html will be skipped"
+  fi
+fi
