@@ -59,7 +59,7 @@ def _cut_student(recipe: Path, out: Path) -> None:
 
     def cut(model, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3 + 2 * 2:  # three teachers x two steps, then the student's first two
+        if calls["n"] == 3 * 2 + 3:  # three teachers x two steps, then the student's third step
             raise KeyboardInterrupt("cut")
         return real(model, *args, **kwargs)
 
@@ -73,7 +73,8 @@ def _cut_student(recipe: Path, out: Path) -> None:
 
 
 def kinds(run: Path) -> dict[str, Path]:
-    """kind -> one file of that kind (the student's where it has one, as it is read by most)."""
+    """kind -> one file of that kind (the student's where it has one, as it is read by most; of resumable
+    checkpoints, the newest)."""
     found: dict[str, Path] = {}
     for f in sorted(run.rglob("*"), key=lambda p: (("student" not in p.parts), str(p))):
         if not f.is_file() or ".superseded" in f.parts:
@@ -81,6 +82,8 @@ def kinds(run: Path) -> dict[str, Path]:
         rel = f.relative_to(run).as_posix()
         kind = re.sub("^(" + "|".join(STAGES) + ")/", "<stage>/", rel)
         kind = re.sub(r"step-\d+", "step-N", kind)
+        if "/checkpoints/" in kind and kind in found and "student" in f.parts:
+            found[kind] = max(found[kind], f)  # the newest resumable checkpoint: the one a resume reads
         found.setdefault(kind, f)
     return found
 

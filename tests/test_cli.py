@@ -31,9 +31,9 @@ def test_threads_option_sets_torch_threads_for_the_run(tmp_path: Path, monkeypat
     seen: list[int] = []
     real = cli._run
 
-    def record(recipe, out):
+    def record(recipe, out, *rest):
         seen.append(torch.get_num_threads())
-        return real(recipe, out)
+        return real(recipe, out, *rest)
 
     monkeypatch.setattr(cli, "_run", record)
     torch.set_num_threads(2)  # so that the option has something to change

@@ -16,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mopd.cli import app
-from mopd.models.integrity import checkpoint_problem, lineage_checksum, sealed_lineage
+from mopd.models.integrity import checkpoint_problem, lineage_checksum, sealed_lineage, stage_output_problem
 from mopd.recipe.load import load_recipe
 from mopd.recipe.runner import run_recipe
 from mopd.stages import run as run_module
@@ -76,13 +76,15 @@ def _edit_eval(p: Path) -> None:  # valid JSON, a plausible number: only the lin
 
 
 DAMAGE = {
-    "weights truncated": ("model.safetensors", _truncate),
-    "weights bit flip": ("model.safetensors", _flip_byte),
-    "config deleted": ("config.json", Path.unlink),
-    "tokenizer garbage": ("tokenizer.json", lambda p: p.write_text("{ garbage")),
-    "lineage garbage": ("mopd.json", lambda p: p.write_text("\x00\x01 not json")),
-    "lineage deleted": ("mopd.json", Path.unlink),
-    "lineage edited": ("mopd.json", _edit_eval),
+    "weights truncated": ("final/model.safetensors", _truncate),
+    "weights bit flip": ("final/model.safetensors", _flip_byte),
+    "config deleted": ("final/config.json", Path.unlink),
+    "tokenizer garbage": ("final/tokenizer.json", lambda p: p.write_text("{ garbage")),
+    "lineage garbage": ("final/mopd.json", lambda p: p.write_text("\x00\x01 not json")),
+    "lineage deleted": ("final/mopd.json", Path.unlink),
+    "lineage edited": ("final/mopd.json", _edit_eval),
+    "metrics truncated": ("metrics.jsonl", _truncate),
+    "metrics deleted": ("metrics.jsonl", Path.unlink),
 }
 
 
@@ -94,18 +96,20 @@ def test_a_finished_stage_that_fails_verification_runs_again_and_nothing_is_dele
     run = tmp_path / "run"
     shutil.copytree(good, run)
     name, damage = DAMAGE[case]
-    bad = run / "base" / "final" / name
+    bad = run / "base" / name
     damage(bad)
     damaged = bad.read_bytes() if bad.exists() else None
-    problem = checkpoint_problem(run / "base" / "final")
+    problem = stage_output_problem(run / "base")
     assert problem is not None and problem.startswith(str(bad)), problem
 
     console = _run(recipe, run)
     assert f"stage 'base': its finished output failed verification ({problem})" in console.replace("\n", "")
     kept = list((run / ".superseded").glob("base-unverified-*"))
     assert len(kept) == 1  # the damaged stage as it was, moved aside, not deleted
-    assert ((kept[0] / "final" / name).read_bytes() if damaged is not None else None) == damaged
-    assert (kept[0] / "metrics.jsonl").read_bytes() == (good / "base" / "metrics.jsonl").read_bytes()
+    assert ((kept[0] / name).read_bytes() if damaged is not None else None) == damaged
+    if name != "final/model.safetensors":  # the undamaged weights went aside with it, byte for byte
+        weights = "final/model.safetensors"
+        assert (kept[0] / weights).read_bytes() == (good / "base" / weights).read_bytes()
     assert checkpoint_problem(run / "base" / "final") is None
     # the rerun is the same computation: the same weights and metrics as the good run
     for f in ("model.safetensors", "config.json", "tokenizer.json"):

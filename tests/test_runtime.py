@@ -64,7 +64,7 @@ def test_the_commands_apply_it_before_running(tmp_path: Path, monkeypatch) -> No
 
     order: list[str] = []
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: order.append("allocator") or True)
-    monkeypatch.setattr(cli, "_run", lambda recipe, out: order.append("run"))
+    monkeypatch.setattr(cli, "_run", lambda recipe, out, log=(): order.append("run"))
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d")])
     assert res.exit_code == 0, res.output
     assert order == ["allocator", "run"]

@@ -1,5 +1,6 @@
-"""The `mopd` command line: run a recipe, run the bundled demo, compare methods, rebuild a report; validate,
-scaffold and score (the commands' work lives in `mopd.cli_tools`; this module only registers them)."""
+"""The `mopd` command line: run a recipe, run the bundled demo, compare methods (over seeds), sweep settings,
+rebuild a report; validate, scaffold and score (the commands' work lives in `mopd.cli_tools` and, for compare
+and sweep, `mopd.recipe.sweep`; this module only registers them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .cli_tools.bundled import bundled_recipe
 
@@ -17,13 +19,30 @@ console = Console()
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # `mopd[wandb]` as written
     raise typer.Exit(2)
 
 
 THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core). Use 1 per process when several "
                 "recipes share a few cores: their OpenMP threads otherwise wait on each other. Results are "
                 "reproducible for a given thread count")
+
+
+LOG_HELP = ("also send every metric to this experiment tracker (repeatable): tensorboard, wandb, trackio, mlflow; "
+            "adds to the recipe's `logging:` (each needs its extra: pip install 'mopd[tensorboard]')")
+
+
+def _with_log(loaded, log: list[str]) -> None:
+    """`--log NAME`: turn trackers on over the recipe's `logging:`; one not installed fails here, before compute."""
+    from .tracking import missing_extra, with_trackers
+
+    try:
+        loaded.recipe.logging = with_trackers(loaded.recipe.logging, log)
+    except ValueError as e:
+        _fail(f"--log: {e}")
+    for name in log:
+        if why := missing_extra(name):
+            _fail(f"--log {name}: {why}")
 
 
 def _prepare_process(threads: int | None) -> None:
@@ -53,13 +72,14 @@ def _run_or_fail(loaded, out: Path) -> dict | None:
     return None
 
 
-def _run(recipe: Path, out: Path | None) -> None:
+def _run(recipe: Path, out: Path | None, log: list[str]) -> None:
     from .recipe.load import RecipeError, load_recipe
 
     try:
         loaded = load_recipe(recipe)
     except RecipeError as e:
         _fail(str(e))
+    _with_log(loaded, log)
     out = out or Path("runs") / loaded.recipe.name
     summary = _run_or_fail(loaded, out)
     if summary is not None:
@@ -74,57 +94,117 @@ def example(*lines: str) -> str:
 
 
 @app.command(epilog=example("mopd run my_recipe.yaml --out runs/mine",
-                            "mopd run src/mopd/recipes/demo.yaml --threads 1"))
+                            "mopd run src/mopd/recipes/demo.yaml --threads 1 --log tensorboard"))
 def run(
     recipe: Path = typer.Argument(..., help="the recipe YAML file"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    log: list[str] = typer.Option([], "--log", help=LOG_HELP),
 ) -> None:
     """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
     _prepare_process(threads)
-    _run(recipe, out)
+    _run(recipe, out, log)
 
 
 @app.command(epilog=example("mopd demo", "mopd demo --out runs/demo2 --threads 1"))
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    log: list[str] = typer.Option([], "--log", help=LOG_HELP),
 ) -> None:
     """The bundled demo: tiny base -> SFT -> one RL teacher per domain -> MOPD student, on this CPU."""
     _prepare_process(threads)
-    _run(bundled_recipe("demo"), out)
+    _run(bundled_recipe("demo"), out, log)
 
 
-@app.command(epilog=example("mopd compare compare", "mopd compare my_compare.yaml --out runs/cmp"))
-def compare(
-    recipe: Path = typer.Argument(..., help="a recipe with a `compare:` block (bundled: compare)"),
-    out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
-) -> None:
-    """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
-    compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods."""
-    from .recipe.compare import compare_plan
+SEEDS_HELP = ("run every method for N seeds (the recipe's seed, seed+1, ...), each in OUT/seed-<s>/, and report "
+              "means with 95% intervals (default: the recipe's `seeds`, 1)")
+
+
+def _load_or_fail(recipe: Path):
+    """A recipe path (or a bundled recipe's name) loaded, every mistake one line (exit 2)."""
     from .recipe.load import RecipeError, load_recipe
 
     if not recipe.exists() and bundled_recipe(str(recipe)).exists():
         recipe = bundled_recipe(str(recipe))
     try:
-        loaded = load_recipe(recipe)
+        return load_recipe(recipe)
     except RecipeError as e:
         _fail(str(e))
+
+
+@app.command(epilog=example("mopd compare compare", "mopd compare my_compare.yaml --out runs/cmp",
+                            "mopd compare compare --seeds 3"))
+def compare(
+    recipe: Path = typer.Argument(..., help="a recipe with a `compare:` block (bundled: compare)"),
+    out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
+    seeds: int | None = typer.Option(None, "--seeds", help=SEEDS_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+) -> None:
+    """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
+    compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
+    from .recipe.compare import compare_plan
+    from .recipe.load import RecipeError
+    from .recipe.sweep import compare_seeds, seed_count
+
+    loaded = _load_or_fail(recipe)
     if loaded.recipe.compare is None:
         _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
-    _prepare_process(threads)
-    from .report.compare import build_compare
-
     out = out or Path("runs") / loaded.recipe.name
-    _run_or_fail(loaded, out)
-    result = build_compare(out, compare_plan(loaded))
+    try:
+        n = seed_count(seeds, loaded)
+        if n > 1:
+            _prepare_process(threads)
+            result = compare_seeds(loaded, out, n, _run_or_fail)
+    except RecipeError as e:
+        _fail(str(e))
+    if n == 1:
+        _prepare_process(threads)
+        from .report.compare import build_compare
+
+        _run_or_fail(loaded, out)
+        result = build_compare(out, compare_plan(loaded))
     for label, m in result["methods"].items():
         score = m["normalized_score"]
+        ci = (m.get("normalized_interval") or {}).get("ci")
         console.print(f"{label:<24} normalized score {'n/a' if score is None else f'{score:.3f}'}"
-                      f"  student samples {m['samples']:,}")
+                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  student samples {m['samples']:,}")
     console.print(f"table: {out / 'compare.md'}")
+
+
+@app.command(epilog=example("mopd sweep my_recipe.yaml --set student.lr=1e-4,3e-4,1e-3 "
+                            "--set student.objective=sampled,full_reverse_kl --seeds 3",
+                            "mopd sweep demo --set student.steps=20,40 --out runs/steps"))
+def sweep(
+    recipe: Path = typer.Argument(..., help="the recipe YAML file (or a bundled recipe's name)"),
+    assignments: list[str] = typer.Option([], "--set", help="KEY=V1,V2,...: a swept setting; KEY is stage.key "
+                                          "(student.lr) or a top-level key (eval.size); repeat for a grid"),
+    out: Path | None = typer.Option(None, "--out", help="sweep directory (default: runs/<recipe name>-sweep)"),
+    seeds: int | None = typer.Option(None, "--seeds", help="seeds per point (default: the recipe's `seeds`, 1)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+) -> None:
+    """Run a grid of recipe variants, one point after another, and write sweep.md, sweep.json and one
+    sweep_<key>.png per swept key, naming the best setting per objective with its 95% interval.
+
+    Every variant is checked before any compute (a bad key or value is one line, exit 2). Points share their
+    unchanged parents (trained once); a rerun skips finished points and resumes an interrupted one."""
+    from .recipe.load import RecipeError
+    from .recipe.sweep import seed_count
+    from .recipe.sweep import sweep as run_sweep
+
+    loaded = _load_or_fail(recipe)
+    out = out or Path("runs") / f"{loaded.recipe.name}-sweep"
+    try:
+        n = seed_count(seeds, loaded)
+        _prepare_process(threads)
+        result = run_sweep(loaded, out, assignments, n, _run_or_fail)
+    except RecipeError as e:
+        _fail(str(e))
+    for objective, b in result["best"].items():
+        ci = (b.get("interval") or {}).get("ci")
+        console.print(f"best for objective {objective}: {b['point']}  normalized score {b['normalized_score']:.3f}"
+                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), highlight=False, soft_wrap=True)
+    console.print(f"table: {out / 'sweep.md'}")
 
 
 @app.command(epilog=example("mopd report runs/demo"))

@@ -18,6 +18,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 LINEAGE_FILE = "mopd.json"
+# a stage directory's outputs: its final checkpoint, the snapshots it keeps, and its metrics log, whose size and
+# sha256 the final lineage records under METRICS_KEY (the log is complete once the final checkpoint is written)
+FINAL_DIR = "final"
+SNAPSHOTS_DIR = "snapshots"
+METRICS_FILE = "metrics.jsonl"
+METRICS_KEY = "metrics_log"
 FILES_KEY = "files"
 CHECKSUM_KEY = "checksum"
 # what a pre-checksum directory must hold besides mopd.json: a model (config.json) or an eval stage's scores
@@ -95,5 +101,24 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
-def is_verified_checkpoint(directory: Path) -> bool:
-    return checkpoint_problem(directory) is None
+def file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def stage_output_problem(stage_dir: Path) -> str | None:
+    """None when a finished stage's outputs are intact: its final checkpoint, each kept snapshot, and the metrics
+    log its final lineage recorded; else one line naming the first file that fails."""
+    stage_dir = Path(stage_dir)
+    final = stage_dir / FINAL_DIR
+    for directory in (final, *sorted((stage_dir / SNAPSHOTS_DIR).glob("step-*"))):
+        if problem := checkpoint_problem(directory):
+            return problem
+    want = json.loads((final / LINEAGE_FILE).read_text(encoding="utf-8")).get(METRICS_KEY)
+    if want is None:  # written before the log was recorded
+        return None
+    log = stage_dir / METRICS_FILE
+    if not log.is_file():
+        return f"{log}: missing"
+    if file_record(log) != want:
+        return f"{log}: changed since the stage finished (size or sha256 differs from its final lineage)"
+    return None

@@ -44,6 +44,7 @@ def resolve_stage(
     *,
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
 ) -> ResolvedStage:
     recipe = loaded.recipe
     stage = recipe.stages[name]
@@ -85,5 +86,6 @@ def resolve_stage(
         vllm_memory_fraction=recipe.vllm_memory_fraction,
         on_progress=on_progress,
         on_warning=on_warning,
+        on_record=on_record,
     )
 

@@ -18,6 +18,7 @@ from ..envs import list_domains
 from ..envs.data import DataDomain, DataDomainError
 from ..models.precision import emulated_bfloat16, resolve_placement
 from ..sampling.backend import vllm_unavailable_reason
+from ..tracking import enabled, missing_extra
 from .build import tokenizer_alphabet
 
 Where = Callable[..., str]
@@ -87,6 +88,9 @@ def check_machine(recipe: Recipe, where: Where) -> None:
             raise RecipeError(f"{where('stages', name, 'device')}: `cuda` asked for, but torch sees no CUDA device here")
         if getattr(stage, "lora", None) is not None and importlib.util.find_spec("peft") is None:
             raise RecipeError(f"{where('stages', name, 'lora')}: LoRA needs peft (pip install 'mopd[lora]')")
+    for tracker in enabled(recipe.logging):  # a tracker asked for but not installed: one line, before compute
+        if why := missing_extra(tracker):
+            raise RecipeError(f"{where('logging', tracker)}: {why}")
     if recipe.rollout_backend == "vllm":
         reason = vllm_unavailable_reason()
         if reason:

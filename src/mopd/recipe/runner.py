@@ -21,9 +21,8 @@ from .. import __version__
 from ..core.errors import StageError
 from ..core.schema import MOPDStage
 from ..models.checkpoint import read_lineage, write_json_atomic
-from ..models.integrity import checkpoint_problem
-from ..stages.driver import FINAL
-from ..stages.lineage import SNAPSHOTS
+from ..models.integrity import stage_output_problem
+from ..stages.driver import FINAL, METRICS
 from ..stages.resumable import checkpointed_seconds, supersede
 from ..stages.run import run_stage
 from .identity import stage_identities
@@ -34,6 +33,7 @@ from .resolve import resolve_stage
 from .resources import precision_warnings
 from .run_lock import RunLockedError, run_lock
 from .storage import storage_problem
+from .tracking_run import Trackers, run_trackers
 
 __all__ = ["RunLockedError", "report_block", "run_recipe"]
 
@@ -49,14 +49,13 @@ def report_block(loaded: LoadedRecipe) -> dict | None:
 
 
 def _finished(stage_dir: Path, identity: str, warn: Callable[[str], None]) -> bool:
-    """Whether the stage's outputs (its final directory and kept snapshots) are on disk with `identity` and pass
-    their checksums. Outputs that fail are moved to `.superseded/` (never deleted), with a warning naming the
+    """Whether the stage's outputs (its final directory, kept snapshots and metrics log) are on disk with
+    `identity` and pass their checksums. Outputs that fail are moved to `.superseded/` (never deleted), with a warning naming the
     file, and the stage runs again."""
     final = stage_dir / FINAL
     if not final.exists():
         return False
-    outputs = [final, *sorted((stage_dir / SNAPSHOTS).glob("step-*"))]
-    problem = next((p for p in map(checkpoint_problem, outputs) if p is not None), None)
+    problem = stage_output_problem(stage_dir)
     if problem is None:
         return read_lineage(final).get("identity") == identity
     dest = supersede(stage_dir, stage_dir.parent, f"{stage_dir.name}-unverified")
@@ -86,11 +85,13 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) 
     """Run every stage in dependency order; returns the summary (None if the recipe has no mopd stage).
 
     Holds the run directory's lock throughout (`run_lock`): a second run into it fails at once, in one line."""
-    with run_lock(Path(out)), _storage_errors("run", Path(out)):
-        return _run_locked(loaded, Path(out), console or Console())
+    with run_lock(Path(out)), _storage_errors("run", Path(out)), run_trackers(loaded, Path(out)) as trackers:
+        summary = _run_locked(loaded, Path(out), console or Console(), trackers)
+        trackers.summary(summary)  # experiment trackers: final evals and the report's numbers
+        return summary
 
 
-def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | None:
+def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Trackers) -> dict | None:
     recipe = loaded.recipe
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +154,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
                         on_progress=lambda step, tot, m, task=task: progress.update(
                             task, completed=step, info=_progress_info(m)),
                         on_warning=lambda msg: warn(msg, progress.console),
+                        on_record=trackers.recorder(name),
                     )
                     t0 = time.time() - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
                     run_stage(ctx)
@@ -161,6 +163,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console) -> dict | Non
                     progress.update(task, completed=total)
             stages_info[name] = info
             write_run_json()
+            trackers.replay(name, stage_dir / METRICS)  # what the trackers lack: cached, merge and eval stages
 
     console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}")
     if report_block(loaded) is None:

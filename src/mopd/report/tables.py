@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mopd.models.integrity import checkpoint_problem
+from mopd.models.integrity import stage_output_problem
 from mopd.report.scores import MIN_TEACHER_GAIN, normalized_score, recovery
 
 REQUIRED_RUN_KEYS = ("recipe", "stages", "report")
@@ -116,9 +116,9 @@ def curves_from_rows(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, fl
 
 
 def final_problem(stage_dir: Path) -> str | None:
-    """One line naming the file of <stage>/final that fails its checksums, or None (intact, or not there)."""
-    final = Path(stage_dir) / "final"
-    return checkpoint_problem(final) if (final / "mopd.json").is_file() else None
+    """One line naming the file of a finished stage's outputs (final checkpoint, snapshots, metrics log) that
+    fails its checksums, or None (intact, or the stage has no final output)."""
+    return stage_output_problem(stage_dir) if (Path(stage_dir) / "final" / "mopd.json").is_file() else None
 
 
 def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | None:

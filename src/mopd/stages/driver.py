@@ -24,8 +24,9 @@ import torch
 from ..core.errors import StageError
 from ..eval.evaluate import evaluate
 from ..models.checkpoint import load_trainer_state, save_checkpoint
+from ..models.integrity import FINAL_DIR, METRICS_FILE
 from .guards import DivergenceWatch, nonfinite_message, update_norm
-from .lineage import lineage, snapshot_path
+from .lineage import final_lineage, lineage, snapshot_path
 from .loading import trainable_model, trainable_parameters
 from .resolved import ResolvedStage
 from .resumable import (
@@ -38,8 +39,8 @@ from .resumable import (
 
 # a stage's step: (model, 0-based step) -> (loss, metrics); the one thing a stage kind plugs into `train`
 LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
-FINAL = "final"
-METRICS = "metrics.jsonl"
+FINAL = FINAL_DIR
+METRICS = METRICS_FILE
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> float:
@@ -74,8 +75,9 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
 class MetricsLog:
     """metrics.jsonl of a stage; on resume, lines past the resumed step are dropped (they will be redone)."""
 
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, on_record: Callable[[dict], None] | None = None):
         self.path = path
+        self.on_record = on_record  # each record also goes here (the run's experiment trackers)
         kept: list[str] = []
         if path.exists():
             for line in path.read_text().splitlines():
@@ -90,6 +92,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self.f.write(json.dumps(record, sort_keys=True) + "\n")
         self.f.flush()
+        if self.on_record:
+            self.on_record(record)
 
     def close(self) -> None:
         self.f.close()
@@ -136,7 +140,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
         skipped = int(state.get("skipped", 0))
     watch = DivergenceWatch(ctx.name, ctx.on_warning)
     params = trainable_parameters(model)
-    log = MetricsLog(ctx.stage_dir / METRICS, start)
+    log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record)
     precision = ctx.placement.precision
     t0 = time.time() - checkpointed_seconds(ctx.stage_dir)  # a resumed stage's clock goes on (0 if new)
     try:
@@ -200,6 +204,6 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     finally:
         log.close()
     final = save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
-                            lineage(ctx, s.steps, {"eval": final_eval, **totals}))
+                            final_lineage(ctx, s.steps, {"eval": final_eval, **totals}))
     shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)
     return final

@@ -21,7 +21,7 @@ from ..models.checkpoint import load_model, save_checkpoint
 from ..models.merge import merge_state_dicts
 from ..models.precision import compute_precision
 from .driver import FINAL, METRICS, eval_metrics
-from .lineage import lineage
+from .lineage import final_lineage
 from .resolved import ResolvedStage
 
 
@@ -43,4 +43,4 @@ def run_merge(ctx: ResolvedStage) -> Path:
     record = {"step": 0, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}}
     (ctx.stage_dir / METRICS).write_text(json.dumps(record, sort_keys=True) + "\n")
     return save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
-                           lineage(ctx, 0, {"eval": final_eval, **totals}))
+                           final_lineage(ctx, 0, {"eval": final_eval, **totals}))

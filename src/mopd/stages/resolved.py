@@ -53,6 +53,7 @@ class ResolvedStage:
     vllm_memory_fraction: float  # the recipe's `vllm_memory_fraction`
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None  # (step, total, metrics)
     on_warning: Callable[[str], None] | None = None  # one-line warnings for the console (default: logging)
+    on_record: Callable[[dict], None] | None = None  # each metrics.jsonl record (experiment trackers)
 
     @property
     def domain_map(self) -> dict[str, DomainLike]:

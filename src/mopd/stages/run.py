@@ -15,7 +15,7 @@ from ..models.checkpoint import load_tokenizer, publish_dir, write_json_atomic
 from ..models.prompting import with_pad_token
 from .baselines import run_offpolicy
 from .driver import FINAL, eval_metrics, train
-from .lineage import lineage
+from .lineage import final_lineage
 from .loading import load_placed
 from .merge import run_merge
 from .mopd import run_mopd
@@ -54,7 +54,7 @@ def run_eval(ctx: ResolvedStage) -> Path:
             results[ref] = {d: v for d, v in results[ref].items() if d in s.domains}
     (ctx.stage_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval": results}) + "\n")
     return publish_dir(ctx.stage_dir / FINAL, lambda tmp: write_json_atomic(tmp / "eval.json", results),
-                       lineage(ctx, 0, {"eval": results}))
+                       final_lineage(ctx, 0, {"eval": results}))
 
 
 RUNNERS: dict[str, Callable[[ResolvedStage], Path]] = {

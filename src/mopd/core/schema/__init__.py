@@ -6,9 +6,13 @@ from .recipe import (
     DataFields,
     DomainEntry,
     EvalSettings,
+    LoggingSettings,
+    MlflowSettings,
     Recipe,
     ReportSettings,
     TokenizerSettings,
+    TrackioSettings,
+    WandbSettings,
 )
 from .stages import (
     KINDS,
@@ -42,8 +46,9 @@ from .stages import (
 __all__ = [
     "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeviceName",
     "DistillationObjective", "DistillationSettings", "DType", "DomainEntry", "EvalSettings", "EvalStage",
-    "LoraSettings", "MasterWeights", "MergeStage", "MixRLStage", "MOPDStage", "OffPolicyFTStage",
+    "LoggingSettings", "LoraSettings", "MasterWeights", "MlflowSettings", "MergeStage", "MixRLStage", "MOPDStage",
+    "OffPolicyFTStage",
     "PreflightSettings", "PretrainStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
     "SamplingStage", "SFTStage", "Stage", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
-    "TrainStage", "TrainedStage",
+    "TrackioSettings", "TrainStage", "TrainedStage", "WandbSettings",
 ]

@@ -77,6 +77,41 @@ class DataDomainSpec(Strict):
     code_timeout_s: float = Field(5.0, gt=0, description="wall-clock limit of one sandboxed code run")
 
 
+class WandbSettings(Strict):
+    """Weights & Biases: the run is resumed by an id kept in the run directory (`tracking/state.json`)."""
+
+    project: str | None = Field(None, description="default: the recipe's name")
+    entity: str | None = None
+    mode: Literal["online", "offline"] | None = Field(
+        None, description="offline writes under RUN/tracking/wandb (`wandb sync` uploads it); default: WANDB_MODE"
+    )
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackioSettings(Strict):
+    """trackio: a local SQLite store (trackio's own directory, TRACKIO_DIR), or a Hugging Face Space."""
+
+    project: str | None = Field(None, description="default: the recipe's name")
+    space_id: str | None = Field(None, description="log to this Space instead of the local store only")
+
+
+class MlflowSettings(Strict):
+    """MLflow: by default a SQLite store inside the run directory (RUN/tracking/mlflow.db); no server needed."""
+
+    tracking_uri: str | None = Field(None, description="default: sqlite:///RUN/tracking/mlflow.db")
+    experiment: str | None = Field(None, description="default: the recipe's name")
+
+
+class LoggingSettings(Strict):
+    """Experiment trackers that receive every metrics.jsonl record as `<stage>/<metric>` (each an extra:
+    `pip install 'mopd[tensorboard]'`, ...); `mopd run --log NAME` turns one on with its defaults."""
+
+    tensorboard: bool = Field(False, description="event files under RUN/tracking/tensorboard")
+    wandb: WandbSettings | None = None
+    trackio: TrackioSettings | None = None
+    mlflow: MlflowSettings | None = None
+
+
 DomainEntry = Annotated[
     Annotated[str, Tag("name")] | Annotated[DataDomainSpec, Tag("data")],
     Discriminator(lambda v: "name" if isinstance(v, str) else "data"),
@@ -86,6 +121,11 @@ DomainEntry = Annotated[
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     seed: int = 0
+    seeds: int = Field(
+        1, ge=1, description="`mopd compare` / `mopd sweep`: run every method for this many seeds (seed, seed+1, "
+        "...), each in RUN/seed-<s>/, and report means with 95% intervals; `--seeds` overrides it. `mopd run` "
+        "runs `seed` only",
+    )
     plugins: list[str] = Field(default_factory=list, description="Python files that register domains")
     domains: list[DomainEntry] = Field(
         min_length=1, description="registered domain names, or data domains declared as mappings"
@@ -117,6 +157,7 @@ class Recipe(Strict):
     stages: dict[str, Stage] = Field(min_length=1)
     report: ReportSettings = ReportSettings()
     compare: CompareSettings | None = None
+    logging: LoggingSettings = LoggingSettings()
 
     _data_domains: dict[int, DataDomainSpec] = PrivateAttr(default_factory=dict)
 
