@@ -58,7 +58,8 @@ def _strip(obj):
 
 def fingerprint(out: Path) -> dict[str, str]:
     """What must not depend on kills: file digests of every final checkpoint (the lineage without timings and
-    without its checksum fields, which cover the timings, and with the run directory's path as <RUN>), metrics rows and the summary without timings."""
+    without its checksum fields, which cover the timings; paths in it and in the model card with the run
+    directory as <RUN>), metrics rows and the summary without timings."""
     found: dict[str, str] = {}
     for stage in sorted(p for p in out.iterdir() if (p / "final").is_dir()):
         for f in sorted((stage / "final").rglob("*")):
@@ -68,9 +69,11 @@ def fingerprint(out: Path) -> dict[str, str]:
             if f.name == "mopd.json":
                 # paths inside the run directory differ between runs only by the directory's own name
                 lineage = _strip(json.loads(f.read_text().replace(str(out), "<RUN>")))
-                lineage.pop("checksum", None)
-                lineage.pop("files", None)
+                for bookkeeping in ("checksum", "files", "metrics_log"):  # checksums of files that hold times
+                    lineage.pop(bookkeeping, None)
                 data = json.dumps(lineage, sort_keys=True).encode()
+            elif f.suffix in (".md", ".json"):  # the model card and HF configs may name the run directory
+                data = f.read_text().replace(str(out), "<RUN>").encode()
             else:
                 data = f.read_bytes()
             found[key] = hashlib.sha256(data).hexdigest()
