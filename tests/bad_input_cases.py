@@ -188,6 +188,31 @@ CASES: list[Case] = [
     sub("lora rank zero", TEACH, TEACH + "    lora: {r: 0}\n", 29, "r"),
     sub("lora dropout one", TEACH, TEACH + "    lora: {dropout: 1}\n", 29, "dropout"),
     sub("report student not mopd", "stages:\n", "report: {student: base}\nstages:\n", 5, "base"),
+    # ----- dpo and rejection_sampling (issue 20)
+    sub("dpo policy pairs from one sample", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n"
+        "    group_size: 1\n  student:\n", 29, "group_size >= 2"),
+    sub("dpo beta zero", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n    beta: 0\n"
+        "  student:\n", 29, "beta"),
+    sub("dpo beta negative", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n    beta: -0.1\n"
+        "  student:\n", 29, "beta"),
+    sub("dpo reference unknown", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n"
+        "    reference: bsae\n  student:\n", 29, "bsae"),
+    sub("dpo reference an eval stage", "  student:\n", "  scores:\n    kind: eval\n    models: [base]\n"
+        "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n    reference: scores\n  student:\n", 32,
+        "eval stage"),
+    sub("dpo delta pair weak unknown", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n"
+        "    pairs_from: {strong: teacher_add, weak: nobody}\n  student:\n", 29, "nobody"),
+    sub("dpo loss unknown", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n    loss: hinge\n"
+        "  student:\n", 29, "loss"),
+    sub("rejection threshold above one", "  student:\n", "  rs:\n    kind: rejection_sampling\n    init: base\n"
+        "    steps: 1\n    threshold: 1.5\n  student:\n", 29, "threshold"),
+    sub("rejection threshold negative", "  student:\n", "  rs:\n    kind: rejection_sampling\n    init: base\n"
+        "    steps: 1\n    threshold: -0.5\n  student:\n", 29, "threshold"),
+    sub("rejection n zero", "  student:\n", "  rs:\n    kind: rejection_sampling\n    init: base\n    steps: 1\n"
+        "    n: 0\n  student:\n", 29, "n"),
+    sub("rejection sampler an eval stage", "  student:\n", "  scores:\n    kind: eval\n    models: [base]\n"
+        "  rs:\n    kind: rejection_sampling\n    init: base\n    steps: 1\n    sampler: scores\n  student:\n",
+        32, "eval stage"),
     # ----- plugins
     sub("plugin missing", "seed: 0\n", "seed: 0\nplugins: [./no_such_plugin.py]\n", 3, "no_such_plugin"),
     sub("plugins a string", "seed: 0\n", "seed: 0\nplugins: 7\n", 3, "plugins"),
@@ -197,4 +222,9 @@ CASES: list[Case] = [
     legal("unicode in a comment", "seed: 0\n", "seed: 0  # graine ☃\n"),
     legal("a flow-style stage", "    kind: pretrain\n", "    kind: 'pretrain'\n"),
     legal("scientific notation lr", "    batch_size: 4\n", "    batch_size: 4\n    lr: 3.0e-4\n"),
+    legal("dpo and rejection sampling with defaults", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n"
+          "    steps: 1\n  rs:\n    kind: rejection_sampling\n    init: pref\n    sampler: teacher_add\n    steps: 1\n"
+          "  student:\n"),
+    legal("dpo on delta pairs with group_size 1", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n"
+          "    steps: 1\n    pairs_from: {strong: teacher_add, weak: base}\n    group_size: 1\n  student:\n"),
 ]

@@ -31,9 +31,9 @@ def test_threads_option_sets_torch_threads_for_the_run(tmp_path: Path, monkeypat
     seen: list[int] = []
     real = cli._run
 
-    def record(recipe, out, *rest):
+    def record(recipe, out, *rest, **options):
         seen.append(torch.get_num_threads())
-        return real(recipe, out, *rest)
+        return real(recipe, out, *rest, **options)
 
     monkeypatch.setattr(cli, "_run", record)
     torch.set_num_threads(2)  # so that the option has something to change

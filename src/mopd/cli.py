@@ -32,6 +32,13 @@ LOG_HELP = ("also send every metric to this experiment tracker (repeatable): ten
             "adds to the recipe's `logging:` (each needs its extra: pip install 'mopd[tensorboard]')")
 
 
+EXECUTOR_HELP = ("local: stages one after another in this process; ray: each stage whose parents finished as a Ray "
+                 "task with its `resources`, independent stages at the same time (needs mopd[ray]; default: the "
+                 "recipe's `executor`, local)")
+ADDRESS_HELP = ("--executor ray: the Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto; default: a local "
+                "instance); the run directory must be on a filesystem every node sees")
+
+
 def _with_log(loaded, log: list[str]) -> None:
     """`--log NAME`: turn trackers on over the recipe's `logging:`; one not installed fails here, before compute."""
     from .tracking import missing_extra, with_trackers
@@ -59,20 +66,21 @@ def _prepare_process(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_or_fail(loaded, out: Path) -> dict | None:
-    """`run_recipe`, with every error a user can cause or meet mid-run printed as its one line (exit 2)."""
+def _run_or_fail(loaded, out: Path, **executor) -> dict | None:
+    """`run_recipe`, with every error a user can cause or meet mid-run printed as its one line (exit 2);
+    `executor`: run_recipe's executor, address and threads."""
     from .core.errors import StageError
     from .recipe.runner import RunLockedError, run_recipe
     from .teachers.preflight import PreflightError
 
     try:
-        return run_recipe(loaded, out, console)
+        return run_recipe(loaded, out, console, **executor)
     except (PreflightError, StageError, RunLockedError) as e:
         _fail(str(e))
     return None
 
 
-def _run(recipe: Path, out: Path | None, log: list[str]) -> None:
+def _run(recipe: Path, out: Path | None, log: list[str], **executor) -> None:
     from .recipe.load import RecipeError, load_recipe
 
     try:
@@ -81,7 +89,7 @@ def _run(recipe: Path, out: Path | None, log: list[str]) -> None:
         _fail(str(e))
     _with_log(loaded, log)
     out = out or Path("runs") / loaded.recipe.name
-    summary = _run_or_fail(loaded, out)
+    summary = _run_or_fail(loaded, out, **executor)
     if summary is not None:
         score = summary["normalized_score"]
         console.print(f"normalized score: {score:.3f}" if score is not None else "normalized score: n/a")
@@ -100,10 +108,16 @@ def run(
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     log: list[str] = typer.Option([], "--log", help=LOG_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
+    if executor not in (None, "local", "ray"):
+        _fail(f"--executor {executor}: expected local or ray")
+    if address is not None and executor == "local":
+        _fail("--address needs --executor ray")
     _prepare_process(threads)
-    _run(recipe, out, log)
+    _run(recipe, out, log, executor=executor, address=address, threads=threads)
 
 
 @app.command(epilog=example("mopd demo", "mopd demo --out runs/demo2 --threads 1"))

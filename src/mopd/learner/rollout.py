@@ -1,16 +1,25 @@
-"""Phases 1-2 of the policy step: sample G completions per problem, then reward each with its domain's verifier."""
+"""Phases 1-2 of the policy step: sample G completions per problem, then reward each with its domain's verifier;
+and the best of n verified samples per problem (rejection sampling, off-policy traces)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import torch
 
 from ..core.batch import RolloutBatch
-from ..core.schema import SamplingSettings
 from ..envs import DomainLike, Problem
 from ..models.prompting import RAW, PromptFormat
 from ..sampling.sampler import sample
+
+
+class RolloutSettings(Protocol):
+    """What a rollout reads of a stage's settings (a sampling stage's `SamplingSettings`, a dpo stage)."""
+
+    group_size: int
+    max_new_tokens: int
+    top_p: float
 
 
 def rollout(
@@ -18,7 +27,7 @@ def rollout(
     tokenizer,
     problems: list[Problem],
     domains: Mapping[str, DomainLike],
-    sampling: SamplingSettings,
+    sampling: RolloutSettings,
     *,
     temperature: float,
     generator: torch.Generator,
@@ -60,3 +69,35 @@ def rollout(
         metrics[f"reward/{d}"] = float(rewards_B[sel].mean())
     metrics["sampling/temperature"] = temperature
     return batch.with_rewards(rewards_B), metrics
+
+
+def best_of_n(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    domains: Mapping[str, DomainLike],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator,
+    prompt_format: PromptFormat = RAW,
+) -> list[tuple[Problem, float]]:
+    """Each problem's best of `n` answers sampled by `model` (the first of equal rewards), with its verifier
+    reward: a Problem whose `answer` is that completion (what `supervised_loss` trains on).
+
+    One `sample` call over the problems' rows in order (each repeated `n` times), so the answers are a function
+    of the generator's state; n = 1 is one sampled answer per problem.
+    """
+    rows = [p for p in problems for _ in range(n)]
+    batch = sample(model, tokenizer, [p.prompt for p in rows], max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, generator=generator, domains=[p.domain for p in rows],
+                   prompt_format=prompt_format)
+    rewards = [float(domains[p.domain].verify(p, c)) for p, c in zip(rows, batch.completions, strict=True)]
+    best = []
+    for i, p in enumerate(problems):
+        j = max(range(i * n, (i + 1) * n), key=rewards.__getitem__)  # max keeps the first of equal rewards
+        best.append((Problem(prompt=p.prompt, answer=batch.completions[j], domain=p.domain,
+                             difficulty=p.difficulty), rewards[j]))
+    return best

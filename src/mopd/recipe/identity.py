@@ -17,6 +17,7 @@ from .refs import resolve_external, stage_domains, stage_refs, stage_seed
 # stage that finished had none under `stop`), not what is trained
 SETTINGS_NOT_IN_IDENTITY = {
     "checkpoint_every", "eval_every", "preflight", "micro_batch_size", "logit_chunk", "nonfinite",
+    "resources",  # where and with what a stage runs (the Ray executor), not what it trains
 }
 
 

@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import RecipeError
-from ..core.schema import EvalStage, MergeStage, MOPDStage, OffPolicyFTStage, PretrainStage
+from ..core.schema import (
+    DeltaPairs,
+    DPOStage,
+    EvalStage,
+    MergeStage,
+    MOPDStage,
+    OffPolicyFTStage,
+    PretrainStage,
+    RejectionSamplingStage,
+)
 
 
 def stage_refs(stage) -> list[tuple[tuple, str]]:
@@ -22,6 +31,13 @@ def stage_refs(stage) -> list[tuple[tuple, str]]:
         refs += [(("models", i), m) for i, m in enumerate(stage.models)]
     if isinstance(stage, EvalStage):
         refs += [(("models", i), m) for i, m in enumerate(stage.models)]
+    if isinstance(stage, DPOStage):
+        if stage.reference:
+            refs.append((("reference",), stage.reference))
+        if isinstance(stage.pairs_from, DeltaPairs):
+            refs += [(("pairs_from", "strong"), stage.pairs_from.strong), (("pairs_from", "weak"), stage.pairs_from.weak)]
+    if isinstance(stage, RejectionSamplingStage) and stage.sampler:
+        refs.append((("sampler",), stage.sampler))
     return refs
 
 

@@ -8,31 +8,26 @@ moved aside to `.superseded/` (never deleted), so nothing already saved is lost.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
 
 from .. import __version__
-from ..core.errors import StageError
 from ..core.schema import MOPDStage
-from ..models.checkpoint import read_lineage, write_json_atomic
-from ..models.integrity import stage_output_problem
-from ..stages.driver import FINAL, METRICS
-from ..stages.resumable import checkpointed_seconds, supersede
+from ..models.checkpoint import write_json_atomic
+from ..stages.driver import METRICS
+from ..stages.resumable import supersede
 from ..stages.run import run_stage
 from .identity import stage_identities
 from .load import LoadedRecipe
 from .progress import stage_progress
-from .refs import init_ref, stage_domains
-from .resolve import resolve_stage
 from .resources import precision_warnings
 from .run_lock import RunLockedError, run_lock
-from .storage import storage_problem
+from .stage_step import run_stage_step, storage_errors
 from .tracking_run import Trackers, run_trackers
 
 __all__ = ["RunLockedError", "report_block", "run_recipe"]
@@ -48,50 +43,30 @@ def report_block(loaded: LoadedRecipe) -> dict | None:
     return {"start": s.init, "student": student, "teachers": dict(s.teachers)}
 
 
-def _finished(stage_dir: Path, identity: str, warn: Callable[[str], None]) -> bool:
-    """Whether the stage's outputs (its final directory, kept snapshots and metrics log) are on disk with
-    `identity` and pass their checksums. Outputs that fail are moved to `.superseded/` (never deleted), with a warning naming the
-    file, and the stage runs again."""
-    final = stage_dir / FINAL
-    if not final.exists():
-        return False
-    problem = stage_output_problem(stage_dir)
-    if problem is None:
-        return read_lineage(final).get("identity") == identity
-    dest = supersede(stage_dir, stage_dir.parent, f"{stage_dir.name}-unverified")
-    warn(f"stage {stage_dir.name!r}: its finished output failed verification ({problem}); moved to {dest}; "
-         "the stage runs again")
-    return False
-
-
-def _archive_if_stale(stage_dir: Path, identity: str, out: Path) -> None:
-    if not stage_dir.exists():
-        return
-    if _recorded_identity(stage_dir) != identity:
-        supersede(stage_dir, out, f"{stage_dir.name}-{_recorded_identity(stage_dir)}")
-
-
-def _recorded_identity(stage_dir: Path) -> str:
-    """The identity `stage.json` records, or "unknown" when it is missing or unreadable."""
-    try:
-        marker = json.loads((stage_dir / "stage.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return "unknown"
-    identity = marker.get("identity") if isinstance(marker, dict) else None
-    return identity if isinstance(identity, str) and re.fullmatch(r"[0-9a-f]{16}", identity) else "unknown"
-
-
-def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None) -> dict | None:
+def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None, *, executor: str | None = None,
+               address: str | None = None, threads: int | None = None) -> dict | None:
     """Run every stage in dependency order; returns the summary (None if the recipe has no mopd stage).
 
-    Holds the run directory's lock throughout (`run_lock`): a second run into it fails at once, in one line."""
-    with run_lock(Path(out)), _storage_errors("run", Path(out)), run_trackers(loaded, Path(out)) as trackers:
-        summary = _run_locked(loaded, Path(out), console or Console(), trackers)
+    `executor` (default: the recipe's `executor`): local runs the stages one after another in this process; ray
+    runs each stage whose parents finished as a Ray task (on the cluster at `address`, or a local instance),
+    with `threads` torch threads per task (default: the stage's `resources.cpus`). Holds the run directory's
+    lock throughout (`run_lock`): a second run into it fails at once, in one line."""
+    executor = executor or loaded.recipe.executor
+    with ExitStack() as stack:
+        if executor == "ray":  # the extra, the address and the stages' resources: one line before compute
+            from .executor_ray import ray_cluster
+
+            stack.enter_context(ray_cluster(loaded, address))
+        stack.enter_context(run_lock(Path(out)))
+        stack.enter_context(storage_errors("run", Path(out)))
+        trackers = stack.enter_context(run_trackers(loaded, Path(out)))
+        summary = _run_locked(loaded, Path(out), console or Console(), trackers, executor, threads)
         trackers.summary(summary)  # experiment trackers: final evals and the report's numbers
         return summary
 
 
-def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Trackers) -> dict | None:
+def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Trackers, executor: str = "local",
+                threads: int | None = None) -> dict | None:
     recipe = loaded.recipe
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +86,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
             "recipe_path": str(loaded.path.resolve()),
             "seed": recipe.seed,
             "version": __version__,
+            "executor": executor,
             "wall_seconds": round(sum(v.get("wall_seconds", 0.0) for v in stages_info.values()), 2),
             "order": loaded.order,
             "stages": stages_info,
@@ -121,70 +97,54 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     if loaded.path.resolve() != (out / "recipe.yaml").resolve():
         shutil.copyfile(loaded.path, out / "recipe.yaml")
 
-    def warn(msg: str, console: Console = console) -> None:
-        console.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
-
     for msg in precision_warnings(recipe):  # before any stage spends compute
-        warn(msg)
-    with stage_progress(console) as progress:
-        for name in loaded.order:
-            stage = recipe.stages[name]
-            stage_dir = out / name
-            info = {
-                "kind": stage.kind,
-                "init": init_ref(stage),
-                "teachers": dict(teachers) if isinstance(teachers := getattr(stage, "teachers", None), dict) else None,
-                "domains": stage_domains(stage, recipe),
-                "identity": ids[name],
-            }
-            total = getattr(stage, "steps", 1)
-            task = progress.add_task(name, total=total, info="")
-            with _storage_errors(f"stage {name!r}", out):
-                if _finished(stage_dir, ids[name], lambda msg: warn(msg, progress.console)):
-                    prior = stages_info.get(name, {})  # the earlier run's entry, kept only with the same identity
-                    info["wall_seconds"] = prior.get("wall_seconds", 0.0)
-                    info["status"] = "cached"
-                    progress.update(task, completed=total, info="[dim]finished earlier (same identity): skipped")
-                else:
-                    _archive_if_stale(stage_dir, ids[name], out)
-                    stage_dir.mkdir(parents=True, exist_ok=True)
-                    write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": stage.kind})
-                    ctx = resolve_stage(
-                        loaded, name, out, ids,
-                        on_progress=lambda step, tot, m, task=task: progress.update(
-                            task, completed=step, info=_progress_info(m)),
-                        on_warning=lambda msg: warn(msg, progress.console),
-                        on_record=trackers.recorder(name),
-                    )
-                    t0 = time.time() - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
-                    run_stage(ctx)
-                    info["wall_seconds"] = round(time.time() - t0, 2)
-                    info["status"] = "ran"
-                    progress.update(task, completed=total)
-            stages_info[name] = info
-            write_run_json()
-            trackers.replay(name, stage_dir / METRICS)  # what the trackers lack: cached, merge and eval stages
+        _warn(console, msg)
 
+    def record(name: str, info: dict) -> None:
+        stages_info[name] = info
+        write_run_json()
+        trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
+
+    if executor == "ray":
+        from .executor_ray import run_on_ray
+
+        run_on_ray(loaded, out, ids, stages_info, record, console, threads=threads)
+    else:
+        _run_local(loaded, out, ids, stages_info, record, console, trackers)
     console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}")
     if report_block(loaded) is None:
         console.print("no mopd stage in this recipe: report skipped")
         return None
     from ..report import build_report
 
-    with _storage_errors("report", out):
+    with storage_errors("report", out):
         return build_report(out)
 
 
-@contextmanager
-def _storage_errors(what: str, out: Path) -> Iterator[None]:
-    """A full, read-only or forbidden disk under `what` becomes one StageError line; anything else propagates."""
-    try:
-        yield
-    except Exception as e:
-        if isinstance(e, StageError) or (why := storage_problem(e, out)) is None:
-            raise
-        raise StageError(f"{what}: cannot write under {out}: {why}; finished stages and verified checkpoints are "
-                         "kept: free space (or fix permissions) and run the same command again") from None
+def _run_local(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info: dict[str, dict],
+               record: Callable[[str, dict], None], console: Console, trackers: Trackers) -> None:
+    """The local executor: each stage in order, in this process, with a progress bar (or line) per stage."""
+    with stage_progress(console) as progress:
+        for name in loaded.order:
+            total = getattr(loaded.recipe.stages[name], "steps", 1)
+            task = progress.add_task(name, total=total, info="")
+            info = run_stage_step(
+                loaded, name, out, ids, stages_info.get(name, {}),
+                warn=lambda msg: _warn(progress.console, msg),
+                on_progress=lambda step, tot, m, task=task: progress.update(
+                    task, completed=step, info=_progress_info(m)),
+                on_record=trackers.recorder(name),
+                run=run_stage,  # looked up here, so a test can stand in for it
+            )
+            if info["status"] == "cached":
+                progress.update(task, completed=total, info="[dim]finished earlier (same identity): skipped")
+            else:
+                progress.update(task, completed=total)
+            record(name, info)
+
+
+def _warn(console: Console, msg: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
 def _previous_run(run_path: Path, out: Path) -> dict:

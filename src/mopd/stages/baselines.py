@@ -3,6 +3,7 @@
     mix_rl:       the rlvr step on the union of the domains' prompts (no code here: `rl.py` treats it as rlvr)
     cascade_rl:   the rlvr step whose prompts come from one domain at a time, chosen by the step's phase
     offpolicy_ft: each domain's teacher samples its own prompts; the student takes the SFT step on those traces
+                  (`trace_sft_loss`, shared with rejection_sampling)
 
 Everything random is derived from (seed, step), as in every stage, so a resumed stage continues exactly.
 """
@@ -16,9 +17,9 @@ import torch
 
 from ..core.schema import CascadeRLStage, OffPolicyFTStage
 from ..envs import DomainLike, Problem
+from ..learner.rollout import best_of_n
 from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer
-from ..sampling.sampler import sample
 from .driver import LossFn, train
 from .loading import load_placed
 from .problems import ProblemSource, problem_source, step_generator, step_rng
@@ -76,14 +77,23 @@ def offpolicy_loss_fn(ctx: ResolvedStage) -> LossFn:
         problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
         traces, metrics = teacher_traces(problems, s, teachers, step_generator(ctx.seed, step), domains)
         metrics.update({"samples/student": 0, "samples/teacher": len(problems)})
-        if not traces:  # every trace failed verification: no update this step
-            return torch.zeros(()), {"loss": 0.0, **metrics}
-        loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False,
-                                            micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format,
-                                            logit_chunk=s.logit_chunk)
-        return loss, {**sft_metrics, **metrics}
+        return trace_sft_loss(ctx, model, traces, metrics)
 
     return loss_fn
+
+
+def trace_sft_loss(
+    ctx: ResolvedStage, model: torch.nn.Module, traces: list[Problem], metrics: dict[str, float]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The SFT step (answer tokens only) on sampled traces kept by a verifier: offpolicy_ft's teacher traces and
+    rejection_sampling's best-of-n answers. No trace kept: a zero loss without a graph (no update this step)."""
+    s = ctx.settings
+    if not traces:
+        return torch.zeros(()), {"loss": 0.0, **metrics}
+    loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False,
+                                        micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format,
+                                        logit_chunk=s.logit_chunk)
+    return loss, {**sft_metrics, **metrics}
 
 
 def teacher_traces(
@@ -107,16 +117,11 @@ def teacher_traces(
     rewards: list[float] = []
     for name in sorted(by_teacher):
         model, tokenizer = teachers[name]
-        rows = by_teacher[name]
-        batch = sample(model, tokenizer, [p.prompt for p in rows], max_new_tokens=s.max_new_tokens,
-                       temperature=s.temperature, top_p=s.top_p, generator=generator,
-                       domains=[p.domain for p in rows])
-        for p, completion in zip(rows, batch.completions, strict=True):
-            r = float(domains[p.domain].verify(p, completion))
+        for trace, r in best_of_n(model, tokenizer, by_teacher[name], domains, n=1, max_new_tokens=s.max_new_tokens,
+                                  temperature=s.temperature, top_p=s.top_p, generator=generator):
             rewards.append(r)
             if not s.verified_only or r >= s.min_reward:
-                kept.append(Problem(prompt=p.prompt, answer=completion, domain=p.domain,
-                                    difficulty=p.difficulty))
+                kept.append(trace)
     metrics = {
         "offpolicy/teacher_reward": sum(rewards) / max(len(rewards), 1),
         "offpolicy/kept_frac": len(kept) / max(len(problems), 1),

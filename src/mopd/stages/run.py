@@ -14,12 +14,14 @@ from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer, publish_dir, write_json_atomic
 from ..models.prompting import with_pad_token
 from .baselines import run_offpolicy
+from .dpo import run_dpo
 from .driver import FINAL, eval_metrics, train
 from .lineage import final_lineage
 from .loading import load_placed
 from .merge import run_merge
 from .mopd import run_mopd
 from .problems import problem_source, step_rng
+from .rejection import run_rejection_sampling
 from .resolved import ResolvedStage
 from .rl import run_rl
 from .start import starting_model
@@ -65,6 +67,8 @@ RUNNERS: dict[str, Callable[[ResolvedStage], Path]] = {
     "cascade_rl": run_rl,
     "offpolicy_ft": run_offpolicy,
     "mopd": run_mopd,
+    "dpo": run_dpo,
+    "rejection_sampling": run_rejection_sampling,
     "merge": run_merge,
     "eval": run_eval,
 }

@@ -1,5 +1,7 @@
 """The recipe format: every setting, its type and its default, in one place (see `stages.py`, `recipe.py`)."""
 
+from .kinds import KINDS, SamplingStage, Stage, TrainedStage
+from .preference import DeltaPairs, DPOStage, RejectionSamplingStage
 from .recipe import (
     CompareSettings,
     DataDomainSpec,
@@ -15,7 +17,6 @@ from .recipe import (
     WandbSettings,
 )
 from .stages import (
-    KINDS,
     NAME_PATTERN,
     CascadeRLStage,
     DeviceName,
@@ -33,22 +34,21 @@ from .stages import (
     PretrainStage,
     RLVRStage,
     SamplingSettings,
-    SamplingStage,
     SFTStage,
-    Stage,
+    StageResources,
     Strict,
     TeacherPhase,
     TinyModelConfig,
-    TrainedStage,
     TrainStage,
 )
 
 __all__ = [
-    "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeviceName",
+    "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeltaPairs",
+    "DeviceName", "DPOStage",
     "DistillationObjective", "DistillationSettings", "DType", "DomainEntry", "EvalSettings", "EvalStage",
     "LoggingSettings", "LoraSettings", "MasterWeights", "MlflowSettings", "MergeStage", "MixRLStage", "MOPDStage",
     "OffPolicyFTStage",
-    "PreflightSettings", "PretrainStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
-    "SamplingStage", "SFTStage", "Stage", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
+    "PreflightSettings", "PretrainStage", "RejectionSamplingStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
+    "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
     "TrackioSettings", "TrainStage", "TrainedStage", "WandbSettings",
 ]

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
-from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Stage, Strict
+from .kinds import Stage
+from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict
 
 
 class TokenizerSettings(Strict):
@@ -158,6 +159,10 @@ class Recipe(Strict):
     report: ReportSettings = ReportSettings()
     compare: CompareSettings | None = None
     logging: LoggingSettings = LoggingSettings()
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: stages one after another in this process; ray: every stage whose parents are "
+        "finished runs as a Ray task with its `resources` (`--executor` overrides it; needs mopd[ray])",
+    )
 
     _data_domains: dict[int, DataDomainSpec] = PrivateAttr(default_factory=dict)
 

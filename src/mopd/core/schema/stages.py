@@ -7,7 +7,7 @@ so a stage's settings keep one form from the YAML file down to the learner.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -68,6 +68,14 @@ class LoraSettings(Strict):
     )
 
 
+class StageResources(Strict):
+    """What one stage asks of the executor: `mopd run --executor ray` schedules it on a worker with these free;
+    the local executor runs stages one at a time and ignores it. Not part of a stage's identity."""
+
+    cpus: float = Field(1.0, gt=0, description="CPU cores the stage's worker reserves (its torch threads by default)")
+    gpus: float = Field(0.0, ge=0, description="GPUs the stage's worker reserves (fractions share one device)")
+
+
 class TrainStage(Strict):
     init: str | None = Field(None, description="a stage name of this recipe, or a Hugging Face directory / id")
     seed: int | None = Field(None, description="defaults to the recipe seed")
@@ -106,6 +114,7 @@ class TrainStage(Strict):
         "(recomputed in backward), never all positions at once; the same loss and gradient up to float rounding; "
         "null: one block",
     )
+    resources: StageResources = Field(default_factory=StageResources, description="`--executor ray`: CPUs / GPUs this stage reserves")
 
 
 class PretrainStage(TrainStage):
@@ -230,6 +239,7 @@ class MergeStage(Strict):
     models: list[str] = Field(min_length=1, description="the checkpoints to merge (the teachers)")
     method: Literal["average", "task_arithmetic"] = "average"
     lam: float = Field(1.0, description="task-vector scale; task_arithmetic only")
+    resources: StageResources = Field(default_factory=StageResources, description="`--executor ray`: CPUs / GPUs this stage reserves")
 
     @model_validator(mode="after")
     def _lam_only_for_task_arithmetic(self) -> MergeStage:
@@ -331,13 +341,4 @@ class EvalStage(Strict):
     kind: Literal["eval"]
     models: list[str] = Field(min_length=1)
     domains: list[str] | None = None
-
-
-Stage = Annotated[
-    PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MergeStage | MOPDStage
-    | EvalStage,
-    Field(discriminator="kind"),
-]
-KINDS = ("pretrain", "sft", "rlvr", "mix_rl", "cascade_rl", "offpolicy_ft", "merge", "mopd", "eval")
-SamplingStage = RLVRStage | MixRLStage | CascadeRLStage | MOPDStage  # the stages that train on their own rollouts
-TrainedStage = PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MOPDStage
+    resources: StageResources = Field(default_factory=StageResources, description="`--executor ray`: CPUs / GPUs this stage reserves")

@@ -1,0 +1,129 @@
+"""One stage of a run, as every executor runs it: skip it if finished, else archive a stale directory, mark it,
+resolve it and run it (resuming from its newest verified checkpoint).
+
+Why one function: the local executor calls it in the driver process, the Ray executor in a worker, so stage
+identity, skipping, archiving and resume are one code path whatever runs the stages. It takes plain values and
+callbacks and returns the stage's run.json entry (a plain dict), so it crosses a process boundary as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..core.errors import StageError
+from ..models.checkpoint import read_lineage, write_json_atomic
+from ..models.integrity import stage_output_problem
+from ..stages.driver import FINAL
+from ..stages.resolved import ResolvedStage
+from ..stages.resumable import checkpointed_seconds, supersede
+from ..stages.run import run_stage
+from .load import LoadedRecipe
+from .refs import init_ref, stage_domains
+from .resolve import resolve_stage
+from .storage import storage_problem
+
+Warn = Callable[[str], None]
+Progress = Callable[[int, int, dict[str, float]], None]
+
+
+def stage_entry(loaded: LoadedRecipe, name: str, ids: dict[str, str]) -> dict:
+    """The run.json entry of a stage before it runs: kind, start, teachers, domains, identity."""
+    stage = loaded.recipe.stages[name]
+    teachers = getattr(stage, "teachers", None)
+    return {
+        "kind": stage.kind,
+        "init": init_ref(stage),
+        "teachers": dict(teachers) if isinstance(teachers, dict) else None,
+        "domains": stage_domains(stage, loaded.recipe),
+        "identity": ids[name],
+    }
+
+
+def run_stage_step(
+    loaded: LoadedRecipe,
+    name: str,
+    out: Path,
+    ids: dict[str, str],
+    prior: dict,
+    *,
+    warn: Warn,
+    on_progress: Progress | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    run: Callable[[ResolvedStage], Path] = run_stage,
+) -> dict:
+    """Run stage `name` into `out / name` unless it finished with its identity; returns its run.json entry with
+    `status` (cached / ran), `wall_seconds` and the wall-clock `started_at` / `ended_at` (epoch seconds).
+
+    `prior` is the earlier run's entry of this stage (same identity only, else {}): a cached stage keeps its
+    times. Disk errors become one StageError line naming the stage."""
+    stage_dir = Path(out) / name
+    info = stage_entry(loaded, name, ids)
+    with storage_errors(f"stage {name!r}", Path(out)):
+        if finished(stage_dir, ids[name], warn):
+            info["status"] = "cached"
+            for key in ("wall_seconds", "started_at", "ended_at"):
+                info[key] = prior.get(key, 0.0 if key == "wall_seconds" else None)
+            return info
+        archive_if_stale(stage_dir, ids[name], Path(out))
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": info["kind"]})
+        ctx = resolve_stage(loaded, name, Path(out), ids, on_progress=on_progress, on_warning=warn,
+                            on_record=on_record)
+        started = time.time()
+        t0 = started - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
+        run(ctx)
+        ended = time.time()
+    info.update(status="ran", wall_seconds=round(ended - t0, 2), started_at=round(started, 3),
+                ended_at=round(ended, 3))
+    return info
+
+
+def finished(stage_dir: Path, identity: str, warn: Warn) -> bool:
+    """Whether the stage's outputs (its final directory, kept snapshots and metrics log) are on disk with
+    `identity` and pass their checksums. Outputs that fail are moved to `.superseded/` (never deleted), with a
+    warning naming the file, and the stage runs again."""
+    final = stage_dir / FINAL
+    if not final.exists():
+        return False
+    problem = stage_output_problem(stage_dir)
+    if problem is None:
+        return read_lineage(final).get("identity") == identity
+    dest = supersede(stage_dir, stage_dir.parent, f"{stage_dir.name}-unverified")
+    warn(f"stage {stage_dir.name!r}: its finished output failed verification ({problem}); moved to {dest}; "
+         "the stage runs again")
+    return False
+
+
+def archive_if_stale(stage_dir: Path, identity: str, out: Path) -> None:
+    """Move a stage directory saved under another identity to `.superseded/` (never deleted)."""
+    if not stage_dir.exists():
+        return
+    if (recorded := recorded_identity(stage_dir)) != identity:
+        supersede(stage_dir, out, f"{stage_dir.name}-{recorded}")
+
+
+def recorded_identity(stage_dir: Path) -> str:
+    """The identity `stage.json` records, or "unknown" when it is missing or unreadable."""
+    try:
+        marker = json.loads((stage_dir / "stage.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "unknown"
+    identity = marker.get("identity") if isinstance(marker, dict) else None
+    return identity if isinstance(identity, str) and re.fullmatch(r"[0-9a-f]{16}", identity) else "unknown"
+
+
+@contextmanager
+def storage_errors(what: str, out: Path) -> Iterator[None]:
+    """A full, read-only or forbidden disk under `what` becomes one StageError line; anything else propagates."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, StageError) or (why := storage_problem(e, out)) is None:
+            raise
+        raise StageError(f"{what}: cannot write under {out}: {why}; finished stages and verified checkpoints are "
+                         "kept: free space (or fix permissions) and run the same command again") from None
