@@ -1,4 +1,4 @@
-"""The recipe format: every setting, its type and its default, in one place (see `stages.py`, `recipe.py`)."""
+"""The recipe format: every setting, its type and its default (`stages.py`, `preference.py`, `kinds.py`, `recipe.py`)."""
 
 from .kinds import KINDS, SamplingStage, Stage, TrainedStage
 from .preference import DeltaPairs, DPOStage, RejectionSamplingStage
