@@ -131,3 +131,23 @@ def test_identity_changes_only_downstream(tmp_path: Path, mini_recipe: Path) -> 
     assert changed == {"teacher_rev", "student"}
     d["stages"]["teacher_rev"]["checkpoint_every"] = 7  # logging cadence is not identity
     assert stage_identities(load_recipe(_write(tmp_path, d))) == after
+
+
+def test_dpo_reference_with_different_tokenizer(tmp_path: Path) -> None:
+    """A DPO reference scores the policy's token ids: a foreign vocabulary is refused at load, one line."""
+    from mopd.models.tiny import TinyModelConfig, build_tiny_model
+    from mopd.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer("0123456789+=")
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1,
+                                             intermediate_size=16), len(tok), tok, 0)
+    foreign = tmp_path / "foreign_reference"
+    model.save_pretrained(foreign)
+    tok.save_pretrained(foreign)
+    d = _mini()
+    d["stages"]["prefer"] = {"kind": "dpo", "init": "sft", "steps": 1, "reference": str(foreign)}
+    msg = _error(tmp_path, d)
+    assert "stages.prefer.reference" in msg and "different tokenizer from the policy 'sft'" in msg
+    d["stages"]["prefer"]["reference"] = "sft"  # the same lineage: accepted
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(d))
+    assert "prefer" in load_recipe(tmp_path / "ok.yaml").order

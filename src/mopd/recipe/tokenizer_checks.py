@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import RecipeError
-from ..core.schema import MergeStage, MOPDStage
+from ..core.schema import DPOStage, MergeStage, MOPDStage
 from ..models.tokenizer import tokenizer_fingerprint
 from .build import recipe_tokenizer
 from .refs import resolve_external, stage_roots
@@ -47,20 +47,28 @@ def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str | None]:
     return {name: of_root(root) for name, root in roots.items()}
 
 
+def _shared_vocabulary(stage) -> list[tuple[tuple, str]]:
+    """(key path, model) of every model that must read the stage's own token ids: a MOPD stage's teachers, a
+    merge's models, a DPO stage's explicit reference."""
+    if isinstance(stage, MOPDStage):
+        return [(("teachers", d), t) for d, t in stage.teachers.items()]
+    if isinstance(stage, MergeStage):
+        return [(("models", i), m) for i, m in enumerate(stage.models)]
+    if isinstance(stage, DPOStage) and stage.reference is not None:
+        return [(("reference",), stage.reference)]
+    return []
+
+
 def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
-    """A teacher must score the student's token ids, and merged models must share one vocabulary: refuse any
-    teacher (merged model) whose tokenizer differs from the student's (the merge base's)."""
+    """A teacher (a DPO reference) must score the student's (the policy's) token ids, and merged models must share
+    one vocabulary: refuse any whose tokenizer differs from the student's (the merge base's, the policy's)."""
     recipe = loaded.recipe
-    if not any(isinstance(s, MOPDStage | MergeStage) for s in recipe.stages.values()):
+    if not any(_shared_vocabulary(s) for s in recipe.stages.values()):
         return
     fps = tokenizer_fingerprints(loaded)
     for name, stage in recipe.stages.items():
-        if not isinstance(stage, MOPDStage | MergeStage):
-            continue
-        student_fp = fps[name]
-        key = "teachers" if isinstance(stage, MOPDStage) else "models"
-        pairs = stage.teachers.items() if isinstance(stage, MOPDStage) else enumerate(stage.models)
-        for domain, teacher in pairs:
+        student_fp = fps.get(name)
+        for key, teacher in _shared_vocabulary(stage):
             if teacher in recipe.stages:
                 fp = fps[teacher]
             else:
@@ -69,18 +77,21 @@ def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
                     fp = offline_fingerprint(ref)
                 except Exception as e:
                     raise RecipeError(
-                        f"{loaded.where('stages', name, key, domain)}: cannot load the tokenizer of "
-                        f"{teacher!r}: {e}"
+                        f"{loaded.where('stages', name, *key)}: cannot load the tokenizer of {teacher!r}: {e}"
                     ) from None
-            if fp is None or student_fp is None:
-                continue  # a Hub id not cached here: validation never downloads; checked when the stage starts
-            if fp != student_fp and isinstance(stage, MergeStage):
+            if fp is None or student_fp is None or fp == student_fp:
+                continue  # None: a Hub id not cached here (validation never downloads); checked when the stage starts
+            if isinstance(stage, MergeStage):
                 raise RecipeError(
-                    f"{loaded.where('stages', name, key, domain)}: {teacher!r} uses a different tokenizer from the "
+                    f"{loaded.where('stages', name, *key)}: {teacher!r} uses a different tokenizer from the "
                     f"base {stage.base!r}; merging parameters needs the same vocabulary"
                 )
-            if fp != student_fp:
+            if isinstance(stage, DPOStage):
                 raise RecipeError(
-                    f"{loaded.where('stages', name, key, domain)}: teacher {teacher!r} uses a different "
-                    f"tokenizer from the student {stage.init!r}; on-policy distillation needs the same vocabulary"
+                    f"{loaded.where('stages', name, *key)}: reference {teacher!r} uses a different tokenizer from "
+                    f"the policy {stage.init!r}; it would score the policy's token ids as its own"
                 )
+            raise RecipeError(
+                f"{loaded.where('stages', name, *key)}: teacher {teacher!r} uses a different "
+                f"tokenizer from the student {stage.init!r}; on-policy distillation needs the same vocabulary"
+            )
