@@ -19,8 +19,9 @@ environment, thread count and PYTHONHASHSEED, from one copy of the recipe. Then,
 - sha256 of every *.safetensors under each stage (final checkpoint, LoRA adapter, kept snapshots);
 - summary.json and run.json (stage identities, order, report block).
 
-Wall-clock values are dropped before comparing: keys `time`, `wall_seconds`, `elapsed_seconds` and any other
-key ending in `_seconds`. Exit status 0 when everything is identical, 1 otherwise (a difference, a missing
+Wall-clock values are dropped before comparing: keys `time`, `wall_seconds`, `elapsed_seconds`, `started_at`,
+`ended_at` and any other key ending in `_seconds`; so are a lineage's checksums of its own files (`checksum`,
+`files`, `metrics_log`), which cover such values. Exit status 0 when everything is identical, 1 otherwise (a difference, a missing
 file, or a side that failed to run), 130 when interrupted; the worktrees are removed in every case. CUDA is
 hidden from both runs unless `--gpu` (CPU results are the ones that are reproducible bit for bit).
 
@@ -47,7 +48,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "scripts" / "behaviour_recipe.yaml"
-TIMING_KEYS = frozenset({"time", "wall_seconds", "elapsed_seconds"})
+TIMING_KEYS = frozenset({"time", "wall_seconds", "elapsed_seconds", "started_at", "ended_at"})
+# a lineage's checksums of its own files: they cover wall-clock values (the metrics log's `time`, the model card's
+# metrics), so they differ between identical runs; the files they cover are compared themselves
+LINEAGE_BOOKKEEPING = frozenset({"checksum", "files", "metrics_log"})
 STAGE_JSON_FILES = ("final/eval.json", "preflight.json")
 MAX_SHOWN = 160  # characters of a value shown in a difference line
 
@@ -230,8 +234,8 @@ def compare_json(a: Path, b: Path, run_a: Path, run_b: Path, part: str | None = 
     if part == "metrics":
         x, y = x.get("metrics"), y.get("metrics")
     elif part == "lineage":
-        x = {k: v for k, v in x.items() if k != "metrics"}
-        y = {k: v for k, v in y.items() if k != "metrics"}
+        x = {k: v for k, v in x.items() if k != "metrics" and k not in LINEAGE_BOOKKEEPING}
+        y = {k: v for k, v in y.items() if k != "metrics" and k not in LINEAGE_BOOKKEEPING}
     return verdict(list(differences(x, y)))
 
 
