@@ -33,8 +33,8 @@ from mopd.core.schema import MOPDStage
 from mopd.recipe.load import LoadedRecipe, load_recipe
 from mopd.recipe.refs import resolve_external, stage_refs
 from mopd.recipe.runner import run_recipe
+from mopd.report.run_files import read_final_eval
 from mopd.report.scores import normalized_score, recovery
-from mopd.report.tables import read_final_eval
 
 ROOT = Path(__file__).resolve().parent.parent
 # objective name -> the student settings that select it

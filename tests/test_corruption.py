@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,9 @@ from mopd.recipe.runner import run_recipe
 from mopd.stages import run as run_module
 
 from .conftest import MINI_RECIPE
+from .test_hardening import BASE_ONLY
 
-BASE = textwrap.dedent(
-    """\
-    name: tiny
-    domains: [reversal]
-    eval: {size: 4, max_new_tokens: 4}
-    stages:
-      base:
-        kind: pretrain
-        model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}
-        steps: 6
-        batch_size: 4
-        checkpoint_every: 2
-    """
-)
+BASE = BASE_ONLY.replace("    steps: 4\n", "    steps: 6\n")  # checkpoints at steps 2 and 4, then two more steps
 
 
 def _run(recipe: Path, out: Path) -> str:

@@ -84,16 +84,21 @@ def test_mopd_domain_without_teacher(tmp_path: Path) -> None:
     assert "stages.student.teachers" in msg and "'reversal' has no teacher" in msg
 
 
-def test_teacher_with_different_tokenizer(tmp_path: Path) -> None:
+def _foreign_model(directory: Path) -> Path:
+    """A tiny HF model directory with a vocabulary the recipe's models do not share."""
     from mopd.models.tiny import TinyModelConfig, build_tiny_model
     from mopd.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer("0123456789+=")  # a foreign vocabulary
     model = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1,
                                              intermediate_size=16), len(tok), tok, 0)
-    foreign = tmp_path / "foreign_teacher"
-    model.save_pretrained(foreign)
-    tok.save_pretrained(foreign)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_teacher_with_different_tokenizer(tmp_path: Path) -> None:
+    foreign = _foreign_model(tmp_path / "foreign_teacher")
     d = _mini()
     d["stages"]["student"]["teachers"]["addition"] = str(foreign)
     msg = _error(tmp_path, d)
@@ -135,15 +140,7 @@ def test_identity_changes_only_downstream(tmp_path: Path, mini_recipe: Path) -> 
 
 def test_dpo_reference_with_different_tokenizer(tmp_path: Path) -> None:
     """A DPO reference scores the policy's token ids: a foreign vocabulary is refused at load, one line."""
-    from mopd.models.tiny import TinyModelConfig, build_tiny_model
-    from mopd.models.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer("0123456789+=")
-    model = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1,
-                                             intermediate_size=16), len(tok), tok, 0)
-    foreign = tmp_path / "foreign_reference"
-    model.save_pretrained(foreign)
-    tok.save_pretrained(foreign)
+    foreign = _foreign_model(tmp_path / "foreign_reference")
     d = _mini()
     d["stages"]["prefer"] = {"kind": "dpo", "init": "sft", "steps": 1, "reference": str(foreign)}
     msg = _error(tmp_path, d)

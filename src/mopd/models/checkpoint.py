@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import StageError
-from .integrity import LINEAGE_FILE, checkpoint_problem, sealed_lineage
+from .integrity import LINEAGE_FILE, sealed_lineage
 from .lora import is_lora, merged_copy, save_adapter
 from .model_card import write_model_card
 
@@ -99,11 +99,6 @@ def publish_dir(path: Path, fill: Callable[[Path], None], lineage: dict[str, Any
     else:
         os.replace(tmp, path)
     return path
-
-
-def is_checkpoint(path: Path) -> bool:
-    """A complete checkpoint directory whose files all match the checksums its lineage recorded."""
-    return checkpoint_problem(path) is None
 
 
 def read_lineage(path: Path) -> dict[str, Any]:

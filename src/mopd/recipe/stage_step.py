@@ -20,7 +20,7 @@ from ..models.checkpoint import read_lineage, write_json_atomic
 from ..models.integrity import stage_output_problem
 from ..stages.driver import FINAL
 from ..stages.resolved import ResolvedStage
-from ..stages.resumable import checkpointed_seconds, supersede
+from ..stages.resumable import checkpointed_seconds, latest_checkpoint, supersede
 from ..stages.run import run_stage
 from .load import LoadedRecipe
 from .refs import init_ref, stage_domains
@@ -75,7 +75,7 @@ def run_stage_step(
         ctx = resolve_stage(loaded, name, Path(out), ids, on_progress=on_progress, on_warning=warn,
                             on_record=on_record)
         started = time.time()
-        t0 = started - checkpointed_seconds(stage_dir)  # an interrupted stage's earlier time counts
+        t0 = started - checkpointed_seconds(latest_checkpoint(stage_dir))  # an interrupted stage's time counts
         run(ctx)
         ended = time.time()
     info.update(status="ran", wall_seconds=round(ended - t0, 2), started_at=round(started, 3),

@@ -21,16 +21,9 @@ from mopd.report.build import atomic_write
 from mopd.report.compare_intervals import compare_intervals
 from mopd.report.compare_plots import render_bars, render_sample_efficiency
 from mopd.report.compare_seeds import add_intervals, mean_over_seeds
+from mopd.report.run_files import load_run, read_final_eval, read_metrics
 from mopd.report.scores import normalized_score, recovery
-from mopd.report.tables import (
-    MISSING,
-    Table,
-    fmt_duration,
-    fmt_number,
-    load_run,
-    read_final_eval,
-    read_metrics,
-)
+from mopd.report.tables import MISSING, Table, fmt_duration, fmt_number
 
 FILES = ("compare.md", "compare.json", "compare_bars.png", "sample_efficiency.png")
 

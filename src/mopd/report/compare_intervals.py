@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mopd.report.run_files import read_final_eval
 from mopd.report.scores import MIN_TEACHER_GAIN
 from mopd.report.stats import (
     Draws,
@@ -30,7 +31,6 @@ from mopd.report.stats import (
     replicate_means,
     replicate_se,
 )
-from mopd.report.tables import read_final_eval
 
 
 def read_prompt_rewards(stage_dir: Path) -> dict[str, np.ndarray] | None:

@@ -20,8 +20,9 @@ from typing import Any
 from mopd.report.build import atomic_write
 from mopd.report.compare import fmt_cell
 from mopd.report.compare_intervals import compare_intervals
+from mopd.report.run_files import read_final_eval
 from mopd.report.scores import normalized_score, recovery
-from mopd.report.tables import MISSING, Table, read_final_eval
+from mopd.report.tables import MISSING, Table
 
 DPI = 110
 

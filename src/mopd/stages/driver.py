@@ -32,9 +32,8 @@ from .resolved import ResolvedStage
 from .resumable import (
     CHECKPOINTS,
     checkpointed_seconds,
-    latest_checkpoint,
     prune_resumable,
-    set_aside_unverified,
+    resume_point,
 )
 
 # a stage's step: (model, 0-based step) -> (loss, metrics); the one thing a stage kind plugs into `train`
@@ -117,8 +116,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     """
     s = ctx.settings
     torch.manual_seed(ctx.seed)
-    set_aside_unverified(ctx.stage_dir, ctx.name, ctx.on_warning)
-    resume_from = latest_checkpoint(ctx.stage_dir)
+    resume_from = resume_point(ctx.stage_dir, ctx.name, ctx.on_warning)
     model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
     model.train()
     opt = torch.optim.AdamW(trainable_parameters(model), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
@@ -142,7 +140,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     params = trainable_parameters(model)
     log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record)
     precision = ctx.placement.precision
-    t0 = time.time() - checkpointed_seconds(ctx.stage_dir)  # a resumed stage's clock goes on (0 if new)
+    t0 = time.time() - checkpointed_seconds(resume_from)  # a resumed stage's clock goes on (0 if new)
     try:
         for step in range(start, s.steps):
             lr = lr_at(step, s.steps, s.lr, s.warmup_steps, s.schedule)

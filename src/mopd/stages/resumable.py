@@ -44,20 +44,25 @@ def supersede(path: Path, run_dir: Path, label: str) -> Path:
     return dest
 
 
-def set_aside_unverified(stage_dir: Path, stage: str, warn: Callable[[str], None] | None) -> None:
-    """Move every resumable checkpoint newer than the one `latest_checkpoint` picks to `.superseded/`, saying
-    which file failed: a resumed stage must not later pick one of them up."""
+def resume_point(stage_dir: Path, stage: str, warn: Callable[[str], None] | None) -> Path | None:
+    """The newest resumable checkpoint that verifies (None: the stage starts over). Each newer one that fails is
+    moved to `.superseded/` with a warning naming the file, so a later resume cannot pick it up. Every checkpoint
+    is read (hashed) at most once."""
     stage_dir = Path(stage_dir)
-    keep = latest_checkpoint(stage_dir)
+    failed: list[tuple[Path, str]] = []
+    keep = None
     for ckpt in reversed(resumable_checkpoints(stage_dir)):
-        if ckpt == keep:
+        if (problem := checkpoint_problem(ckpt)) is None:
+            keep = ckpt
             break
-        problem = checkpoint_problem(ckpt)
+        failed.append((ckpt, problem))
+    fallback = f"resuming from {keep.name}" if keep else "no verified checkpoint left: the stage starts over"
+    for ckpt, problem in failed:
         dest = supersede(ckpt, stage_dir.parent, f"{stage_dir.name}-{ckpt.name}-unverified")
         if warn:
-            fallback = f"resuming from {keep.name}" if keep else "no verified checkpoint left: the stage starts over"
             warn(f"stage {stage!r}: resumable checkpoint {ckpt.name} failed verification ({problem}); "
                  f"moved to {dest}; {fallback}")
+    return keep
 
 
 def prune_resumable(stage_dir: Path) -> None:
@@ -66,12 +71,11 @@ def prune_resumable(stage_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def checkpointed_seconds(stage_dir: Path) -> float:
-    """Training seconds that the stage's resumable checkpoint already holds (0 without one).
+def checkpointed_seconds(ckpt: Path | None) -> float:
+    """Training seconds that a resumable checkpoint already holds (0 without one).
 
     Why: a resumed stage must report the time it took in all, not that of the invocation that finished it:
     the comparison table charges each method its stages' wall time, and the metrics' `time` axis (sample
     efficiency against wall time) would otherwise restart at zero at the resume.
     """
-    ckpt = latest_checkpoint(stage_dir)
     return float(read_lineage(ckpt)["metrics"].get("elapsed_seconds", 0.0)) if ckpt else 0.0
