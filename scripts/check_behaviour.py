@@ -20,7 +20,8 @@ environment, thread count and PYTHONHASHSEED, from one copy of the recipe. Then,
 - summary.json and run.json (stage identities, order, report block).
 
 Wall-clock values are dropped before comparing: keys `time`, `wall_seconds`, `elapsed_seconds`, `started_at`,
-`ended_at` and any other key ending in `_seconds`; so are a lineage's checksums of its own files (`checksum`,
+`ended_at` and any other key ending in `_seconds`; so are stage settings recorded on one side only (a field a
+newer schema added, named in the line); so are a lineage's checksums of its own files (`checksum`,
 `files`, `metrics_log`), which cover such values. Exit status 0 when everything is identical, 1 otherwise (a difference, a missing
 file, or a side that failed to run), 130 when interrupted; the worktrees are removed in every case. CUDA is
 hidden from both runs unless `--gpu` (CPU results are the ones that are reproducible bit for bit).
@@ -236,7 +237,23 @@ def compare_json(a: Path, b: Path, run_a: Path, run_b: Path, part: str | None = 
     elif part == "lineage":
         x = {k: v for k, v in x.items() if k != "metrics" and k not in LINEAGE_BOOKKEEPING}
         y = {k: v for k, v in y.items() if k != "metrics" and k not in LINEAGE_BOOKKEEPING}
+        added = _drop_one_sided_settings(x, y)
+        result = verdict(list(differences(x, y)))
+        return f"{result} (settings on one side only: {', '.join(added)})" if added and result == "same" else result
     return verdict(list(differences(x, y)))
+
+
+def _drop_one_sided_settings(x: dict, y: dict) -> list[str]:
+    """A stage setting that exists on one side only is a field one version of the schema added: the lineage
+    records it at its default, and if it changed what is trained the metrics and weights show that."""
+    sx, sy = x.get("settings"), y.get("settings")
+    if not isinstance(sx, dict) or not isinstance(sy, dict):
+        return []
+    one_sided = sorted(set(sx) ^ set(sy))
+    for key in one_sided:
+        sx.pop(key, None)
+        sy.pop(key, None)
+    return one_sided
 
 
 def sha256(path: Path) -> str:

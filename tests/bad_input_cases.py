@@ -77,6 +77,7 @@ def legal(id: str, old: str, new: str) -> Case:
 
 
 TEACH = "    teachers: {addition: teacher_add, reversal: teacher_rev}\n"
+STYLE = BASE.replace("domains: [addition, reversal]", "domains: [addition, reversal, style]")  # a judged domain
 BASE_MODEL = "    model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}\n"
 
 CASES: list[Case] = [
@@ -174,7 +175,8 @@ CASES: list[Case] = [
         "teacher_ad"),
     sub("teacher domain not in recipe", TEACH,
         "    teachers: {addition: teacher_add, reversal: teacher_rev, chess: teacher_rev}\n", 28, "chess"),
-    sub("a domain without a teacher", TEACH, "    teachers: {addition: teacher_add}\n", 28, "reversal"),
+    sub("a reward-only domain with a distribution objective", TEACH,
+        "    teachers: {addition: teacher_add}\n    objective: topk\n", 29, "'reversal' has no teacher"),
     sub("teachers empty", TEACH, "    teachers: {}\n", 28, "teacher"),
     sub("teachers a list", TEACH, "    teachers: [teacher_add, teacher_rev]\n", 28, "teachers"),
     sub("stage domain unknown", "    domains: [addition]\n", "    domains: [additon]\n", 14, "additon"),
@@ -187,6 +189,15 @@ CASES: list[Case] = [
         "{until_step: 2, snapshot: final}]\n", 29, "snapshot"),
     sub("lora rank zero", TEACH, TEACH + "    lora: {r: 0}\n", 29, "r"),
     sub("lora dropout one", TEACH, TEACH + "    lora: {dropout: 1}\n", 29, "dropout"),
+    # ----- teacher backends (issue 16, item 2)
+    sub("teacher backend names no teacher", TEACH, TEACH + "    teacher_backends: {teacher_ad: {backend: actor}}\n", 29,
+        "'teacher_ad' is no teacher of this stage"),
+    sub("teacher backend unknown", TEACH, TEACH + "    teacher_backends: {teacher_add: {backend: grpc}}\n", 29,
+        "'grpc'"),
+    sub("teacher url without scheme", TEACH, TEACH + "    teacher_backends: {teacher_add: {backend: http, url: "
+        "'h:8000'}}\n", 29, "url"),
+    sub("http teacher with a full-distribution objective", TEACH, TEACH + "    objective: jsd\n    teacher_backends: "
+        "{teacher_add: {backend: http, url: 'http://h:8000/v1'}}\n", 30, "not the full distribution"),
     sub("report student not mopd", "stages:\n", "report: {student: base}\nstages:\n", 5, "base"),
     # ----- dpo and rejection_sampling (issue 20)
     sub("dpo policy pairs from one sample", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n"
@@ -213,12 +224,48 @@ CASES: list[Case] = [
     sub("rejection sampler an eval stage", "  student:\n", "  scores:\n    kind: eval\n    models: [base]\n"
         "  rs:\n    kind: rejection_sampling\n    init: base\n    steps: 1\n    sampler: scores\n  student:\n",
         32, "eval stage"),
+    # ----- reward models, judges, ppo and reward sources (issue 20)
+    text("ppo without a reward on a judged domain", STYLE.replace("  student:\n", "  tune:\n    kind: ppo\n"
+         "    init: base\n    domains: [style]\n    steps: 1\n  student:\n"), 25, "'style' has no rule-based reward"),
+    text("dpo without pairs on a judged domain", STYLE.replace("  student:\n", "  pref:\n    kind: dpo\n"
+         "    init: base\n    domains: [style]\n    steps: 1\n  student:\n"), 25, "'style' has no rule-based reward"),
+    sub("judge is a reward model", "  student:\n", "  rm:\n    kind: reward_model\n    init: base\n    steps: 1\n"
+        "  tune:\n    kind: rlvr\n    init: base\n    steps: 1\n    reward: {judge: rm, rubric: neat}\n"
+        "  student:\n", 33, "'rm' is a reward model (a sequence classifier), not a causal LM"),
+    sub("reward model is a causal LM", "  student:\n", "  tune:\n    kind: ppo\n    init: base\n    steps: 1\n"
+        "    reward: {reward_model: teacher_add}\n  student:\n", 29, "is not a reward model"),
+    sub("judge without a rubric", "  student:\n", "  tune:\n    kind: rlvr\n    init: base\n    steps: 1\n"
+        "    reward: {judge: base}\n  student:\n", 29, "a judge needs a `rubric`"),
+    sub("judge rubric outside the alphabet", "  student:\n", "  tune:\n    kind: rlvr\n    init: base\n"
+        "    steps: 1\n    reward: {judge: base, rubric: Be neat.}\n  student:\n", 29, "characters '.B' are not in"),
+    sub("reward source unknown", "  student:\n", "  tune:\n    kind: rlvr\n    init: base\n    steps: 1\n"
+        "    reward: rules\n  student:\n", 29, "unknown reward source 'rules'"),
+    sub("pairs dataset missing", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n    steps: 1\n"
+        "    pairs_from: {dataset: no_pairs.jsonl}\n  student:\n", 29, "no such preference dataset"),
+    sub("reward model from one sample", "  student:\n", "  rm:\n    kind: reward_model\n    init: base\n"
+        "    steps: 1\n    group_size: 1\n  student:\n", 29, "group_size >= 2"),
+    sub("ppo clip one", "  student:\n", "  tune:\n    kind: ppo\n    init: base\n    steps: 1\n    clip: 1\n"
+        "  student:\n", 29, "clip"),
+    sub("ppo epochs not dividing checkpoints", "  student:\n", "  tune:\n    kind: ppo\n    init: base\n"
+        "    steps: 4\n    epochs: 3\n  student:\n", 25, "multiple of `epochs`"),
+    sub("a reward model as an init", "  student:\n", "  rm:\n    kind: reward_model\n    init: base\n    steps: 1\n"
+        "  tune:\n    kind: sft\n    init: rm\n    steps: 1\n  student:\n", 31, "'rm' is a reward model: it scores"),
+    sub("ppo critic unknown", "  student:\n", "  tune:\n    kind: ppo\n    init: base\n    steps: 1\n"
+        "    critic: critc\n  student:\n", 29, "critc"),
+    # ----- rollout workers and the data-parallel learner (issue 16)
+    sub("rollout workers zero", "    group_size: 2\n", "    group_size: 2\n    rollout: {workers: 0}\n", 18, "workers"),
+    sub("rollout max_lag negative", "    group_size: 2\n", "    group_size: 2\n    rollout: {max_lag: -1}\n", 18,
+        "max_lag"),
+    sub("learner workers zero", "    group_size: 2\n", "    group_size: 2\n    learner: {workers: 0}\n", 18, "workers"),
+    sub("learner strategy unknown", "    group_size: 2\n", "    group_size: 2\n    learner: {strategy: zero3}\n", 18,
+        "strategy"),
     # ----- plugins
     sub("plugin missing", "seed: 0\n", "seed: 0\nplugins: [./no_such_plugin.py]\n", 3, "no_such_plugin"),
     sub("plugins a string", "seed: 0\n", "seed: 0\nplugins: 7\n", 3, "plugins"),
     # ----- legal, if unusual: these load
     legal("names with dots and dashes", "  student:\n", "  extra-sft.v2:\n    kind: sft\n    init: base\n    steps: 1\n"
           "  student:\n"),
+    legal("a reward-only domain (no teacher: GRPO in the stage)", TEACH, "    teachers: {addition: teacher_add}\n"),
     legal("unicode in a comment", "seed: 0\n", "seed: 0  # graine ☃\n"),
     legal("a flow-style stage", "    kind: pretrain\n", "    kind: 'pretrain'\n"),
     legal("scientific notation lr", "    batch_size: 4\n", "    batch_size: 4\n    lr: 3.0e-4\n"),

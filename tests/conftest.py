@@ -1,4 +1,4 @@
-"""Shared fixtures: a miniature recipe that exercises every stage kind in seconds."""
+"""Shared fixtures: a miniature recipe that exercises every stage kind in seconds, and one local Ray instance."""
 
 from __future__ import annotations
 
@@ -64,3 +64,23 @@ def mini_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "mini.yaml"
     path.write_text(MINI_RECIPE)
     return path
+
+
+def _warm(_: int) -> int:
+    import mopd.recipe.executor_ray  # noqa: F401  the worker's imports (torch, transformers), once
+    return 0
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs, no dashboard) for the whole test session: Ray takes ~10 s to start, so
+    every test that needs it shares this one (the executor, teacher actors, rollout and learner workers). Its
+    two workers import mopd up front, so short stages overlap instead of waiting for a worker to start. Started
+    only when a test asks for it; skipped without the `ray` extra."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    warm = ray.remote(num_cpus=1)(_warm)
+    ray.get([warm.remote(i) for i in range(2)])
+    yield ray
+    ray.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -54,3 +55,31 @@ def test_phase_breakdown_splits_the_whole_step_and_restores_what_it_wraps(roofli
     # backward of the student's matrix multiplies: about twice their forward
     assert 1.5 < gflop["backward"] / gflop["student training forward"] < 2.5
     assert 0 < phases["real_token_fraction"] < 1  # prompts of different lengths are left-padded
+
+
+def test_real_shape_benchmark_runs_both_tools_at_a_miniature_shape(monkeypatch, tmp_path) -> None:
+    """benchmarks/real_shape.py at a miniature of its shape: TRL's DistillationTrainer and mopd's step train the same
+    models on the same prompts, with completion lengths that vary, and the curves plot (an OOM point included)."""
+    pytest.importorskip("trl")
+    monkeypatch.syspath_prepend(str(BENCH))
+    real_shape = importlib.import_module("real_shape")
+    try:
+        real_shape.build(tmp_path, vocab=300, n_teachers=1, student_hidden=16, teacher_hidden=32)
+        args = argparse.Namespace(models=tmp_path, vocab=300, batch=4, completion=12, teachers=1, steps=2, run=0,
+                                  micro_batch=2)
+        runs = {"trl": real_shape._worker_trl(args), "mopd-full": real_shape._worker_mopd(args, "full_reverse_kl", 4)}
+        for tool, res in runs.items():
+            assert len(res["steps"]) == 2, tool
+            for step in res["steps"]:
+                assert step["seconds"] > 0 and step["cpu_seconds"] > 0
+                assert 1 <= step["length_min"] <= step["length_mean"] <= step["length_max"] <= 12, (tool, step)
+        mopd = runs["mopd-full"]["steps"][0]
+        assert mopd["sampling"] + mopd["loss_forward"] + mopd["backward_and_update"] <= mopd["seconds"]
+        assert any(s["length_min"] < s["length_max"] for r in runs.values() for s in r["steps"])  # lengths vary
+
+        point = lambda x, trl_rss: {"shape": {"vocab": x, "batch": 4}, "median": {  # noqa: E731
+            "trl": {"step_s": 1.0, "peak_rss_mib": trl_rss}, "mopd": {"step_s": 0.5, "peak_rss_mib": 100.0}}}
+        real_shape.plot({"vocab": [point(64, 300.0), point(128, None)]}, tmp_path / "curves.png")
+        assert (tmp_path / "curves.png").stat().st_size > 0
+    finally:
+        sys.modules.pop("real_shape", None)

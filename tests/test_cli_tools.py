@@ -18,7 +18,7 @@ from mopd.eval.evaluate import evaluate
 from mopd.models.tiny import build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 
-COMMANDS = ["run", "demo", "compare", "sweep", "report", "validate", "schema", "recipes", "init", "eval"]
+COMMANDS = ["run", "demo", "compare", "sweep", "report", "validate", "schema", "recipes", "init", "eval", "serve"]
 
 
 def invoke(*args: str):

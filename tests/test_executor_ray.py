@@ -3,16 +3,19 @@ same time, a rerun that skips everything, and a failed stage that stops only its
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from mopd.core.errors import StageError
 from mopd.recipe.load import load_recipe
+from mopd.recipe.progress import logged_step
 from mopd.recipe.runner import run_recipe
 
 from .conftest import MINI_RECIPE
@@ -20,22 +23,6 @@ from .conftest import MINI_RECIPE
 ray = pytest.importorskip("ray")
 
 TEACHERS = ("teacher_add", "teacher_rev", "teacher_sort")
-
-
-def _warm(_: int) -> int:
-    import mopd.recipe.executor_ray  # noqa: F401  the worker's imports (torch, transformers), once
-    return 0
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the session, started only by the tests that ask for it, with its two workers
-    already importing mopd, so that short stages overlap instead of waiting for a worker to start."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    warm = ray.remote(num_cpus=1)(_warm)
-    ray.get([warm.remote(i) for i in range(2)])
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +37,9 @@ def runs(tmp_path_factory, ray_local):
         run_recipe(loaded, root / "local", executor="local")
     finally:
         torch.set_num_threads(threads)
-    run_recipe(loaded, root / "ray", executor="ray", threads=1)
+    console = Console(file=io.StringIO(), width=200)
+    run_recipe(loaded, root / "ray", console, executor="ray", threads=1)
+    (root / "ray.log").write_text(console.file.getvalue())
     return root
 
 
@@ -83,6 +72,24 @@ def test_independent_teachers_run_at_the_same_time(runs):
     # two CPUs, one per teacher: two teachers run at one moment, the third when one of them is done
     assert stages[second]["started_at"] < stages[first]["ended_at"], stages
     assert min(starts) >= stages["sft"]["ended_at"] and stages["student"]["started_at"] >= max(ends)
+
+
+def test_the_driver_shows_each_running_stage_on_its_own_lines(runs):
+    """Off a terminal: plain lines, each naming one stage, read by the driver from the stage's metrics log
+    (the workers print none), each stage's last one at its last step."""
+    log = (runs / "ray.log").read_text()
+    assert "pid=" not in log  # nothing forwarded from a worker
+    steps = {"base": 6, "sft": 3, "teacher_add": 2, "teacher_rev": 2, "teacher_sort": 2, "student": 4}
+    for stage, total in steps.items():
+        lines = [x for x in log.splitlines() if x.startswith(f"{stage}  step ")]
+        assert lines and lines[-1].startswith(f"{stage}  step {total}/{total} (100%)"), (stage, log)
+
+
+def test_logged_step_reads_the_last_whole_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert logged_step(path) is None
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25, "note": "x"}\n{"step": 3, "lo')
+    assert logged_step(path) == (2, {"step": 2, "loss": 0.25})
 
 
 def test_a_rerun_skips_every_stage(runs):
@@ -133,3 +140,77 @@ def test_without_ray_the_executor_names_the_extra(monkeypatch, tmp_path, mini_re
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(StageError, match=r"pip install 'mopd\[ray\]'"):
         run_recipe(load_recipe(mini_recipe), tmp_path / "run", executor="ray")
+
+
+LONG = """\
+name: retry
+seed: 0
+domains: [addition]
+eval: {size: 4, max_new_tokens: 4}
+stages:
+  STAGE:
+    kind: pretrain
+    model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}
+    steps: 60
+    batch_size: 4
+    checkpoint_every: 5
+"""
+
+
+def _kill_stage_worker(stage: str, stage_dir: Path, killed: list[float], stop) -> None:
+    """Once the stage saved its first checkpoint, SIGKILL the Ray worker running it (its process title is
+    `ray::mopd:<stage>`; the stage name is unique to this test)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    while not stop.is_set():
+        if list((stage_dir / "checkpoints").glob("step-*")):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if (proc.info["cmdline"] or [""])[0].strip() == f"ray::mopd:{stage}":
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(time.time())
+                    return
+        time.sleep(0.01)
+
+
+def test_a_killed_stage_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path, ray_local):
+    """The stage's worker process dies after its first checkpoint: Ray runs the task again, the stage resumes
+    from that checkpoint (its wall time counts the checkpointed seconds), and finishes with the weights and
+    metrics of an uninterrupted local run."""
+    import threading
+    import uuid
+
+    stage = f"long_{uuid.uuid4().hex[:8]}"
+    (tmp_path / "r.yaml").write_text(LONG.replace("STAGE", stage))
+    loaded = load_recipe(tmp_path / "r.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_recipe(loaded, tmp_path / "local")
+    finally:
+        torch.set_num_threads(threads)
+    killed: list[float] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_stage_worker, args=(stage, tmp_path / "ray" / stage, killed, stop))
+    killer.start()
+    try:
+        run_recipe(loaded, tmp_path / "ray", executor="ray", threads=1)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the stage finished before its worker could be killed"
+    info = _stages(tmp_path / "ray")[stage]
+    assert info["started_at"] > killed[0]  # the entry is the retried attempt's
+    assert info["wall_seconds"] > info["ended_at"] - info["started_at"]  # ... which resumed from a checkpoint
+    local = load_file(tmp_path / "local" / stage / "final" / "model.safetensors")
+    remote = load_file(tmp_path / "ray" / stage / "final" / "model.safetensors")
+    assert all(torch.equal(local[k], remote[k]) for k in local)
+
+    def records(run):
+        return [{k: v for k, v in json.loads(x).items() if k != "time"}
+                for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
+
+    assert records(tmp_path / "ray") == records(tmp_path / "local")

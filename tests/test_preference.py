@@ -17,7 +17,7 @@ from mopd.learner.preference import preference_loss, sequence_logprobs
 from mopd.models.integrity import stage_output_problem
 from mopd.recipe.load import load_recipe
 from mopd.recipe.runner import run_recipe
-from mopd.stages import dpo as dpo_module
+from mopd.stages import pairs as pairs_module
 
 # two pairs; margins m = (pi_c - ref_c) - (pi_r - ref_r):
 #   pair 0: (-1.0 + 1.5) - (-3.0 + 2.5) = 0.5 + 0.5 = 1.0
@@ -157,7 +157,7 @@ def test_dpo_and_rejection_sampling_end_to_end_and_a_cut_dpo_stage_resumes_exact
     cut.mkdir()
     for name in ("base", "sft"):
         shutil.copytree(whole / name, cut / name)
-    real, calls = dpo_module.rollout, {"n": 0}  # one rollout per dpo step (pairs_from: policy)
+    real, calls = pairs_module.rollout, {"n": 0}  # one rollout per dpo step (pairs_from: policy)
 
     def crash_on_third_step(*args, **kwargs):
         calls["n"] += 1
@@ -165,11 +165,11 @@ def test_dpo_and_rejection_sampling_end_to_end_and_a_cut_dpo_stage_resumes_exact
             raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dpo_module, "rollout", crash_on_third_step)
+    monkeypatch.setattr(pairs_module, "rollout", crash_on_third_step)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(loaded, cut, Console(quiet=True))
     assert (cut / "dpo" / "checkpoints" / "step-0000002").is_dir() and not (cut / "dpo" / "final").exists()
-    monkeypatch.setattr(dpo_module, "rollout", real)
+    monkeypatch.setattr(pairs_module, "rollout", real)
     run_recipe(loaded, cut, Console(quiet=True))
     assert _rows(cut / "dpo") == _rows(whole / "dpo")
     for name in ("dpo", "rs"):

@@ -78,10 +78,13 @@ def test_cycle(tmp_path: Path) -> None:
 
 
 def test_mopd_domain_without_teacher(tmp_path: Path) -> None:
+    """A domain without a teacher is reward-only (GRPO in the stage): legal with `objective: sampled` only
+    (tests/test_mopd_reward_only.py)."""
     d = _mini()
     del d["stages"]["student"]["teachers"]["reversal"]
+    d["stages"]["student"]["objective"] = "topk"
     msg = _error(tmp_path, d)
-    assert "stages.student.teachers" in msg and "'reversal' has no teacher" in msg
+    assert "stages.student.objective" in msg and "'reversal' has no teacher" in msg
 
 
 def _foreign_model(directory: Path) -> Path:

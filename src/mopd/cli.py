@@ -80,15 +80,18 @@ def _run_or_fail(loaded, out: Path, **executor) -> dict | None:
     return None
 
 
-def _run(recipe: Path, out: Path | None, log: list[str], **executor) -> None:
-    from .recipe.load import RecipeError, load_recipe
+def _run(recipe: Path, out: Path | None, log: list[str], scale: float | None = None, **executor) -> None:
+    from .cli_tools.scaled import default_run_dir, with_scale
+    from .recipe.load import RecipeError
 
-    try:
-        loaded = load_recipe(recipe)
-    except RecipeError as e:
-        _fail(str(e))
+    loaded = _load_or_fail(recipe)
+    out = out or default_run_dir(loaded.recipe.name, scale or loaded.recipe.scale)
+    if scale is not None:
+        try:
+            loaded = with_scale(loaded, scale, out)
+        except RecipeError as e:
+            _fail(str(e))
     _with_log(loaded, log)
-    out = out or Path("runs") / loaded.recipe.name
     summary = _run_or_fail(loaded, out, **executor)
     if summary is not None:
         score = summary["normalized_score"]
@@ -101,15 +104,22 @@ def example(*lines: str) -> str:
     return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
 
 
+SCALE_HELP = ("run the recipe at a reduced scale, 0 < S <= 1 (a quick look; the tests): steps, batch sizes and "
+              "held-out sets times S, each with a small floor; sets the recipe's `scale:`; default run directory "
+              "runs/<name>-scale<S>")
+
+
 @app.command(epilog=example("mopd run my_recipe.yaml --out runs/mine",
-                            "mopd run src/mopd/recipes/demo.yaml --threads 1 --log tensorboard"))
+                            "mopd run src/mopd/recipes/demo.yaml --threads 1 --log tensorboard",
+                            "mopd run tulu3 --scale 0.05"))
 def run(
-    recipe: Path = typer.Argument(..., help="the recipe YAML file"),
+    recipe: Path = typer.Argument(..., help="the recipe YAML file, or a bundled recipe's name (mopd recipes)"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     log: list[str] = typer.Option([], "--log", help=LOG_HELP),
     executor: str | None = typer.Option(None, "--executor", help=EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    scale: float | None = typer.Option(None, "--scale", help=SCALE_HELP),
 ) -> None:
     """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
     if executor not in (None, "local", "ray"):
@@ -117,7 +127,7 @@ def run(
     if address is not None and executor == "local":
         _fail("--address needs --executor ray")
     _prepare_process(threads)
-    _run(recipe, out, log, executor=executor, address=address, threads=threads)
+    _run(recipe, out, log, scale, executor=executor, address=address, threads=threads)
 
 
 @app.command(epilog=example("mopd demo", "mopd demo --out runs/demo2 --threads 1"))
@@ -273,11 +283,13 @@ def recipes(paths: bool = typer.Option(False, "--paths", help="print each recipe
     """List the recipes bundled with mopd, each with its one-line description."""
     from .cli_tools.bundled import bundled_recipe, bundled_recipes
 
-    for name, summary in bundled_recipes().items():
+    listed = bundled_recipes()
+    width = max(map(len, listed), default=0)
+    for name, summary in listed.items():
         if paths:
             print(bundled_recipe(name))
         else:
-            console.print(f"[bold]{name:<12}[/] {summary}", highlight=False, soft_wrap=True)
+            console.print(f"[bold]{name:<{width}}[/] {summary}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog=example("mopd init my_project --domains reversal,sorting",
@@ -351,3 +363,29 @@ def eval_model(
     if out is not None:
         write_scores(out, scores_json(model_dir, settings, results))
         console.print(f"scores: {out}", highlight=False, soft_wrap=True)
+
+
+@app.command(epilog=example("mopd serve runs/demo/teacher_add/final --port 8001",
+                            "mopd serve ./my_teacher --host 0.0.0.0 --port 8000 --name math-teacher"))
+def serve(
+    model_dir: Path = typer.Argument(..., help="a Hugging Face causal LM directory (config.json, weights, tokenizer)"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+    name: str | None = typer.Option(None, "--name", help="the served model name (default: the directory's name)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+) -> None:
+    """Serve a checkpoint as a teacher over HTTP, in vLLM's format (/v1/completions with prompt_logprobs,
+    /v1/models, /tokenize): a recipe's `teacher_backends: {T: {backend: http, url: http://HOST:PORT/v1}}` scores
+    with it (docs/SCALING.md). Needs mopd[serve]."""
+    if not (model_dir / "config.json").is_file():
+        _fail(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        _fail("mopd serve needs FastAPI and uvicorn: pip install 'mopd[serve]'")
+    from .teachers.serve import serve as serve_model
+
+    _prepare_process(threads)
+    console.print(f"serving {model_dir} as {name or model_dir.name} on http://{host}:{port}/v1", highlight=False)
+    serve_model(model_dir, host=host, port=port, name=name)

@@ -8,6 +8,7 @@ mistakes as the recipe is typed. `mopd schema` prints the same text, and a test 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ from typing import Any
 SCHEMA_FILE = "recipe.schema.json"
 SCHEMA_COMMENT = f"# yaml-language-server: $schema={SCHEMA_FILE}"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+# One recipe per post-training report, each on the tiny models and the same start (docs/RECIPES.md), in the
+# order of docs/RECIPES.md's table; `benchmarks/recipes_table.py` runs them, the suite runs them at a small scale.
+REPORT_RECIPES = ("instructgpt", "llama2", "llama3", "tulu3", "olmo3", "r1_zero", "r1", "deepseek_v32",
+                  "mai_thinking", "glm5", "mimo_v2_flash", "nemotron3_ultra")
 
 
 def recipes_dir() -> Path:
@@ -59,3 +66,29 @@ def recipe_summary(path: Path) -> str:
 def bundled_recipes() -> dict[str, str]:
     """{name: first comment line} of every bundled recipe, by name."""
     return {p.stem: recipe_summary(p) for p in sorted(recipes_dir().glob("*.yaml"))}
+
+
+def run_bundled(names: list[str], root: Path, run: Callable[[Any, Path], Any], scale: float | None = None,
+                earlier: Sequence[Path] = ()) -> dict[str, Path]:
+    """Run bundled recipes by name, each into ROOT/<name> (at `scale`, if given), with `run(loaded, out)`.
+
+    Why together: the report recipes share their start (base, sft) and some their teachers, stage for stage, so
+    each stage whose identity a recipe run earlier finished is linked, not trained again (`recipe.variants`).
+    `earlier`: run directories of recipes run before, whose finished stages may be linked too. Returns {name: run
+    directory}."""
+    from ..recipe.load import load_recipe
+    from ..recipe.variants import Variant, finished_stages, link_shared_stages
+    from .scaled import with_scale
+
+    dirs: dict[str, Path] = {}
+    for name in names:
+        out = Path(root) / name
+        loaded = load_recipe(bundled_recipe(name))
+        if scale is not None:
+            loaded = with_scale(loaded, scale, out)
+        out.mkdir(parents=True, exist_ok=True)
+        link_shared_stages(Variant(name, {}, loaded.recipe.seed, out, loaded),
+                           finished_stages([d for d in [*earlier, *dirs.values()] if d.exists()]))
+        run(loaded, out)
+        dirs[name] = out
+    return dirs

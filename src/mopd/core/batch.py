@@ -3,6 +3,12 @@
 Layout (B rows, T positions): each row is `[left padding][prompt][completion][right padding]`.
 Every `*_B_T` tensor is aligned to `input_ids_B_T`: the value at [b, t] concerns the token input_ids[b, t]
 (so a token's logprob sits at the token's own position, not at the position of the logits that predicted it).
+
+Multi-turn rows (agents, `sampling.multi_turn`) put the environment's observations inside the completion window:
+`roles_B_T` says who wrote each token (ROLE_PROMPT for prompt and padding, ROLE_MODEL, ROLE_ENV), and the
+completion mask stays 1 on model tokens only, so every loss and advantage (all keyed on the completion mask)
+skips observations while the teachers, which score `input_ids_B_T` under `attention_mask_B_T`, see them as
+context. Single-turn rows leave `roles_B_T` None: their roles are the completion mask's (`roles`).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+
+ROLE_PROMPT, ROLE_MODEL, ROLE_ENV = 0, 1, 2  # who wrote a token (roles_B_T); padding counts as prompt
 
 
 @dataclass
@@ -24,6 +32,14 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)  # the domain's reference answer per row
     rewards_B: torch.Tensor | None = None  # float in [0, 1], set by the verifier phase
+    roles_B_T: torch.Tensor | None = None  # long ROLE_* per token (multi-turn rows); None: single-turn
+
+    @property
+    def roles(self) -> torch.Tensor:
+        """Who wrote each token: `roles_B_T`, or for a single-turn batch ROLE_MODEL on the completion mask."""
+        if self.roles_B_T is not None:
+            return self.roles_B_T
+        return self.completion_mask_B_T.long() * ROLE_MODEL
 
     @property
     def size(self) -> int:
@@ -42,6 +58,7 @@ class RolloutBatch:
             sampler_logprobs_B_T=self.sampler_logprobs_B_T.to(device),
             group_ids_B=self.group_ids_B.to(device),
             rewards_B=None if self.rewards_B is None else self.rewards_B.to(device),
+            roles_B_T=None if self.roles_B_T is None else self.roles_B_T.to(device),
         )
 
     def select(self, rows: torch.Tensor) -> RolloutBatch:
@@ -59,6 +76,7 @@ class RolloutBatch:
             completions=pick(self.completions),
             references=pick(self.references),
             rewards_B=None if self.rewards_B is None else self.rewards_B[rows],
+            roles_B_T=None if self.roles_B_T is None else self.roles_B_T[rows],
         )
 
 
@@ -74,10 +92,12 @@ def rollout_batch(
     domains: list[str] | None = None,
     group_ids: list[int] | None = None,
     references: list[str] | None = None,
+    completion_roles_B_N: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """The one constructor every sampler uses: left-padded prompts and right-padded completions -> the layout
     above, on the prompts' device. Without `group_ids` every row is its own group; without `domains`, rows
-    carry an empty domain name."""
+    carry an empty domain name. `completion_roles_B_N` (multi-turn: ROLE_MODEL / ROLE_ENV per completion column,
+    ROLE_PROMPT on padding) sets `roles_B_T`; the completion mask must then be 1 exactly on ROLE_MODEL."""
     B, P = prompt_ids_B_P.shape
     dev = prompt_ids_B_P.device
     return RolloutBatch(
@@ -91,4 +111,6 @@ def rollout_batch(
         prompts=list(prompts),
         completions=completions,
         references=list(references) if references else [],
+        roles_B_T=None if completion_roles_B_N is None else torch.cat(
+            [torch.full((B, P), ROLE_PROMPT, dtype=torch.long, device=dev), completion_roles_B_N.long()], dim=1),
     )

@@ -82,6 +82,9 @@ class Domain:
     verify: Verifier
     difficulties: tuple[int, ...]
     description: str
+    # False: `verify` measures the domain for the held-out report, but is no training reward (a domain with no
+    # rule-based answer, e.g. `style`: its reward is a judge's or a reward model's; the loader enforces it)
+    rule_reward: bool = True
 
     def _check_difficulty(self, difficulty: int) -> None:
         if difficulty not in self.difficulties:
@@ -278,11 +281,13 @@ def register_domain(
     difficulties: tuple[int, ...] = (1, 2, 3),
     verify: Verifier | None = None,
     description: str = "",
+    rule_reward: bool = True,
 ) -> Callable[[Generator], Generator]:
     """Decorator registering `fn(rng, difficulty) -> (prompt, answer)` as domain `name`; returns `fn` unchanged.
 
-    `verify` defaults to `partial_match_reward`. Registering the same generator again is a no-op (the first
-    registration is kept); registering a different generator under a taken name raises ValueError.
+    `verify` defaults to `partial_match_reward`; `rule_reward=False` marks a `verify` that only measures the
+    domain for the report and may not be a training reward (see `Domain.rule_reward`). Registering the same
+    generator again is a no-op (the first registration is kept); registering a different generator under a taken name raises ValueError.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"domain name must be a non-empty string, got {name!r}")
@@ -309,6 +314,7 @@ def register_domain(
             verify=guarded_verifier(name, verify if verify is not None else partial_match_reward),
             difficulties=diffs,
             description=description,
+            rule_reward=rule_reward,
         )
         return fn
 

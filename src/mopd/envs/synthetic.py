@@ -1,7 +1,8 @@
 """Built-in synthetic verifiable domains, sized for ~0.4M-parameter character-level models.
 
-Prompts are <= 14 chars and end with "=", answers are <= 8 chars. Each prompt carries a cue for its
-domain: the operator for arithmetic ("+" or "*"), a "rev:" / "sort:" prefix for the string tasks.
+Prompts are <= 14 chars and end with "=", answers are <= 8 chars (`style`: both <= 15, its dashes). Each prompt
+carries a cue for its domain: the operator for arithmetic ("+" or "*"), a "rev:" / "sort:" prefix for the string
+tasks.
 """
 
 from __future__ import annotations
@@ -70,3 +71,28 @@ def sorting(rng: random.Random, difficulty: int) -> tuple[str, str]:
 def shift(rng: random.Random, difficulty: int) -> tuple[str, str]:
     word = _word(rng, difficulty)
     return f"shift:{word}=", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
+
+
+def style_measure(problem, completion: str) -> float:
+    """How well a completion keeps the `style` domain's house style: the word's letters, one dash between each
+    two (`c-a-t`), in any order. Per position: a letter of the word where a letter belongs, a dash between; the
+    count over max(len(completion), len(reference)), so too short and too long both lose. The reference scores 1.
+    Reported in the held-out eval only: `style` is judged, not verified (`rule_reward=False`)."""
+    text = completion.strip()
+    if not text:
+        return 0.0
+    letters = set(problem.answer.replace("-", ""))
+    hits = sum(1 for i, c in enumerate(text) if (c == "-" if i % 2 else c in letters))
+    return hits / max(len(text), len(problem.answer))
+
+
+@register_domain(
+    "style", verify=style_measure, rule_reward=False,
+    description="style:WORD= -> a styled answer (letters of WORD, dash-separated); rewarded by a judge or reward model",
+)
+def style(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    """A domain with no rule-based training reward: what is rewarded is a style, as a judge or a reward model
+    sees it. The reference (the letters of WORD in order, dash-separated) is one well-styled answer, for SFT and
+    for judges trained on it; the held-out score is `style_measure`."""
+    word = _word(rng, difficulty)
+    return f"style:{word}=", "-".join(word)

@@ -14,8 +14,10 @@ import torch
 
 from ..core.schema import EvalSettings
 from ..envs import DomainLike, exact_match
+from ..envs.tool_domains import is_agentic
 from ..models.prompting import RAW, PromptFormat
 from ..sampling.sampler import sample
+from .episodes import evaluate_episodes
 
 
 @torch.no_grad()
@@ -31,6 +33,9 @@ def evaluate(
     results: dict[str, dict[str, Any]] = {}
     for domain in domains:
         problems = domain.eval_set(settings.size, seed=settings.seed)
+        if is_agentic(domain):  # a tool-use domain: greedy episodes (eval/episodes.py)
+            results[domain.name] = evaluate_episodes(model, tokenizer, domain, problems, settings, prompt_format)
+            continue
         rewards: list[float] = []
         exact: list[bool] = []
         for i in range(0, len(problems), settings.batch_size):

@@ -99,10 +99,10 @@ def token_scores(
         out = {"logprobs": aligned_token_logprobs(pred_B_N_V, y_B_N)}
         if temperature != 1.0:
             out["pg_logprobs"] = aligned_token_logprobs((logits_B_C_V / temperature)[:, :n], y_B_N)
-        if entropy:
-            out["entropy"] = aligned_token_entropy(pred_B_N_V.detach())
         if terms is not None:
             out.update(terms(pred_B_N_V, start, stop, y_B_N))
+        if entropy:  # last: a checkpointed block's recompute stops at its last saved tensor, before this metric
+            out["entropy"] = aligned_token_entropy(pred_B_N_V.detach())
         return out
 
     return over_blocks(block, block_bounds(K, chunk))

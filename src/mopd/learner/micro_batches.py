@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from .data_parallel import DataParallel
+
 # part(rows, share) -> (loss, token-mean metrics over the part, detached per-row tensors to keep)
 Part = Callable[[slice, float], tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]]
 
@@ -32,22 +34,28 @@ def backward_outside_autocast(loss: torch.Tensor) -> None:
 
 
 def accumulate_micro_batches(
-    part: Part, tokens_B_T: torch.Tensor, size: int | None
+    part: Part, tokens_B_T: torch.Tensor, size: int | None, dp: DataParallel | None = None
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
     """Run `part` over the micro-batches of `size` rows of a step whose loss tokens are `tokens_B_T` (rows first).
+
+    With `dp` (a data-parallel learner), this rank runs its share of the micro-batches (one per rank when `size`
+    is unset); loss, metrics and kept tensors are then the whole step's, summed and gathered over the ranks,
+    and each rank's `.grad` holds its own parts' gradient (the driver sums them: `DataParallel.sum_gradients`).
 
     Returns:
         loss: the whole step's loss; detached (gradients already in `.grad`) when there was more than one part.
         metrics: each part's metrics weighted by its share (so token means over the whole step).
         kept: each part's kept tensors concatenated along rows.
     """
-    chunks = micro_batches(tokens_B_T.shape[0], size)
-    split = len(chunks) > 1
+    rows_total = tokens_B_T.shape[0]
+    chunks = micro_batches(rows_total, size if dp is None else dp.chunk_size(rows_total, size))
+    split = len(chunks) > 1 or dp is not None
     total = float(tokens_B_T.sum())
     loss = torch.zeros((), device=tokens_B_T.device)
     metrics: dict[str, float] = {}
     kept: list[dict[str, torch.Tensor]] = []
-    for rows in chunks:
+    indexed = list(enumerate(chunks)) if dp is None else dp.mine(chunks)
+    for _, rows in indexed:
         share = float(tokens_B_T[rows].sum()) / total if total > 0 else 0.0
         part_loss, part_metrics, part_kept = part(rows, share)
         for k, v in part_metrics.items():
@@ -59,4 +67,11 @@ def accumulate_micro_batches(
                 backward_outside_autocast(part_loss)
             loss = loss + part_loss.detach()
         kept.append(part_kept)
+    if dp is not None:  # the whole step's numbers on every rank, parts in their global order
+        loss = dp.sum_(loss.clone())
+        metrics = dp.sum_metrics(metrics, loss.device)
+        everyone = [pair for ranks in dp.gather([(i, {k: v.cpu() for k, v in p.items()})
+                                                for (i, _), p in zip(indexed, kept, strict=True)])
+                    for pair in ranks]
+        kept = [{k: v.to(loss.device) for k, v in p.items()} for _, p in sorted(everyone, key=lambda x: x[0])]
     return loss, metrics, {k: torch.cat([p[k] for p in kept]) for k in kept[0]}

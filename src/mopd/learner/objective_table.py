@@ -29,11 +29,12 @@ from ..core.batch import RolloutBatch
 from ..core.logprobs import aligned_token_logprobs, masked_mean
 from ..core.schema import DistillationSettings, SamplingSettings
 from ..core.scoring import TeacherScorer
-from .advantages import combine_advantages, mopd_advantages, mopd_metrics
+from .advantages import combine_advantages, mopd_metrics, opd_advantages
 from .chunked import BlockTerms, Scores, pad_front
 from .diagnostics import teacher_diagnostics
 from .losses import policy_gradient_loss, surprise_weights
 from .objectives import forward_kl_tokens, jsd_tokens, reverse_kl_tokens, topk_metrics, topk_reverse_kl_tokens
+from .reward_only import scored_rows, teacher_rows, with_reward_only_rows
 
 Kept = dict[str, torch.Tensor]
 
@@ -66,6 +67,7 @@ class PolicyConfig:
     sampling: SamplingSettings
     distill: DistillationSettings | None = None
     teachers: TeacherScorer | None = None
+    reward_only: frozenset[str] = frozenset()  # domains without a teacher: GRPO rows of a MOPD step (reward_only.py)
 
 
 def pg_loss(mb: MicroBatch, cfg: PolicyConfig, advantages_B_T: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -89,15 +91,14 @@ def sampled_step(mb: MicroBatch, cfg: PolicyConfig) -> tuple[torch.Tensor, dict[
     w_t = 1 + a * (1 - sg[pi_S(y_t)]) (arXiv:2608.25643) before advantage clipping, so |w_t A_t| <= adv_clip."""
     d, teachers = cfg.distill, cfg.teachers
     assert d is not None and teachers is not None and mb.names_B is not None
-    kept = {"teacher_lp_B_T": teachers.sampled_logprobs(mb.batch, mb.names_B)}
+    kept = {"teacher_lp_B_T": scored_rows(teachers.sampled_logprobs, mb.batch, mb.names_B)}
     # the batch-wide metrics come from `batch_metrics` over all micro-batches, not from this part's
-    kept["opd_B_T"], _ = mopd_advantages(
-        kept["teacher_lp_B_T"], mb.logprobs_B_T.detach(), mb.batch.completion_mask_B_T, mb.names_B
-    )
+    kept["opd_B_T"], _ = opd_advantages(kept["teacher_lp_B_T"], mb.logprobs_B_T.detach(), mb.batch.completion_mask_B_T)
     advantages_B_T = combine_advantages(kept["opd_B_T"], mb.grpo_B_T, d.alpha) if d.alpha > 0 else kept["opd_B_T"]
     if d.surprise_alpha > 0:
         kept["surprise_B_T"] = surprise_weights(mb.logprobs_B_T, d.surprise_alpha)
         advantages_B_T = advantages_B_T * kept["surprise_B_T"]
+    advantages_B_T = with_reward_only_rows(advantages_B_T, mb.grpo_B_T, mb.names_B)  # no-op without such rows
     loss, metrics = pg_loss(mb, cfg, advantages_B_T)
     return loss, metrics, kept
 
@@ -173,8 +174,16 @@ def distribution_step(metric: str):
 
 
 def sampled_metrics(kept: Kept, mask_B_T: torch.Tensor, names_B: list[str] | None) -> dict[str, float]:
-    """Per-teacher reverse KL and routing share (`mopd_metrics`), teacher NLL, and the mean surprise weight."""
+    """Per-teacher reverse KL and routing share (`mopd_metrics`), teacher NLL, and the mean surprise weight, over
+    the rows with a teacher (and the share of reward-only rows, when there are any)."""
     assert names_B is not None
+    rows = teacher_rows(names_B)
+    if not rows:
+        return {"reward_only/share": 1.0}
+    if len(rows) < len(names_B):
+        idx = torch.tensor(rows, dtype=torch.long, device=mask_B_T.device)
+        sub = sampled_metrics({k: v[idx] for k, v in kept.items()}, mask_B_T[idx], [names_B[i] for i in rows])
+        return {**sub, "reward_only/share": 1 - len(rows) / len(names_B)}
     metrics = mopd_metrics(kept["opd_B_T"], mask_B_T, names_B)
     metrics.update(teacher_diagnostics(kept["teacher_lp_B_T"], mask_B_T, names_B))
     if "surprise_B_T" in kept:

@@ -20,14 +20,16 @@ from ..core.logprobs import masked_mean
 from ..models.forward import final_hidden
 from .advantages import grpo_advantages
 from .chunked import BlockTerms, pad_front, token_scores
+from .data_parallel import DataParallel
 from .filters import solved_group_filter
 from .micro_batches import accumulate_micro_batches
 from .objective_table import OBJECTIVES, MicroBatch, PolicyConfig
+from .reward_only import route_rows
 
 
 def policy_loss(
     model, batch: RolloutBatch, cfg: PolicyConfig, *, temperature: float, micro_batch_size: int | None = None,
-    logit_chunk: int | None = None,
+    logit_chunk: int | None = None, dp: DataParallel | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a rewarded batch: A = A_GRPO without teachers; with them, the distillation objective of
     `cfg.distill` (+ alpha * A_GRPO). With `filter_solved`, rows of groups whose pass rate is 0 or 1 leave every
@@ -37,7 +39,7 @@ def policy_loss(
     objective = OBJECTIVES["grpo" if cfg.distill is None else cfg.distill.objective]
     mask_B_T = batch.completion_mask_B_T
     loss_mask_B_T, grpo_B_T, metrics = batch_advantages(batch, cfg, objective.uses_grpo)
-    names_B = cfg.teachers.route(batch) if cfg.teachers is not None else None
+    names_B = route_rows(cfg.teachers, batch, cfg.reward_only) if cfg.teachers is not None else None
     # logits only for the K positions that predict a completion token (from the column before the first
     # completion column): the prompt's [B, P, V] projection would be computed only to be thrown away
     T = mask_B_T.shape[1]
@@ -57,7 +59,7 @@ def policy_loss(
         entropy_B_K = mb.entropy_B_T[:, T - K :]
         return loss, part_metrics, {**kept, "entropy_B_K": entropy_B_K, "logprobs_B_T": mb.logprobs_B_T.detach()}
 
-    loss, loss_metrics, kept = accumulate_micro_batches(part, loss_mask_B_T, micro_batch_size)
+    loss, loss_metrics, kept = accumulate_micro_batches(part, loss_mask_B_T, micro_batch_size, dp)
     metrics["entropy"] = float(masked_mean(kept["entropy_B_K"], mask_B_T[:, T - K :]))
     if objective.batch_metrics is not None:
         metrics.update(objective.batch_metrics(kept, mask_B_T, names_B))
@@ -85,7 +87,7 @@ def batch_advantages(
         metrics.update(filter_metrics)
         loss_mask_B_T = mask_B_T * solved_keep_B[:, None].float()
     grpo_B_T = None
-    if pure_grpo or (cfg.distill is not None and cfg.distill.alpha > 0):
+    if pure_grpo or (cfg.distill is not None and cfg.distill.alpha > 0) or cfg.reward_only:
         grpo_B_T, keep_B, grpo_metrics = grpo_advantages(batch.rewards_B, batch.group_ids_B, mask_B_T)
         metrics.update(grpo_metrics)
         if pure_grpo:

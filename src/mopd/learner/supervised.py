@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..core.batch import ROLE_MODEL, ROLE_PROMPT
 from ..envs import Problem
+from ..envs.episode import trajectory_ids
 from ..models.forward import final_hidden
 from ..models.prompting import RAW, PromptFormat
 from .chunked import pad_front, token_scores
@@ -18,6 +20,11 @@ def supervised_batch(tokenizer, problems: list[Problem], *, loss_on_prompt: bool
     rendered by `prompt_format`, the sampler's own rendering (`[BOS] prompt`, or the chat template)."""
     rows, targets = [], []
     for p in problems:
+        if "trajectory" in p.meta:  # a tool-use problem's gold trajectory: targets on model turns, never observations
+            ids, roles = trajectory_ids(tokenizer, prompt_format, p.prompt, p.meta["trajectory"], p.meta.get("tools"))
+            rows.append(ids)
+            targets.append([0] + [int(r == ROLE_MODEL or (loss_on_prompt and r == ROLE_PROMPT)) for r in roles[1:]])
+            continue
         prompt = prompt_format.token_ids(tokenizer, p.prompt)
         answer = [*tokenizer(p.answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
         rows.append(prompt + answer)

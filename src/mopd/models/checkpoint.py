@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import StageError
@@ -105,7 +110,25 @@ def read_lineage(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / LINEAGE_FILE).read_text())
 
 
+def head_kind(path: str | Path) -> str:
+    """`causal_lm`, `sequence_classifier` (a reward model) or `token_classifier` (a PPO critic), from a local
+    checkpoint's config.json `architectures` (a Hub id or a directory without one: `causal_lm`)."""
+    config = Path(path) / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    for suffix, kind in (("ForSequenceClassification", "sequence_classifier"),
+                         ("ForTokenClassification", "token_classifier")):
+        if any(a.endswith(suffix) for a in architectures):
+            return kind
+    return "causal_lm"
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The checkpoint as the class it was saved as: a causal LM, or a reward model / critic (`head_kind`)."""
+    kind = head_kind(path)
+    if kind == "sequence_classifier":
+        return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
+    if kind == "token_classifier":
+        return AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model
 

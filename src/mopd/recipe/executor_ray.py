@@ -24,14 +24,17 @@ from typing import Any
 from rich.console import Console
 
 from ..core.errors import StageError
+from ..stages.driver import METRICS
+from .learner_group import group_runner, learner_workers
 from .load import LoadedRecipe
-from .progress import PlainProgress
+from .progress import logged_step, progress_info, stage_progress
 from .refs import stage_refs
 from .stage_step import run_stage_step
 
 RAY_EXTRA = "pip install 'mopd[ray]'"
 WORKER_RETRIES = 2  # a worker process that dies (killed, out of memory) is restarted this many times
 CONNECT_TIMEOUT_S = 5.0  # an --address that does not answer within this fails before compute
+PROGRESS_POLL_SECONDS = 1.0  # how often the driver reads the running stages' metrics logs for their progress
 
 
 def import_ray() -> Any:
@@ -82,12 +85,17 @@ def _check_reachable(address: str) -> None:
 def _check_resources(loaded: LoadedRecipe, cluster: dict[str, float]) -> None:
     """A stage that asks for more CPUs or GPUs than the whole cluster has would wait forever: one line."""
     for name in loaded.order:
-        res = loaded.recipe.stages[name].resources
-        for key, asked in (("CPU", res.cpus), ("GPU", res.gpus)):
+        stage = loaded.recipe.stages[name]
+        res, rollout, ranks = stage.resources, getattr(stage, "rollout", None), learner_workers(loaded, name)
+        workers = (0, 0.0, 0.0) if rollout is None else (rollout.workers, rollout.cpus, rollout.gpus)
+        # the stage's task and its other learner ranks, each with `resources`, and its rollout workers
+        for key, asked in (("CPU", ranks * res.cpus + workers[0] * workers[1]),
+                           ("GPU", ranks * res.gpus + workers[0] * workers[2])):
             have = cluster.get(key, 0.0)
             if asked > have:
-                raise StageError(f"stage {name!r}: resources ask for {asked:g} {key}s; the Ray cluster has "
-                                 f"{have:g}: lower `resources` or add nodes")
+                together = " (its learner ranks and rollout workers together)" if ranks > 1 or rollout else ""
+                raise StageError(f"stage {name!r}: resources ask for {asked:g} {key}s{together}; the Ray cluster "
+                                 f"has {have:g}: lower `resources` or add nodes")
 
 
 def run_on_ray(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info: dict[str, dict],
@@ -108,35 +116,43 @@ def run_on_ray(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info
     done: set[str] = set()
     failed: dict[str, str] = {}  # stage -> its error, one line
     stopped: dict[str, str] = {}  # stage -> the failed stage it depends on
-    while waiting or running:
-        for name in list(waiting):
-            cause = next((failed.get(p) and p or stopped.get(p) for p in parents[name]
-                          if p in failed or p in stopped), None)
-            if cause is not None:
-                stopped[name] = cause
-                waiting.remove(name)
-            elif all(p in done for p in parents[name]):
-                res = recipe.stages[name].resources
-                ref = task.options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=WORKER_RETRIES,
-                                   name=f"mopd:{name}").remote(
-                    shared, name, out, ids, stages_info.get(name, {}), threads or max(1, int(res.cpus)))
-                running[ref] = name
-                waiting.remove(name)
-                console.print(f"{name}: started on Ray ({res.cpus:g} CPU, {res.gpus:g} GPU)", highlight=False)
-        if not running:
-            break
-        ready, _ = ray.wait(list(running), num_returns=1)
-        for ref in ready:
-            name = running.pop(ref)
-            try:
-                info = ray.get(ref)
-            except Exception as e:
-                failed[name] = _first_line(getattr(e, "cause", None) or e)
-                console.print(f"[bold red]{name}: failed:[/] {failed[name]}", highlight=False, soft_wrap=True)
-                continue
-            done.add(name)
-            record(name, info)
-            console.print(f"{name}: {info['status']} ({info.get('wall_seconds', 0):.1f}s)", highlight=False)
+    with stage_progress(console) as progress:
+        bars: dict[str, int] = {}  # stage -> its progress bar (or plain lines), one per started stage
+        say = progress.console.print
+        while waiting or running:
+            for name in list(waiting):
+                cause = next((failed.get(p) and p or stopped.get(p) for p in parents[name]
+                              if p in failed or p in stopped), None)
+                if cause is not None:
+                    stopped[name] = cause
+                    waiting.remove(name)
+                elif all(p in done for p in parents[name]):
+                    res = recipe.stages[name].resources
+                    ref = task.options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=WORKER_RETRIES,
+                                       name=f"mopd:{name}").remote(
+                        shared, name, out, ids, stages_info.get(name, {}), threads or max(1, int(res.cpus)))
+                    running[ref] = name
+                    waiting.remove(name)
+                    say(f"{name}: started on Ray ({res.cpus:g} CPU, {res.gpus:g} GPU)", highlight=False)
+                    bars[name] = progress.add_task(name, total=getattr(recipe.stages[name], "steps", 1), info="")
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_POLL_SECONDS)
+            for name in running.values():
+                if (logged := logged_step(out / name / METRICS)) is not None:
+                    progress.update(bars[name], completed=logged[0], info=progress_info(logged[1]))
+            for ref in ready:
+                name = running.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except Exception as e:
+                    failed[name] = _first_line(getattr(e, "cause", None) or e)
+                    say(f"[bold red]{name}: failed:[/] {failed[name]}", highlight=False, soft_wrap=True)
+                    continue
+                done.add(name)
+                record(name, info)
+                progress.update(bars[name], completed=getattr(recipe.stages[name], "steps", 1),
+                                info=f"{info['status']} ({info.get('wall_seconds', 0):.1f}s)")
     if failed:
         raise StageError("\n".join(_failure_line(n, why, [s for s, c in stopped.items() if c == n])
                                    for n, why in failed.items()))
@@ -165,7 +181,8 @@ def _first_line(e: BaseException) -> str:
 
 def _stage_task(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str], prior: dict,
                 threads: int) -> dict:
-    """In a Ray worker: one stage through `run_stage_step`, `threads` torch threads, progress as plain lines."""
+    """In a Ray worker: one stage through `run_stage_step` with `threads` torch threads; warnings as plain lines
+    (Ray forwards them), progress through the stage's metrics log (the driver shows it)."""
     import torch
 
     from ..runtime import keep_freed_memory
@@ -173,14 +190,9 @@ def _stage_task(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str],
     keep_freed_memory()
     torch.set_num_threads(threads)
     console = Console(file=sys.stdout, force_terminal=False, force_jupyter=False, width=160)
-    progress = PlainProgress(console)
-    bar = progress.add_task(name, total=getattr(loaded.recipe.stages[name], "steps", 1), info="")
-
-    def on_progress(step: int, total: int, metrics: dict[str, float]) -> None:
-        shown = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in ("loss", "reward/mean"))
-        progress.update(bar, completed=step, info=shown)
 
     def warn(msg: str) -> None:
         console.print(f"warning: {msg}", highlight=False, markup=False, soft_wrap=True)
 
-    return run_stage_step(loaded, name, out, ids, prior, warn=warn, on_progress=on_progress)
+    return run_stage_step(loaded, name, out, ids, prior, warn=warn, executor="ray",
+                          run=group_runner(loaded, name, out, ids, threads))

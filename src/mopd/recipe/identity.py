@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from .load import LoadedRecipe
 from .refs import resolve_external, stage_domains, stage_refs, stage_seed
@@ -18,6 +19,8 @@ from .refs import resolve_external, stage_domains, stage_refs, stage_seed
 SETTINGS_NOT_IN_IDENTITY = {
     "checkpoint_every", "eval_every", "preflight", "micro_batch_size", "logit_chunk", "nonfinite",
     "resources",  # where and with what a stage runs (the Ray executor), not what it trains
+    "teacher_backends",  # where a MOPD stage's teachers score (in process, a Ray actor, a server), not who they are
+    "learner",  # data-parallel learner workers: the same gradient up to float rounding (like micro-batches)
 }
 
 
@@ -40,6 +43,7 @@ def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
             "parents": parents,
         }
         payload.update(_real_model_identity(recipe, settings))
+        _reward_identity(settings)
         ids[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return ids
 
@@ -54,6 +58,10 @@ def _real_model_identity(recipe, settings: dict) -> dict:
     for key in ("dtype", "master_weights", "lora", "device"):
         if settings.get(key) is None or key == "device":
             settings.pop(key, None)
+    if settings.get("rollout", 0) is None:  # rollout workers: how many never changes a batch, the lag does
+        settings.pop("rollout")
+    elif "rollout" in settings:
+        settings["rollout"] = {"max_lag": settings["rollout"]["max_lag"]}
     extra: dict = {}
     if recipe.data_domains:
         extra["data_domains"] = [d.model_dump(mode="json") for d in recipe.data_domains.values()]
@@ -63,4 +71,16 @@ def _real_model_identity(recipe, settings: dict) -> dict:
         extra["rendering"] = rendering
     if recipe.master_weights != "float32":
         extra["master_weights"] = recipe.master_weights
+    if recipe.scale != 1:  # a scaled run's stages never pass for the full recipe's (`recipe.scale`)
+        extra["scale"] = recipe.scale
     return extra
+
+
+def _reward_identity(settings: dict) -> None:
+    """The default reward source (`verifier`, what every stage used before `reward:` existed) stays out of the
+    hash; a preference dataset enters by its content, not its path (the loader made the path absolute)."""
+    if settings.get("reward") == "verifier":
+        settings.pop("reward")
+    pairs = settings.get("pairs_from")
+    if isinstance(pairs, dict) and "dataset" in pairs:
+        settings["pairs_from"] = {"dataset_sha256": hashlib.sha256(Path(pairs["dataset"]).read_bytes()).hexdigest()}

@@ -5,7 +5,9 @@ recipe names is looked up and kept on the `LoadedRecipe`; stages get their domai
 registry.
 
 Checks, in order: YAML syntax; schema (unknown keys, unknown stage kinds, types); plugins; domains; references
-to stages that do not exist; cycles; MOPD / off-policy domains without a teacher; cascade orders, teacher
+to stages that do not exist; cycles; off-policy domains without a teacher (a MOPD stage's are reward-only:
+GRPO inside the stage, whose settings are checked); a MOPD stage's `teacher_backends` (its objective, the
+extras they need); cascade orders, teacher
 schedules and the `compare:` block; teachers (and merged models) whose tokenizer differs from the student's.
 """
 
@@ -30,11 +32,15 @@ from ..core.schema import (
     Recipe,
     SamplingSettings,
 )
+from ..core.schema.teachers import backend_problem, missing_extra, served_over_http
 from ..envs import Domain, DomainLike, domain_problem, get_domain, list_domains, load_plugin
+from .agent_checks import check_agents
 from .hub import hub_unavailable_reason
 from .memory_check import check_model_memory
 from .refs import looks_like_path, resolve_external, stage_refs, topo_order
 from .resources import check_resources
+from .reward_checks import check_rewards
+from .scale import apply_scale
 from .tokenizer_checks import check_tokenizer_agreement
 
 __all__ = ["LoadedRecipe", "RecipeError", "load_recipe"]
@@ -115,16 +121,19 @@ def _schema_error(path: Path, lines: dict[tuple, int], err: ValidationError) -> 
     # ... and the entry tag of a domain (a name or a data mapping): domains.<i>.data.<field>
     if len(loc) >= 3 and loc[0] == "domains" and loc[2] in ("name", "data"):
         del loc[2]
+    # ... and the backend of a teacher: stages.<name>.teacher_backends.<teacher>.<backend>.<field>
+    if len(loc) >= 5 and loc[2] == "teacher_backends" and loc[4] in ("actor", "http"):
+        del loc[4]
     msg = e["msg"]
     if loc and loc[-1] == "[key]":  # a mapping key YAML read as a number or a bool (`7:`, `yes:`)
         loc.pop()
         msg = f"a name must be a string: quote it ('{loc[-1]}')"
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif e["type"] == "union_tag_invalid":
+    elif e["type"] == "union_tag_invalid" and len(loc) == 2:  # a stage's (other unions keep pydantic's words)
         loc.append("kind")
         msg = f"unknown stage kind {e['input'].get('kind')!r}; expected one of {', '.join(KINDS)}"
-    elif e["type"] == "union_tag_not_found":
+    elif e["type"] == "union_tag_not_found" and len(loc) == 2:
         msg = f"missing `kind`; expected one of {', '.join(KINDS)}"
     return RecipeError(f"{_where(path, lines, tuple(loc))}: {msg}")
 
@@ -145,6 +154,27 @@ def _check_sampling(stage: SamplingSettings, where) -> None:
         raise RecipeError(
             f"{where('surprise_alpha')}: surprise reweighting scales sampled-token advantages; it needs "
             f"`objective: sampled` (got {stage.objective!r})"
+        )
+
+
+def _check_reward_only(stage: MOPDStage, domains: list[str], where) -> None:
+    """A mopd stage's domains without a teacher are reward-only (trained by GRPO on their reward inside the
+    stage, Nemotron 3 Ultra): that needs groups to compare (group_size >= 2), the sampled-token objective (the
+    one whose advantages the GRPO rows join), and at least one teacher (else the stage is an rlvr stage)."""
+    reward_only = [d for d in domains if d not in stage.teachers]
+    if not reward_only:
+        return
+    if len(reward_only) == len(domains):
+        raise RecipeError(f"{where('teachers')}: none of the stage's domains has a teacher (use `kind: rlvr`)")
+    if stage.group_size < 2:
+        raise RecipeError(
+            f"{where('group_size')}: domain {reward_only[0]!r} has no teacher, so it is trained by GRPO on its "
+            f"reward, which compares a prompt's samples: group_size >= 2 (got {stage.group_size})"
+        )
+    if stage.objective != "sampled":
+        raise RecipeError(
+            f"{where('objective')}: domain {reward_only[0]!r} has no teacher (reward-only, trained by GRPO); "
+            f"reward-only domains need `objective: sampled` (got {stage.objective!r})"
         )
 
 
@@ -179,6 +209,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
 
     def where(*key: Any) -> str:
         return _where(path, lines, key)
+
+    recipe = apply_scale(recipe, where)  # a reduced-scale run is checked on its scaled numbers
 
     for name in recipe.stages:  # a stage name becomes a directory of the run
         if not re.fullmatch(NAME_PATTERN, name):
@@ -233,7 +265,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
                     f"{where('stages', name, *key)}: {ref!r} is a directory without a Hugging Face model "
                     "(no config.json)"
                 )
-            elif check_hub and not Path(external).is_dir() and (why := hub_unavailable_reason(external)):
+            elif (check_hub and not Path(external).is_dir() and not served_over_http(stage, key)
+                  and (why := hub_unavailable_reason(external))):
                 raise RecipeError(f"{where('stages', name, *key)}: Hub model {ref!r}: {why}; download it first "
                                   "or name a local directory")
         for i, d in enumerate(getattr(stage, "domains", None) or []):
@@ -252,8 +285,13 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
                     raise RecipeError(
                         f"{where('stages', name, 'teachers', d)}: domain {d!r} is not in the recipe's `domains`"
                     )
+            if isinstance(stage, MOPDStage):
+                _check_reward_only(stage, stage.domains or recipe.domains, lambda *key, name=name: where(
+                    "stages", name, *key))
+            if isinstance(stage, MOPDStage) and (why := backend_problem(stage) or missing_extra(stage.teacher_backends)):
+                raise RecipeError(f"{where('stages', name, 'teacher_backends')}: {why}")
             for d in stage.domains or recipe.domains:
-                if d not in stage.teachers:
+                if d not in stage.teachers and isinstance(stage, OffPolicyFTStage):
                     raise RecipeError(
                         f"{where('stages', name, 'teachers')}: domain {d!r} has no teacher "
                         f"(add `{d}: <teacher stage>` or drop it from the stage's `domains`)"
@@ -265,6 +303,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
     for name, stage in recipe.stages.items():
         if isinstance(stage, MOPDStage) and stage.teacher_schedule:
             _check_teacher_schedule(recipe, name, stage, where)
+    check_rewards(recipe, path.parent, domains, order, where)  # reward sources, judges, preference datasets
+    check_agents(recipe, domains, where)  # tool-use domains only where episodes are sampled (docs/AGENTS.md)
     if recipe.compare is not None:
         _check_compare(recipe, where)
     if recipe.report.student is not None and not isinstance(

@@ -100,6 +100,7 @@ def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Wher
         n = counts[name]
         trained = n * frozen_bytes if getattr(s, "lora", None) else n * (2 * weight_bytes + ADAMW_STATE_BYTES)
         teachers = set(s.teachers.values()) if isinstance(s, MOPDStage | OffPolicyFTStage) else set()
+        teachers -= set(getattr(s, "teacher_backends", {}))  # on actors or servers: not on this device
         scored = sum(counts.get(t, 0) for t in teachers) * frozen_bytes
         need = trained + scored
         if need > total:

@@ -11,9 +11,11 @@ stage or every `interval` seconds (whichever comes first) and when the stage end
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -111,6 +113,34 @@ class PlainProgress:
         info = render(str(task.fields.get("info", ""))).plain  # markup meant for the bars, as text
         line = f"{task.description}  step {int(task.completed)}/{total}{pct}  {format_elapsed(now - task.started)}"
         self.console.print(escape(f"{line}  {info}".rstrip()), highlight=False, soft_wrap=True)
+
+
+def progress_info(m: dict[str, float]) -> str:
+    """The key metrics a progress line shows: loss, mean reward, the MOPD reverse KL."""
+    parts = []
+    for key in ("loss", "reward/mean", "mopd/reverse_kl"):
+        if key in m:
+            parts.append(f"{key.split('/')[0] if key != 'mopd/reverse_kl' else 'rkl'}={m[key]:.3f}")
+    return " ".join(parts)
+
+
+def logged_step(metrics_path: Path) -> tuple[int, dict[str, float]] | None:
+    """The last step a stage's metrics.jsonl records, with its metrics (None before the first, or unreadable).
+
+    Why: a stage running in another process (a Ray worker) cannot call back into the driver's display; it
+    writes its metrics log on the shared run directory, and the driver reads its last line."""
+    try:
+        lines = metrics_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            return record["step"], {k: v for k, v in record.items() if isinstance(v, (int, float))}
+    return None
 
 
 def stage_progress(console: Console, interval: float = PLAIN_INTERVAL_SECONDS) -> Progress | PlainProgress:

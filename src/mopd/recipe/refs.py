@@ -11,11 +11,15 @@ from ..core.schema import (
     DeltaPairs,
     DPOStage,
     EvalStage,
+    JudgeReward,
     MergeStage,
     MOPDStage,
     OffPolicyFTStage,
+    PPOStage,
     PretrainStage,
     RejectionSamplingStage,
+    RewardModelReward,
+    RewardModelStage,
 )
 
 
@@ -38,6 +42,15 @@ def stage_refs(stage) -> list[tuple[tuple, str]]:
             refs += [(("pairs_from", "strong"), stage.pairs_from.strong), (("pairs_from", "weak"), stage.pairs_from.weak)]
     if isinstance(stage, RejectionSamplingStage) and stage.sampler:
         refs.append((("sampler",), stage.sampler))
+    if isinstance(stage, RewardModelStage) and isinstance(stage.pairs_from, DeltaPairs):
+        refs += [(("pairs_from", "strong"), stage.pairs_from.strong), (("pairs_from", "weak"), stage.pairs_from.weak)]
+    if isinstance(stage, PPOStage):
+        refs += [((key,), getattr(stage, key)) for key in ("reference", "critic") if getattr(stage, key)]
+    reward = getattr(stage, "reward", "verifier")
+    if isinstance(reward, RewardModelReward):
+        refs.append((("reward", "reward_model"), reward.reward_model))
+    if isinstance(reward, JudgeReward):
+        refs.append((("reward", "judge"), reward.judge))
     return refs
 
 

@@ -24,6 +24,7 @@ from ..stages.resumable import supersede
 from ..stages.run import run_stage
 from .identity import stage_identities
 from .load import LoadedRecipe
+from .progress import progress_info as _progress_info
 from .progress import stage_progress
 from .resources import precision_warnings
 from .run_lock import RunLockedError, run_lock
@@ -57,6 +58,10 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None, 
             from .executor_ray import ray_cluster
 
             stack.enter_context(ray_cluster(loaded, address))
+        else:  # a data-parallel learner's ranks are Ray tasks
+            from .learner_group import check_local
+
+            check_local(loaded)
         stack.enter_context(run_lock(Path(out)))
         stack.enter_context(storage_errors("run", Path(out)))
         trackers = stack.enter_context(run_trackers(loaded, Path(out)))
@@ -160,11 +165,3 @@ def _previous_run(run_path: Path, out: Path) -> dict:
         return previous
     supersede(run_path, out, "run.json-unreadable")
     return {}
-
-
-def _progress_info(m: dict[str, float]) -> str:
-    parts = []
-    for key in ("loss", "reward/mean", "mopd/reverse_kl"):
-        if key in m:
-            parts.append(f"{key.split('/')[0] if key != 'mopd/reverse_kl' else 'rkl'}={m[key]:.3f}")
-    return " ".join(parts)

@@ -55,6 +55,7 @@ def run_stage_step(
     on_progress: Progress | None = None,
     on_record: Callable[[dict], None] | None = None,
     run: Callable[[ResolvedStage], Path] = run_stage,
+    executor: str = "local",
 ) -> dict:
     """Run stage `name` into `out / name` unless it finished with its identity; returns its run.json entry with
     `status` (cached / ran), `wall_seconds` and the wall-clock `started_at` / `ended_at` (epoch seconds).
@@ -74,6 +75,7 @@ def run_stage_step(
         write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": info["kind"]})
         ctx = resolve_stage(loaded, name, Path(out), ids, on_progress=on_progress, on_warning=warn,
                             on_record=on_record)
+        ctx.executor = executor  # a stage's rollout / learner workers are Ray actors only under the Ray executor
         started = time.time()
         t0 = started - checkpointed_seconds(latest_checkpoint(stage_dir))  # an interrupted stage's time counts
         run(ctx)

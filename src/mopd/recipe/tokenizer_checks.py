@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import RecipeError
-from ..core.schema import DPOStage, MergeStage, MOPDStage
+from ..core.schema import DPOStage, MergeStage, MOPDStage, PPOStage, RewardModelReward
 from ..models.tokenizer import tokenizer_fingerprint
 from .build import recipe_tokenizer
 from .refs import resolve_external, stage_roots
@@ -49,13 +49,27 @@ def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str | None]:
 
 def _shared_vocabulary(stage) -> list[tuple[tuple, str]]:
     """(key path, model) of every model that must read the stage's own token ids: a MOPD stage's teachers, a
-    merge's models, a DPO stage's explicit reference."""
+    merge's models, a DPO stage's explicit reference, a PPO stage's reference and critic, a reward model."""
+    return _teachers_or_models(stage) + _policy_side(stage)
+
+
+def _policy_side(stage) -> list[tuple[tuple, str]]:
+    """A reward model (the stage's `reward`) and a PPO stage's reference and critic: models of the policy's
+    vocabulary."""
+    refs = [((k,), getattr(stage, k)) for k in ("reference", "critic") if isinstance(stage, PPOStage) and getattr(stage, k)]
+    if isinstance(stage, DPOStage) and stage.reference is not None:
+        refs.append((("reference",), stage.reference))
+    reward = getattr(stage, "reward", "verifier")
+    if isinstance(reward, RewardModelReward):
+        refs.append((("reward", "reward_model"), reward.reward_model))
+    return refs
+
+
+def _teachers_or_models(stage) -> list[tuple[tuple, str]]:
     if isinstance(stage, MOPDStage):
         return [(("teachers", d), t) for d, t in stage.teachers.items()]
     if isinstance(stage, MergeStage):
         return [(("models", i), m) for i, m in enumerate(stage.models)]
-    if isinstance(stage, DPOStage) and stage.reference is not None:
-        return [(("reference",), stage.reference)]
     return []
 
 
@@ -85,6 +99,12 @@ def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
                 raise RecipeError(
                     f"{loaded.where('stages', name, *key)}: {teacher!r} uses a different tokenizer from the "
                     f"base {stage.base!r}; merging parameters needs the same vocabulary"
+                )
+            if key[0] in ("reward", "critic") or isinstance(stage, PPOStage):
+                role = {"reward": "reward model", "critic": "critic"}.get(key[0], key[0])
+                raise RecipeError(
+                    f"{loaded.where('stages', name, *key)}: {role} {teacher!r} uses a different tokenizer from "
+                    f"the policy {stage.init!r}; it would score the policy's token ids as its own"
                 )
             if isinstance(stage, DPOStage):
                 raise RecipeError(

@@ -3,6 +3,11 @@
 The recorded logprob is that of the distribution the token was actually drawn from (after temperature and
 top-p), which is what importance-sampling correction needs; with temperature 1 and top_p 1 it equals the
 policy's own logprob at sampling time.
+
+No work on padding and no prompt recomputed (issue 17): each distinct prompt is prefilled once and its KV cache
+copied to its G samples (`shared_prefill_rows`), and rows that emitted EOS leave the decode batch
+(`decode_rows`); the draw itself still runs over every row, so the generator's stream, and with it every token,
+is the one decoding every row gives. tests/test_padding_prefill.py compares both with that reference.
 """
 
 from __future__ import annotations
@@ -63,6 +68,50 @@ def kv_cache(model) -> dict[str, DynamicCache]:
     return {name: DynamicCache(config=model.config)}
 
 
+# Fewer rows than this in one forward and MKL's float32 GEMM takes other kernels (measured on the development
+# machine: 1-3, 5-7 and 9-11 rows round differently from 4, 8 and 12 or more), so a row's logits would depend on
+# how many rows share its forward. The shared prefill and the shrinking decode batch never go below it, which keeps
+# every token and logprob identical to decoding the whole batch (tests/test_padding_prefill.py).
+MIN_ROWS = 16
+
+
+def shared_prefill_rows(prompts: list[str]) -> tuple[list[int], list[int]]:
+    """(the batch rows to prefill, each batch row's position among them): each distinct prompt once.
+
+    Why: a group's G samples share one prompt, so its prefill is computed once and its KV cache expanded G times.
+    Rows of repeated prompts are added back up to `MIN_ROWS` rows (the prefill's last-position vocabulary
+    projection is a GEMM of that many rows); when every prompt is distinct this is every row, in order.
+    """
+    first: dict[str, int] = {}
+    chosen: list[int] = []
+    inverse: list[int] = []
+    for i, prompt in enumerate(prompts):
+        if prompt not in first:
+            first[prompt] = len(chosen)
+            chosen.append(i)
+        inverse.append(first[prompt])
+    picked = set(chosen)
+    chosen += [i for i in range(len(prompts)) if i not in picked][: max(0, MIN_ROWS - len(chosen))]
+    return chosen, inverse
+
+
+def decode_rows(rows: torch.Tensor, finished: torch.Tensor, cache) -> torch.Tensor:
+    """The batch rows the next decode step computes: `rows` minus finished ones, once a quarter of them finished.
+
+    A finished row's remaining tokens are padding, so computing them is waste; dropping rows reindexes the KV cache
+    (a copy), hence only when a quarter of the decode batch finished (a few copies per batch), and never below
+    `MIN_ROWS` rows (finished rows fill up to it, computed and ignored as before).
+    """
+    live = ~finished[rows]
+    n_live = int(live.sum())
+    if rows.numel() <= MIN_ROWS or 4 * n_live > 3 * rows.numel():
+        return rows
+    fill = (~live).nonzero().flatten()[: max(0, MIN_ROWS - n_live)]
+    keep = torch.cat([live.nonzero().flatten(), fill]).sort().values
+    cache.batch_select_indices(keep)
+    return rows[keep]
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -79,6 +128,20 @@ def sample(
     prompt_format: PromptFormat = RAW,
 ) -> RolloutBatch:
     """Sample one completion per prompt (repeat prompts for groups). temperature 0 means greedy."""
+    return _sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   generator=generator, domains=domains, group_ids=group_ids, references=references,
+                   prompt_format=prompt_format)
+
+
+@torch.no_grad()
+def _sample(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
+    generator: torch.Generator | None, domains: list[str] | None, group_ids: list[int] | None,
+    references: list[str] | None, prompt_format: PromptFormat, share_prefill: bool = True,
+    drop_finished: bool = True,
+) -> RolloutBatch:
+    """`sample`; `share_prefill` / `drop_finished` False: prefill and decode every row (the reference the tests
+    compare the shared prefill and the shrinking decode batch with)."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device  # the batch lives where the model does (cpu or an accelerator)
@@ -91,25 +154,36 @@ def sample(
     new_mask = torch.zeros((B, max_new_tokens), device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
 
-    # One preallocated [B, P + N] attention mask whose growing prefix each decode step reads (a view), instead
-    # of a torch.cat per token; and logits for the last position only (`logits_to_keep=1`): the prefill would
+    # One preallocated [B, P + N] attention mask whose growing prefix each decode step reads, instead of a
+    # torch.cat per token; and logits for the last position only (`logits_to_keep=1`): the prefill would
     # otherwise project every prompt position onto the vocabulary, [B, P, V], to use one column of it.
     P = prompt_ids.shape[1]
     keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     cache = kv_cache(model)
+    kv = next(iter(cache.values()))
     full_mask = torch.cat([prompt_mask, torch.zeros((B, max_new_tokens), dtype=torch.long, device=dev)], dim=1)
+    chosen, inverse = shared_prefill_rows(prompts) if share_prefill else (list(range(B)), list(range(B)))
+    shared = len(chosen) < B
+    pre = torch.tensor(chosen, device=dev) if shared else slice(None)
     out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_from_mask(prompt_mask),
+        input_ids=prompt_ids[pre],
+        attention_mask=prompt_mask[pre],
+        position_ids=position_ids_from_mask(prompt_mask[pre]),
         use_cache=True,
         **cache,
         **keep_last,
     )
+    logits = out.logits[:, -1].float()  # [B, V]: each row's next-token logits (a finished row's stay stale)
+    if shared:  # each row's copy of its prompt's cache and logits
+        expand = torch.tensor(inverse, device=dev)
+        kv.batch_select_indices(expand)
+        logits = logits[expand]
     next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the next token
-    logits = out.logits[:, -1].float()
+    rows = torch.arange(B, device=dev)  # the batch rows the decode batch (and the cache) holds, in its order
     steps = 0
     for t in range(max_new_tokens):
+        # Sampled over all B rows, finished ones included: the draws use the generator as decoding every row
+        # did, so the shrinking decode batch changes no live row's token.
         if temperature == 0:
             tok = logits.argmax(-1)  # argmax of the logits is that of the log-softmax: no [B, V] normalisation
             tok_lp = torch.zeros(B, device=dev)
@@ -128,16 +202,18 @@ def sample(
         if t == max_new_tokens - 1 or bool(finished.all()):
             break
         full_mask[:, P + t] = live.long()
+        if drop_finished:
+            rows = decode_rows(rows, finished, kv)
         out = model(
-            input_ids=new_ids[:, t : t + 1],
-            attention_mask=full_mask[:, : P + t + 1],
-            position_ids=next_pos,
+            input_ids=new_ids[rows, t : t + 1],
+            attention_mask=full_mask[rows, : P + t + 1],
+            position_ids=next_pos[rows],
             use_cache=True,
             **cache,
             **keep_last,
         )
         next_pos = next_pos + 1
-        logits = out.logits[:, -1].float()
+        logits[rows] = out.logits[:, -1].float()
     if was_training:
         model.train()
 

@@ -98,6 +98,19 @@ class MetricsLog:
         self.f.close()
 
 
+class _NoLog:
+    """The metrics log of a data-parallel learner's rank other than 0 (rank 0 writes the stage's)."""
+
+    def write(self, record: dict) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+NO_LOG = _NoLog()
+
+
 def eval_metrics(ctx: ResolvedStage, model, tokenizer=None, prompt_format=None) -> dict[str, dict[str, float]]:
     """Held-out scores on every recipe domain; `tokenizer` and `prompt_format` default to the stage's (an eval
     stage passes each scored model's own)."""
@@ -106,17 +119,24 @@ def eval_metrics(ctx: ResolvedStage, model, tokenizer=None, prompt_format=None) 
 
 
 def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Module],
-          loss_fn: LossFn) -> Path:
+          loss_fn: LossFn, evaluate_fn: Callable[[torch.nn.Module], dict[str, dict[str, float]]] | None = None,
+          ) -> Path:
     """Run (or resume) the stage's steps and write its final checkpoint; returns the final checkpoint path.
 
     Forward passes (rollouts, loss, evals) run in `training_precision`: autocast to the stage's `dtype` when the
     trained weights are kept in float32; backward and the optimizer step run outside it, on the wide weights.
     A loss function that splits its step into micro-batches has already run each one's backward (with autocast
     off) and returns the loss detached: the update follows whenever the step left gradients.
+    `evaluate_fn(model)` replaces the held-out generation eval for a model that does not generate (a reward
+    model: its held-out pair accuracy); it returns {name: {"score": ..., ...}} like `eval_metrics`.
     """
     s = ctx.settings
     torch.manual_seed(ctx.seed)
-    resume_from = resume_point(ctx.stage_dir, ctx.name, ctx.on_warning)
+    dp = ctx.data_parallel  # a data-parallel learner's rank: rank 0 alone picks the checkpoint, logs and saves
+    lead = dp is None or dp.lead
+    resume_from = resume_point(ctx.stage_dir, ctx.name, ctx.on_warning) if lead else None
+    if dp is not None:
+        resume_from = dp.broadcast(resume_from)
     model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
     model.train()
     opt = torch.optim.AdamW(trainable_parameters(model), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
@@ -138,7 +158,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
         skipped = int(state.get("skipped", 0))
     watch = DivergenceWatch(ctx.name, ctx.on_warning)
     params = trainable_parameters(model)
-    log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record)
+    log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record) if lead else NO_LOG
     precision = ctx.placement.precision
     t0 = time.time() - checkpointed_seconds(resume_from)  # a resumed stage's clock goes on (0 if new)
     try:
@@ -152,6 +172,8 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             bad = None if bool(torch.isfinite(loss.detach()).all()) else ("loss", float(loss.detach()))
             if loss.requires_grad and bad is None:
                 loss.backward()
+            if dp is not None:
+                dp.sum_gradients(params)  # each rank's share of the micro-batches -> the step's gradient
             # a step with nothing to learn from (offpolicy_ft with no verified trace) leaves no gradient: no update
             if any(p.grad is not None for p in params):
                 norm = float(update_norm(params, s.grad_clip))
@@ -175,32 +197,36 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             totals["samples"] += int(metrics.get("samples/student", 0))
             totals["teacher_samples"] += int(metrics.get("samples/teacher", 0))
             record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics, **totals}
-            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            if lead and s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 model.eval()
                 with precision():
-                    scores = eval_metrics(ctx, model)
+                    scores = evaluate_fn(model) if evaluate_fn else eval_metrics(ctx, model)
                 record.update({f"eval/{d}": v["score"] for d, v in scores.items()})
                 model.train()
             log.write(record)
             if ctx.on_progress:
                 ctx.on_progress(done, s.steps, metrics)
-            if done % s.checkpoint_every == 0 and done < s.steps:
+            if lead and done % s.checkpoint_every == 0 and done < s.steps:
                 path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
                 save_checkpoint(path, model, ctx.tokenizer,
                                 lineage(ctx, done, {"elapsed_seconds": round(time.time() - t0, 3)}),
                                 trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals),
                                                "rng": rng_state(), "skipped": skipped})
                 prune_resumable(ctx.stage_dir)
-            if s.keep_every and done % s.keep_every == 0 and done < s.steps:
+            if lead and s.keep_every and done % s.keep_every == 0 and done < s.steps:
                 # an HF snapshot only (no optimizer state); a resumed stage rewrites it identically
                 save_checkpoint(snapshot_path(ctx.stage_dir, done), model, ctx.tokenizer,
                                 lineage(ctx, done, dict(totals)))
         model.eval()
+        if not lead:
+            return ctx.stage_dir / FINAL  # rank 0 writes it
         with precision():
-            final_eval = eval_metrics(ctx, model)
+            final_eval = evaluate_fn(model) if evaluate_fn else eval_metrics(ctx, model)
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()
+        if (close := getattr(loss_fn, "close", None)) is not None:
+            close()  # what the step started beside the model (rollout workers)
     final = save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
                             final_lineage(ctx, s.steps, {"eval": final_eval, **totals}))
     shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)

@@ -19,12 +19,16 @@ from pathlib import Path
 
 import torch
 
-from ..core.schema import MOPDStage
+from ..core.schema import ActorBackend, HttpBackend, MOPDStage
+from ..core.scoring import TeacherScorer
 from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
 from ..models.tokenizer import tokenizer_fingerprint
+from ..teachers.actor import start_actors
+from ..teachers.http import connect_all
 from ..teachers.offload import teachers_fit
 from ..teachers.panel import TeacherPanel
 from ..teachers.preflight import PreflightError, RolloutSettings, check_tokenizers, run_preflight
+from ..teachers.remote import MixedPanel
 from .driver import train
 from .loading import load_placed
 from .problems import ProblemSource, problem_source
@@ -60,7 +64,7 @@ class TeacherSchedule:
         self.ctx = ctx
         self.phases = [ph.until_step for ph in s.teacher_schedule] if s.teacher_schedule else [s.steps]
         self.phase: int | None = None
-        self.panel: TeacherPanel | None = None
+        self.panel: TeacherScorer | None = None
 
     def phase_of(self, step: int) -> int:
         """Index of the phase of 0-based `step`: the first whose until_step is after it."""
@@ -70,7 +74,7 @@ class TeacherSchedule:
         """(teacher name, checkpoint) of phase `phase`, in name order: a kept snapshot or the final directory."""
         return [(name, t.phases[phase] if t.phases else t.checkpoint) for name, t in sorted(self.ctx.teachers.items())]
 
-    def at(self, step: int) -> TeacherPanel:
+    def at(self, step: int) -> TeacherScorer:
         """The panel of 0-based `step`; crossing into a new phase replaces the previous phase's teachers."""
         i = self.phase_of(step)
         if i != self.phase or self.panel is None:
@@ -88,7 +92,10 @@ def check_teacher_tokenizers(ctx: ResolvedStage, checkpoints: Iterable[tuple[str
     """
     student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
     student_fp = tokenizer_fingerprint(student_tok)
+    served = {n for n, b in ctx.settings.teacher_backends.items() if isinstance(b, HttpBackend)}
     for name, ref in checkpoints:
+        if name in served:  # its server's tokenizer is checked when the panel connects (`teachers.http.connect`)
+            continue
         teacher_tok = load_tokenizer(ref)
         if tokenizer_fingerprint(teacher_tok) != student_fp:
             label = f"stage {ctx.name!r}: teacher {name!r} ({ref})"
@@ -117,14 +124,34 @@ def load_teachers(
     return models, device
 
 
-def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> TeacherPanel:
-    """The stage's panel over the teachers loaded from `checkpoints`, routed by the stage's `teachers`."""
-    models, compute_device = load_teachers(ctx, checkpoints)
-    return TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
-                         logit_chunk=ctx.settings.logit_chunk)
+def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> TeacherScorer:
+    """The stage's panel over the teachers of `checkpoints`, routed by the stage's `teachers`: in this process,
+    or where its `teacher_backends` puts them (Ray actors started and HTTP servers checked here, before step 0:
+    a problem is one `PreflightError` line)."""
+    backends = ctx.settings.teacher_backends
+    in_process = {n: ref for n, ref in checkpoints.items() if n not in backends}
+    local = None
+    if in_process:
+        models, compute_device = load_teachers(ctx, in_process)
+        local = TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
+                             logit_chunk=ctx.settings.logit_chunk)
+    if not backends:
+        return local
+    actors = {n: b for n, b in backends.items() if isinstance(b, ActorBackend) and n in checkpoints}
+    served = {n: b for n, b in backends.items() if isinstance(b, HttpBackend) and n in checkpoints}
+    student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
+    remote = {**connect_all(ctx.name, served, student_tok),
+              **(start_actors(ctx.name, checkpoints, actors, ctx.placement.compute_dtype, ctx.settings.logit_chunk)
+                 if actors else {})}
+    return MixedPanel(local=local, remote=remote, teacher_of_domain=ctx.teacher_of_domain)
 
 
-def preflight(ctx: ResolvedStage, panel: TeacherPanel, checkpoints: Mapping[str, str], source: ProblemSource) -> None:
+def local_part(panel: TeacherScorer) -> TeacherPanel | None:
+    """The in-process teachers of a panel (the preflight's exact KL; remote ones get its sampled estimate)."""
+    return panel.local if isinstance(panel, MixedPanel) else panel  # type: ignore[return-value]
+
+
+def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str, str], source: ProblemSource) -> None:
     """Teacher-student compatibility check before the first MOPD step; its result is <stage>/preflight.json.
 
     `panel` holds the teachers loaded from `checkpoints` (teacher name -> directory): the first phase's.
@@ -133,14 +160,15 @@ def preflight(ctx: ResolvedStage, panel: TeacherPanel, checkpoints: Mapping[str,
     is moved aside by the runner, so an existing file belongs to this very stage identity).
     """
     s: MOPDStage = ctx.settings
+    local = local_part(panel)
     student = load_placed(ctx, ctx.init_path).eval()  # the stage's device and precision, as it will train
     result = run_preflight(
         stage=ctx.name,
         student=student,
         tokenizer=ctx.tokenizer,
         student_tok=load_tokenizer(ctx.init_path),
-        teachers=dict(panel.models),
-        teacher_toks={name: load_tokenizer(checkpoints[name]) for name in panel.models},
+        teachers=dict(local.models) if local else {},
+        teacher_toks={name: load_tokenizer(checkpoints[name]) for name in (local.models if local else {})},
         teacher_of_domain=ctx.teacher_of_domain,
         domains=ctx.domains,
         settings=RolloutSettings(prompts=s.preflight.prompts, max_new_tokens=s.max_new_tokens,
@@ -149,8 +177,12 @@ def preflight(ctx: ResolvedStage, panel: TeacherPanel, checkpoints: Mapping[str,
         seed=ctx.seed,
         exclude=source.exclude,
         warn=ctx.on_warning or logging.getLogger("mopd").warning,
-        compute_device=panel.compute_device,  # offloaded teachers score on the student's device, as in training
+        compute_device=local.compute_device if local else None,  # offloaded teachers score where they train
+        remote={name: (lambda batch, t=t: t.sampled(batch)())
+                for name, t in (panel.remote.items() if isinstance(panel, MixedPanel) else ())},
         prompt_format=ctx.prompt_format,
     )
     del student  # training loads its own copy (or resumes)
+    if s.teacher_backends:  # connected (and tokenizer-checked) when the panel was made; KL: a sampled estimate
+        result["remote_teachers"] = {n: b.backend for n, b in sorted(s.teacher_backends.items())}
     write_json_atomic(ctx.stage_dir / PREFLIGHT_FILE, result)

@@ -1,4 +1,5 @@
-"""The `rejection_sampling` stage: best-of-n answers of a frozen sampler, kept when the verifier passes them,
+"""The `rejection_sampling` stage: best-of-n answers of a frozen sampler, kept when the stage's reward (the
+verifier, a reward model or a judge) passes them,
 then the SFT step on the kept (prompt, answer) pairs (Llama 2's rejection-sampling rounds, DeepSeek R1's
 rejection-sampling SFT). A round is a stage; the next round names it as its `sampler`.
 
@@ -19,6 +20,7 @@ from .driver import LossFn, train
 from .loading import load_placed
 from .problems import problem_source, step_generator, step_rng
 from .resolved import ResolvedStage
+from .rewards import stage_reward
 from .start import starting_model
 
 
@@ -34,12 +36,13 @@ def rejection_loss_fn(ctx: ResolvedStage) -> LossFn:
     prompt_format = ctx.rendering.format_for(tokenizer)
     source = problem_source(ctx)
     domains = ctx.domain_map
+    reward_fn = stage_reward(ctx)  # `reward:` a reward model or judge (None: the domains' verifiers)
 
     def loss_fn(model, step):
         problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
         best = best_of_n(sampler, tokenizer, problems, domains, n=s.n, max_new_tokens=s.max_new_tokens,
                          temperature=s.temperature, top_p=s.top_p, generator=step_generator(ctx.seed, step),
-                         prompt_format=prompt_format)
+                         prompt_format=prompt_format, reward=reward_fn)
         kept = [answer for answer, reward in best if reward >= s.threshold]
         metrics = {
             "rejection/kept_frac": len(kept) / len(problems),

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.schema import EvalSettings, Stage
 from ..envs import DomainLike
+from ..learner.data_parallel import DataParallel
 from ..models.precision import Placement
 from ..models.prompting import PromptFormat, Rendering
 
@@ -54,6 +55,8 @@ class ResolvedStage:
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None  # (step, total, metrics)
     on_warning: Callable[[str], None] | None = None  # one-line warnings for the console (default: logging)
     on_record: Callable[[dict], None] | None = None  # each metrics.jsonl record (experiment trackers)
+    executor: str = "local"  # what runs the stage: local (this process) or ray (rollout / learner workers as actors)
+    data_parallel: DataParallel | None = None  # this process's rank in a data-parallel learner (`learner:`)
 
     @property
     def domain_map(self) -> dict[str, DomainLike]:

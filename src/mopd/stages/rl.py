@@ -19,6 +19,8 @@ from .driver import LossFn, train
 from .loading import lazy_rollout_sampler
 from .problems import ProblemSource, problem_source, step_generator, step_rng
 from .resolved import ResolvedStage
+from .rewards import stage_reward
+from .rollout_workers import rollout_pool
 from .schedules import temperature_at
 from .start import starting_model
 
@@ -34,18 +36,43 @@ def policy_step_fn(
     distill = s if isinstance(s, MOPDStage) else None  # a MOPD stage is its own DistillationSettings
     rollouts = lazy_rollout_sampler(ctx)  # torch sampler, or vLLM (recipe `rollout_backend`), built on first use
     domains = ctx.domain_map
+    # a mopd stage's domains without a teacher: trained by GRPO on their reward in the same step (Nemotron 3 Ultra)
+    reward_only = frozenset(d.name for d in ctx.domains if distill and d.name not in ctx.teacher_of_domain)
+    reward = stage_reward(ctx)  # `reward:` a reward model or judge (None: the domains' verifiers)
+
+    dp = ctx.data_parallel  # a rank of a data-parallel learner (`learner:`), else None
+    workers = rollout_pool(ctx, rollouts)  # `rollout:` rollout workers (or their in-process twin), else None
+
+    def draw(step):
+        problems = source_at(step).draw(step_rng(ctx.seed, step), s.batch_size, step=step)
+        return problems, temperature_at(step, s.steps, s.temperature, s.temperature_end, s.temperature_schedule)
 
     def loss_fn(model, step):
-        problems = source_at(step).draw(step_rng(ctx.seed, step), s.batch_size, step=step)
-        temperature = temperature_at(step, s.steps, s.temperature, s.temperature_end, s.temperature_schedule)
-        batch, metrics = rollout(model, ctx.tokenizer, problems, domains, s, temperature=temperature,
-                                 generator=step_generator(ctx.seed, step), sampler=rollouts(),
-                                 prompt_format=ctx.prompt_format)
-        cfg = PolicyConfig(sampling=s, distill=distill, teachers=teachers_at(step) if teachers_at else None)
+        problems, temperature = draw(step)
+        if dp is not None and not dp.lead:  # a data-parallel learner: rank 0 samples, every rank trains on it
+            batch, metrics = dp.broadcast(None)
+        else:
+            batch, metrics = rollout(model, ctx.tokenizer, problems, domains, s, temperature=temperature,
+                                     generator=step_generator(ctx.seed, step),
+                                     sampler=rollouts() if workers is None else workers(model).sampler(step),
+                                     prompt_format=ctx.prompt_format, reward=reward)
+            if dp is not None:
+                dp.broadcast((batch, metrics))
+        if workers is not None and (dp is None or dp.lead):
+            metrics.update(workers(model).metrics)
+            if workers.max_lag and step + 1 < s.steps:  # the next step samples while this one trains
+                upcoming, upcoming_temperature = draw(step + 1)
+                workers(model).prefetch(step + 1, model, upcoming, temperature=upcoming_temperature,
+                                        generator=step_generator(ctx.seed, step + 1),
+                                        prompt_format=ctx.prompt_format)
+        cfg = PolicyConfig(sampling=s, distill=distill, teachers=teachers_at(step) if teachers_at else None,
+                           reward_only=reward_only)
         loss, loss_metrics = policy_loss(model, batch, cfg, temperature=temperature,
-                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk)
+                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk, dp=dp)
         return loss, {**metrics, **loss_metrics, "samples/student": len(problems) * s.group_size}
 
+    if workers is not None:
+        loss_fn.close = workers.close  # the driver ends the rollout workers with the stage
     return loss_fn
 
 

@@ -20,9 +20,11 @@ from .lineage import final_lineage
 from .loading import load_placed
 from .merge import run_merge
 from .mopd import run_mopd
+from .ppo import run_ppo
 from .problems import problem_source, step_rng
 from .rejection import run_rejection_sampling
 from .resolved import ResolvedStage
+from .reward_model import run_reward_model
 from .rl import run_rl
 from .start import starting_model
 
@@ -69,6 +71,8 @@ RUNNERS: dict[str, Callable[[ResolvedStage], Path]] = {
     "mopd": run_mopd,
     "dpo": run_dpo,
     "rejection_sampling": run_rejection_sampling,
+    "reward_model": run_reward_model,
+    "ppo": run_ppo,
     "merge": run_merge,
     "eval": run_eval,
 }

@@ -9,6 +9,10 @@ Two failure modes waste a whole MOPD run, and both are visible before the first 
    reverse KL of ~0.04 for a same-lineage teacher and ~0.19 for a foreign one whose distillation later
    collapsed. We measure the exact KL(pi_S || pi_T) over the full vocabulary at every completion position of
    student rollouts of the teacher's own domains, and warn above `kl_warn`.
+A teacher that scores elsewhere (`teacher_backends`: a Ray actor or a server) ships token logprobs, not full
+distributions, so its KL is the sampled-token estimate mean_t (log pi_S(y_t) - log pi_T(y_t)) over the same
+student rollouts (unbiased for the per-token reverse KL, noisier than the exact sum); its tokenizer was checked
+when it connected (`teachers.http.connect`) or from its files.
 The result is written to <stage>/preflight.json and shown in the report.
 """
 
@@ -21,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..core.batch import RolloutBatch
+from ..core.logprobs import token_logprobs
 from ..envs import DomainLike
 from ..learner.objectives import full_reverse_kl_loss
 from ..models.forward import sequence_logits
@@ -114,6 +120,29 @@ def initial_reverse_kl(
     return float(kl), int(mask_B_T.sum())
 
 
+@torch.no_grad()
+def sampled_reverse_kl(
+    student, score: Callable[[RolloutBatch], torch.Tensor], tokenizer, prompts: list[str],
+    settings: RolloutSettings, generator: torch.Generator, prompt_format: PromptFormat = RAW,
+) -> tuple[float, int]:
+    """Sampled-token estimate of the per-token reverse KL(pi_S || pi_T) on student rollouts of `prompts`, for a
+    teacher known only through `score(batch)` -> log pi_T(y_t) [B, T] (a remote teacher):
+
+        KL_hat = mean over completion positions t of (log pi_S(y_t | y_<t) - log pi_T(y_t | y_<t)),  y_t ~ pi_S
+
+    Returns:
+        (estimate, number of completion tokens it averages over).
+    """
+    batch = sample(student, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                   temperature=settings.temperature, top_p=settings.top_p, generator=generator,
+                   prompt_format=prompt_format)
+    student_lp = token_logprobs(sequence_logits(student, batch.input_ids_B_T, batch.attention_mask_B_T),
+                                batch.input_ids_B_T)
+    teacher_lp = score(batch.to("cpu")).to(student_lp.device)
+    mask = batch.completion_mask_B_T
+    return float(((student_lp - teacher_lp) * mask).sum() / mask.sum().clamp(min=1)), int(mask.sum())
+
+
 def domain_prompts(
     domains: Sequence[DomainLike], n: int, rng: random.Random, exclude: Mapping[str, frozenset[str]]
 ) -> list[str]:
@@ -142,6 +171,7 @@ def run_preflight(
     warn: Callable[[str], None],
     compute_device: torch.device | None = None,
     prompt_format: PromptFormat = RAW,
+    remote: Mapping[str, Callable[[RolloutBatch], torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Check every teacher of a MOPD stage; returns the JSON-ready result (also passed through `warn`).
 
@@ -151,6 +181,8 @@ def run_preflight(
     reverse KL is measured.
     `compute_device` is the teacher panel's: an offloaded teacher (kept in host memory) is moved there to score,
     as in training, rather than running its forward pass on the host CPU.
+    `remote`: teachers scored elsewhere, name -> score(batch) (log pi_T of each token): their KL is the
+    sampled-token estimate (`sampled_reverse_kl`), measured after the in-process teachers'.
     Deterministic in `seed`; it draws from its own generators, so training is unaffected.
     """
     warnings: list[str] = []
@@ -159,20 +191,27 @@ def run_preflight(
         label = f"stage {stage!r}: teacher {teacher!r} ({', '.join(routed)})"
         warnings += check_tokenizers(student_tok, teacher_toks[teacher], label)
     results: dict[str, Any] = {}
-    for i, teacher in enumerate(sorted(teachers)):
+    remote = remote or {}
+    for i, teacher in enumerate([*sorted(teachers), *sorted(remote)]):
         routed = [d for d in domains if teacher_of_domain.get(d.name) == teacher]
         if not routed:
             continue
         rng = random.Random(f"mopd-preflight:{seed}:{teacher}")
         prompts = domain_prompts(routed, settings.prompts, rng, exclude)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        with placed_on(teachers[teacher], compute_device) as model:
-            kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen, prompt_format)
+        if teacher in remote:
+            kl, tokens = sampled_reverse_kl(student, remote[teacher], tokenizer, prompts, settings, gen, prompt_format)
+        else:
+            with placed_on(teachers[teacher], compute_device) as model:
+                kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen, prompt_format)
         flagged = kl > kl_warn
         results[teacher] = {"domains": [d.name for d in routed], "reverse_kl": kl, "tokens": tokens, "warn": flagged}
+        if teacher in remote:
+            results[teacher]["estimate"] = "sampled-token"
         if flagged:
+            how = " (sampled-token estimate)" if teacher in remote else ""
             warnings.append(
-                f"stage {stage!r}: teacher {teacher!r} starts far from the student: per-token reverse KL "
+                f"stage {stage!r}: teacher {teacher!r} starts far from the student: per-token reverse KL{how} "
                 f"{kl:.3f} > kl_warn {kl_warn:g} (a foreign or drifted teacher; distillation may collapse)"
             )
     for w in warnings:

@@ -1,7 +1,8 @@
 """The recipe format: every setting, its type and its default (`stages.py`, `preference.py`, `kinds.py`, `recipe.py`)."""
 
 from .kinds import KINDS, SamplingStage, Stage, TrainedStage
-from .preference import DeltaPairs, DPOStage, RejectionSamplingStage
+from .ppo import PPOStage
+from .preference import DatasetPairs, DeltaPairs, DPOStage, RejectionSamplingStage, RewardModelStage
 from .recipe import (
     CompareSettings,
     DataDomainSpec,
@@ -16,6 +17,7 @@ from .recipe import (
     TrackioSettings,
     WandbSettings,
 )
+from .scale import LearnerWorkers, RolloutWorkers
 from .stages import (
     NAME_PATTERN,
     CascadeRLStage,
@@ -24,6 +26,7 @@ from .stages import (
     DistillationSettings,
     DType,
     EvalStage,
+    JudgeReward,
     LoraSettings,
     MasterWeights,
     MergeStage,
@@ -32,6 +35,8 @@ from .stages import (
     OffPolicyFTStage,
     PreflightSettings,
     PretrainStage,
+    RewardModelReward,
+    RewardSource,
     RLVRStage,
     SamplingSettings,
     SFTStage,
@@ -41,6 +46,7 @@ from .stages import (
     TinyModelConfig,
     TrainStage,
 )
+from .teachers import ActorBackend, HttpBackend, TeacherBackend, TeacherResources
 
 __all__ = [
     "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeltaPairs",
@@ -51,4 +57,7 @@ __all__ = [
     "PreflightSettings", "PretrainStage", "RejectionSamplingStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
     "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
     "TrackioSettings", "TrainStage", "TrainedStage", "WandbSettings",
+    "DatasetPairs", "JudgeReward", "PPOStage", "RewardModelReward", "RewardModelStage", "RewardSource",
+    "ActorBackend", "HttpBackend", "TeacherBackend", "TeacherResources",
+    "LearnerWorkers", "RolloutWorkers",
 ]

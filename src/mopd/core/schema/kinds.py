@@ -6,7 +6,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from .preference import DPOStage, RejectionSamplingStage
+from .ppo import PPOStage
+from .preference import DPOStage, RejectionSamplingStage, RewardModelStage
 from .stages import (
     CascadeRLStage,
     EvalStage,
@@ -21,15 +22,15 @@ from .stages import (
 
 Stage = Annotated[
     PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MergeStage | MOPDStage
-    | DPOStage | RejectionSamplingStage | EvalStage,
+    | DPOStage | RejectionSamplingStage | RewardModelStage | PPOStage | EvalStage,
     Field(discriminator="kind"),
 ]
 KINDS = (
     "pretrain", "sft", "rlvr", "mix_rl", "cascade_rl", "offpolicy_ft", "merge", "mopd", "dpo", "rejection_sampling",
-    "eval",
+    "reward_model", "ppo", "eval",
 )
 SamplingStage = RLVRStage | MixRLStage | CascadeRLStage | MOPDStage  # the stages that train on their own rollouts
 TrainedStage = (
     PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MOPDStage | DPOStage
-    | RejectionSamplingStage
+    | RejectionSamplingStage | RewardModelStage | PPOStage
 )

@@ -163,6 +163,11 @@ class Recipe(Strict):
         "local", description="local: stages one after another in this process; ray: every stage whose parents are "
         "finished runs as a Ray task with its `resources` (`--executor` overrides it; needs mopd[ray])",
     )
+    scale: float = Field(
+        1.0, gt=0, le=1, description="run the recipe at a reduced scale (tests, a quick look): steps, batch sizes "
+        "and held-out sets times this, each with a small floor; method settings unchanged; part of every stage's "
+        "identity (`mopd run --scale` overrides it)",
+    )
 
     _data_domains: dict[int, DataDomainSpec] = PrivateAttr(default_factory=dict)
 

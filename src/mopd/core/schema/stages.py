@@ -7,9 +7,12 @@ so a stage's settings keep one form from the YAML file down to the learner.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from .scale import LearnerWorkers, RolloutWorkers, scale_problem
+from .teachers import TeacherBackend
 
 # Positions per block of logits (`TrainStage.logit_chunk`): at least the K - 1 completion positions of the tiny
 # recipes (and the <= 64 positions of their SFT rows), so those run in one block, the unchunked computation.
@@ -137,6 +140,39 @@ class SFTStage(TrainStage):
     init: str
 
 
+class RewardModelReward(Strict):
+    """Rewards from a Bradley-Terry reward model: sigmoid of its score of (prompt, completion), in (0, 1)."""
+
+    reward_model: str = Field(description="a `reward_model` stage, or an HF sequence-classification directory")
+
+
+class JudgeReward(Strict):
+    """Rewards from a causal LM judging against a rubric (LLM-as-judge / RLAIF): the judge's per-token geometric
+    mean probability of the completion after `rubric` + prompt, in (0, 1] (`learner.judge`)."""
+
+    judge: str = Field(description="a causal LM: a stage of this recipe or an HF directory")
+    rubric: str = Field(min_length=1, description="text the judge reads before the prompt")
+
+
+REWARD_DESCRIPTION = "`verifier` (the domain's rules), {reward_model: STAGE_OR_DIR} or {judge: STAGE_OR_DIR, rubric: TEXT}"
+
+
+def _reward_source(v: object) -> object:
+    """One clear line for a malformed reward source (a union's own errors would name its first branch)."""
+    if isinstance(v, str) and v != "verifier":
+        raise ValueError(f"unknown reward source {v!r}: use {REWARD_DESCRIPTION}")
+    if isinstance(v, dict):
+        if "judge" in v and "rubric" not in v:
+            raise ValueError("a judge needs a `rubric` (the text it reads before the prompt)")
+        if not {"judge", "reward_model"} & set(v):
+            raise ValueError(f"a reward source is {REWARD_DESCRIPTION}")
+    return v
+
+
+# where a stage's rewards come from: the domain's verifier (rules), a reward model, or a judge
+RewardSource = Annotated[Literal["verifier"] | RewardModelReward | JudgeReward, BeforeValidator(_reward_source)]
+
+
 class SamplingSettings(Strict):
     group_size: int = Field(8, gt=0, description="completions sampled per prompt")
     max_new_tokens: int = Field(12, gt=0)
@@ -156,6 +192,20 @@ class SamplingSettings(Strict):
     curriculum: bool = Field(
         False, description="easiest difficulty first; the allowed maximum rises linearly over the steps"
     )
+    rollout: RolloutWorkers | None = Field(
+        None, description="sample each step group by group on rollout workers (`--executor ray`: sampler actors; "
+        "local: in process), with a bounded weight lag; null: the whole-batch sampler in the learner",
+    )
+    learner: LearnerWorkers | None = Field(
+        None, description="the update on `workers` data-parallel processes (`--executor ray`); null: one process",
+    )
+
+    @model_validator(mode="after")
+    def _scaled_kind(self) -> SamplingSettings:
+        if why := scale_problem(getattr(self, "kind", None), self.rollout, self.learner):
+            raise ValueError(why)
+        return self
+    reward: RewardSource = Field("verifier", description=REWARD_DESCRIPTION)
 
 
 class RLVRStage(TrainStage, SamplingSettings):
@@ -309,6 +359,9 @@ class MOPDStage(TrainStage, SamplingSettings, DistillationSettings):
     )
     teacher_schedule: list[TeacherPhase] | None = Field(
         None, description="staged teachers: earlier snapshots first, then later ones; null = final teachers"
+    )
+    teacher_backends: dict[str, TeacherBackend] = Field(
+        default_factory=dict, description="teacher -> where it scores (a Ray actor, an HTTP server); absent: in process"
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,37 @@
+"""Load-time checks of tool-use domains (docs/AGENTS.md): a stage that would play a tool domain's problems as
+single turns, or reward its episodes with something other than the episode, is one RecipeError line before
+compute.
+
+- rejection_sampling, and dpo / reward_model stages whose pairs are sampled (`pairs_from` policy or models), build
+  single-turn answers: their domains may not include a tool domain.
+- A stage's `reward:` (a reward model, a judge) scores single-turn completions; a tool domain's reward is its
+  episode's, so such a stage may not train on one.
+- Rollout workers (`rollout:`) sample single turns; tool domains are sampled in the learner.
+"""
+
+from __future__ import annotations
+
+from ..core.errors import RecipeError
+from ..core.schema import DatasetPairs, DPOStage, Recipe, RejectionSamplingStage, RewardModelStage
+from ..envs.tool_domains import is_agentic
+from .refs import stage_domains
+
+
+def check_agents(recipe: Recipe, domains: dict, where) -> None:
+    """Every check of the module docstring; `domains` are the loaded domains, `where(*key)` locates a key."""
+    for name, stage in recipe.stages.items():
+        tools = [d for d in stage_domains(stage, recipe) if is_agentic(domains.get(d))]
+        if not tools:
+            continue
+        at = lambda *key, name=name: where("stages", name, *key)  # noqa: E731
+        sampled_pairs = isinstance(stage, DPOStage | RewardModelStage) and not isinstance(stage.pairs_from,
+                                                                                         DatasetPairs)
+        if sampled_pairs or isinstance(stage, RejectionSamplingStage):
+            raise RecipeError(f"{at('domains')}: {tools[0]!r} is a tool-use domain, and a {stage.kind} stage samples "
+                              "single-turn answers; list its single-turn domains in the stage's `domains`")
+        if getattr(stage, "reward", "verifier") != "verifier":
+            raise RecipeError(f"{at('reward')}: {tools[0]!r} is a tool-use domain, rewarded by its episodes; a "
+                              "reward model or judge scores single-turn domains only")
+        if getattr(stage, "rollout", None) is not None:
+            raise RecipeError(f"{at('rollout')}: {tools[0]!r} is a tool-use domain, and rollout workers sample single "
+                              "turns; drop `rollout:` (episodes are sampled in the learner)")

@@ -1,0 +1,228 @@
+"""Batched multi-turn sampling: every row plays an episode, and one KV cache is carried across its turns.
+
+Lockstep layout: each decode step writes one column for every row: a sampled model token, the next token of a
+pending observation (teacher-forced), or padding once the row's episode ended. So a row's completion window is
+contiguous, `[prompt][turn 1 <eos>][observation 1][turn 2 <eos>]...`, and the batch has the single-turn layout
+(`core.batch`) with `roles_B_T` saying who wrote each token: the completion mask (the loss mask downstream) is
+1 on model tokens only, sampler logprobs exist for model tokens only, and teachers scoring `input_ids_B_T` see the
+observations as context. Observations are appended to the cache, never recomputed: a row's observation tokens
+go through the cached decode step beside the other rows' model tokens, and when every live row is feeding an
+observation they go in as one multi-token step (a prefill of the observation); `recompute=True` instead rebuilds the cache from the whole prefix whenever a row starts
+a new turn (what a loop of single-turn generate calls does), which the equality test and
+benchmarks/multi_turn_cache.py compare against.
+
+A row's episode ends at its final answer, at the environment's turn limit, or when its completion window
+reaches its token budget (`EpisodeRow.budget`; the episode is then `cut`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..core.batch import ROLE_ENV, ROLE_MODEL, ROLE_PROMPT, RolloutBatch, rollout_batch
+from ..envs import DomainLike, Problem
+from ..envs.episode import Episode, EpisodeStats, SingleTurnEpisode, observation_ids, prompt_ids
+from ..envs.tool_domains import is_agentic
+from ..envs.tools import Tool
+from ..models.forward import accepts, position_ids_from_mask
+from ..models.prompting import RAW, PromptFormat
+from .sampler import _filter_top_p, kv_cache, on_device
+
+
+@dataclass
+class EpisodeRow:
+    problem: Problem
+    episode: Episode
+    budget: int  # completion-window tokens (model and observation)
+    tools: Mapping[str, Tool] | None = None  # shown to a chat template; None for a single-turn row
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _next_tokens(logits_B_V: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's draw (`sampling.sampler.sample`'s, op for op): token and its logprob under the tempered,
+    top-p filtered distribution; greedy (logprob 0) at temperature 0."""
+    if temperature == 0:
+        return logits_B_V.argmax(-1), torch.zeros(logits_B_V.shape[0], device=logits_B_V.device)
+    dist_lp = (logits_B_V if temperature == 1.0 else logits_B_V / temperature).log_softmax(-1)
+    if top_p < 1.0:
+        dist_lp = _filter_top_p(dist_lp, top_p)
+    tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
+    return tok, dist_lp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_episodes(
+    model,
+    tokenizer,
+    rows: list[EpisodeRow],
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    group_ids: list[int] | None = None,
+    prompt_format: PromptFormat = RAW,
+    recompute: bool = False,
+) -> tuple[RolloutBatch, list[EpisodeStats]]:
+    """Play every row's episode to its end; returns the rewarded batch (with `roles_B_T`) and each episode's
+    stats. Completions are the decoded windows, EOS marks included (the reward came from the episode)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    chat = prompt_format.chat_template
+    starts = [prompt_ids(tokenizer, prompt_format, r.problem.prompt, r.tools if chat else None) for r in rows]
+    prompt_B_P, pmask_B_P = (x.to(dev) for x in _left_pad(starts, tokenizer.pad_token_id))
+    generator = on_device(generator, dev)
+    B, P = prompt_B_P.shape
+    N = max(r.budget for r in rows)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids_B_N = torch.full((B, N), pad, dtype=torch.long, device=dev)
+    lp_B_N = torch.zeros((B, N), device=dev)
+    roles: list[list[int]] = [[] for _ in range(B)]
+    pending: list[list[int]] = [[] for _ in range(B)]  # observation tokens still to feed
+    turn: list[list[int]] = [[] for _ in range(B)]  # the current model turn's tokens
+    done = [False] * B
+    rewards = [0.0] * B
+    keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    full_mask = torch.cat([pmask_B_P, torch.zeros((B, N), dtype=torch.long, device=dev)], dim=1)
+
+    def forward(input_ids: torch.Tensor, width: int, position_ids: torch.Tensor, cache: dict) -> torch.Tensor:
+        out = model(input_ids=input_ids, attention_mask=full_mask[:, :width], position_ids=position_ids,
+                    use_cache=True, **cache, **keep_last)
+        return out.logits[:, -1].float()
+
+    def write(b: int, t: int, tok: int, tok_lp: float) -> bool:
+        """Column t of row b; True when it ends the row's observation (its next column is a model turn's)."""
+        r, ends_observation = rows[b], False
+        if done[b]:
+            roles[b].append(ROLE_PROMPT)
+            return False
+        if pending[b]:
+            ids_B_N[b, t] = pending[b].pop(0)
+            roles[b].append(ROLE_ENV)
+            ends_observation = not pending[b]
+        else:
+            ids_B_N[b, t], lp_B_N[b, t] = tok, tok_lp
+            roles[b].append(ROLE_MODEL)
+            turn[b].append(tok)
+            if tok == eos:
+                reply = r.episode.step(tokenizer.decode(turn[b][:-1]))
+                turn[b] = []
+                if reply.observation is None:
+                    done[b], rewards[b] = True, reply.reward
+                else:
+                    pending[b] = observation_ids(tokenizer, prompt_format, r.episode.messages,
+                                                 r.tools if chat else None)
+        if not done[b] and t + 1 >= r.budget:  # the window is full: the episode is cut here
+            done[b], rewards[b] = True, r.episode.cut(tokenizer.decode(turn[b]))
+        return ends_observation
+
+    cache = kv_cache(model)
+    logits = forward(prompt_B_P, P, position_ids_from_mask(pmask_B_P), cache)
+    next_pos = pmask_B_P.sum(-1, keepdim=True)
+    t = 0
+    while t < N and not all(done):
+        # Every live row feeding an observation: k of its tokens go in one cached step (a prefill), no draw.
+        feeding = [len(pending[b]) for b in range(B) if not done[b]]
+        k = min(*feeding, N - t) if all(feeding) else 1
+        toks, tok_lps = ([0] * B, [0.0] * B) if all(feeding) else (
+            x.tolist() for x in _next_tokens(logits, temperature, top_p, generator))
+        new_turn = False
+        for j in range(t, t + k):
+            for b in range(B):
+                new_turn |= write(b, j, toks[b], tok_lps[b])
+            full_mask[:, P + j] = torch.tensor([int(rl[j] != ROLE_PROMPT) for rl in roles], device=dev)
+        t += k
+        if all(done):
+            break
+        if recompute and new_turn:  # the baseline: a row starts a turn, so re-read every row's whole prefix
+            cache = kv_cache(model)
+            mask = full_mask[:, : P + t]
+            logits = forward(torch.cat([prompt_B_P, ids_B_N[:, :t]], 1), P + t, position_ids_from_mask(mask), cache)
+            next_pos = mask.sum(-1, keepdim=True)
+        else:
+            logits = forward(ids_B_N[:, t - k : t], P + t, next_pos + torch.arange(k, device=dev), cache)
+            next_pos = next_pos + k
+    steps = t
+    if was_training:
+        model.train()
+
+    roles_B_N = torch.tensor([rl[:steps] for rl in roles], dtype=torch.long, device=dev).reshape(B, steps)
+    model_B_N = (roles_B_N == ROLE_MODEL).float()
+    ids_B_N, lp_B_N = ids_B_N[:, :steps], lp_B_N[:, :steps] * model_B_N
+    stats = [r.episode.stats for r in rows]
+    for s, rl in zip(stats, roles_B_N, strict=True):
+        s.tokens = int((rl != ROLE_PROMPT).sum())
+    completions = [tokenizer.decode([i for i, rl in zip(row.tolist(), rrow.tolist(), strict=True) if rl])
+                   for row, rrow in zip(ids_B_N, roles_B_N, strict=True)]
+    batch = rollout_batch(prompt_B_P, pmask_B_P, ids_B_N, lp_B_N, model_B_N, prompts=[r.problem.prompt for r in rows],
+                          completions=completions, domains=[r.problem.domain for r in rows], group_ids=group_ids,
+                          references=[r.problem.answer for r in rows], completion_roles_B_N=roles_B_N)
+    # rollout_batch's attention mask is the completion mask: observations are real tokens too
+    batch.attention_mask_B_T[:, P:] = (roles_B_N != ROLE_PROMPT).long()
+    return batch.with_rewards(torch.tensor(rewards, device=dev)), stats
+
+
+def episode_metrics(stats: list[EpisodeStats], domains: list[str]) -> dict[str, float]:
+    """Per-episode means: turns, tool calls, tool errors, episode length (window tokens), the share of episodes
+    that called a tool, and per domain the tool-call rate and length."""
+    n = max(len(stats), 1)
+    metrics = {
+        "episode/turns": sum(s.turns for s in stats) / n,
+        "episode/tool_calls": sum(s.tool_calls for s in stats) / n,
+        "episode/tool_errors": sum(s.tool_errors for s in stats) / n,
+        "episode/length": sum(s.tokens for s in stats) / n,
+        "episode/tool_call_rate": sum(s.tool_calls > 0 for s in stats) / n,
+        "episode/cut_rate": sum(s.cut for s in stats) / n,
+    }
+    for d in sorted(set(domains)):
+        mine = [s for s, x in zip(stats, domains, strict=True) if x == d]
+        metrics[f"episode/tool_call_rate/{d}"] = sum(s.tool_calls > 0 for s in mine) / len(mine)
+        metrics[f"episode/length/{d}"] = sum(s.tokens for s in mine) / len(mine)
+    return metrics
+
+
+def episode_rows(problems: list[Problem], domains: Mapping[str, DomainLike], max_new_tokens: int,
+                 chat: bool = False) -> list[EpisodeRow]:
+    """A row per problem: an agentic domain's episode within its own token budget, a single-turn domain's
+    problem as a one-turn episode within `max_new_tokens` (so both kinds share a batch)."""
+    out = []
+    for p in problems:
+        d = domains[p.domain]
+        if is_agentic(d):
+            out.append(EpisodeRow(p, d.start(p, chat=chat), d.limits.max_tokens, d.tools))
+        else:
+            out.append(EpisodeRow(p, SingleTurnEpisode(p, d.verify), max_new_tokens))
+    return out
+
+
+def rollout_episodes(
+    model, tokenizer, problems: list[Problem], domains: Mapping[str, DomainLike], *, group_size: int,
+    max_new_tokens: int, temperature: float, top_p: float, generator: torch.Generator | None,
+    prompt_format: PromptFormat = RAW,
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """`learner.rollout.rollout` for a batch with agentic domains: `group_size` episodes per problem (one group),
+    rewarded by their episodes; the rollout's metrics plus `episode_metrics`."""
+    rows = [p for p in problems for _ in range(group_size)]
+    batch, stats = sample_episodes(model, tokenizer, episode_rows(rows, domains, max_new_tokens,
+                                                                  prompt_format.chat_template),
+                                   temperature=temperature, top_p=top_p, generator=generator,
+                                   group_ids=[i // group_size for i in range(len(rows))], prompt_format=prompt_format)
+    assert batch.rewards_B is not None
+    metrics = {"reward/mean": float(batch.rewards_B.mean()),
+               "completion_len": float(batch.completion_mask_B_T.sum(-1).mean())}
+    for d in sorted(set(batch.domains)):
+        metrics[f"reward/{d}"] = float(batch.rewards_B[[x == d for x in batch.domains]].mean())
+    return batch, {**metrics, **episode_metrics(stats, batch.domains)}

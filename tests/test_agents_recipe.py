@@ -1,0 +1,49 @@
+"""Recipes with tool-use domains (issue 18): they load, and a stage that would play a tool domain's problems as
+single turns is refused at load in one line (recipe/agent_checks.py)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mopd.recipe.load import RecipeError, load_recipe
+
+HEAD = textwrap.dedent(
+    """\
+    name: tools
+    seed: 0
+    domains: [tool_lookup, reversal]
+    stages:
+      base:
+        kind: pretrain
+        model: {hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 64}
+        steps: 2
+    """
+)
+
+
+def _load(tmp_path: Path, stage: str):
+    (tmp_path / "r.yaml").write_text(HEAD + textwrap.indent(stage, "  "))
+    return load_recipe(tmp_path / "r.yaml")
+
+
+def test_sampling_stages_over_tool_domains_load(tmp_path: Path) -> None:
+    loaded = _load(tmp_path, "rl: {kind: rlvr, init: base, steps: 1}\n"
+                             "s: {kind: mopd, init: base, teachers: {tool_lookup: rl, reversal: rl}, steps: 1}\n")
+    assert set(loaded.recipe.stages) == {"base", "rl", "s"}
+    # a stage that lists only single-turn domains may sample them any way it likes
+    _load(tmp_path, "rs: {kind: rejection_sampling, init: base, domains: [reversal], steps: 1}\n")
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ("rs: {kind: rejection_sampling, init: base, steps: 1}\n",
+     "stages.rs.domains: 'tool_lookup' is a tool-use domain, and a rejection_sampling stage samples single-turn answers"),
+    ("d: {kind: dpo, init: base, domains: [tool_lookup], steps: 1}\n",
+     "stages.d.domains: 'tool_lookup' is a tool-use domain, and a dpo stage samples single-turn answers"),
+])
+def test_single_turn_stages_over_tool_domains_fail_in_one_line(tmp_path: Path, stage: str, message: str) -> None:
+    with pytest.raises(RecipeError) as e:
+        _load(tmp_path, stage)
+    assert message in str(e.value) and "\n" not in str(e.value)

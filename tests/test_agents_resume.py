@@ -1,0 +1,75 @@
+"""An agentic MOPD stage (tool-use episodes beside a single-turn domain) cut after a checkpoint resumes to the
+uninterrupted run's metrics and weights, as the single-turn stages do (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from mopd.recipe.load import load_recipe
+from mopd.recipe.runner import run_recipe
+from mopd.stages import rl as rl_module
+
+from .test_agents_sampling import one_thread  # noqa: F401  (autouse: one torch thread)
+
+RECIPE = textwrap.dedent(
+    """\
+    name: agents_resume
+    seed: 0
+    domains: [tool_lookup, reversal]
+    eval: {size: 4, max_new_tokens: 8}
+    stages:
+      base:
+        kind: pretrain
+        model: {hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 64}
+        steps: 3
+        batch_size: 6
+      teacher: {kind: rlvr, init: base, domains: [tool_lookup], steps: 1, batch_size: 2, group_size: 2}
+      student:
+        kind: mopd
+        init: base
+        teachers: {tool_lookup: teacher, reversal: teacher}
+        steps: 4
+        batch_size: 2
+        group_size: 2
+        alpha: 0.5
+        checkpoint_every: 2
+    """
+)
+
+
+def test_agentic_mopd_stage_cut_after_a_checkpoint_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    loaded = load_recipe(tmp_path / "r.yaml")
+    run_recipe(loaded, tmp_path / "whole", Console(quiet=True))
+
+    real, calls = rl_module.policy_loss, {"n": 0}
+
+    def crash_on_third_student_step(model, batch, cfg, *args, **kwargs):
+        calls["n"] += cfg.teachers is not None  # the teacher's own RLVR steps have no teachers
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+        return real(model, batch, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(rl_module, "policy_loss", crash_on_third_student_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
+    cut = tmp_path / "cut" / "student"
+    assert (cut / "checkpoints" / "step-0000002").exists() and not (cut / "final").exists()
+    before = (cut / "metrics.jsonl").read_text().splitlines()
+    monkeypatch.setattr(rl_module, "policy_loss", real)
+    run_recipe(loaded, tmp_path / "cut", Console(quiet=True))
+
+    def rows(stage: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k != "time"}
+                for x in (stage / "metrics.jsonl").read_text().splitlines()]
+
+    whole = tmp_path / "whole" / "student"
+    assert (cut / "metrics.jsonl").read_text().splitlines()[:2] == before[:2]  # resumed, not restarted
+    assert rows(cut) == rows(whole)
+    assert any("episode/tool_call_rate/tool_lookup" in r for r in rows(whole))
+    assert (cut / "final" / "model.safetensors").read_bytes() == (whole / "final" / "model.safetensors").read_bytes()

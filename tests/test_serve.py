@@ -1,0 +1,196 @@
+"""HTTP teachers against `mopd serve` (vLLM's request and response format): the scores are the in-process
+panel's, a run scores as with in-process teachers, and an unreachable server, a timeout, another tokenizer or
+another model name is one line before step 0."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from mopd.core.schema import HttpBackend
+from mopd.envs import ALPHABET
+from mopd.models.tokenizer import build_char_tokenizer
+from mopd.recipe.load import load_recipe
+from mopd.teachers.http import ServerError, connect, connect_all
+from mopd.teachers.preflight import PreflightError
+from mopd.teachers.remote import MixedPanel
+
+from .test_teacher_backends import ROUTES, _metrics, _recipe, assert_same_scores, save_models, scoring_setup
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+
+@contextmanager
+def served(model_dir: Path, name: str | None = None):
+    """`mopd serve`'s app on a free port, in a thread; yields its OpenAI base URL."""
+    from mopd.teachers.serve import build_app
+
+    server = uvicorn.Server(uvicorn.Config(build_app(model_dir, name), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, **kw) -> HttpBackend:
+    return HttpBackend(backend="http", url=url, **kw)
+
+
+def test_http_teachers_score_what_the_in_process_panel_scores(tmp_path):
+    dirs, tok, batch, panel = scoring_setup(tmp_path)
+    with served(dirs["a"]) as url_a, served(dirs["b"]) as url_b:
+        remote = connect_all("s", {"a": http(url_a), "b": http(url_b, concurrency=2)}, tok)
+        assert remote["a"].model == "a"  # the server's only model, by the directory's name
+        mixed = MixedPanel(local=None, remote=remote, teacher_of_domain=ROUTES)
+        assert_same_scores(panel, mixed, batch, full=False)
+        with pytest.raises(ServerError, match="returns top-k logprobs, not full logits"):
+            mixed.full_logits(batch, mixed.route(batch))
+
+
+def test_the_response_is_vllms_prompt_logprobs(tmp_path):
+    """One prompt of ids with prompt_logprobs 2: null first, then per token a dict keyed by token id (a string in
+    JSON) with logprob, rank and decoded_token, holding the actual token and the 2 best, ranked from 1."""
+    dirs = save_models(tmp_path, {"t": 1})
+    tok = build_char_tokenizer(ALPHABET)
+    ids = tok("12+3=", add_special_tokens=False)["input_ids"]
+    with served(dirs["t"], name="teacher") as url:
+        body = json.dumps({"model": "teacher", "prompt": ids, "max_tokens": 1, "prompt_logprobs": 2}).encode()
+        req = urllib.request.Request(url + "/completions", data=body, headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    [choice] = answer["choices"]
+    lps = choice["prompt_logprobs"]
+    assert answer["object"] == "text_completion" and len(lps) == len(ids) and lps[0] is None
+    for j in range(1, len(ids)):
+        entries = lps[j]
+        assert str(ids[j]) in entries and 2 <= len(entries) <= 3
+        ranks = sorted(e["rank"] for e in entries.values())
+        assert ranks[:2] == [1, 2]
+        best = max(entries.values(), key=lambda e: e["logprob"])
+        assert best["rank"] == 1 and set(best) == {"logprob", "rank", "decoded_token"}
+
+
+def test_an_unreachable_server_is_one_line(tmp_path):
+    tok = build_char_tokenizer(ALPHABET)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(PreflightError) as err:
+        connect("student", "t_math", http(url, retries=0, timeout=5), tok)
+    [line] = str(err.value).splitlines()
+    assert line.startswith(f"stage 'student': teacher 't_math' at {url}: the server does not list its models")
+    assert "cannot connect" in line
+
+
+def test_a_server_that_does_not_answer_is_a_timeout_in_one_line():
+    tok = build_char_tokenizer(ALPHABET)
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        start = time.perf_counter()
+        with pytest.raises(PreflightError) as err:
+            connect("student", "t", http(url, retries=1, timeout=0.3), tok)
+    [line] = str(err.value).splitlines()
+    assert "no answer within 0.3s (timeout)" in line and time.perf_counter() - start < 5
+
+
+def test_a_server_with_another_tokenizer_is_refused_in_one_line(tmp_path):
+    """A teacher whose vocabulary has one more character: its /tokenize of the probe differs from the student's."""
+    foreign = save_models(tmp_path, {"foreign": 1}, alphabet=ALPHABET + "!")  # "!" shifts most ids by one
+    with served(foreign["foreign"]) as url, pytest.raises(PreflightError) as err:
+        connect("student", "t", http(url), build_char_tokenizer(ALPHABET))
+    [line] = str(err.value).splitlines()
+    assert "uses a different tokenizer from the student" in line and "first difference at token" in line
+
+
+def test_a_model_the_server_does_not_serve_is_one_line(tmp_path):
+    dirs = save_models(tmp_path, {"t": 1})
+    tok = build_char_tokenizer(ALPHABET)
+    with served(dirs["t"], name="served-name") as url, pytest.raises(PreflightError) as err:
+        connect("student", "t", http(url, model="other"), tok)
+    assert str(err.value).endswith("the server does not serve model 'other' (it serves ['served-name'])")
+
+
+def test_a_run_with_http_teachers_has_the_in_process_numbers(tmp_path):
+    """The same MOPD stage with in-process teachers and with both teachers behind `mopd serve`: the same
+    metrics, step for step (the sampled objective reads one logprob per token, which the server ships)."""
+    from mopd.recipe.runner import run_recipe
+
+    path = _recipe(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_recipe(load_recipe(path), tmp_path / "local")
+        with served(tmp_path / "a") as url_a, served(tmp_path / "b") as url_b:
+            extra = (f"    teacher_backends: {{{tmp_path}/a: {{backend: http, url: '{url_a}'}}, "
+                     f"{tmp_path}/b: {{backend: http, url: '{url_b}'}}}}\n")
+            run_recipe(load_recipe(_recipe(tmp_path, extra)), tmp_path / "http")
+    finally:
+        torch.set_num_threads(threads)
+    local, remote = _metrics(tmp_path / "local"), _metrics(tmp_path / "http")
+    assert [r.keys() for r in local] == [r.keys() for r in remote]
+    for a, b in zip(local, remote, strict=True):
+        assert {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in a.items()} == b
+    pre = json.loads((tmp_path / "http" / "student" / "preflight.json").read_text())
+    assert pre["remote_teachers"] == {f"{tmp_path}/a": "http", f"{tmp_path}/b": "http"}
+    local_pre = json.loads((tmp_path / "local" / "student" / "preflight.json").read_text())
+    for t in "ab":  # a served teacher's KL is the sampled-token estimate; the tokens are those of the same rollouts
+        entry, exact = pre["teachers"][f"{tmp_path}/{t}"], local_pre["teachers"][f"{tmp_path}/{t}"]
+        assert entry["estimate"] == "sampled-token" and entry["tokens"] == exact["tokens"]
+
+
+def test_mopd_serve_command(tmp_path):
+    """`mopd serve DIR --port P --name N` answers /v1/models; a directory without a model is one line."""
+    dirs = save_models(tmp_path, {"t": 1})
+    mopd = [str(Path(sys.executable).parent / "mopd")]
+    bad = subprocess.run([*mopd, "serve", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a Hugging Face model directory (no config.json)" in bad.stdout
+    port = free_port()
+    proc = subprocess.Popen([*mopd, "serve", str(dirs["t"]), "--port", str(port), "--name", "tiny", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                answer = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.2)
+        assert [m["id"] for m in answer["data"]] == ["tiny"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_run_with_an_unreachable_teacher_fails_in_one_line_before_step_0(tmp_path):
+    from mopd.recipe.runner import run_recipe
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    extra = f"    teacher_backends: {{{tmp_path}/a: {{backend: http, url: '{url}', retries: 0}}}}\n"
+    with pytest.raises(PreflightError) as err:
+        run_recipe(load_recipe(_recipe(tmp_path, extra)), tmp_path / "run")
+    [line] = str(err.value).splitlines()
+    assert line.startswith(f"stage 'student': teacher '{tmp_path}/a' at {url}: ") and "cannot connect" in line
+    assert not (tmp_path / "run" / "student" / "metrics.jsonl").exists()
