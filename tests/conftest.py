@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# trackio reads TRACKIO_DIR once, when it is first imported, and its default is the user's own store under
+# ~/.cache/huggingface: set before any test runs, so every import of this session writes to a fresh directory
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="mopd-tests-trackio-")
+atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 
 MINI_RECIPE = textwrap.dedent(
     """\

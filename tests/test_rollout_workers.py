@@ -283,9 +283,8 @@ def test_ray_rollout_workers_give_the_local_numbers_through_a_killed_worker(runs
     local = load_file(root / "local" / "student" / "final" / "model.safetensors")
     remote = load_file(root / "ray" / "student" / "final" / "model.safetensors")
     assert all(torch.equal(local[k], remote[k]) for k in local)
-    stages = json.loads((root / "ray" / "run.json").read_text())["stages"]
-    add, rev = stages["teacher_add"], stages["teacher_rev"]
-    assert add["started_at"] < rev["ended_at"] and rev["started_at"] < add["ended_at"]  # the teachers overlap
+    # that the two teacher stages run at the same time is tested in test_executor_ray on stages long enough to
+    # overlap: these take half a second, less than Ray needs to start a second worker process on a busy machine
 
 
 def test_two_learner_workers_give_the_one_worker_numbers_to_rounding(runs):

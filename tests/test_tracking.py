@@ -6,6 +6,7 @@ resumed continues the same tracker runs with no step twice; a tracker that is no
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from importlib.util import find_spec
 from pathlib import Path
@@ -50,8 +51,10 @@ def trackers_env(tmp_path: Path, monkeypatch) -> Path:
     missing = [m for m in ("tensorboard", "wandb", "trackio", "mlflow", "sqlalchemy") if not find_spec(m)]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (pip install -e '.[dev]')")
-    # trackio reads TRACKIO_DIR once, when first imported: the session's temporary root, never the user's store
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path.parent / "trackio"))
+    # tests/conftest.py points TRACKIO_DIR at a fresh directory for the session, before trackio is imported
+    from trackio.utils import TRACKIO_DIR
+
+    assert str(TRACKIO_DIR) == os.environ["TRACKIO_DIR"], "trackio would write to the user's own store"
     monkeypatch.setenv("WANDB_SILENT", "true")
     return tmp_path
 
