@@ -8,7 +8,13 @@ table and benchmarks/recipes.json.
 The recipes run one after another into OUT/<name> (`cli_tools.bundled.run_bundled`): a stage whose identity an
 earlier recipe finished (the shared base and sft; the shared specialist teachers) is linked, not retrained, so
 each recipe's wall time is the sum of its stages' own wall times, wherever they ran. A rerun skips finished
-stages; results of recipes run earlier into OUT are kept in the table (`--recipes` adds to them).
+stages; results of recipes run earlier into OUT are kept in the table (`--recipes` adds to them), and so are the
+entries of benchmarks/recipes.json (at the same scale) of recipes that OUT does not hold, each with the CPU it was
+measured on: `--recipes glm5` on a fresh machine re-measures glm5 and keeps the other rows.
+
+A recipe whose `sft` is not the shared start's (its identity differs from tulu3.yaml's: glm5 trains a fourth
+domain, `style`, so it pretrains its own base) is marked "own start" in the table; its normalized score is not
+computed (the shared teachers improve another start), and a domain it does not train is "-".
 
 Per recipe: its eval stage's scores for each model it lists, the last being the recipe's result; the result's
 per-domain score (mean verifier reward on the 200 held-out prompts) and exact-match accuracy; its normalized
@@ -25,6 +31,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +96,20 @@ def shared_teachers(root: Path, domains: list[str]) -> dict[str, dict]:
     return found
 
 
-def summarize(name: str, out: Path, teachers: dict[str, dict]) -> dict[str, Any]:
+def start_identity(name: str, scale: float | None) -> str:
+    """The identity of bundled recipe `name`'s `sft` at `scale`, computed from its file (no run needed)."""
+    from mopd.cli_tools.bundled import bundled_recipe
+    from mopd.cli_tools.scaled import with_scale
+    from mopd.recipe.identity import stage_identities
+
+    loaded = load_recipe(bundled_recipe(name), check_tokenizers=False)
+    if scale in (None, 1):
+        return stage_identities(loaded)[START]
+    with tempfile.TemporaryDirectory() as tmp:
+        return stage_identities(with_scale(loaded, scale, Path(tmp)))[START]
+
+
+def summarize(name: str, out: Path, teachers: dict[str, dict], own_start: bool) -> dict[str, Any]:
     loaded = load_recipe(out / "recipe.yaml", check_tokenizers=False)
     recipe = loaded.recipe
     evals = [n for n in loaded.order if isinstance(recipe.stages[n], EvalStage)]
@@ -107,7 +127,10 @@ def summarize(name: str, out: Path, teachers: dict[str, dict]) -> dict[str, Any]
         "models": table,
         "start": {d: v["score"] for d, v in start.items()},
         "recovery": recoveries,
-        "normalized_score": normalized_score(recoveries.values()) if len(teachers) == len(recipe.domains) else None,
+        "normalized_score": (normalized_score(recoveries.values())
+                             if not own_start and len(teachers) == len(recipe.domains) else None),
+        "own_start": own_start,
+        "cpu": cpu_model(),
         "samples": greedy_samples(out / result / "final", loaded.domains, recipe.eval),
         "wall_seconds": round(sum(stage_wall(out, s) for s in loaded.order), 1),
         "stages": len(loaded.order),
@@ -121,35 +144,51 @@ def fmt(x: float | None, digits: int = 3) -> str:
 def markdown(results: dict[str, dict], teachers: dict[str, dict], meta: dict[str, Any]) -> str:
     domains = meta["domains"]
     head = ["recipe", "result stage", *[f"{d} score (acc)" for d in domains], "normalized", "wall (s)"]
+    cpus: dict[str, list[str]] = {}
+    for name, r in results.items():
+        cpus.setdefault(r.get("cpu") or meta["cpu"], []).append(name)
+    where = "; ".join(f"{cpu} ({', '.join(names)})" if len(cpus) > 1 else cpu for cpu, names in cpus.items())
     lines = [
-        f"Measured on {meta['cpu']} ({meta['cores']} cores), torch threads: {meta['threads']}, scale "
-        f"{meta['scale']:g}; the machine was shared with other jobs while these ran, so wall times are inflated "
-        "and only roughly comparable. Score: mean verifier reward over 200 held-out prompts per domain "
-        "(exact-match accuracy in brackets); normalized: mean over domains of (result - sft) / (teacher - sft), "
-        "with the same sft and teachers for every recipe.",
+        f"Measured on {where} ({meta['cores']} cores), torch threads: {meta['threads']}, scale "
+        f"{meta['scale']:g}; wall times depend on the machine and its load (see below), so they are only roughly "
+        "comparable. Score: mean verifier reward over 200 held-out prompts per domain (the rule measure for "
+        "`style`, which training never sees; exact-match accuracy in brackets); normalized: mean over domains of "
+        "(result - sft) / (teacher - sft), with the same sft and teachers for every recipe on the shared start.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    start = next(iter(results.values()))["start"] if results else {}
+    start = next((r["start"] for r in results.values() if not r.get("own_start")), {})
     lines.append("| *start: sft* | sft | " + " | ".join(fmt(start.get(d)) for d in domains) + " | 0 | |")
     if teachers:
         lines.append("| *teachers* | teacher_&lt;domain&gt; | "
                      + " | ".join(fmt(teachers.get(d, {}).get("score")) for d in domains) + " | 1 | |")
     for name, r in results.items():
-        cells = [f"{fmt(r['models'][r['result']][d]['score'])} ({fmt(r['models'][r['result']][d]['accuracy'], 2)})"
-                 for d in domains]
-        lines.append(f"| {name} | {r['result']} | " + " | ".join(cells)
+        final = r["models"][r["result"]]
+        cells = [f"{fmt(final[d]['score'])} ({fmt(final[d]['accuracy'], 2)})" if d in final else "-" for d in domains]
+        label = f"{name} (own start)" if r.get("own_start") else name
+        lines.append(f"| {label} | {r['result']} | " + " | ".join(cells)
                      + f" | {fmt(r['normalized_score'])} | {r['wall_seconds']:.0f} |")
     lines += ["", "Every model each recipe's eval stage scores (score per domain):", ""]
     for name, r in results.items():
         lines.append(f"- **{name}**: " + "; ".join(
-            f"{m} " + "/".join(fmt(v[d]['score'], 2) for d in domains) for m, v in r["models"].items()))
+            f"{m} " + "/".join(fmt(v[d]['score'], 2) for d in domains if d in v) for m, v in r["models"].items()))
     lines += ["", "Greedy samples of each result (prompt -> answer, reference in brackets):", ""]
     for name, r in results.items():
         lines.append(f"- **{name}**: " + "; ".join(
             f"`{s['prompt']}` -> `{s['answer']}` (`{s['reference']}`)" for s in r["samples"].values()))
     return "\n".join(lines) + "\n"
+
+
+def earlier_entries(path: Path, scale: float, measured: set[str]) -> dict[str, Any] | None:
+    """benchmarks/recipes.json's entries at `scale` for recipes not measured in this run's directory."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if float(data.get("meta", {}).get("scale", 1.0)) != scale:
+        return None
+    data["recipes"] = {n: r for n, r in data.get("recipes", {}).items() if n not in measured}
+    return data
 
 
 def write_doc(doc: Path, table: str) -> None:
@@ -189,12 +228,24 @@ def main() -> None:
     run_bundled(names, root, lambda loaded, out: run_recipe(loaded, out, console), scale=scale,
                 earlier=[root / n for n in earlier])
     done = [n for n in REPORT_RECIPES if (root / n / "run.json").exists()]
-    domains = load_recipe(root / done[0] / "recipe.yaml", check_tokenizers=False).recipe.domains
+    shared = start_identity("tulu3", scale)
+    domains: list[str] = []
+    for n in done:
+        domains += [d for d in load_recipe(root / n / "recipe.yaml", check_tokenizers=False).recipe.domains
+                    if d not in domains]
     teachers = shared_teachers(root, domains)
-    results = {n: summarize(n, root / n, teachers) for n in done}
+    results = {n: summarize(n, root / n, teachers, own_start=start_identity(n, scale) != shared) for n in done}
+    kept = earlier_entries(args.json, scale or 1.0, set(done))
+    if kept:
+        teachers = teachers or kept["teachers"]
+        for r in kept["recipes"].values():
+            r.setdefault("cpu", kept["meta"]["cpu"])
+            r.setdefault("own_start", False)
+            domains += [d for d in r["models"][r["result"]] if d not in domains]
+        results = {n: results.get(n) or kept["recipes"][n] for n in REPORT_RECIPES if n in results or n in kept["recipes"]}
     meta = {"domains": domains, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "scale": scale or 1.0, "root": str(root),
-            "not_run": [n for n in REPORT_RECIPES if n not in done]}
+            "not_run": [n for n in REPORT_RECIPES if n not in results]}
     table = markdown(results, teachers, meta)
     print(table)
     if args.no_doc:

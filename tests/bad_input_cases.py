@@ -252,6 +252,22 @@ CASES: list[Case] = [
         "  tune:\n    kind: sft\n    init: rm\n    steps: 1\n  student:\n", 31, "'rm' is a reward model: it scores"),
     sub("ppo critic unknown", "  student:\n", "  tune:\n    kind: ppo\n    init: base\n    steps: 1\n"
         "    critic: critc\n  student:\n", 29, "critc"),
+    text("per-domain reward leaves a judged domain to rules", STYLE.replace("  student:\n", "  tune:\n    kind: rlvr\n"
+         "    init: base\n    domains: [addition, style]\n    steps: 1\n"
+         "    reward: {per_domain: {addition: verifier}}\n  student:\n"), 30, "'style' has no rule-based reward"),
+    sub("per-domain reward for a domain not trained", "  student:\n", "  tune:\n    kind: rlvr\n    init: base\n"
+        "    domains: [addition]\n    steps: 1\n    reward: {per_domain: {reversal: {judge: base, rubric: neat}}}\n"
+        "  student:\n", 30, "this stage rewards no rows of domain 'reversal'"),
+    text("per-domain judge is a reward model", STYLE.replace("  student:\n", "  rm:\n    kind: reward_model\n"
+         "    init: base\n    domains: [addition]\n    steps: 1\n  tune:\n    kind: rlvr\n    init: base\n"
+         "    domains: [addition, style]\n    steps: 1\n    reward: {per_domain: {style: {judge: rm, rubric: neat}}}\n"
+         "  student:\n"), 35, "reward.per_domain.style.judge: 'rm' is a reward model"),
+    sub("per-domain reward empty", "  student:\n", "  tune:\n    kind: rlvr\n    init: base\n    steps: 1\n"
+        "    reward: {per_domain: {}}\n  student:\n", 29, "per_domain maps domains to reward sources"),
+    Case("per-domain judge on the judged domain", None, STYLE.replace("  student:\n", "  tune:\n    kind: rlvr\n"
+         "    init: base\n    domains: [addition, style]\n    steps: 1\n"
+         "    reward: {per_domain: {style: {judge: base, rubric: neat}}}\n  student:\n").replace(
+             TEACH, TEACH + "    domains: [addition, reversal]\n"), None, "", legal=True),
     # ----- rollout workers and the data-parallel learner (issue 16)
     sub("rollout workers zero", "    group_size: 2\n", "    group_size: 2\n    rollout: {workers: 0}\n", 18, "workers"),
     sub("rollout max_lag negative", "    group_size: 2\n", "    group_size: 2\n    rollout: {max_lag: -1}\n", 18,

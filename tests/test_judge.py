@@ -1,6 +1,7 @@
 """The judge reward and the `style` domain (issue 20): the judge score against an independent computation, the
-style measure by hand, and a miniature recipe whose rlvr, dpo and rejection_sampling stages on `style` are
-rewarded by a judge (one of the run's own models) and by a reward model."""
+style measure by hand, per-domain reward sources routed row by row, and a miniature recipe whose rlvr, dpo and
+rejection_sampling stages on `style` are rewarded by a judge (one of the run's own models) and by a reward model,
+and whose mixed stage rewards `addition` by its verifier and `style` by the judge."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rich.console import Console
 
 from mopd.envs import ALPHABET, Problem, get_domain
 from mopd.learner.judge import judge_scores
+from mopd.learner.rollout import rewards_by_domain
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
@@ -54,6 +56,26 @@ def test_style_measure_by_hand() -> None:
     assert style.verify(p, "t-c-a-x") == pytest.approx(6 / 7)
     assert style.verify(p, "") == 0.0
     assert style.rule_reward is False and get_domain("addition").rule_reward is True
+
+
+def test_per_domain_rewards_route_each_row_to_its_domains_source_in_order() -> None:
+    """Listed domains go to their source, one call each with their rows in order; the others to their verifier."""
+    calls: list[list[str]] = []
+
+    def judge(rows: list[Problem], completions: list[str]) -> list[float]:
+        calls.append([p.prompt for p in rows])
+        return [0.25 + 0.5 * (c == "c-a-t") for c in completions]
+
+    add = get_domain("addition")
+    rows = [Problem(prompt="1+2=", answer="3", domain="addition", difficulty=1),
+            Problem(prompt="style:cat=", answer="c-a-t", domain="style", difficulty=1),
+            Problem(prompt="2+2=", answer="4", domain="addition", difficulty=1),
+            Problem(prompt="style:cat=", answer="c-a-t", domain="style", difficulty=1)]
+    completions = ["3", "c-a-t", "5", "cat"]
+    rewards = rewards_by_domain({"style": judge}, {"addition": add, "style": get_domain("style")})(rows, completions)
+    assert rewards == [add.verify(rows[0], "3"), 0.75, add.verify(rows[2], "5"), 0.25]
+    assert rewards[0] == 1.0 and rewards[2] < 1.0  # the verifier's own values, not the judge's
+    assert calls == [["style:cat=", "style:cat="]]
 
 
 RECIPE = textwrap.dedent(
@@ -96,6 +118,15 @@ RECIPE = textwrap.dedent(
         batch_size: 4
         group_size: 3
         max_new_tokens: 8
+      mixed:
+        kind: rlvr
+        init: base
+        domains: [addition, style]
+        reward: {per_domain: {style: {judge: base, rubric: "neat "}}}
+        steps: 2
+        batch_size: 4
+        group_size: 2
+        max_new_tokens: 8
       rs:
         kind: rejection_sampling
         init: base
@@ -121,6 +152,9 @@ def test_judge_and_reward_model_rewards_drive_stages_on_the_style_domain(tmp_pat
     rl = [r for r in rows("rl") if "reward/style" in r]
     assert len(rl) == 2 and all(0 < r["reward/style"] <= 1 for r in rl)  # judge scores: in (0, 1], never rules
     assert rows("rl")[-1]["eval/style"] >= 0.0  # the held-out score is the style measure
+    mixed = [r for r in rows("mixed") if "reward/style" in r or "reward/addition" in r]
+    assert mixed and all(0 < r["reward/style"] <= 1 for r in mixed if "reward/style" in r)
+    assert {"reward/style", "reward/addition"} <= {k for r in mixed for k in r}  # one stage, both sources
     assert any(r.get("rm/pairs", 0) > 0 for r in rows("rm"))  # the judge ranks the samples into pairs
     assert any(r.get("dpo/pairs", 0) > 0 for r in rows("dpo"))  # ... and so does the reward model
     rs = [r for r in rows("rs") if "rejection/best_reward" in r]

@@ -21,6 +21,25 @@ from ..sampling.sampler import sample
 RewardFn = Callable[[list[Problem], list[str]], list[float]]
 
 
+def rewards_by_domain(sources: Mapping[str, RewardFn], domains: Mapping[str, DomainLike]) -> RewardFn:
+    """One RewardFn from a source per listed domain (`reward: {per_domain: ...}`): each listed domain's rows go to
+    its source in one call, every other row to its domain's verifier; rewards come back in the rows' order."""
+
+    def score(rows: list[Problem], completions: list[str]) -> list[float]:
+        out = [0.0] * len(rows)
+        for domain in dict.fromkeys(p.domain for p in rows):
+            idx = [i for i, p in enumerate(rows) if p.domain == domain]
+            if domain in sources:
+                values = sources[domain]([rows[i] for i in idx], [completions[i] for i in idx])
+            else:
+                values = [domains[domain].verify(rows[i], completions[i]) for i in idx]
+            for i, v in zip(idx, values, strict=True):
+                out[i] = float(v)
+        return out
+
+    return score
+
+
 def row_rewards(
     rows: list[Problem], completions: list[str], domains: Mapping[str, DomainLike], reward: RewardFn | None
 ) -> list[float]:

@@ -20,6 +20,7 @@ from ..core.schema import (
     RejectionSamplingStage,
     RewardModelReward,
     RewardModelStage,
+    reward_parts,
 )
 
 
@@ -46,11 +47,11 @@ def stage_refs(stage) -> list[tuple[tuple, str]]:
         refs += [(("pairs_from", "strong"), stage.pairs_from.strong), (("pairs_from", "weak"), stage.pairs_from.weak)]
     if isinstance(stage, PPOStage):
         refs += [((key,), getattr(stage, key)) for key in ("reference", "critic") if getattr(stage, key)]
-    reward = getattr(stage, "reward", "verifier")
-    if isinstance(reward, RewardModelReward):
-        refs.append((("reward", "reward_model"), reward.reward_model))
-    if isinstance(reward, JudgeReward):
-        refs.append((("reward", "judge"), reward.judge))
+    for key, _, source in reward_parts(getattr(stage, "reward", "verifier")):
+        if isinstance(source, RewardModelReward):
+            refs.append((("reward", *key, "reward_model"), source.reward_model))
+        if isinstance(source, JudgeReward):
+            refs.append((("reward", *key, "judge"), source.judge))
     return refs
 
 

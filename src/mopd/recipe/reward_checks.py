@@ -5,6 +5,7 @@ mistake one RecipeError line before compute.
   `reward: verifier` in a stage that uses rewards (a PPO stage on `style` needs a judge or a reward model).
 - `reward: {reward_model: X}`: X is a `reward_model` stage or a directory holding a sequence classifier.
 - `reward: {judge: X}`: X is a causal LM: not a `reward_model` stage, not a directory of a classifier.
+- `reward: {per_domain: {D: SOURCE}}`: each D is a domain the stage rewards; each SOURCE is checked as above.
 - A `reward_model` stage is named only where a model scores (a reward source, a ppo critic): never as a model
   that generates (an init, a teacher, a reference, an eval stage's model).
 - A preference dataset is read now (every pair checked: chosen differs from rejected) and its path made absolute
@@ -27,13 +28,18 @@ from ..core.schema import (
     RewardModelReward,
     RewardModelStage,
     SamplingSettings,
+    reward_parts,
+    source_of,
 )
 from ..data.pairs import read_pairs
 from ..models.checkpoint import head_kind
 from .build import tokenizer_alphabet
 from .refs import resolve_external, stage_domains, stage_refs, stage_roots
 
-SCORING_KEYS = {("reward", "reward_model"), ("critic",)}  # where a reward_model stage may be named
+
+def _scores(key: tuple) -> bool:
+    """Whether a reference at `key` is one where a reward_model stage may be named: a reward source, a critic."""
+    return key == ("critic",) or (key[0] == "reward" and key[-1] == "reward_model")
 
 
 def rewarded_domains(stage, recipe: Recipe) -> list[str]:
@@ -58,20 +64,25 @@ def check_rewards(recipe: Recipe, base: Path, domains: dict, order: list[str], w
     for name, stage in recipe.stages.items():
         at = lambda *key, name=name: where("stages", name, *key)  # noqa: E731
         reward = getattr(stage, "reward", "verifier")
-        if reward == "verifier":
-            for d in rewarded_domains(stage, recipe):
-                if not getattr(domains[d], "rule_reward", True):
-                    raise RecipeError(
-                        f"{at('reward')}: domain {d!r} has no rule-based reward; set `reward: {{judge: MODEL, "
-                        "rubric: TEXT}}` or `reward: {reward_model: MODEL}`"
-                    )
-        elif isinstance(reward, RewardModelReward):
-            _check_model(recipe, base, reward.reward_model, at("reward", "reward_model"), want="sequence_classifier")
-        elif isinstance(reward, JudgeReward):
-            _check_model(recipe, base, reward.judge, at("reward", "judge"), want="causal_lm")
-            _check_rubric(recipe, roots, reward, at("reward", "rubric"))
+        rewarded = rewarded_domains(stage, recipe)
+        for d in rewarded:
+            if source_of(reward, d) == "verifier" and not getattr(domains[d], "rule_reward", True):
+                raise RecipeError(
+                    f"{at('reward')}: domain {d!r} has no rule-based reward; set `reward: {{judge: MODEL, "
+                    f"rubric: TEXT}}`, `reward: {{reward_model: MODEL}}` or `reward: {{per_domain: {{{d}: ...}}}}`"
+                )
+        for key, domain, source in reward_parts(reward):
+            if domain is not None and domain not in rewarded:
+                raise RecipeError(f"{at('reward', *key)}: this stage rewards no rows of domain {domain!r} (it "
+                                  f"rewards {', '.join(rewarded) or 'none'})")
+            if isinstance(source, RewardModelReward):
+                _check_model(recipe, base, source.reward_model, at("reward", *key, "reward_model"),
+                             want="sequence_classifier")
+            elif isinstance(source, JudgeReward):
+                _check_model(recipe, base, source.judge, at("reward", *key, "judge"), want="causal_lm")
+                _check_rubric(recipe, roots, source, at("reward", *key, "rubric"))
         for key, ref in stage_refs(stage):
-            if isinstance(recipe.stages.get(ref), RewardModelStage) and key not in SCORING_KEYS:
+            if isinstance(recipe.stages.get(ref), RewardModelStage) and not _scores(key):
                 raise RecipeError(f"{at(*key)}: {ref!r} is a reward model: it scores answers, it does not generate "
                                   "(use it as `reward: {reward_model: ...}` or as a ppo `critic`)")
         pairs = getattr(stage, "pairs_from", None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import RecipeError
-from ..core.schema import DPOStage, MergeStage, MOPDStage, PPOStage, RewardModelReward
+from ..core.schema import DPOStage, MergeStage, MOPDStage, PPOStage, RewardModelReward, reward_parts
 from ..models.tokenizer import tokenizer_fingerprint
 from .build import recipe_tokenizer
 from .refs import resolve_external, stage_roots
@@ -59,9 +59,9 @@ def _policy_side(stage) -> list[tuple[tuple, str]]:
     refs = [((k,), getattr(stage, k)) for k in ("reference", "critic") if isinstance(stage, PPOStage) and getattr(stage, k)]
     if isinstance(stage, DPOStage) and stage.reference is not None:
         refs.append((("reference",), stage.reference))
-    reward = getattr(stage, "reward", "verifier")
-    if isinstance(reward, RewardModelReward):
-        refs.append((("reward", "reward_model"), reward.reward_model))
+    for key, _, source in reward_parts(getattr(stage, "reward", "verifier")):
+        if isinstance(source, RewardModelReward):
+            refs.append((("reward", *key, "reward_model"), source.reward_model))
     return refs
 
 

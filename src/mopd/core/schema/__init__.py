@@ -17,6 +17,15 @@ from .recipe import (
     TrackioSettings,
     WandbSettings,
 )
+from .rewards import (
+    JudgeReward,
+    OneRewardSource,
+    PerDomainReward,
+    RewardModelReward,
+    RewardSource,
+    reward_parts,
+    source_of,
+)
 from .scale import LearnerWorkers, RolloutWorkers
 from .stages import (
     NAME_PATTERN,
@@ -26,7 +35,6 @@ from .stages import (
     DistillationSettings,
     DType,
     EvalStage,
-    JudgeReward,
     LoraSettings,
     MasterWeights,
     MergeStage,
@@ -35,8 +43,6 @@ from .stages import (
     OffPolicyFTStage,
     PreflightSettings,
     PretrainStage,
-    RewardModelReward,
-    RewardSource,
     RLVRStage,
     SamplingSettings,
     SFTStage,
@@ -57,7 +63,8 @@ __all__ = [
     "PreflightSettings", "PretrainStage", "RejectionSamplingStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
     "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
     "TrackioSettings", "TrainStage", "TrainedStage", "WandbSettings",
-    "DatasetPairs", "JudgeReward", "PPOStage", "RewardModelReward", "RewardModelStage", "RewardSource",
+    "DatasetPairs", "JudgeReward", "OneRewardSource", "PerDomainReward", "PPOStage", "RewardModelReward",
+    "RewardModelStage", "RewardSource", "reward_parts", "source_of",
     "ActorBackend", "HttpBackend", "TeacherBackend", "TeacherResources",
     "LearnerWorkers", "RolloutWorkers",
 ]

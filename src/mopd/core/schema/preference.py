@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .stages import REWARD_DESCRIPTION, RewardSource, Strict, TrainStage
+from .rewards import REWARD_DESCRIPTION, RewardSource
+from .stages import Strict, TrainStage
 
 
 class DeltaPairs(Strict):

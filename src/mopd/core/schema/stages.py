@@ -7,11 +7,13 @@ so a stage's settings keep one form from the YAML file down to the learner.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from .rewards import REWARD_DESCRIPTION, RewardSource
 from .scale import LearnerWorkers, RolloutWorkers, scale_problem
+from .strict import Strict
 from .teachers import TeacherBackend
 
 # Positions per block of logits (`TrainStage.logit_chunk`): at least the K - 1 completion positions of the tiny
@@ -21,12 +23,6 @@ DEFAULT_LOGIT_CHUNK = 128
 # A stage name is a directory of the run: letters, digits, '_', '-' and '.', not starting with '.' or '-' (so
 # never '', '.', '..', a path, or a hidden or option-like name).
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors; numbers are finite (`lr: .inf` is refused); `true` is not the integer 1."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class TinyModelConfig(Strict):
@@ -138,39 +134,6 @@ class SFTStage(TrainStage):
 
     kind: Literal["sft"]
     init: str
-
-
-class RewardModelReward(Strict):
-    """Rewards from a Bradley-Terry reward model: sigmoid of its score of (prompt, completion), in (0, 1)."""
-
-    reward_model: str = Field(description="a `reward_model` stage, or an HF sequence-classification directory")
-
-
-class JudgeReward(Strict):
-    """Rewards from a causal LM judging against a rubric (LLM-as-judge / RLAIF): the judge's per-token geometric
-    mean probability of the completion after `rubric` + prompt, in (0, 1] (`learner.judge`)."""
-
-    judge: str = Field(description="a causal LM: a stage of this recipe or an HF directory")
-    rubric: str = Field(min_length=1, description="text the judge reads before the prompt")
-
-
-REWARD_DESCRIPTION = "`verifier` (the domain's rules), {reward_model: STAGE_OR_DIR} or {judge: STAGE_OR_DIR, rubric: TEXT}"
-
-
-def _reward_source(v: object) -> object:
-    """One clear line for a malformed reward source (a union's own errors would name its first branch)."""
-    if isinstance(v, str) and v != "verifier":
-        raise ValueError(f"unknown reward source {v!r}: use {REWARD_DESCRIPTION}")
-    if isinstance(v, dict):
-        if "judge" in v and "rubric" not in v:
-            raise ValueError("a judge needs a `rubric` (the text it reads before the prompt)")
-        if not {"judge", "reward_model"} & set(v):
-            raise ValueError(f"a reward source is {REWARD_DESCRIPTION}")
-    return v
-
-
-# where a stage's rewards come from: the domain's verifier (rules), a reward model, or a judge
-RewardSource = Annotated[Literal["verifier"] | RewardModelReward | JudgeReward, BeforeValidator(_reward_source)]
 
 
 class SamplingSettings(Strict):

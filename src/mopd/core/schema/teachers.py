@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class Strict(BaseModel):
-    """As `stages.Strict` (which imports this module): unknown keys are errors, numbers are finite."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+from .strict import Strict
 
 
 class TeacherResources(Strict):
