@@ -1,5 +1,5 @@
 """An agentic MOPD stage (tool-use episodes beside a single-turn domain) cut after a checkpoint resumes to the
-uninterrupted run's metrics and weights, as the single-turn stages do (issue 18)."""
+uninterrupted run's metrics and weights, as the single-turn stages do (issue 18); its report shows the agent figures."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 
 from mopd.recipe.load import load_recipe
 from mopd.recipe.runner import run_recipe
+from mopd.report.run_files import read_final_eval
 from mopd.stages import rl as rl_module
 
 from .test_agents_sampling import one_thread  # noqa: F401  (autouse: one torch thread)
@@ -73,3 +74,8 @@ def test_agentic_mopd_stage_cut_after_a_checkpoint_resumes_exactly(tmp_path: Pat
     assert rows(cut) == rows(whole)
     assert any("episode/tool_call_rate/tool_lookup" in r for r in rows(whole))
     assert (cut / "final" / "model.safetensors").read_bytes() == (whole / "final" / "model.safetensors").read_bytes()
+    # the report adds the agent figures of every stage's held-out episodes (tool-use domains only)
+    report = (tmp_path / "whole" / "report.md").read_text()
+    ev = read_final_eval(whole)["tool_lookup"]
+    assert "## Agent episodes (tool-use domains)" in report and "| stage | tool_lookup: tool calls / length |" in report
+    assert f"| student | {ev['tool_call_rate']:.0%} / {ev['episode_length']:.1f} |" in report

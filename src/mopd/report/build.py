@@ -60,8 +60,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     title = f"MOPD report: {data.recipe} ({fmt_duration(data.wall)} wall)"
     main, norm, preflight = data.recovery_table, data.norm, data.preflight_table
     stage_tbl, acc_tbl = data.stage_table, data.accuracy_table
-    md = _markdown(title, header, main, norm, stage_tbl, acc_tbl, list(pngs), preflight)
-    page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight)
+    md = _markdown(title, header, main, norm, stage_tbl, acc_tbl, list(pngs), preflight, data.agent_table)
+    page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight, data.agent_table)
     atomic_write(
         run_dir / "summary.json", (json.dumps(data.summary, indent=2, allow_nan=False) + "\n").encode()
     )
@@ -107,7 +107,8 @@ def _norm_line(norm: dict[str, float | None]) -> str:
     return "**Normalized score** (mean recovery over domains): " + "; ".join(parts) + "."
 
 
-def _markdown(title, header, main, norm, stage_tbl, acc_tbl, figures, preflight: Table | None = None) -> str:
+def _markdown(title, header, main, norm, stage_tbl, acc_tbl, figures, preflight: Table | None = None,
+              agents: Table | None = None) -> str:
     out = [f"# {title}\n", header[0].upper() + header[1:] + "\n"]
     out += ["## Teacher gain recovered\n", main.markdown(), _norm_line(norm) + "\n"]
     out += ["### How to read this\n", HOW_TO_READ + "\n"]
@@ -117,6 +118,8 @@ def _markdown(title, header, main, norm, stage_tbl, acc_tbl, figures, preflight:
         out.append("## Training curves\n")
         out += [f"![{Path(f).stem}]({f})\n" for f in figures]
     out += ["## Stages\n", stage_tbl.markdown(), "## Accuracy (exact match)\n", acc_tbl.markdown()]
+    if agents is not None:
+        out += ["## Agent episodes (tool-use domains)\n", agents.markdown()]
     return "\n".join(out)
 
 
@@ -128,7 +131,8 @@ _CSS = (
 
 
 def _html(
-    title, header, main, norm, stage_tbl, acc_tbl, pngs: dict[str, bytes], preflight: Table | None = None
+    title, header, main, norm, stage_tbl, acc_tbl, pngs: dict[str, bytes], preflight: Table | None = None,
+    agents: Table | None = None,
 ) -> str:
     e = html.escape
     parts = [
@@ -147,5 +151,7 @@ def _html(
             b64 = base64.b64encode(data).decode("ascii")
             parts.append(f"<p><img alt='{e(name)}' src='data:image/png;base64,{b64}'></p>")
     parts += ["<h2>Stages</h2>", stage_tbl.html(), "<h2>Accuracy (exact match)</h2>", acc_tbl.html()]
+    if agents is not None:
+        parts += ["<h2>Agent episodes (tool-use domains)</h2>", agents.html()]
     parts.append("</body></html>\n")
     return "".join(parts)

@@ -114,8 +114,12 @@ def final_problem(stage_dir: Path) -> str | None:
     return stage_output_problem(stage_dir) if (Path(stage_dir) / "final" / "mopd.json").is_file() else None
 
 
+AGENT_KEYS = ("tool_call_rate", "episode_length")
+
+
 def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | None:
-    """{domain: {"score", "accuracy"}} from <stage>/final/mopd.json; None when the stage is not finished or its
+    """{domain: {"score", "accuracy"} (+ "tool_call_rate", "episode_length" on a tool-use domain)} from
+    <stage>/final/mopd.json; None when the stage is not finished or its
     final directory fails verification (with a warning naming the file: see `final_problem`)."""
     path = Path(stage_dir) / "final" / "mopd.json"
     if not path.is_file():
@@ -131,4 +135,7 @@ def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | Non
         for domain, d in ev.items():
             if isinstance(d, dict):
                 out[str(domain)] = {"score": finite_number(d.get("score")), "accuracy": finite_number(d.get("accuracy"))}
+                for key in AGENT_KEYS:  # a tool-use domain's held-out episodes
+                    if (value := finite_number(d.get(key))) is not None:
+                        out[str(domain)][key] = value
     return out

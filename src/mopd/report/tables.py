@@ -109,6 +109,7 @@ class ReportData:
     accuracy_table: Table
     preflight_table: Table | None
     curves: dict[str, dict[str, list[tuple[int, float]]]]
+    agent_table: Table | None = None  # tool-use domains' episodes: tool-call rate and episode length per stage
 
 
 def compute_report(run_dir: Path) -> ReportData:
@@ -175,6 +176,7 @@ def compute_report(run_dir: Path) -> ReportData:
     main = _recovery_table(start, teachers, students, rec, norm, score)
     stage_tbl, acc_tbl = _stage_tables(order, stages, finals, domains)
     preflight = _preflight_table(run_dir, [s for s in order if stages[s].get("kind") == "mopd"])
+    agents = _agent_table(order, finals)
 
     curves = {}
     for s in order:
@@ -194,6 +196,7 @@ def compute_report(run_dir: Path) -> ReportData:
         accuracy_table=acc_tbl,
         preflight_table=preflight,
         curves=curves,
+        agent_table=agents,
     )
 
 
@@ -266,6 +269,26 @@ def _stage_tables(order, stages, finals, domains) -> tuple[Table, Table]:
     if not acc_rows:
         acc.notes.append("No stage has a final eval yet.")
     return Table(headers, rows), acc
+
+
+def _agent_table(order, finals) -> Table | None:
+    """Per stage, on each tool-use domain: the share of held-out episodes that called a tool and the mean episode
+    length (completion-window tokens, model and observation). None when no domain was played as episodes."""
+    agentic = sorted({d for ev in finals.values() if ev for d, r in ev.items() if "tool_call_rate" in r})
+    if not agentic:
+        return None
+    rows = []
+    for s in order:
+        ev = finals[s] or {}
+        if not any(d in ev for d in agentic):
+            continue
+        rows.append([s] + [
+            f"{ev[d]['tool_call_rate']:.0%} / {ev[d]['episode_length']:.1f}" if "tool_call_rate" in ev.get(d, {})
+            else MISSING for d in agentic
+        ])
+    return Table(["stage"] + [f"{d}: tool calls / length" for d in agentic], rows,
+                 ["Held-out episodes, greedy: the share that called a tool at least once, and the mean episode "
+                  "length in tokens (the model's and the observations')."])
 
 
 def _preflight_table(run_dir: Path, mopd_stages: list[str]) -> Table | None:
