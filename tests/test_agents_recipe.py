@@ -47,3 +47,26 @@ def test_single_turn_stages_over_tool_domains_fail_in_one_line(tmp_path: Path, s
     with pytest.raises(RecipeError) as e:
         _load(tmp_path, stage)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_bundled_agentic_recipe_runs_at_a_reduced_scale(tmp_path: Path) -> None:
+    """`mopd run agents --scale 0.01`: every stage of the bundled agentic recipe (tool SFT, tool teachers, the
+    single-turn teacher, the MOPD student over all four) runs, and its report has the agent-episodes table."""
+    import torch
+    from typer.testing import CliRunner
+
+    from mopd.cli import app
+
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["run", "agents", "--scale", "0.01", "--out", str(tmp_path / "run"),
+                                       "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    loaded = load_recipe(run / "recipe.yaml")
+    assert all((run / s / "final").is_dir() for s in loaded.order)
+    report = (run / "report.md").read_text()
+    assert "## Agent episodes (tool-use domains)" in report
+    assert "tool_mul: tool calls / length" in report and "tool_chain: tool calls / length" in report
