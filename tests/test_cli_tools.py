@@ -47,6 +47,8 @@ def test_validate_a_good_recipe_in_one_line_and_a_bad_one_exits_2(tmp_path):
     res = invoke("validate", recipes_dir() / "demo.yaml")
     assert res.exit_code == 0, res.output
     assert res.output.startswith("ok: ") and "9 stages (pretrain 1, sft 4, rlvr 3, mopd 1)" in res.output
+    by_name = invoke("validate", "demo")  # a bundled recipe by name, as `mopd run demo` takes it
+    assert by_name.exit_code == 0 and by_name.output.split(":", 2)[2] == res.output.split(":", 2)[2]
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ndomains: [addition]\nstages:\n  base: {kind: pretrain, steps: 2, lr_typo: 1}\n")
     line = one_error_line(invoke("validate", bad))

@@ -251,8 +251,8 @@ def main() -> None:  # pragma: no cover
     sys.exit(app())
 
 
-@app.command(epilog=example("mopd validate my_recipe.yaml", "mopd validate src/mopd/recipes/demo.yaml"))
-def validate(recipe: Path = typer.Argument(..., help="the recipe YAML file")) -> None:
+@app.command(epilog=example("mopd validate my_recipe.yaml", "mopd validate glm5"))
+def validate(recipe: Path = typer.Argument(..., help="the recipe YAML file, or a bundled recipe's name")) -> None:
     """Check a recipe without running it; each mistake is one line (exit 2).
 
     Every load-time check: YAML, schema, plugins, domains, references, cycles, teachers and tokenizers, each
@@ -260,6 +260,8 @@ def validate(recipe: Path = typer.Argument(..., help="the recipe YAML file")) ->
     from .cli_tools.validate import validate_recipe
     from .recipe.load import RecipeError
 
+    if not recipe.exists() and bundled_recipe(str(recipe)).exists():
+        recipe = bundled_recipe(str(recipe))
     try:
         console.print(validate_recipe(recipe), highlight=False, soft_wrap=True)
     except RecipeError as e:
