@@ -157,3 +157,41 @@ def test_preflight_is_not_repeated_when_the_stage_resumes(foreign_run) -> None:
     shutil.rmtree(out / "student" / "final")  # as if interrupted before its final checkpoint: it runs again
     run_recipe(load_recipe(out / "recipe.yaml"), out, Console(file=io.StringIO()))
     assert json.loads(path.read_text())["marker"] == 1
+
+
+def test_a_tool_domain_teacher_is_measured_on_whole_episodes_over_the_models_tokens() -> None:
+    """The preflight of a tool-use domain's teacher plays episodes as training does (observations in the window);
+    its KL is the exact full-vocabulary KL at the model's tokens only, recomputed here from the same episodes."""
+    import random
+
+    from mopd.core.batch import ROLE_ENV
+    from mopd.envs import get_domain
+    from mopd.models.forward import sequence_logits
+    from mopd.sampling.multi_turn import episode_rows
+    from mopd.teachers.preflight import domain_problems, run_preflight, student_rollouts
+
+    tok = build_char_tokenizer(ALPHABET)
+    student = build_tiny_model(TINY, len(tok), tok, 0).eval()
+    teacher = build_tiny_model(TINY, len(tok), tok, 1).eval()
+    lookup = get_domain("tool_lookup")
+    settings = RolloutSettings(prompts=4, max_new_tokens=6, temperature=1.0, top_p=1.0)
+    seed, no_exclude = 3, {"tool_lookup": frozenset()}
+    result = run_preflight(stage="s", student=student, tokenizer=tok, student_tok=tok, teachers={"t": teacher},
+                           teacher_toks={"t": tok}, teacher_of_domain={"tool_lookup": "t"}, domains=[lookup],
+                           settings=settings, kl_warn=1e9, seed=seed, exclude=no_exclude, warn=lambda _: None)
+    # the same episodes, by hand: run_preflight's problem draw and generator for its first teacher
+    problems = domain_problems([lookup], 4, random.Random(f"mopd-preflight:{seed}:t"), no_exclude)
+    episodes = episode_rows(problems, {"tool_lookup": lookup}, 6)
+    batch = student_rollouts(student, tok, [p.prompt for p in problems], settings,
+                             torch.Generator().manual_seed(seed * 1_000_003), episodes=episodes)
+    # episodes, not single turns: each within the domain's own token budget, not the stage's max_new_tokens (a
+    # random student rarely makes a well-formed call, so observations may be absent; where they are, no KL)
+    assert batch.roles_B_T is not None and int(batch.completion_mask_B_T.sum(1).max()) > settings.max_new_tokens
+    with torch.no_grad():
+        logp = sequence_logits(student, batch.input_ids_B_T, batch.attention_mask_B_T)[:, :-1].log_softmax(-1)
+        logq = sequence_logits(teacher, batch.input_ids_B_T, batch.attention_mask_B_T)[:, :-1].log_softmax(-1)
+    m = batch.completion_mask_B_T[:, 1:]  # the model's tokens only: observations carry no KL
+    assert not (m.bool() & (batch.roles_B_T[:, 1:] == ROLE_ENV)).any()
+    expected = float(((logp.exp() * (logp - logq)).sum(-1) * m).sum() / m.sum())
+    got = result["teachers"]["t"]
+    assert got["tokens"] == int(m.sum()) and got["reverse_kl"] == pytest.approx(expected, rel=1e-5)

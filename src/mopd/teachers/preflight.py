@@ -27,10 +27,12 @@ import torch
 
 from ..core.batch import RolloutBatch
 from ..core.logprobs import token_logprobs
-from ..envs import DomainLike
+from ..envs import DomainLike, Problem
+from ..envs.tool_domains import is_agentic
 from ..learner.objectives import full_reverse_kl_loss
 from ..models.forward import sequence_logits
 from ..models.prompting import RAW, PromptFormat
+from ..sampling.multi_turn import EpisodeRow, episode_rows, sample_episodes
 from ..sampling.sampler import sample
 from .offload import placed_on
 
@@ -94,10 +96,24 @@ def check_tokenizers(student_tok, teacher_tok, label: str) -> list[str]:
     return warnings
 
 
+def student_rollouts(student, tokenizer, prompts: list[str], settings: RolloutSettings, generator: torch.Generator,
+                     prompt_format: PromptFormat = RAW, episodes: list[EpisodeRow] | None = None) -> RolloutBatch:
+    """The student's rollouts as its first step would make them: single-turn samples of `prompts`, or, for a
+    teacher of tool-use domains, whole `episodes` (observations in the window, the completion mask on the
+    model's tokens only, so the KL below is measured where training measures it)."""
+    if episodes:
+        batch, _ = sample_episodes(student, tokenizer, episodes, temperature=settings.temperature,
+                                   top_p=settings.top_p, generator=generator, prompt_format=prompt_format)
+        return batch
+    return sample(student, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                  temperature=settings.temperature, top_p=settings.top_p, generator=generator,
+                  prompt_format=prompt_format)
+
+
 @torch.no_grad()
 def initial_reverse_kl(
     student, teacher, tokenizer, prompts: list[str], settings: RolloutSettings, generator: torch.Generator,
-    prompt_format: PromptFormat = RAW,
+    prompt_format: PromptFormat = RAW, episodes: list[EpisodeRow] | None = None,
 ) -> tuple[float, int]:
     """Exact per-token reverse KL(pi_S || pi_T), full vocabulary, on student rollouts of `prompts`.
 
@@ -106,9 +122,7 @@ def initial_reverse_kl(
     Returns:
         (kl, number of completion tokens it averages over).
     """
-    batch = sample(student, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-                   temperature=settings.temperature, top_p=settings.top_p, generator=generator,
-                   prompt_format=prompt_format)
+    batch = student_rollouts(student, tokenizer, prompts, settings, generator, prompt_format, episodes)
     ids_B_T, attn_B_T = batch.input_ids_B_T, batch.attention_mask_B_T
     student_B_T_V = sequence_logits(student, ids_B_T, attn_B_T)
     # a teacher kept on another device (e.g. offloaded to CPU) scores there; the KL is taken on the student's
@@ -124,6 +138,7 @@ def initial_reverse_kl(
 def sampled_reverse_kl(
     student, score: Callable[[RolloutBatch], torch.Tensor], tokenizer, prompts: list[str],
     settings: RolloutSettings, generator: torch.Generator, prompt_format: PromptFormat = RAW,
+    episodes: list[EpisodeRow] | None = None,
 ) -> tuple[float, int]:
     """Sampled-token estimate of the per-token reverse KL(pi_S || pi_T) on student rollouts of `prompts`, for a
     teacher known only through `score(batch)` -> log pi_T(y_t) [B, T] (a remote teacher):
@@ -133,9 +148,7 @@ def sampled_reverse_kl(
     Returns:
         (estimate, number of completion tokens it averages over).
     """
-    batch = sample(student, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
-                   temperature=settings.temperature, top_p=settings.top_p, generator=generator,
-                   prompt_format=prompt_format)
+    batch = student_rollouts(student, tokenizer, prompts, settings, generator, prompt_format, episodes)
     student_lp = token_logprobs(sequence_logits(student, batch.input_ids_B_T, batch.attention_mask_B_T),
                                 batch.input_ids_B_T)
     teacher_lp = score(batch.to("cpu")).to(student_lp.device)
@@ -143,14 +156,14 @@ def sampled_reverse_kl(
     return float(((student_lp - teacher_lp) * mask).sum() / mask.sum().clamp(min=1)), int(mask.sum())
 
 
-def domain_prompts(
+def domain_problems(
     domains: Sequence[DomainLike], n: int, rng: random.Random, exclude: Mapping[str, frozenset[str]]
-) -> list[str]:
-    """`n` training prompts spread evenly over `domains` (never a held-out eval prompt)."""
+) -> list[Problem]:
+    """`n` training problems spread evenly over `domains` (never a held-out eval prompt)."""
     out = []
     for i in range(n):
         d = domains[i % len(domains)]
-        out += [p.prompt for p in d.sample_train(rng, 1, exclude=exclude.get(d.name, frozenset()))]
+        out += d.sample_train(rng, 1, exclude=exclude.get(d.name, frozenset()))
     return out
 
 
@@ -197,13 +210,19 @@ def run_preflight(
         if not routed:
             continue
         rng = random.Random(f"mopd-preflight:{seed}:{teacher}")
-        prompts = domain_prompts(routed, settings.prompts, rng, exclude)
+        problems = domain_problems(routed, settings.prompts, rng, exclude)
+        prompts = [p.prompt for p in problems]
+        # a teacher of tool-use domains is measured on whole episodes, as training samples them
+        episodes = (episode_rows(problems, {d.name: d for d in routed}, settings.max_new_tokens,
+                                 prompt_format.chat_template) if any(is_agentic(d) for d in routed) else None)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         if teacher in remote:
-            kl, tokens = sampled_reverse_kl(student, remote[teacher], tokenizer, prompts, settings, gen, prompt_format)
+            kl, tokens = sampled_reverse_kl(student, remote[teacher], tokenizer, prompts, settings, gen, prompt_format,
+                                            episodes)
         else:
             with placed_on(teachers[teacher], compute_device) as model:
-                kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen, prompt_format)
+                kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen, prompt_format,
+                                                episodes)
         flagged = kl > kl_warn
         results[teacher] = {"domains": [d.name for d in routed], "reverse_kl": kl, "tokens": tokens, "warn": flagged}
         if teacher in remote:
