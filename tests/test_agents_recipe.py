@@ -49,6 +49,19 @@ def test_single_turn_stages_over_tool_domains_fail_in_one_line(tmp_path: Path, s
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_judge_may_reward_the_single_turn_domains_of_a_stage_with_tool_domains_but_not_the_tool_domains(
+    tmp_path: Path,
+) -> None:
+    judged = "rl: {kind: rlvr, init: base, steps: 1, reward: {judge: base, rubric: neat}}\n"
+    with pytest.raises(RecipeError) as e:
+        _load(tmp_path, judged)
+    assert "stages.rl.reward: 'tool_lookup' is a tool-use domain, rewarded by its episodes" in str(e.value)
+    # per domain: reversal judged, the tool domain keeps its episode reward
+    loaded = _load(tmp_path, "rl: {kind: rlvr, init: base, steps: 1, "
+                             "reward: {per_domain: {reversal: {judge: base, rubric: neat}}}}\n")
+    assert "rl" in loaded.recipe.stages
+
+
 def test_the_bundled_agentic_recipe_runs_at_a_reduced_scale(tmp_path: Path) -> None:
     """`mopd run agents --scale 0.01`: every stage of the bundled agentic recipe (tool SFT, tool teachers, the
     single-turn teacher, the MOPD student over all four) runs, and its report has the agent-episodes table."""

@@ -5,14 +5,14 @@ compute.
 - rejection_sampling, and dpo / reward_model stages whose pairs are sampled (`pairs_from` policy or models), build
   single-turn answers: their domains may not include a tool domain.
 - A stage's `reward:` (a reward model, a judge) scores single-turn completions; a tool domain's reward is its
-  episode's, so such a stage may not train on one.
+  episode's, so such a source may not reward one (with `per_domain`, the tool domains keep their verifiers).
 - Rollout workers (`rollout:`) sample single turns; tool domains are sampled in the learner.
 """
 
 from __future__ import annotations
 
 from ..core.errors import RecipeError
-from ..core.schema import DatasetPairs, DPOStage, Recipe, RejectionSamplingStage, RewardModelStage
+from ..core.schema import DatasetPairs, DPOStage, Recipe, RejectionSamplingStage, RewardModelStage, source_of
 from ..envs.tool_domains import is_agentic
 from .refs import stage_domains
 
@@ -29,8 +29,9 @@ def check_agents(recipe: Recipe, domains: dict, where) -> None:
         if sampled_pairs or isinstance(stage, RejectionSamplingStage):
             raise RecipeError(f"{at('domains')}: {tools[0]!r} is a tool-use domain, and a {stage.kind} stage samples "
                               "single-turn answers; list its single-turn domains in the stage's `domains`")
-        if getattr(stage, "reward", "verifier") != "verifier":
-            raise RecipeError(f"{at('reward')}: {tools[0]!r} is a tool-use domain, rewarded by its episodes; a "
+        reward = getattr(stage, "reward", "verifier")
+        if judged := [d for d in tools if source_of(reward, d) != "verifier"]:
+            raise RecipeError(f"{at('reward')}: {judged[0]!r} is a tool-use domain, rewarded by its episodes; a "
                               "reward model or judge scores single-turn domains only")
         if getattr(stage, "rollout", None) is not None:
             raise RecipeError(f"{at('rollout')}: {tools[0]!r} is a tool-use domain, and rollout workers sample single "

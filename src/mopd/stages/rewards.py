@@ -43,5 +43,7 @@ def _per_domain(ctx: ResolvedStage, reward: PerDomainReward) -> RewardFn:
     for domain, source in reward.per_domain.items():
         if source != "verifier":
             key = source.model_dump_json()
-            sources[domain] = loaded.get(key) or loaded.setdefault(key, stage_reward(ctx, source))
+            if key not in loaded:
+                loaded[key] = stage_reward(ctx, source)
+            sources[domain] = loaded[key]
     return rewards_by_domain(sources, ctx.domain_map)

@@ -70,8 +70,8 @@ def _reward_source(v: object) -> object:
             _one_source(source)
         except ValueError as e:
             raise ValueError(f"per_domain.{domain}: {e}") from None
-        if isinstance(source, dict) and set(source) - {"judge", "rubric", "reward_model"}:
-            raise ValueError(f"per_domain.{domain}: unknown keys {sorted(set(source) - {'judge', 'rubric', 'reward_model'})}")
+        if isinstance(source, dict) and (unknown := set(source) - {"judge", "rubric", "reward_model"}):
+            raise ValueError(f"per_domain.{domain}: unknown keys {sorted(unknown)}")
     return v
 
 
