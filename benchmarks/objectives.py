@@ -1,6 +1,11 @@
 """Every MOPD objective on the same recipe: normalized score, per-domain recovery, wall time of the MOPD stage.
 
     .venv/bin/python benchmarks/objectives.py [--recipe PATH] [--out DIR] [--from-run DIR] [--json PATH]
+        [--objectives sampled,jsd] [--lrs 3e-4,1e-3,3e-3] [--sampled-temperatures 0.5,1.0]
+
+With `--lrs` (and, for the sampled-token estimator, `--sampled-temperatures`) every objective runs at each
+setting and the table adds each objective at its best setting, so objectives are compared at their own best
+rather than at one shared learning rate.
 
 Writes one recipe holding the stages the student depends on (unchanged) and one copy of the student per
 objective (sampled, topk with k = 16, full_reverse_kl, forward_kl, jsd) that differs only in `objective`
@@ -67,8 +72,25 @@ def ancestors(loaded: LoadedRecipe, stage: str) -> list[str]:
     return [s for s in loaded.order if s in need]
 
 
-def variant_recipe(loaded: LoadedRecipe, student: str) -> dict[str, Any]:
-    """The recipe with the student's ancestors unchanged and one student copy per objective."""
+def grid(objectives: list[str], lrs: list[float] | None,
+         sampled_temperatures: list[float] | None) -> dict[str, dict[str, Any]]:
+    """suffix -> the student settings of one point: each objective at each lr (and the sampled estimator at each
+    temperature). Without a grid the suffix is the objective alone, as before (one point per objective)."""
+    points: dict[str, dict[str, Any]] = {}
+    for objective in objectives:
+        temps = sampled_temperatures if objective == "sampled" and sampled_temperatures else [None]
+        for lr in lrs or [None]:
+            for temp in temps:
+                suffix = objective + (f"_lr{lr:g}" if lr is not None else "") + (f"_t{temp:g}" if temp else "")
+                points[suffix] = {**OBJECTIVES[objective], **({"lr": lr} if lr is not None else {}),
+                                  **({"temperature": temp} if temp else {})}
+    return points
+
+
+def variant_recipe(loaded: LoadedRecipe, student: str, points: dict[str, dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """The recipe with the student's ancestors unchanged and one student copy per point (default: per
+    objective)."""
     raw = yaml.safe_load(loaded.path.read_text())
     base = loaded.path.parent
 
@@ -89,14 +111,14 @@ def variant_recipe(loaded: LoadedRecipe, student: str) -> dict[str, Any]:
         if original[key] not in raw["stages"]:
             original[key] = absolute(original[key])
     original["teachers"] = {d: t if t in raw["stages"] else absolute(t) for d, t in original["teachers"].items()}
-    for objective, settings in OBJECTIVES.items():
+    for suffix, settings in (points or OBJECTIVES).items():
         stage = {k: v for k, v in original.items() if k not in ("objective", "topk")}
-        if objective != "sampled":
+        if settings["objective"] != "sampled":
             stage.pop("surprise_alpha", None)  # sampled-token reweighting; the other objectives refuse it
-        stages[f"{student}_{objective}"] = {**stage, **settings}
+        stages[f"{student}_{suffix}"] = {**stage, **settings}
     raw["stages"] = stages
     raw["name"] = f"{raw['name']}-objectives"
-    raw["report"] = {"student": f"{student}_sampled"}
+    raw["report"] = {"student": f"{student}_{next(iter(points or OBJECTIVES))}"}
     return raw
 
 
@@ -110,7 +132,8 @@ def copy_finished(src: Path, out: Path, stages: list[str]) -> list[str]:
     return copied
 
 
-def results(out: Path, loaded: LoadedRecipe, student: str) -> list[dict[str, Any]]:
+def results(out: Path, loaded: LoadedRecipe, student: str, points: dict[str, dict[str, Any]] | None = None
+            ) -> list[dict[str, Any]]:
     run = json.loads((out / "run.json").read_text())
     spec: MOPDStage = loaded.recipe.stages[student]
     domains = [d for d in loaded.recipe.domains if d in spec.teachers]
@@ -120,11 +143,13 @@ def results(out: Path, loaded: LoadedRecipe, student: str) -> list[dict[str, Any
         return ev.get(domain, {}).get("score")
 
     rows = []
-    for objective in OBJECTIVES:
-        name = f"{student}_{objective}"
+    for suffix, settings in (points or {o: OBJECTIVES[o] for o in OBJECTIVES}).items():
+        name, objective = f"{student}_{suffix}", settings["objective"]
         rec = {d: recovery(score(spec.init, d), score(spec.teachers[d], d), score(name, d)) for d in domains}
         rows.append({
             "objective": objective + (" (k=16)" if objective == "topk" else ""),
+            "lr": settings.get("lr", spec.lr),
+            "temperature": settings.get("temperature", spec.temperature),
             "stage": name,
             "normalized_score": normalized_score(rec.values()),
             "recovery": rec,
@@ -135,17 +160,35 @@ def results(out: Path, loaded: LoadedRecipe, student: str) -> list[dict[str, Any
     return rows
 
 
+def best_per_objective(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each objective's row with the highest normalized score (rows without a score lose)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        key = r["objective"]
+        value = r["normalized_score"] if r["normalized_score"] is not None else float("-inf")
+        if key not in best or value > (best[key]["normalized_score"] or float("-inf")):
+            best[key] = r
+    return list(best.values())
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     domains = list(rows[0]["recovery"]) if rows else []
 
     def f(x: float | None, nd: int = 3) -> str:
         return "n/a" if x is None else f"{x:.{nd}f}"
 
-    lines = ["| objective | normalized score | " + " | ".join(f"recovery: {d}" for d in domains)
-             + " | MOPD wall (s) |", "|---" * (len(domains) + 3) + "|"]
-    for r in rows:
-        lines.append(f"| {r['objective']} | {f(r['normalized_score'])} | "
-                     + " | ".join(f(r["recovery"][d]) for d in domains) + f" | {f(r['mopd_wall_seconds'], 1)} |")
+    def table(rs: list[dict[str, Any]]) -> list[str]:
+        lines = ["| objective | lr | temperature | normalized score | "
+                 + " | ".join(f"recovery: {d}" for d in domains) + " | MOPD wall (s) |",
+                 "|---" * (len(domains) + 5) + "|"]
+        for r in rs:
+            lines.append(f"| {r['objective']} | {r['lr']:g} | {r['temperature']:g} | {f(r['normalized_score'])} | "
+                         + " | ".join(f(r["recovery"][d]) for d in domains) + f" | {f(r['mopd_wall_seconds'], 1)} |")
+        return lines
+
+    lines = table(rows)
+    if len(rows) > len({r["objective"] for r in rows}):  # a grid: each objective at its best setting
+        lines += ["", "Each objective at its best setting:", "", *table(best_per_objective(rows))]
     return "\n".join(lines) + "\n"
 
 
@@ -156,20 +199,36 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/objectives"))
     ap.add_argument("--from-run", type=Path, default=None, help="copy finished stages from this run dir first")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "objectives.json")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated subset of: "
+                    + ", ".join(OBJECTIVES))
+    ap.add_argument("--lrs", default=None, help="comma-separated learning rates: every objective at each")
+    ap.add_argument("--sampled-temperatures", default=None,
+                    help="comma-separated sampling temperatures for the sampled-token objective")
     args = ap.parse_args()
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    if bad := [o for o in objectives if o not in OBJECTIVES]:
+        raise SystemExit(f"--objectives: unknown {', '.join(bad)} (known: {', '.join(OBJECTIVES)})")
+    try:
+        lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+        temps = [float(x) for x in args.sampled_temperatures.split(",")] if args.sampled_temperatures else None
+    except ValueError as e:
+        raise SystemExit(f"--lrs / --sampled-temperatures: {e}") from None
+    if any(x <= 0 for x in (lrs or []) + (temps or [])):
+        raise SystemExit("--lrs / --sampled-temperatures: values must be positive")
+    points = grid(objectives, lrs, temps) if (lrs or temps or objectives != list(OBJECTIVES)) else None
 
     loaded = load_recipe(args.recipe)
     student = pick_student(loaded, args.student)
     args.out.mkdir(parents=True, exist_ok=True)
     variant_path = args.out / "objectives_recipe.yaml"
-    variant_path.write_text(yaml.safe_dump(variant_recipe(loaded, student), sort_keys=False))
+    variant_path.write_text(yaml.safe_dump(variant_recipe(loaded, student, points), sort_keys=False))
     variants = load_recipe(variant_path)
     if args.from_run:
         copied = copy_finished(args.from_run, args.out, ancestors(loaded, student))
         print(f"copied finished stages from {args.from_run}: {', '.join(copied) or 'none'}")
     t0 = time.time()
     run_recipe(variants, args.out)
-    rows = results(args.out, loaded, student)
+    rows = results(args.out, loaded, student, points)
     table = markdown(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
@@ -180,6 +239,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "rows": rows,
+        "best_per_objective": best_per_objective(rows),
         "table_markdown": table,
     }, indent=2) + "\n")
     print(table)

@@ -83,3 +83,35 @@ def test_real_shape_benchmark_runs_both_tools_at_a_miniature_shape(monkeypatch, 
         assert (tmp_path / "curves.png").stat().st_size > 0
     finally:
         sys.modules.pop("real_shape", None)
+
+
+def test_objectives_grid_runs_each_objective_at_each_setting_and_names_the_best(monkeypatch, tmp_path) -> None:
+    import json
+
+    from .conftest import MINI_RECIPE
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    objectives = importlib.import_module("objectives")
+    try:
+        recipe = tmp_path / "mini.yaml"
+        recipe.write_text(MINI_RECIPE)
+        out, js = tmp_path / "out", tmp_path / "obj.json"
+        monkeypatch.setattr(sys, "argv", ["objectives.py", "--recipe", str(recipe), "--out", str(out), "--json",
+                                          str(js), "--objectives", "sampled,jsd", "--lrs", "1e-3,3e-3",
+                                          "--sampled-temperatures", "0.5,1"])
+        objectives.main()
+    finally:
+        sys.modules.pop("objectives", None)  # the module object stays bound here, for best_per_objective
+    data = json.loads(js.read_text())
+    points = {(r["objective"], r["lr"], r["temperature"]) for r in data["rows"]}
+    assert points == {("sampled", lr, t) for lr in (1e-3, 3e-3) for t in (0.5, 1.0)} | {
+        ("jsd", lr, 1.0) for lr in (1e-3, 3e-3)}  # the mini student samples at temperature 1
+    assert all(r["status"] == "ran" for r in data["rows"])
+    for r in data["rows"]:  # each point is its own stage with exactly its settings
+        lineage = json.loads((out / r["stage"] / "final" / "mopd.json").read_text())
+        assert (lineage["settings"]["lr"], lineage["settings"]["temperature"]) == (r["lr"], r["temperature"])
+        assert lineage["settings"]["objective"] == r["objective"]
+    assert "Each objective at its best setting:" in data["table_markdown"]
+    rows = [{"objective": "sampled", "normalized_score": s, "n": i} for i, s in enumerate((0.2, None, 0.7, 0.5))]
+    rows += [{"objective": "jsd", "normalized_score": None, "n": 9}]
+    assert [r["n"] for r in objectives.best_per_objective(rows)] == [2, 9]

@@ -153,7 +153,7 @@ def test_scale_keeps_teacher_schedules_and_cascade_phases_consistent(tmp_path: P
     """compare.yaml's staged teachers (snapshot 25 of 50 steps, kept every 25) and a cascade with its own steps
     per domain pass every load check at scale 0.05: the snapshot becomes the teachers' first kept step."""
     def cascade_steps(raw):
-        raw["stages"]["cascade_rl"]["steps_per_domain"] = {"reversal": 300, "sorting": 100, "shift": 100}
+        raw["stages"]["cascade_rl"]["steps_per_domain"] = {"reversal": 300, "sorting": 100, "caesar": 100}
 
     small = load_recipe(_scaled(tmp_path, "compare", 0.05, cascade_steps)).recipe
     staged, teacher = small.stages["student_staged"], small.stages["teacher_reversal"]
@@ -161,7 +161,7 @@ def test_scale_keeps_teacher_schedules_and_cascade_phases_consistent(tmp_path: P
     assert [(p.until_step, p.snapshot) for p in staged.teacher_schedule] == [(25, 1), (50, "final")]
     assert staged.steps == 50
     cascade = small.stages["cascade_rl"]
-    assert cascade.steps_per_domain == {"reversal": 15, "sorting": 5, "shift": 5} and cascade.steps == 25
+    assert cascade.steps_per_domain == {"reversal": 15, "sorting": 5, "caesar": 5} and cascade.steps == 25
 
 
 def test_scale_keeps_ppo_checkpoints_on_whole_epochs_and_shrinks_held_out_pairs(tmp_path: Path) -> None:

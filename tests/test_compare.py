@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from mopd.cli import app, bundled_recipe
 from mopd.models.integrity import sealed_lineage
 from mopd.recipe.compare import compare_plan
+from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.report.compare import build_compare
 
@@ -81,8 +82,9 @@ def test_table_arithmetic_on_known_scores(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the bundled recipe
 
 
-def test_bundled_compare_recipe_has_equal_student_budgets() -> None:
-    loaded = load_recipe(bundled_recipe("compare"), check_tokenizers=False)
+@pytest.mark.parametrize("name", ["compare", "compare_rl_teachers"])
+def test_bundled_compare_recipes_have_equal_student_budgets(name: str) -> None:
+    loaded = load_recipe(bundled_recipe(name), check_tokenizers=False)
     stages, cmp = loaded.recipe.stages, loaded.recipe.compare
     assert cmp is not None and set(cmp.methods) >= {"MOPD", "Mix-RL", "Cascade RL", "Off-policy FT",
                                                        "Weight-average merge", "Task-arithmetic merge",
@@ -92,15 +94,47 @@ def test_bundled_compare_recipe_has_equal_student_budgets() -> None:
     assert len(set(budget.values())) == 1, budget
     off = stages["offpolicy_ft"]
     assert off.steps * off.batch_size == budget["student"]  # the same number of traces as MOPD's rollouts
-    demo = load_recipe(bundled_recipe("demo"), check_tokenizers=False).recipe.stages
-    for name in ("base", "sft", "sft_reversal", "sft_sorting", "sft_shift", "student"):  # the demo's block
-        # (teachers add keep_every only)
-        assert stages[name] == demo[name], name
-    for name in ("teacher_reversal", "teacher_sorting", "teacher_shift"):
-        assert stages[name].model_copy(update={"keep_every": 0}) == demo[name], name
     plan = compare_plan(loaded)
     assert plan["methods"]["MOPD round 2"]["chain"] == ["student_r2", "student"]
-    assert plan["methods"]["MOPD round 2"]["extra"] == ["teacher_reversal_r2", "teacher_sorting_r2"]
+    r2 = [f"teacher_{d}_r2" for d in loaded.recipe.domains]
+    assert plan["methods"]["MOPD round 2"]["extra"] == r2
+    # round 2 as Nemotron 3 Ultra does it: every domain's teacher retrained from the round-1 student, and gated
+    assert all(stages[t].init == "student" for t in r2)
+    assert stages["student_r2"].preflight.min_teacher_gain == -0.005
+
+
+def test_bundled_compare_recipe_is_the_demo_with_caesar_for_shift() -> None:
+    stages = load_recipe(bundled_recipe("compare"), check_tokenizers=False).recipe.stages
+    demo = load_recipe(bundled_recipe("demo"), check_tokenizers=False).recipe.stages
+    swap = {"shift": "caesar", "sft_shift": "sft_caesar", "teacher_shift": "teacher_caesar"}
+
+    def renamed(stage):
+        data = stage.model_dump()
+        for key in ("domains",):
+            if data.get(key):
+                data[key] = [swap.get(d, d) for d in data[key]]
+        if data.get("teachers"):
+            data["teachers"] = {swap.get(d, d): swap.get(t, t) for d, t in data["teachers"].items()}
+        if data.get("init"):
+            data["init"] = swap.get(data["init"], data["init"])
+        return data
+
+    for name in ("base", "sft", "sft_reversal", "sft_sorting", "sft_shift", "student"):  # the demo's block
+        assert stages[swap.get(name, name)].model_dump() == renamed(demo[name]), name
+    for name in ("teacher_reversal", "teacher_sorting", "teacher_shift"):  # teachers add keep_every only
+        assert stages[swap.get(name, name)].model_copy(update={"keep_every": 0}).model_dump() == renamed(demo[name])
+
+
+def test_rl_teacher_testbed_makes_its_teachers_by_grpo_alone_from_the_shared_start() -> None:
+    rl = load_recipe(bundled_recipe("compare_rl_teachers"), check_tokenizers=False)
+    ids = stage_identities(rl)
+    ids_cmp = stage_identities(load_recipe(bundled_recipe("compare"), check_tokenizers=False))
+    assert (ids["base"], ids["sft"]) == (ids_cmp["base"], ids_cmp["sft"])  # the two testbeds share their start
+    stages = rl.recipe.stages
+    for domain, teacher in rl.recipe.compare.teachers.items():
+        assert stages[teacher].kind == "rlvr" and stages[teacher].init == "sft" and stages[teacher].domains == [domain]
+    assert stages["student_sampled"].objective == "sampled"
+    assert stages["student_sampled"].model_copy(update={"objective": "full_reverse_kl"}) == stages["student"]
 
 
 # ---------------------------------------------------------------------------------------------- validation

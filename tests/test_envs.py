@@ -22,7 +22,7 @@ from mopd.envs import (
 )
 from mopd.envs import base as envs_base
 
-BUILTINS = ("addition", "multiplication", "reversal", "sorting")
+BUILTINS = ("addition", "multiplication", "reversal", "sorting", "caesar")
 
 
 @pytest.fixture
@@ -52,6 +52,10 @@ def _expected(domain: str, prompt: str) -> str:
     if domain == "sorting":
         assert body.startswith("sort:")
         return "".join(sorted(body[5:]))
+    if domain == "caesar":
+        assert body.startswith("rot") and body[4] == ":" and body[3] in "12345"
+        k = int(body[3])
+        return "".join("abcdefghijklmnopqrstuvwxyz"[("abcdefghijklmnopqrstuvwxyz".index(c) + k) % 26] for c in body[5:])
     raise AssertionError(domain)
 
 
@@ -112,6 +116,11 @@ def test_domain_cues_and_difficulty_semantics():
             assert rev.startswith("rev:") and srt.startswith("sort:")
             lo, hi = {1: (3, 4), 2: (5, 6), 3: (7, 8)}[d]
             assert lo <= len(rev) - 5 <= hi and lo <= len(srt) - 6 <= hi
+            rot = get_domain("caesar").sample(rng, d).prompt
+            assert rot.startswith("rot") and lo <= len(rot) - 6 <= hi and len(rot) <= 14
+    assert get_domain("caesar").verify.__wrapped__ is partial_match_reward
+    ks = {get_domain("caesar").sample(rng, 1).prompt[3] for _ in range(300)}
+    assert ks == set("12345")  # every distance is drawn
 
 
 def test_sample_difficulty_none_is_uniform_and_bad_difficulty_raises():

@@ -195,3 +195,44 @@ def test_a_tool_domain_teacher_is_measured_on_whole_episodes_over_the_models_tok
     expected = float(((logp.exp() * (logp - logq)).sum(-1) * m).sum() / m.sum())
     got = result["teachers"]["t"]
     assert got["tokens"] == int(m.sum()) and got["reverse_kl"] == pytest.approx(expected, rel=1e-5)
+
+
+def _gated_run(foreign_run, tmp_path: Path, margin: float) -> tuple[Path, str]:
+    """The foreign run's finished stages plus a MOPD stage gated by `min_teacher_gain: margin` (rerun in a copy)."""
+    out = tmp_path / "out"
+    shutil.copytree(foreign_run[0], out, symlinks=True)
+    data = yaml.safe_load(FOREIGN_RECIPE)
+    data["stages"]["gated"] = {**data["stages"]["student"], "preflight": {"kl_warn": 1.0, "prompts": 4,
+                                                                         "min_teacher_gain": margin}}
+    recipe = tmp_path / "gated.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    buf = io.StringIO()
+    run_recipe(load_recipe(recipe), out, Console(file=buf, width=400))
+    return out, buf.getvalue()
+
+
+def _score(stage_dir: Path, domain: str) -> float:
+    return json.loads((stage_dir / "final" / "mopd.json").read_text())["metrics"]["eval"][domain]["score"]
+
+
+def test_teacher_gain_gate_records_the_gains_it_checked(foreign_run, tmp_path: Path) -> None:
+    out, _ = _gated_run(foreign_run, tmp_path, margin=-1.0)
+    gate = json.loads((out / "gated" / "preflight.json").read_text())["teacher_gain"]
+    assert gate["min"] == -1.0 and set(gate["domains"]) == {"addition", "reversal"}
+    for domain, teacher in (("addition", "foreign"), ("reversal", "teacher_same")):
+        g = gate["domains"][domain]
+        assert g["teacher"] == teacher
+        assert g["teacher_score"] == _score(out / teacher, domain) and g["start_score"] == _score(out / "sft", domain)
+        assert g["gain"] == pytest.approx(g["teacher_score"] - g["start_score"])
+    assert (out / "gated" / "final" / "mopd.json").is_file()
+
+
+def test_teacher_gain_gate_refuses_teachers_that_do_not_beat_the_start(foreign_run, tmp_path: Path) -> None:
+    from mopd.core.errors import StageError
+
+    with pytest.raises(StageError) as e:
+        _gated_run(foreign_run, tmp_path, margin=2.0)  # scores are in [0, 1]: no teacher can gain 2
+    msg = str(e.value)
+    assert "\n" not in msg and "stage 'gated'" in msg and "min_teacher_gain 2" in msg
+    assert "'foreign' on addition" in msg and "'teacher_same' on reversal" in msg
+    assert not (tmp_path / "out" / "gated" / "metrics.jsonl").exists()  # refused before any step

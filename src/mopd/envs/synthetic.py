@@ -73,6 +73,18 @@ def shift(rng: random.Random, difficulty: int) -> tuple[str, str]:
     return f"shift:{word}=", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
 
 
+@register_domain(
+    "caesar", description="rotK:WORD= -> each letter moved K places on (K = 1..5, z wraps to a); 3-8 letters"
+)
+def caesar(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    """`shift` with the distance in the prompt: the model must read K and apply one of five letter maps, so a
+    start that has seen every domain briefly stays well short of it (`shift`'s single map is learned in
+    pretraining, and its teachers gain only 0.07 over such a start)."""
+    word = _word(rng, difficulty)
+    k = rng.randint(1, 5)
+    return f"rot{k}:{word}=", "".join(chr((ord(c) - 97 + k) % 26 + 97) for c in word)
+
+
 def style_measure(problem, completion: str) -> float:
     """How well a completion keeps the `style` domain's house style: the word's letters, one dash between each
     two (`c-a-t`), in any order. Per position: a letter of the word where a letter belongs, a dash between; the

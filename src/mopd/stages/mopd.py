@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ from .problems import ProblemSource, problem_source
 from .resolved import ResolvedStage
 from .rl import policy_step_fn
 from .start import starting_model
+from .teacher_gate import check_teacher_gain
 
 PREFLIGHT_FILE = "preflight.json"
 
@@ -43,13 +45,14 @@ def run_mopd(ctx: ResolvedStage) -> Path:
     s: MOPDStage = ctx.settings
     source = problem_source(ctx)
     schedule = TeacherSchedule(ctx)
+    gains = check_teacher_gain(ctx, s.preflight.min_teacher_gain) if s.preflight.min_teacher_gain is not None else None
     # every phase's tokenizers now (no weights): a mismatch in a late phase fails before step 0
     check_teacher_tokenizers(ctx, [pair for i in range(len(schedule.phases)) for pair in schedule.checkpoints(i)])
     due = s.preflight.enabled and not (ctx.stage_dir / PREFLIGHT_FILE).exists()
     if due or not s.teacher_schedule:  # a resumed scheduled stage loads its phase's teachers at its first step
         first = schedule.at(0)  # the teachers of step 0, loaded once: training goes on with this panel
         if due:
-            preflight(ctx, first, dict(schedule.checkpoints(0)), source)
+            preflight(ctx, first, dict(schedule.checkpoints(0)), source, gains)
     return train(ctx, starting_model(ctx), policy_step_fn(ctx, lambda step: source, schedule.at))
 
 
@@ -151,10 +154,12 @@ def local_part(panel: TeacherScorer) -> TeacherPanel | None:
     return panel.local if isinstance(panel, MixedPanel) else panel  # type: ignore[return-value]
 
 
-def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str, str], source: ProblemSource) -> None:
+def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str, str], source: ProblemSource,
+              gains: Mapping[str, Any] | None = None) -> None:
     """Teacher-student compatibility check before the first MOPD step; its result is <stage>/preflight.json.
 
     `panel` holds the teachers loaded from `checkpoints` (teacher name -> directory): the first phase's.
+    `gains`: the teacher-gain gate's figures (`teacher_gate`), recorded beside the KLs when the gate is on.
 
     Skipped (by the caller) when that file exists: a resumed stage was already checked (a stale stage directory
     is moved aside by the runner, so an existing file belongs to this very stage identity).
@@ -185,4 +190,6 @@ def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str
     del student  # training loads its own copy (or resumes)
     if s.teacher_backends:  # connected (and tokenizer-checked) when the panel was made; KL: a sampled estimate
         result["remote_teachers"] = {n: b.backend for n, b in sorted(s.teacher_backends.items())}
+    if gains is not None:
+        result["teacher_gain"] = {"min": s.preflight.min_teacher_gain, "domains": dict(gains)}
     write_json_atomic(ctx.stage_dir / PREFLIGHT_FILE, result)

@@ -285,6 +285,11 @@ class PreflightSettings(Strict):
     enabled: bool = True
     kl_warn: float = Field(0.1, gt=0, description="warn when a teacher's initial reverse KL exceeds this")
     prompts: int = Field(32, gt=0, description="student rollouts per teacher for the KL measurement")
+    min_teacher_gain: float | None = Field(
+        None, description="refuse to train unless every teacher's held-out score on each of its domains beats the "
+        "student start's by at least this (Nemotron 3 Ultra's round 2: teachers that beat the round-1 student); "
+        "null: no check",
+    )
 
 
 DistillationObjective = Literal["sampled", "topk", "full_reverse_kl", "forward_kl", "jsd"]
