@@ -117,6 +117,7 @@ def variant_recipe(loaded: LoadedRecipe, student: str, points: dict[str, dict[st
             stage.pop("surprise_alpha", None)  # sampled-token reweighting; the other objectives refuse it
         stages[f"{student}_{suffix}"] = {**stage, **settings}
     raw["stages"] = stages
+    raw.pop("compare", None)  # a comparison recipe's methods are not stages of the variant
     raw["name"] = f"{raw['name']}-objectives"
     raw["report"] = {"student": f"{student}_{next(iter(points or OBJECTIVES))}"}
     return raw

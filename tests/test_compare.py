@@ -97,9 +97,11 @@ def test_bundled_compare_recipes_have_equal_student_budgets(name: str) -> None:
     plan = compare_plan(loaded)
     assert plan["methods"]["MOPD round 2"]["chain"] == ["student_r2", "student"]
     r2 = [f"teacher_{d}_r2" for d in loaded.recipe.domains]
-    assert plan["methods"]["MOPD round 2"]["extra"] == r2
+    assert set(r2) <= set(plan["methods"]["MOPD round 2"]["extra"])
     # round 2 as Nemotron 3 Ultra does it: every domain's teacher retrained from the round-1 student, and gated
-    assert all(stages[t].init == "student" for t in r2)
+    for t in r2:
+        init = stages[t].init
+        assert init == "student" or stages[init].init == "student", (t, init)
     assert stages["student_r2"].preflight.min_teacher_gain == -0.005
 
 
