@@ -185,6 +185,8 @@ CASES: list[Case] = [
     sub("jsd beta one", TEACH, TEACH + "    jsd_beta: 1\n", 29, "jsd_beta"),
     sub("topk zero", TEACH, TEACH + "    topk: 0\n", 29, "topk"),
     sub("preflight unknown key", TEACH, TEACH + "    preflight: {kl: 1}\n", 29, "kl"),
+    sub("teacher-gain gate not a number", TEACH, TEACH + "    preflight: {min_teacher_gain: lots}\n", 29,
+        "min_teacher_gain"),
     sub("schedule without snapshots", TEACH, TEACH + "    teacher_schedule: [{until_step: 1, snapshot: 1}, "
         "{until_step: 2, snapshot: final}]\n", 29, "snapshot"),
     sub("lora rank zero", TEACH, TEACH + "    lora: {r: 0}\n", 29, "r"),
