@@ -244,16 +244,25 @@ def compare_json(a: Path, b: Path, run_a: Path, run_b: Path, part: str | None = 
 
 
 def _drop_one_sided_settings(x: dict, y: dict) -> list[str]:
-    """A stage setting that exists on one side only is a field one version of the schema added: the lineage
-    records it at its default, and if it changed what is trained the metrics and weights show that."""
+    """A stage setting that exists on one side only is a field one version of the schema added (at the top or
+    inside a block such as `preflight:`): the lineage records it at its default, and if it changed what is
+    trained the metrics and weights show that. Returns the dotted names dropped."""
     sx, sy = x.get("settings"), y.get("settings")
     if not isinstance(sx, dict) or not isinstance(sy, dict):
         return []
-    one_sided = sorted(set(sx) ^ set(sy))
-    for key in one_sided:
-        sx.pop(key, None)
-        sy.pop(key, None)
-    return one_sided
+    return _drop_one_sided(sx, sy, "")
+
+
+def _drop_one_sided(sx: dict, sy: dict, prefix: str) -> list[str]:
+    dropped = []
+    for key in sorted(set(sx) | set(sy)):
+        if (key in sx) != (key in sy):
+            sx.pop(key, None)
+            sy.pop(key, None)
+            dropped.append(prefix + key)
+        elif isinstance(sx[key], dict) and isinstance(sy[key], dict):
+            dropped += _drop_one_sided(sx[key], sy[key], f"{prefix}{key}.")
+    return dropped
 
 
 def sha256(path: Path) -> str:
@@ -282,7 +291,7 @@ class Report:
 
     def line(self, name: str, result: str) -> None:
         self.compared += 1
-        self.differing += result != "same"
+        self.differing += not result.startswith("same")
         print(f"  {name:<62} {result}", flush=True)
 
 

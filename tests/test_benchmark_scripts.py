@@ -115,3 +115,21 @@ def test_objectives_grid_runs_each_objective_at_each_setting_and_names_the_best(
     rows = [{"objective": "sampled", "normalized_score": s, "n": i} for i, s in enumerate((0.2, None, 0.7, 0.5))]
     rows += [{"objective": "jsd", "normalized_score": None, "n": 9}]
     assert [r["n"] for r in objectives.best_per_objective(rows)] == [2, 9]
+
+
+def test_check_behaviour_drops_a_setting_a_newer_schema_added_even_inside_a_block(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH.parent / "scripts"))
+    check = importlib.import_module("check_behaviour")
+    try:
+        old = {"settings": {"lr": 1e-3, "preflight": {"kl_warn": 0.1}}}
+        new = {"settings": {"lr": 1e-3, "preflight": {"kl_warn": 0.1, "min_teacher_gain": None}, "extra": 1}}
+        assert check._drop_one_sided_settings(old, new) == ["extra", "preflight.min_teacher_gain"]
+        assert old == new
+        changed = {"settings": {"lr": 3e-3, "preflight": {"kl_warn": 0.1}}}
+        assert check._drop_one_sided_settings(changed, new) == [] and changed != new  # a changed value stays
+        report = check.Report()  # a file that is the same but for an added setting is not a difference
+        report.line("a", "same (settings on one side only: extra)")
+        report.line("b", "DIFFERS: lr")
+        assert (report.compared, report.differing) == (2, 1)
+    finally:
+        sys.modules.pop("check_behaviour", None)
