@@ -75,7 +75,7 @@ def ancestors(loaded: LoadedRecipe, stage: str) -> list[str]:
 def grid(objectives: list[str], lrs: list[float] | None,
          sampled_temperatures: list[float] | None) -> dict[str, dict[str, Any]]:
     """suffix -> the student settings of one point: each objective at each lr (and the sampled estimator at each
-    temperature). Without a grid the suffix is the objective alone, as before (one point per objective)."""
+    temperature). Without lrs or temperatures the suffix is the objective alone (one point per objective)."""
     points: dict[str, dict[str, Any]] = {}
     for objective in objectives:
         temps = sampled_temperatures if objective == "sampled" and sampled_temperatures else [None]
@@ -87,10 +87,8 @@ def grid(objectives: list[str], lrs: list[float] | None,
     return points
 
 
-def variant_recipe(loaded: LoadedRecipe, student: str, points: dict[str, dict[str, Any]] | None = None
-                   ) -> dict[str, Any]:
-    """The recipe with the student's ancestors unchanged and one student copy per point (default: per
-    objective)."""
+def variant_recipe(loaded: LoadedRecipe, student: str, points: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The recipe with the student's ancestors unchanged and one student copy per point of `grid`."""
     raw = yaml.safe_load(loaded.path.read_text())
     base = loaded.path.parent
 
@@ -111,7 +109,7 @@ def variant_recipe(loaded: LoadedRecipe, student: str, points: dict[str, dict[st
         if original[key] not in raw["stages"]:
             original[key] = absolute(original[key])
     original["teachers"] = {d: t if t in raw["stages"] else absolute(t) for d, t in original["teachers"].items()}
-    for suffix, settings in (points or OBJECTIVES).items():
+    for suffix, settings in points.items():
         stage = {k: v for k, v in original.items() if k not in ("objective", "topk")}
         if settings["objective"] != "sampled":
             stage.pop("surprise_alpha", None)  # sampled-token reweighting; the other objectives refuse it
@@ -119,7 +117,7 @@ def variant_recipe(loaded: LoadedRecipe, student: str, points: dict[str, dict[st
     raw["stages"] = stages
     raw.pop("compare", None)  # a comparison recipe's methods are not stages of the variant
     raw["name"] = f"{raw['name']}-objectives"
-    raw["report"] = {"student": f"{student}_{next(iter(points or OBJECTIVES))}"}
+    raw["report"] = {"student": f"{student}_{next(iter(points))}"}
     return raw
 
 
@@ -133,8 +131,7 @@ def copy_finished(src: Path, out: Path, stages: list[str]) -> list[str]:
     return copied
 
 
-def results(out: Path, loaded: LoadedRecipe, student: str, points: dict[str, dict[str, Any]] | None = None
-            ) -> list[dict[str, Any]]:
+def results(out: Path, loaded: LoadedRecipe, student: str, points: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     run = json.loads((out / "run.json").read_text())
     spec: MOPDStage = loaded.recipe.stages[student]
     domains = [d for d in loaded.recipe.domains if d in spec.teachers]
@@ -144,7 +141,7 @@ def results(out: Path, loaded: LoadedRecipe, student: str, points: dict[str, dic
         return ev.get(domain, {}).get("score")
 
     rows = []
-    for suffix, settings in (points or {o: OBJECTIVES[o] for o in OBJECTIVES}).items():
+    for suffix, settings in points.items():
         name, objective = f"{student}_{suffix}", settings["objective"]
         rec = {d: recovery(score(spec.init, d), score(spec.teachers[d], d), score(name, d)) for d in domains}
         rows.append({
@@ -216,7 +213,7 @@ def main() -> None:
         raise SystemExit(f"--lrs / --sampled-temperatures: {e}") from None
     if any(x <= 0 for x in (lrs or []) + (temps or [])):
         raise SystemExit("--lrs / --sampled-temperatures: values must be positive")
-    points = grid(objectives, lrs, temps) if (lrs or temps or objectives != list(OBJECTIVES)) else None
+    points = grid(objectives, lrs, temps)
 
     loaded = load_recipe(args.recipe)
     student = pick_student(loaded, args.student)

@@ -24,6 +24,11 @@ def _n_digits(rng: random.Random, digits: int) -> int:
     return rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
+def _rotate(word: str, k: int) -> str:
+    """Each lowercase letter moved `k` places on, z wrapping to a."""
+    return "".join(chr((ord(c) - 97 + k) % 26 + 97) for c in word)
+
+
 def _word(rng: random.Random, difficulty: int) -> str:
     lo, hi = _LENGTH_BANDS[difficulty]
     return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(lo, hi)))
@@ -70,7 +75,7 @@ def sorting(rng: random.Random, difficulty: int) -> tuple[str, str]:
 @register_domain("shift", description="shift:WORD= -> each letter moved one place on (z wraps to a); 3-8 letters")
 def shift(rng: random.Random, difficulty: int) -> tuple[str, str]:
     word = _word(rng, difficulty)
-    return f"shift:{word}=", "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
+    return f"shift:{word}=", _rotate(word, 1)
 
 
 @register_domain(
@@ -82,7 +87,7 @@ def caesar(rng: random.Random, difficulty: int) -> tuple[str, str]:
     pretraining, and its teachers gain only 0.07 over such a start)."""
     word = _word(rng, difficulty)
     k = rng.randint(1, 5)
-    return f"rot{k}:{word}=", "".join(chr((ord(c) - 97 + k) % 26 + 97) for c in word)
+    return f"rot{k}:{word}=", _rotate(word, k)
 
 
 def style_measure(problem, completion: str) -> float:

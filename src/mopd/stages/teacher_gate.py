@@ -9,12 +9,12 @@ records (`mopd.json`'s `metrics.eval`, on the recipe's shared held-out prompts) 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import StageError
+from ..models.checkpoint import read_lineage
 from ..models.integrity import LINEAGE_FILE
 from .resolved import ResolvedStage
 
@@ -22,11 +22,10 @@ from .resolved import ResolvedStage
 def held_out_scores(checkpoint: str | Path | None) -> dict[str, float] | None:
     """{domain: held-out score} recorded in a finished checkpoint's lineage, or None (an external model, or no
     eval recorded)."""
-    path = Path(checkpoint) / LINEAGE_FILE if checkpoint else None
-    if path is None or not path.is_file():
+    if not checkpoint or not (Path(checkpoint) / LINEAGE_FILE).is_file():
         return None
     try:
-        ev = json.loads(path.read_text(encoding="utf-8")).get("metrics", {}).get("eval", {})
+        ev = read_lineage(Path(checkpoint)).get("metrics", {}).get("eval", {})
     except (OSError, ValueError, AttributeError):
         return None
     out = {str(d): float(v["score"]) for d, v in ev.items() if isinstance(v, dict)
