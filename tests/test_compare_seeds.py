@@ -72,3 +72,21 @@ def test_compare_over_two_seeds_shares_pinned_stages_and_reports_intervals(tmp_p
     again = CliRunner().invoke(app, ["compare", str(path), "--out", str(out), "--seeds", "2"])
     assert again.exit_code == 0, again.output
     assert {s["status"] for s in json.loads((s1 / "run.json").read_text())["stages"].values()} == {"cached"}
+
+
+def test_a_method_that_fails_leaves_a_hole_in_the_table_not_a_lost_comparison(tmp_path: Path) -> None:
+    """MOPD refused by its teacher gate in every seed: the other method still runs in both seeds, the combined
+    table is written with MOPD as n/a, and the command ends non-zero with one line per seed naming the stage."""
+    path, out = tmp_path / "mini.yaml", tmp_path / "out"
+    gated = PINNED.replace("eval_every: 1}", "eval_every: 1, preflight: {min_teacher_gain: 0.99}}", 1)
+    assert gated != PINNED
+    path.write_text(gated)
+    res = CliRunner().invoke(app, ["compare", str(path), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    errors = res.output[res.output.index("error:"):]
+    assert "seed-0: stage 'student'" in errors and "seed-1: stage 'student'" in errors
+    result = json.loads((out / "compare.json").read_text())
+    assert result["methods"]["MOPD"]["normalized_score"] is None
+    for seed_dir in ("seed-0", "seed-1"):
+        assert (out / seed_dir / "avg" / "final").is_dir() and not (out / seed_dir / "student" / "final").exists()
+    assert "Average merge" in (out / "compare.md").read_text()

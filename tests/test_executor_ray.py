@@ -120,6 +120,29 @@ def test_a_failed_stage_stops_its_dependants_only(runs, tmp_path):
     assert "teacher_rev" not in stages and "student" not in stages
 
 
+def test_the_local_executor_also_stops_the_dependants_only(runs, tmp_path):
+    """The same broken teacher on the local executor: the stages after it in order that do not need it still
+    run (teacher_sort trains after teacher_rev failed), and the error is the same line."""
+    external = tmp_path / "broken_start"
+    shutil.copytree(runs / "local" / "sft" / "final", external)
+    text = (runs / "mini.yaml").read_text()
+    text = text.replace("    init: sft\n    domains: [reversal]", f"    init: {external}\n    domains: [reversal]")
+    (tmp_path / "mini.yaml").write_text(text)
+    loaded = load_recipe(tmp_path / "mini.yaml")
+    assert loaded.order.index("teacher_rev") < loaded.order.index("teacher_sort")
+    (external / "model.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(runs / "local", tmp_path / "run", symlinks=True)
+    for stage in ("teacher_rev", "teacher_sort", "student"):
+        shutil.rmtree(tmp_path / "run" / stage)
+    with pytest.raises(StageError) as err:
+        run_recipe(loaded, tmp_path / "run", Console(file=io.StringIO()), executor="local", threads=1)
+    [line] = str(err.value).splitlines()
+    assert line.startswith("stage 'teacher_rev' failed: ") and line.endswith("not run: student")
+    stages = _stages(tmp_path / "run")
+    assert stages["teacher_sort"]["status"] != "cached" and (tmp_path / "run" / "teacher_sort" / "final").is_dir()
+    assert "teacher_rev" not in stages and not (tmp_path / "run" / "student").exists()
+
+
 def test_a_missing_address_is_one_line_before_compute(tmp_path, mini_recipe):
     loaded = load_recipe(mini_recipe)
     with pytest.raises(StageError, match=r"--address 127\.0\.0\.1:9: no Ray head answers there"):

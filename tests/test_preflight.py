@@ -13,6 +13,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from mopd.core.errors import StageError
 from mopd.envs import ALPHABET
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
@@ -115,7 +116,7 @@ def test_runner_refuses_a_foreign_vocabulary_before_training(tmp_path: Path) -> 
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     # the load-time check would refuse it first; skip it to exercise the runtime guard
     loaded = load_recipe(recipe, check_tokenizers=False)
-    with pytest.raises(PreflightError) as e:
+    with pytest.raises(StageError) as e:  # the local executor's one line per failed stage
         run_recipe(loaded, tmp_path / "out", Console(file=io.StringIO()))
     assert "\n" not in str(e.value)
     assert "stage 'student': teacher" in str(e.value) and "vocabulary differs" in str(e.value)

@@ -16,6 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import mopd.envs.data as data_mod
+from mopd.core.errors import StageError
 from mopd.envs.data import DataDomain
 from mopd.learner.supervised import supervised_batch
 from mopd.models.checkpoint import save_checkpoint
@@ -207,8 +208,9 @@ def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: 
 
     monkeypatch.setattr(runner, "run_stage", first_stage)
     out = io.StringIO()
-    with pytest.raises(Started):
+    with pytest.raises(StageError) as failed:  # one line per failed stage, chained to the error itself
         runner.run_recipe(loaded, tmp_path / "run", console=Console(file=out, width=400))
+    assert isinstance(failed.value.__cause__, Started)
     assert "warning:" in out.getvalue() and msg in out.getvalue()
 
     monkeypatch.setattr(resources, "emulated_bfloat16", lambda device: False)  # AVX512 / AMX CPU, or a GPU

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from mopd.envs import ALPHABET
+from mopd.envs import ALPHABET, get_domain
 from mopd.learner.filters import solved_group_filter
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
@@ -111,6 +111,10 @@ def _load_error(tmp_path: Path, stage: str, **keys) -> str:
         ("student", {"objective": "jsd", "surprise_alpha": 0.5}, "stages.student.surprise_alpha",
          "objective: sampled"),
         ("student", {"preflight": {"kl_warn": 0.1, "prompt": 3}}, "stages.student.preflight.prompt", "unknown key"),
+        ("student", {"domain_weights": {"shift": 2.0}}, "stages.student.domain_weights.shift",
+         "not one of the stage's domains (addition, reversal, sorting)"),
+        ("teacher_add", {"domain_weights": {"addition": 0}}, "stages.teacher_add.domain_weights.addition",
+         "must be above 0"),
     ],
 )
 def test_bad_schedule_settings_fail_at_load(tmp_path: Path, stage, keys, where, what) -> None:
@@ -130,3 +134,27 @@ def test_good_schedule_settings_load(tmp_path: Path) -> None:
     s = load_recipe(path).recipe.stages["student"]
     assert (s.temperature_end, s.filter_solved, s.curriculum, s.surprise_alpha) == (0.6, True, True, 0.5)
     assert (s.preflight.enabled, s.preflight.kl_warn, s.preflight.prompts) == (True, 0.1, 32)
+
+
+def test_domain_weights_set_each_domains_share_of_a_step_and_stay_out_of_identity_when_unset(tmp_path: Path) -> None:
+    three = ProblemSource(domains=[get_domain(n) for n in ("addition", "reversal", "sorting")],
+                          exclude={n: frozenset() for n in ("addition", "reversal", "sorting")})
+    counts = lambda src, n: {d: sum(p.domain == d for p in src.draw(step_rng(0, 1), n))  # noqa: E731
+                             for d in ("addition", "reversal", "sorting")}
+    assert counts(three, 12) == {"addition": 4, "reversal": 4, "sorting": 4}
+    three.weights = {"reversal": 2.0}  # 1 : 2 : 1
+    assert counts(three, 12) == {"addition": 3, "reversal": 6, "sorting": 3}
+    assert counts(three, 7) == {"addition": 2, "reversal": 3, "sorting": 2}  # 1.75, 3.5, 1.75: largest remainders
+    assert three.draw(step_rng(0, 5), 9) == three.draw(step_rng(0, 5), 9)  # deterministic in (seed, step)
+
+    def ids(student_keys: dict) -> dict:
+        d = yaml.safe_load(MINI_RECIPE)
+        d["stages"]["student"].update(student_keys)
+        path = tmp_path / "w.yaml"
+        path.write_text(yaml.safe_dump(d, sort_keys=False))
+        return stage_identities(load_recipe(path, check_tokenizers=False))
+
+    plain = ids({})
+    assert ids({"domain_weights": None}) == plain  # finished runs keep their identities
+    weighted = ids({"domain_weights": {"sorting": 2.0}})
+    assert weighted["student"] != plain["student"] and weighted["teacher_add"] == plain["teacher_add"]

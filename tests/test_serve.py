@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mopd.core.errors import StageError
 from mopd.core.schema import HttpBackend
 from mopd.envs import ALPHABET
 from mopd.models.tokenizer import build_char_tokenizer
@@ -189,7 +190,7 @@ def test_a_run_with_an_unreachable_teacher_fails_in_one_line_before_step_0(tmp_p
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     extra = f"    teacher_backends: {{{tmp_path}/a: {{backend: http, url: '{url}', retries: 0}}}}\n"
-    with pytest.raises(PreflightError) as err:
+    with pytest.raises(StageError) as err:  # the local executor's one line per failed stage
         run_recipe(load_recipe(_recipe(tmp_path, extra)), tmp_path / "run")
     [line] = str(err.value).splitlines()
     assert line.startswith(f"stage 'student': teacher '{tmp_path}/a' at {url}: ") and "cannot connect" in line

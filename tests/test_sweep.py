@@ -144,6 +144,10 @@ def test_two_point_sweep_shares_parents_and_resumes(tmp_path: Path) -> None:
     assert _statuses(first) == {**dict.fromkeys(shared, "cached"), "student": "ran"}
     assert set(_statuses(second).values()) == {"cached"}  # the finished point is skipped
 
+    more = _invoke("sweep", path, "--set", "student.lr=3e-3", "--out", out)  # a new value, into the same directory
+    assert more.exit_code == 0, more.output
+    assert _statuses(out / "student.lr=3e-3") == {**dict.fromkeys(shared, "cached"), "student": "ran"}
+
 
 def test_links_follow_identities_and_a_stale_link_is_replaced(tmp_path: Path) -> None:
     from mopd.recipe.identity import stage_identities
@@ -164,3 +168,18 @@ def test_links_follow_identities_and_a_stale_link_is_replaced(tmp_path: Path) ->
     (tmp_path / "elsewhere" / "sft" / "final" / "mopd.json").write_text(json.dumps({"identity": ids["sft"]}))
     assert link_shared_stages(b, finished_stages([a.out, tmp_path / "elsewhere"])) == ["sft"]
     assert (b.out / "sft").resolve() == (tmp_path / "elsewhere" / "sft").resolve()
+
+
+def test_a_point_that_fails_is_a_hole_in_the_table_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """The first point's student is refused by an impossible teacher gate; the second point still runs, the table
+    is written, and the command ends with exit 2 and one line naming the point and the stage."""
+    path, out = _write(tmp_path), tmp_path / "sweep"
+    res = _invoke("sweep", path, "--set", "student.preflight={min_teacher_gain: 0.99},{kl_warn: 5.0}",
+                  "--out", out)
+    assert res.exit_code == 2, res.output
+    errors = res.output[res.output.index("error:"):].replace("\n", " ")
+    [gated] = [p for p in out.iterdir() if "min_teacher_gain" in p.name]
+    [other] = [p for p in out.iterdir() if "kl_warn" in p.name]
+    assert f"error: {gated.name}: stage 'student': teachers must beat the start" in errors
+    assert not (gated / "student" / "final").exists() and (other / "student" / "final").is_dir()
+    assert (out / "sweep.md").is_file() and len(json.loads((out / "sweep.json").read_text())["points"]) == 2

@@ -167,9 +167,10 @@ def compare(
 ) -> None:
     """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
-    from .recipe.compare import compare_plan
+    from .cli_tools.keep_going import run_compare
     from .recipe.load import RecipeError
-    from .recipe.sweep import compare_seeds, seed_count
+    from .recipe.runner import RunLockedError
+    from .recipe.sweep import seed_count
 
     loaded = _load_or_fail(recipe)
     if loaded.recipe.compare is None:
@@ -177,23 +178,18 @@ def compare(
     out = out or Path("runs") / loaded.recipe.name
     try:
         n = seed_count(seeds, loaded)
-        if n > 1:
-            _prepare_process(threads)
-            result = compare_seeds(loaded, out, n, _run_or_fail)
-    except RecipeError as e:
-        _fail(str(e))
-    if n == 1:
         _prepare_process(threads)
-        from .report.compare import build_compare
-
-        _run_or_fail(loaded, out)
-        result = build_compare(out, compare_plan(loaded))
+        result, failures = run_compare(loaded, out, n, console)
+    except (RecipeError, RunLockedError) as e:
+        _fail(str(e))
     for label, m in result["methods"].items():
         score = m["normalized_score"]
         ci = (m.get("normalized_interval") or {}).get("ci")
         console.print(f"{label:<24} normalized score {'n/a' if score is None else f'{score:.3f}'}"
                       + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  student samples {m['samples']:,}")
     console.print(f"table: {out / 'compare.md'}")
+    if failures:  # after the table: what is missing from it, and why
+        _fail("\n".join(failures))
 
 
 @app.command(epilog=example("mopd sweep my_recipe.yaml --set student.lr=1e-4,3e-4,1e-3 "
@@ -212,23 +208,28 @@ def sweep(
 
     Every variant is checked before any compute (a bad key or value is one line, exit 2). Points share their
     unchanged parents (trained once); a rerun skips finished points and resumes an interrupted one."""
+    from .cli_tools.keep_going import collecting
     from .recipe.load import RecipeError
+    from .recipe.runner import RunLockedError
     from .recipe.sweep import seed_count
     from .recipe.sweep import sweep as run_sweep
 
     loaded = _load_or_fail(recipe)
     out = out or Path("runs") / f"{loaded.recipe.name}-sweep"
+    failures: list[str] = []  # a failed point is a hole in the table, not the end of the sweep
     try:
         n = seed_count(seeds, loaded)
         _prepare_process(threads)
-        result = run_sweep(loaded, out, assignments, n, _run_or_fail)
-    except RecipeError as e:
+        result = run_sweep(loaded, out, assignments, n, collecting(out, console, failures))
+    except (RecipeError, RunLockedError) as e:
         _fail(str(e))
     for objective, b in result["best"].items():
         ci = (b.get("interval") or {}).get("ci")
         console.print(f"best for objective {objective}: {b['point']}  normalized score {b['normalized_score']:.3f}"
                       + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), highlight=False, soft_wrap=True)
     console.print(f"table: {out / 'sweep.md'}")
+    if failures:
+        _fail("\n".join(failures))
 
 
 @app.command(epilog=example("mopd report runs/demo"))

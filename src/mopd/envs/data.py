@@ -55,6 +55,23 @@ def resolve_source(source: str, base_dir: Path | None) -> tuple[str, bool]:
     return source, False  # a Hub dataset id: read on first use
 
 
+def held_out_split(problems: list[Problem], rng_seed: str, eval_size: int | None, label: str,
+                   default_eval_size: int = 96) -> tuple[list[Problem], list[Problem]]:
+    """(training part, held-out part) of distinct-prompt `problems`: `eval_size` of them (default: a quarter, at
+    most `default_eval_size`) held out, chosen once by `rng_seed`, each part in the original order."""
+    if len(problems) < 2:
+        raise DataDomainError(("source",), f"{label}: {len(problems)} distinct prompt(s); need at least 2 to hold "
+                              "one out")
+    n_eval = eval_size or min(default_eval_size, max(1, len(problems) // 4))
+    if n_eval >= len(problems):
+        raise DataDomainError(("eval_size",),
+                              f"eval_size {n_eval} leaves no training prompt ({len(problems)} distinct prompts in "
+                              f"{label})")
+    order = list(range(len(problems)))
+    random.Random(rng_seed).shuffle(order)
+    return [problems[i] for i in sorted(order[n_eval:])], [problems[i] for i in sorted(order[:n_eval])]
+
+
 class DataDomain:
     """A domain whose problems are records of a dataset, scored by one of `VERIFIERS`."""
 
@@ -161,20 +178,8 @@ class DataDomain:
             held_prompts = {p.prompt for p in held}
             train = [p for p in problems if p.prompt not in held_prompts]
         else:
-            if len(problems) < 2:
-                raise DataDomainError(
-                    ("source",), f"{self._label}: {len(problems)} distinct prompt(s); need at least 2 to hold one out"
-                )
-            n_eval = self._eval_size or min(self._default_eval_size, max(1, len(problems) // 4))
-            if n_eval >= len(problems):
-                raise DataDomainError(
-                    ("eval_size",),
-                    f"eval_size {n_eval} leaves no training prompt ({len(problems)} distinct prompts in {self._label})",
-                )
-            order = list(range(len(problems)))
-            random.Random(f"mopd-data:{self.name}:{self._seed}").shuffle(order)
-            held = [problems[i] for i in sorted(order[:n_eval])]
-            train = [problems[i] for i in sorted(order[n_eval:])]
+            train, held = held_out_split(problems, f"mopd-data:{self.name}:{self._seed}", self._eval_size,
+                                         self._label, self._default_eval_size)
         if not train:
             raise DataDomainError(("eval_split",), f"{self._label}: every training prompt is also held out")
         return train, held

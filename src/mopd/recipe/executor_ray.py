@@ -29,6 +29,7 @@ from .learner_group import group_runner, learner_workers
 from .load import LoadedRecipe
 from .progress import logged_step, progress_info, stage_progress
 from .refs import stage_refs
+from .stage_failures import StageFailures, first_line
 from .stage_step import run_stage_step
 
 RAY_EXTRA = "pip install 'mopd[ray]'"
@@ -59,7 +60,7 @@ def ray_cluster(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True)
         except Exception as e:  # ConnectionError, a version mismatch, no cluster for "auto"
-            raise StageError(f"--address {address}: cannot start or join Ray ({_first_line(e)})") from None
+            raise StageError(f"--address {address}: cannot start or join Ray ({first_line(e)})") from None
         started = True
     try:
         _check_resources(loaded, ray.cluster_resources())
@@ -114,17 +115,13 @@ def run_on_ray(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info
     parents = {n: [r for _, r in stage_refs(recipe.stages[n]) if r in recipe.stages] for n in loaded.order}
     waiting, running = list(loaded.order), {}
     done: set[str] = set()
-    failed: dict[str, str] = {}  # stage -> its error, one line
-    stopped: dict[str, str] = {}  # stage -> the failed stage it depends on
+    failures = StageFailures()
     with stage_progress(console) as progress:
         bars: dict[str, int] = {}  # stage -> its progress bar (or plain lines), one per started stage
         say = progress.console.print
         while waiting or running:
             for name in list(waiting):
-                cause = next((failed.get(p) and p or stopped.get(p) for p in parents[name]
-                              if p in failed or p in stopped), None)
-                if cause is not None:
-                    stopped[name] = cause
+                if failures.blocked(name, parents[name]):
                     waiting.remove(name)
                 elif all(p in done for p in parents[name]):
                     res = recipe.stages[name].resources
@@ -146,16 +143,14 @@ def run_on_ray(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info
                 try:
                     info = ray.get(ref)
                 except Exception as e:
-                    failed[name] = _first_line(getattr(e, "cause", None) or e)
-                    say(f"[bold red]{name}: failed:[/] {failed[name]}", highlight=False, soft_wrap=True)
+                    why = failures.fail(name, e)
+                    say(f"[bold red]{name}: failed:[/] {why}", highlight=False, soft_wrap=True)
                     continue
                 done.add(name)
                 record(name, info)
                 progress.update(bars[name], completed=getattr(recipe.stages[name], "steps", 1),
                                 info=f"{info['status']} ({info.get('wall_seconds', 0):.1f}s)")
-    if failed:
-        raise StageError("\n".join(_failure_line(n, why, [s for s, c in stopped.items() if c == n])
-                                   for n, why in failed.items()))
+    failures.raise_if_any()
 
 
 def _plugins_by_value(ray: Any) -> None:
@@ -164,19 +159,6 @@ def _plugins_by_value(ray: Any) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("mopd_plugin_"):
             ray.cloudpickle.register_pickle_by_value(module)
-
-
-def _failure_line(name: str, why: str, dependants: list[str]) -> str:
-    not_run = f"; not run: {', '.join(dependants)}" if dependants else ""
-    return f"stage {name!r} failed: {why}{not_run}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    if isinstance(e, StageError):
-        return text.splitlines()[0] if text else type(e).__name__
-    line = next((s for s in text.splitlines() if s.strip()), "")
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _stage_task(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str], prior: dict,

@@ -37,8 +37,8 @@ from ..envs import Domain, DomainLike, domain_problem, get_domain, list_domains,
 from .agent_checks import check_agents
 from .hub import hub_unavailable_reason
 from .memory_check import check_model_memory
-from .refs import looks_like_path, resolve_external, stage_refs, topo_order
-from .resources import check_resources
+from .refs import looks_like_path, resolve_external, stage_domains, stage_refs, topo_order
+from .resources import alphabet_gap, check_resources
 from .reward_checks import check_rewards
 from .scale import apply_scale
 from .tokenizer_checks import check_tokenizer_agreement
@@ -138,8 +138,9 @@ def _schema_error(path: Path, lines: dict[tuple, int], err: ValidationError) -> 
     return RecipeError(f"{_where(path, lines, tuple(loc))}: {msg}")
 
 
-def _check_sampling(stage: SamplingSettings, where) -> None:
-    """Sampling settings that only make sense together (rlvr and mopd stages); `where(*key)` locates a key."""
+def _check_sampling(stage: SamplingSettings, domains: list[str], where) -> None:
+    """Sampling settings that only make sense together (rlvr and mopd stages; `domains`: the stage's);
+    `where(*key)` locates a key."""
     if stage.temperature_schedule == "linear" and stage.temperature_end is None:
         raise RecipeError(f"{where('temperature_schedule')}: a linear schedule needs `temperature_end`")
     if stage.temperature_schedule == "constant" and stage.temperature_end is not None:
@@ -150,6 +151,12 @@ def _check_sampling(stage: SamplingSettings, where) -> None:
         raise RecipeError(
             f"{where('filter_solved')}: a group pass rate needs group_size >= 2 (got {stage.group_size})"
         )
+    for d, w in (stage.domain_weights or {}).items():
+        if d not in domains:
+            raise RecipeError(f"{where('domain_weights', d)}: {d!r} is not one of the stage's domains "
+                              f"({', '.join(domains)})")
+        if not w > 0:
+            raise RecipeError(f"{where('domain_weights', d)}: a weight must be above 0 (got {w})")
     if isinstance(stage, MOPDStage) and stage.surprise_alpha > 0 and stage.objective != "sampled":
         raise RecipeError(
             f"{where('surprise_alpha')}: surprise reweighting scales sampled-token advantages; it needs "
@@ -241,6 +248,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
             ) from None
         if isinstance(domains[d], Domain) and (why := domain_problem(domains[d], recipe.eval.size, recipe.eval.seed)):
             raise RecipeError(f"{where('domains', i)}: {why}")
+        if d not in data and (why := alphabet_gap(recipe, domains[d], f"domain {d!r}")):  # plugin environments
+            raise RecipeError(f"{where('domains', i)}: {why}")
 
     deps: dict[str, list[str]] = {}
     for name, stage in recipe.stages.items():
@@ -297,7 +306,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
                         f"(add `{d}: <teacher stage>` or drop it from the stage's `domains`)"
                     )
         if isinstance(stage, SamplingSettings):
-            _check_sampling(stage, lambda *key, name=name: where("stages", name, *key))
+            _check_sampling(stage, stage_domains(stage, recipe), lambda *key, name=name: where("stages", name, *key))
     order = topo_order(recipe.stages, deps, where)
     check_model_memory(recipe, order, path.parent, where)
     for name, stage in recipe.stages.items():

@@ -61,19 +61,23 @@ def check_data_fit(recipe: Recipe, data: dict[str, DataDomain], where: Where) ->
                     f"{where('stages', name, 'domains')}: {stage.kind} trains on reference completions, but data "
                     f"domain {d!r} has records without one (map `fields.answer`, or leave it out of this stage)"
                 )
-    from_scratch = any(isinstance(s, PretrainStage) and s.model is not None for s in recipe.stages.values())
-    if not from_scratch:
-        return
-    alphabet = set(tokenizer_alphabet(recipe))
     for i, spec in recipe.data_domains.items():
-        domain = data[spec.name]
-        missing = sorted(domain.characters() - alphabet) if domain.local else []
-        if missing:
-            shown = "".join(missing[:20]).encode("unicode_escape").decode()
-            raise RecipeError(
-                f"{where('domains', i)}: {len(missing)} character(s) of {spec.source!r} are not in the tiny "
-                f"model's tokenizer alphabet ({shown!r}); set `tokenizer: {{alphabet: printable}}` or list them"
-            )
+        if why := alphabet_gap(recipe, data[spec.name], repr(spec.source)):
+            raise RecipeError(f"{where('domains', i)}: {why}")
+
+
+def alphabet_gap(recipe: Recipe, domain: Any, label: str) -> str | None:
+    """Where the recipe builds its own character tokenizer, the characters of a domain's prompts and answers
+    (`characters()`, known at load) that it lacks, as one line; None when it covers them or nothing is known."""
+    from_scratch = any(isinstance(s, PretrainStage) and s.model is not None for s in recipe.stages.values())
+    if not from_scratch or not callable(getattr(domain, "characters", None)) or not getattr(domain, "local", False):
+        return None
+    missing = sorted(domain.characters() - set(tokenizer_alphabet(recipe)))
+    if not missing:
+        return None
+    shown = "".join(missing[:20]).encode("unicode_escape").decode()
+    return (f"{len(missing)} character(s) of {label} are not in the tiny model's tokenizer alphabet ({shown!r}); "
+            "set `tokenizer: {alphabet: printable}` or list them")
 
 
 def check_machine(recipe: Recipe, where: Where) -> None:

@@ -26,8 +26,10 @@ from .identity import stage_identities
 from .load import LoadedRecipe
 from .progress import progress_info as _progress_info
 from .progress import stage_progress
+from .refs import stage_refs
 from .resources import precision_warnings
 from .run_lock import RunLockedError, run_lock
+from .stage_failures import StageFailures
 from .stage_step import run_stage_step, storage_errors
 from .tracking_run import Trackers, run_trackers
 
@@ -129,23 +131,32 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
 def _run_local(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info: dict[str, dict],
                record: Callable[[str, dict], None], console: Console, trackers: Trackers) -> None:
     """The local executor: each stage in order, in this process, with a progress bar (or line) per stage."""
+    failures = StageFailures()
     with stage_progress(console) as progress:
         for name in loaded.order:
+            if failures.blocked(name, [r for _, r in stage_refs(loaded.recipe.stages[name])]):
+                continue
             total = getattr(loaded.recipe.stages[name], "steps", 1)
             task = progress.add_task(name, total=total, info="")
-            info = run_stage_step(
-                loaded, name, out, ids, stages_info.get(name, {}),
-                warn=lambda msg: _warn(progress.console, msg),
-                on_progress=lambda step, tot, m, task=task: progress.update(
-                    task, completed=step, info=_progress_info(m)),
-                on_record=trackers.recorder(name),
-                run=run_stage,  # looked up here, so a test can stand in for it
-            )
+            try:
+                info = run_stage_step(
+                    loaded, name, out, ids, stages_info.get(name, {}),
+                    warn=lambda msg: _warn(progress.console, msg),
+                    on_progress=lambda step, tot, m, task=task: progress.update(
+                        task, completed=step, info=_progress_info(m)),
+                    on_record=trackers.recorder(name),
+                    run=run_stage,  # looked up here, so a test can stand in for it
+                )
+            except Exception as e:  # as on Ray: its dependants are stopped, the rest runs on
+                why = failures.fail(name, e)
+                progress.update(task, info=f"[bold red]failed:[/] {why}")
+                continue
             if info["status"] == "cached":
                 progress.update(task, completed=total, info="[dim]finished earlier (same identity): skipped")
             else:
                 progress.update(task, completed=total)
             record(name, info)
+    failures.raise_if_any()
 
 
 def _warn(console: Console, msg: str) -> None:

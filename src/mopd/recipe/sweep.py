@@ -20,7 +20,7 @@ from ..report.sweep import build_sweep
 from .compare import compare_plan
 from .load import LoadedRecipe
 from .runner import report_block
-from .variants import Executor, Variant, parse_grid, plan_variants, run_in_order, run_variants
+from .variants import Executor, Variant, earlier_runs, parse_grid, plan_variants, run_in_order, run_variants
 
 RunFn = Callable[[LoadedRecipe, Path], Any]
 
@@ -39,7 +39,7 @@ def compare_seeds(loaded: LoadedRecipe, out: Path, seeds: int, run: RunFn,
     and the combined one; returns the combined compare.json."""
     plan = compare_plan(loaded)
     variants = plan_variants(loaded, out, seeds)
-    run_variants(variants, run, executor)
+    run_variants(variants, run, executor, earlier_runs(out))
     for v in variants:
         build_compare(v.out, plan)
     return build_compare(out, plan, [v.out for v in variants])
@@ -63,7 +63,7 @@ def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: in
     grid = parse_grid(assignments)
     variants = plan_variants(loaded, out, seeds, grid)
     plans = {id(v): _sweep_plan(v) for v in variants}  # before any compute: every point has a student
-    run_variants(variants, run, executor)
+    run_variants(variants, run, executor, earlier_runs(out))
     points: dict[str, dict[str, Any]] = {}
     for v in variants:
         p = points.setdefault(v.name, {"name": v.name, "settings": dict(v.texts), "seed_dirs": [],

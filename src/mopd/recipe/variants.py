@@ -255,10 +255,19 @@ def run_in_order(variants: Sequence[Variant], run_one: RunOne) -> None:
         run_one(v)
 
 
+def earlier_runs(root: Path) -> list[Path]:
+    """The run directories an earlier sweep or seeds invocation left under `root` (RUN/seed-<s>/, RUN/<point>/,
+    RUN/<point>/seed-<s>/): a sweep rerun with new values reuses their finished stages of equal identity."""
+    root = Path(root)
+    return sorted({p.parent for p in (*root.glob("*/run.json"), *root.glob("*/*/run.json"))
+                   if not p.parent.is_symlink()})
+
+
 def run_variants(variants: Sequence[Variant], run: Callable[[LoadedRecipe, Path], Any],
-                 executor: Executor = run_in_order) -> None:
-    """Place each variant, link the stages it shares with finished stages of the others, and run it with `run`."""
-    dirs = sorted({v.out for v in variants})
+                 executor: Executor = run_in_order, earlier: Sequence[Path] = ()) -> None:
+    """Place each variant, link the stages it shares with finished stages of the others (and of the run
+    directories `earlier`), and run it with `run`."""
+    dirs = sorted({v.out for v in variants} | {Path(d) for d in earlier})
 
     def run_one(v: Variant) -> Any:
         place(v)

@@ -40,18 +40,37 @@ class ProblemSource:
     difficulties: list[int] | None = None  # levels to train on; None = each domain's own
     curriculum: bool = False
     total_steps: int = 1
+    weights: dict[str, float] | None = None  # domain -> relative share of a step's prompts; None = equal
 
     def draw(self, rng: random.Random, n: int, step: int | None = None) -> list[Problem]:
         """`n` problems; with `curriculum`, only the difficulty levels `curriculum_levels` allows at `step`."""
         out = []
-        for i in range(n):
-            d = self.domains[i % len(self.domains)]
+        for d in self._domain_of_each(n):
             levels = [x for x in (self.difficulties or d.difficulties) if x in d.difficulties] or list(d.difficulties)
             if self.curriculum and step is not None:
                 levels = curriculum_levels(levels, step, self.total_steps)
             out += d.sample_train(rng, 1, difficulty=rng.choice(levels), exclude=self.exclude[d.name])
         rng.shuffle(out)
         return out
+
+    def _domain_of_each(self, n: int) -> list[DomainLike]:
+        """Round-robin over the domains; with weights, each domain's count by largest remainder of its share of
+        `n` (ties to the earlier domain), in round-robin order over the domains still owed a problem."""
+        if not self.weights:
+            return [self.domains[i % len(self.domains)] for i in range(n)]
+        w = [float(self.weights.get(d.name, 1.0)) for d in self.domains]
+        exact = [n * x / sum(w) for x in w]
+        counts = [int(e) for e in exact]
+        by_remainder = sorted(range(len(w)), key=lambda i: (-(exact[i] - counts[i]), i))
+        for i in by_remainder[: n - sum(counts)]:
+            counts[i] += 1
+        order: list[DomainLike] = []
+        while len(order) < n:
+            for i, d in enumerate(self.domains):
+                if counts[i] > 0:
+                    order.append(d)
+                    counts[i] -= 1
+        return order
 
 
 def problem_source(ctx: ResolvedStage, domains: Sequence[DomainLike] | None = None) -> ProblemSource:
@@ -65,4 +84,5 @@ def problem_source(ctx: ResolvedStage, domains: Sequence[DomainLike] | None = No
         difficulties=s.difficulties,
         curriculum=isinstance(s, SamplingSettings) and s.curriculum,
         total_steps=s.steps,
+        weights=s.domain_weights if isinstance(s, SamplingSettings) else None,
     )

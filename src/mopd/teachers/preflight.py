@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..core.batch import RolloutBatch
+from ..core.errors import StageError
 from ..core.logprobs import token_logprobs
 from ..envs import DomainLike, Problem
 from ..envs.tool_domains import is_agentic
@@ -39,7 +40,7 @@ from .offload import placed_on
 SPECIAL = ("bos", "eos", "pad", "unk")
 
 
-class PreflightError(RuntimeError):
+class PreflightError(StageError):
     """A teacher the student cannot be distilled from; str() is the one line the CLI prints."""
 
 

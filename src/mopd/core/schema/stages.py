@@ -155,6 +155,10 @@ class SamplingSettings(Strict):
     curriculum: bool = Field(
         False, description="easiest difficulty first; the allowed maximum rises linearly over the steps"
     )
+    domain_weights: dict[str, float] | None = Field(
+        None, description="each domain's share of a step's prompts, relative (a domain left out weighs 1); "
+        "null: equal shares"
+    )
     rollout: RolloutWorkers | None = Field(
         None, description="sample each step group by group on rollout workers (`--executor ray`: sampler actors; "
         "local: in process), with a bounded weight lag; null: the whole-batch sampler in the learner",

@@ -1,0 +1,165 @@
+"""Environments written with `verifiers` as mopd domains (`envs.verifiers_env`): the rubric gives every reward,
+the toolset answers tool calls, misbehaving tools become observations, a bad rubric is one line, and a recipe
+trains on them end to end (SFT on demonstrated trajectories, GRPO, MOPD). The environments are defined in
+tests/verifiers_calc_plugin.py; nothing is downloaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+pytest.importorskip("verifiers.v1")
+
+from mopd.envs import load_plugin  # noqa: E402
+from mopd.envs.base import DomainError  # noqa: E402
+from mopd.envs.tool_domains import is_agentic  # noqa: E402
+from mopd.envs.verifiers_env import verifiers_domain  # noqa: E402
+from mopd.recipe.load import load_recipe  # noqa: E402
+from mopd.recipe.runner import run_recipe  # noqa: E402
+
+PLUGIN = Path(__file__).with_name("verifiers_calc_plugin.py")
+
+
+@pytest.fixture(scope="module")
+def envs():
+    return load_plugin(PLUGIN)
+
+
+def test_a_single_turn_taskset_is_a_domain_scored_by_its_rubric(envs) -> None:
+    add = envs.ADD
+    assert not is_agentic(add)
+    held = add.eval_set(100)
+    train = add.sample_train(random.Random(0), 200)
+    assert len(held) == 12 and not {p.prompt for p in held} & {p.prompt for p in train}
+    again = verifiers_domain("vf_add", envs.AddTaskset(envs.vf.TasksetConfig()), eval_size=12)
+    assert [p.prompt for p in again.eval_set(12)] == [p.prompt for p in held]  # fixed by (name, seed)
+    p = held[0]
+    a, b = map(int, p.prompt[:-1].split("+"))
+    assert p.answer == str(a + b)
+    assert add.verify(p, str(a + b)) == 1.0 and add.verify(p, str(a + b + 1)) == 0.0
+
+
+def test_a_tool_episode_is_answered_by_the_toolset_and_scored_on_the_whole_trace(envs) -> None:
+    mul = envs.MUL
+    assert is_agentic(mul) and set(mul.tools) == {"mul", "boom", "slow", "big"}
+    p = mul.eval_set(1)[0]
+    a, b = map(int, p.prompt[len("mul:"):-1].split("*"))
+    episode = mul.start(p)
+    first = episode.step(f"mul:{a},{b}")
+    assert first.observation == str(a * b) and first.reward == 0.0
+    last = episode.step(str(a * b))
+    assert last.observation is None and last.reward == 1.0
+    assert episode.stats.turns == 2 and episode.stats.tool_calls == 1 and episode.stats.tool_errors == 0
+    # the rubric reads the trace: the right answer without a tool call scores 0
+    assert mul.start(p).step(str(a * b)).reward == 0.0
+    assert mul.verify(p, str(a * b)) == 0.0
+    # a Ray worker gets the domain pickled: it rebuilds its tools' event loop on first use
+    cloudpickle = pytest.importorskip("cloudpickle")
+    copy = cloudpickle.loads(cloudpickle.dumps(mul))
+    episode = copy.start(p)
+    assert episode.step(f"mul:{a},{b}").observation == str(a * b) and episode.step(str(a * b)).reward == 1.0
+    # SFT's gold trajectory: the demonstration played through the tools
+    train = mul.sample_train(random.Random(0), 1)[0]
+    x, y = map(int, train.prompt[len("mul:"):-1].split("*"))
+    assert train.meta["trajectory"] == [("model", f"mul:{x},{y}"), ("env", str(x * y)), ("model", str(x * y))]
+
+
+def test_misbehaving_tools_and_calls_become_observations(envs) -> None:
+    mul = envs.MUL
+    p = mul.eval_set(1)[0]
+    episode = mul.start(p)
+    assert episode.step("boom:").observation.startswith("err:")
+    assert episode.stats.tool_errors == 1
+    started = time.monotonic()
+    assert episode.step("slow:4").observation == "err:timeout"
+    assert time.monotonic() - started < 3  # tool_time_s is 0.5
+    end = episode.step("big:")  # the third turn is the last allowed (max_turns 3): a call there ends it, reward 0
+    assert end.observation is None and end.reward == 0.0
+    episode = mul.start(p)
+    big = episode.step("big:")
+    assert big.observation == "9" * 8 and episode.stats.truncated_observations == 1
+    assert episode.step("mul:1").observation == "err:mul takes 2 args"
+    assert episode.step("nope:1").observation is None  # `nope` is not a tool: the turn is the (wrong) answer
+
+
+def test_a_rubric_out_of_contract_is_one_domain_error_line(envs) -> None:
+    vf = envs.vf
+
+    class Loud(envs.AddTask):
+        @vf.reward(weight=2.0)
+        async def exact(self, trace: vf.Trace) -> float:
+            return 1.0
+
+    class Broken(envs.AddTask):
+        @vf.reward
+        async def exact(self, trace: vf.Trace) -> float:
+            raise KeyError("no such field")
+
+    for task_cls, needle in ((Loud, "gave 2.0, not a reward in [0, 1]"), (Broken, "rubric raised")):
+        class Tasks(vf.Taskset[task_cls, vf.TasksetConfig]):
+            def load(self, task_cls=task_cls):
+                return [task_cls(envs.AddData(prompt=f"{i}+1=", answer=str(i + 1)), self.config.task)
+                        for i in range(8)]
+
+        domain = verifiers_domain("vf_bad", Tasks(vf.TasksetConfig()), eval_size=2)
+        with pytest.raises(DomainError) as e:
+            domain.verify(domain.eval_set(1)[0], "1")
+        assert needle in str(e.value) and "\n" not in str(e.value) and "'vf_bad'" in str(e.value)
+
+
+RECIPE = f"""\
+name: vf
+seed: 0
+domains: [vf_add, vf_mul]
+plugins: [{PLUGIN}]
+eval: {{size: 6, max_new_tokens: 8}}
+stages:
+  base: {{kind: pretrain, model: {{hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 64}},
+          steps: 30, batch_size: 16, lr: 3.0e-3}}
+  sft: {{kind: sft, init: base, steps: 30, batch_size: 16, lr: 3.0e-3}}
+  teacher_mul: {{kind: rlvr, init: sft, domains: [vf_mul], steps: 2, batch_size: 2, group_size: 2}}
+  student: {{kind: mopd, init: sft, teachers: {{vf_add: sft, vf_mul: teacher_mul}}, steps: 2, batch_size: 4,
+            group_size: 2}}
+"""
+
+
+def test_a_recipe_trains_on_verifiers_environments_end_to_end(envs, tmp_path: Path) -> None:
+    (tmp_path / "vf.yaml").write_text(RECIPE)
+    loaded = load_recipe(tmp_path / "vf.yaml")
+    run_recipe(loaded, tmp_path / "run", Console(file=io.StringIO()))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "episode/tool_call_rate/vf_mul" in r]
+    assert steps, "the student played vf_mul as episodes"
+    final = json.loads((tmp_path / "run" / "student" / "final" / "mopd.json").read_text())["metrics"]["eval"]
+    assert set(final) >= {"vf_add", "vf_mul"}
+    # SFT on the demonstrated trajectories taught the call format: the SFT model calls the tool
+    sft_eval = json.loads((tmp_path / "run" / "sft" / "final" / "mopd.json").read_text())["metrics"]["eval"]
+    assert sft_eval["vf_mul"].get("tool_call_rate", 0) > 0, sft_eval["vf_mul"]
+
+
+def test_a_prompt_outside_the_tiny_alphabet_is_one_line_at_load(envs, tmp_path: Path) -> None:
+    from mopd.core.errors import RecipeError
+
+    plugin = tmp_path / "upper.py"
+    plugin.write_text(
+        "import verifiers.v1 as vf\n"
+        f"import importlib.util, sys\nsys.path.insert(0, {str(PLUGIN.parent)!r})\n"
+        "from mopd.envs import load_plugin\n"
+        f"calc = load_plugin({str(PLUGIN)!r})\n"
+        "from mopd.envs.verifiers_env import register_verifiers_domain\n"
+        "class Tasks(vf.Taskset[calc.AddTask, vf.TasksetConfig]):\n"
+        "    def load(self):\n"
+        "        return [calc.AddTask(calc.AddData(prompt=f'Sum {i}+1=', answer=str(i + 1)), self.config.task)"
+        " for i in range(8)]\n"
+        "register_verifiers_domain('vf_upper', Tasks(vf.TasksetConfig()), eval_size=2)\n")
+    text = RECIPE.replace(f"plugins: [{PLUGIN}]", f"plugins: [{plugin}]").replace("[vf_add, vf_mul]", "[vf_upper]")
+    text = text[: text.index("  teacher_mul")]
+    (tmp_path / "vf.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=r"1 character\(s\) of domain 'vf_upper' are not in the tiny model"):
+        load_recipe(tmp_path / "vf.yaml")
