@@ -9,7 +9,7 @@ from mopd.envs import ALPHABET
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
-from mopd.sampling.sampler import _filter_top_p, sample
+from mopd.sampling.sampler import filter_top_p, sample
 
 
 def _model():
@@ -48,9 +48,9 @@ def test_completion_mask_stops_after_eos() -> None:
 
 def test_top_p_keeps_smallest_nucleus() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    out = _filter_top_p(probs.log(), 0.75).exp()
+    out = filter_top_p(probs.log(), 0.75).exp()
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
-    assert torch.allclose(_filter_top_p(probs.log(), 1e-3).exp(), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert torch.allclose(filter_top_p(probs.log(), 1e-3).exp(), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
 
 
 def test_seeded_sampling_is_reproducible() -> None:

@@ -163,3 +163,59 @@ def test_a_prompt_outside_the_tiny_alphabet_is_one_line_at_load(envs, tmp_path: 
     (tmp_path / "vf.yaml").write_text(text)
     with pytest.raises(RecipeError, match=r"1 character\(s\) of domain 'vf_upper' are not in the tiny model"):
         load_recipe(tmp_path / "vf.yaml")
+
+
+PACKAGE = '''\
+import verifiers.v1 as vf
+
+__all__ = ["CountTaskset"]
+
+
+class CountData(vf.TaskData):
+    answer: str
+
+
+class CountTask(vf.Task[CountData]):
+    @vf.reward
+    async def exact(self, trace: vf.Trace) -> float:
+        return float((trace.last_reply or "").strip() == self.data.answer)
+
+
+class CountConfig(vf.TasksetConfig):
+    count: int = 20
+
+
+class CountTaskset(vf.Taskset[CountTask, CountConfig]):
+    def load(self):
+        return [CountTask(CountData(prompt=f"{i}+1=", answer=str(i + 1)), self.config.task)
+                for i in range(self.config.count)]
+'''
+
+
+def test_an_installed_taskset_is_a_recipe_domain_by_its_id(tmp_path: Path, monkeypatch) -> None:
+    """`domains: [{name, verifiers: ID, settings}]`: the taskset package loaded as verifiers loads it, its config
+    from `settings`; a package that is not there, or a bad setting, is one line at load."""
+    from mopd.core.errors import RecipeError
+
+    (tmp_path / "mopd_test_count_env").mkdir()
+    (tmp_path / "mopd_test_count_env" / "__init__.py").write_text(PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = "{name: count, verifiers: mopd_test_count_env, settings: {count: 24}, eval_size: 4}"
+    text = RECIPE.replace("domains: [vf_add, vf_mul]", f"domains: [vf_add, {entry}]").replace(
+        "vf_mul: teacher_mul", "count: sft")
+    text = text.replace("domains: [vf_mul]", "domains: [count]")
+    (tmp_path / "vf.yaml").write_text(text)
+    count = load_recipe(tmp_path / "vf.yaml").domains["count"]
+    held = count.eval_set(10)
+    assert len(held) == 4 and len({p.prompt for p in count.sample_train(random.Random(0), 400)}) == 20
+    p = held[0]
+    assert count.verify(p, p.answer) == 1.0 and count.verify(p, "x") == 0.0 and not is_agentic(count)
+
+    for bad, needle in ((entry.replace("mopd_test_count_env", "mopd_no_such_env"), "'mopd_no_such_env': "
+                         "ModuleNotFoundError: taskset 'mopd_no_such_env' not found"),
+                        (entry.replace("count: 24", "count: many"), "ValidationError")):
+        (tmp_path / "bad.yaml").write_text(text.replace(entry, bad))
+        with pytest.raises(RecipeError) as e:
+            load_recipe(tmp_path / "bad.yaml")
+        assert needle in str(e.value) and "\n" not in str(e.value) and "domains.1.verifiers: " in str(e.value), \
+            str(e.value)

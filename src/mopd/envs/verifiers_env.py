@@ -1,8 +1,10 @@
 """Environments written with Prime Intellect's `verifiers` (v1 API, `verifiers >= 0.4`) as mopd domains.
 
-    # my_plugin.py, listed under `plugins:` in a recipe
+    domains: [{name: calc, verifiers: my_calc_env}]     # in a recipe: an installed taskset, by its id
+
+    # or in a plugin file listed under `plugins:` (a taskset object, and a demonstration for SFT)
     from mopd.envs.verifiers_env import register_verifiers_domain
-    register_verifiers_domain("calc", CalcTaskset(vf.TasksetConfig()))
+    register_verifiers_domain("calc", CalcTaskset(vf.TasksetConfig()), demonstration=...)
 
 What comes from verifiers and what from mopd: the taskset gives the problems (each task's prompt, its reference
 answer if its data has one) and the tools (its tasks' and its own `vf.Toolset`s); the task's rubric (`@vf.reward`
@@ -352,6 +354,17 @@ def verifiers_domain(name: str, taskset: Any, *, eval_size: int | None = None, s
     if has_tools:
         return VerifiersToolDomain(**kwargs, limits=limits or Limits(), demonstration=demonstration)
     return VerifiersDomain(**kwargs)
+
+
+def load_taskset(taskset_id: str, settings: Mapping[str, Any] | None = None) -> Any:
+    """A taskset by its id, as verifiers loads one (an installed package exporting its Taskset subclass via
+    `__all__`), with `settings` as its config's fields."""
+    _vf()
+    from verifiers.v1.utils.loaders import load_taskset as vf_load_taskset
+    from verifiers.v1.utils.loaders import taskset_config_type
+
+    config = taskset_config_type(taskset_id).model_validate({**dict(settings or {}), "id": taskset_id})
+    return vf_load_taskset(config)
 
 
 def register_verifiers_domain(name: str, taskset: Any, **kwargs: Any) -> VerifiersDomain:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import RecipeError
-from ..core.schema import PretrainStage, Recipe, SFTStage
+from ..core.schema import DataDomainSpec, PretrainStage, Recipe, SFTStage, VerifiersDomainSpec
 from ..envs import list_domains
 from ..envs.data import DataDomain, DataDomainError
 from ..models.precision import emulated_bfloat16, resolve_placement
@@ -24,33 +24,58 @@ from .build import tokenizer_alphabet
 Where = Callable[..., str]
 
 
-def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[str, DataDomain]:
-    """Build and read (local sources) every data domain the recipe declares. They are not registered: they
-    travel in the loaded recipe, so loading one recipe never changes what another process-wide lookup sees."""
-    built: dict[str, DataDomain] = {}
+def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[str, Any]:
+    """Build and read (local sources) every data or verifiers domain the recipe declares. They are not
+    registered: they travel in the loaded recipe, so loading one recipe never changes what another process-wide
+    lookup sees."""
+    built: dict[str, Any] = {}
     for i, spec in recipe.data_domains.items():
-        try:
-            domain = DataDomain(
-                spec.name, spec.source, spec.verifier,
-                fields=spec.fields.model_dump(exclude_none=True), format=spec.format, split=spec.split,
-                eval_split=spec.eval_split, domain_column=spec.domain_column, domain_value=spec.domain_value,
-                eval_size=spec.eval_size, default_eval_size=recipe.eval.size, limit=spec.limit,
-                seed=recipe.eval.seed, code_timeout_s=spec.code_timeout_s, base_dir=recipe_path.parent,
-            )
-            if domain.local:
-                domain.load()
-        except DataDomainError as e:
-            raise RecipeError(f"{where('domains', i, *e.key)}: {e}") from None
+        at = lambda *key, i=i: where("domains", i, *key)  # noqa: E731
+        if isinstance(spec, VerifiersDomainSpec):
+            domain = _verifiers_domain(spec, recipe, at)
+        else:
+            domain = _data_domain(spec, recipe, recipe_path, at)
         if spec.name in list_domains():
-            raise RecipeError(
-                f"{where('domains', i, 'name')}: domain name {spec.name!r} is taken by a built-in or plugin domain; "
-                "pick another name"
-            )
+            raise RecipeError(f"{at('name')}: domain name {spec.name!r} is taken by a built-in or plugin domain; "
+                              "pick another name")
         built[spec.name] = domain
     return built
 
 
-def check_data_fit(recipe: Recipe, data: dict[str, DataDomain], where: Where) -> None:
+def _data_domain(spec: DataDomainSpec, recipe: Recipe, recipe_path: Path, at: Where) -> DataDomain:
+    try:
+        domain = DataDomain(
+            spec.name, spec.source, spec.verifier,
+            fields=spec.fields.model_dump(exclude_none=True), format=spec.format, split=spec.split,
+            eval_split=spec.eval_split, domain_column=spec.domain_column, domain_value=spec.domain_value,
+            eval_size=spec.eval_size, default_eval_size=recipe.eval.size, limit=spec.limit,
+            seed=recipe.eval.seed, code_timeout_s=spec.code_timeout_s, base_dir=recipe_path.parent,
+        )
+        if domain.local:
+            domain.load()
+    except DataDomainError as e:
+        raise RecipeError(f"{at(*e.key)}: {e}") from None
+    return domain
+
+
+def _verifiers_domain(spec: VerifiersDomainSpec, recipe: Recipe, at: Where) -> Any:
+    """The taskset loaded by id (verifiers' own loader) and its tasks read now, so a missing package, a bad
+    setting or a task mopd cannot play is one line before compute."""
+    from ..envs.episode import Limits
+    from ..envs.verifiers_env import load_taskset, verifiers_domain
+
+    limits = Limits(max_turns=spec.max_turns, max_tokens=spec.max_tokens, tool_time_s=spec.tool_time_s,
+                    max_observation_chars=spec.max_observation_chars)
+    try:
+        return verifiers_domain(spec.name, load_taskset(spec.verifiers, spec.settings), eval_size=spec.eval_size,
+                                seed=recipe.eval.seed, answer_field=spec.answer_field, limits=limits)
+    except Exception as e:  # the taskset's package is plugin code: whatever it raises is one line
+        text = str(e).strip().splitlines()
+        raise RecipeError(f"{at('verifiers')}: {spec.verifiers!r}: {type(e).__name__}: "
+                          f"{text[0] if text else ''}") from None
+
+
+def check_data_fit(recipe: Recipe, data: dict[str, Any], where: Where) -> None:
     """SFT stages need reference completions; a character tokenizer must cover the data's characters."""
     for name, stage in recipe.stages.items():
         if not isinstance(stage, SFTStage):  # pretraining reads prompts as a corpus; answers are optional there
@@ -59,10 +84,11 @@ def check_data_fit(recipe: Recipe, data: dict[str, DataDomain], where: Where) ->
             if d in data and data[d].local and not data[d].has_answers:
                 raise RecipeError(
                     f"{where('stages', name, 'domains')}: {stage.kind} trains on reference completions, but data "
-                    f"domain {d!r} has records without one (map `fields.answer`, or leave it out of this stage)"
+                    f"domain {d!r} has records without one (map `fields.answer`, or `answer_field` for a verifiers "
+                    "domain, or leave it out of this stage)"
                 )
     for i, spec in recipe.data_domains.items():
-        if why := alphabet_gap(recipe, data[spec.name], repr(spec.source)):
+        if why := alphabet_gap(recipe, data[spec.name], repr(getattr(spec, "source", spec.name))):
             raise RecipeError(f"{where('domains', i)}: {why}")
 
 

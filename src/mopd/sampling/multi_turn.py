@@ -29,7 +29,7 @@ from ..envs.tool_domains import is_agentic
 from ..envs.tools import Tool
 from ..models.forward import accepts, position_ids_from_mask
 from ..models.prompting import RAW, PromptFormat
-from .sampler import _filter_top_p, kv_cache, on_device
+from .sampler import filter_top_p, kv_cache, on_device
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _next_tokens(logits_B_V: torch.Tensor, temperature: float, top_p: float,
         return logits_B_V.argmax(-1), torch.zeros(logits_B_V.shape[0], device=logits_B_V.device)
     dist_lp = (logits_B_V if temperature == 1.0 else logits_B_V / temperature).log_softmax(-1)
     if top_p < 1.0:
-        dist_lp = _filter_top_p(dist_lp, top_p)
+        dist_lp = filter_top_p(dist_lp, top_p)
     tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
     return tok, dist_lp.gather(-1, tok[:, None]).squeeze(-1)
 

@@ -35,7 +35,7 @@ def encode_prompts(
     return input_ids, mask
 
 
-def _filter_top_p(logprobs_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
+def filter_top_p(logprobs_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability mass reaches top_p; renormalize."""
     sorted_lp, order = logprobs_B_V.sort(dim=-1, descending=True)
     mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()
@@ -190,7 +190,7 @@ def _sample(
         else:
             dist_lp = (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
             if top_p < 1.0:
-                dist_lp = _filter_top_p(dist_lp, top_p)
+                dist_lp = filter_top_p(dist_lp, top_p)
             tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
             tok_lp = dist_lp.gather(-1, tok[:, None]).squeeze(-1)
         live = ~finished

@@ -15,6 +15,7 @@ from .recipe import (
     ReportSettings,
     TokenizerSettings,
     TrackioSettings,
+    VerifiersDomainSpec,
     WandbSettings,
 )
 from .rewards import (
@@ -62,7 +63,7 @@ __all__ = [
     "OffPolicyFTStage",
     "PreflightSettings", "PretrainStage", "RejectionSamplingStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
     "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
-    "TrackioSettings", "TrainStage", "TrainedStage", "WandbSettings",
+    "TrackioSettings", "TrainStage", "TrainedStage", "VerifiersDomainSpec", "WandbSettings",
     "DatasetPairs", "JudgeReward", "OneRewardSource", "PerDomainReward", "PPOStage", "RewardModelReward",
     "RewardModelStage", "RewardSource", "reward_parts", "source_of",
     "ActorBackend", "HttpBackend", "TeacherBackend", "TeacherResources",

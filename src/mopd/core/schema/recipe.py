@@ -113,9 +113,32 @@ class LoggingSettings(Strict):
     mlflow: MlflowSettings | None = None
 
 
+class VerifiersDomainSpec(Strict):
+    """An environment written with Prime Intellect's `verifiers` (v1), loaded by its taskset id as verifiers loads
+    it (an installed package exporting its Taskset via `__all__`): its tasks are the problems, its rubric the
+    reward, its toolsets the tools (`mopd.envs.verifiers_env`; needs mopd[verifiers])."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    verifiers: str = Field(description="the taskset id (its package's import name, e.g. my_calc_env)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="the taskset's config fields")
+    eval_size: int | None = Field(None, gt=0, description="held-out tasks; default: a quarter, at most 96")
+    answer_field: str = Field("answer", description="the task data's reference answer (what SFT trains on)")
+    max_turns: int = Field(4, gt=0, description="model turns per episode (tool-use tasksets)")
+    max_tokens: int = Field(48, gt=0, description="completion-window tokens per episode (tool-use tasksets)")
+    tool_time_s: float = Field(1.0, gt=0, description="a tool call running longer is an error observation")
+    max_observation_chars: int = Field(256, gt=0, description="longer tool results are truncated to this")
+
+
+def _domain_kind(v: Any) -> str:
+    if isinstance(v, str):
+        return "name"
+    return "verifiers" if isinstance(v, dict) and "verifiers" in v or isinstance(v, VerifiersDomainSpec) else "data"
+
+
 DomainEntry = Annotated[
-    Annotated[str, Tag("name")] | Annotated[DataDomainSpec, Tag("data")],
-    Discriminator(lambda v: "name" if isinstance(v, str) else "data"),
+    Annotated[str, Tag("name")] | Annotated[DataDomainSpec, Tag("data")]
+    | Annotated[VerifiersDomainSpec, Tag("verifiers")],
+    Discriminator(_domain_kind),
 ]
 
 
@@ -129,7 +152,7 @@ class Recipe(Strict):
     )
     plugins: list[str] = Field(default_factory=list, description="Python files that register domains")
     domains: list[DomainEntry] = Field(
-        min_length=1, description="registered domain names, or data domains declared as mappings"
+        min_length=1, description="registered domain names, or data / verifiers domains declared as mappings"
     )
     tokenizer: TokenizerSettings = TokenizerSettings()
     chat_template: Literal["auto", "none"] = Field(
@@ -169,19 +192,19 @@ class Recipe(Strict):
         "identity (`mopd run --scale` overrides it)",
     )
 
-    _data_domains: dict[int, DataDomainSpec] = PrivateAttr(default_factory=dict)
+    _data_domains: dict[int, DataDomainSpec | VerifiersDomainSpec] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _names_only(self) -> Recipe:
         """After validation `domains` holds names only, so every consumer compares plain strings; the data
         domains' declarations move to `data_domains` (keyed by their position in the list)."""
-        self._data_domains = {i: d for i, d in enumerate(self.domains) if isinstance(d, DataDomainSpec)}
+        self._data_domains = {i: d for i, d in enumerate(self.domains) if not isinstance(d, str)}
         self.domains = [d if isinstance(d, str) else d.name for d in self.domains]
         if len(set(self.domains)) != len(self.domains):
             raise ValueError(f"`domains` names a domain twice: {self.domains}")
         return self
 
     @property
-    def data_domains(self) -> dict[int, DataDomainSpec]:
-        """Position in `domains` -> declaration, for the data-backed domains."""
+    def data_domains(self) -> dict[int, DataDomainSpec | VerifiersDomainSpec]:
+        """Position in `domains` -> declaration, for the domains declared as mappings (data, verifiers)."""
         return dict(self._data_domains)
