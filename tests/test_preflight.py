@@ -103,6 +103,10 @@ def test_initial_reverse_kl_is_exact_and_zero_for_the_student_itself() -> None:
     m = batch.completion_mask_B_T[:, 1:]
     expected = float(((logp.exp() * (logp - logq)).sum(-1) * m).sum() / m.sum())
     assert kl == pytest.approx(expected, rel=1e-5) and kl > 0
+    for rows in (1, 2):  # the exact KL a block of rollouts at a time: the same value
+        blocked, n_blocked = initial_reverse_kl(student, teacher, tok, prompts, settings,
+                                                torch.Generator().manual_seed(0), rows=rows)
+        assert blocked == pytest.approx(expected, rel=1e-5) and n_blocked == int(m.sum())
 
 
 def test_runner_refuses_a_foreign_vocabulary_before_training(tmp_path: Path) -> None:

@@ -111,28 +111,39 @@ def student_rollouts(student, tokenizer, prompts: list[str], settings: RolloutSe
                   prompt_format=prompt_format)
 
 
+KL_ROWS = 4  # rollouts per forward of the preflight's exact KL: its logits are [KL_ROWS, T, V], never [B, T, V]
+
+
 @torch.no_grad()
 def initial_reverse_kl(
     student, teacher, tokenizer, prompts: list[str], settings: RolloutSettings, generator: torch.Generator,
-    prompt_format: PromptFormat = RAW, episodes: list[EpisodeRow] | None = None,
+    prompt_format: PromptFormat = RAW, episodes: list[EpisodeRow] | None = None, rows: int = KL_ROWS,
 ) -> tuple[float, int]:
     """Exact per-token reverse KL(pi_S || pi_T), full vocabulary, on student rollouts of `prompts`.
 
         KL = mean over completion positions t of sum_v pi_S(v | y_<t) (log pi_S(v | y_<t) - log pi_T(v | y_<t))
 
+    Computed `rows` rollouts at a time (at Qwen3's 151,936-token vocabulary a whole batch's logits of both models
+    are gigabytes; a block of rows holds a fraction of that, and the sum is the same up to float rounding).
+
     Returns:
         (kl, number of completion tokens it averages over).
     """
     batch = student_rollouts(student, tokenizer, prompts, settings, generator, prompt_format, episodes)
-    ids_B_T, attn_B_T = batch.input_ids_B_T, batch.attention_mask_B_T
-    student_B_T_V = sequence_logits(student, ids_B_T, attn_B_T)
     # a teacher kept on another device (e.g. offloaded to CPU) scores there; the KL is taken on the student's
     t_dev = next(teacher.parameters()).device
-    teacher_B_T_V = sequence_logits(teacher, ids_B_T.to(t_dev), attn_B_T.to(t_dev)).to(student_B_T_V.device)
-    # logits at t-1 produce token t: pair [:, :-1] with the completion mask [:, 1:]
-    mask_B_T = batch.completion_mask_B_T[:, 1:]
-    kl, _ = full_reverse_kl_loss(student_B_T_V[:, :-1], teacher_B_T_V[:, :-1], mask_B_T)
-    return float(kl), int(mask_B_T.sum())
+    total, tokens = 0.0, 0
+    for r in range(0, batch.input_ids_B_T.shape[0], rows):
+        ids_B_T, attn_B_T = batch.input_ids_B_T[r : r + rows], batch.attention_mask_B_T[r : r + rows]
+        student_B_T_V = sequence_logits(student, ids_B_T, attn_B_T)
+        teacher_B_T_V = sequence_logits(teacher, ids_B_T.to(t_dev), attn_B_T.to(t_dev)).to(student_B_T_V.device)
+        # logits at t-1 produce token t: pair [:, :-1] with the completion mask [:, 1:]
+        mask_B_T = batch.completion_mask_B_T[r : r + rows, 1:]
+        n = int(mask_B_T.sum())
+        if n:
+            kl, _ = full_reverse_kl_loss(student_B_T_V[:, :-1], teacher_B_T_V[:, :-1], mask_B_T)
+            total, tokens = total + float(kl) * n, tokens + n
+    return (total / tokens if tokens else 0.0), tokens
 
 
 @torch.no_grad()
@@ -150,8 +161,9 @@ def sampled_reverse_kl(
         (estimate, number of completion tokens it averages over).
     """
     batch = student_rollouts(student, tokenizer, prompts, settings, generator, prompt_format, episodes)
-    student_lp = token_logprobs(sequence_logits(student, batch.input_ids_B_T, batch.attention_mask_B_T),
-                                batch.input_ids_B_T)
+    ids, attn = batch.input_ids_B_T, batch.attention_mask_B_T
+    student_lp = torch.cat([token_logprobs(sequence_logits(student, ids[r : r + KL_ROWS], attn[r : r + KL_ROWS]),
+                                           ids[r : r + KL_ROWS]) for r in range(0, ids.shape[0], KL_ROWS)])
     teacher_lp = score(batch.to("cpu")).to(student_lp.device)
     mask = batch.completion_mask_B_T
     return float(((student_lp - teacher_lp) * mask).sum() / mask.sum().clamp(min=1)), int(mask.sum())
