@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 from transformers import AutoModelForTokenClassification
 
 from mopd.learner.ppo import clipped_policy_loss, clipped_value_loss, gae, token_rewards, whiten
@@ -156,3 +157,24 @@ def test_ppo_stage_end_to_end_and_a_cut_stage_resumes_exactly(tmp_path: Path, mo
     for part in ("final", "critic"):
         f = f"{part}/model.safetensors"
         assert (cut / "ppo" / f).read_bytes() == (whole / "ppo" / f).read_bytes(), part
+
+    # micro-batches of 3 rows (8 rows a step: parts of 3, 3 and 2): the whole batch's losses and updates, up to
+    # float rounding, for the policy and the critic
+    (tmp_path / "micro.yaml").write_text(RECIPE.replace("    checkpoint_every: 2\n",
+                                                        "    checkpoint_every: 2\n    micro_batch_size: 3\n"))
+    micro = tmp_path / "micro"
+    micro.mkdir()
+    for name in ("base", "rm"):
+        shutil.copytree(whole / name, micro / name)
+    micro_recipe = load_recipe(tmp_path / "micro.yaml")
+    assert micro_recipe.recipe.stages["ppo"].micro_batch_size == 3
+    run_recipe(micro_recipe, micro, Console(quiet=True))
+    for a, b in zip(_rows(micro / "ppo"), _rows(whole / "ppo"), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    for part in ("final", "critic"):
+        got, want = (load_file(d / "ppo" / part / "model.safetensors") for d in (micro, whole))
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5), (part, k)

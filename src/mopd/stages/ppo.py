@@ -24,7 +24,7 @@ import torch
 
 from ..core.errors import StageError
 from ..core.schema import PPOStage
-from ..learner.micro_batches import backward_outside_autocast
+from ..learner.micro_batches import accumulate_micro_batches, backward_outside_autocast
 from ..learner.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -89,11 +89,23 @@ def ppo_loss_fn(ctx: ResolvedStage) -> LossFn:
         if fresh:
             kept.update(collect(model, step))
         batch, mask = kept["batch"], kept["batch"].completion_mask_B_T
-        loss, metrics = clipped_policy_loss(token_logprobs(model, batch, s.logit_chunk), kept["old_lp"],
-                                            kept["advantages"], mask, s.clip)
-        value_loss, value_metrics = clipped_value_loss(token_values(critic["model"], batch), kept["old_values"],
-                                                       kept["returns"], mask, s.value_clip)
-        update_critic(critic, s.vf_coef * value_loss, s.grad_clip)
+        index = torch.arange(batch.size)
+
+        def policy_part(rows: slice, share: float):  # `micro_batch_size` rows at a time, the whole step's mean
+            sub = batch.select(index[rows])
+            loss, m = clipped_policy_loss(token_logprobs(model, sub, s.logit_chunk), kept["old_lp"][rows],
+                                          kept["advantages"][rows], sub.completion_mask_B_T, s.clip)
+            return loss * share, m, {}
+
+        def value_part(rows: slice, share: float):
+            sub = batch.select(index[rows])
+            loss, m = clipped_value_loss(token_values(critic["model"], sub), kept["old_values"][rows],
+                                         kept["returns"][rows], sub.completion_mask_B_T, s.value_clip)
+            return s.vf_coef * loss * share, m, {}
+
+        loss, metrics, _ = accumulate_micro_batches(policy_part, mask, s.micro_batch_size)
+        value_loss, value_metrics, _ = accumulate_micro_batches(value_part, mask, s.micro_batch_size)
+        update_critic(critic, value_loss, s.grad_clip)
         save_critic(ctx, critic, step + 1)
         metrics = {**value_metrics, **metrics, "loss": float(loss.detach()) + s.vf_coef * value_metrics[
             "ppo/value_loss"]}
@@ -128,10 +140,13 @@ def build_critic(ctx: ResolvedStage, step: int) -> dict:
 
 
 def update_critic(critic: dict, loss: torch.Tensor, grad_clip: float | None) -> None:
-    """One AdamW step of the critic on `loss` (skipped when it is not finite: the driver stops or skips the step)."""
+    """One AdamW step of the critic on `loss` (skipped when it is not finite: the driver stops or skips the step).
+    A loss with its graph is differentiated here; a detached one (micro-batches) left its gradient in `.grad`."""
     if not bool(torch.isfinite(loss.detach())):
+        critic["opt"].zero_grad(set_to_none=True)
         return
-    backward_outside_autocast(loss)
+    if loss.requires_grad:
+        backward_outside_autocast(loss)
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(critic["model"].parameters(), grad_clip)
     critic["opt"].step()

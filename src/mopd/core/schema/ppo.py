@@ -43,8 +43,6 @@ class PPOStage(TrainStage, SamplingSettings):
 
     @model_validator(mode="after")
     def _whole_rollouts(self) -> PPOStage:
-        if self.micro_batch_size is not None:
-            raise ValueError("ppo takes its step over the whole batch: leave `micro_batch_size` out")
         unused = sorted(self.model_fields_set & NOT_PPO)
         if unused:
             raise ValueError(f"`{unused[0]}` is a GRPO setting that ppo does not use (PPO clips with `clip`, "
