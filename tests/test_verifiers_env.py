@@ -101,6 +101,19 @@ def test_a_rubric_out_of_contract_is_one_domain_error_line(envs) -> None:
         async def exact(self, trace: vf.Trace) -> float:
             raise KeyError("no such field")
 
+    class Sandboxed(envs.AddTask):
+        @vf.reward
+        async def exact(self, trace: vf.Trace, runtime) -> float:
+            return 1.0
+
+    with pytest.raises(DomainError, match="reward 'exact' needs a verifiers runtime"):  # refused when built
+        class Tasks(vf.Taskset[Sandboxed, vf.TasksetConfig]):
+            def load(self):
+                return [Sandboxed(envs.AddData(prompt=f"{i}+1=", answer=str(i + 1)), self.config.task)
+                        for i in range(8)]
+
+        verifiers_domain("vf_bad", Tasks(vf.TasksetConfig()), eval_size=2)
+
     for task_cls, needle in ((Loud, "gave 2.0, not a reward in [0, 1]"), (Broken, "rubric raised")):
         class Tasks(vf.Taskset[task_cls, vf.TasksetConfig]):
             def load(self, task_cls=task_cls):

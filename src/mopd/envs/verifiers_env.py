@@ -116,6 +116,19 @@ class VerifiersDomain:
                 self._tasks[prompt] = task
         self._parts = held_out_split(list(problems.values()), f"mopd-verifiers:{self.name}:{self.seed}",
                                      self.eval_size, self.name)
+        self._refuse_runtime_rewards(next(iter(self._tasks.values())))
+
+    def _refuse_runtime_rewards(self, task: Any) -> None:
+        """A reward that needs a sandbox runtime would be skipped by `Task.score` (mopd scores without one), so
+        every episode would silently lose that reward: one line at load instead."""
+        import inspect
+
+        for fn in task.hooks("reward"):
+            runtime = inspect.signature(fn).parameters.get("runtime")
+            if runtime is not None and runtime.default is inspect.Parameter.empty:
+                raise DomainError(f"domain {self.name!r}: reward {fn.__name__!r} needs a verifiers runtime (a "
+                                  "sandbox), which mopd does not run; give its `runtime` a default of None to "
+                                  "score without one")
 
     # -------------------------------------------------------------------------------- domain interface
 
