@@ -101,16 +101,23 @@ def test_a_rerun_skips_every_stage(runs):
     assert all(after[n]["started_at"] == before[n]["started_at"] for n in before)
 
 
-def test_a_failed_stage_stops_its_dependants_only(runs, tmp_path):
-    """teacher_rev starts from an external checkpoint whose weights are broken after the recipe loaded: it
-    fails in its worker, the student (which needs it) does not run, the other teachers finish."""
+def _broken_teacher(runs: Path, run: str, tmp_path: Path):
+    """The mini recipe with teacher_rev starting from a copy of `run`'s sft whose weights are broken after the
+    recipe loaded (the load-time checks pass; the stage fails when it loads them)."""
     external = tmp_path / "broken_start"
-    shutil.copytree(runs / "ray" / "sft" / "final", external)
+    shutil.copytree(runs / run / "sft" / "final", external)
     text = (runs / "mini.yaml").read_text()
     text = text.replace("    init: sft\n    domains: [reversal]", f"    init: {external}\n    domains: [reversal]")
     (tmp_path / "mini.yaml").write_text(text)
     loaded = load_recipe(tmp_path / "mini.yaml")
     (external / "model.safetensors").write_bytes(b"not a safetensors file")
+    return loaded
+
+
+def test_a_failed_stage_stops_its_dependants_only(runs, tmp_path):
+    """teacher_rev starts from an external checkpoint whose weights are broken after the recipe loaded: it
+    fails in its worker, the student (which needs it) does not run, the other teachers finish."""
+    loaded = _broken_teacher(runs, "ray", tmp_path)
     with pytest.raises(StageError) as err:
         run_recipe(loaded, tmp_path / "run", executor="ray", threads=1)
     [line] = str(err.value).splitlines()
@@ -123,14 +130,8 @@ def test_a_failed_stage_stops_its_dependants_only(runs, tmp_path):
 def test_the_local_executor_also_stops_the_dependants_only(runs, tmp_path):
     """The same broken teacher on the local executor: the stages after it in order that do not need it still
     run (teacher_sort trains after teacher_rev failed), and the error is the same line."""
-    external = tmp_path / "broken_start"
-    shutil.copytree(runs / "local" / "sft" / "final", external)
-    text = (runs / "mini.yaml").read_text()
-    text = text.replace("    init: sft\n    domains: [reversal]", f"    init: {external}\n    domains: [reversal]")
-    (tmp_path / "mini.yaml").write_text(text)
-    loaded = load_recipe(tmp_path / "mini.yaml")
+    loaded = _broken_teacher(runs, "local", tmp_path)
     assert loaded.order.index("teacher_rev") < loaded.order.index("teacher_sort")
-    (external / "model.safetensors").write_bytes(b"not a safetensors file")
     shutil.copytree(runs / "local", tmp_path / "run", symlinks=True)
     for stage in ("teacher_rev", "teacher_sort", "student"):
         shutil.rmtree(tmp_path / "run" / stage)
