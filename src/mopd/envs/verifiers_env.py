@@ -96,6 +96,7 @@ class VerifiersDomain:
 
     name: str
     taskset: Any
+    tasks: list[Any] = field(default_factory=list, repr=False)  # the taskset's tasks, loaded once
     eval_size: int | None = None
     seed: int = 1234
     answer_field: str = "answer"
@@ -108,7 +109,7 @@ class VerifiersDomain:
     def __post_init__(self) -> None:
         self.description = self.description or f"verifiers taskset {type(self.taskset).__name__}"
         problems: dict[str, Problem] = {}
-        for i, task in enumerate(self.taskset):
+        for i, task in enumerate(self.tasks):
             prompt = _prompt_text(task.data, f"{self.name}: task {i}")
             if prompt not in problems:  # duplicates would leak between the held-out and training parts
                 answer = getattr(task.data, self.answer_field, None)
@@ -116,7 +117,7 @@ class VerifiersDomain:
                 self._tasks[prompt] = task
         self._parts = held_out_split(list(problems.values()), f"mopd-verifiers:{self.name}:{self.seed}",
                                      self.eval_size, self.name)
-        self._refuse_runtime_rewards(next(iter(self._tasks.values())))
+        self._refuse_runtime_rewards(self.tasks[0])
 
     def _refuse_runtime_rewards(self, task: Any) -> None:
         """A reward that needs a sandbox runtime would be skipped by `Task.score` (mopd scores without one), so
@@ -179,6 +180,11 @@ class VerifiersDomain:
         if not isinstance(reward, int | float) or not 0.0 <= reward <= 1.0:
             raise DomainError(f"domain {self.name!r}: its verifiers rubric gave {reward!r}, not a reward in [0, 1]")
         return float(reward)
+
+
+def _toolsets(taskset: Any, task: Any) -> list[Any]:
+    """The taskset's shared toolsets and its tasks' (one task stands for all: `Task.toolsets` is a classmethod)."""
+    return [*type(taskset).toolsets(taskset.config), *task.toolsets(task.config)]
 
 
 def _prompt_text(data: Any, where: str) -> str:
@@ -250,10 +256,6 @@ class VerifiersToolDomain(VerifiersDomain):
             segments.append(("env", reply.observation))
         return replace(problem, meta={"trajectory": segments, "tools": self.tools})
 
-    def _toolsets(self) -> list[Any]:
-        task = next(iter(self._tasks.values()))
-        return [*type(self.taskset).toolsets(self.taskset.config), *task.toolsets(task.config)]
-
     def _discover(self) -> tuple[dict[str, Tool], list[dict[str, Any]]]:
         """The taskset's tools, served in-process (one MCP server object per toolset, no HTTP), as mopd tools."""
         import logging
@@ -265,7 +267,7 @@ class VerifiersToolDomain(VerifiersDomain):
         level = logging.getLogger().level
         tools: dict[str, Tool] = {}
         schemas: list[dict[str, Any]] = []
-        for ts in self._toolsets():
+        for ts in _toolsets(self.taskset, self.tasks[0]):
             server = MCPServer(ts.server_name or type(ts).__name__)
             logging.getLogger().setLevel(level)  # MCPServer() sets the root logger to INFO
             ts.register(server)
@@ -357,14 +359,12 @@ def verifiers_domain(name: str, taskset: Any, *, eval_size: int | None = None, s
     names the task data's reference answer (what SFT trains on); `limits` and `demonstration` are a tool-use
     domain's (`envs.episode.Limits`; a perfect agent's turns for a task's data, for SFT on trajectories)."""
     _vf()
-    kwargs = dict(name=name, taskset=taskset, eval_size=eval_size, seed=seed, answer_field=answer_field,
-                  description=description)
     tasks = list(taskset)
     if not tasks:
         raise DomainError(f"domain {name!r}: the verifiers taskset has no task")
-    first = tasks[0]
-    has_tools = bool(type(taskset).toolsets(taskset.config)) or bool(first.toolsets(first.config))
-    if has_tools:
+    kwargs = dict(name=name, taskset=taskset, tasks=tasks, eval_size=eval_size, seed=seed, answer_field=answer_field,
+                  description=description)
+    if _toolsets(taskset, tasks[0]):
         return VerifiersToolDomain(**kwargs, limits=limits or Limits(), demonstration=demonstration)
     return VerifiersDomain(**kwargs)
 

@@ -248,7 +248,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
             ) from None
         if isinstance(domains[d], Domain) and (why := domain_problem(domains[d], recipe.eval.size, recipe.eval.seed)):
             raise RecipeError(f"{where('domains', i)}: {why}")
-        if d not in data and (why := alphabet_gap(recipe, domains[d], f"domain {d!r}")):  # plugin environments
+        source = getattr(recipe.data_domains.get(i), "source", None)  # a data domain is named by its data
+        if why := alphabet_gap(recipe, domains[d], repr(source) if source else f"domain {d!r}"):
             raise RecipeError(f"{where('domains', i)}: {why}")
 
     deps: dict[str, list[str]] = {}

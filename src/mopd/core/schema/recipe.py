@@ -132,7 +132,8 @@ class VerifiersDomainSpec(Strict):
 def _domain_kind(v: Any) -> str:
     if isinstance(v, str):
         return "name"
-    return "verifiers" if isinstance(v, dict) and "verifiers" in v or isinstance(v, VerifiersDomainSpec) else "data"
+    declares_verifiers = (isinstance(v, dict) and "verifiers" in v) or isinstance(v, VerifiersDomainSpec)
+    return "verifiers" if declares_verifiers else "data"
 
 
 DomainEntry = Annotated[
