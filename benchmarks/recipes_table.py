@@ -118,6 +118,8 @@ def summarize(name: str, out: Path, teachers: dict[str, dict], own_start: bool) 
     result = models[-1]
     table = {m: {d: {"score": r["score"], "accuracy": r["accuracy"]} for d, r in scores[m].items()} for m in models}
     start = read_final_eval(out / START) or {}
+    # a domain with no rule-based reward (`style`) has no shared teacher: it is scored, not normalized
+    rule_domains = [d for d in recipe.domains if getattr(loaded.domains[d], "rule_reward", True)]
     recoveries = {d: recovery(start.get(d, {}).get("score"), teachers.get(d, {}).get("score"),
                               table[result][d]["score"]) for d in recipe.domains}
     return {
@@ -128,7 +130,7 @@ def summarize(name: str, out: Path, teachers: dict[str, dict], own_start: bool) 
         "start": {d: v["score"] for d, v in start.items()},
         "recovery": recoveries,
         "normalized_score": (normalized_score(recoveries.values())
-                             if not own_start and len(teachers) == len(recipe.domains) else None),
+                             if not own_start and all(d in teachers for d in rule_domains) else None),
         "own_start": own_start,
         "cpu": cpu_model(),
         "samples": greedy_samples(out / result / "final", loaded.domains, recipe.eval),
@@ -153,7 +155,8 @@ def markdown(results: dict[str, dict], teachers: dict[str, dict], meta: dict[str
         f"{meta['scale']:g}; wall times depend on the machine and its load (see below), so they are only roughly "
         "comparable. Score: mean verifier reward over 200 held-out prompts per domain (the rule measure for "
         "`style`, which training never sees; exact-match accuracy in brackets); normalized: mean over domains of "
-        "(result - sft) / (teacher - sft), with the same sft and teachers for every recipe on the shared start.",
+        "(result - sft) / (teacher - sft) over the domains with a rule-based reward (`style` has no teacher), with "
+        "the same sft and teachers for every recipe on the shared start.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -147,6 +147,17 @@ def test_two_point_sweep_shares_parents_and_resumes(tmp_path: Path) -> None:
     more = _invoke("sweep", path, "--set", "student.lr=3e-3", "--out", out)  # a new value, into the same directory
     assert more.exit_code == 0, more.output
     assert _statuses(out / "student.lr=3e-3") == {**dict.fromkeys(shared, "cached"), "student": "ran"}
+    # sweep.md covers this invocation's one point; sweep_all.md every point of the three invocations, best first
+    assert [p["name"] for p in json.loads((out / "sweep.json").read_text())["points"]] == ["student.lr=3e-3"]
+    history = json.loads((out / "sweep_all.json").read_text())
+    names = [p["name"] for p in history["points"]]
+    assert sorted(names) == ["student.lr=1e-3", "student.lr=2e-3", "student.lr=3e-3"]
+    scores = [p["normalized_score"] for p in history["points"]]  # best first; undefined (no teacher gain) last
+    defined = [s for s in scores if s is not None]
+    assert scores == sorted(defined, reverse=True) + [None] * (len(scores) - len(defined))
+    assert all(p["settings"] == {"student.lr": p["name"].split("=")[1]} for p in history["points"])
+    assert history["best"].get("sampled", {}).get("point") == (names[0] if defined else None)
+    assert "# Every sweep point" in (out / "sweep_all.md").read_text()
 
 
 def test_links_follow_identities_and_a_stale_link_is_replaced(tmp_path: Path) -> None:
@@ -183,3 +194,25 @@ def test_a_point_that_fails_is_a_hole_in_the_table_and_the_sweep_goes_on(tmp_pat
     assert f"error: {gated.name}: stage 'student': teachers must beat the start" in errors
     assert not (gated / "student" / "final").exists() and (other / "student" / "final").is_dir()
     assert (out / "sweep.md").is_file() and len(json.loads((out / "sweep.json").read_text())["points"]) == 2
+
+
+def test_every_point_a_directory_holds_is_found_and_nothing_else(tmp_path: Path) -> None:
+    """`sweep_points` reads the layout, not a ledger: point directories (one seed, or seed-<s> in seed order),
+    never links, seed-only directories of `compare --seeds`, or a point that has no run yet."""
+    from mopd.recipe.sweep import _objective_in
+    from mopd.recipe.variants import point_settings, sweep_points
+
+    for d in ("a.lr=1e-3", "a.lr=2e-3/seed-10", "a.lr=2e-3/seed-2", "seed-0", "a.lr=5e-3"):
+        (tmp_path / d).mkdir(parents=True)
+    for d in ("a.lr=1e-3", "a.lr=2e-3/seed-10", "a.lr=2e-3/seed-2", "seed-0"):
+        (tmp_path / d / "run.json").write_text("{}")
+    (tmp_path / "a.lr=9e-3").symlink_to(tmp_path / "a.lr=1e-3")
+    found = sweep_points(tmp_path)
+    assert list(found) == ["a.lr=1e-3", "a.lr=2e-3"]
+    assert [p.name for p in found["a.lr=2e-3"]] == ["seed-2", "seed-10"]
+    assert point_settings("student.lr=1e-3__student.preflight=-kl_warn-5.0-") == {
+        "student.lr": "1e-3", "student.preflight": "-kl_warn-5.0-"}
+    (tmp_path / "a.lr=1e-3" / "recipe.yaml").write_text("stages: [not, a, mapping")  # untrusted: not YAML
+    assert _objective_in(tmp_path / "a.lr=1e-3", "student") is None
+    (tmp_path / "a.lr=1e-3" / "recipe.yaml").write_text("stages: {student: {objective: jsd}}")
+    assert _objective_in(tmp_path / "a.lr=1e-3", "student") == "jsd"

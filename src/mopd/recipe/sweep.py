@@ -5,7 +5,8 @@ Layout: `compare --seeds N` runs seed s into RUN/seed-<s>/ (each a complete run 
 compare.md) and writes the combined compare.md/json in RUN. `sweep` runs point p, seed s into
 RUN/<p>/seed-<s>/ (RUN/<p>/ with one seed), and writes sweep.md/json and sweep_<key>.png in RUN. A point's name
 is its settings as typed (`student.lr=1e-4__student.objective=sampled`), so a rerun finds the same directories:
-finished stages are skipped, and an interrupted point resumes.
+finished stages are skipped, and an interrupted point resumes. A directory swept several times (new keys, new
+values) also gets sweep_all.md/json: every point found under RUN, whichever invocation ran it, scored the same way.
 """
 
 from __future__ import annotations
@@ -14,13 +15,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..core.errors import RecipeError
 from ..report.compare import build_compare
-from ..report.sweep import build_sweep
+from ..report.sweep import build_sweep, build_sweep_history
 from .compare import compare_plan
 from .load import LoadedRecipe
 from .runner import report_block
-from .variants import Executor, Variant, earlier_runs, parse_grid, plan_variants, run_in_order, run_variants
+from .variants import (
+    Executor,
+    Variant,
+    earlier_runs,
+    parse_grid,
+    plan_variants,
+    point_settings,
+    run_in_order,
+    run_variants,
+    sweep_points,
+)
 
 RunFn = Callable[[LoadedRecipe, Path], Any]
 
@@ -69,6 +82,29 @@ def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: in
         p = points.setdefault(v.name, {"name": v.name, "settings": dict(v.texts), "seed_dirs": [],
                                        **plans[id(v)]})
         p["seed_dirs"].append(str(v.out.relative_to(out)))
-    return build_sweep(out, {"recipe": loaded.recipe.name, "keys": [k for k, _ in grid],
-                             "values": {k: texts for k, texts in grid},
-                             "seeds": sorted({v.seed for v in variants}), "points": list(points.values())})
+    result = build_sweep(out, {"recipe": loaded.recipe.name, "keys": [k for k, _ in grid],
+                               "values": {k: texts for k, texts in grid},
+                               "seeds": sorted({v.seed for v in variants}), "points": list(points.values())})
+    sweep_history(out, loaded.recipe.name, plans[id(variants[0])])
+    return result
+
+
+def _objective_in(run_dir: Path, student: str) -> str | None:
+    """The student's objective as a point's own recipe.yaml sets it (read as data: nothing in it is run)."""
+    try:
+        raw = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        value = raw["stages"][student].get("objective", "sampled")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def sweep_history(out: Path, recipe: str, plan: dict[str, Any]) -> dict[str, Any]:
+    """Write sweep_all.md/json over every point under `out` (`variants.sweep_points`), scored against `plan`'s
+    start, teachers and student (the recipe's: a point changes settings, not the stages' names)."""
+    points = []
+    for name, dirs in sweep_points(out).items():
+        points.append({**plan, "name": name, "settings": point_settings(name),
+                       "seed_dirs": [str(d.relative_to(out)) for d in dirs],
+                       "objective": _objective_in(dirs[0], plan["student"]) or plan["objective"]})
+    return build_sweep_history(out, {"recipe": recipe, "points": points})

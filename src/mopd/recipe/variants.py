@@ -255,6 +255,36 @@ def run_in_order(variants: Sequence[Variant], run_one: RunOne) -> None:
         run_one(v)
 
 
+def point_settings(name: str) -> dict[str, str]:
+    """A point directory's settings read back from its name (`_slug`): `key=value` pairs joined by `__`, each
+    value as typed except for characters a file name may not hold (written `-`)."""
+    pairs = [part.split("=", 1) for part in name.split("__")]
+    return {k: v for k, v in (pair for pair in pairs if len(pair) == 2 and pair[0])}
+
+
+def _seed_number(path: Path) -> int:
+    suffix = path.name.removeprefix("seed-")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def sweep_points(root: Path) -> dict[str, list[Path]]:
+    """Every sweep point any invocation left under `root`, by name, with its run directories: RUN/<point>/ (one
+    seed) or RUN/<point>/seed-<s>/ in seed order. A point is a real directory whose name holds `key=value`
+    settings; links, seed-only directories (`compare --seeds`) and directories without a run are skipped."""
+    points: dict[str, list[Path]] = {}
+    root = Path(root)
+    if not root.is_dir():
+        return points
+    for d in sorted(root.iterdir()):
+        if d.is_symlink() or not d.is_dir() or not point_settings(d.name):
+            continue
+        seeds = sorted((r.parent for r in d.glob("seed-*/run.json") if not r.parent.is_symlink()), key=_seed_number)
+        runs = seeds or ([d] if (d / "run.json").is_file() else [])
+        if runs:
+            points[d.name] = runs
+    return points
+
+
 def earlier_runs(root: Path) -> list[Path]:
     """The run directories an earlier sweep or seeds invocation left under `root` (RUN/seed-<s>/, RUN/<point>/,
     RUN/<point>/seed-<s>/): a sweep rerun with new values reuses their finished stages of equal identity."""

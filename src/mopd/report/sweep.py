@@ -1,5 +1,6 @@
 """The report of `mopd sweep`: each grid point's normalized score with its 95% interval, one table and one plot
-per swept key, and the best setting per distillation objective.
+per swept key, and the best setting per distillation objective; and over every point a directory holds, from
+all the sweeps run into it, one table sorted by score (sweep_all.md/json).
 
 A point's score is the normalized score of the recipe's report student in each of the point's seed run
 directories (recovery against the student's start and teachers, as report.md computes it), averaged over seeds;
@@ -162,4 +163,35 @@ def sweep_markdown(result: dict[str, Any]) -> str:
              " ".join("—" if x is None else f"{x:.3f}" for x in p["per_seed"]), ", ".join(p["seed_dirs"])]
             for p in result["points"]]
     lines.append(Table(["point", "objective", "normalized score", "per seed", "run directories"], rows).markdown())
+    return "\n".join(lines)
+
+
+def build_sweep_history(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Write sweep_all.md and sweep_all.json into `out`: every point of every sweep run into it, each scored as in
+    sweep.md, sorted by mean normalized score, with the best per objective. `spec`: {"recipe", "points"}, the
+    points as `build_sweep` takes them."""
+    out = Path(out)
+    points = [score_point(out, p) for p in spec["points"]]
+    points.sort(key=lambda p: (p["normalized_score"] is None, -(p["normalized_score"] or 0.0), p["name"]))
+    result = {**spec, "points": points, "best": best_per_objective(points)}
+    atomic_write(out / "sweep_all.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(out / "sweep_all.md", history_markdown(result).encode("utf-8"))
+    return result
+
+
+def history_markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Every sweep point: {result['recipe']}\n",
+             f"{len(result['points'])} points, from every `mopd sweep` run into this directory, best first. Each "
+             "cell is `mean ±se [lo, hi]` over the point's seeds, as in sweep.md (which covers the last "
+             "invocation's points only).\n", "## Best setting per objective\n"]
+    for objective, b in result["best"].items():
+        settings = ", ".join(f"`{k}={t}`" for k, t in b["settings"].items())
+        lines.append(f"- objective `{objective}`: {settings}: {fmt_cell(b['normalized_score'], b['interval'])}")
+    if not result["best"]:
+        lines.append("- no point has a defined score yet")
+    lines.append("\n## Every point\n")
+    rows = [[p["name"], str(p["objective"]), fmt_cell(p["normalized_score"], p["interval"]),
+             " ".join("—" if x is None else f"{x:.3f}" for x in p["per_seed"]), str(len(p["seed_dirs"]))]
+            for p in result["points"]]
+    lines.append(Table(["point", "objective", "normalized score", "per seed", "seeds"], rows).markdown())
     return "\n".join(lines)
