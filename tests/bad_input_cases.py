@@ -223,6 +223,12 @@ CASES: list[Case] = [
         "    steps: 1\n    threshold: -0.5\n  student:\n", 29, "threshold"),
     sub("rejection n zero", "  student:\n", "  rs:\n    kind: rejection_sampling\n    init: base\n    steps: 1\n"
         "    n: 0\n  student:\n", 29, "n"),
+    sub("rejection threshold of a domain not sampled", "  student:\n", "  rs:\n    kind: rejection_sampling\n"
+        "    init: base\n    domains: [addition]\n    steps: 1\n    domain_thresholds: {reversal: 0.5}\n  student:\n",
+        30, "'reversal' is not one of the stage's domains"),
+    sub("rejection domain threshold above one", "  student:\n", "  rs:\n    kind: rejection_sampling\n"
+        "    init: base\n    domains: [addition]\n    steps: 1\n    domain_thresholds: {addition: 1.5}\n  student:\n",
+        30, "less than or equal to 1"),
     sub("rejection sampler an eval stage", "  student:\n", "  scores:\n    kind: eval\n    models: [base]\n"
         "  rs:\n    kind: rejection_sampling\n    init: base\n    steps: 1\n    sampler: scores\n  student:\n",
         32, "eval stage"),

@@ -100,7 +100,7 @@ def test_report_recipes_share_one_start_so_their_scores_compare() -> None:
     ids = {name: stage_identities(one) for name, one in loaded.items()}
     assert len({i["base"] for i in ids.values()}) == 1 and len({i["sft"] for i in ids.values()}) == 1
     assert len({i["judge"] for i in ids.values() if "judge" in i}) == 1
-    assert all(one.recipe.domains == ["reversal", "sorting", "shift", "style"] for one in loaded.values())
+    assert all(one.recipe.domains == ["reversal", "sorting", "caesar", "style"] for one in loaded.values())
     with_teachers = [i for i in ids.values() if "teacher_reversal" in i]
     assert len(with_teachers) >= 2 and len({i["teacher_reversal"] for i in with_teachers}) == 1
     for name, one in loaded.items():
@@ -222,9 +222,9 @@ def test_recipes_table_reads_every_run_against_one_start_and_the_shared_teachers
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
     table = importlib.import_module("recipes_table")
     root = runs["mimo_v2_flash"].parent
-    domains = ["reversal", "sorting", "shift"]
+    domains = ["reversal", "sorting", "caesar"]
     teachers = table.shared_teachers(root, domains)
-    assert set(teachers) == set(domains) and teachers["shift"]["stage"] == "deepseek_v32/teacher_shift"
+    assert set(teachers) == set(domains) and teachers["caesar"]["stage"] == "deepseek_v32/teacher_caesar"
     shared = table.start_identity("tulu3", SCALE)
     assert table.start_identity("olmo3", SCALE) == shared == table.start_identity("glm5", SCALE)
     result = table.summarize("olmo3", runs["olmo3"], teachers, own_start=False)

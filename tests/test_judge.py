@@ -137,6 +137,25 @@ RECIPE = textwrap.dedent(
         steps: 1
         batch_size: 4
         max_new_tokens: 8
+      rs_strict:
+        kind: rejection_sampling
+        init: base
+        domains: [style]
+        reward: {judge: base, rubric: "neat "}
+        n: 2
+        steps: 1
+        batch_size: 4
+        max_new_tokens: 8
+      rs_style:
+        kind: rejection_sampling
+        init: base
+        domains: [style]
+        reward: {judge: base, rubric: "neat "}
+        n: 2
+        domain_thresholds: {style: 0.0}
+        steps: 1
+        batch_size: 4
+        max_new_tokens: 8
     """
 )
 
@@ -159,6 +178,11 @@ def test_judge_and_reward_model_rewards_drive_stages_on_the_style_domain(tmp_pat
     assert any(r.get("dpo/pairs", 0) > 0 for r in rows("dpo"))  # ... and so does the reward model
     rs = [r for r in rows("rs") if "rejection/best_reward" in r]
     assert rs and 0 < rs[0]["rejection/best_reward"] <= 1 and rs[0]["rejection/kept_frac"] == 1.0
+    # a judge's score is a probability below 1: at the default threshold 1.0 nothing is kept, and a per-domain
+    # threshold lets the judged domain's best answers through (the same draws: rs_style equals rs_strict but for it)
+    strict, style = ([r for r in rows(s) if "rejection/kept_frac" in r][0] for s in ("rs_strict", "rs_style"))
+    assert 0 < strict["rejection/best_reward"] < 1 and strict["rejection/kept_frac"] == 0.0
+    assert style["rejection/best_reward"] == strict["rejection/best_reward"] and style["rejection/kept_frac"] == 1.0
 
 
 def _reward_model_dir(directory: Path, alphabet: str) -> Path:

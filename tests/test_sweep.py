@@ -158,6 +158,12 @@ def test_two_point_sweep_shares_parents_and_resumes(tmp_path: Path) -> None:
     assert all(p["settings"] == {"student.lr": p["name"].split("=")[1]} for p in history["points"])
     assert history["best"].get("sampled", {}).get("point") == (names[0] if defined else None)
     assert "# Every sweep point" in (out / "sweep_all.md").read_text()
+    for p in history["points"]:  # each seed's domains: start, teacher, student and the recovery they make
+        [seed] = p["per_seed_domains"]
+        assert set(seed) == {"reversal", "sorting"}
+        for v in seed.values():
+            gain = v["teacher"] - v["start"]
+            assert v["recovery"] == (pytest.approx((v["student"] - v["start"]) / gain) if gain > 1e-9 else None)
 
 
 def test_links_follow_identities_and_a_stale_link_is_replaced(tmp_path: Path) -> None:

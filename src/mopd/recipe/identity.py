@@ -81,8 +81,9 @@ def _reward_identity(settings: dict) -> None:
     hash; a preference dataset enters by its content, not its path (the loader made the path absolute)."""
     if settings.get("reward") == "verifier":
         settings.pop("reward")
-    if "domain_weights" in settings and settings["domain_weights"] is None:  # equal shares, as before it existed
-        settings.pop("domain_weights")
+    for key in ("domain_weights", "domain_thresholds"):  # None: as before the setting existed
+        if key in settings and settings[key] is None:
+            settings.pop(key)
     pairs = settings.get("pairs_from")
     if isinstance(pairs, dict) and "dataset" in pairs:
         settings["pairs_from"] = {"dataset_sha256": hashlib.sha256(Path(pairs["dataset"]).read_bytes()).hexdigest()}

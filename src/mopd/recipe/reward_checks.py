@@ -81,6 +81,10 @@ def check_rewards(recipe: Recipe, base: Path, domains: dict, order: list[str], w
             elif isinstance(source, JudgeReward):
                 _check_model(recipe, base, source.judge, at("reward", *key, "judge"), want="causal_lm")
                 _check_rubric(recipe, roots, source, at("reward", *key, "rubric"))
+        for d in getattr(stage, "domain_thresholds", None) or {}:
+            if d not in rewarded:
+                raise RecipeError(f"{at('domain_thresholds', d)}: {d!r} is not one of the stage's domains "
+                                  f"({', '.join(rewarded)})")
         for key, ref in stage_refs(stage):
             if isinstance(recipe.stages.get(ref), RewardModelStage) and not _scores(key):
                 raise RecipeError(f"{at(*key)}: {ref!r} is a reward model: it scores answers, it does not generate "

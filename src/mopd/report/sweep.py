@@ -28,24 +28,29 @@ from mopd.report.tables import MISSING, Table
 DPI = 110
 
 
-def _seed_score(run_dir: Path, point: dict[str, Any]) -> float | None:
+def _seed_score(run_dir: Path, point: dict[str, Any]) -> dict[str, Any]:
+    """One seed's normalized score, with each domain's start, teacher and student scores and recovery."""
     def scores(stage: str) -> dict[str, float | None]:
         return {d: v.get("score") for d, v in (read_final_eval(run_dir / stage) or {}).items()}
 
     start, student = scores(point["start"]), scores(point["student"])
     teacher = {d: scores(t).get(d) for d, t in point["teachers"].items()}
-    return normalized_score(recovery(start.get(d), teacher[d], student.get(d)) for d in teacher)
+    domains = {d: {"start": start.get(d), "teacher": teacher[d], "student": student.get(d),
+                   "recovery": recovery(start.get(d), teacher[d], student.get(d))} for d in teacher}
+    return {"normalized_score": normalized_score(v["recovery"] for v in domains.values()), "domains": domains}
 
 
 def score_point(out: Path, point: dict[str, Any]) -> dict[str, Any]:
-    """The point with its per-seed and mean normalized score and its interval cell."""
+    """The point with its per-seed and mean normalized score, its interval cell, and each seed's domains."""
     dirs = [Path(out) / d for d in point["seed_dirs"]]
-    per_seed = [_seed_score(d, point) for d in dirs]
+    seeds = [_seed_score(d, point) for d in dirs]
+    per_seed = [s["normalized_score"] for s in seeds]
     mean = None if any(x is None for x in per_seed) else sum(per_seed) / len(per_seed)  # type: ignore[misc]
     plan = {"start": point["start"], "teachers": point["teachers"],
             "methods": {"student": {"stage": point["student"]}}}
     cell = compare_intervals(dirs, plan, None)["methods"].get("student", {}).get("normalized")
-    return {**point, "normalized_score": mean, "per_seed": per_seed, "interval": cell}
+    return {**point, "normalized_score": mean, "per_seed": per_seed, "interval": cell,
+            "per_seed_domains": [s["domains"] for s in seeds]}
 
 
 def best_per_objective(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -43,7 +43,8 @@ def rejection_loss_fn(ctx: ResolvedStage) -> LossFn:
         best = best_of_n(sampler, tokenizer, problems, domains, n=s.n, max_new_tokens=s.max_new_tokens,
                          temperature=s.temperature, top_p=s.top_p, generator=step_generator(ctx.seed, step),
                          prompt_format=prompt_format, reward=reward_fn)
-        kept = [answer for answer, reward in best if reward >= s.threshold]
+        thresholds = s.domain_thresholds or {}
+        kept = [answer for answer, reward in best if reward >= thresholds.get(answer.domain, s.threshold)]
         metrics = {
             "rejection/kept_frac": len(kept) / len(problems),
             "rejection/best_reward": sum(r for _, r in best) / len(best),

@@ -7,7 +7,7 @@ every kind is in `kinds.py`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -78,6 +78,10 @@ class RejectionSamplingStage(TrainStage):
     sampler: str | None = Field(None, description="the model sampled from (stage name or HF directory); default: init")
     n: int = Field(8, gt=0, description="answers sampled per prompt (best-of-n)")
     threshold: float = Field(1.0, ge=0, le=1, description="keep a prompt's best answer when its reward >= this")
+    domain_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        None, description="per-domain thresholds replacing `threshold` for the listed domains (a judged domain's "
+        "scores are probabilities that never reach 1.0)",
+    )
     reward: RewardSource = Field("verifier", description="scores the answers; " + REWARD_DESCRIPTION)
     max_new_tokens: int = Field(12, gt=0)
     temperature: float = Field(1.0, gt=0, description="sampler temperature")
