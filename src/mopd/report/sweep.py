@@ -145,6 +145,13 @@ def build_sweep(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def best_lines(best: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per objective: its best point's settings and score cell."""
+    lines = [f"- objective `{objective}`: " + ", ".join(f"`{k}={t}`" for k, t in b["settings"].items())
+             + f": {fmt_cell(b['normalized_score'], b['interval'])}" for objective, b in best.items()]
+    return lines or ["- no point has a defined score (did the teachers beat the start?)"]
+
+
 def sweep_markdown(result: dict[str, Any]) -> str:
     seeds = result["seeds"]
     lines = [f"# Sweep: {result['recipe']}\n",
@@ -153,11 +160,7 @@ def sweep_markdown(result: dict[str, Any]) -> str:
              "of its teachers' gains). Each cell is `mean ±se [lo, hi]`: the mean over seeds, its evaluation "
              "standard error and a 95% bootstrap interval over seeds and held-out prompts (see README, "
              "\"Seeds, intervals and significance\").\n", "## Best setting per objective\n"]
-    for objective, b in result["best"].items():
-        settings = ", ".join(f"`{k}={t}`" for k, t in b["settings"].items())
-        lines.append(f"- objective `{objective}`: {settings}: {fmt_cell(b['normalized_score'], b['interval'])}")
-    if not result["best"]:
-        lines.append("- no point has a defined score (did the teachers beat the start?)")
+    lines += best_lines(result["best"])
     lines.append("")
     for key in result["keys"]:
         lines.append(f"## {key}\n")
@@ -189,11 +192,7 @@ def history_markdown(result: dict[str, Any]) -> str:
              f"{len(result['points'])} points, from every `mopd sweep` run into this directory, best first. Each "
              "cell is `mean ±se [lo, hi]` over the point's seeds, as in sweep.md (which covers the last "
              "invocation's points only).\n", "## Best setting per objective\n"]
-    for objective, b in result["best"].items():
-        settings = ", ".join(f"`{k}={t}`" for k, t in b["settings"].items())
-        lines.append(f"- objective `{objective}`: {settings}: {fmt_cell(b['normalized_score'], b['interval'])}")
-    if not result["best"]:
-        lines.append("- no point has a defined score yet")
+    lines += best_lines(result["best"])
     lines.append("\n## Every point\n")
     rows = [[p["name"], str(p["objective"]), fmt_cell(p["normalized_score"], p["interval"]),
              " ".join("—" if x is None else f"{x:.3f}" for x in p["per_seed"]), str(len(p["seed_dirs"]))]
