@@ -1,5 +1,6 @@
-"""An agentic MOPD stage (tool-use episodes beside a single-turn domain) cut after a checkpoint resumes to the
-uninterrupted run's metrics and weights, as the single-turn stages do (issue 18); its report shows the agent figures."""
+"""An agentic MOPD stage (tool-use episodes beside a single-turn domain) cut after a checkpoint, or killed with
+SIGKILL mid-stage, resumes to the uninterrupted run's metrics and weights, as the single-turn stages do (issue 18);
+its report shows the agent figures."""
 
 from __future__ import annotations
 
@@ -79,3 +80,54 @@ def test_agentic_mopd_stage_cut_after_a_checkpoint_resumes_exactly(tmp_path: Pat
     ev = read_final_eval(whole)["tool_lookup"]
     assert "## Agent episodes (tool-use domains)" in report and "| stage | tool_lookup: tool calls / length |" in report
     assert f"| student | {ev['tool_call_rate']:.0%} / {ev['episode_length']:.1f} |" in report
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_agentic_mopd_stage_then_rerun_gives_the_uninterrupted_run(tmp_path: Path) -> None:
+    """A real SIGKILL to the whole `mopd run` process group while the agentic student trains, then the same command
+    again: the student resumes from its last checkpoint (the lines before it untouched) and ends with exactly the
+    metrics and weights of a run that was never killed (both runs are `mopd run` processes on one torch thread)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    data = yaml.safe_load(RECIPE)
+    data["stages"]["student"].update(steps=40, checkpoint_every=4)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "mopd", "run", str(path), "--out", str(out), "--threads", "1"]
+
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(command(tmp_path / "whole"), check=True, timeout=300, **quiet)
+    out = tmp_path / "cut"
+    proc = subprocess.Popen(command(out), start_new_session=True, **quiet)
+    ckpts = out / "student" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(ckpts.glob("step-*")):
+        assert proc.poll() is None, "the run ended before the student wrote a checkpoint"
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "student" / "final").exists(), "killed too late: the student had finished"
+    killed_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    kept = [x for x in (out / "student" / "metrics.jsonl").read_text().splitlines()
+            if x.strip() and json.loads(x)["step"] <= killed_at]
+    subprocess.run(command(out), check=True, timeout=300, **quiet)
+
+    def rows(stage: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k != "time"}
+                for x in (stage / "metrics.jsonl").read_text().splitlines()]
+
+    lines = (out / "student" / "metrics.jsonl").read_text().splitlines()
+    assert lines[:len(kept)] == kept and len(kept) == killed_at  # resumed, not restarted
+    assert rows(out / "student") == rows(tmp_path / "whole" / "student")
+    assert any("episode/tool_call_rate/tool_lookup" in r for r in rows(out / "student"))
+    assert (out / "student" / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "student" / "final" / "model.safetensors").read_bytes()
