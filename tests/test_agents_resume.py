@@ -87,13 +87,12 @@ def test_kill_9_during_an_agentic_mopd_stage_then_rerun_gives_the_uninterrupted_
     """A real SIGKILL to the whole `mopd run` process group while the agentic student trains, then the same command
     again: the student resumes from its last checkpoint (the lines before it untouched) and ends with exactly the
     metrics and weights of a run that was never killed (both runs are `mopd run` processes on one torch thread)."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import yaml
+
+    from .test_kill_resume import kill_after_first_checkpoint
 
     data = yaml.safe_load(RECIPE)
     data["stages"]["student"].update(steps=40, checkpoint_every=4)
@@ -106,16 +105,8 @@ def test_kill_9_during_an_agentic_mopd_stage_then_rerun_gives_the_uninterrupted_
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     subprocess.run(command(tmp_path / "whole"), check=True, timeout=300, **quiet)
     out = tmp_path / "cut"
-    proc = subprocess.Popen(command(out), start_new_session=True, **quiet)
+    kill_after_first_checkpoint(command(out), out / "student", poll=0.02, settle=0.2)
     ckpts = out / "student" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(ckpts.glob("step-*")):
-        assert proc.poll() is None, "the run ended before the student wrote a checkpoint"
-        time.sleep(0.02)
-    time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "student" / "final").exists(), "killed too late: the student had finished"
     killed_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
     kept = [x for x in (out / "student" / "metrics.jsonl").read_text().splitlines()
             if x.strip() and json.loads(x)["step"] <= killed_at]

@@ -28,6 +28,21 @@ from .conftest import MINI_RECIPE
 from .mini_compare import recipe
 
 
+def kill_after_first_checkpoint(cmd: list[str], stage: Path, *, poll: float, settle: float) -> None:
+    """Start `cmd` (a `mopd run`) in its own process group, and SIGKILL the whole group `settle` seconds after
+    `stage` wrote its first checkpoint; the stage must not have finished by then."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = stage / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(ckpts.glob("step-*")):
+        assert proc.poll() is None, f"the run ended before {stage.name!r} wrote a checkpoint"
+        time.sleep(poll)
+    time.sleep(settle)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (stage / "final").exists(), f"killed too late: {stage.name!r} had finished"
+
+
 @pytest.mark.slow
 def test_kill_9_during_mopd_then_rerun(tmp_path: Path) -> None:
     data = yaml.safe_load(MINI_RECIPE)
@@ -36,16 +51,8 @@ def test_kill_9_during_mopd_then_rerun(tmp_path: Path) -> None:
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mopd", "run", str(recipe), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = out / "student" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(ckpts.glob("step-*")):
-        assert proc.poll() is None, "the run ended before the MOPD stage wrote a checkpoint"
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "student" / "final").exists(), "killed too late: the MOPD stage had finished"
+    kill_after_first_checkpoint(cmd, out / "student", poll=0.05, settle=0.3)
     finished = ["base", "sft", "teacher_add", "teacher_rev", "teacher_sort"]
     mtimes = {s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns for s in finished}
     killed_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))

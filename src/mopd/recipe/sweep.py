@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..core.errors import RecipeError
+from ..core.schema import MOPDStage
 from ..report.compare import build_compare
 from ..report.sweep import build_sweep, build_sweep_history
 from .compare import compare_plan
@@ -85,7 +86,7 @@ def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: in
     result = build_sweep(out, {"recipe": loaded.recipe.name, "keys": [k for k, _ in grid],
                                "values": {k: texts for k, texts in grid},
                                "seeds": sorted({v.seed for v in variants}), "points": list(points.values())})
-    sweep_history(out, loaded.recipe.name, plans[id(variants[0])])
+    sweep_history(out, loaded.recipe.name, plans[id(variants[0])], scored=result["points"])
     return result
 
 
@@ -93,18 +94,20 @@ def _objective_in(run_dir: Path, student: str) -> str | None:
     """The student's objective as a point's own recipe.yaml sets it (read as data: nothing in it is run)."""
     try:
         raw = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-        value = raw["stages"][student].get("objective", "sampled")
+        value = raw["stages"][student].get("objective", MOPDStage.model_fields["objective"].default)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return None
     return value if isinstance(value, str) else None
 
 
-def sweep_history(out: Path, recipe: str, plan: dict[str, Any]) -> dict[str, Any]:
+def sweep_history(out: Path, recipe: str, plan: dict[str, Any],
+                  scored: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Write sweep_all.md/json over every point under `out` (`variants.sweep_points`), scored against `plan`'s
-    start, teachers and student (the recipe's: a point changes settings, not the stages' names)."""
+    start, teachers and student (the recipe's: a point changes settings, not the stages' names). `scored`: points
+    this invocation already scored (`build_sweep`), reused rather than scored again."""
     points = []
     for name, dirs in sweep_points(out).items():
         points.append({**plan, "name": name, "settings": point_settings(name),
                        "seed_dirs": [str(d.relative_to(out)) for d in dirs],
                        "objective": _objective_in(dirs[0], plan["student"]) or plan["objective"]})
-    return build_sweep_history(out, {"recipe": recipe, "points": points})
+    return build_sweep_history(out, {"recipe": recipe, "points": points}, scored)

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +175,14 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_sweep_history(out: Path, spec: dict[str, Any]) -> dict[str, Any]:
+def build_sweep_history(out: Path, spec: dict[str, Any], scored: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Write sweep_all.md and sweep_all.json into `out`: every point of every sweep run into it, each scored as in
     sweep.md, sorted by mean normalized score, with the best per objective. `spec`: {"recipe", "points"}, the
-    points as `build_sweep` takes them."""
+    points as `build_sweep` takes them; a point of `scored` (as `score_point` returns it) with the same name and
+    run directories is taken as it is."""
     out = Path(out)
-    points = [score_point(out, p) for p in spec["points"]]
+    done = {(p["name"], tuple(p["seed_dirs"])): p for p in scored}
+    points = [done.get((p["name"], tuple(p["seed_dirs"]))) or score_point(out, p) for p in spec["points"]]
     points.sort(key=lambda p: (p["normalized_score"] is None, -(p["normalized_score"] or 0.0), p["name"]))
     result = {**spec, "points": points, "best": best_per_objective(points)}
     atomic_write(out / "sweep_all.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())

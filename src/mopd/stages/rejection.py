@@ -37,13 +37,13 @@ def rejection_loss_fn(ctx: ResolvedStage) -> LossFn:
     source = problem_source(ctx)
     domains = ctx.domain_map
     reward_fn = stage_reward(ctx)  # `reward:` a reward model or judge (None: the domains' verifiers)
+    thresholds = s.domain_thresholds or {}
 
     def loss_fn(model, step):
         problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
         best = best_of_n(sampler, tokenizer, problems, domains, n=s.n, max_new_tokens=s.max_new_tokens,
                          temperature=s.temperature, top_p=s.top_p, generator=step_generator(ctx.seed, step),
                          prompt_format=prompt_format, reward=reward_fn)
-        thresholds = s.domain_thresholds or {}
         kept = [answer for answer, reward in best if reward >= thresholds.get(answer.domain, s.threshold)]
         metrics = {
             "rejection/kept_frac": len(kept) / len(problems),
