@@ -289,3 +289,44 @@ def test_chunked_full_vocabulary_step_never_holds_every_positions_logits() -> No
         largest, saved = measure(chunk)
         assert largest <= rows * (chunk + 1) * V, (chunk, largest)
         assert saved == 0
+
+
+class _HeadRows(TorchDispatchMode):
+    """Rows of every vocabulary projection (a matmul whose output is V wide), summed."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+        if func in matmuls and out.shape[-1] == self.vocab:  # (a strided block of hidden states takes bmm)
+            self.rows += out.numel() // self.vocab
+        return out
+
+
+@pytest.mark.parametrize("objective", ["sampled", "full_reverse_kl"])
+def test_chunked_blocks_project_no_row_that_is_padding_there(objective: str) -> None:
+    """With several blocks, a block projects only the rows with a completion token among its positions, for the
+    student and the teacher: on ragged rows (completions of 1..9 tokens) the step's vocabulary projections are
+    exactly those rows' positions, fewer than every row's, and the loss is the one-block loss."""
+    student, teachers = _models()
+    panel = TeacherPanel(models={"t_a": teachers["t_a"]}, teacher_of_domain={"a": "t_a", "b": "t_a"})
+    settings = BASE.model_copy(update={"objective": objective, "teachers": {"a": "t_a", "b": "t_a"}})
+    batch = _on_policy(student, _batch(), 1.0)
+    cfg = PolicyConfig(sampling=settings, distill=settings, teachers=panel)
+    K = batch.input_ids_B_T.shape[1] - int(batch.completion_mask_B_T.any(0).long().argmax()) + 1
+    live_B_W = batch.completion_mask_B_T[:, -(K - 1) :] > 0
+    with torch.no_grad():
+        panel.logit_chunk = None
+        whole, _ = policy_loss(student, batch, cfg, temperature=1.0, logit_chunk=None)
+        for chunk in (1, 4):
+            panel.logit_chunk = chunk
+            bounds = block_bounds(K, chunk)
+            per_model = sum(int(live_B_W[:, s : min(e, K - 1)].any(1).sum()) * (e - s) for s, e in bounds)
+            with _HeadRows(len(TOK)) as probe:
+                loss, _ = policy_loss(student, batch, cfg, temperature=1.0, logit_chunk=chunk)
+            assert probe.rows == 2 * per_model  # the student's blocks and the teacher's
+            assert per_model < batch.size * K
+            assert float(loss) == pytest.approx(float(whole), rel=1e-10)

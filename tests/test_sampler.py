@@ -9,6 +9,7 @@ from mopd.envs import ALPHABET
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
+from mopd.sampling import sampler
 from mopd.sampling.sampler import filter_top_p, sample
 
 
@@ -58,3 +59,34 @@ def test_seeded_sampling_is_reproducible() -> None:
     a = sample(model, tok, ["1+2="] * 8, max_new_tokens=5, generator=torch.Generator().manual_seed(3))
     b = sample(model, tok, ["1+2="] * 8, max_new_tokens=5, generator=torch.Generator().manual_seed(3))
     assert a.completions == b.completions
+
+
+def test_cdf_draw_follows_the_probabilities_and_never_draws_zero_mass() -> None:
+    """The real-vocabulary draw: over 12,000 draws from V = 4,096 tokens with mass on five tokens (one of them the
+    last, the CDF's edge) and none elsewhere, each token's frequency is its probability within 5 standard
+    errors, and no zero-mass token is ever drawn."""
+    V, rows, rounds = 4096, 3000, 4
+    mass = {7: 0.45, 8: 0.25, 1000: 0.2, 4000: 0.07, V - 1: 0.03}
+    probs = torch.zeros(rows, V)
+    for tok, p in mass.items():
+        probs[:, tok] = p
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.cat([sampler.cdf_draw(probs, g) for _ in range(rounds)])
+    n = rows * rounds
+    assert set(drawn.unique().tolist()) <= set(mass)
+    for tok, p in mass.items():
+        freq = float((drawn == tok).float().mean())
+        assert abs(freq - p) < 5 * (p * (1 - p) / n) ** 0.5, (tok, freq, p)
+
+
+def test_the_draw_is_multinomials_below_a_real_vocabulary_and_the_cdfs_from_it() -> None:
+    """Every recorded number used `torch.multinomial`: below `CDF_DRAW_MIN_VOCAB` tokens `next_tokens` draws exactly
+    its tokens from the same seed; from it on, `cdf_draw`'s. The logprob is the drawn token's either way."""
+    for V, draw in ((47, lambda p, g: torch.multinomial(p, 1, generator=g).squeeze(-1)),
+                    (sampler.CDF_DRAW_MIN_VOCAB, sampler.cdf_draw)):
+        logits = torch.randn(16, V, generator=torch.Generator().manual_seed(1)) * 3
+        tok, lp = sampler.next_tokens(logits, 0.8, 0.9, torch.Generator().manual_seed(2))
+        dist_lp = sampler.filter_top_p((logits / 0.8).log_softmax(-1), 0.9)
+        assert torch.equal(tok, draw(dist_lp.exp(), torch.Generator().manual_seed(2)))
+        assert torch.equal(lp, dist_lp.gather(-1, tok[:, None]).squeeze(-1))
+        assert torch.isfinite(lp).all()  # never a token top-p removed

@@ -65,22 +65,34 @@ def token_entropy(logits_B_T_V: torch.Tensor) -> torch.Tensor:
     return _pad_front(aligned_token_entropy(logits_B_T_V[:, :-1]))
 
 
-def aligned_token_entropy(aligned_logits_B_T_V: torch.Tensor) -> torch.Tensor:
-    """Entropy of each distribution of logits already aligned to their tokens (no shift), in float32 nats."""
+def aligned_token_entropy(aligned_logits_B_T_V: torch.Tensor, lse_B_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of each distribution of logits already aligned to their tokens (no shift), in float32 nats.
+    `lse_B_T`: their logsumexp when the caller has it (`aligned_logprobs_and_lse`: one pass over [B, T, V] less)."""
     logits_B_S_V = upcast(aligned_logits_B_T_V)
-    lse_B_S = torch.logsumexp(logits_B_S_V, dim=-1)
+    lse_B_S = torch.logsumexp(logits_B_S_V, dim=-1) if lse_B_T is None else lse_B_T
     probs_B_S_V = torch.softmax(logits_B_S_V, dim=-1)
-    # 0 * (-inf) would be nan for masked-out vocabulary entries (logit -inf, prob 0): zero them first.
-    finite_logits_B_S_V = torch.where(probs_B_S_V > 0, logits_B_S_V, torch.zeros_like(logits_B_S_V))
-    return lse_B_S - (probs_B_S_V * finite_logits_B_S_V).sum(-1)
+    # 0 * (-inf) would be nan for masked-out vocabulary entries (logit -inf, prob 0): zero them first. Only when
+    # there are such entries: with finite logits the zeroing changes no term (0 * finite = 0) and, at a real
+    # vocabulary, cost three more passes over [B, S, V] (a comparison, a zero tensor, a select).
+    if logits_B_S_V.numel() and bool(logits_B_S_V.amin() == float("-inf")):
+        logits_B_S_V = torch.where(probs_B_S_V > 0, logits_B_S_V, torch.zeros_like(logits_B_S_V))
+    return lse_B_S - (probs_B_S_V * logits_B_S_V).sum(-1)
 
 
 def aligned_token_logprobs(aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> torch.Tensor:
     """log softmax(logits[b, t])[input_ids[b, t]] for logits already aligned to their tokens (a teacher's
     `full_logits`), in float32."""
+    return aligned_logprobs_and_lse(aligned_logits_B_T_V, input_ids_B_T)[0]
+
+
+def aligned_logprobs_and_lse(
+    aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`aligned_token_logprobs`, the logsumexp of each position's logits): the entropy reuses the latter."""
     logits = upcast(aligned_logits_B_T_V)
     picked_B_T = logits.gather(-1, input_ids_B_T[..., None]).squeeze(-1)
-    return picked_B_T - torch.logsumexp(logits, dim=-1)
+    lse_B_T = torch.logsumexp(logits, dim=-1)
+    return picked_B_T - lse_B_T, lse_B_T
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ import torch
 
 from .batch import RolloutBatch
 
-# blocks(start, stop) -> the logits of positions [start, stop) of the last `keep` positions, [B, stop - start, V]
-LogitBlocks = Callable[[int, int], torch.Tensor]
+# blocks(start, stop, rows) -> the logits of positions [start, stop) of the last `keep` positions of the batch
+# rows `rows` (ascending; None: every row), [len(rows), stop - start, V]
+LogitBlocks = Callable[[int, int, torch.Tensor | None], torch.Tensor]
 
 
 class TeacherScorer(Protocol):
@@ -46,11 +47,12 @@ class TeacherScorer(Protocol):
 
     def logit_blocks(self, batch: RolloutBatch, names_B: list[str], keep: int) -> LogitBlocks:
         """The routed teacher's next-token logits at the last `keep` positions, a block at a time: `blocks(start,
-        stop)` is `sequence_logits(teacher, ..., logits_to_keep=keep)[:, start:stop]` ([B, stop - start, V];
-        position j predicts the token at column T - keep + j + 1), zeros at positions before a row's tokens."""
+        stop, rows)` is `sequence_logits(teacher, ..., logits_to_keep=keep)[rows, start:stop]` ([b, stop - start,
+        V]; position j predicts the token at column T - keep + j + 1), zeros at positions before a row's tokens.
+        `rows` None is every row; a subset is what the learner asks for when the others are padding there."""
         ...
 
 
 def blocks_of(logits_B_K_V: torch.Tensor) -> LogitBlocks:
     """`logit_blocks` of a backend that computed every position's logits at once (no memory saved)."""
-    return lambda start, stop: logits_B_K_V[:, start:stop]
+    return lambda start, stop, rows=None: logits_B_K_V[:, start:stop] if rows is None else logits_B_K_V[rows, start:stop]

@@ -14,6 +14,11 @@ op: `head(hidden)` over all K positions, then the same per-token functions, with
 blocks give the same values and gradients up to float rounding (the head's matmul over fewer rows, and the
 weight gradient summed over blocks): `tests/test_chunked_objectives.py`.
 
+No head work on padding (issue 17): a row whose completion ended before a block starts has only padding there,
+so with several blocks each one projects only the rows with a completion token in it (`live_B_W`), and the others
+get zeros (no grad), which every loss masks out. Rollout lengths vary (at a real vocabulary, 1 to 256 tokens
+around a mean of 150), so this skips most of the padding's vocabulary projections, in the teacher's blocks too.
+
 Positions: `hidden_B_K_H` holds the last K positions of the rows; position j predicts the token at column
 T - K + j + 1, so positions 0 .. K - 2 predict tokens ("predicting positions") and position K - 1 predicts past
 the row. Blocks partition the predicting positions; the last block also carries position K - 1 (so that one
@@ -27,13 +32,30 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..core.logprobs import aligned_token_entropy, aligned_token_logprobs
+from ..core.logprobs import aligned_logprobs_and_lse, aligned_token_entropy, aligned_token_logprobs
 from ..models.forward import LogitHead
 
 Scores = dict[str, torch.Tensor]
-# (the student's logits of predicting positions [start, start + n) as [B, n, V] with grad, start, stop (the
-# block's end over the K positions), their target ids [B, n]) -> more per-token tensors [B, n]
-BlockTerms = Callable[[torch.Tensor, int, int, torch.Tensor], Scores]
+# (the student's logits of predicting positions [start, start + n) as [b, n, V] with grad, start, stop (the
+# block's end over the K positions), their target ids [b, n], the batch rows of those b rows (None: every row))
+# -> more per-token tensors [b, n]
+BlockTerms = Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor | None], Scores]
+
+
+def block_rows(live_B_W: torch.Tensor | None, start: int, n: int, several: bool) -> torch.Tensor | None:
+    """The rows with a completion token among predicting positions [start, start + n), or None for every row:
+    when there is one block (the unchunked computation, op for op) or when every row has one."""
+    if live_B_W is None or not several:
+        return None
+    rows = live_B_W[:, start : start + n].any(1).nonzero().flatten()
+    return None if rows.numel() == live_B_W.shape[0] else rows
+
+
+def scatter_rows(x_b_N: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Per-token values of `rows` -> [size, N] in batch order, zeros elsewhere (differentiable wrt `x_b_N`)."""
+    if rows is None:
+        return x_b_N
+    return x_b_N.new_zeros((size, *x_b_N.shape[1:])).index_copy(0, rows, x_b_N)
 
 
 def block_bounds(positions: int, chunk: int | None) -> list[tuple[int, int]]:
@@ -74,6 +96,7 @@ def token_scores(
     temperature: float = 1.0,
     entropy: bool = False,
     terms: BlockTerms | None = None,
+    live_B_W: torch.Tensor | None = None,
 ) -> Scores:
     """Per-token scores of the K - 1 predicting positions, [B, K - 1] each, block by block.
 
@@ -85,27 +108,33 @@ def token_scores(
         temperature: also return "pg_logprobs", log softmax(logits / temperature)[y] (when != 1).
         entropy: also return "entropy" (no grad), the entropy of each position's distribution.
         terms: more per-token tensors from each block's logits (a distribution objective's loss terms).
+        live_B_W: which predicting positions score a completion token (bool): with several blocks, a block
+            projects only the rows with one among its positions; the others get zeros.
 
     Returns:
         "logprobs" (log softmax(logits)[y], with grad), and what the options add.
     """
-    K = hidden_B_K_H.shape[1]
+    B, K = hidden_B_K_H.shape[:2]
+    bounds = block_bounds(K, chunk)
 
     def block(start: int, stop: int) -> Scores:
-        logits_B_C_V = head(hidden_B_K_H[:, start:stop])
         n = min(stop, K - 1) - start
-        pred_B_N_V = logits_B_C_V[:, :n]
-        y_B_N = targets_B_W[:, start : start + n]
-        out = {"logprobs": aligned_token_logprobs(pred_B_N_V, y_B_N)}
+        rows = block_rows(live_B_W, start, n, len(bounds) > 1)
+        hidden_b_C_H = hidden_B_K_H[:, start:stop] if rows is None else hidden_B_K_H[rows, start:stop]
+        logits_b_C_V = head(hidden_b_C_H)
+        pred_b_N_V = logits_b_C_V[:, :n]
+        y_b_N = targets_B_W[:, start : start + n] if rows is None else targets_B_W[rows, start : start + n]
+        logprobs_b_N, lse_b_N = aligned_logprobs_and_lse(pred_b_N_V, y_b_N)
+        out = {"logprobs": logprobs_b_N}
         if temperature != 1.0:
-            out["pg_logprobs"] = aligned_token_logprobs((logits_B_C_V / temperature)[:, :n], y_B_N)
+            out["pg_logprobs"] = aligned_token_logprobs((logits_b_C_V / temperature)[:, :n], y_b_N)
         if terms is not None:
-            out.update(terms(pred_B_N_V, start, stop, y_B_N))
+            out.update(terms(pred_b_N_V, start, stop, y_b_N, rows))
         if entropy:  # last: a checkpointed block's recompute stops at its last saved tensor, before this metric
-            out["entropy"] = aligned_token_entropy(pred_B_N_V.detach())
-        return out
+            out["entropy"] = aligned_token_entropy(pred_b_N_V.detach(), lse_b_N.detach())
+        return {key: scatter_rows(x, rows, B) for key, x in out.items()}
 
-    return over_blocks(block, block_bounds(K, chunk))
+    return over_blocks(block, bounds)
 
 
 def pad_front(x_B_W: torch.Tensor, T: int) -> torch.Tensor:

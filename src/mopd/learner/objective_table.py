@@ -116,8 +116,9 @@ def full_distribution_terms(token_loss: TokenLoss):
         assert d is not None and teachers is not None and names_B is not None
         blocks = teachers.logit_blocks(batch, names_B, K)
 
-        def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor) -> Scores:
-            teacher_B_N_V = blocks(start, stop)[:, : student_B_N_V.shape[1]]
+        def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor,
+                  rows: torch.Tensor | None) -> Scores:
+            teacher_B_N_V = blocks(start, stop, rows)[:, : student_B_N_V.shape[1]]
             return {"loss": token_loss(student_B_N_V, teacher_B_N_V, d),
                     "teacher_lp": aligned_token_logprobs(teacher_B_N_V, y_B_N)}
 
@@ -135,13 +136,14 @@ def topk_terms(batch: RolloutBatch, names_B: list[str] | None, K: int, cfg: Poli
     top_lp_B_W_k, top_ids_B_W_k, teacher_lp_B_T = teachers.topk(batch, names_B, d.topk, K - 1)
     teacher_lp_B_W = teacher_lp_B_T[:, teacher_lp_B_T.shape[1] - (K - 1) :]
 
-    def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor) -> Scores:
+    def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor,
+              rows: torch.Tensor | None) -> Scores:
         cols = slice(start, start + student_B_N_V.shape[1])
-        kl_B_N, logp_rest_B_N, logq_in_B_N = topk_reverse_kl_tokens(
-            student_B_N_V, top_lp_B_W_k[:, cols], top_ids_B_W_k[:, cols]
-        )
+        top_lp, top_ids, teacher_lp = (x[:, cols] if rows is None else x[rows, cols]
+                                       for x in (top_lp_B_W_k, top_ids_B_W_k, teacher_lp_B_W))
+        kl_B_N, logp_rest_B_N, logq_in_B_N = topk_reverse_kl_tokens(student_B_N_V, top_lp, top_ids)
         return {"loss": kl_B_N, "logp_rest": logp_rest_B_N.detach(), "logq_in": logq_in_B_N,
-                "teacher_lp": teacher_lp_B_W[:, cols]}
+                "teacher_lp": teacher_lp}
 
     return terms
 

@@ -246,8 +246,12 @@ def _log_softmax_pair(
 def _kl(loga_B_T_V: torch.Tensor, logb_B_T_V: torch.Tensor) -> torch.Tensor:
     """KL(a || b) = sum over the last dim of a_v (log a_v - log b_v), with 0 log 0 := 0 (e.g. -inf logits)."""
     a_B_T_V = loga_B_T_V.exp()
-    # select the difference first so a (-inf) - (-inf) = nan never meets the multiply, even in backward
-    diff_B_T_V = torch.where(a_B_T_V > 0, loga_B_T_V - logb_B_T_V, 0.0)
+    diff_B_T_V = loga_B_T_V - logb_B_T_V
+    # With -inf log-probabilities (masked vocabulary), select the difference first so a (-inf) - (-inf) = nan
+    # never meets the multiply, even in backward. Without any, the select changes no value or gradient (where
+    # a = 0 the term and its gradients are 0 either way) and at a real vocabulary it costs passes over [B, T, V].
+    if diff_B_T_V.numel() and not bool(torch.isfinite(diff_B_T_V.detach()).all()):
+        diff_B_T_V = torch.where(a_B_T_V > 0, diff_B_T_V, 0.0)
     return (a_B_T_V * diff_B_T_V).sum(-1)
 
 

@@ -110,7 +110,8 @@ def student_scores(
     T = batch.input_ids_B_T.shape[1]
     hidden_B_K_H, head = final_hidden(model, batch.input_ids_B_T, batch.attention_mask_B_T, keep=K)
     scores = token_scores(hidden_B_K_H, head, batch.input_ids_B_T[:, T - K + 1 :], logit_chunk,
-                          temperature=temperature, entropy=True, terms=terms)
+                          temperature=temperature, entropy=True, terms=terms,
+                          live_B_W=batch.completion_mask_B_T[:, T - K + 1 :] > 0)
     logprobs_B_T = pad_front(scores.pop("logprobs"), T)
     pg_logprobs_B_T = pad_front(scores.pop("pg_logprobs"), T) if temperature != 1.0 else logprobs_B_T
     entropy_B_T = pad_front(scores.pop("entropy"), T)

@@ -113,7 +113,8 @@ def token_logprobs(model, batch: RolloutBatch, logit_chunk: int | None = None) -
     completion window: with grad when the model has one."""
     T, K = batch.input_ids_B_T.shape[1], completion_window(batch)
     hidden, head = final_hidden(model, batch.input_ids_B_T, batch.attention_mask_B_T, keep=K)
-    scores = token_scores(hidden, head, batch.input_ids_B_T[:, T - K + 1 :], logit_chunk)
+    scores = token_scores(hidden, head, batch.input_ids_B_T[:, T - K + 1 :], logit_chunk,
+                          live_B_W=batch.completion_mask_B_T[:, T - K + 1 :] > 0)
     return pad_front(scores["logprobs"], T) * batch.completion_mask_B_T
 
 

@@ -74,7 +74,7 @@ def pair_logprobs(
 ) -> torch.Tensor:
     """Sequence logprobs [B] of `model` over the target tokens of rows built by `supervised_batch`."""
     hidden_B_T_H, head = final_hidden(model, ids_B_T, attn_B_T)
-    scores = token_scores(hidden_B_T_H, head, ids_B_T[:, 1:], logit_chunk)
+    scores = token_scores(hidden_B_T_H, head, ids_B_T[:, 1:], logit_chunk, live_B_W=target_B_T[:, 1:] > 0)
     return sequence_logprobs(pad_front(scores["logprobs"], ids_B_T.shape[1]), target_B_T, length_normalized)
 
 

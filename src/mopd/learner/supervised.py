@@ -54,7 +54,7 @@ def supervised_loss(model, tokenizer, problems: list[Problem], *, loss_on_prompt
 
     def part(rows: slice, share: float):
         hidden_b_T_H, head = final_hidden(model, ids_B_T[rows], attn_B_T[rows])
-        scores = token_scores(hidden_b_T_H, head, ids_B_T[rows, 1:], logit_chunk)
+        scores = token_scores(hidden_b_T_H, head, ids_B_T[rows, 1:], logit_chunk, live_B_W=target_B_T[rows, 1:] > 0)
         logprobs_b_T = pad_front(scores["logprobs"], ids_B_T.shape[1])
         nll, _ = sft_nll_loss(logprobs_b_T, target_B_T[rows])
         return nll * share, {}, {}

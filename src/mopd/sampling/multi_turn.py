@@ -29,7 +29,7 @@ from ..envs.tool_domains import is_agentic
 from ..envs.tools import Tool
 from ..models.forward import accepts, position_ids_from_mask
 from ..models.prompting import RAW, PromptFormat
-from .sampler import filter_top_p, kv_cache, on_device
+from .sampler import kv_cache, next_tokens, on_device
 
 
 @dataclass
@@ -48,19 +48,6 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r) :] = 1
     return ids, mask
-
-
-def _next_tokens(logits_B_V: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampler's draw (`sampling.sampler.sample`'s, op for op): token and its logprob under the tempered,
-    top-p filtered distribution; greedy (logprob 0) at temperature 0."""
-    if temperature == 0:
-        return logits_B_V.argmax(-1), torch.zeros(logits_B_V.shape[0], device=logits_B_V.device)
-    dist_lp = (logits_B_V if temperature == 1.0 else logits_B_V / temperature).log_softmax(-1)
-    if top_p < 1.0:
-        dist_lp = filter_top_p(dist_lp, top_p)
-    tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
-    return tok, dist_lp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
@@ -138,7 +125,7 @@ def sample_episodes(
         feeding = [len(pending[b]) for b in range(B) if not done[b]]
         k = min(*feeding, N - t) if all(feeding) else 1
         toks, tok_lps = ([0] * B, [0.0] * B) if all(feeding) else (
-            x.tolist() for x in _next_tokens(logits, temperature, top_p, generator))
+            x.tolist() for x in next_tokens(logits, temperature, top_p, generator))
         new_turn = False
         for j in range(t, t + k):
             for b in range(B):

@@ -44,6 +44,38 @@ def filter_top_p(logprobs_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     return logprobs_B_V.masked_fill(drop, float("-inf")).log_softmax(-1)
 
 
+# From this many tokens on, a draw is one uniform per row through the CDF (`cdf_draw`) instead of
+# `torch.multinomial`, which draws V exponentials per row: at Qwen3's 151,936 tokens those were two thirds of the
+# sampler's time on a CPU (benchmarks/real_shape.py). Below it (every bundled testbed's vocabulary) the draw is
+# multinomial's, which every recorded number used.
+CDF_DRAW_MIN_VOCAB = 4096
+
+
+def cdf_draw(probs_B_V: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row, drawn with probability probs / sum(probs): the first token whose cumulative mass
+    (float64) exceeds u * total for u ~ U[0, 1). A token of zero mass is never drawn."""
+    cdf_B_V = probs_B_V.double().cumsum(-1)
+    u_B_1 = torch.rand((probs_B_V.shape[0], 1), generator=generator, dtype=torch.float64, device=probs_B_V.device)
+    tok = torch.searchsorted(cdf_B_V, u_B_1 * cdf_B_V[:, -1:], right=True).squeeze(-1)
+    return tok.clamp(max=probs_B_V.shape[-1] - 1)  # u * total rounded up to the total: the last token
+
+
+def next_tokens(logits_B_V: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token and its logprob under the tempered, top-p filtered distribution it was drawn from;
+    greedy (logprob 0) at temperature 0."""
+    if temperature == 0:  # argmax of the logits is that of the log-softmax: no [B, V] normalisation
+        return logits_B_V.argmax(-1), torch.zeros(logits_B_V.shape[0], device=logits_B_V.device)
+    dist_lp = (logits_B_V if temperature == 1.0 else logits_B_V / temperature).log_softmax(-1)
+    if top_p < 1.0:
+        dist_lp = filter_top_p(dist_lp, top_p)
+    if dist_lp.shape[-1] >= CDF_DRAW_MIN_VOCAB:
+        tok = cdf_draw(dist_lp.exp(), generator)
+    else:
+        tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
+    return tok, dist_lp.gather(-1, tok[:, None]).squeeze(-1)
+
+
 def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """`generator` itself on its own device; on another device, a generator there seeded from it.
 
@@ -184,15 +216,7 @@ def _sample(
     for t in range(max_new_tokens):
         # Sampled over all B rows, finished ones included: the draws use the generator as decoding every row
         # did, so the shrinking decode batch changes no live row's token.
-        if temperature == 0:
-            tok = logits.argmax(-1)  # argmax of the logits is that of the log-softmax: no [B, V] normalisation
-            tok_lp = torch.zeros(B, device=dev)
-        else:
-            dist_lp = (logits if temperature == 1.0 else logits / temperature).log_softmax(-1)
-            if top_p < 1.0:
-                dist_lp = filter_top_p(dist_lp, top_p)
-            tok = torch.multinomial(dist_lp.exp(), 1, generator=generator).squeeze(-1)
-            tok_lp = dist_lp.gather(-1, tok[:, None]).squeeze(-1)
+        tok, tok_lp = next_tokens(logits, temperature, top_p, generator)
         live = ~finished
         new_ids[:, t] = tok.masked_fill(finished, pad)
         new_lp[:, t] = tok_lp.masked_fill(finished, 0.0)

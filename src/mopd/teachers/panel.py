@@ -25,7 +25,7 @@ from ..core.batch import RolloutBatch
 from ..core.logprobs import aligned_token_logprobs
 from ..core.scoring import LogitBlocks
 from ..learner.advantages import route_teachers
-from ..learner.chunked import block_bounds
+from ..learner.chunked import block_bounds, block_rows, scatter_rows
 from ..models.forward import LogitHead, final_hidden
 from .offload import placed_on
 
@@ -99,10 +99,14 @@ class TeacherPanel:
         keep = T - int(batch.completion_mask_B_T.any(0).long().argmax()) + 1
         blocks = self.logit_blocks(batch, names_B, keep)
         targets_B_W = batch.input_ids_B_T[:, T - keep + 1 :]
+        live_B_W = batch.completion_mask_B_T[:, T - keep + 1 :] > 0
+        bounds = block_bounds(keep, self.logit_chunk)
         parts = []
-        for start, stop in block_bounds(keep, self.logit_chunk):
+        for start, stop in bounds:  # with several blocks, only the rows with a completion token in the block
             n = min(stop, keep - 1) - start
-            parts.append(aligned_token_logprobs(blocks(start, stop)[:, :n], targets_B_W[:, start : start + n]))
+            rows = block_rows(live_B_W, start, n, len(bounds) > 1)
+            y = targets_B_W[:, start : start + n] if rows is None else targets_B_W[rows, start : start + n]
+            parts.append(scatter_rows(aligned_token_logprobs(blocks(start, stop, rows)[:, :n], y), rows, batch.size))
         lp_B_W = torch.cat(parts, dim=1)
         return torch.cat([lp_B_W.new_zeros(batch.size, T - lp_B_W.shape[1]), lp_B_W], 1) * batch.completion_mask_B_T
 
@@ -160,21 +164,34 @@ class _RoutedBlocks:
         self.parts, self.size, self.device = parts, size, device
 
     @torch.no_grad()
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
+    def __call__(self, start: int, stop: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        size = self.size if rows is None else rows.numel()
         if len(self.parts) == 1 and self.parts[0].rows.numel() == self.size and self.parts[0].first == 0:
             p = self.parts[0]
-            return p.head(p.hidden[:, start:stop]).to(self.device)
+            hidden = p.hidden[:, start:stop] if rows is None else p.hidden[rows.to(p.hidden.device), start:stop]
+            return p.head(hidden).to(self.device)
+        place = None  # each asked-for row's place in the output (-1: not asked for)
+        if rows is not None:
+            place = torch.full((self.size,), -1, dtype=torch.long)
+            place[rows.cpu()] = torch.arange(size)
         out: torch.Tensor | None = None
         for p in self.parts:
             lo = max(start, p.first)
             if lo >= stop:
                 continue
-            logits = p.head(p.hidden[:, lo - p.first : stop - p.first]).to(self.device)
+            mine, dest = slice(None), p.rows  # the part's rows to project, and where they go
+            if place is not None:
+                at = place[p.rows]
+                mine = (at >= 0).nonzero().flatten()
+                if mine.numel() == 0:
+                    continue
+                dest = at[mine]
+            logits = p.head(p.hidden[mine, lo - p.first : stop - p.first]).to(self.device)
             if out is None:
-                out = logits.new_zeros((self.size, stop - start, logits.shape[-1]))
-            out[p.rows, lo - start :] = logits
+                out = logits.new_zeros((size, stop - start, logits.shape[-1]))
+            out[dest, lo - start :] = logits
         if out is None:  # no teacher has a position in this block: its vocabulary size from one position
             p = self.parts[0]
             V = p.head(p.hidden[:1, :1]).shape[-1]
-            out = torch.zeros((self.size, stop - start, V), device=self.device)
+            out = torch.zeros((size, stop - start, V), device=self.device)
         return out
