@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from mopd.core.logprobs import token_logprobs
@@ -116,3 +117,74 @@ def test_completion_window_of_full_logits_and_topk_equals_the_whole_sequence() -
         assert torch.equal(w_ids, top_ids[:, -window:])
         torch.testing.assert_close(w_sampled, sampled, atol=1e-5, rtol=0)  # [B, T], zero off the completion
         assert float(sampled.abs().sum()) > 0
+
+
+def test_shared_prefill_runs_each_prompt_once_with_the_same_scores() -> None:
+    """`share_prefill`: a teacher runs each distinct prompt of its rows once and copies its KV cache to the rows
+    that share it; its sampled-token logprobs and every block of logits equal the per-row pass (float64, so the
+    kernel difference is rounding at 1e-12), and its decoder saw each prompt's columns once (3 prompts of 12
+    rows per teacher: 3 prompt rows, then 12 completion rows)."""
+    tok = build_char_tokenizer(ALPHABET)
+    cfg = TinyModelConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64)
+    student, *teachers = (build_tiny_model(cfg, len(tok), tok, seed=s).double().eval() for s in range(3))
+    prompts = [p for p in ("1+2=", "rev:abcdefghijkl=", "sort:zyxw=") for _ in range(4)] * 2
+    batch = sample(student, tok, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(0),
+                   domains=["a"] * 12 + ["b"] * 12)
+    models = {"a": teachers[0], "b": teachers[1]}
+    plain = TeacherPanel(models=models, teacher_of_domain={"a": "a", "b": "b"}, logit_chunk=3)
+    shared = TeacherPanel(models=models, teacher_of_domain={"a": "a", "b": "b"}, logit_chunk=3, share_prefill=True)
+    names = plain.route(batch)
+    seen: list[int] = []
+    hook = teachers[0].get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        got = shared.sampled_logprobs(batch, names)
+    finally:
+        hook.remove()
+    assert seen == [3, 12]
+    torch.testing.assert_close(got, plain.sampled_logprobs(batch, names), rtol=1e-10, atol=1e-12)
+    assert got.abs().sum() > 0
+    T = batch.input_ids_B_T.shape[1]
+    K = T - int(batch.completion_mask_B_T.any(0).long().argmax()) + 1
+    want, have = plain.logit_blocks(batch, names, K), shared.logit_blocks(batch, names, K)
+    for start, stop in ((0, 3), (3, K)):
+        torch.testing.assert_close(have(start, stop), want(start, stop), rtol=1e-10, atol=1e-12)
+
+
+def test_a_mopd_stage_with_teacher_shared_prefill_scores_through_it(tmp_path, mini_recipe, monkeypatch) -> None:
+    """`teacher_shared_prefill: true` reaches the stage's panel: the mini recipe's student (groups of 2) scores
+    its teachers through the shared prefill at every step, and its per-step losses are the plain run's up to
+    float rounding. The setting is outside the stage identity (same results, like `logit_chunk`)."""
+    import json
+
+    import yaml
+
+    from mopd.recipe.identity import SETTINGS_NOT_IN_IDENTITY
+    from mopd.recipe.load import load_recipe
+    from mopd.recipe.runner import run_recipe
+    from mopd.teachers import panel as panel_module
+
+    used: list[int] = []
+    real = panel_module.shared_prompt_hidden
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(panel_module, "shared_prompt_hidden", counting)
+    run_recipe(load_recipe(mini_recipe), tmp_path / "plain")
+    assert not used
+    data = yaml.safe_load(mini_recipe.read_text())
+    data["stages"]["student"]["teacher_shared_prefill"] = True
+    shared_recipe = tmp_path / "shared.yaml"
+    shared_recipe.write_text(yaml.safe_dump(data))
+    run_recipe(load_recipe(shared_recipe), tmp_path / "shared")
+    assert used and all(used)
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "student" / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+    assert len(losses("shared")) == 4
+    assert losses("shared") == pytest.approx(losses("plain"), rel=1e-4, abs=1e-6)
+    assert "teacher_shared_prefill" in SETTINGS_NOT_IN_IDENTITY

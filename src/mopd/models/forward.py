@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from ..core.logprobs import upcast
 
@@ -27,6 +28,18 @@ def accepts(model, argument: str) -> bool:
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return argument in inspect.signature(inner.forward).parameters
+
+
+def kv_cache(model) -> dict[str, DynamicCache]:
+    """The keyword argument that hands `model` one `DynamicCache`, created here and filled in place by each call.
+
+    Why: transformers 5 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in
+    5.40), and reading `out.past_key_values` back warns too. Creating the cache up front (as the model itself
+    would, from its config) and passing it under whichever name this transformers' forward takes needs neither,
+    and works from the lowest transformers pyproject allows to the newest.
+    """
+    name = "cache" if accepts(model, "cache") else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
 
 
 def sequence_logits(
@@ -133,3 +146,40 @@ def final_hidden(
     )
     hidden = out.last_hidden_state
     return (hidden[:, -keep:, :] if keep else hidden), head
+
+
+def shared_prompt_hidden(
+    model, input_ids_B_T: torch.Tensor, attention_mask_B_T: torch.Tensor, prompt_columns: int, keep: int
+) -> tuple[torch.Tensor, LogitHead] | None:
+    """`final_hidden(model, ..., keep)` with each distinct prompt (the first `prompt_columns` columns) run once:
+    its KV cache is copied to every row that shares it, and only the completion columns run per row.
+
+    Why: the G rollouts of one prompt share it, and a teacher scoring them would otherwise run its decoder over
+    the prompt G times; with long prompts that is most of a scoring pass. The same hidden states up to float
+    rounding (attention over a cache is another kernel than over the whole row). None when it does not apply:
+    no prompt repeats, a model `split_head` does not know, or `keep` reaching into the prompt past its last
+    column.
+    """
+    split = split_head(model)
+    B, T = input_ids_B_T.shape
+    if split is None or not 0 < prompt_columns < T or keep > T - prompt_columns + 1:
+        return None
+    prompts, inverse = torch.unique(input_ids_B_T[:, :prompt_columns] * attention_mask_B_T[:, :prompt_columns]
+                                    + (attention_mask_B_T[:, :prompt_columns] - 1), dim=0, return_inverse=True)
+    if prompts.shape[0] == B:
+        return None
+    decoder, head = split
+    first_row: dict[int, int] = {}  # a row of each distinct prompt
+    for row, which in enumerate(inverse.tolist()):
+        first_row.setdefault(which, row)
+    first = torch.tensor([first_row[u] for u in range(prompts.shape[0])], device=input_ids_B_T.device)
+    positions = position_ids_from_mask(attention_mask_B_T)
+    cache = kv_cache(decoder)
+    pre = decoder(input_ids=input_ids_B_T[first, :prompt_columns],
+                  attention_mask=attention_mask_B_T[first, :prompt_columns],
+                  position_ids=positions[first, :prompt_columns], use_cache=True, **cache).last_hidden_state
+    next(iter(cache.values())).batch_select_indices(inverse)
+    rest = decoder(input_ids=input_ids_B_T[:, prompt_columns:], attention_mask=attention_mask_B_T,
+                   position_ids=positions[:, prompt_columns:], use_cache=True, **cache).last_hidden_state
+    hidden = torch.cat([pre[inverse, -1:], rest], dim=1)
+    return hidden[:, -keep:], head

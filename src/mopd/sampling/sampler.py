@@ -13,10 +13,9 @@ is the one decoding every row gives. tests/test_padding_prefill.py compares both
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from ..core.batch import RolloutBatch, rollout_batch
-from ..models.forward import accepts, position_ids_from_mask
+from ..models.forward import accepts, kv_cache, position_ids_from_mask
 from ..models.prompting import RAW, PromptFormat
 
 
@@ -86,18 +85,6 @@ def on_device(generator: torch.Generator | None, device: torch.device) -> torch.
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def kv_cache(model) -> dict[str, DynamicCache]:
-    """The keyword argument that hands `model` one `DynamicCache`, created here and filled in place by each call.
-
-    Why: transformers 5 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in
-    5.40), and reading `out.past_key_values` back warns too. Creating the cache up front (as the model itself
-    would, from its config) and passing it under whichever name this transformers' forward takes needs neither,
-    and works from the lowest transformers pyproject allows to the newest.
-    """
-    name = "cache" if accepts(model, "cache") else "past_key_values"
-    return {name: DynamicCache(config=model.config)}
 
 
 # Fewer rows than this in one forward and MKL's float32 GEMM takes other kernels (measured on the development

@@ -137,15 +137,15 @@ def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> Teacher
     if in_process:
         models, compute_device = load_teachers(ctx, in_process)
         local = TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
-                             logit_chunk=ctx.settings.logit_chunk)
+                             logit_chunk=ctx.settings.logit_chunk, share_prefill=ctx.settings.teacher_shared_prefill)
     if not backends:
         return local
     actors = {n: b for n, b in backends.items() if isinstance(b, ActorBackend) and n in checkpoints}
     served = {n: b for n, b in backends.items() if isinstance(b, HttpBackend) and n in checkpoints}
     student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
     remote = {**connect_all(ctx.name, served, student_tok),
-              **(start_actors(ctx.name, checkpoints, actors, ctx.placement.compute_dtype, ctx.settings.logit_chunk)
-                 if actors else {})}
+              **(start_actors(ctx.name, checkpoints, actors, ctx.placement.compute_dtype, ctx.settings.logit_chunk,
+                              ctx.settings.teacher_shared_prefill) if actors else {})}
     return MixedPanel(local=local, remote=remote, teacher_of_domain=ctx.teacher_of_domain)
 
 

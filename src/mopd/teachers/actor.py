@@ -40,14 +40,15 @@ class TeacherWorker:
     without Ray). Its panel holds one model under the name "t"; `seconds` adds up time spent scoring."""
 
     def __init__(self, checkpoint: str, dtype: torch.dtype | None, logit_chunk: int | None, threads: int,
-                 on_gpu: bool):
+                 on_gpu: bool, share_prefill: bool = False):
         from ..models.checkpoint import load_model
 
         torch.set_num_threads(max(1, threads))
         device = torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
         model = load_model(checkpoint, dtype=dtype or torch.float32).eval().requires_grad_(False).to(device)
         self.device = device
-        self.panel = TeacherPanel(models={"t": model}, teacher_of_domain={}, logit_chunk=logit_chunk)
+        self.panel = TeacherPanel(models={"t": model}, teacher_of_domain={}, logit_chunk=logit_chunk,
+                                  share_prefill=share_prefill)
         self.seconds = 0.0
 
     def ready(self) -> str:
@@ -108,7 +109,7 @@ class ActorTeacher:
 
 def start_actors(
     stage: str, checkpoints: Mapping[str, str], backends: Mapping[str, ActorBackend], dtype: torch.dtype | None,
-    logit_chunk: int | None,
+    logit_chunk: int | None, share_prefill: bool = False,
 ) -> dict[str, ActorTeacher]:
     """One actor per distinct checkpoint of the teachers in `backends` (teacher name -> checkpoint in
     `checkpoints`), waited for until each has loaded its teacher. Every problem is one `PreflightError` line:
@@ -136,7 +137,7 @@ def start_actors(
                 f"has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs")
         actor = ray.remote(TeacherWorker).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=b.max_restarts, max_task_retries=b.max_restarts,
-        ).remote(ckpt, dtype, logit_chunk, int(cpus), gpus > 0)
+        ).remote(ckpt, dtype, logit_chunk, int(cpus), gpus > 0, share_prefill)
         made.append((names, actor, b.ready_timeout))
         for n in names:
             handles[n] = actor

@@ -26,7 +26,7 @@ from ..core.logprobs import aligned_token_logprobs
 from ..core.scoring import LogitBlocks
 from ..learner.advantages import route_teachers
 from ..learner.chunked import block_bounds, block_rows, scatter_rows
-from ..models.forward import LogitHead, final_hidden
+from ..models.forward import LogitHead, final_hidden, shared_prompt_hidden
 from .offload import placed_on
 
 
@@ -40,16 +40,21 @@ class TeacherPanel:
     # positions per block of logits in `sampled_logprobs` and `topk` (None: every position at once); the
     # full-distribution objectives choose their own blocks of `logit_blocks`
     logit_chunk: int | None = None
+    # run each distinct prompt once per teacher and copy its KV cache to the rows that share it (the G rollouts of
+    # a group): the same scores up to float rounding, the prompt's decoder pass once instead of G times
+    share_prefill: bool = False
 
     def _teacher_hidden(
-        self, name: str, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, keep: int
+        self, name: str, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, keep: int, prompt_columns: int = 0
     ) -> tuple[torch.Tensor, LogitHead]:
         """The teacher's final hidden states at the last `keep` positions of its routed rows and its LM head, both
         where it scores. An offloaded teacher goes back to the host after its decoder pass; its head is copied to
         the scoring device for the blocks (one vocabulary projection per routed teacher, not the whole model)."""
         with placed_on(self.models[name], self.compute_device) as model:
             dev = next(model.parameters()).device
-            hidden, head = final_hidden(model, ids_B_T.to(dev), mask_B_T.to(dev), keep=keep)
+            ids_B_T, mask_B_T = ids_B_T.to(dev), mask_B_T.to(dev)
+            shared = shared_prompt_hidden(model, ids_B_T, mask_B_T, prompt_columns, keep) if self.share_prefill else None
+            hidden, head = shared or final_hidden(model, ids_B_T, mask_B_T, keep=keep)
             if self.compute_device is not None and head.projection is not None:
                 head = LogitHead(copy.deepcopy(head.projection), head.final_map)
             return hidden, head
@@ -85,8 +90,9 @@ class TeacherPanel:
         (minus their all-padding columns); a block applies each teacher's head to its rows' slice."""
         parts = []
         for name, rows in self._rows_by_teacher(names_B).items():
-            ids, mask, _ = self._routed_rows(batch, rows)
-            hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]))
+            ids, mask, dropped = self._routed_rows(batch, rows)
+            prompt_columns = int(batch.completion_mask_B_T.any(0).long().argmax()) - dropped
+            hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]), prompt_columns)
             parts.append(_Routed(rows, hidden, head, keep - hidden.shape[1]))
         return _RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device)
 
