@@ -62,11 +62,12 @@ def test_seeded_sampling_is_reproducible() -> None:
 
 
 def test_cdf_draw_follows_the_probabilities_and_never_draws_zero_mass() -> None:
-    """The real-vocabulary draw: over 12,000 draws from V = 4,096 tokens with mass on five tokens (one of them the
-    last, the CDF's edge) and none elsewhere, each token's frequency is its probability within 5 standard
-    errors, and no zero-mass token is ever drawn."""
-    V, rows, rounds = 4096, 3000, 4
-    mass = {7: 0.45, 8: 0.25, 1000: 0.2, 4000: 0.07, V - 1: 0.03}
+    """The real-vocabulary draw: over 12,000 draws from V = 4,100 tokens (16 blocks of 256 and a tail of 4) with
+    mass on six tokens (two in one block, two on either side of a block edge, the last token in the tail) and none
+    elsewhere, each token's frequency is its probability within 5 standard errors, and no zero-mass token is ever
+    drawn."""
+    V, rows, rounds = 4100, 3000, 4  # 16 blocks of 256 tokens and a 4-token tail
+    mass = {7: 0.4, 8: 0.2, 255: 0.1, 256: 0.1, 4000: 0.15, V - 1: 0.05}
     probs = torch.zeros(rows, V)
     for tok, p in mass.items():
         probs[:, tok] = p

@@ -100,7 +100,9 @@ class LogitHead:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.projection is None:
             return upcast(hidden)
-        logits = self.projection(hidden)
+        # a block of positions is a strided slice of the hidden states; contiguous, its projection is one GEMM
+        # (strided, it goes through a batched matmul over a broadcast weight: 1.3x slower at Qwen3's vocabulary)
+        logits = self.projection(hidden.contiguous())
         if self.final_map is not None:
             logits = self.final_map(logits)
         return upcast(logits)
