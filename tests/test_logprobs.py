@@ -2,7 +2,14 @@ import math
 
 import torch
 
-from mopd.core.logprobs import masked_mean, token_entropy, token_logprobs
+from mopd.core.logprobs import (
+    aligned_logprobs_and_lse,
+    aligned_token_entropy,
+    fused_logprobs_and_entropy,
+    masked_mean,
+    token_entropy,
+    token_logprobs,
+)
 
 
 def _hand_logits_1_T_V() -> torch.Tensor:
@@ -54,3 +61,25 @@ def test_masked_mean():
     mask = torch.tensor([[1, 1, 0], [0, 1, 0]])
     torch.testing.assert_close(masked_mean(x, mask), torch.tensor(7.0 / 3.0))
     assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_fused_logprobs_and_entropy_equal_the_composed_ones():
+    """The fused logprob + entropy (several chunked blocks use it) against `aligned_logprobs_and_lse` and
+    `aligned_token_entropy` in float64: values, and the logprobs' gradient for a random upstream gradient; with
+    -inf logits it takes the composed functions (finite entropy, no nan)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 50, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    ids = torch.randint(0, 50, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    lp, ent = fused_logprobs_and_entropy(logits, ids)
+    (grad,) = torch.autograd.grad((lp * upstream).sum(), logits)
+    want_lp, lse = aligned_logprobs_and_lse(logits, ids)
+    (want_grad,) = torch.autograd.grad((want_lp * upstream).sum(), logits)
+    torch.testing.assert_close(lp, want_lp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, aligned_token_entropy(logits.detach(), lse.detach()), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+    assert not ent.requires_grad
+    masked = logits.detach().clone()
+    masked[..., 10:] = float("-inf")
+    lp, ent = fused_logprobs_and_entropy(masked, ids.clamp(max=9))
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all() and (ent <= math.log(10) + 1e-9).all()

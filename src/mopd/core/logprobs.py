@@ -124,3 +124,46 @@ def _check_aligned(logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor) -> N
             f"logits {tuple(logits_B_T_V.shape)} must be [B, T, V] with [B, T] = input_ids "
             f"{tuple(input_ids_B_T.shape)}"
         )
+
+
+class _LogprobsAndEntropy(torch.autograd.Function):
+    """`aligned_logprobs_and_lse` and `aligned_token_entropy` of the same logits in one pass's worth of work.
+
+    Why: at a real vocabulary the elementwise passes over [b, n, V] (the logsumexp's max, shift, exp and sum, then
+    the entropy's softmax, product and sum, and in backward the logsumexp's and the gather's gradients) cost as
+    much as the vocabulary projection itself. Here the forward makes one shifted exponential and takes both sums
+    from it, and the backward writes the gradient in place: (onehot(y) - softmax) * g. The entropy is a metric (no
+    gradient). Equal to the composed functions up to float rounding; `learner.chunked` uses it only where that is
+    the contract (several blocks), so one block stays op for op what the unchunked code computes.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        shift = logits.amax(-1, keepdim=True)
+        exps = torch.sub(logits, shift).exp_()
+        total = exps.sum(-1, keepdim=True)
+        lse = (shift + total.log()).squeeze(-1)
+        logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
+        entropy = lse - torch.linalg.vecdot(exps, logits) / total.squeeze(-1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.sub(logits, lse[..., None]).exp_().mul_(-grad_logprobs[..., None])
+        return grad.scatter_add_(-1, targets[..., None], grad_logprobs[..., None]), None
+
+
+def fused_logprobs_and_entropy(
+    aligned_logits_B_T_V: torch.Tensor, input_ids_B_T: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits)[y], entropy) per position, float32 (float64 kept), the first differentiable: the
+    composed `aligned_logprobs_and_lse` / `aligned_token_entropy` up to float rounding, in fewer passes over V.
+    Logits with -inf entries (a masked vocabulary) take the composed functions, which guard 0 * (-inf)."""
+    logits = upcast(aligned_logits_B_T_V)
+    if logits.numel() and bool(logits.detach().amin() == float("-inf")):
+        logprobs, lse = aligned_logprobs_and_lse(logits, input_ids_B_T)
+        return logprobs, aligned_token_entropy(logits.detach(), lse.detach())
+    return _LogprobsAndEntropy.apply(logits, input_ids_B_T)

@@ -32,7 +32,12 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..core.logprobs import aligned_logprobs_and_lse, aligned_token_entropy, aligned_token_logprobs
+from ..core.logprobs import (
+    aligned_logprobs_and_lse,
+    aligned_token_entropy,
+    aligned_token_logprobs,
+    fused_logprobs_and_entropy,
+)
 from ..models.forward import LogitHead
 
 Scores = dict[str, torch.Tensor]
@@ -124,14 +129,18 @@ def token_scores(
         logits_b_C_V = head(hidden_b_C_H)
         pred_b_N_V = logits_b_C_V[:, :n]
         y_b_N = targets_B_W[:, start : start + n] if rows is None else targets_B_W[rows, start : start + n]
-        logprobs_b_N, lse_b_N = aligned_logprobs_and_lse(pred_b_N_V, y_b_N)
+        fused = entropy and len(bounds) > 1  # several blocks: equal to the composed functions up to rounding
+        if fused:
+            logprobs_b_N, entropy_b_N = fused_logprobs_and_entropy(pred_b_N_V, y_b_N)
+        else:
+            logprobs_b_N, lse_b_N = aligned_logprobs_and_lse(pred_b_N_V, y_b_N)
         out = {"logprobs": logprobs_b_N}
         if temperature != 1.0:
             out["pg_logprobs"] = aligned_token_logprobs((logits_b_C_V / temperature)[:, :n], y_b_N)
         if terms is not None:
             out.update(terms(pred_b_N_V, start, stop, y_b_N, rows))
         if entropy:  # last: a checkpointed block's recompute stops at its last saved tensor, before this metric
-            out["entropy"] = aligned_token_entropy(pred_b_N_V.detach(), lse_b_N.detach())
+            out["entropy"] = entropy_b_N if fused else aligned_token_entropy(pred_b_N_V.detach(), lse_b_N.detach())
         return {key: scatter_rows(x, rows, B) for key, x in out.items()}
 
     return over_blocks(block, bounds)
