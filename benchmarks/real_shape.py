@@ -20,7 +20,8 @@ log V / log 151,936 at other vocabulary sizes), so EOS becomes likely at some po
   `--chunk` (logit_chunk, 8) and `--micro-batch` (micro_batch_size, 4): the settings a real-vocabulary recipe
   uses to bound its memory. On a CPU a block's logits should stay under glibc's 32 MiB mmap threshold (4 x 8 x
   151,936 float32 = 19 MiB): a larger block is a fresh mapping each time, and its page faults cost more than its
-  arithmetic (chunk 64, 148 MiB blocks, was 1.4x slower per step). Phases timed: sampling, loss forward,
+  arithmetic (chunk 64, 148 MiB blocks: 1.58x slower per full-vocabulary step, 1.29x per sampled-token step).
+  Phases timed: sampling, loss forward,
   backward + update.
 - `mopd`: the same with mopd's default `objective: sampled`.
 - `mopd-full-unchunked` (curves only): `full_reverse_kl` with `logit_chunk: null`, one block of logits: what
