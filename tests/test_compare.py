@@ -136,7 +136,11 @@ def test_rl_teacher_testbed_makes_its_teachers_by_grpo_alone_from_the_shared_sta
     for domain, teacher in rl.recipe.compare.teachers.items():
         assert stages[teacher].kind == "rlvr" and stages[teacher].init == "sft" and stages[teacher].domains == [domain]
     assert stages["student_sampled"].objective == "sampled"
-    assert stages["student_sampled"].model_copy(update={"objective": "full_reverse_kl"}) == stages["student"]
+    # the same student but for the estimator and its tuned settings (docs/RESULTS.md: clip 0.5, temperature 1.0 -> 0.6)
+    tuned = {"objective": "full_reverse_kl", "temperature": 0.5, "temperature_schedule": "constant",
+             "temperature_end": None, "adv_clip": stages["student"].adv_clip}
+    assert stages["student_sampled"].model_copy(update=tuned) == stages["student"]
+    assert (stages["student_sampled"].adv_clip, stages["student_sampled"].temperature_end) == (0.5, 0.6)
 
 
 # ---------------------------------------------------------------------------------------------- validation
