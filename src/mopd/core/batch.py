@@ -45,6 +45,12 @@ class RolloutBatch:
     def size(self) -> int:
         return int(self.input_ids_B_T.shape[0])
 
+    @property
+    def first_completion_column(self) -> int:
+        """The column where completions start (prompts are left-padded to one width): everything before it is
+        prompt, so only positions from the one before it on predict a completion token."""
+        return int(self.completion_mask_B_T.any(0).long().argmax())
+
     def with_rewards(self, rewards_B: torch.Tensor) -> RolloutBatch:
         return replace(self, rewards_B=rewards_B)
 

@@ -56,6 +56,11 @@ def block_rows(live_B_W: torch.Tensor | None, start: int, n: int, several: bool)
     return None if rows.numel() == live_B_W.shape[0] else rows
 
 
+def row_slice(x_B_W: torch.Tensor, rows: torch.Tensor | None, cols: slice) -> torch.Tensor:
+    """`x_B_W[rows, cols]`, or every row's `x_B_W[:, cols]` (a view, no copy) when `rows` is None."""
+    return x_B_W[:, cols] if rows is None else x_B_W[rows, cols]
+
+
 def scatter_rows(x_b_N: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor:
     """Per-token values of `rows` -> [size, N] in batch order, zeros elsewhere (differentiable wrt `x_b_N`)."""
     if rows is None:
@@ -125,10 +130,9 @@ def token_scores(
     def block(start: int, stop: int) -> Scores:
         n = min(stop, K - 1) - start
         rows = block_rows(live_B_W, start, n, len(bounds) > 1)
-        hidden_b_C_H = hidden_B_K_H[:, start:stop] if rows is None else hidden_B_K_H[rows, start:stop]
-        logits_b_C_V = head(hidden_b_C_H)
+        logits_b_C_V = head(row_slice(hidden_B_K_H, rows, slice(start, stop)))
         pred_b_N_V = logits_b_C_V[:, :n]
-        y_b_N = targets_B_W[:, start : start + n] if rows is None else targets_B_W[rows, start : start + n]
+        y_b_N = row_slice(targets_B_W, rows, slice(start, start + n))
         fused = entropy and len(bounds) > 1  # several blocks: equal to the composed functions up to rounding
         if fused:
             logprobs_b_N, entropy_b_N = fused_logprobs_and_entropy(pred_b_N_V, y_b_N)

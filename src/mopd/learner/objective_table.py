@@ -30,7 +30,7 @@ from ..core.logprobs import aligned_token_logprobs, masked_mean
 from ..core.schema import DistillationSettings, SamplingSettings
 from ..core.scoring import TeacherScorer
 from .advantages import combine_advantages, mopd_metrics, opd_advantages
-from .chunked import BlockTerms, Scores, pad_front
+from .chunked import BlockTerms, Scores, pad_front, row_slice
 from .diagnostics import teacher_diagnostics
 from .losses import policy_gradient_loss, surprise_weights
 from .objectives import forward_kl_tokens, jsd_tokens, reverse_kl_tokens, topk_metrics, topk_reverse_kl_tokens
@@ -139,8 +139,7 @@ def topk_terms(batch: RolloutBatch, names_B: list[str] | None, K: int, cfg: Poli
     def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor,
               rows: torch.Tensor | None) -> Scores:
         cols = slice(start, start + student_B_N_V.shape[1])
-        top_lp, top_ids, teacher_lp = (x[:, cols] if rows is None else x[rows, cols]
-                                       for x in (top_lp_B_W_k, top_ids_B_W_k, teacher_lp_B_W))
+        top_lp, top_ids, teacher_lp = (row_slice(x, rows, cols) for x in (top_lp_B_W_k, top_ids_B_W_k, teacher_lp_B_W))
         kl_B_N, logp_rest_B_N, logq_in_B_N = topk_reverse_kl_tokens(student_B_N_V, top_lp, top_ids)
         return {"loss": kl_B_N, "logp_rest": logp_rest_B_N.detach(), "logq_in": logq_in_B_N,
                 "teacher_lp": teacher_lp}

@@ -43,7 +43,7 @@ def policy_loss(
     # logits only for the K positions that predict a completion token (from the column before the first
     # completion column): the prompt's [B, P, V] projection would be computed only to be thrown away
     T = mask_B_T.shape[1]
-    K = T - int(mask_B_T.any(0).long().argmax()) + 1
+    K = T - batch.first_completion_column + 1
     total = float(loss_mask_B_T.sum())
 
     def part(rows: slice, share: float):

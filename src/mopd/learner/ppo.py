@@ -105,7 +105,7 @@ def clipped_value_loss(
 def completion_window(batch: RolloutBatch) -> int:
     """K: the positions from the column before the first completion token to the end (the logits that matter)."""
     T = batch.input_ids_B_T.shape[1]
-    return T - int(batch.completion_mask_B_T.any(0).long().argmax()) + 1
+    return T - batch.first_completion_column + 1
 
 
 def token_logprobs(model, batch: RolloutBatch, logit_chunk: int | None = None) -> torch.Tensor:

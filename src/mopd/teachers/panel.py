@@ -25,7 +25,7 @@ from ..core.batch import RolloutBatch
 from ..core.logprobs import aligned_token_logprobs
 from ..core.scoring import LogitBlocks
 from ..learner.advantages import route_teachers
-from ..learner.chunked import block_bounds, block_rows, scatter_rows
+from ..learner.chunked import block_bounds, block_rows, row_slice, scatter_rows
 from ..models.forward import LogitHead, final_hidden, shared_prompt_hidden
 from .offload import placed_on
 
@@ -89,10 +89,10 @@ class TeacherPanel:
         (`core.scoring.TeacherScorer.logit_blocks`). Each teacher's decoder runs now, once, over its own rows
         (minus their all-padding columns); a block applies each teacher's head to its rows' slice."""
         parts = []
+        first = batch.first_completion_column
         for name, rows in self._rows_by_teacher(names_B).items():
             ids, mask, dropped = self._routed_rows(batch, rows)
-            prompt_columns = int(batch.completion_mask_B_T.any(0).long().argmax()) - dropped
-            hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]), prompt_columns)
+            hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]), first - dropped)
             parts.append(_Routed(rows, hidden, head, keep - hidden.shape[1]))
         return _RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device)
 
@@ -102,7 +102,7 @@ class TeacherPanel:
         # Only positions that predict a completion token need logits: from the column before the first
         # completion column to the end (the prompt's vocabulary projection is skipped).
         T = batch.input_ids_B_T.shape[1]
-        keep = T - int(batch.completion_mask_B_T.any(0).long().argmax()) + 1
+        keep = T - batch.first_completion_column + 1
         blocks = self.logit_blocks(batch, names_B, keep)
         targets_B_W = batch.input_ids_B_T[:, T - keep + 1 :]
         live_B_W = batch.completion_mask_B_T[:, T - keep + 1 :] > 0
@@ -111,7 +111,7 @@ class TeacherPanel:
         for start, stop in bounds:  # with several blocks, only the rows with a completion token in the block
             n = min(stop, keep - 1) - start
             rows = block_rows(live_B_W, start, n, len(bounds) > 1)
-            y = targets_B_W[:, start : start + n] if rows is None else targets_B_W[rows, start : start + n]
+            y = row_slice(targets_B_W, rows, slice(start, start + n))
             parts.append(scatter_rows(aligned_token_logprobs(blocks(start, stop, rows)[:, :n], y), rows, batch.size))
         lp_B_W = torch.cat(parts, dim=1)
         return torch.cat([lp_B_W.new_zeros(batch.size, T - lp_B_W.shape[1]), lp_B_W], 1) * batch.completion_mask_B_T
@@ -174,8 +174,8 @@ class _RoutedBlocks:
         size = self.size if rows is None else rows.numel()
         if len(self.parts) == 1 and self.parts[0].rows.numel() == self.size and self.parts[0].first == 0:
             p = self.parts[0]
-            hidden = p.hidden[:, start:stop] if rows is None else p.hidden[rows.to(p.hidden.device), start:stop]
-            return p.head(hidden).to(self.device)
+            rows = None if rows is None else rows.to(p.hidden.device)
+            return p.head(row_slice(p.hidden, rows, slice(start, stop))).to(self.device)
         place = None  # each asked-for row's place in the output (-1: not asked for)
         if rows is not None:
             place = torch.full((self.size,), -1, dtype=torch.long)
