@@ -8,7 +8,8 @@ costs, and a model of step time and memory on a GPU node that is a projection, n
    be identical to the local seed-0 run's); with 2 learner workers on gloo (its final scores must lie within the
    local runs' spread over seeds).
 2. costs: on this machine, one MOPD step of the benchmarks' models (`_common`: 0.79M-parameter student, three
-   2.77M-parameter teachers) split into sampling (whole batch, and group by group as rollout workers sample),
+   2.77M-parameter teachers) split into sampling (whole batch; group by group; 8 groups per batched call, as
+   rollout workers sample by default),
    teacher scoring, the update (loss + backward + AdamW, less the scoring inside it), the weight sync (the
    student's weights into Ray's object store and loaded by an actor) and a 2-rank gloo all-reduce of the
    gradient. Medians of `--repeats`.
@@ -67,7 +68,7 @@ stages:
     batch_size: 8
     group_size: 2
     alpha: 0.5
-    rollout: {workers: 2, cpus: 0.5}
+    rollout: {workers: 2, cpus: 0.5, groups_per_call: 4}
     resources: {cpus: 0.5}
 """
 
@@ -160,7 +161,8 @@ def costs(rows: int, tokens: int, repeats: int) -> dict:
     problems = _common.problems(rows // 2)
     domains = {p.domain: _common.get_domain(p.domain) for p in problems}
     opt = torch.optim.AdamW(student.parameters(), lr=_common.LR)
-    keys = ("sample (whole batch)", "sample (group by group)", "teacher scoring", "loss+backward+AdamW")
+    keys = ("sample (whole batch)", "sample (group by group)", "sample (8 groups per call)", "teacher scoring",
+            "loss+backward+AdamW")
     t: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(repeats + 1):
         def gen(r: int = r) -> torch.Generator:
@@ -172,6 +174,9 @@ def costs(rows: int, tokens: int, repeats: int) -> dict:
         rollout(student, tok, problems, domains, settings, temperature=1.0, generator=gen(),
                 sampler=grouped_sampler(sample))
         t2 = time.perf_counter()
+        rollout(student, tok, problems, domains, settings, temperature=1.0, generator=gen(),
+                sampler=grouped_sampler(sample, 8))  # `rollout: {groups_per_call: 8}`, the default
+        t2b = time.perf_counter()
         panel.sampled_logprobs(batch, panel.route(batch))
         t3 = time.perf_counter()
         loss, _ = policy_loss(student, batch, PolicyConfig(sampling=settings, distill=settings, teachers=panel),
@@ -181,7 +186,7 @@ def costs(rows: int, tokens: int, repeats: int) -> dict:
         opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
         if r:  # the first is a warm-up
-            for k, v in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            for k, v in zip(keys, (t1 - t0, t2 - t1, t2b - t2, t3 - t2b, t4 - t3), strict=True):
                 t[k].append(v)
     out = {k: round(_common.median(v), 4) for k, v in t.items()}
     out["update (loss+backward+AdamW less scoring)"] = round(out["loss+backward+AdamW"] - out["teacher scoring"], 4)

@@ -280,6 +280,8 @@ CASES: list[Case] = [
     sub("rollout workers zero", "    group_size: 2\n", "    group_size: 2\n    rollout: {workers: 0}\n", 18, "workers"),
     sub("rollout max_lag negative", "    group_size: 2\n", "    group_size: 2\n    rollout: {max_lag: -1}\n", 18,
         "max_lag"),
+    sub("rollout groups_per_call zero", "    group_size: 2\n", "    group_size: 2\n    rollout: {groups_per_call: 0}\n",
+        18, "groups_per_call"),
     sub("learner workers zero", "    group_size: 2\n", "    group_size: 2\n    learner: {workers: 0}\n", 18, "workers"),
     sub("learner strategy unknown", "    group_size: 2\n", "    group_size: 2\n    learner: {strategy: zero3}\n", 18,
         "strategy"),

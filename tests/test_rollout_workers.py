@@ -31,7 +31,7 @@ from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
 from mopd.recipe.runner import run_recipe
 from mopd.sampling.grouped import concat_batches, group_rows, group_seeds, grouped_sampler, sample_groups
-from mopd.sampling.sampler import sample
+from mopd.sampling.sampler import next_tokens, next_tokens_by_group, sample
 from mopd.stages.rollout_workers import RolloutPool, _shards, worker_name
 
 TOK = build_char_tokenizer(ALPHABET)
@@ -72,7 +72,7 @@ stages:
     group_size: 2
     alpha: 0.5
     checkpoint_every: 3
-    rollout: {workers: 2, cpus: 0.5}
+    rollout: {workers: 2, cpus: 0.5, groups_per_call: 2}
     resources: {cpus: 0.5}
 """
 STAGES = ("base", "teacher_add", "teacher_rev", "student")
@@ -141,10 +141,51 @@ def test_groups_sampled_by_any_split_make_the_same_batch(one_thread):
     assert whole.size == 15 and len(set(whole.completions)) > 1
 
 
+@pytest.mark.parametrize("per_call", [2, 5])
+def test_batched_calls_make_the_same_batch_however_the_workers_share_them(per_call, one_thread):
+    """`per_call` groups per batched forward, each group's tokens from its own seed: the workers' shards (cut at
+    call boundaries) sample the in-process twin's batch, for 1, 2 or 3 workers."""
+    model = build_tiny_model(TINY, len(TOK), TOK, 0)
+    rows = _rows()
+    groups = group_rows(rows["group_ids"])
+    seeds = group_seeds(torch.Generator().manual_seed(7), len(groups))
+    whole = grouped_sampler(sample, per_call)(model, TOK, generator=torch.Generator().manual_seed(7), **rows,
+                                              **SETTINGS)
+    for workers in (1, 2, 3):
+        parts = [p for sl in _shards(len(groups), workers, per_call)
+                 for p in sample_groups(sample, model, TOK, rows["prompts"], seeds=seeds[sl], groups=groups[sl],
+                                        domains=rows["domains"], group_ids=rows["group_ids"],
+                                        references=rows["references"], groups_per_call=per_call, **SETTINGS)]
+        assert _same(concat_batches(parts, TOK.pad_token_id), whole), workers
+    assert whole.size == 15 and len(set(whole.completions)) > 1
+
+
+def test_each_group_draws_from_its_own_generator(one_thread):
+    """One group covering every row is `generator` itself, token for token; with two groups each group's tokens
+    are those its own generator draws from its rows' logits (a fresh generator per group, not one stream)."""
+    model = build_tiny_model(TINY, len(TOK), TOK, 0)
+    prompts = ["12+34=", "12+34=", "ab|", "ab|"]
+    one = sample(model, TOK, prompts, generator=torch.Generator().manual_seed(3), **SETTINGS)
+    same = sample(model, TOK, prompts, draw_groups=[(4, torch.Generator().manual_seed(3))], **SETTINGS)
+    assert _same(one, same)
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    tok, lp = next_tokens_by_group(logits, 1.0, 1.0, [(2, torch.Generator().manual_seed(1)),
+                                                      (2, torch.Generator().manual_seed(2))])
+    for (a, b), seed in (((0, 2), 1), ((2, 4), 2)):
+        alone = next_tokens(logits[a:b], 1.0, 1.0, torch.Generator().manual_seed(seed))
+        assert torch.equal(tok[a:b], alone[0]) and torch.equal(lp[a:b], alone[1])
+    with pytest.raises(ValueError, match="draw_groups cover 3 rows of 4"):
+        sample(model, TOK, prompts, draw_groups=[(3, torch.Generator())], **SETTINGS)
+
+
 def test_groups_are_shared_out_in_contiguous_near_equal_shards():
     assert group_rows([0, 0, 1, 1, 1, 2]) == [[0, 1], [2, 3, 4], [5]]
     assert _shards(5, 2) == [slice(0, 3), slice(3, 5)]
     assert _shards(2, 3) == [slice(0, 1), slice(1, 2), slice(2, 2)]  # a worker with no group is not called
+    # cut at call boundaries: 5 groups in calls of 2 are calls [0, 2), [2, 4), [4, 5)
+    assert _shards(5, 2, 2) == [slice(0, 4), slice(4, 5)]
+    assert _shards(5, 3, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert _shards(2, 3, 2) == [slice(0, 2), slice(2, 2), slice(2, 2)]
 
 
 def _pool(max_lag: int) -> RolloutPool:
@@ -181,17 +222,18 @@ def test_workers_are_not_in_the_identity_but_the_lag_is(tmp_path):
         (tmp_path / "r.yaml").write_text(text)
         return stage_identities(load_recipe(tmp_path / "r.yaml"))
 
-    plain = ids(MINI.replace("    rollout: {workers: 2, cpus: 0.5}\n", ""))
+    plain = ids(MINI.replace("    rollout: {workers: 2, cpus: 0.5, groups_per_call: 2}\n", ""))
     two = ids(MINI)
     assert two == ids(MINI.replace("workers: 2, cpus: 0.5", "workers: 3") + "    learner: {workers: 2}\n")
     assert two["student"] != plain["student"]  # grouped sampling draws other tokens than the whole-batch sampler
     assert {k: v for k, v in two.items() if k != "student"} == {k: v for k, v in plain.items() if k != "student"}
-    assert ids(MINI.replace("workers: 2, cpus: 0.5}", "workers: 2, cpus: 0.5, max_lag: 1}"))["student"] != two["student"]
+    assert ids(MINI.replace("groups_per_call: 2}", "groups_per_call: 2, max_lag: 1}"))["student"] != two["student"]
+    assert ids(MINI.replace("groups_per_call: 2}", "groups_per_call: 1}"))["student"] != two["student"]
 
 
 def test_max_lag_one_trains_one_step_behind_and_logs_it(tmp_path, one_thread):
     """Local executor: from step 2 on, each step's rollouts were sampled before the previous update."""
-    text = MINI.replace("workers: 2, cpus: 0.5}", "workers: 2, cpus: 0.5, max_lag: 1}").replace("    steps: 6\n", "    steps: 3\n")
+    text = MINI.replace("groups_per_call: 2}", "groups_per_call: 2, max_lag: 1}").replace("    steps: 6\n", "    steps: 3\n")
     (tmp_path / "r.yaml").write_text(text)
     run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "run", threads=1)
     records = [json.loads(x) for x in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
@@ -215,7 +257,7 @@ def test_workers_on_a_sampling_kind_without_them_are_refused_at_load(tmp_path):
 
 def test_a_stage_whose_workers_outgrow_the_cluster_is_one_line_before_compute(tmp_path, ray_local):
     """2 learner ranks of 1 CPU and 2 rollout workers of 1 CPU: 4 CPUs, on a 2-CPU Ray instance."""
-    text = MINI.replace("workers: 2, cpus: 0.5}", "workers: 2, cpus: 1}").replace("resources: {cpus: 0.5}",
+    text = MINI.replace("workers: 2, cpus: 0.5,", "workers: 2, cpus: 1,").replace("resources: {cpus: 0.5}",
                                                                                 "resources: {cpus: 1}")
     (tmp_path / "r.yaml").write_text(text + "    learner: {workers: 2}\n")
     with pytest.raises(StageError, match=r"stage 'student': resources ask for 4 CPUs \(its learner ranks and "

@@ -122,10 +122,7 @@ def run(
     scale: float | None = typer.Option(None, "--scale", help=SCALE_HELP),
 ) -> None:
     """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
-    if executor not in (None, "local", "ray"):
-        _fail(f"--executor {executor}: expected local or ray")
-    if address is not None and executor == "local":
-        _fail("--address needs --executor ray")
+    _check_executor(executor, address)
     _prepare_process(threads)
     _run(recipe, out, log, scale, executor=executor, address=address, threads=threads)
 
@@ -139,6 +136,23 @@ def demo(
     """The bundled demo: tiny base -> SFT -> one RL teacher per domain -> MOPD student, on this CPU."""
     _prepare_process(threads)
     _run(bundled_recipe("demo"), out, log)
+
+
+VARIANTS_EXECUTOR_HELP = ("local: the {what} one after another in this process; ray: each as a Ray task with its "
+                          "stages' largest `resources`, as many at once as the cluster holds (needs mopd[ray]); "
+                          "inside each, stages run as the recipe's `executor` says{tail}")
+
+
+COMPARE_EXECUTOR_HELP = VARIANTS_EXECUTOR_HELP.format(
+    what="seeds", tail="; with one seed, ray runs the stages (the methods) as Ray tasks, as `mopd run` does")
+SWEEP_EXECUTOR_HELP = VARIANTS_EXECUTOR_HELP.format(what="points", tail="")
+
+
+def _check_executor(executor: str | None, address: str | None) -> None:
+    if executor not in (None, "local", "ray"):
+        _fail(f"--executor {executor}: expected local or ray")
+    if address is not None and executor != "ray":
+        _fail("--address needs --executor ray")
 
 
 SEEDS_HELP = ("run every method for N seeds (the recipe's seed, seed+1, ...), each in OUT/seed-<s>/, and report "
@@ -164,23 +178,29 @@ def compare(
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
     seeds: int | None = typer.Option(None, "--seeds", help=SEEDS_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=COMPARE_EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
     """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
-    from .cli_tools.keep_going import run_compare
+    from .cli_tools.keep_going import run_compare, variants_executor
+    from .core.errors import StageError
     from .recipe.load import RecipeError
     from .recipe.runner import RunLockedError
     from .recipe.sweep import seed_count
 
+    _check_executor(executor, address)
     loaded = _load_or_fail(recipe)
     if loaded.recipe.compare is None:
         _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
     out = out or Path("runs") / loaded.recipe.name
     try:
         n = seed_count(seeds, loaded)
+        run_variants_with = variants_executor(console, executor, address, threads)
         _prepare_process(threads)
-        result, failures = run_compare(loaded, out, n, console)
-    except (RecipeError, RunLockedError) as e:
+        one_seed = {"executor": executor, "address": address, "threads": threads} if executor == "ray" else {}
+        result, failures = run_compare(loaded, out, n, run_variants_with, one_seed)
+    except (RecipeError, RunLockedError, StageError) as e:
         _fail(str(e))
     for label, m in result["methods"].items():
         score = m["normalized_score"]
@@ -202,26 +222,29 @@ def sweep(
     out: Path | None = typer.Option(None, "--out", help="sweep directory (default: runs/<recipe name>-sweep)"),
     seeds: int | None = typer.Option(None, "--seeds", help="seeds per point (default: the recipe's `seeds`, 1)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=SWEEP_EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
 ) -> None:
-    """Run a grid of recipe variants, one point after another, and write sweep.md, sweep.json and one
-    sweep_<key>.png per swept key, naming the best setting per objective with its 95% interval.
+    """Run a grid of recipe variants (one point after another, or in parallel on Ray) and write sweep.md,
+    sweep.json and one sweep_<key>.png per swept key, naming the best setting per objective with its 95% interval.
 
     Every variant is checked before any compute (a bad key or value is one line, exit 2). Points share their
     unchanged parents (trained once); a rerun skips finished points and resumes an interrupted one."""
-    from .cli_tools.keep_going import collecting
+    from .cli_tools.keep_going import run_sweep, variants_executor
+    from .core.errors import StageError
     from .recipe.load import RecipeError
     from .recipe.runner import RunLockedError
     from .recipe.sweep import seed_count
-    from .recipe.sweep import sweep as run_sweep
 
+    _check_executor(executor, address)
     loaded = _load_or_fail(recipe)
     out = out or Path("runs") / f"{loaded.recipe.name}-sweep"
-    failures: list[str] = []  # a failed point is a hole in the table, not the end of the sweep
-    try:
+    try:  # a failed point is a hole in the table, not the end of the sweep
         n = seed_count(seeds, loaded)
+        run_variants_with = variants_executor(console, executor, address, threads)
         _prepare_process(threads)
-        result = run_sweep(loaded, out, assignments, n, collecting(out, console, failures))
-    except (RecipeError, RunLockedError) as e:
+        result, failures = run_sweep(loaded, out, assignments, n, run_variants_with)
+    except (RecipeError, RunLockedError, StageError) as e:
         _fail(str(e))
     for objective, b in result["best"].items():
         ci = (b.get("interval") or {}).get("ci")

@@ -14,6 +14,7 @@ directories, so the run directory must be on a filesystem every Ray node sees (o
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -57,13 +58,15 @@ def ray_cluster(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
         _check_reachable(address)
     started = False
     if not ray.is_initialized():
+        # concurrent stages and sweep points print look-alike progress lines; Ray would fold them into one
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True)
         except Exception as e:  # ConnectionError, a version mismatch, no cluster for "auto"
             raise StageError(f"--address {address}: cannot start or join Ray ({first_line(e)})") from None
         started = True
     try:
-        _check_resources(loaded, ray.cluster_resources())
+        check_resources(loaded, ray.cluster_resources())
         yield
     finally:
         if started:
@@ -83,7 +86,7 @@ def _check_reachable(address: str) -> None:
                          f"({e.strerror or e}); start one with `ray start --head`") from None
 
 
-def _check_resources(loaded: LoadedRecipe, cluster: dict[str, float]) -> None:
+def check_resources(loaded: LoadedRecipe, cluster: dict[str, float]) -> None:
     """A stage that asks for more CPUs or GPUs than the whole cluster has would wait forever: one line."""
     for name in loaded.order:
         stage = loaded.recipe.stages[name]
@@ -109,7 +112,7 @@ def run_on_ray(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info
     # workers run in other directories: every path they read absolute
     loaded = dataclasses.replace(loaded, path=loaded.path.resolve())
     out = Path(out).resolve()
-    _plugins_by_value(ray)
+    plugins_by_value(ray)
     shared = ray.put(loaded)
     task = ray.remote(_stage_task)
     parents = {n: [r for _, r in stage_refs(recipe.stages[n]) if r in recipe.stages] for n in loaded.order}
@@ -153,7 +156,7 @@ def run_on_ray(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info
     failures.raise_if_any()
 
 
-def _plugins_by_value(ray: Any) -> None:
+def plugins_by_value(ray: Any) -> None:
     """Domain plugins are modules loaded from files (`envs.load_plugin`), which a worker cannot import by name:
     send their code with the recipe instead."""
     for name, module in list(sys.modules.items()):

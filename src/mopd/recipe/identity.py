@@ -59,10 +59,10 @@ def _real_model_identity(recipe, settings: dict) -> dict:
     for key in ("dtype", "master_weights", "lora", "device"):
         if settings.get(key) is None or key == "device":
             settings.pop(key, None)
-    if settings.get("rollout", 0) is None:  # rollout workers: how many never changes a batch, the lag does
-        settings.pop("rollout")
+    if settings.get("rollout", 0) is None:  # rollout workers: how many never changes a batch; the lag and the
+        settings.pop("rollout")            # groups sampled per call do
     elif "rollout" in settings:
-        settings["rollout"] = {"max_lag": settings["rollout"]["max_lag"]}
+        settings["rollout"] = {k: settings["rollout"][k] for k in ("max_lag", "groups_per_call")}
     extra: dict = {}
     if recipe.data_domains:
         extra["data_domains"] = [d.model_dump(mode="json") for d in recipe.data_domains.values()]

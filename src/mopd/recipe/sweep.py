@@ -1,5 +1,5 @@
 """`mopd compare --seeds N` and `mopd sweep`: plan every variant (checked before any compute), run them one after
-another through `recipe.variants`, then write the reports.
+another (or, with the Ray executor, in parallel) through `recipe.variants`, then write the reports.
 
 Layout: `compare --seeds N` runs seed s into RUN/seed-<s>/ (each a complete run directory with its own
 compare.md) and writes the combined compare.md/json in RUN. `sweep` runs point p, seed s into
@@ -11,7 +11,7 @@ values) also gets sweep_all.md/json: every point found under RUN, whichever invo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .load import LoadedRecipe
 from .runner import report_block
 from .variants import (
     Executor,
+    RunFn,
     Variant,
     earlier_runs,
     parse_grid,
@@ -35,8 +36,6 @@ from .variants import (
     run_variants,
     sweep_points,
 )
-
-RunFn = Callable[[LoadedRecipe, Path], Any]
 
 
 def seed_count(option: int | None, loaded: LoadedRecipe) -> int:
@@ -48,15 +47,15 @@ def seed_count(option: int | None, loaded: LoadedRecipe) -> int:
 
 
 def compare_seeds(loaded: LoadedRecipe, out: Path, seeds: int, run: RunFn,
-                  executor: Executor = run_in_order) -> dict[str, Any]:
+                  executor: Executor = run_in_order) -> tuple[dict[str, Any], list[Any]]:
     """Run every method for `seeds` seeds (variants planned and checked first) and write each seed's comparison
-    and the combined one; returns the combined compare.json."""
+    and the combined one; returns the combined compare.json and each seed's `run` result."""
     plan = compare_plan(loaded)
     variants = plan_variants(loaded, out, seeds)
-    run_variants(variants, run, executor, earlier_runs(out))
+    outcomes = run_variants(variants, run, executor, earlier_runs(out))
     for v in variants:
         build_compare(v.out, plan)
-    return build_compare(out, plan, [v.out for v in variants])
+    return build_compare(out, plan, [v.out for v in variants]), outcomes
 
 
 def _sweep_plan(variant: Variant) -> dict[str, Any]:
@@ -71,13 +70,13 @@ def _sweep_plan(variant: Variant) -> dict[str, Any]:
 
 
 def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: int, run: RunFn,
-          executor: Executor = run_in_order) -> dict[str, Any]:
+          executor: Executor = run_in_order) -> tuple[dict[str, Any], list[Any]]:
     """Run the grid of `--set` values x seeds (every variant checked first) and write sweep.md, sweep.json and
-    one sweep_<key>.png per key; returns sweep.json."""
+    one sweep_<key>.png per key; returns sweep.json and each variant's `run` result."""
     grid = parse_grid(assignments)
     variants = plan_variants(loaded, out, seeds, grid)
     plans = {id(v): _sweep_plan(v) for v in variants}  # before any compute: every point has a student
-    run_variants(variants, run, executor, earlier_runs(out))
+    outcomes = run_variants(variants, run, executor, earlier_runs(out))
     points: dict[str, dict[str, Any]] = {}
     for v in variants:
         p = points.setdefault(v.name, {"name": v.name, "settings": dict(v.texts), "seed_dirs": [],
@@ -87,7 +86,7 @@ def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: in
                                "values": {k: texts for k, texts in grid},
                                "seeds": sorted({v.seed for v in variants}), "points": list(points.values())})
     sweep_history(out, loaded.recipe.name, plans[id(variants[0])], scored=result["points"])
-    return result
+    return result, outcomes
 
 
 def _objective_in(run_dir: Path, student: str) -> str | None:

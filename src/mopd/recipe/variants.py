@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,18 +241,47 @@ def link_shared_stages(variant: Variant, finished: dict[str, Path]) -> list[str]
     return linked
 
 
-RunOne = Callable[[Variant], Any]
-Executor = Callable[[Sequence[Variant], RunOne], None]
+RunFn = Callable[[LoadedRecipe, Path], Any]  # runs one variant's recipe into its run directory
 
 
-def run_in_order(variants: Sequence[Variant], run_one: RunOne) -> None:
-    """The local executor: one variant after another, each reusing what the earlier ones finished.
+@dataclass
+class VariantRuns:
+    """What an executor runs: the variants in order, for each the earlier variants it must wait for
+    (`variant_waits`), `prepare` (on the driver, just before a variant starts: its recipe written and its shared
+    stages linked) and `run` (the recipe run itself; with the Ray executor, in a worker)."""
 
-    The seam for a parallel executor (Ray, from the scale-out issue): it receives the same variants and the same
-    `run_one`; to keep parents trained once it should run the variants of one seed's first point before the
-    rest, so that `link_shared_stages` finds their shared parents finished."""
-    for v in variants:
-        run_one(v)
+    variants: list[Variant]
+    waits: list[set[int]]
+    prepare: Callable[[Variant], None]
+    run: RunFn
+
+
+Executor = Callable[[VariantRuns], list[Any]]  # returns each variant's `run` result, in variant order
+
+
+def run_in_order(runs: VariantRuns) -> list[Any]:
+    """The local executor: one variant after another, each reusing what the earlier ones finished (an order in
+    which every wait is already met). The Ray executor (`variants_ray`) starts each as soon as its waits are met."""
+    results = []
+    for v in runs.variants:
+        runs.prepare(v)
+        results.append(runs.run(v.loaded, v.out))
+    return results
+
+
+def variant_waits(variants: Sequence[Variant], finished: Collection[str]) -> list[set[int]]:
+    """For each variant, the earlier variants that first reach a stage identity it also has and that no earlier
+    run `finished`: a parallel executor starts it only after those, so the shared stage trains once and is
+    linked. A sweep point waits for its seed's first point (the parents), seeds wait only for stages that pin
+    their own `seed:`."""
+    owner: dict[str, int] = {}
+    waits = []
+    for i, v in enumerate(variants):
+        ids = set(stage_identities(v.loaded).values()) - set(finished)
+        waits.append({owner[x] for x in ids if x in owner})
+        for x in ids:
+            owner.setdefault(x, i)
+    return waits
 
 
 def point_settings(name: str) -> dict[str, str]:
@@ -293,15 +322,15 @@ def earlier_runs(root: Path) -> list[Path]:
                    if not p.parent.is_symlink()})
 
 
-def run_variants(variants: Sequence[Variant], run: Callable[[LoadedRecipe, Path], Any],
-                 executor: Executor = run_in_order, earlier: Sequence[Path] = ()) -> None:
+def run_variants(variants: Sequence[Variant], run: RunFn, executor: Executor = run_in_order,
+                 earlier: Sequence[Path] = ()) -> list[Any]:
     """Place each variant, link the stages it shares with finished stages of the others (and of the run
-    directories `earlier`), and run it with `run`."""
+    directories `earlier`), and run it with `run` through `executor`; returns each variant's `run` result."""
     dirs = sorted({v.out for v in variants} | {Path(d) for d in earlier})
 
-    def run_one(v: Variant) -> Any:
+    def prepare(v: Variant) -> None:
         place(v)
         link_shared_stages(v, finished_stages([d for d in dirs if d.exists()]))
-        return run(v.loaded, v.out)
 
-    executor(variants, run_one)
+    finished = finished_stages([d for d in dirs if d.exists()])
+    return executor(VariantRuns(list(variants), variant_waits(variants, finished), prepare, run))

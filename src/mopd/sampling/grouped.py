@@ -1,11 +1,15 @@
-"""Sampling a step's rollouts one group at a time, each group from its own generator: the unit of work that
-rollout workers share out.
+"""Sampling a step's rollouts a fixed number of groups at a time, each group from its own generator: the unit of
+work that rollout workers share out.
 
 Why: the whole-batch sampler draws every row's tokens from one generator and runs every row in one padded
-forward, so a row's completion depends on which other rows were in its batch. A group (the `group_size` rows of
-one problem, one prompt, no padding) sampled alone from a generator seeded by (step generator, group index) is
-a function of that group only; so whichever worker samples it, and however many workers share the step, the
-concatenated batch is the same tensors. `group_seeds` draws the seeds once, in the learner, in group order.
+forward, so a row's completion depends on which other rows were in its batch. Here the step's groups (the
+`group_size` rows of one problem) are cut into calls of `groups_per_call` consecutive groups, fixed by the recipe;
+a call runs its rows in one batched forward and draws each group's tokens from a generator seeded by (step
+generator, group index) (`sampler.next_tokens_by_group`). A call's rows are then a function of its groups only,
+so whichever worker samples it, and however many workers share the step (shards are cut at call boundaries), the
+concatenated batch is the same tensors. `group_seeds` draws the seeds once, in the learner, in group order. One
+group per call is the group-by-group sampling of earlier versions, token for token; more groups per call make
+one forward serve them all (the cost of sampling group by group: docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -32,24 +36,34 @@ def group_rows(group_ids: Sequence[int]) -> list[list[int]]:
     return list(order.values())
 
 
+def call_slices(groups: int, groups_per_call: int) -> list[slice]:
+    """The step's groups cut into calls of `groups_per_call` consecutive groups (the last one shorter)."""
+    return [slice(i, min(i + groups_per_call, groups)) for i in range(0, groups, groups_per_call)]
+
+
 def sample_groups(sampler: Callable[..., RolloutBatch], model, tokenizer, prompts: list[str], *, seeds: list[int],
                   groups: list[list[int]], domains: list[str], group_ids: list[int], references: list[str],
-                  **settings) -> list[RolloutBatch]:
-    """Each group of rows sampled alone by `sampler` (a `sample`-like callable) from its own seed."""
+                  groups_per_call: int = 1, **settings) -> list[RolloutBatch]:
+    """The groups sampled by `sampler` (a `sample`-like callable), `groups_per_call` at a time, each group's
+    tokens from its own seed; one batch per call, in order."""
     out = []
-    for seed, rows in zip(seeds, groups, strict=True):
+    for sl in call_slices(len(groups), groups_per_call):
+        rows = [r for g in groups[sl] for r in g]
+
         def pick(xs: list, rows: list[int] = rows) -> list:
             return [xs[i] for i in rows] if xs else []
 
-        out.append(sampler(model, tokenizer, pick(prompts), generator=torch.Generator().manual_seed(seed),
-                           domains=pick(domains), group_ids=pick(group_ids), references=pick(references),
-                           **settings))
+        draws = [(len(g), torch.Generator().manual_seed(seed)) for seed, g in zip(seeds[sl], groups[sl], strict=True)]
+        how = {"generator": draws[0][1]} if len(draws) == 1 else {"draw_groups": draws}
+        out.append(sampler(model, tokenizer, pick(prompts), domains=pick(domains), group_ids=pick(group_ids),
+                           references=pick(references), **how, **settings))
     return out
 
 
-def grouped_sampler(sampler: Callable[..., RolloutBatch]) -> Callable[..., RolloutBatch]:
-    """`sampler` (with `sample`'s signature) turned into one that samples group by group, each group from its
-    own seed: the in-process twin of the rollout workers, whose batches it equals for the same (seed, step)."""
+def grouped_sampler(sampler: Callable[..., RolloutBatch], groups_per_call: int = 1) -> Callable[..., RolloutBatch]:
+    """`sampler` (with `sample`'s signature) turned into one that samples `groups_per_call` groups at a time, each
+    group from its own seed: the in-process twin of the rollout workers, whose batches it equals for the same
+    (seed, step)."""
 
     def sample_by_group(model, tokenizer, prompts: list[str], *, generator: torch.Generator,
                         domains: list[str], group_ids: list[int], references: list[str] | None = None,
@@ -57,7 +71,7 @@ def grouped_sampler(sampler: Callable[..., RolloutBatch]) -> Callable[..., Rollo
         groups = group_rows(group_ids)
         parts = sample_groups(sampler, model, tokenizer, prompts, seeds=group_seeds(generator, len(groups)),
                               groups=groups, domains=domains, group_ids=group_ids, references=references or [],
-                              **settings)
+                              groups_per_call=groups_per_call, **settings)
         return concat_batches(parts, tokenizer.pad_token_id)
 
     return sample_by_group

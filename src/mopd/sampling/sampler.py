@@ -97,6 +97,18 @@ def next_tokens(logits_B_V: torch.Tensor, temperature: float, top_p: float,
     return tok, dist_lp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def next_tokens_by_group(logits_B_V: torch.Tensor, temperature: float, top_p: float,
+                         draws: list[tuple[int, torch.Generator | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`next_tokens` for consecutive row groups, each drawn from its own generator: `draws` is (rows, generator)
+    per group, in row order. A group's tokens then depend on its logits and its generator only, whatever other
+    groups share the batch (batched sampling of independently seeded groups: `sampling.grouped`)."""
+    parts, start = [], 0
+    for rows, generator in draws:
+        parts.append(next_tokens(logits_B_V[start:start + rows], temperature, top_p, generator))
+        start += rows
+    return torch.cat([tok for tok, _ in parts]), torch.cat([lp for _, lp in parts])
+
+
 def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """`generator` itself on its own device; on another device, a generator there seeded from it.
 
@@ -167,11 +179,14 @@ def sample(
     group_ids: list[int] | None = None,
     references: list[str] | None = None,
     prompt_format: PromptFormat = RAW,
+    draw_groups: list[tuple[int, torch.Generator]] | None = None,
 ) -> RolloutBatch:
-    """Sample one completion per prompt (repeat prompts for groups). temperature 0 means greedy."""
+    """Sample one completion per prompt (repeat prompts for groups). temperature 0 means greedy. `draw_groups`
+    (instead of `generator`): consecutive row groups, (rows, generator) each, every group's tokens drawn from its
+    own generator (`next_tokens_by_group`)."""
     return _sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    generator=generator, domains=domains, group_ids=group_ids, references=references,
-                   prompt_format=prompt_format)
+                   prompt_format=prompt_format, draw_groups=draw_groups)
 
 
 @torch.no_grad()
@@ -179,7 +194,7 @@ def _sample(
     model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
     generator: torch.Generator | None, domains: list[str] | None, group_ids: list[int] | None,
     references: list[str] | None, prompt_format: PromptFormat, share_prefill: bool = True,
-    drop_finished: bool = True,
+    drop_finished: bool = True, draw_groups: list[tuple[int, torch.Generator]] | None = None,
 ) -> RolloutBatch:
     """`sample`; `share_prefill` / `drop_finished` False: prefill and decode every row (the reference the tests
     compare the shared prefill and the shrinking decode batch with)."""
@@ -189,6 +204,9 @@ def _sample(
     prompt_ids, prompt_mask = (x.to(dev) for x in encode_prompts(tokenizer, prompts, prompt_format))
     generator = on_device(generator, dev)
     B = prompt_ids.shape[0]
+    draws = None if draw_groups is None else [(n, on_device(g, dev)) for n, g in draw_groups]
+    if draws is not None and sum(n for n, _ in draws) != B:
+        raise ValueError(f"draw_groups cover {sum(n for n, _ in draws)} rows of {B}")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     new_ids = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=dev)
     new_lp = torch.zeros((B, max_new_tokens), device=dev)
@@ -225,7 +243,8 @@ def _sample(
     for t in range(max_new_tokens):
         # Sampled over all B rows, finished ones included: the draws use the generator as decoding every row
         # did, so the shrinking decode batch changes no live row's token.
-        tok, tok_lp = next_tokens(logits, temperature, top_p, generator)
+        tok, tok_lp = (next_tokens(logits, temperature, top_p, generator) if draws is None
+                       else next_tokens_by_group(logits, temperature, top_p, draws))
         live = ~finished
         new_ids[:, t] = tok.masked_fill(finished, pad)
         new_lp[:, t] = tok_lp.masked_fill(finished, 0.0)

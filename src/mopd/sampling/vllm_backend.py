@@ -90,12 +90,14 @@ class VLLMSampler:
         group_ids: list[int] | None = None,
         references: list[str] | None = None,
         prompt_format: PromptFormat = RAW,
+        draw_groups: list[tuple[int, torch.Generator]] | None = None,
     ) -> RolloutBatch:
         from vllm import SamplingParams
 
         self.sync_weights(model)
         dev = next(model.parameters()).device
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist()
+        draws = draw_groups or [(len(prompts), generator)]  # each group's rows seeded from its own generator
+        seeds = [s for n, g in draws for s in torch.randint(0, 2**31 - 1, (n,), generator=g).tolist()]
         requests = [{"prompt_token_ids": prompt_format.token_ids(tokenizer, p)} for p in prompts]
         params = [
             SamplingParams(

@@ -1,6 +1,6 @@
 """Rollout workers (`rollout: {workers: N, max_lag: k}`): N sampler actors generate a step's rollouts from the
-learner's current weights, group by group (`sampling.grouped`), so the batch is the one the in-process grouped
-sampler makes for the same (seed, step), whichever worker sampled which group.
+learner's current weights, `groups_per_call` groups at a time (`sampling.grouped`), so the batch is the one the
+in-process grouped sampler makes for the same (seed, step), whichever worker sampled which group.
 
 The protocol: the learner publishes its weights once per step into Ray's object store with a version (the number
 of updates applied: the step's index); every worker's answer carries the version it sampled with; the learner
@@ -66,7 +66,7 @@ class RolloutWorker:
             self.engine, self.sampler = None, sample
 
     def sample(self, published: Published, seeds: list[int], groups: list[list[int]], rows: dict,
-               settings: dict) -> tuple[list[RolloutBatch], int]:
+               settings: dict, groups_per_call: int) -> tuple[list[RolloutBatch], int]:
         """The groups' batches (in order) and the version they were sampled with."""
         if published.version != self.version:
             import ray
@@ -78,7 +78,7 @@ class RolloutWorker:
         with self.placement.precision():
             parts = sample_groups(self.sampler, self.model, self.tokenizer, rows["prompts"], seeds=seeds,
                                   groups=groups, domains=rows["domains"], group_ids=rows["group_ids"],
-                                  references=rows["references"], **settings)
+                                  references=rows["references"], groups_per_call=groups_per_call, **settings)
         return [p.to("cpu") for p in parts], published.version
 
     def pid(self) -> int:
@@ -98,6 +98,7 @@ class RolloutPool:
                  base: Callable[[], Callable[..., RolloutBatch]]):
         self.max_lag, self.tokenizer, self.device = max_lag, ctx.tokenizer, ctx.placement.device
         self.settings = ctx.settings
+        self.per_call = ctx.settings.rollout.groups_per_call if ctx.settings.rollout else 1
         self.base = base() if workers is None else None  # in process: the stage's sampler (torch or vLLM)
         self.actors: list = []
         self.published: Published | None = None
@@ -136,11 +137,11 @@ class RolloutPool:
         if not self.actors:
             parts = sample_groups(self.base, model, self.tokenizer, rows["prompts"], seeds=seeds, groups=groups,
                                   domains=rows["domains"], group_ids=rows["group_ids"],
-                                  references=rows["references"], **settings)
+                                  references=rows["references"], groups_per_call=self.per_call, **settings)
             return [(parts, version)]
         published = self.publish(model, version)
-        return [a.sample.remote(published, seeds[sl], groups[sl], rows, settings)
-                for a, sl in zip(self.actors, _shards(len(groups), len(self.actors)), strict=True)
+        return [a.sample.remote(published, seeds[sl], groups[sl], rows, settings, self.per_call)
+                for a, sl in zip(self.actors, _shards(len(groups), len(self.actors), self.per_call), strict=True)
                 if sl.stop > sl.start]
 
     def submit(self, step: int, model: torch.nn.Module, version: int, *, generator: torch.Generator,
@@ -202,13 +203,16 @@ def worker_backend(requested: str) -> str:
     return "vllm" if requested == "vllm" else choose_backend(requested)
 
 
-def _shards(groups: int, workers: int) -> list[slice]:
-    """Contiguous, near-equal slices of the groups, one per worker (the first ones one group longer)."""
-    size, extra = divmod(groups, workers)
+def _shards(groups: int, workers: int, groups_per_call: int = 1) -> list[slice]:
+    """Contiguous slices of the groups, one per worker, cut at call boundaries (multiples of `groups_per_call`)
+    with near-equal numbers of calls (the first workers one call more), so each worker's calls are the calls the
+    in-process sampler makes."""
+    calls = -(-groups // groups_per_call)
+    size, extra = divmod(calls, workers)
     out, start = [], 0
     for w in range(workers):
         stop = start + size + (w < extra)
-        out.append(slice(start, stop))
+        out.append(slice(min(start * groups_per_call, groups), min(stop * groups_per_call, groups)))
         start = stop
     return out
 

@@ -24,16 +24,21 @@ class _Strict(BaseModel):
 
 
 class RolloutWorkers(_Strict):
-    """A step's rollouts sampled by `workers` sampler actors, group by group, each group from its own seed, so
-    the batch does not depend on how many workers there are or which one sampled a group (it differs from the
-    default whole-batch sampler's, which draws every row from one generator). `workers` is not part of the
-    stage's identity, nor are its resources; `max_lag` is (it changes what is trained)."""
+    """A step's rollouts sampled by `workers` sampler actors, `groups_per_call` groups at a time, each group from
+    its own seed, so the batch does not depend on how many workers there are or which one sampled a group (it
+    differs from the default whole-batch sampler's, which draws every row from one generator). `workers` is not
+    part of the stage's identity, nor are its resources; `max_lag` and `groups_per_call` are (they change what is
+    trained)."""
 
     workers: int = Field(1, ge=1, description="sampler actors (Ray); the local executor samples the same groups "
                          "in process")
     max_lag: int = Field(0, ge=0, description="0: every step's rollouts come from that step's weights; k: the "
                          "learner accepts rollouts sampled up to k updates earlier (the next step is sampled while "
                          "this one trains); the lag is logged as `rollout/lag`")
+    groups_per_call: int = Field(8, ge=1, description="groups a worker samples in one batched call (one forward over "
+                                 "their rows, each group's tokens from its own seed); fixed here, not by the number "
+                                 "of workers, so the batch does not depend on it; 1: group by group. In the identity "
+                                 "(a batched forward rounds differently)")
     cpus: float = Field(1.0, gt=0, description="CPU cores each rollout worker reserves (and its torch threads, at "
                         "least 1)")
     gpus: float = Field(0.0, ge=0, description="GPUs each rollout worker reserves (a vLLM engine needs 1)")
