@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from ..core.batch import RolloutBatch
-from ..core.logprobs import aligned_token_logprobs, masked_mean
+from ..core.logprobs import aligned_token_logprobs, masked_mean, upcast
 from ..core.schema import DistillationSettings, SamplingSettings
 from ..core.scoring import TeacherScorer
 from .advantages import combine_advantages, mopd_metrics, opd_advantages
 from .chunked import BlockTerms, Scores, pad_front, row_slice
 from .diagnostics import teacher_diagnostics
+from .fused_kl import forward_kl_and_teacher_lse, reverse_kl_and_teacher_lse
 from .losses import policy_gradient_loss, surprise_weights
 from .objectives import forward_kl_tokens, jsd_tokens, reverse_kl_tokens, topk_metrics, topk_reverse_kl_tokens
 from .reward_only import scored_rows, teacher_rows, with_reward_only_rows
@@ -106,10 +107,15 @@ def sampled_step(mb: MicroBatch, cfg: PolicyConfig) -> tuple[torch.Tensor, dict[
 TokenLoss = Callable[[torch.Tensor, torch.Tensor, DistillationSettings], torch.Tensor]
 
 
-def full_distribution_terms(token_loss: TokenLoss):
+FusedLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def full_distribution_terms(token_loss: TokenLoss, fused: FusedLoss | None = None):
     """`block_terms` of an objective over the teacher's full distribution: per block, the routed teacher's logits
     of the same positions (`logit_blocks`), the per-token loss (with grad) and the teacher's log pi_T of each
-    sampled token (for the diagnostics: no extra teacher pass)."""
+    sampled token (for the diagnostics: no extra teacher pass). With several blocks, `fused` (the loss and the
+    teacher's log-sum-exp in one autograd function, `fused_kl`) replaces `token_loss`; one block keeps the
+    composed computation, op for op."""
 
     def prepare(batch: RolloutBatch, names_B: list[str] | None, K: int, cfg: PolicyConfig) -> BlockTerms:
         d, teachers = cfg.distill, cfg.teachers
@@ -119,6 +125,10 @@ def full_distribution_terms(token_loss: TokenLoss):
         def terms(student_B_N_V: torch.Tensor, start: int, stop: int, y_B_N: torch.Tensor,
                   rows: torch.Tensor | None) -> Scores:
             teacher_B_N_V = blocks(start, stop, rows)[:, : student_B_N_V.shape[1]]
+            if fused is not None and (start, stop) != (0, K):
+                loss_B_N, lse_B_N = fused(student_B_N_V, teacher_B_N_V)
+                picked_B_N = upcast(teacher_B_N_V).gather(-1, y_B_N.unsqueeze(-1)).squeeze(-1)
+                return {"loss": loss_B_N, "teacher_lp": picked_B_N - lse_B_N}
             return {"loss": token_loss(student_B_N_V, teacher_B_N_V, d),
                     "teacher_lp": aligned_token_logprobs(teacher_B_N_V, y_B_N)}
 
@@ -214,11 +224,11 @@ OBJECTIVES: dict[str, Objective] = {
     "topk": Objective(distribution_step("distill/topk_reverse_kl"), distribution_metrics, block_terms=topk_terms),
     "full_reverse_kl": Objective(
         distribution_step("distill/reverse_kl"), distribution_metrics,
-        block_terms=full_distribution_terms(lambda s, t, d: reverse_kl_tokens(s, t)),
+        block_terms=full_distribution_terms(lambda s, t, d: reverse_kl_tokens(s, t), reverse_kl_and_teacher_lse),
     ),
     "forward_kl": Objective(
         distribution_step("distill/forward_kl"), distribution_metrics,
-        block_terms=full_distribution_terms(lambda s, t, d: forward_kl_tokens(s, t)),
+        block_terms=full_distribution_terms(lambda s, t, d: forward_kl_tokens(s, t), forward_kl_and_teacher_lse),
     ),
     "jsd": Objective(
         distribution_step("distill/jsd"), distribution_metrics,
