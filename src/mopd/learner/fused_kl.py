@@ -26,12 +26,12 @@ import torch
 from ..core.logprobs import upcast
 
 
-def _log_ratio(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+def log_ratio(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     """log softmax(a) - log softmax(b), elementwise, in two passes: (a - b) - (lse_a - lse_b)."""
     return torch.sub(a, b).sub_(lse_a - lse_b)
 
 
-def _weighted_sum(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_sum(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_v w_v x_v, x): a -inf logit gives x_v = +-inf or nan where w_v = 0; such terms count 0 (0 log 0)."""
     total = torch.linalg.vecdot(w, x)
     if not bool(torch.isfinite(total).all()):
@@ -46,7 +46,7 @@ class _ReverseKL(torch.autograd.Function):
         lse_s = torch.logsumexp(s_b_N_V, -1, keepdim=True)
         lse_t = torch.logsumexp(t_b_N_V, -1, keepdim=True)
         p = torch.sub(s_b_N_V, lse_s).exp_()
-        kl, d = _weighted_sum(p, _log_ratio(s_b_N_V, lse_s, t_b_N_V, lse_t))
+        kl, d = weighted_sum(p, log_ratio(s_b_N_V, lse_s, t_b_N_V, lse_t))
         ctx.save_for_backward(p, d, kl)
         return kl, lse_t.squeeze(-1)
 
@@ -62,7 +62,7 @@ class _ForwardKL(torch.autograd.Function):
         lse_s = torch.logsumexp(s_b_N_V, -1, keepdim=True)
         lse_t = torch.logsumexp(t_b_N_V, -1, keepdim=True)
         q = torch.sub(t_b_N_V, lse_t).exp_()
-        kl, _ = _weighted_sum(q, _log_ratio(t_b_N_V, lse_t, s_b_N_V, lse_s))
+        kl, _ = weighted_sum(q, log_ratio(t_b_N_V, lse_t, s_b_N_V, lse_s))
         ctx.save_for_backward(s_b_N_V, lse_s, q)
         return kl, lse_t.squeeze(-1)
 

@@ -17,11 +17,13 @@ import torch
 
 from ..core.batch import RolloutBatch
 from ..core.logprobs import masked_mean
-from ..models.forward import final_hidden
+from ..core.scoring import LogitBlocks
+from ..models.forward import final_hidden, split_head
 from .advantages import grpo_advantages
 from .chunked import BlockTerms, pad_front, token_scores
 from .data_parallel import DataParallel
 from .filters import solved_group_filter
+from .fused_head import KIND, fusable, fused_kl_scores
 from .micro_batches import accumulate_micro_batches
 from .objective_table import OBJECTIVES, MicroBatch, PolicyConfig
 from .reward_only import route_rows
@@ -45,16 +47,27 @@ def policy_loss(
     T = mask_B_T.shape[1]
     K = T - batch.first_completion_column + 1
     total = float(loss_mask_B_T.sum())
+    # a KL that is the whole loss, over several blocks of a plain head: its gradient made in the forward
+    kind = KIND.get(cfg.distill.objective) if cfg.distill is not None and grpo_B_T is None else None
+    fused = (kind is not None and torch.is_grad_enabled()
+             and fusable((split_head(model) or (None, None))[1], K, logit_chunk))
 
     def part(rows: slice, share: float):
         whole = rows.start == 0 and rows.stop == batch.size
         part_batch = batch if whole else batch.select(torch.arange(rows.start, rows.stop))
         part_names = None if names_B is None else names_B[rows]
-        terms = None if objective.block_terms is None else objective.block_terms(part_batch, part_names, K, cfg)
-        mb = student_scores(
-            model, part_batch, K, temperature, loss_mask_B_T[rows], None if grpo_B_T is None else grpo_B_T[rows],
-            part_names, share, total, terms=terms, logit_chunk=logit_chunk,
-        )
+        if fused:
+            assert cfg.teachers is not None and part_names is not None and kind is not None
+            mb = fused_student_scores(model, part_batch, K, temperature, loss_mask_B_T[rows], part_names, share,
+                                      total, cfg.teachers.logit_blocks(part_batch, part_names, K), kind,
+                                      logit_chunk)
+        else:
+            terms = None if objective.block_terms is None else objective.block_terms(part_batch, part_names, K, cfg)
+            mb = student_scores(
+                model, part_batch, K, temperature, loss_mask_B_T[rows],
+                None if grpo_B_T is None else grpo_B_T[rows], part_names, share, total, terms=terms,
+                logit_chunk=logit_chunk,
+            )
         loss, part_metrics, kept = objective.step(mb, cfg)
         entropy_B_K = mb.entropy_B_T[:, T - K :]
         return loss, part_metrics, {**kept, "entropy_B_K": entropy_B_K, "logprobs_B_T": mb.logprobs_B_T.detach()}
@@ -117,4 +130,26 @@ def student_scores(
     entropy_B_T = pad_front(scores.pop("entropy"), T)
     return MicroBatch(batch=batch, loss_mask_B_T=loss_mask_B_T, logprobs_B_T=logprobs_B_T,
                       pg_logprobs_B_T=pg_logprobs_B_T, entropy_B_T=entropy_B_T, terms_B_W=scores, grpo_B_T=grpo_B_T,
+                      names_B=names_B, share=share, total_tokens=total_tokens)
+
+
+def fused_student_scores(
+    model, batch: RolloutBatch, K: int, temperature: float, loss_mask_B_T: torch.Tensor, names_B: list[str],
+    share: float, total_tokens: float, teacher: LogitBlocks, kind: str, logit_chunk: int | None,
+) -> MicroBatch:
+    """`student_scores` for a KL that is the whole loss (`fused_head`): each token weighs its loss-mask entry over
+    the micro-batch's mask count, as the objective's token mean does."""
+    T = batch.input_ids_B_T.shape[1]
+    hidden_B_K_H, head = final_hidden(model, batch.input_ids_B_T, batch.attention_mask_B_T, keep=K)
+    mask_B_W = loss_mask_B_T[:, T - K + 1 :].to(hidden_B_K_H.dtype)
+    weights_B_W = mask_B_W / mask_B_W.sum().clamp(min=torch.finfo(mask_B_W.dtype).tiny)
+    assert logit_chunk is not None
+    scores = fused_kl_scores(hidden_B_K_H, head, batch.input_ids_B_T[:, T - K + 1 :],
+                             batch.completion_mask_B_T[:, T - K + 1 :] > 0, weights_B_W, logit_chunk, teacher, kind,
+                             temperature)
+    logprobs_B_T = pad_front(scores.pop("logprobs"), T)
+    pg_logprobs_B_T = pad_front(scores.pop("pg_logprobs"), T) if temperature != 1.0 else logprobs_B_T
+    entropy_B_T = pad_front(scores.pop("entropy"), T)
+    return MicroBatch(batch=batch, loss_mask_B_T=loss_mask_B_T, logprobs_B_T=logprobs_B_T,
+                      pg_logprobs_B_T=pg_logprobs_B_T, entropy_B_T=entropy_B_T, terms_B_W=scores, grpo_B_T=None,
                       names_B=names_B, share=share, total_tokens=total_tokens)
