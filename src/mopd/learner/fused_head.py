@@ -26,7 +26,7 @@ import torch
 from ..core.scoring import LogitBlocks
 from ..models.forward import LogitHead
 from .chunked import Scores, block_bounds, block_rows, row_slice
-from .fused_kl import log_ratio, weighted_sum
+from .fused_kl import kl_parts
 
 KIND = {"full_reverse_kl": "reverse", "forward_kl": "forward"}  # the objectives this path computes
 
@@ -93,22 +93,20 @@ def _block(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, k
            temperature: float) -> tuple[Scores, torch.Tensor]:
     """One block's per-token values and the gradient of sum w * KL wrt the student's logits `s` ([b, n, V]),
     made in place over the block's buffers."""
-    lse_s = torch.logsumexp(s, -1, keepdim=True)
-    lse_t = torch.logsumexp(t, -1, keepdim=True)
-    values = {"logprobs": (s.gather(-1, y[..., None]) - lse_s).squeeze(-1),
-              "teacher_lp": (t.gather(-1, y[..., None]) - lse_t).squeeze(-1)}
+    if kind == "reverse":
+        kl, p, r, lse_s, lse_t = kl_parts(s, t)
+    else:
+        kl, q, _, lse_t, lse_s = kl_parts(t, s)
+        p = torch.sub(s, lse_s).exp_()
+    values = {"kl": kl, "logprobs": (s.gather(-1, y[..., None]) - lse_s).squeeze(-1),
+              "teacher_lp": (t.gather(-1, y[..., None]) - lse_t).squeeze(-1),
+              "entropy": lse_s.squeeze(-1) - torch.linalg.vecdot(p, s)}
+    del t
     if temperature != 1.0:
         tempered = s / temperature
         values["pg_logprobs"] = (tempered.gather(-1, y[..., None])
                                  - torch.logsumexp(tempered, -1, keepdim=True)).squeeze(-1)
         del tempered
-    p = torch.sub(s, lse_s).exp_()
-    values["entropy"] = lse_s.squeeze(-1) - torch.linalg.vecdot(p, s)
     if kind == "reverse":  # d KL(p || q) / d s = p (log p - log q - KL)
-        values["kl"], r = weighted_sum(p, log_ratio(s, lse_s, t, lse_t))
-        del t
-        return values, r.sub_(values["kl"][..., None]).mul_(p).mul_(w[..., None])
-    q = torch.sub(t, lse_t).exp_()  # d KL(q || p) / d s = p - q
-    values["kl"], _ = weighted_sum(q, log_ratio(t, lse_t, s, lse_s))
-    del t
-    return values, p.sub_(q).mul_(w[..., None])
+        return values, r.sub_(kl[..., None]).mul_(p).mul_(w[..., None])
+    return values, p.sub_(q).mul_(w[..., None])  # d KL(q || p) / d s = p - q

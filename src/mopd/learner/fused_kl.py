@@ -26,43 +26,39 @@ import torch
 from ..core.logprobs import upcast
 
 
-def log_ratio(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """log softmax(a) - log softmax(b), elementwise, in two passes: (a - b) - (lse_a - lse_b)."""
-    return torch.sub(a, b).sub_(lse_a - lse_b)
-
-
-def weighted_sum(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_v w_v x_v, x): a -inf logit gives x_v = +-inf or nan where w_v = 0; such terms count 0 (0 log 0)."""
-    total = torch.linalg.vecdot(w, x)
-    if not bool(torch.isfinite(total).all()):
-        x = torch.where(w > 0, x, 0.0)
-        total = torch.linalg.vecdot(w, x)
-    return total, x
+def kl_parts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """KL(softmax(a) || softmax(b)) over the last dim, with what its gradients need: (KL, softmax(a), the
+    log-ratio log softmax(a) - log softmax(b), lse_a, lse_b), the log-sum-exps kept as [..., 1]. The log-ratio
+    is (a - b) - (lse_a - lse_b), two passes; a -inf logit makes it +-inf or nan where softmax(a) is 0, and such
+    terms count 0 (0 log 0)."""
+    lse_a = torch.logsumexp(a, -1, keepdim=True)
+    lse_b = torch.logsumexp(b, -1, keepdim=True)
+    w = torch.sub(a, lse_a).exp_()
+    r = torch.sub(a, b).sub_(lse_a - lse_b)
+    kl = torch.linalg.vecdot(w, r)
+    if not bool(torch.isfinite(kl).all()):
+        r = torch.where(w > 0, r, 0.0)
+        kl = torch.linalg.vecdot(w, r)
+    return kl, w, r, lse_a, lse_b
 
 
 class _ReverseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_b_N_V: torch.Tensor, t_b_N_V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lse_s = torch.logsumexp(s_b_N_V, -1, keepdim=True)
-        lse_t = torch.logsumexp(t_b_N_V, -1, keepdim=True)
-        p = torch.sub(s_b_N_V, lse_s).exp_()
-        kl, d = weighted_sum(p, log_ratio(s_b_N_V, lse_s, t_b_N_V, lse_t))
-        ctx.save_for_backward(p, d, kl)
+        kl, p, r, _, lse_t = kl_parts(s_b_N_V, t_b_N_V)
+        ctx.save_for_backward(p, r, kl)
         return kl, lse_t.squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad_kl: torch.Tensor, _grad_lse: torch.Tensor) -> tuple[torch.Tensor, None]:
-        p, d, kl = ctx.saved_tensors
-        return d.sub_(kl.unsqueeze(-1)).mul_(p).mul_(grad_kl.unsqueeze(-1)), None
+        p, r, kl = ctx.saved_tensors
+        return r.sub_(kl.unsqueeze(-1)).mul_(p).mul_(grad_kl.unsqueeze(-1)), None
 
 
 class _ForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_b_N_V: torch.Tensor, t_b_N_V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lse_s = torch.logsumexp(s_b_N_V, -1, keepdim=True)
-        lse_t = torch.logsumexp(t_b_N_V, -1, keepdim=True)
-        q = torch.sub(t_b_N_V, lse_t).exp_()
-        kl, _ = weighted_sum(q, log_ratio(t_b_N_V, lse_t, s_b_N_V, lse_s))
+        kl, q, _, lse_t, lse_s = kl_parts(t_b_N_V, s_b_N_V)
         ctx.save_for_backward(s_b_N_V, lse_s, q)
         return kl, lse_t.squeeze(-1)
 

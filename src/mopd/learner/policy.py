@@ -125,12 +125,7 @@ def student_scores(
     scores = token_scores(hidden_B_K_H, head, batch.input_ids_B_T[:, T - K + 1 :], logit_chunk,
                           temperature=temperature, entropy=True, terms=terms,
                           live_B_W=batch.completion_mask_B_T[:, T - K + 1 :] > 0)
-    logprobs_B_T = pad_front(scores.pop("logprobs"), T)
-    pg_logprobs_B_T = pad_front(scores.pop("pg_logprobs"), T) if temperature != 1.0 else logprobs_B_T
-    entropy_B_T = pad_front(scores.pop("entropy"), T)
-    return MicroBatch(batch=batch, loss_mask_B_T=loss_mask_B_T, logprobs_B_T=logprobs_B_T,
-                      pg_logprobs_B_T=pg_logprobs_B_T, entropy_B_T=entropy_B_T, terms_B_W=scores, grpo_B_T=grpo_B_T,
-                      names_B=names_B, share=share, total_tokens=total_tokens)
+    return micro_batch(batch, scores, temperature, loss_mask_B_T, grpo_B_T, names_B, share, total_tokens)
 
 
 def fused_student_scores(
@@ -147,9 +142,18 @@ def fused_student_scores(
     scores = fused_kl_scores(hidden_B_K_H, head, batch.input_ids_B_T[:, T - K + 1 :],
                              batch.completion_mask_B_T[:, T - K + 1 :] > 0, weights_B_W, logit_chunk, teacher, kind,
                              temperature)
+    return micro_batch(batch, scores, temperature, loss_mask_B_T, None, names_B, share, total_tokens)
+
+
+def micro_batch(batch: RolloutBatch, scores: dict[str, torch.Tensor], temperature: float,
+                loss_mask_B_T: torch.Tensor, grpo_B_T: torch.Tensor | None, names_B: list[str] | None, share: float,
+                total_tokens: float) -> MicroBatch:
+    """The micro-batch of a student's block scores: its logprobs, tempered logprobs and entropy aligned to
+    input_ids, the rest (the objective's terms) as they are."""
+    T = batch.input_ids_B_T.shape[1]
     logprobs_B_T = pad_front(scores.pop("logprobs"), T)
     pg_logprobs_B_T = pad_front(scores.pop("pg_logprobs"), T) if temperature != 1.0 else logprobs_B_T
     entropy_B_T = pad_front(scores.pop("entropy"), T)
     return MicroBatch(batch=batch, loss_mask_B_T=loss_mask_B_T, logprobs_B_T=logprobs_B_T,
-                      pg_logprobs_B_T=pg_logprobs_B_T, entropy_B_T=entropy_B_T, terms_B_W=scores, grpo_B_T=None,
+                      pg_logprobs_B_T=pg_logprobs_B_T, entropy_B_T=entropy_B_T, terms_B_W=scores, grpo_B_T=grpo_B_T,
                       names_B=names_B, share=share, total_tokens=total_tokens)
