@@ -59,6 +59,31 @@ def test_fused_step_equals_checkpointed_blocks(case: str, micro: int | None, mon
     assert any(g.abs().max() > 0 for g in fused[2].values())
 
 
+def test_a_frozen_head_gets_no_gradient_and_the_rest_the_same(monkeypatch) -> None:
+    """The head (tied to the embedding) frozen, as when only adapters train: the fused path computes no weight
+    gradient, and every other parameter's gradient is the checkpointed blocks' one."""
+    student, teachers = _models()
+    student.get_output_embeddings().weight.requires_grad_(False)
+    panel = TeacherPanel(models=teachers, teacher_of_domain={"a": "t_a", "b": "t_b"})
+    batch = _on_policy(student, _batch(), 1.0)
+
+    def grads() -> dict[str, torch.Tensor]:
+        student.zero_grad(set_to_none=True)
+        panel.logit_chunk = 3
+        loss, _ = policy_loss(student, batch, PolicyConfig(sampling=KL, distill=KL, teachers=panel),
+                              temperature=1.0, logit_chunk=3)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    fused = grads()
+    with monkeypatch.context() as m:
+        _without_fusion(m)
+        blocks = grads()
+    assert fused.keys() == blocks.keys() and "model.embed_tokens.weight" not in fused and len(fused) > 5
+    for name, g in blocks.items():
+        torch.testing.assert_close(fused[name], g, **F64)
+
+
 def test_when_it_applies() -> None:
     student, _ = _models()
     head = split_head(student)[1]

@@ -59,8 +59,9 @@ class _FusedHeadKL(torch.autograd.Function):
     def forward(ctx, hidden_B_K_H, weight_V_H, plan, out):
         targets_B_W, live_B_W, weights_B_W, chunk, teacher, kind, temperature = plan
         B, K, _ = hidden_B_K_H.shape
-        grad_hidden = torch.zeros_like(hidden_B_K_H)
-        grad_weight = torch.zeros_like(weight_V_H)
+        want_hidden, want_weight = ctx.needs_input_grad[:2]  # a frozen head (LoRA elsewhere): no weight GEMM
+        grad_hidden = torch.zeros_like(hidden_B_K_H) if want_hidden else None
+        grad_weight = torch.zeros_like(weight_V_H) if want_weight else None
         names = ["logprobs", "entropy", "teacher_lp", "kl"] + (["pg_logprobs"] if temperature != 1.0 else [])
         for name in names:
             out[name] = hidden_B_K_H.new_zeros((B, K - 1))
@@ -76,8 +77,11 @@ class _FusedHeadKL(torch.autograd.Function):
             w_b_N = row_slice(weights_B_W, rows, cols).to(s_b_N_V.dtype)
             values, grad_b_N_V = _block(s_b_N_V, t_b_N_V, y_b_N, w_b_N, kind, temperature)
             total += (values["kl"] * w_b_N).sum()
-            grad_hidden[(slice(None) if rows is None else rows), cols] = grad_b_N_V @ weight_V_H
-            grad_weight.addmm_(grad_b_N_V.reshape(-1, grad_b_N_V.shape[-1]).T, h_b_N_H.reshape(-1, h_b_N_H.shape[-1]))
+            if grad_hidden is not None:
+                grad_hidden[(slice(None) if rows is None else rows), cols] = grad_b_N_V @ weight_V_H
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_b_N_V.reshape(-1, grad_b_N_V.shape[-1]).T,
+                                   h_b_N_H.reshape(-1, h_b_N_H.shape[-1]))
             for name, v in values.items():
                 out[name][(slice(None) if rows is None else rows), cols] = v
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -86,7 +90,8 @@ class _FusedHeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None
+        return (None if grad_hidden is None else grad_hidden * grad_total,
+                None if grad_weight is None else grad_weight * grad_total, None, None)
 
 
 def _block(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, kind: str,
