@@ -56,7 +56,7 @@ def test_sweep_points_run_in_parallel_and_parents_train_once(tmp_path: Path, ray
         assert {n: s["status"] for n, s in _stages(second).items()} == {**dict.fromkeys(SHARED, "cached"),
                                                                        "student": "ran"}
         assert all((second / s).is_symlink() for s in SHARED)  # trained once, by the seed's first point
-        assert _stages(second)["student"]["started_at"] >= _span(first, every)[1]  # it waited for them
+        assert _stages(second)["student"]["started_at"] >= _span(first, SHARED)[1]  # it waited for them
     # the two seeds share nothing: their first points ran at the same time (two CPUs, one each)
     a, b = (_span(out / "student.lr=1e-3" / s, every) for s in ("seed-0", "seed-1"))
     assert a[0] < b[1] and b[0] < a[1], (a, b)
@@ -71,6 +71,24 @@ def test_sweep_points_run_in_parallel_and_parents_train_once(tmp_path: Path, ray
         evals = [json.loads((d / "student" / "final" / "mopd.json").read_text())["metrics"]["eval"]
                  for d in (local / point, out / point / "seed-0")]
         assert evals[0] == evals[1]
+
+
+def test_a_point_starts_once_its_parents_are_done_not_the_first_points_student(tmp_path: Path, ray_local) -> None:
+    """One seed, two points: the second point is started as soon as the first point's run records the shared
+    parents done, while the first point's student still trains (its 100 steps take 200 polls or more), and it
+    uses those parents (linked, not trained again)."""
+    path, out = tmp_path / "mini.yaml", tmp_path / "sweep"
+    path.write_text(MINI.replace("steps: 2,\n", "steps: 100,\n", 1))
+    res = _invoke("sweep", path, "--set", "student.lr=1e-3,2e-3", "--threads", "1", "--executor", "ray",
+                  "--out", out)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    started = lines.index("student.lr=2e-3: started on Ray (1 CPU, 0 GPU)")
+    finished = next(i for i, line in enumerate(lines) if line.startswith("student.lr=1e-3: finished"))
+    assert started < finished, res.output
+    first, second = (_stages(out / f"student.lr={lr}") for lr in ("1e-3", "2e-3"))
+    assert {first[s]["status"] for s in SHARED} == {"ran"} and {second[s]["status"] for s in SHARED} == {"cached"}
+    assert second["student"]["started_at"] >= max(first[s]["ended_at"] for s in SHARED)
 
 
 def test_a_failed_point_on_ray_is_a_hole_in_the_table(tmp_path: Path, ray_local) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import re
 import tempfile
@@ -247,13 +248,16 @@ RunFn = Callable[[LoadedRecipe, Path], Any]  # runs one variant's recipe into it
 @dataclass
 class VariantRuns:
     """What an executor runs: the variants in order, for each the earlier variants it must wait for
-    (`variant_waits`), `prepare` (on the driver, just before a variant starts: its recipe written and its shared
-    stages linked) and `run` (the recipe run itself; with the Ray executor, in a worker)."""
+    (`variant_waits`) and the stage identities it shares with them (`needs`: once each is `finished()`, it need
+    not wait any longer), `prepare` (on the driver, just before a variant starts: its recipe written and its
+    shared stages linked) and `run` (the recipe run itself; with the Ray executor, in a worker)."""
 
     variants: list[Variant]
     waits: list[set[int]]
     prepare: Callable[[Variant], None]
     run: RunFn
+    needs: list[set[str]] = field(default_factory=list)
+    finished: Callable[[], set[str]] = set
 
 
 Executor = Callable[[VariantRuns], list[Any]]  # returns each variant's `run` result, in variant order
@@ -269,19 +273,35 @@ def run_in_order(runs: VariantRuns) -> list[Any]:
     return results
 
 
-def variant_waits(variants: Sequence[Variant], finished: Collection[str]) -> list[set[int]]:
+def variant_waits(variants: Sequence[Variant], finished: Collection[str]) -> tuple[list[set[int]], list[set[str]]]:
     """For each variant, the earlier variants that first reach a stage identity it also has and that no earlier
-    run `finished`: a parallel executor starts it only after those, so the shared stage trains once and is
-    linked. A sweep point waits for its seed's first point (the parents), seeds wait only for stages that pin
-    their own `seed:`."""
+    run `finished`, and those identities: a parallel executor starts it only once they are finished (or those
+    variants are), so the shared stage trains once and is linked. A sweep point waits for its seed's first
+    point's parents, seeds only for stages that pin their own `seed:`."""
     owner: dict[str, int] = {}
-    waits = []
+    waits, needs = [], []
     for i, v in enumerate(variants):
         ids = set(stage_identities(v.loaded).values()) - set(finished)
-        waits.append({owner[x] for x in ids if x in owner})
+        shared = {x for x in ids if x in owner}
+        waits.append({owner[x] for x in shared})
+        needs.append(shared)
         for x in ids:
             owner.setdefault(x, i)
-    return waits
+    return waits, needs
+
+
+def recorded_stages(dirs: Sequence[Path]) -> set[str]:
+    """Identities of the stages that the run.json of `dirs` record as done (a runner rewrites it after each
+    stage, once the stage's final checkpoint and metrics are complete); unreadable files count as none."""
+    done: set[str] = set()
+    for d in dirs:
+        try:
+            stages = json.loads((Path(d) / "run.json").read_text(encoding="utf-8")).get("stages", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        done |= {s["identity"] for s in stages.values() if isinstance(s, dict) and isinstance(s.get("identity"), str)
+                 and s.get("status") in ("ran", "cached")}
+    return done
 
 
 def point_settings(name: str) -> dict[str, str]:
@@ -332,5 +352,10 @@ def run_variants(variants: Sequence[Variant], run: RunFn, executor: Executor = r
         place(v)
         link_shared_stages(v, finished_stages([d for d in dirs if d.exists()]))
 
-    finished = finished_stages([d for d in dirs if d.exists()])
-    return executor(VariantRuns(list(variants), variant_waits(variants, finished), prepare, run))
+    waits, needs = variant_waits(variants, finished_stages([d for d in dirs if d.exists()]))
+    outs = [v.out for v in variants]
+
+    def done() -> set[str]:  # recorded by a runner and with its final checkpoint in place
+        return recorded_stages(outs) & set(finished_stages([d for d in outs if d.exists()]))
+
+    return executor(VariantRuns(list(variants), waits, prepare, run, needs, done))

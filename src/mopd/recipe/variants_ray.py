@@ -5,8 +5,9 @@ Why a task per variant, not Ray Tune: a variant is a whole recipe run with its o
 stage identities; Tune's trials, checkpoints and result directories would duplicate each of them. The task runs
 the same `run` function the local executor calls, in a worker. Why some variants wait: a variant that shares a
 stage identity with an earlier variant (a sweep point's parents, trained by its seed's first point; a stage that
-pins its own `seed:`) starts only after that variant finished (`variants.variant_waits`), so the shared stage is
-trained once and linked, as when the points run one after another; the others start at once. A worker that dies
+pins its own `seed:`) starts once the run.json of that variant records the shared stages done (or the variant
+finished; `variants.variant_waits`), so the shared stage is trained once and linked, as when the points run one
+after another, while the first point's own student still trains; the others start at once. A worker that dies
 is retried by Ray and the retry resumes from the variant's checkpoints; a variant that fails releases its waiters
 (they train what it did not finish) and the others run on.
 """
@@ -25,6 +26,8 @@ from .executor_ray import WORKER_RETRIES, check_resources, import_ray, plugins_b
 from .load import LoadedRecipe
 from .stage_failures import first_line
 from .variants import Executor, RunFn, Variant, VariantRuns
+
+POLL_SECONDS = 0.25  # how often waiting variants look for the shared stages they need
 
 
 def variant_resources(loaded: LoadedRecipe) -> tuple[float, float]:
@@ -63,7 +66,8 @@ def _run_tasks(ray: Any, runs: VariantRuns, console: Console, threads: int | Non
     started: dict[int, float] = {}
     failed: list[str] = []
     while waiting or running:
-        for i in [i for i in waiting if runs.waits[i] <= done]:
+        recorded = runs.finished() if any(not runs.waits[i] <= done for i in waiting) else set()
+        for i in [i for i in waiting if runs.waits[i] <= done or runs.needs[i] <= recorded]:
             v = runs.variants[i]
             runs.prepare(v)
             cpus, gpus = variant_resources(v.loaded)
@@ -74,7 +78,8 @@ def _run_tasks(ray: Any, runs: VariantRuns, console: Console, threads: int | Non
             running[ref], started[i] = i, time.time()
             waiting.remove(i)
             console.print(f"{variant_label(v)}: started on Ray ({cpus:g} CPU, {gpus:g} GPU)", highlight=False)
-        ready, _ = ray.wait(list(running), num_returns=1)
+        # while variants wait for shared stages, look for them every POLL_SECONDS
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS if waiting else None)
         for ref in ready:
             i = running.pop(ref)
             done.add(i)
