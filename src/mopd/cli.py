@@ -13,6 +13,16 @@ from rich.console import Console
 from rich.markup import escape
 
 from .cli_tools.bundled import bundled_recipe
+from .cli_tools.option_help import (
+    ADDRESS_HELP,
+    COMPARE_EXECUTOR_HELP,
+    EXECUTOR_HELP,
+    LOG_HELP,
+    SCALE_HELP,
+    SEEDS_HELP,
+    SWEEP_EXECUTOR_HELP,
+    THREADS_HELP,
+)
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -21,22 +31,6 @@ console = Console()
 def _fail(msg: str) -> None:
     console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # `mopd[wandb]` as written
     raise typer.Exit(2)
-
-
-THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core). Use 1 per process when several "
-                "recipes share a few cores: their OpenMP threads otherwise wait on each other. Results are "
-                "reproducible for a given thread count")
-
-
-LOG_HELP = ("also send every metric to this experiment tracker (repeatable): tensorboard, wandb, trackio, mlflow; "
-            "adds to the recipe's `logging:` (each needs its extra: pip install 'mopd[tensorboard]')")
-
-
-EXECUTOR_HELP = ("local: stages one after another in this process; ray: each stage whose parents finished as a Ray "
-                 "task with its `resources`, independent stages at the same time (needs mopd[ray]; default: the "
-                 "recipe's `executor`, local)")
-ADDRESS_HELP = ("--executor ray: the Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto; default: a local "
-                "instance); the run directory must be on a filesystem every node sees")
 
 
 def _with_log(loaded, log: list[str]) -> None:
@@ -104,11 +98,6 @@ def example(*lines: str) -> str:
     return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
 
 
-SCALE_HELP = ("run the recipe at a reduced scale, 0 < S <= 1 (a quick look; the tests): steps, batch sizes and "
-              "held-out sets times S, each with a small floor; sets the recipe's `scale:`; default run directory "
-              "runs/<name>-scale<S>")
-
-
 @app.command(epilog=example("mopd run my_recipe.yaml --out runs/mine",
                             "mopd run src/mopd/recipes/demo.yaml --threads 1 --log tensorboard",
                             "mopd run tulu3 --scale 0.05"))
@@ -138,25 +127,11 @@ def demo(
     _run(bundled_recipe("demo"), out, log)
 
 
-VARIANTS_EXECUTOR_HELP = ("local: the {what} one after another in this process; ray: each as a Ray task with its "
-                          "stages' largest `resources`, as many at once as the cluster holds (needs mopd[ray]); "
-                          "inside each, stages run as the recipe's `executor` says{tail}")
-
-
-COMPARE_EXECUTOR_HELP = VARIANTS_EXECUTOR_HELP.format(
-    what="seeds", tail="; with one seed, ray runs the stages (the methods) as Ray tasks, as `mopd run` does")
-SWEEP_EXECUTOR_HELP = VARIANTS_EXECUTOR_HELP.format(what="points", tail="")
-
-
 def _check_executor(executor: str | None, address: str | None) -> None:
     if executor not in (None, "local", "ray"):
         _fail(f"--executor {executor}: expected local or ray")
     if address is not None and executor != "ray":
         _fail("--address needs --executor ray")
-
-
-SEEDS_HELP = ("run every method for N seeds (the recipe's seed, seed+1, ...), each in OUT/seed-<s>/, and report "
-              "means with 95% intervals (default: the recipe's `seeds`, 1)")
 
 
 def _load_or_fail(recipe: Path):

@@ -1,0 +1,30 @@
+"""The `--help` texts of the options several `mopd` commands share (kept here so that `cli.py` holds the
+commands themselves)."""
+
+THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core). Use 1 per process when several "
+                "recipes share a few cores: their OpenMP threads otherwise wait on each other. Results are "
+                "reproducible for a given thread count")
+
+LOG_HELP = ("also send every metric to this experiment tracker (repeatable): tensorboard, wandb, trackio, mlflow; "
+            "adds to the recipe's `logging:` (each needs its extra: pip install 'mopd[tensorboard]')")
+
+EXECUTOR_HELP = ("local: stages one after another in this process; ray: each stage whose parents finished as a Ray "
+                 "task with its `resources`, independent stages at the same time (needs mopd[ray]; default: the "
+                 "recipe's `executor`, local)")
+ADDRESS_HELP = ("--executor ray: the Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto; default: a local "
+                "instance); the run directory must be on a filesystem every node sees")
+
+SCALE_HELP = ("run the recipe at a reduced scale, 0 < S <= 1 (a quick look; the tests): steps, batch sizes and "
+              "held-out sets times S, each with a small floor; sets the recipe's `scale:`; default run directory "
+              "runs/<name>-scale<S>")
+
+VARIANTS_EXECUTOR_HELP = ("local: the {what} one after another in this process; ray: each as a Ray task with its "
+                          "stages' largest `resources`, as many at once as the cluster holds (needs mopd[ray]); "
+                          "inside each, stages run as the recipe's `executor` says{tail}")
+
+COMPARE_EXECUTOR_HELP = VARIANTS_EXECUTOR_HELP.format(
+    what="seeds", tail="; with one seed, ray runs the stages (the methods) as Ray tasks, as `mopd run` does")
+SWEEP_EXECUTOR_HELP = VARIANTS_EXECUTOR_HELP.format(what="points", tail="")
+
+SEEDS_HELP = ("run every method for N seeds (the recipe's seed, seed+1, ...), each in OUT/seed-<s>/, and report "
+              "means with 95% intervals (default: the recipe's `seeds`, 1)")
