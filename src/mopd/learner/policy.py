@@ -56,18 +56,16 @@ def policy_loss(
         whole = rows.start == 0 and rows.stop == batch.size
         part_batch = batch if whole else batch.select(torch.arange(rows.start, rows.stop))
         part_names = None if names_B is None else names_B[rows]
+        terms, fused_kl = None, None
         if fused:
             assert cfg.teachers is not None and part_names is not None and kind is not None
-            mb = fused_student_scores(model, part_batch, K, temperature, loss_mask_B_T[rows], part_names, share,
-                                      total, cfg.teachers.logit_blocks(part_batch, part_names, K), kind,
-                                      logit_chunk)
-        else:
-            terms = None if objective.block_terms is None else objective.block_terms(part_batch, part_names, K, cfg)
-            mb = student_scores(
-                model, part_batch, K, temperature, loss_mask_B_T[rows],
-                None if grpo_B_T is None else grpo_B_T[rows], part_names, share, total, terms=terms,
-                logit_chunk=logit_chunk,
-            )
+            fused_kl = (kind, cfg.teachers.logit_blocks(part_batch, part_names, K))
+        elif objective.block_terms is not None:
+            terms = objective.block_terms(part_batch, part_names, K, cfg)
+        mb = student_scores(
+            model, part_batch, K, temperature, loss_mask_B_T[rows], None if grpo_B_T is None else grpo_B_T[rows],
+            part_names, share, total, terms=terms, logit_chunk=logit_chunk, fused_kl=fused_kl,
+        )
         loss, part_metrics, kept = objective.step(mb, cfg)
         entropy_B_K = mb.entropy_B_T[:, T - K :]
         return loss, part_metrics, {**kept, "entropy_B_K": entropy_B_K, "logprobs_B_T": mb.logprobs_B_T.detach()}
@@ -112,9 +110,13 @@ def student_scores(
     model, batch: RolloutBatch, K: int, temperature: float, loss_mask_B_T: torch.Tensor,
     grpo_B_T: torch.Tensor | None, names_B: list[str] | None, share: float, total_tokens: float, *,
     terms: BlockTerms | None = None, logit_chunk: int | None = None,
+    fused_kl: tuple[str, LogitBlocks] | None = None,
 ) -> MicroBatch:
     """The student's forward pass (with grad) over the last K positions of `batch`'s rows, scored per token a
-    block of `logit_chunk` positions at a time, with the objective's loss `terms` from the same blocks.
+    block of `logit_chunk` positions at a time, with the objective's loss `terms` from the same blocks; or, with
+    `fused_kl` (the KL's kind and the routed teacher's blocks), a KL that is the whole loss with its gradient
+    made in the forward (`fused_head`), each token weighing its loss-mask entry over the micro-batch's mask count,
+    as the objective's token mean does.
 
     The importance ratio compares the policy with the distribution the tokens were drawn from, so at a sampling
     temperature != 1 the policy-gradient term uses the tempered policy (as the sampler recorded it); the OPD
@@ -122,35 +124,17 @@ def student_scores(
     """
     T = batch.input_ids_B_T.shape[1]
     hidden_B_K_H, head = final_hidden(model, batch.input_ids_B_T, batch.attention_mask_B_T, keep=K)
-    scores = token_scores(hidden_B_K_H, head, batch.input_ids_B_T[:, T - K + 1 :], logit_chunk,
-                          temperature=temperature, entropy=True, terms=terms,
-                          live_B_W=batch.completion_mask_B_T[:, T - K + 1 :] > 0)
-    return micro_batch(batch, scores, temperature, loss_mask_B_T, grpo_B_T, names_B, share, total_tokens)
-
-
-def fused_student_scores(
-    model, batch: RolloutBatch, K: int, temperature: float, loss_mask_B_T: torch.Tensor, names_B: list[str],
-    share: float, total_tokens: float, teacher: LogitBlocks, kind: str, logit_chunk: int | None,
-) -> MicroBatch:
-    """`student_scores` for a KL that is the whole loss (`fused_head`): each token weighs its loss-mask entry over
-    the micro-batch's mask count, as the objective's token mean does."""
-    T = batch.input_ids_B_T.shape[1]
-    hidden_B_K_H, head = final_hidden(model, batch.input_ids_B_T, batch.attention_mask_B_T, keep=K)
-    mask_B_W = loss_mask_B_T[:, T - K + 1 :].to(hidden_B_K_H.dtype)
-    weights_B_W = mask_B_W / mask_B_W.sum().clamp(min=torch.finfo(mask_B_W.dtype).tiny)
-    assert logit_chunk is not None
-    scores = fused_kl_scores(hidden_B_K_H, head, batch.input_ids_B_T[:, T - K + 1 :],
-                             batch.completion_mask_B_T[:, T - K + 1 :] > 0, weights_B_W, logit_chunk, teacher, kind,
-                             temperature)
-    return micro_batch(batch, scores, temperature, loss_mask_B_T, None, names_B, share, total_tokens)
-
-
-def micro_batch(batch: RolloutBatch, scores: dict[str, torch.Tensor], temperature: float,
-                loss_mask_B_T: torch.Tensor, grpo_B_T: torch.Tensor | None, names_B: list[str] | None, share: float,
-                total_tokens: float) -> MicroBatch:
-    """The micro-batch of a student's block scores: its logprobs, tempered logprobs and entropy aligned to
-    input_ids, the rest (the objective's terms) as they are."""
-    T = batch.input_ids_B_T.shape[1]
+    targets_B_W = batch.input_ids_B_T[:, T - K + 1 :]
+    live_B_W = batch.completion_mask_B_T[:, T - K + 1 :] > 0
+    if fused_kl is None:
+        scores = token_scores(hidden_B_K_H, head, targets_B_W, logit_chunk, temperature=temperature, entropy=True,
+                              terms=terms, live_B_W=live_B_W)
+    else:
+        assert logit_chunk is not None
+        mask_B_W = loss_mask_B_T[:, T - K + 1 :].to(hidden_B_K_H.dtype)
+        weights_B_W = mask_B_W / mask_B_W.sum().clamp(min=torch.finfo(mask_B_W.dtype).tiny)
+        scores = fused_kl_scores(hidden_B_K_H, head, targets_B_W, live_B_W, weights_B_W, logit_chunk,
+                                 fused_kl[1], fused_kl[0], temperature)
     logprobs_B_T = pad_front(scores.pop("logprobs"), T)
     pg_logprobs_B_T = pad_front(scores.pop("pg_logprobs"), T) if temperature != 1.0 else logprobs_B_T
     entropy_B_T = pad_front(scores.pop("entropy"), T)
