@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from mopd.core.batch import RolloutBatch
 from mopd.core.errors import RecipeError, StageError
-from mopd.core.schema import RLVRStage
+from mopd.core.schema import RLVRStage, RolloutWorkers
 from mopd.envs import ALPHABET, get_domain
 from mopd.learner.rollout import rollout_rows
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
@@ -191,7 +191,8 @@ def test_groups_are_shared_out_in_contiguous_near_equal_shards():
 def _pool(max_lag: int) -> RolloutPool:
     """The in-process twin of a rollout pool (the Ray one runs the same protocol in its actors)."""
     ctx = SimpleNamespace(tokenizer=TOK, placement=SimpleNamespace(device=torch.device("cpu")),
-                          settings=RLVRStage(kind="rlvr", init="x", steps=3, group_size=3, max_new_tokens=6))
+                          settings=RLVRStage(kind="rlvr", init="x", steps=3, group_size=3, max_new_tokens=6,
+                                             rollout=RolloutWorkers(groups_per_call=1)))
     return RolloutPool(ctx, None, None, max_lag, lambda: sample)
 
 

@@ -254,10 +254,10 @@ class VariantRuns:
 
     variants: list[Variant]
     waits: list[set[int]]
+    needs: list[set[str]]
+    finished: Callable[[], set[str]]
     prepare: Callable[[Variant], None]
     run: RunFn
-    needs: list[set[str]] = field(default_factory=list)
-    finished: Callable[[], set[str]] = set
 
 
 Executor = Callable[[VariantRuns], list[Any]]  # returns each variant's `run` result, in variant order
@@ -358,4 +358,4 @@ def run_variants(variants: Sequence[Variant], run: RunFn, executor: Executor = r
     def done() -> set[str]:  # recorded by a runner and with its final checkpoint in place
         return recorded_stages(outs) & set(finished_stages([d for d in outs if d.exists()]))
 
-    return executor(VariantRuns(list(variants), waits, prepare, run, needs, done))
+    return executor(VariantRuns(list(variants), waits, needs, done, prepare, run))

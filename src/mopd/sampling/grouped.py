@@ -54,9 +54,8 @@ def sample_groups(sampler: Callable[..., RolloutBatch], model, tokenizer, prompt
             return [xs[i] for i in rows] if xs else []
 
         draws = [(len(g), torch.Generator().manual_seed(seed)) for seed, g in zip(seeds[sl], groups[sl], strict=True)]
-        how = {"generator": draws[0][1]} if len(draws) == 1 else {"draw_groups": draws}
         out.append(sampler(model, tokenizer, pick(prompts), domains=pick(domains), group_ids=pick(group_ids),
-                           references=pick(references), **how, **settings))
+                           references=pick(references), draw_groups=draws, **settings))
     return out
 
 

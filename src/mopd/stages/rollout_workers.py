@@ -98,7 +98,7 @@ class RolloutPool:
                  base: Callable[[], Callable[..., RolloutBatch]]):
         self.max_lag, self.tokenizer, self.device = max_lag, ctx.tokenizer, ctx.placement.device
         self.settings = ctx.settings
-        self.per_call = ctx.settings.rollout.groups_per_call if ctx.settings.rollout else 1
+        self.per_call = ctx.settings.rollout.groups_per_call
         self.base = base() if workers is None else None  # in process: the stage's sampler (torch or vLLM)
         self.actors: list = []
         self.published: Published | None = None
