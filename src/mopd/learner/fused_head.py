@@ -12,9 +12,9 @@ loss's upstream gradient. (Liger-Kernel's fused linear cross-entropy works this 
 teacher's distribution.) The student's logprobs, entropy and the teacher's logprobs of the sampled tokens come
 out of the same blocks, detached: with `alpha: 0` they are metrics only.
 
-Used by `policy.policy_loss` for full_reverse_kl and forward_kl when there is no GRPO term, several blocks, and a
-plain head (a bias-free `nn.Linear`, no final map, float32 or float64 weights, no autocast); otherwise the
-checkpointed blocks run. The same loss and gradients to float rounding (`tests/test_fused_head.py`, float64).
+Used by `policy.policy_loss` for the objectives whose table entry names a `fused_head` (full_reverse_kl,
+forward_kl) when there is no GRPO term, several blocks, and a plain head (a bias-free `nn.Linear`, no final map,
+float32 or float64 weights, no autocast); otherwise the checkpointed blocks run. The same loss and gradients to float rounding (`tests/test_fused_head.py`, float64).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from ..core.scoring import LogitBlocks
 from ..models.forward import LogitHead
 from .chunked import Scores, block_bounds, block_rows, row_slice
 from .fused_kl import kl_parts
-
-KIND = {"full_reverse_kl": "reverse", "forward_kl": "forward"}  # the objectives this path computes
 
 
 def fusable(head: LogitHead | None, K: int, chunk: int | None) -> bool:

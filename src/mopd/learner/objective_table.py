@@ -216,6 +216,8 @@ class Objective:
     # per-token terms computed from each block of the student's logits (distribution objectives); called with
     # (micro-batch rows, their teachers, K, config) before the student's forward
     block_terms: Callable[[RolloutBatch, list[str] | None, int, PolicyConfig], BlockTerms] | None = None
+    # "reverse" / "forward": a KL `fused_head` computes with its gradient in the forward when it is the whole loss
+    fused_head: str | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -225,10 +227,12 @@ OBJECTIVES: dict[str, Objective] = {
     "full_reverse_kl": Objective(
         distribution_step("distill/reverse_kl"), distribution_metrics,
         block_terms=full_distribution_terms(lambda s, t, d: reverse_kl_tokens(s, t), reverse_kl_and_teacher_lse),
+        fused_head="reverse",
     ),
     "forward_kl": Objective(
         distribution_step("distill/forward_kl"), distribution_metrics,
         block_terms=full_distribution_terms(lambda s, t, d: forward_kl_tokens(s, t), forward_kl_and_teacher_lse),
+        fused_head="forward",
     ),
     "jsd": Objective(
         distribution_step("distill/jsd"), distribution_metrics,

@@ -23,7 +23,7 @@ from .advantages import grpo_advantages
 from .chunked import BlockTerms, pad_front, token_scores
 from .data_parallel import DataParallel
 from .filters import solved_group_filter
-from .fused_head import KIND, fusable, fused_kl_scores
+from .fused_head import fusable, fused_kl_scores
 from .micro_batches import accumulate_micro_batches
 from .objective_table import OBJECTIVES, MicroBatch, PolicyConfig
 from .reward_only import route_rows
@@ -48,7 +48,7 @@ def policy_loss(
     K = T - batch.first_completion_column + 1
     total = float(loss_mask_B_T.sum())
     # a KL that is the whole loss, over several blocks of a plain head: its gradient made in the forward
-    kind = KIND.get(cfg.distill.objective) if cfg.distill is not None and grpo_B_T is None else None
+    kind = objective.fused_head if grpo_B_T is None else None
     fused = (kind is not None and torch.is_grad_enabled()
              and fusable((split_head(model) or (None, None))[1], K, logit_chunk))
 
