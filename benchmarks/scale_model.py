@@ -79,6 +79,8 @@ ASSUME = {
     "train_bytes_per_param": 18,  # bf16 weights 2 + fp32 master 4 + fp32 grads 4 + AdamW moments 8 (DDP: all)
     "serve_bytes_per_param": 2,  # bf16 weights of a teacher or a vLLM rollout engine
     "kv_fraction": 0.25,  # of a serving GPU's usable memory left to the KV cache
+    "layer_fraction": 0.9,  # of a student's parameters in its decoder layers (Qwen3-8B 0.84, 32B 0.95)
+    "copy_bytes_per_param": 4,  # FSDP: rank 0's unsharded copy of the float32 weights it samples and saves with
 }
 
 
@@ -245,17 +247,24 @@ def step_seconds(student_b: float, teachers_b: list[float], rows: int, prompt: i
 
 
 def largest(a: dict = ASSUME) -> list[dict]:
-    """The largest student (DDP: the whole training state on each learner GPU) and the largest of 3 teachers
+    """The largest student (DDP: the whole training state on each learner GPU; FSDP: rank 0's share, see
+    `fsdp`) and the largest of 3 teachers
     (bf16 weights, a quarter of each GPU left to the KV cache; a teacher on g GPUs is tensor parallel, which
     means vLLM behind `backend: http`), for ways of dividing 8 GPUs."""
     usable = a["gpu_memory_gb"] * a["usable_fraction"] * 1e9
     student = usable * 0.8 / a["train_bytes_per_param"] / 1e9  # 20% for activations (micro-batches bound them)
+
+    def fsdp(ranks: int) -> float:  # rank 0: its shard of the layers, the replicated rest, the unsharded copy
+        f, train = a["layer_fraction"], a["train_bytes_per_param"]
+        return usable * 0.8 / (train * f / ranks + train * (1 - f) + a["copy_bytes_per_param"]) / 1e9
+
     teacher_per_gpu = usable * (1 - a["kv_fraction"]) / a["serve_bytes_per_param"] / 1e9
     out = []
-    for learner, rollout, teachers in ((2, 2, 4), (3, 2, 3), (1, 1, 6), (2, 1, 5)):
+    for learner, rollout, teachers in ((2, 2, 4), (3, 2, 3), (1, 1, 6), (2, 1, 5), (4, 1, 3)):
         per_teacher = [teachers // 3 + (i < teachers % 3) for i in range(3)]
-        out.append({"learner GPUs (DDP)": learner, "rollout GPUs (vLLM)": rollout, "teacher GPUs": teachers,
-                    "largest student (B params)": round(student, 1),
+        out.append({"learner GPUs": learner, "rollout GPUs (vLLM)": rollout, "teacher GPUs": teachers,
+                    "largest student, DDP (B params)": round(student, 1),
+                    "largest student, FSDP over the learner GPUs (B params)": round(fsdp(learner), 1) if learner > 1 else None,
                     "3 teachers, largest each (B params, tensor parallel over its GPUs)":
                         [round(g * teacher_per_gpu, 0) for g in per_teacher]})
     return out

@@ -2,7 +2,7 @@
 groups are shared out; a stale rollout is refused unless `max_lag` allows it, and the lag is logged; under
 `--executor ray` a miniature recipe (2 concurrent teacher stages, 2 rollout workers, 2 learner workers on gloo)
 gives the local executor's numbers: exactly with 1 learner worker, even when a rollout worker is killed mid-stage;
-to float rounding with 2."""
+to float rounding with 2 (DDP, or FSDP through a killed rank 0)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ from mopd.recipe.runner import run_recipe
 from mopd.sampling.grouped import concat_batches, group_rows, group_seeds, grouped_sampler, sample_groups
 from mopd.sampling.sampler import next_tokens, next_tokens_by_group, sample
 from mopd.stages.rollout_workers import RolloutPool, _shards, worker_name
+
+from .test_executor_ray import _kill_stage_worker
 
 TOK = build_char_tokenizer(ALPHABET)
 TINY = TinyModelConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=48)
@@ -310,7 +312,20 @@ def runs(tmp_path_factory, ray_local):
     (root / "dp.yaml").write_text(MINI + DP_AND_ACTOR_TEACHERS)
     shutil.copytree(root / "ray", root / "dp", ignore=shutil.ignore_patterns("student"))
     run_recipe(load_recipe(root / "dp.yaml"), root / "dp", executor="ray", threads=1)
-    return root, killed
+    # FSDP on 2 ranks, rank 0's worker killed after the step-3 checkpoint: Ray retries, the ranks resume from it
+    (root / "fsdp.yaml").write_text(MINI + "    learner: {workers: 2, strategy: fsdp}\n")
+    shutil.copytree(root / "ray", root / "fsdp", ignore=shutil.ignore_patterns("student"))
+    stop.clear()
+    fsdp_killed: list[float] = []
+    killer = threading.Thread(target=_kill_stage_worker, args=("student", root / "fsdp" / "student", fsdp_killed,
+                                                                 stop))
+    killer.start()
+    try:
+        run_recipe(load_recipe(root / "fsdp.yaml"), root / "fsdp", executor="ray", threads=1)
+    finally:
+        stop.set()
+        killer.join()
+    return root, {"rollout": killed, "fsdp": fsdp_killed}
 
 
 def _records(run: Path, stage: str) -> list[dict]:
@@ -320,7 +335,7 @@ def _records(run: Path, stage: str) -> list[dict]:
 
 def test_ray_rollout_workers_give_the_local_numbers_through_a_killed_worker(runs):
     root, killed = runs
-    assert len(killed) == 1  # a rollout worker really died mid-stage
+    assert len(killed["rollout"]) == 1  # a rollout worker really died mid-stage
     for stage in STAGES:
         assert _records(root / "ray", stage) == _records(root / "local", stage), stage
     local = load_file(root / "local" / "student" / "final" / "model.safetensors")
@@ -330,9 +345,16 @@ def test_ray_rollout_workers_give_the_local_numbers_through_a_killed_worker(runs
     # overlap: these take half a second, less than Ray needs to start a second worker process on a busy machine
 
 
-def test_two_learner_workers_give_the_one_worker_numbers_to_rounding(runs):
-    root, _ = runs
-    one, two = _records(root / "local", "student"), _records(root / "dp", "student")
+@pytest.mark.parametrize("strategy", ["dp", "fsdp"])
+def test_two_learner_workers_give_the_one_worker_numbers_to_rounding(runs, strategy):
+    """DDP; and FSDP, whose rank 0 was killed after a checkpoint (its ranks resumed from the gathered state)."""
+    root, killed = runs
+    if strategy == "fsdp":
+        assert len(killed["fsdp"]) == 1  # the FSDP student's rank 0 really died after its first checkpoint
+        info = json.loads((root / "fsdp" / "run.json").read_text())["stages"]["student"]
+        assert info["started_at"] > killed["fsdp"][0]  # the entry is the retried attempt's ...
+        assert info["wall_seconds"] > info["ended_at"] - info["started_at"]  # ... which resumed from a checkpoint
+    one, two = _records(root / "local", "student"), _records(root / strategy, "student")
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two, strict=True):
         assert b.keys() == a.keys()

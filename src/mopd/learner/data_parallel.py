@@ -23,12 +23,26 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
+@dataclass
 class DataParallel:
-    """This process's place in the learner group (the default process group, initialised by the caller)."""
+    """This process's place in the learner group (the default process group, initialised by the caller).
+
+    `strategy` "fsdp": the decoder layers are sharded over the ranks (`sharded.py`), and `whole` is rank 0's
+    unsharded copy of the model, the one it samples, evaluates and saves (set by the training driver).
+    """
 
     rank: int
     world: int
+    strategy: str = "ddp"
+    whole: Any = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def sampling_model(self, model: Any) -> Any:
+        """The model rank 0 samples with: the trained one, or under FSDP its unsharded copy."""
+        return self.whole if self.sharded else model
 
     @property
     def lead(self) -> bool:

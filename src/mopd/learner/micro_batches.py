@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .data_parallel import DataParallel
+from .sharded import padding_parts
 
 # part(rows, share) -> (loss, token-mean metrics over the part, detached per-row tensors to keep)
 Part = Callable[[slice, float], tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]]
@@ -39,8 +40,10 @@ def accumulate_micro_batches(
     """Run `part` over the micro-batches of `size` rows of a step whose loss tokens are `tokens_B_T` (rows first).
 
     With `dp` (a data-parallel learner), this rank runs its share of the micro-batches (one per rank when `size`
-    is unset); loss, metrics and kept tensors are then the whole step's, summed and gathered over the ranks,
-    and each rank's `.grad` holds its own parts' gradient (the driver sums them: `DataParallel.sum_gradients`).
+    is unset; under FSDP a rank with fewer micro-batches runs one again at weight 0, so every rank makes the same
+    passes through the sharded layers); loss, metrics and kept tensors are then the whole step's, summed and
+    gathered over the ranks, and each rank's `.grad` holds its own parts' gradient (the driver sums them:
+    `sharded.sum_gradients`).
 
     Returns:
         loss: the whole step's loss; detached (gradients already in `.grad`) when there was more than one part.
@@ -67,6 +70,11 @@ def accumulate_micro_batches(
                 backward_outside_autocast(part_loss)
             loss = loss + part_loss.detach()
         kept.append(part_kept)
+    if dp is not None and dp.sharded:  # every rank the same number of passes through the sharded layers
+        for _ in range(padding_parts(dp, len(chunks))):
+            idle_loss, _, _ = part(chunks[0], 0.0)
+            if idle_loss.requires_grad:
+                backward_outside_autocast(idle_loss * 0.0)
     if dp is not None:  # the whole step's numbers on every rank, parts in their global order
         loss = dp.sum_(loss.clone())
         metrics = dp.sum_metrics(metrics, loss.device)

@@ -79,12 +79,14 @@ def _rank(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str], rank:
 
 @contextmanager
 def _group(ctx: ResolvedStage, rank: int, world: int, init: str) -> Iterator[None]:
-    """Join the group as `rank` (gloo on CPU, NCCL on a GPU) with the stage's `data_parallel` set; leave it."""
+    """Join the group as `rank` (gloo on CPU, NCCL on a GPU) with the stage's `data_parallel` (rank, world and
+    `learner.strategy`) set; leave it."""
     import torch.distributed as dist
 
     backend = "nccl" if ctx.placement.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
-    ctx.data_parallel = DataParallel(rank, world)
+    spec = getattr(ctx.settings, "learner", None)
+    ctx.data_parallel = DataParallel(rank, world, "ddp" if spec is None else spec.strategy)
     try:
         yield
     finally:

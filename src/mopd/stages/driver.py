@@ -23,6 +23,7 @@ import torch
 
 from ..core.errors import StageError
 from ..eval.evaluate import evaluate
+from ..learner import sharded
 from ..models.checkpoint import load_trainer_state, save_checkpoint
 from ..models.integrity import FINAL_DIR, METRICS_FILE
 from .guards import DivergenceWatch, nonfinite_message, update_norm
@@ -138,6 +139,9 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     if dp is not None:
         resume_from = dp.broadcast(resume_from)
     model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
+    whole = model  # the model sampled, evaluated and saved (rank 0's)
+    if dp is not None and dp.sharded:  # FSDP: rank 0 keeps an unsharded copy of what the ranks train
+        whole = dp.whole = sharded.shard_layers(model, dp, ctx.name)
     model.train()
     opt = torch.optim.AdamW(trainable_parameters(model), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
     start = 0
@@ -151,7 +155,8 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 f"stage {ctx.name!r}: the resumable checkpoint {resume_from} cannot be read safely "
                 f"({e.__class__.__name__}); move it aside to start the stage over"
             ) from None
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(sharded.sharded_optimizer_state(state["optimizer"], trainable_parameters(model))
+                            if dp is not None and dp.sharded else state["optimizer"])  # saved unsharded
         start = int(state["step"])
         totals.update(state.get("totals", {}))
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
@@ -173,16 +178,19 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             if loss.requires_grad and bad is None:
                 loss.backward()
             if dp is not None:
-                dp.sum_gradients(params)  # each rank's share of the micro-batches -> the step's gradient
+                sharded.sum_gradients(dp, params)  # each rank's share of the micro-batches -> the step's gradient
             # a step with nothing to learn from (offpolicy_ft with no verified trace) leaves no gradient: no update
             if any(p.grad is not None for p in params):
-                norm = float(update_norm(params, s.grad_clip))
+                norm = float(sharded.update_norm(dp, params, s.grad_clip) if dp is not None and dp.sharded
+                             else update_norm(params, s.grad_clip))
                 if s.grad_clip:
                     metrics["grad_norm"] = norm
                 if bad is None and not math.isfinite(norm):
                     bad = ("grad_norm", norm)
                 if bad is None:
                     opt.step()
+                    if dp is not None and dp.sharded:
+                        sharded.refresh_whole(dp.whole, model)
                 opt.zero_grad(set_to_none=True)
             if bad is not None:
                 what = nonfinite_message(ctx.name, done, *bad)
@@ -198,36 +206,40 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             totals["teacher_samples"] += int(metrics.get("samples/teacher", 0))
             record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics, **totals}
             if lead and s.eval_every and done % s.eval_every == 0 and done < s.steps:
-                model.eval()
+                whole.eval()
                 with precision():
-                    scores = evaluate_fn(model) if evaluate_fn else eval_metrics(ctx, model)
+                    scores = evaluate_fn(whole) if evaluate_fn else eval_metrics(ctx, whole)
                 record.update({f"eval/{d}": v["score"] for d, v in scores.items()})
-                model.train()
+                whole.train()
             log.write(record)
             if ctx.on_progress:
                 ctx.on_progress(done, s.steps, metrics)
-            if lead and done % s.checkpoint_every == 0 and done < s.steps:
-                path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
-                save_checkpoint(path, model, ctx.tokenizer,
-                                lineage(ctx, done, {"elapsed_seconds": round(time.time() - t0, 3)}),
-                                trainer_state={"optimizer": opt.state_dict(), "step": done, "totals": dict(totals),
-                                               "rng": rng_state(), "skipped": skipped})
-                prune_resumable(ctx.stage_dir)
+            if done % s.checkpoint_every == 0 and done < s.steps:
+                # under FSDP every rank gathers the optimizer state (an unsharded AdamW's, whatever the layout)
+                opt_state = sharded.full_optimizer_state(opt) if dp is not None and dp.sharded else opt.state_dict()
+                if lead:
+                    path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
+                    save_checkpoint(path, whole, ctx.tokenizer,
+                                    lineage(ctx, done, {"elapsed_seconds": round(time.time() - t0, 3)}),
+                                    trainer_state={"optimizer": opt_state, "step": done, "totals": dict(totals),
+                                                   "rng": rng_state(), "skipped": skipped})
+                    prune_resumable(ctx.stage_dir)
             if lead and s.keep_every and done % s.keep_every == 0 and done < s.steps:
                 # an HF snapshot only (no optimizer state); a resumed stage rewrites it identically
-                save_checkpoint(snapshot_path(ctx.stage_dir, done), model, ctx.tokenizer,
+                save_checkpoint(snapshot_path(ctx.stage_dir, done), whole, ctx.tokenizer,
                                 lineage(ctx, done, dict(totals)))
         model.eval()
         if not lead:
             return ctx.stage_dir / FINAL  # rank 0 writes it
+        whole.eval()
         with precision():
-            final_eval = evaluate_fn(model) if evaluate_fn else eval_metrics(ctx, model)
+            final_eval = evaluate_fn(whole) if evaluate_fn else eval_metrics(ctx, whole)
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()
         if (close := getattr(loss_fn, "close", None)) is not None:
             close()  # what the step started beside the model (rollout workers)
-    final = save_checkpoint(ctx.stage_dir / FINAL, model, ctx.tokenizer,
+    final = save_checkpoint(ctx.stage_dir / FINAL, whole, ctx.tokenizer,
                             final_lineage(ctx, s.steps, {"eval": final_eval, **totals}))
     shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)
     return final

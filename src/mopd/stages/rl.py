@@ -52,17 +52,19 @@ def policy_step_fn(
         if dp is not None and not dp.lead:  # a data-parallel learner: rank 0 samples, every rank trains on it
             batch, metrics = dp.broadcast(None)
         else:
-            batch, metrics = rollout(model, ctx.tokenizer, problems, domains, s, temperature=temperature,
+            sampling = model if dp is None else dp.sampling_model(model)  # FSDP: rank 0's unsharded copy
+            batch, metrics = rollout(sampling, ctx.tokenizer, problems, domains, s, temperature=temperature,
                                      generator=step_generator(ctx.seed, step),
-                                     sampler=rollouts() if workers is None else workers(model).sampler(step),
+                                     sampler=rollouts() if workers is None else workers(sampling).sampler(step),
                                      prompt_format=ctx.prompt_format, reward=reward)
             if dp is not None:
                 dp.broadcast((batch, metrics))
         if workers is not None and (dp is None or dp.lead):
-            metrics.update(workers(model).metrics)
+            sampling = model if dp is None else dp.sampling_model(model)
+            metrics.update(workers(sampling).metrics)
             if workers.max_lag and step + 1 < s.steps:  # the next step samples while this one trains
                 upcoming, upcoming_temperature = draw(step + 1)
-                workers(model).prefetch(step + 1, model, upcoming, temperature=upcoming_temperature,
+                workers(sampling).prefetch(step + 1, sampling, upcoming, temperature=upcoming_temperature,
                                         generator=step_generator(ctx.seed, step + 1),
                                         prompt_format=ctx.prompt_format)
         cfg = PolicyConfig(sampling=s, distill=distill, teachers=teachers_at(step) if teachers_at else None,

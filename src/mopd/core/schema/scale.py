@@ -50,5 +50,8 @@ class LearnerWorkers(_Strict):
     gradient up to float rounding. Not part of the stage's identity."""
 
     workers: int = Field(1, ge=1, description="learner processes (Ray actors) in the data-parallel group")
-    strategy: Literal["ddp"] = Field("ddp", description="ddp: every worker holds the whole model and optimizer "
-                                     "state, gradients are all-reduced (FSDP2 sharding: not built; docs/SCALING.md)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model and optimizer state, gradients are all-reduced; "
+        "fsdp: the decoder layers' weights, gradients and optimizer state are sharded over the workers (FSDP2), "
+        "the embedding and head replicated, and rank 0 keeps an unsharded copy to sample, evaluate and save "
+        "(docs/SCALING.md)")
