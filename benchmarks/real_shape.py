@@ -24,6 +24,8 @@ log V / log 151,936 at other vocabulary sizes), so EOS becomes likely at some po
   Phases timed: sampling, loss forward,
   backward + update.
 - `mopd`: the same with mopd's default `objective: sampled`.
+- `mopd-full-by-length`, `mopd-by-length`: the same with `micro_batch_by_length` (micro-batches of rows of
+  similar length, each over its own columns: the decoders skip most padding).
 - `mopd-full-unchunked` (curves only): `full_reverse_kl` with `logit_chunk: null`, one block of logits: what
   memory does when [B, T, V] logits are held.
 
@@ -63,7 +65,7 @@ REAL = {"batch": 32, "completion": 256, "vocab": VOCAB, "teachers": 1}
 
 
 def build(out: Path, vocab: int, n_teachers: int, student_hidden: int = 64, teacher_hidden: int = 192,
-          eos_norm: float = EOS_NORM) -> None:
+          eos_norm: float = EOS_NORM, layers: int = 2) -> None:
     """Student, `n_teachers` teachers (seeds 1..n) and a word-level tokenizer of `vocab` tokens, saved under `out`;
     `eos_norm` 0: no EOS bias (EOS about as likely as any token: completions run to their maximum)."""
     import torch
@@ -82,7 +84,7 @@ def build(out: Path, vocab: int, n_teachers: int, student_hidden: int = 64, teac
 
     def model(hidden: int, seed: int, name: str) -> None:
         torch.manual_seed(seed)
-        cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=2,
+        cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                           max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=PAD,
                           eos_token_id=EOS, bos_token_id=BOS)
@@ -106,7 +108,7 @@ def prompts(n: int, vocab: int, seed: int) -> list[str]:
     return [" ".join(f"t{rng.randrange(3, vocab)}" for _ in range(rng.randint(16, 64))) for _ in range(n)]
 
 
-def _worker_mopd(a: argparse.Namespace, objective: str, chunk: int | None) -> dict:
+def _worker_mopd(a: argparse.Namespace, objective: str, chunk: int | None, by_length: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -127,7 +129,8 @@ def _worker_mopd(a: argparse.Namespace, objective: str, chunk: int | None) -> di
     panel = TeacherPanel(models=teachers, teacher_of_domain=dict(zip(domains, names, strict=True)), logit_chunk=chunk)
     settings = MOPDStage(kind="mopd", init="student", steps=1, teachers=dict(zip(domains, names, strict=True)),
                          group_size=1, max_new_tokens=a.completion, temperature=1.0, top_p=1.0, alpha=0.0,
-                         objective=objective, logit_chunk=chunk, micro_batch_size=a.micro_batch)
+                         objective=objective, logit_chunk=chunk, micro_batch_size=a.micro_batch,
+                         micro_batch_by_length=by_length)
     cfg = PolicyConfig(sampling=settings, distill=settings, teachers=panel)
     opt = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0, betas=(0.9, 0.99))
     student.train()
@@ -140,7 +143,7 @@ def _worker_mopd(a: argparse.Namespace, objective: str, chunk: int | None) -> di
         batch = batch.with_rewards(torch.zeros(len(texts)))
         t1 = time.perf_counter()
         loss, _ = policy_loss(student, batch, cfg, temperature=1.0, logit_chunk=chunk,
-                              micro_batch_size=a.micro_batch)
+                              micro_batch_size=a.micro_batch, by_length=by_length)
         t2 = time.perf_counter()
         if loss.requires_grad:  # with several micro-batches each one's backward ran inside policy_loss
             loss.backward()
@@ -149,12 +152,30 @@ def _worker_mopd(a: argparse.Namespace, objective: str, chunk: int | None) -> di
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         lengths = batch.completion_mask_B_T.sum(-1)
-        return {"seconds": t3 - t0, "cpu_seconds": time.process_time() - c0, "sampling": t1 - t0, "loss_forward": t2 - t1, "backward_and_update": t3 - t2,
+        tokens = decoder_tokens(batch.attention_mask_B_T, a.micro_batch)
+        return {**tokens, "seconds": t3 - t0, "cpu_seconds": time.process_time() - c0, "sampling": t1 - t0, "loss_forward": t2 - t1, "backward_and_update": t3 - t2,
                 "length_mean": float(lengths.mean()), "length_min": int(lengths.min()), "length_max": int(lengths.max())}
 
     step(prompts(2, a.vocab, seed=10_000 + a.run), 10_000 + a.run)  # warm-up
     return {"steps": [step(prompts(a.batch, a.vocab, seed=a.run * 100 + i), a.run * 100 + i)
                       for i in range(a.steps)]}
+
+
+def decoder_tokens(mask_B_T, micro: int) -> dict:
+    """Rows x columns the student's decoder runs over in a step's micro-batches of `micro` rows, in batch order
+    over every column and by length over their own columns, against the real tokens: what padding costs."""
+    import torch
+
+    def width(m) -> int:
+        cols = m.any(0).nonzero().flatten()
+        return int(cols[-1] - cols[0] + 1) if cols.numel() else 0
+
+    order = torch.argsort(mask_B_T.sum(1), descending=True, stable=True)
+    B, T = mask_B_T.shape
+    return {"decoder_tokens_padded": B * T,
+            "decoder_tokens_by_length": sum(len(order[i:i + micro]) * width(mask_B_T[order[i:i + micro]])
+                                            for i in range(0, B, micro)),
+            "real_tokens": int(mask_B_T.sum())}
 
 
 def _worker_trl(a: argparse.Namespace) -> dict:
@@ -222,8 +243,10 @@ def worker(a: argparse.Namespace) -> None:
     if a.worker == "trl":
         res = _worker_trl(a)
     else:
-        objective = "sampled" if a.worker == "mopd" else "full_reverse_kl"
-        res = _worker_mopd(a, objective, None if a.worker == "mopd-full-unchunked" else a.chunk)
+        tool = a.worker.removesuffix("-by-length")
+        objective = "sampled" if tool == "mopd" else "full_reverse_kl"
+        res = _worker_mopd(a, objective, None if tool == "mopd-full-unchunked" else a.chunk,
+                           by_length=a.worker.endswith("-by-length"))
     secs = [s["seconds"] for s in res["steps"]]
     cpu = [s["cpu_seconds"] for s in res["steps"]]
     print(json.dumps({**res, "completions_per_s": a.batch * len(secs) / sum(secs), "step_s": statistics.median(secs),
@@ -261,9 +284,10 @@ def median_of(runs: list[dict], key: str) -> float | None:
 def compare(tools: list[str], shape: dict, runs: int, a: argparse.Namespace, tmp: Path,
             eos_norm: float = EOS_NORM) -> dict:
     """`runs` rounds of every tool at `shape` (rotating order), medians and the mopd/TRL ratios."""
-    models = tmp / f"v{shape['vocab']}_t{shape['teachers']}_e{eos_norm}"
+    models = tmp / f"v{shape['vocab']}_t{shape['teachers']}_e{eos_norm}_h{a.student_hidden}_{a.teacher_hidden}"
     if not models.exists():
-        build(models, shape["vocab"], shape["teachers"], eos_norm=eos_norm)
+        build(models, shape["vocab"], shape["teachers"], a.student_hidden, a.teacher_hidden, eos_norm=eos_norm,
+              layers=a.layers)
     by_tool: dict[str, list[dict]] = {t: [] for t in tools}
     for r in range(runs):
         for tool in tools[r % len(tools):] + tools[: r % len(tools)]:
@@ -359,6 +383,9 @@ def main() -> None:
     ap.add_argument("--axes", nargs="+", default=list(CURVES), choices=list(CURVES))
     ap.add_argument("--tools", nargs="+", default=["trl", "mopd-full", "mopd"], help="`real`: the tools compared")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink vocabulary and lengths (tests)")
+    ap.add_argument("--student-hidden", type=int, default=64, help="the student's width (the teacher's: 3x it)")
+    ap.add_argument("--teacher-hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of student and teachers")
     ap.add_argument("--out", type=Path, default=None, help="write the results here instead of results.json")
     for k, v in REAL.items():
         ap.add_argument(f"--{k}", type=int, default=v)
@@ -373,7 +400,8 @@ def main() -> None:
 
     head = {"command": "python benchmarks/real_shape.py " + " ".join(sys.argv[1:]), "machine": _common.machine(),
             "threads": a.threads, "cap_gib": a.cap_gib, "logit_chunk": a.chunk, "micro_batch_size": a.micro_batch,
-            "timed_steps_per_run": a.steps}
+            "timed_steps_per_run": a.steps, "student_hidden": a.student_hidden, "teacher_hidden": a.teacher_hidden,
+            "layers": a.layers}
     with tempfile.TemporaryDirectory() as tmp:
         if a.mode == "real":
             shape = {k: getattr(a, k) for k in REAL}

@@ -67,7 +67,8 @@ def test_real_shape_benchmark_runs_both_tools_at_a_miniature_shape(monkeypatch, 
         real_shape.build(tmp_path, vocab=300, n_teachers=1, student_hidden=16, teacher_hidden=32)
         args = argparse.Namespace(models=tmp_path, vocab=300, batch=4, completion=12, teachers=1, steps=2, run=0,
                                   micro_batch=2)
-        runs = {"trl": real_shape._worker_trl(args), "mopd-full": real_shape._worker_mopd(args, "full_reverse_kl", 4)}
+        runs = {"trl": real_shape._worker_trl(args), "mopd-full": real_shape._worker_mopd(args, "full_reverse_kl", 4),
+                "mopd-full-by-length": real_shape._worker_mopd(args, "full_reverse_kl", 4, by_length=True)}
         for tool, res in runs.items():
             assert len(res["steps"]) == 2, tool
             for step in res["steps"]:
@@ -76,6 +77,8 @@ def test_real_shape_benchmark_runs_both_tools_at_a_miniature_shape(monkeypatch, 
         mopd = runs["mopd-full"]["steps"][0]
         assert mopd["sampling"] + mopd["loss_forward"] + mopd["backward_and_update"] <= mopd["seconds"]
         assert any(s["length_min"] < s["length_max"] for r in runs.values() for s in r["steps"])  # lengths vary
+        for s in runs["mopd-full-by-length"]["steps"]:  # by length the decoder runs over less padding
+            assert s["real_tokens"] <= s["decoder_tokens_by_length"] <= s["decoder_tokens_padded"]
 
         point = lambda x, trl_rss: {"shape": {"vocab": x, "batch": 4}, "median": {  # noqa: E731
             "trl": {"step_s": 1.0, "peak_rss_mib": trl_rss}, "mopd": {"step_s": 0.5, "peak_rss_mib": 100.0}}}

@@ -54,6 +54,24 @@ class RolloutBatch:
     def with_rewards(self, rewards_B: torch.Tensor) -> RolloutBatch:
         return replace(self, rewards_B=rewards_B)
 
+    def real_columns(self) -> tuple[int, int]:
+        """[start, stop): the columns where some row has a real token (outside them every row is padding)."""
+        live = self.attention_mask_B_T.any(0)
+        if not bool(live.any()):
+            return 0, 0
+        cols = live.nonzero().flatten()
+        return int(cols[0]), int(cols[-1]) + 1
+
+    def columns(self, start: int, stop: int) -> RolloutBatch:
+        """Every row's columns [start, stop): with `real_columns`, the batch without its all-padding columns (a
+        token's position id counts the real tokens before it, so no real token's logits change)."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, start:stop]
+
+        return replace(self, input_ids_B_T=cut(self.input_ids_B_T), attention_mask_B_T=cut(self.attention_mask_B_T),
+                       completion_mask_B_T=cut(self.completion_mask_B_T),
+                       sampler_logprobs_B_T=cut(self.sampler_logprobs_B_T), roles_B_T=cut(self.roles_B_T))
+
     def to(self, device: torch.device | str) -> RolloutBatch:
         """The same batch with every tensor on `device` (the text fields are shared, not copied)."""
         return replace(

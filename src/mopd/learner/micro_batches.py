@@ -17,8 +17,9 @@ import torch
 from .data_parallel import DataParallel
 from .sharded import padding_parts
 
-# part(rows, share) -> (loss, token-mean metrics over the part, detached per-row tensors to keep)
-Part = Callable[[slice, float], tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]]
+# part(rows, share) -> (loss, token-mean metrics over the part, detached per-row tensors to keep); rows: a slice,
+# or the row indices of a micro-batch when the rows are taken in an `order`
+Part = Callable[[slice | torch.Tensor, float], tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]]
 
 
 def micro_batches(rows: int, size: int | None) -> list[slice]:
@@ -35,7 +36,8 @@ def backward_outside_autocast(loss: torch.Tensor) -> None:
 
 
 def accumulate_micro_batches(
-    part: Part, tokens_B_T: torch.Tensor, size: int | None, dp: DataParallel | None = None
+    part: Part, tokens_B_T: torch.Tensor, size: int | None, dp: DataParallel | None = None,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
     """Run `part` over the micro-batches of `size` rows of a step whose loss tokens are `tokens_B_T` (rows first).
 
@@ -45,13 +47,18 @@ def accumulate_micro_batches(
     gathered over the ranks, and each rank's `.grad` holds its own parts' gradient (the driver sums them:
     `sharded.sum_gradients`).
 
+    `order` (a permutation of the rows): micro-batches take the rows in that order (`part` gets index tensors),
+    and the kept tensors come back in the batch's own row order.
+
     Returns:
         loss: the whole step's loss; detached (gradients already in `.grad`) when there was more than one part.
         metrics: each part's metrics weighted by its share (so token means over the whole step).
         kept: each part's kept tensors concatenated along rows.
     """
     rows_total = tokens_B_T.shape[0]
-    chunks = micro_batches(rows_total, size if dp is None else dp.chunk_size(rows_total, size))
+    chunks: list = micro_batches(rows_total, size if dp is None else dp.chunk_size(rows_total, size))
+    if order is not None:
+        chunks = [order[c] for c in chunks]
     split = len(chunks) > 1 or dp is not None
     total = float(tokens_B_T.sum())
     loss = torch.zeros((), device=tokens_B_T.device)
@@ -82,4 +89,8 @@ def accumulate_micro_batches(
                                                 for (i, _), p in zip(indexed, kept, strict=True)])
                     for pair in ranks]
         kept = [{k: v.to(loss.device) for k, v in p.items()} for _, p in sorted(everyone, key=lambda x: x[0])]
-    return loss, metrics, {k: torch.cat([p[k] for p in kept]) for k in kept[0]}
+    joined = {k: torch.cat([p[k] for p in kept]) for k in kept[0]}
+    if order is not None:  # back to the batch's row order
+        back = torch.argsort(order.to(loss.device))
+        joined = {k: v[back] for k, v in joined.items()}
+    return loss, metrics, joined

@@ -31,13 +31,17 @@ from .reward_only import route_rows
 
 def policy_loss(
     model, batch: RolloutBatch, cfg: PolicyConfig, *, temperature: float, micro_batch_size: int | None = None,
-    logit_chunk: int | None = None, dp: DataParallel | None = None,
+    logit_chunk: int | None = None, dp: DataParallel | None = None, by_length: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a rewarded batch: A = A_GRPO without teachers; with them, the distillation objective of
     `cfg.distill` (+ alpha * A_GRPO). With `filter_solved`, rows of groups whose pass rate is 0 or 1 leave every
     loss term. The batch-wide parts (filter, GRPO's group statistics, routing) and the metrics see the whole
     batch; the student's forward, the teachers' scores and the loss run per micro-batch of rows, and within one
-    a block of `logit_chunk` positions at a time (None: every position in one block)."""
+    a block of `logit_chunk` positions at a time (None: every position in one block).
+
+    `by_length` (`micro_batch_by_length`): micro-batches take the rows longest first, and each one runs (student
+    and teachers) over its own columns only, without the columns that are padding in all its rows; the same loss
+    and gradient up to float rounding, without the decoder's work on most of the padding."""
     objective = OBJECTIVES["grpo" if cfg.distill is None else cfg.distill.objective]
     mask_B_T = batch.completion_mask_B_T
     loss_mask_B_T, grpo_B_T, metrics = batch_advantages(batch, cfg, objective.uses_grpo)
@@ -52,31 +56,59 @@ def policy_loss(
     fused = (kind is not None and torch.is_grad_enabled()
              and fusable((split_head(model) or (None, None))[1], K, logit_chunk))
 
-    def part(rows: slice, share: float):
-        whole = rows.start == 0 and rows.stop == batch.size
-        part_batch = batch if whole else batch.select(torch.arange(rows.start, rows.stop))
-        part_names = None if names_B is None else names_B[rows]
+    def part(rows: slice | torch.Tensor, share: float):
+        idx = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+        whole = idx.numel() == batch.size and bool((idx == torch.arange(batch.size)).all())
+        part_batch = batch if whole else batch.select(idx)
+        part_names = None if names_B is None else [names_B[i] for i in idx.tolist()]
+        part_loss_mask, part_grpo = loss_mask_B_T[idx], None if grpo_B_T is None else grpo_B_T[idx]
+        lead, trail = 0, 0
+        if by_length:  # this micro-batch's own columns: the ones where some row has a real token
+            start, stop = part_batch.real_columns()
+            lead, trail = min(start, T - K), min(T - stop, K - 1)  # the window's first column is a prompt's last
+            if lead or trail:
+                part_batch = part_batch.columns(lead, T - trail)
+                part_loss_mask = part_loss_mask[:, lead : T - trail]
+                part_grpo = None if part_grpo is None else part_grpo[:, lead : T - trail]
+        k = K - trail
         terms, fused_kl = None, None
         if fused:
             assert cfg.teachers is not None and part_names is not None and kind is not None
-            fused_kl = (kind, cfg.teachers.logit_blocks(part_batch, part_names, K))
+            fused_kl = (kind, cfg.teachers.logit_blocks(part_batch, part_names, k))
         elif objective.block_terms is not None:
-            terms = objective.block_terms(part_batch, part_names, K, cfg)
-        mb = student_scores(
-            model, part_batch, K, temperature, loss_mask_B_T[rows], None if grpo_B_T is None else grpo_B_T[rows],
-            part_names, share, total, terms=terms, logit_chunk=logit_chunk, fused_kl=fused_kl,
-        )
+            terms = objective.block_terms(part_batch, part_names, k, cfg)
+        mb = student_scores(model, part_batch, k, temperature, part_loss_mask, part_grpo, part_names, share, total,
+                            terms=terms, logit_chunk=logit_chunk, fused_kl=fused_kl)
         loss, part_metrics, kept = objective.step(mb, cfg)
-        entropy_B_K = mb.entropy_B_T[:, T - K :]
-        return loss, part_metrics, {**kept, "entropy_B_K": entropy_B_K, "logprobs_B_T": mb.logprobs_B_T.detach()}
+        kept = {**kept, "entropy_B_K": mb.entropy_B_T[:, -k:], "logprobs_B_T": mb.logprobs_B_T.detach()}
+        return loss, part_metrics, repad(kept, lead, trail)
 
-    loss, loss_metrics, kept = accumulate_micro_batches(part, loss_mask_B_T, micro_batch_size, dp)
+    order = None
+    if by_length and micro_batch_size is not None:  # longest first: the largest micro-batch fails first, if any
+        order = torch.argsort(batch.attention_mask_B_T.sum(1).cpu(), descending=True, stable=True)
+    loss, loss_metrics, kept = accumulate_micro_batches(part, loss_mask_B_T, micro_batch_size, dp, order)
     metrics["entropy"] = float(masked_mean(kept["entropy_B_K"], mask_B_T[:, T - K :]))
     if objective.batch_metrics is not None:
         metrics.update(objective.batch_metrics(kept, mask_B_T, names_B))
     metrics.update(loss_metrics)
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def repad(kept: dict[str, torch.Tensor], lead: int, trail: int) -> dict[str, torch.Tensor]:
+    """A trimmed micro-batch's kept tensors back in the whole batch's columns (zeros where its rows had only
+    padding): `*_B_T` lost `lead` columns in front and `trail` behind, `*_B_K` (the last K positions) `trail`."""
+    if not lead and not trail:
+        return kept
+    out = {}
+    for name, t in kept.items():
+        if name.endswith("_B_T"):
+            out[name] = torch.nn.functional.pad(t, (lead, trail))
+        elif name.endswith("_B_K"):
+            out[name] = torch.nn.functional.pad(t, (0, trail))
+        else:
+            raise ValueError(f"kept tensor {name!r}: its layout (_B_T or _B_K) says how to re-pad it")
+    return out
 
 
 def batch_advantages(

@@ -22,6 +22,7 @@ SETTINGS_NOT_IN_IDENTITY = {
     "teacher_backends",  # where a MOPD stage's teachers score (in process, a Ray actor, a server), not who they are
     "learner",  # data-parallel learner workers: the same gradient up to float rounding (like micro-batches)
     "teacher_shared_prefill",  # each prompt's teacher prefill once per group: the same scores up to float rounding
+    "micro_batch_by_length",  # which rows share a micro-batch, and its columns: the same gradient up to rounding
 }
 
 

@@ -70,7 +70,8 @@ def policy_step_fn(
         cfg = PolicyConfig(sampling=s, distill=distill, teachers=teachers_at(step) if teachers_at else None,
                            reward_only=reward_only)
         loss, loss_metrics = policy_loss(model, batch, cfg, temperature=temperature,
-                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk, dp=dp)
+                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk, dp=dp,
+                                         by_length=s.micro_batch_by_length)
         return loss, {**metrics, **loss_metrics, "samples/student": len(problems) * s.group_size}
 
     if workers is not None:

@@ -166,11 +166,18 @@ class SamplingSettings(Strict):
     learner: LearnerWorkers | None = Field(
         None, description="the update on `workers` data-parallel processes (`--executor ray`); null: one process",
     )
+    micro_batch_by_length: bool = Field(
+        False, description="micro-batches take the rows longest first, and each runs the student and teachers over "
+        "its own columns only (not the columns that are padding in all its rows): the decoder's work on padding "
+        "mostly goes; the same loss and gradient up to float rounding; needs `micro_batch_size`",
+    )
 
     @model_validator(mode="after")
     def _scaled_kind(self) -> SamplingSettings:
         if why := scale_problem(getattr(self, "kind", None), self.rollout, self.learner):
             raise ValueError(why)
+        if self.micro_batch_by_length and getattr(self, "micro_batch_size", None) is None:
+            raise ValueError("`micro_batch_by_length` sorts rows into micro-batches: set `micro_batch_size` too")
         return self
     reward: RewardSource = Field("verifier", description=REWARD_DESCRIPTION)
 
