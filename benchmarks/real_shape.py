@@ -347,6 +347,8 @@ def plot(curve_data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(curve_data), figsize=(5 * len(curve_data), 8), squeeze=False)
+    tools = list(dict.fromkeys(t for points in curve_data.values() for t in points[0]["median"]))
+    color = {t: f"C{i}" for i, t in enumerate(tools)}  # one color per tool in every panel
     for col, (axis, points) in enumerate(curve_data.items()):
         xs = [p["shape"][axis] for p in points]
         for tool in points[0]["median"]:
@@ -355,7 +357,7 @@ def plot(curve_data: dict, path: Path) -> None:
                 ok = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
                 ax = axes[row][col]
                 if ok:
-                    ax.plot(*zip(*ok, strict=True), marker="o", label=tool)
+                    ax.plot(*zip(*ok, strict=True), marker="o", label=tool, color=color[tool])
                 for x, y in zip(xs, ys, strict=True):
                     if y is None:
                         ax.annotate(f"{tool}: OOM", (x, 0), fontsize=7, rotation=90, va="bottom")
