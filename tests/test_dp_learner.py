@@ -34,18 +34,28 @@ class Passing:
         return float(len(completion) % 2)
 
 
-def _step(dp: DataParallel | None, micro: int | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One MOPD step (sampled objective + alpha GRPO, two teachers) from fixed seeds: (gradients, metrics)."""
-    torch.manual_seed(0)
-    student = build_tiny_model(TINY, len(TOK), TOK, 0)
+def panel_and_problems() -> tuple[TeacherPanel, list]:
+    """The two frozen teachers routed by domain, and the step's 7 problems (fixed seeds)."""
     teachers = {"t_add": build_tiny_model(TINY, len(TOK), TOK, 1), "t_rev": build_tiny_model(TINY, len(TOK), TOK, 2)}
     for t in teachers.values():
         t.eval().requires_grad_(False)
     panel = TeacherPanel(models=teachers, teacher_of_domain={"addition": "t_add", "reversal": "t_rev"})
     rng = random.Random(0)
-    problems = [*get_domain("addition").sample_train(rng, 4), *get_domain("reversal").sample_train(rng, 3)]
+    return panel, [*get_domain("addition").sample_train(rng, 4), *get_domain("reversal").sample_train(rng, 3)]
+
+
+def sample_batch(student, problems):
     batch, _ = rollout(student, TOK, problems, {"addition": Passing(), "reversal": Passing()}, STAGE,
                        temperature=1.0, generator=torch.Generator().manual_seed(3))
+    return batch
+
+
+def _step(dp: DataParallel | None, micro: int | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One MOPD step (sampled objective + alpha GRPO, two teachers) from fixed seeds: (gradients, metrics)."""
+    torch.manual_seed(0)
+    student = build_tiny_model(TINY, len(TOK), TOK, 0)
+    panel, problems = panel_and_problems()
+    batch = sample_batch(student, problems)
     cfg = PolicyConfig(sampling=STAGE, distill=STAGE, teachers=panel)
     loss, metrics = policy_loss(student, batch, cfg, temperature=1.0, micro_batch_size=micro, dp=dp)
     if loss.requires_grad:

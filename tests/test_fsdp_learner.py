@@ -13,18 +13,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mopd.core.schema.stages import LoraSettings
-from mopd.envs import get_domain
 from mopd.learner import sharded
 from mopd.learner.data_parallel import DataParallel
 from mopd.learner.objective_table import PolicyConfig
 from mopd.learner.policy import policy_loss
-from mopd.learner.rollout import rollout
 from mopd.models.lora import apply_lora
 from mopd.models.tiny import build_tiny_model
 from mopd.stages.guards import update_norm
-from mopd.teachers.panel import TeacherPanel
 
-from .test_dp_learner import STAGE, TINY, TOK, Passing
+from .test_dp_learner import STAGE, TINY, TOK, panel_and_problems, sample_batch
 
 LR = 1e-2
 CLIP = 0.05  # below the step's gradient norm: the clip is exercised
@@ -52,18 +49,10 @@ def _step(dp: DataParallel | None, micro: int | None, lora: bool) -> dict:
     whole = student
     if dp is not None:
         whole = dp.whole = sharded.shard_layers(student, dp, "student")
-    teachers = {"t_add": build_tiny_model(TINY, len(TOK), TOK, 1), "t_rev": build_tiny_model(TINY, len(TOK), TOK, 2)}
-    for t in teachers.values():
-        t.eval().requires_grad_(False)
-    panel = TeacherPanel(models=teachers, teacher_of_domain={"addition": "t_add", "reversal": "t_rev"})
-    import random
-
-    rng = random.Random(0)
-    problems = [*get_domain("addition").sample_train(rng, 4), *get_domain("reversal").sample_train(rng, 3)]
+    panel, problems = panel_and_problems()
     batch = None
     if dp is None or dp.lead:  # rank 0 samples with its unsharded copy, as the stage does
-        batch, _ = rollout(whole, TOK, problems, {"addition": Passing(), "reversal": Passing()}, STAGE,
-                           temperature=1.0, generator=torch.Generator().manual_seed(3))
+        batch = sample_batch(whole, problems)
     if dp is not None:
         batch = dp.broadcast(batch)
     params = [p for p in student.parameters() if p.requires_grad]
