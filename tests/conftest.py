@@ -75,9 +75,23 @@ def mini_recipe(tmp_path: Path) -> Path:
     return path
 
 
-def _warm(_: int) -> int:
+def _warm(hold: float) -> int:
+    import os
+    import time
+
     import mopd.recipe.executor_ray  # noqa: F401  the worker's imports (torch, transformers), once
-    return 0
+    time.sleep(hold)  # held so that the other warm-up cannot take this worker after it
+    return os.getpid()
+
+
+def warm_workers(ray) -> None:
+    """Two idle Ray workers with mopd imported. A test that killed a worker leaves one: the two warm-ups then
+    run on the same worker unless held past a new worker's start (seconds), so they are held longer until they
+    ran on two."""
+    warm = ray.remote(num_cpus=1)(_warm)
+    for hold in (0.3, 6.0):
+        if len(set(ray.get([warm.remote(hold) for _ in range(2)]))) == 2:
+            return
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +103,19 @@ def ray_local():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    warm = ray.remote(num_cpus=1)(_warm)
-    ray.get([warm.remote(i) for i in range(2)])
+    warm_workers(ray)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_warm(ray_local):
+    """`ray_local` with both CPUs free and two warm workers now: for a test that asserts two tasks overlap in
+    time (a test that killed a worker leaves its CPU held until Ray notices, and a cold start to the next user)."""
+    import time
+
+    warm_workers(ray_local)
+    deadline = time.time() + 60  # the warm-ups' worker leases go back to the pool a moment after they end
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    return ray_local

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -200,22 +202,45 @@ def _kill_stage_worker(stage: str, stage_dir: Path, killed: list[float], stop) -
         time.sleep(0.01)
 
 
-def test_a_killed_stage_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path, ray_local):
+@pytest.fixture(scope="module")
+def long_local(tmp_path_factory):
+    """The one-stage LONG recipe (a stage name unique to this session: its worker's process title) run by the
+    local executor at one torch thread: the uninterrupted reference of the kill tests."""
+    import uuid
+
+    root = tmp_path_factory.mktemp("long")
+    stage = f"long_{uuid.uuid4().hex[:8]}"
+    (root / "r.yaml").write_text(LONG.replace("STAGE", stage))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_recipe(load_recipe(root / "r.yaml"), root / "local")
+    finally:
+        torch.set_num_threads(threads)
+    return root, stage
+
+
+def _same_as_local(run: Path, local: Path, stage: str) -> None:
+    """The stage's final weights and metrics records (wall time aside) equal the local run's."""
+    a = load_file(local / stage / "final" / "model.safetensors")
+    b = load_file(run / stage / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def records(r: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if k != "time"}
+                for x in (r / stage / "metrics.jsonl").read_text().splitlines()]
+
+    assert records(run) == records(local)
+
+
+def test_a_killed_stage_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path, long_local, ray_local):
     """The stage's worker process dies after its first checkpoint: Ray runs the task again, the stage resumes
     from that checkpoint (its wall time counts the checkpointed seconds), and finishes with the weights and
     metrics of an uninterrupted local run."""
     import threading
-    import uuid
 
-    stage = f"long_{uuid.uuid4().hex[:8]}"
-    (tmp_path / "r.yaml").write_text(LONG.replace("STAGE", stage))
-    loaded = load_recipe(tmp_path / "r.yaml")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_recipe(loaded, tmp_path / "local")
-    finally:
-        torch.set_num_threads(threads)
+    root, stage = long_local
+    loaded = load_recipe(root / "r.yaml")
     killed: list[float] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_stage_worker, args=(stage, tmp_path / "ray" / stage, killed, stop))
@@ -229,12 +254,64 @@ def test_a_killed_stage_worker_is_retried_and_resumes_from_its_checkpoint(tmp_pa
     info = _stages(tmp_path / "ray")[stage]
     assert info["started_at"] > killed[0]  # the entry is the retried attempt's
     assert info["wall_seconds"] > info["ended_at"] - info["started_at"]  # ... which resumed from a checkpoint
-    local = load_file(tmp_path / "local" / stage / "final" / "model.safetensors")
-    remote = load_file(tmp_path / "ray" / stage / "final" / "model.safetensors")
-    assert all(torch.equal(local[k], remote[k]) for k in local)
+    _same_as_local(tmp_path / "ray", root / "local", stage)
 
-    def records(run):
-        return [{k: v for k, v in json.loads(x).items() if k != "time"}
-                for x in (run / stage / "metrics.jsonl").read_text().splitlines()]
 
-    assert records(tmp_path / "ray") == records(tmp_path / "local")
+@pytest.mark.slow
+def test_a_killed_driver_resumes_with_the_same_command(tmp_path):
+    """`mopd run --executor ray` SIGKILLed with its process group (the driver and the Ray instance it started)
+    after the stage's first checkpoint. Its stage worker lives on for a few seconds (Ray ends a dead driver's
+    workers late), holding the stage directory's lock, so a rerun's worker would wait for it; the same command
+    then resumes the stage from what it left and ends with an uninterrupted run's weights and metrics."""
+    import subprocess
+    import sys
+
+    from .test_kill_resume import kill_after_first_checkpoint
+
+    stage = "long_driver"
+    (tmp_path / "r.yaml").write_text(LONG.replace("STAGE", stage).replace("steps: 60", "steps: 1500")
+                                     .replace("checkpoint_every: 5", "checkpoint_every: 25"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "local")
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "mopd", "run", str(tmp_path / "r.yaml"), "--out", str(out), "--executor", "ray",
+           "--threads", "1"]
+    kill_after_first_checkpoint(cmd, out / stage, poll=0.02, settle=0.0)
+    from mopd.recipe.run_lock import RunLockedError, stage_lock
+
+    with pytest.raises(RunLockedError, match="is still writing"), stage_lock(out, stage, wait_s=0):
+        pass  # the killed run's stage worker outlives its driver, and holds the stage's directory
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = _stages(out)[stage]
+    assert info["status"] != "cached"  # the killed run had not finished the stage: this one did, resuming
+    assert info["wall_seconds"] > info["ended_at"] - info["started_at"]
+    _same_as_local(out, tmp_path / "local", stage)
+
+
+def test_a_stage_directory_has_one_writer(tmp_path):
+    """A second holder of a stage's lock waits for the first to let go, and past its wait says who holds it."""
+    import threading
+
+    from mopd.recipe.run_lock import RunLockedError, stage_lock
+
+    order: list[str] = []
+
+    def second() -> None:
+        with stage_lock(tmp_path, "s", wait_s=10):
+            order.append("second")
+
+    with stage_lock(tmp_path, "s"):
+        held = rf"stage 's': process {os.getpid()} is still writing .* after 0 s"
+        with pytest.raises(RunLockedError, match=held), stage_lock(tmp_path, "s", wait_s=0.3):
+            pass
+        later = threading.Thread(target=second)
+        later.start()
+        time.sleep(0.5)
+        order.append("first done")
+    later.join(timeout=10)
+    assert order == ["first done", "second"]

@@ -41,7 +41,7 @@ def _weights(stage_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(stage_dir / "final" / "model.safetensors")
 
 
-def test_sweep_points_run_in_parallel_and_parents_train_once(tmp_path: Path, ray_local) -> None:
+def test_sweep_points_run_in_parallel_and_parents_train_once(tmp_path: Path, ray_warm) -> None:
     path = tmp_path / "mini.yaml"
     path.write_text(MINI)
     out, local = tmp_path / "ray", tmp_path / "local"

@@ -30,6 +30,7 @@ from .learner_group import group_runner, learner_workers
 from .load import LoadedRecipe
 from .progress import logged_step, progress_info, stage_progress
 from .refs import stage_refs
+from .run_lock import stage_lock
 from .stage_failures import StageFailures, first_line
 from .stage_step import run_stage_step
 
@@ -179,5 +180,6 @@ def _stage_task(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str],
     def warn(msg: str) -> None:
         console.print(f"warning: {msg}", highlight=False, markup=False, soft_wrap=True)
 
-    return run_stage_step(loaded, name, out, ids, prior, warn=warn, executor="ray",
-                          run=group_runner(loaded, name, out, ids, threads))
+    with stage_lock(Path(out), name):  # an orphaned worker of a killed run may still be writing it
+        return run_stage_step(loaded, name, out, ids, prior, warn=warn, executor="ray",
+                              run=group_runner(loaded, name, out, ids, threads))
