@@ -35,10 +35,12 @@ WORKER_RESTARTS = 2  # a rollout worker that dies is restarted (and its call ret
 
 @dataclass(frozen=True)
 class Published:
-    """The learner's weights as published for a step: the version and the weights' object reference."""
+    """The learner's weights as published for a step: the version, the weights' object reference, and the
+    reference of the student's copy (the module the weights load into; the same for every version)."""
 
     version: int
     weights: Any
+    skeleton: Any
 
 
 class RolloutWorker:
@@ -46,12 +48,13 @@ class RolloutWorker:
     version of the weights once, sampling the groups it is handed. `backend` torch or vllm (a vLLM engine per
     actor on its own GPU: wired, untested without a GPU)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, placement, backend: str, threads: int,
-                 engine: dict | None = None):
+    def __init__(self, tokenizer, placement, backend: str, threads: int, engine: dict | None = None):
         torch.set_num_threads(threads)
-        if placement.device.type == "cuda" and torch.cuda.is_available():  # Ray gave this actor a GPU
-            model.to(placement.device)
-        self.model, self.tokenizer, self.placement = model, tokenizer, placement
+        # the student's copy comes with the first call (`Published.skeleton`), not as a constructor argument: a
+        # restartable actor with an object-store argument makes Ray log an error line at every start
+        # (ray-project/ray#53727), and a restarted worker reads it again from its first call
+        self.model: torch.nn.Module | None = None
+        self.tokenizer, self.placement = tokenizer, placement
         self.version = -1
         self.sampler: Callable[..., RolloutBatch]
         if backend == "vllm":
@@ -71,6 +74,10 @@ class RolloutWorker:
         if published.version != self.version:
             import ray
 
+            if self.model is None:
+                self.model = ray.get(published.skeleton)
+                if self.placement.device.type == "cuda" and torch.cuda.is_available():  # Ray gave this actor a GPU
+                    self.model.to(self.placement.device)
             self.model.load_state_dict(ray.get(published.weights))  # a reference nested in an argument
             if self.engine is not None:
                 type(self.engine).sync_weights(self.engine, self.model)
@@ -117,18 +124,17 @@ class RolloutPool:
         actor = ray.remote(RolloutWorker)
         options = dict(num_cpus=spec.cpus, num_gpus=spec.gpus, max_restarts=WORKER_RESTARTS,
                        max_task_retries=WORKER_RESTARTS)
-        # the student's copy, put once and kept referenced here: a restarted worker reads it again (Ray logs a
-        # warning about constructor arguments in the object store for restartable actors; this one stays alive)
-        self.skeleton = skeleton = ray.put(copy.deepcopy(model).to("cpu"))
+        # the student's copy, put once and kept referenced here; each call carries its reference (`Published`)
+        self.skeleton = ray.put(copy.deepcopy(model).to("cpu"))
         threads = max(1, int(spec.cpus))
         self.actors = [actor.options(name=worker_name(ctx.name, i), **options).remote(
-            skeleton, ctx.tokenizer, ctx.placement, backend, threads, engine) for i in range(workers)]
+            ctx.tokenizer, ctx.placement, backend, threads, engine) for i in range(workers)]
 
     def publish(self, model: torch.nn.Module, version: int) -> Published:
         """The weights of `version` in the object store, put once however many workers and calls read them."""
         if self.published is None or self.published.version != version:
             weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.published = Published(version, self.ray.put(weights))
+            self.published = Published(version, self.ray.put(weights), self.skeleton)
         return self.published
 
     def _start(self, model: torch.nn.Module, version: int, call: tuple) -> list:
