@@ -293,21 +293,27 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path):
     _same_as_local(out, tmp_path / "local", stage)
 
 
-def test_a_stage_directory_has_one_writer(tmp_path):
-    """A second holder of a stage's lock waits for the first to let go, and past its wait says who holds it."""
+@pytest.mark.parametrize("which", ["stage", "run"])
+def test_a_directory_has_one_writer(tmp_path, which):
+    """A second holder of a stage's lock (or, waiting as a sweep point's Ray task does, of a run directory's) waits
+    for the first to let go, and past its wait says who holds it; `mopd run`'s own run lock does not wait."""
     import threading
 
-    from mopd.recipe.run_lock import RunLockedError, stage_lock
+    from mopd.recipe.run_lock import RunLockedError, run_lock, stage_lock
 
+    def lock(wait_s: float):
+        return stage_lock(tmp_path, "s", wait_s) if which == "stage" else run_lock(tmp_path, wait_s)
+
+    held = (rf"stage 's': process {os.getpid()} is still writing .* after 0 s" if which == "stage"
+            else rf"another mopd run \(process {os.getpid()}\) is using this run directory")
     order: list[str] = []
 
     def second() -> None:
-        with stage_lock(tmp_path, "s", wait_s=10):
+        with lock(10):
             order.append("second")
 
-    with stage_lock(tmp_path, "s"):
-        held = rf"stage 's': process {os.getpid()} is still writing .* after 0 s"
-        with pytest.raises(RunLockedError, match=held), stage_lock(tmp_path, "s", wait_s=0.3):
+    with lock(0):
+        with pytest.raises(RunLockedError, match=held), lock(0.3):
             pass
         later = threading.Thread(target=second)
         later.start()

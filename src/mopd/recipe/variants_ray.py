@@ -24,6 +24,7 @@ from rich.console import Console
 from ..core.errors import StageError
 from .executor_ray import WORKER_RETRIES, check_resources, import_ray, plugins_by_value, ray_cluster
 from .load import LoadedRecipe
+from .run_lock import RAY_WRITER_WAIT_S, run_lock
 from .stage_failures import first_line
 from .variants import Executor, RunFn, Variant, VariantRuns
 
@@ -104,5 +105,7 @@ def _variant_task(run: RunFn, loaded: LoadedRecipe, out: Path, threads: int) -> 
 
     keep_freed_memory()
     torch.set_num_threads(threads)
+    with run_lock(Path(out), wait_s=RAY_WRITER_WAIT_S):
+        pass  # a task of a killed sweep may still hold this run directory for seconds (`run_lock`): let it end
     return run(loaded, out)
 
