@@ -210,14 +210,19 @@ def long_local(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("long")
     stage = f"long_{uuid.uuid4().hex[:8]}"
-    (root / "r.yaml").write_text(LONG.replace("STAGE", stage))
+    _local_reference(root, LONG.replace("STAGE", stage))
+    return root, stage
+
+
+def _local_reference(root: Path, recipe: str) -> None:
+    """`recipe` written to root/r.yaml and run by the local executor at one torch thread into root/local."""
+    (root / "r.yaml").write_text(recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run_recipe(load_recipe(root / "r.yaml"), root / "local")
     finally:
         torch.set_num_threads(threads)
-    return root, stage
 
 
 def _same_as_local(run: Path, local: Path, stage: str) -> None:
@@ -269,14 +274,8 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path):
     from .test_kill_resume import kill_after_first_checkpoint
 
     stage = "long_driver"
-    (tmp_path / "r.yaml").write_text(LONG.replace("STAGE", stage).replace("steps: 60", "steps: 1500")
-                                     .replace("checkpoint_every: 5", "checkpoint_every: 25"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "local")
-    finally:
-        torch.set_num_threads(threads)
+    _local_reference(tmp_path, LONG.replace("STAGE", stage).replace("steps: 60", "steps: 1500")
+                     .replace("checkpoint_every: 5", "checkpoint_every: 25"))
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "mopd", "run", str(tmp_path / "r.yaml"), "--out", str(out), "--executor", "ray",
            "--threads", "1"]
