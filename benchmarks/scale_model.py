@@ -6,7 +6,7 @@ costs, and a model of step time and memory on a GPU node that is a projection, n
 1. same: the miniature recipe (`MINI`: a base, two teacher stages at the same time, a MOPD student with 2 rollout
    workers) by the local executor over `--seeds` seeds; by `--executor ray` with 1 learner worker (its evals must
    be identical to the local seed-0 run's); with 2 learner workers on gloo (its final scores must lie within the
-   local runs' spread over seeds).
+   local runs' spread over seeds); and with 2 FSDP learner workers (`strategy: fsdp`), the same way.
 2. costs: on this machine, one MOPD step of the benchmarks' models (`_common`: 0.79M-parameter student, three
    2.77M-parameter teachers) split into sampling (whole batch; group by group; 8 groups per batched call, as
    rollout workers sample by default),
@@ -104,7 +104,9 @@ def same(seeds: int) -> dict:
         out["seconds"][f"local seed {seed}"] = round(time.perf_counter() - t0, 1)
         out["local"][seed] = _final_scores(root / f"local{seed}")
     (root / "dp.yaml").write_text(MINI.replace("SEED", "0") + "    learner: {workers: 2}\n")
-    for name, recipe in (("ray, 1 learner worker", "s0.yaml"), ("ray, 2 learner workers", "dp.yaml")):
+    (root / "fsdp.yaml").write_text(MINI.replace("SEED", "0") + "    learner: {workers: 2, strategy: fsdp}\n")
+    for name, recipe in (("ray, 1 learner worker", "s0.yaml"), ("ray, 2 learner workers", "dp.yaml"),
+                         ("ray, 2 learner workers (fsdp)", "fsdp.yaml")):
         t0 = time.perf_counter()
         run_recipe(load_recipe(root / recipe), root / name.replace(" ", "_"), executor="ray", threads=1)
         out["seconds"][name] = round(time.perf_counter() - t0, 1)
@@ -119,8 +121,8 @@ def same(seeds: int) -> dict:
     spread = {d: (min(s[d] for s in out["local"].values()), max(s[d] for s in out["local"].values()))
               for d in out["local"][0]}
     out["local spread over seeds"] = spread
-    out["ray 2 learner workers within the spread"] = all(
-        spread[d][0] <= v <= spread[d][1] for d, v in out["ray, 2 learner workers"].items())
+    for name in ("ray, 2 learner workers", "ray, 2 learner workers (fsdp)"):
+        out[f"{name} within the spread"] = all(spread[d][0] <= v <= spread[d][1] for d, v in out[name].items())
     shutil.rmtree(root, ignore_errors=True)
     return out
 
