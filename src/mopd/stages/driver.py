@@ -140,10 +140,12 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
         resume_from = dp.broadcast(resume_from)
     model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
     whole = model  # the model sampled, evaluated and saved (rank 0's)
-    if dp is not None and dp.sharded:  # FSDP: rank 0 keeps an unsharded copy of what the ranks train
+    fsdp = dp is not None and dp.sharded
+    if fsdp:  # rank 0 keeps an unsharded copy of what the ranks train
         whole = dp.whole = sharded.shard_layers(model, dp, ctx.name)
     model.train()
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
     start = 0
     totals = {"samples": 0, "teacher_samples": 0}  # running sample counts (see module docstring)
     skipped = 0  # steps whose update was skipped for a non-finite loss or gradient (`nonfinite: skip`)
@@ -155,14 +157,13 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 f"stage {ctx.name!r}: the resumable checkpoint {resume_from} cannot be read safely "
                 f"({e.__class__.__name__}); move it aside to start the stage over"
             ) from None
-        opt.load_state_dict(sharded.sharded_optimizer_state(state["optimizer"], trainable_parameters(model))
-                            if dp is not None and dp.sharded else state["optimizer"])  # saved unsharded
+        opt.load_state_dict(sharded.sharded_optimizer_state(state["optimizer"], params) if fsdp
+                            else state["optimizer"])  # saved unsharded
         start = int(state["step"])
         totals.update(state.get("totals", {}))
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
         skipped = int(state.get("skipped", 0))
     watch = DivergenceWatch(ctx.name, ctx.on_warning)
-    params = trainable_parameters(model)
     log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record) if lead else NO_LOG
     precision = ctx.placement.precision
     t0 = time.time() - checkpointed_seconds(resume_from)  # a resumed stage's clock goes on (0 if new)
@@ -181,16 +182,15 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 sharded.sum_gradients(dp, params)  # each rank's share of the micro-batches -> the step's gradient
             # a step with nothing to learn from (offpolicy_ft with no verified trace) leaves no gradient: no update
             if any(p.grad is not None for p in params):
-                norm = float(sharded.update_norm(dp, params, s.grad_clip) if dp is not None and dp.sharded
-                             else update_norm(params, s.grad_clip))
+                norm = float(sharded.update_norm(dp, params, s.grad_clip) if fsdp else update_norm(params, s.grad_clip))
                 if s.grad_clip:
                     metrics["grad_norm"] = norm
                 if bad is None and not math.isfinite(norm):
                     bad = ("grad_norm", norm)
                 if bad is None:
                     opt.step()
-                    if dp is not None and dp.sharded:
-                        sharded.refresh_whole(dp.whole, model)
+                    if fsdp:
+                        sharded.refresh_whole(whole, model)
                 opt.zero_grad(set_to_none=True)
             if bad is not None:
                 what = nonfinite_message(ctx.name, done, *bad)
@@ -216,7 +216,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 ctx.on_progress(done, s.steps, metrics)
             if done % s.checkpoint_every == 0 and done < s.steps:
                 # under FSDP every rank gathers the optimizer state (an unsharded AdamW's, whatever the layout)
-                opt_state = sharded.full_optimizer_state(opt) if dp is not None and dp.sharded else opt.state_dict()
+                opt_state = sharded.full_optimizer_state(opt) if fsdp else opt.state_dict()
                 if lead:
                     path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
                     save_checkpoint(path, whole, ctx.tokenizer,

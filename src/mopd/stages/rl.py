@@ -49,10 +49,10 @@ def policy_step_fn(
 
     def loss_fn(model, step):
         problems, temperature = draw(step)
+        sampling = model if dp is None else dp.sampling_model(model)  # FSDP: rank 0's unsharded copy
         if dp is not None and not dp.lead:  # a data-parallel learner: rank 0 samples, every rank trains on it
             batch, metrics = dp.broadcast(None)
         else:
-            sampling = model if dp is None else dp.sampling_model(model)  # FSDP: rank 0's unsharded copy
             batch, metrics = rollout(sampling, ctx.tokenizer, problems, domains, s, temperature=temperature,
                                      generator=step_generator(ctx.seed, step),
                                      sampler=rollouts() if workers is None else workers(sampling).sampler(step),
@@ -60,7 +60,6 @@ def policy_step_fn(
             if dp is not None:
                 dp.broadcast((batch, metrics))
         if workers is not None and (dp is None or dp.lead):
-            sampling = model if dp is None else dp.sampling_model(model)
             metrics.update(workers(sampling).metrics)
             if workers.max_lag and step + 1 < s.steps:  # the next step samples while this one trains
                 upcoming, upcoming_temperature = draw(step + 1)
