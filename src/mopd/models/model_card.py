@@ -87,11 +87,13 @@ def card_body(lineage: dict[str, Any], scores: dict[str, dict[str, float]],
               train_metrics: dict[str, Any] | None = None) -> str:
     """Markdown: what the checkpoint is, its held-out scores, its lineage and its final metrics."""
     name, kind = lineage.get("stage", "model"), lineage.get("kind", "unknown")
-    parts = [
-        f"# {name}",
-        f"A `{kind}` stage checkpoint trained with mopd (multi-teacher on-policy "
-        "distillation). It is a plain Hugging Face directory: `AutoModelForCausalLM.from_pretrained(this_dir)`.",
-    ]
+    source = lineage.get("source") or {}
+    what = (f"Converted by `mopd convert` from the GGUF file `{source.get('gguf')}` (sha256 {source.get('sha256')}, "
+            f"architecture `{source.get('architecture')}`): its weights dequantized to float32, its tokenizer and "
+            "chat template as the file declares them. No training." if kind == "gguf_convert" else
+            f"A `{kind}` stage checkpoint trained with mopd (multi-teacher on-policy distillation).")
+    parts = [f"# {name}",
+             f"{what} It is a plain Hugging Face directory: `AutoModelForCausalLM.from_pretrained(this_dir)`."]
     if scores:
         metrics = sorted({m for v in scores.values() for m in v})
         rows = [[d, *(_value(scores[d].get(m)) for m in metrics)] for d in sorted(scores)]

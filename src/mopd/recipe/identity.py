@@ -10,6 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..models.gguf import find_gguf, is_gguf_ref
+from ..models.integrity import file_sha256
 from .load import LoadedRecipe
 from .refs import resolve_external, stage_domains, stage_refs, stage_seed
 
@@ -26,6 +28,13 @@ SETTINGS_NOT_IN_IDENTITY = {
 }
 
 
+def external_identity(ref: str, base) -> str:
+    """A model from outside the recipe: its resolved path, or a GGUF's content hash (the cache moves, it does not)."""
+    if is_gguf_ref(ref):
+        return f"gguf:{file_sha256(find_gguf(ref, base))}"
+    return f"external:{resolve_external(ref, base) or ref}"
+
+
 def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
     recipe = loaded.recipe
     ids: dict[str, str] = {}
@@ -33,7 +42,7 @@ def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
         stage = recipe.stages[name]
         settings = stage.model_dump(mode="json", exclude=SETTINGS_NOT_IN_IDENTITY)
         parents = {
-            ref: ids.get(ref) or f"external:{resolve_external(ref, loaded.path.parent) or ref}"
+            ref: ids.get(ref) or external_identity(ref, loaded.path.parent)
             for _, ref in stage_refs(stage)
         }
         payload = {

@@ -34,10 +34,11 @@ from ..core.schema import (
 )
 from ..core.schema.teachers import backend_problem, missing_extra, served_over_http
 from ..envs import Domain, DomainLike, domain_problem, get_domain, list_domains, load_plugin
+from ..models.integrity import sealed_dir_problem
 from .agent_checks import check_agents
 from .hub import hub_unavailable_reason
 from .memory_check import check_model_memory
-from .refs import looks_like_path, resolve_external, stage_domains, stage_refs, topo_order
+from .refs import external_or_fail, looks_like_path, stage_domains, stage_refs, topo_order
 from .resources import alphabet_gap, check_resources
 from .reward_checks import check_rewards
 from .scale import apply_scale
@@ -264,7 +265,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
                         f"{where('stages', name, *key)}: {ref!r} is an eval stage: it writes scores, not a model"
                     )
                 deps[name].append(ref)
-            elif (external := resolve_external(ref, path.parent)) is None:
+            elif (external := external_or_fail(ref, path.parent, where("stages", name, *key))) is None:
                 hint = "" if looks_like_path(ref) else f"; stages are: {', '.join(recipe.stages)}"
                 raise RecipeError(
                     f"{where('stages', name, *key)}: {ref!r} is neither a stage of this recipe nor a model "
@@ -275,6 +276,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
                     f"{where('stages', name, *key)}: {ref!r} is a directory without a Hugging Face model "
                     "(no config.json)"
                 )
+            elif Path(external).is_dir() and (problem := sealed_dir_problem(Path(external))):
+                raise RecipeError(f"{where('stages', name, *key)}: {ref!r}: {problem}")
             elif (check_hub and not Path(external).is_dir() and not served_over_http(stage, key)
                   and (why := hub_unavailable_reason(external))):
                 raise RecipeError(f"{where('stages', name, *key)}: Hub model {ref!r}: {why}; download it first "

@@ -22,6 +22,7 @@ from ..core.schema import (
     RewardModelStage,
     reward_parts,
 )
+from ..models.gguf import GGUFError, cached_conversion, is_gguf_ref
 
 
 def stage_refs(stage) -> list[tuple[tuple, str]]:
@@ -65,12 +66,23 @@ def looks_like_path(ref: str) -> bool:
 
 
 def resolve_external(ref: str, base: Path) -> str | None:
-    """An external reference: a local HF directory (relative to the recipe) or a hub id (contains '/')."""
+    """An external reference: a local HF directory (relative to the recipe), a hub id (contains '/'), or a GGUF
+    file (`gguf:PATH`), converted once into a cached directory (`models.gguf`; GGUFError when it cannot be)."""
+    if is_gguf_ref(ref):
+        return str(cached_conversion(ref, base))
     p = Path(ref).expanduser()
     p = p if p.is_absolute() else (base / p)
     if p.is_dir():
         return str(p.resolve())
     return ref if "/" in ref and not ref.startswith((".", "/")) else None
+
+
+def external_or_fail(ref: str, base: Path, at: str) -> str | None:
+    """`resolve_external`, with a GGUF that cannot be converted turned into the recipe's one line at `at`."""
+    try:
+        return resolve_external(ref, base)
+    except GGUFError as e:
+        raise RecipeError(f"{at}: {e}") from None
 
 
 def topo_order(stages: dict[str, Any], deps: dict[str, list[str]], where) -> list[str]:
