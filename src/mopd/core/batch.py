@@ -138,3 +138,39 @@ def rollout_batch(
         roles_B_T=None if completion_roles_B_N is None else torch.cat(
             [torch.full((B, P), ROLE_PROMPT, dtype=torch.long, device=dev), completion_roles_B_N.long()], dim=1),
     )
+
+
+def with_prompts(batch: RolloutBatch, prompt_ids: list[list[int]], pad_id: int) -> RolloutBatch:
+    """The same completions after other prompts (a prompted teacher's rendering of each row's prompt).
+
+    The new prompts are left-padded to their own width and the completion columns (from the batch's first
+    completion column on) are kept as they are, so both batches end in the same columns: a score of the last
+    `keep` positions of one is a score of the same tokens in the other, for any `keep` up to the completion
+    window plus one (`tail_aligned`)."""
+    first = batch.first_completion_column
+    B, P = batch.size, max((len(p) for p in prompt_ids), default=0)
+    dev = batch.input_ids_B_T.device
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
+    mask = torch.zeros((B, P), dtype=torch.long, device=dev)
+    for i, p in enumerate(prompt_ids):
+        if p:
+            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
+            mask[i, P - len(p):] = 1
+
+    def joined(front: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.cat([front.to(t.dtype), t[:, first:]], dim=1)
+
+    zeros = torch.zeros((B, P), device=dev)
+    return replace(batch, input_ids_B_T=joined(ids, batch.input_ids_B_T),
+                   attention_mask_B_T=joined(mask, batch.attention_mask_B_T),
+                   completion_mask_B_T=joined(zeros, batch.completion_mask_B_T),
+                   sampler_logprobs_B_T=joined(zeros, batch.sampler_logprobs_B_T),
+                   roles_B_T=joined(torch.full((B, P), ROLE_PROMPT, device=dev), batch.roles_B_T))
+
+
+def tail_aligned(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`x` [b, w, ...] as [b, width, ...] by its last columns: cut at the front, or zeros put in front."""
+    w = x.shape[1]
+    if w >= width:
+        return x[:, w - width:]
+    return torch.cat([x.new_zeros((x.shape[0], width - w, *x.shape[2:])), x], dim=1)

@@ -57,6 +57,7 @@ def save_checkpoint(
     tokenizer,
     lineage: dict[str, Any],
     trainer_state: dict[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write model + tokenizer + lineage (+ optimizer/RNG state for resuming) to `path`, atomically and sealed
     with checksums (`integrity.sealed_lineage`).
@@ -74,6 +75,8 @@ def save_checkpoint(
         write_model_card(tmp, lineage)  # README.md: the directory uploads to a Hub as it is
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+        if extra is not None:  # files of a kind's own (a prompted teacher's prompt), sealed with the rest
+            extra(tmp)
 
     return publish_dir(path, fill, lineage)
 

@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from ..core.errors import RecipeError
-from ..core.schema import MergeStage, MOPDStage, OffPolicyFTStage, PretrainStage, Recipe, TinyModelConfig
+from ..core.schema import (
+    MergeStage,
+    MOPDStage,
+    OffPolicyFTStage,
+    PretrainStage,
+    PromptedStage,
+    Recipe,
+    TinyModelConfig,
+)
 from ..models.precision import resolve_placement
 from .build import recipe_tokenizer
 from .refs import init_ref, resolve_external
@@ -89,7 +97,7 @@ def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Wher
     frozen weights, plus its teachers' weights) exceeds the total memory of its device."""
     counts = stage_parameters(recipe, order, base)
     for name, s in recipe.stages.items():
-        if name not in counts or isinstance(s, MergeStage):
+        if name not in counts or isinstance(s, MergeStage | PromptedStage):
             continue
         placement = resolve_placement(s, recipe)
         total = device_memory(placement.device)

@@ -29,6 +29,7 @@ from ..teachers.http import connect_all
 from ..teachers.offload import teachers_fit
 from ..teachers.panel import TeacherPanel
 from ..teachers.preflight import PreflightError, RolloutSettings, check_tokenizers, run_preflight
+from ..teachers.prompted import PromptedRemote, reprompter, teacher_formats
 from ..teachers.remote import MixedPanel
 from .driver import train
 from .loading import load_placed
@@ -133,11 +134,13 @@ def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> Teacher
     a problem is one `PreflightError` line)."""
     backends = ctx.settings.teacher_backends
     in_process = {n: ref for n, ref in checkpoints.items() if n not in backends}
+    views = {n: reprompter(ctx.tokenizer, fmt) for n, fmt in teacher_formats(checkpoints, ctx.prompt_format).items()}
     local = None
     if in_process:
         models, compute_device = load_teachers(ctx, in_process)
         local = TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
-                             logit_chunk=ctx.settings.logit_chunk, share_prefill=ctx.settings.teacher_shared_prefill)
+                             logit_chunk=ctx.settings.logit_chunk, share_prefill=ctx.settings.teacher_shared_prefill,
+                             reprompt={n: v for n, v in views.items() if n in in_process})
     if not backends:
         return local
     actors = {n: b for n, b in backends.items() if isinstance(b, ActorBackend) and n in checkpoints}
@@ -146,6 +149,7 @@ def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> Teacher
     remote = {**connect_all(ctx.name, served, student_tok),
               **(start_actors(ctx.name, checkpoints, actors, ctx.placement.compute_dtype, ctx.settings.logit_chunk,
                               ctx.settings.teacher_shared_prefill) if actors else {})}
+    remote = {n: PromptedRemote(t, views[n]) if n in views else t for n, t in remote.items()}
     return MixedPanel(local=local, remote=remote, teacher_of_domain=ctx.teacher_of_domain)
 
 
@@ -186,6 +190,7 @@ def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str
         remote={name: (lambda batch, t=t: t.sampled(batch)())
                 for name, t in (panel.remote.items() if isinstance(panel, MixedPanel) else ())},
         prompt_format=ctx.prompt_format,
+        teacher_formats=teacher_formats(checkpoints, ctx.prompt_format),
     )
     del student  # training loads its own copy (or resumes)
     if s.teacher_backends:  # connected (and tokenizer-checked) when the panel was made; KL: a sampled estimate

@@ -22,6 +22,7 @@ from .merge import run_merge
 from .mopd import run_mopd
 from .ppo import run_ppo
 from .problems import problem_source, step_rng
+from .prompted import run_prompted
 from .rejection import run_rejection_sampling
 from .resolved import ResolvedStage
 from .reward_model import run_reward_model
@@ -75,6 +76,7 @@ RUNNERS: dict[str, Callable[[ResolvedStage], Path]] = {
     "ppo": run_ppo,
     "merge": run_merge,
     "eval": run_eval,
+    "prompted": run_prompted,
 }
 
 

@@ -16,8 +16,8 @@ teacher logits. One block is the unchunked computation, op for op.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,9 @@ class TeacherPanel:
     # run each distinct prompt once per teacher and copy its KV cache to the rows that share it (the G rollouts of
     # a group): the same scores up to float rounding, the prompt's decoder pass once instead of G times
     share_prefill: bool = False
+    # prompted teachers (`teachers.prompted`): name -> the batch as that teacher reads it (its own prompt rendering
+    # before each row's completion); the scores line up with the batch's completion window either way
+    reprompt: Mapping[str, Callable[[RolloutBatch], RolloutBatch]] = field(default_factory=dict)
 
     def _teacher_hidden(
         self, name: str, ids_B_T: torch.Tensor, mask_B_T: torch.Tensor, keep: int, prompt_columns: int = 0
@@ -91,8 +94,14 @@ class TeacherPanel:
         parts = []
         first = batch.first_completion_column
         for name, rows in self._rows_by_teacher(names_B).items():
-            ids, mask, dropped = self._routed_rows(batch, rows)
-            hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]), first - dropped)
+            if name in self.reprompt:
+                seen = self.reprompt[name](batch.select(rows.to(batch.input_ids_B_T.device)))
+                ids, mask, dropped = self._routed_rows(seen, torch.arange(seen.size))
+                start = seen.first_completion_column - dropped
+            else:
+                ids, mask, dropped = self._routed_rows(batch, rows)
+                start = first - dropped
+            hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]), start)
             parts.append(_Routed(rows, hidden, head, keep - hidden.shape[1]))
         return _RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device)
 

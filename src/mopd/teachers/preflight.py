@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.batch import RolloutBatch
+from ..core.batch import RolloutBatch, tail_aligned
 from ..core.errors import StageError
 from ..core.logprobs import token_logprobs
 from ..envs import DomainLike, Problem
@@ -36,6 +36,7 @@ from ..models.prompting import RAW, PromptFormat
 from ..sampling.multi_turn import EpisodeRow, episode_rows, sample_episodes
 from ..sampling.sampler import sample
 from .offload import placed_on
+from .prompted import prefix_tokens, reprompter
 
 SPECIAL = ("bos", "eos", "pad", "unk")
 
@@ -118,6 +119,7 @@ KL_ROWS = 4  # rollouts per forward of the preflight's exact KL: its logits are 
 def initial_reverse_kl(
     student, teacher, tokenizer, prompts: list[str], settings: RolloutSettings, generator: torch.Generator,
     prompt_format: PromptFormat = RAW, episodes: list[EpisodeRow] | None = None, rows: int = KL_ROWS,
+    teacher_view: Callable[[RolloutBatch], RolloutBatch] | None = None,
 ) -> tuple[float, int]:
     """Exact per-token reverse KL(pi_S || pi_T), full vocabulary, on student rollouts of `prompts`.
 
@@ -136,7 +138,13 @@ def initial_reverse_kl(
     for r in range(0, batch.input_ids_B_T.shape[0], rows):
         ids_B_T, attn_B_T = batch.input_ids_B_T[r : r + rows], batch.attention_mask_B_T[r : r + rows]
         student_B_T_V = sequence_logits(student, ids_B_T, attn_B_T)
-        teacher_B_T_V = sequence_logits(teacher, ids_B_T.to(t_dev), attn_B_T.to(t_dev)).to(student_B_T_V.device)
+        if teacher_view is not None:  # a prompted teacher reads its own prompt before the same completions
+            seen = teacher_view(batch.select(torch.arange(r, min(r + rows, batch.size))))
+            teacher_B_T_V = tail_aligned(sequence_logits(teacher, seen.input_ids_B_T.to(t_dev),
+                                                         seen.attention_mask_B_T.to(t_dev)), ids_B_T.shape[1])
+        else:
+            teacher_B_T_V = sequence_logits(teacher, ids_B_T.to(t_dev), attn_B_T.to(t_dev))
+        teacher_B_T_V = teacher_B_T_V.to(student_B_T_V.device)
         # logits at t-1 produce token t: pair [:, :-1] with the completion mask [:, 1:]
         mask_B_T = batch.completion_mask_B_T[r : r + rows, 1:]
         n = int(mask_B_T.sum())
@@ -198,6 +206,7 @@ def run_preflight(
     compute_device: torch.device | None = None,
     prompt_format: PromptFormat = RAW,
     remote: Mapping[str, Callable[[RolloutBatch], torch.Tensor]] | None = None,
+    teacher_formats: Mapping[str, PromptFormat] | None = None,
 ) -> dict[str, Any]:
     """Check every teacher of a MOPD stage; returns the JSON-ready result (also passed through `warn`).
 
@@ -212,6 +221,7 @@ def run_preflight(
     Deterministic in `seed`; it draws from its own generators, so training is unaffected.
     """
     warnings: list[str] = []
+    formats = dict(teacher_formats or {})
     for teacher in sorted(teachers):
         routed = sorted(d for d, t in teacher_of_domain.items() if t == teacher)
         label = f"stage {stage!r}: teacher {teacher!r} ({', '.join(routed)})"
@@ -233,11 +243,15 @@ def run_preflight(
             kl, tokens = sampled_reverse_kl(student, remote[teacher], tokenizer, prompts, settings, gen, prompt_format,
                                             episodes)
         else:
+            view = reprompter(tokenizer, formats[teacher]) if teacher in formats else None
             with placed_on(teachers[teacher], compute_device) as model:
                 kl, tokens = initial_reverse_kl(student, model, tokenizer, prompts, settings, gen, prompt_format,
-                                                episodes)
+                                                episodes, teacher_view=view)
         flagged = kl > kl_warn
         results[teacher] = {"domains": [d.name for d in routed], "reverse_kl": kl, "tokens": tokens, "warn": flagged}
+        if teacher in formats:  # a prompted teacher: how much longer its prompt is than the student's
+            results[teacher]["prompt_prefix_tokens"] = prefix_tokens(tokenizer, prompt_format, formats[teacher],
+                                                                     prompts)
         if teacher in remote:
             results[teacher]["estimate"] = "sampled-token"
         if flagged:

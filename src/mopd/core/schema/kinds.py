@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .ppo import PPOStage
 from .preference import DPOStage, RejectionSamplingStage, RewardModelStage
+from .prompted import PromptedStage
 from .stages import (
     CascadeRLStage,
     EvalStage,
@@ -22,12 +23,12 @@ from .stages import (
 
 Stage = Annotated[
     PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MergeStage | MOPDStage
-    | DPOStage | RejectionSamplingStage | RewardModelStage | PPOStage | EvalStage,
+    | DPOStage | RejectionSamplingStage | RewardModelStage | PPOStage | EvalStage | PromptedStage,
     Field(discriminator="kind"),
 ]
 KINDS = (
     "pretrain", "sft", "rlvr", "mix_rl", "cascade_rl", "offpolicy_ft", "merge", "mopd", "dpo", "rejection_sampling",
-    "reward_model", "ppo", "eval",
+    "reward_model", "ppo", "eval", "prompted",
 )
 SamplingStage = RLVRStage | MixRLStage | CascadeRLStage | MOPDStage  # the stages that train on their own rollouts
 TrainedStage = (

@@ -76,6 +76,10 @@ class DataDomainSpec(Strict):
     )
     limit: int | None = Field(None, gt=0, description="read at most this many records")
     code_timeout_s: float = Field(5.0, gt=0, description="wall-clock limit of one sandboxed code run")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="greedy tokens per held-out prompt in every evaluation of this domain; default: "
+        "eval.max_new_tokens"
+    )
 
 
 class WandbSettings(Strict):

@@ -1,0 +1,44 @@
+"""The prompted stage: its `init` model with a system prompt and worked examples, written as a teacher checkpoint.
+
+No training. The checkpoint is the model's own weights plus `teacher_prompt.json`, and its held-out scores are
+measured with the prompt (what it knows as a teacher), so the report's teacher column and the teacher-gain gate
+read it like any other teacher. A MOPD stage that routes to it scores the student's completions after the
+teacher's rendering of each prompt (`teachers.prompted`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..core.schema import PromptedStage
+from ..models.checkpoint import load_model, save_checkpoint
+from ..models.precision import compute_precision
+from ..models.prompting import PromptContext, write_teacher_prompt
+from .driver import FINAL, METRICS, eval_metrics
+from .lineage import final_lineage
+from .resolved import ResolvedStage
+
+
+def stage_context(s: PromptedStage) -> PromptContext:
+    return PromptContext(s.system, tuple((e.prompt, e.answer) for e in s.examples))
+
+
+def run_prompted(ctx: ResolvedStage) -> Path:
+    s: PromptedStage = ctx.settings
+    context = stage_context(s)
+    model = load_model(ctx.init_path)  # float32, as it is saved
+    p = ctx.placement
+    model.to(p.device).eval()
+    with compute_precision(p.device, p.compute_dtype, torch.float32):
+        final_eval = eval_metrics(ctx, model, ctx.tokenizer, ctx.prompt_format.with_context(context))
+    prefix = [len(ctx.prompt_format.with_context(context).token_ids(ctx.tokenizer, "")),
+              len(ctx.prompt_format.token_ids(ctx.tokenizer, ""))]
+    totals = {"samples": 0, "teacher_samples": 0, "prompt_prefix_tokens": prefix[0] - prefix[1]}
+    record = {"step": 0, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}}
+    (ctx.stage_dir / METRICS).write_text(json.dumps(record, sort_keys=True) + "\n")
+    return save_checkpoint(ctx.stage_dir / FINAL, model.float().cpu(), ctx.tokenizer,
+                           final_lineage(ctx, 0, {"eval": final_eval, **totals}),
+                           extra=lambda tmp: write_teacher_prompt(tmp, context))
