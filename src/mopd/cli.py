@@ -321,49 +321,42 @@ def init(
 
 
 @app.command(name="eval", epilog=example("mopd eval runs/demo/student/final --domains reversal,sorting,shift",
+                                         "mopd eval runs/qwen/student/final --recipe qwen3_0.6b --domains math",
+                                         "mopd eval ./my_model --domains bundled:math,bundled:instructions --size 8",
                                          "mopd eval ./my_model --domains vowel_count --plugin my_domains.py "
                                          "--size 300 --out scores.json"))
 def eval_model(
     model_dir: Path = typer.Argument(..., help="a Hugging Face checkpoint directory (config.json, weights, "
                                      "tokenizer)"),
-    domains: str = typer.Option(..., "--domains", help="comma-separated registered domains"),
+    domains: str | None = typer.Option(None, "--domains", help="comma-separated registered domains or bundled "
+                                       "data (bundled:math, bundled:code, bundled:instructions); with --recipe, "
+                                       "some of its domains (default: all)"),
+    recipe: Path | None = typer.Option(None, "--recipe", help="score the domains this recipe (a file, or a bundled "
+                                       "recipe's name) declares, with its eval settings and chat template"),
     plugin: list[Path] = typer.Option([], "--plugin", help="a Python file that registers domains (repeatable)"),
-    size: int | None = typer.Option(None, "--size", help="held-out prompts per domain (default 96)"),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="greedy tokens per prompt (default 12)"),
+    size: int | None = typer.Option(None, "--size", help="held-out prompts per domain (default 96, or the recipe's)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="greedy tokens per prompt, every "
+                                              "domain (default: the domain's own, else 12 or the recipe's)"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="prompts per forward batch (default 256)"),
     seed: int | None = typer.Option(None, "--seed", help="the held-out set's seed (default 1234, as in recipes)"),
-    chat_template: str = typer.Option("auto", "--chat-template",
-                                      help="auto: the tokenizer's chat template if it has one; none: raw prompts"),
+    chat_template: str | None = typer.Option(None, "--chat-template", help="auto: the tokenizer's chat template if "
+                                             "it has one; none: raw prompts (default: auto, or the recipe's)"),
     out: Path | None = typer.Option(None, "--out", help="also write the scores as JSON to this file"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Score any Hugging Face checkpoint directory on any domains; prints a table, --out writes JSON.
 
-    The evaluation every stage gets: each domain's fixed held-out set, greedy decoding, its verifier, with the
-    checkpoint's own tokenizer (and chat template, if it has one). A bad directory or an unknown domain is one
-    line (exit 2)."""
-    from .cli_tools.score import (
-        ScoreError,
-        eval_settings,
-        parse_names,
-        resolve_domains,
-        score_checkpoint,
-        scores_json,
-        scores_table,
-        write_scores,
-    )
+    The evaluation every stage gets: each domain's fixed held-out set, greedy decoding (each domain's own
+    generation length, if it declares one), its verifier, with the checkpoint's own tokenizer (and chat template,
+    if it has one). A bad directory, an unknown domain or a recipe that does not load is one line (exit 2)."""
+    from .cli_tools.score import ScoreError, eval_command
 
     _prepare_process(threads)
     try:
-        settings = eval_settings(size=size, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
-        resolved = resolve_domains(parse_names(domains), plugin)
-        results = score_checkpoint(model_dir, resolved, settings, chat_template)
+        eval_command(console, model_dir, out, domains, recipe, plugin, chat_template, size=size,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     except ScoreError as e:
         _fail(str(e))
-    console.print(scores_table(model_dir, results))
-    if out is not None:
-        write_scores(out, scores_json(model_dir, settings, results))
-        console.print(f"scores: {out}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog=example("mopd serve runs/demo/teacher_add/final --port 8001",

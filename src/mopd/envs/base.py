@@ -85,6 +85,9 @@ class Domain:
     # False: `verify` measures the domain for the held-out report, but is no training reward (a domain with no
     # rule-based answer, e.g. `style`: its reward is a judge's or a reward model's; the loader enforces it)
     rule_reward: bool = True
+    # greedy tokens per held-out prompt in evaluation (`eval.evaluate`); None: the recipe's `eval.max_new_tokens`.
+    # Real-text answers need more than the character puzzles' 12
+    max_new_tokens: int | None = None
 
     def _check_difficulty(self, difficulty: int) -> None:
         if difficulty not in self.difficulties:
@@ -282,11 +285,13 @@ def register_domain(
     verify: Verifier | None = None,
     description: str = "",
     rule_reward: bool = True,
+    max_new_tokens: int | None = None,
 ) -> Callable[[Generator], Generator]:
     """Decorator registering `fn(rng, difficulty) -> (prompt, answer)` as domain `name`; returns `fn` unchanged.
 
     `verify` defaults to `partial_match_reward`; `rule_reward=False` marks a `verify` that only measures the
-    domain for the report and may not be a training reward (see `Domain.rule_reward`). Registering the same
+    domain for the report and may not be a training reward (see `Domain.rule_reward`); `max_new_tokens` is the
+    domain's own generation length in held-out evaluation (None: `eval.max_new_tokens`). Registering the same
     generator again is a no-op (the first registration is kept); registering a different generator under a taken name raises ValueError.
     """
     if not isinstance(name, str) or not name.strip():
@@ -296,6 +301,9 @@ def register_domain(
         raise ValueError(f"difficulties must be a non-empty tuple of ints, got {difficulties!r}")
     if len(set(diffs)) != len(diffs):
         raise ValueError(f"duplicate difficulties in {difficulties!r}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens <= 0):
+        raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
 
     def decorator(fn: Generator) -> Generator:
         if not callable(fn):
@@ -315,6 +323,7 @@ def register_domain(
             difficulties=diffs,
             description=description,
             rule_reward=rule_reward,
+            max_new_tokens=max_new_tokens,
         )
         return fn
 

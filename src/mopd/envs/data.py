@@ -95,6 +95,7 @@ class DataDomain:
         seed: int = 1234,
         code_timeout_s: float = 5.0,
         base_dir: Path | None = None,
+        max_new_tokens: int | None = None,
     ):
         if verifier not in VERIFIERS:
             raise DataDomainError(("verifier",), f"unknown verifier {verifier!r}; choose from {', '.join(VERIFIERS)}")
@@ -109,6 +110,7 @@ class DataDomain:
         self._domain_value = domain_value
         self._eval_size, self._default_eval_size = eval_size, default_eval_size
         self._limit, self._seed, self._code_timeout_s = limit, seed, code_timeout_s
+        self.max_new_tokens = max_new_tokens  # held-out generation length; None: eval.max_new_tokens
         self._parts: tuple[list[Problem], list[Problem]] | None = None  # (train, held_out), loaded once
 
     # ------------------------------------------------------------------------------------------ loading

@@ -74,8 +74,9 @@ def _real_model_identity(recipe, settings: dict) -> dict:
     elif "rollout" in settings:
         settings["rollout"] = {k: settings["rollout"][k] for k in ("max_lag", "groups_per_call")}
     extra: dict = {}
-    if recipe.data_domains:
-        extra["data_domains"] = [d.model_dump(mode="json") for d in recipe.data_domains.values()]
+    if recipe.data_domains:  # a domain's own eval length enters only when set, as `eval` does (what is scored)
+        extra["data_domains"] = [d.model_dump(mode="json", exclude={"max_new_tokens"} if getattr(
+            d, "max_new_tokens", None) is None else None) for d in recipe.data_domains.values()]
     rendering = {"chat_template": recipe.chat_template, "chat_template_kwargs": recipe.chat_template_kwargs,
                  "dtype": recipe.dtype}
     if rendering != {"chat_template": "auto", "chat_template_kwargs": {}, "dtype": "auto"}:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import RecipeError
-from ..core.schema import DataDomainSpec, PretrainStage, Recipe, SFTStage, VerifiersDomainSpec
+from ..core.schema import DataDomainSpec, EvalSettings, PretrainStage, Recipe, SFTStage, VerifiersDomainSpec
 from ..envs import list_domains
 from ..envs.data import DataDomain, DataDomainError
 from ..models.precision import emulated_bfloat16, resolve_placement
@@ -42,20 +42,25 @@ def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[
     return built
 
 
+def data_domain(spec: DataDomainSpec, eval_settings: EvalSettings, base_dir: Path | None) -> DataDomain:
+    """The domain a data declaration names, its local records read now (a recipe's, or `mopd eval --domains
+    bundled:math`'s); raises DataDomainError, whose `key` is the declaration's offending key."""
+    domain = DataDomain(
+        spec.name, spec.source, spec.verifier,
+        fields=spec.fields.model_dump(exclude_none=True), format=spec.format, split=spec.split,
+        eval_split=spec.eval_split, domain_column=spec.domain_column, domain_value=spec.domain_value,
+        eval_size=spec.eval_size, default_eval_size=eval_settings.size, limit=spec.limit,
+        seed=eval_settings.seed, code_timeout_s=spec.code_timeout_s, base_dir=base_dir,
+        max_new_tokens=spec.max_new_tokens,
+    )
+    return domain.load() if domain.local else domain
+
+
 def _data_domain(spec: DataDomainSpec, recipe: Recipe, recipe_path: Path, at: Where) -> DataDomain:
     try:
-        domain = DataDomain(
-            spec.name, spec.source, spec.verifier,
-            fields=spec.fields.model_dump(exclude_none=True), format=spec.format, split=spec.split,
-            eval_split=spec.eval_split, domain_column=spec.domain_column, domain_value=spec.domain_value,
-            eval_size=spec.eval_size, default_eval_size=recipe.eval.size, limit=spec.limit,
-            seed=recipe.eval.seed, code_timeout_s=spec.code_timeout_s, base_dir=recipe_path.parent,
-        )
-        if domain.local:
-            domain.load()
+        return data_domain(spec, recipe.eval, recipe_path.parent)
     except DataDomainError as e:
         raise RecipeError(f"{at(*e.key)}: {e}") from None
-    return domain
 
 
 def _verifiers_domain(spec: VerifiersDomainSpec, recipe: Recipe, at: Where) -> Any:
