@@ -11,14 +11,14 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from mopd.core.schema import CascadeRLStage, OffPolicyFTStage
-from mopd.models.checkpoint import load_model, load_tokenizer
+from mopd.models.checkpoint import load_model
 from mopd.models.merge import merge_state_dicts
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.recipe.resolve import resolve_stage
 from mopd.recipe.runner import run_recipe
 from mopd.stages import baselines
-from mopd.stages.baselines import cascade_domain, cascade_spans, teacher_traces
+from mopd.stages.baselines import cascade_domain, cascade_spans, teacher_traces, trace_sampler
 from mopd.stages.problems import problem_source, step_generator, step_rng
 
 from .mini_compare import recipe
@@ -147,10 +147,10 @@ def test_verified_only_keeps_exactly_the_traces_at_or_above_threshold(run: Path)
             return reward_of[problem.prompt]
 
     stubs = {name: Stub for name in ("reversal", "sorting")}
-    teachers = {t: (load_model(run / t / "final"), load_tokenizer(run / t / "final"))
-                for t in ("teacher_rev", "teacher_sort")}
     loaded = load_recipe(run / "recipe.yaml")
     ctx = resolve_stage(loaded, "offpolicy", run, stage_identities(loaded))
+    teachers = {t: (load_model(run / t / "final"), *trace_sampler(ctx, str(run / t / "final")))
+                for t in ("teacher_rev", "teacher_sort")}
     problems = problem_source(ctx).draw(step_rng(0, 0), 12)
     reward_of.update({p.prompt: (i % 4) / 3 for i, p in enumerate(problems)})  # 0, 1/3, 2/3, 1, 0, ...
     base = dict(kind="offpolicy_ft", init="sft", teachers={"reversal": "teacher_rev", "sorting": "teacher_sort"},
@@ -185,7 +185,7 @@ def test_offpolicy_teachers_are_placed_in_the_stage_precision(run: Path, monkeyp
     seen = {}
 
     def record(problems, s, teachers, generator, domains):
-        seen.update({name: next(model.parameters()).dtype for name, (model, _) in teachers.items()})
+        seen.update({name: next(model.parameters()).dtype for name, (model, *_) in teachers.items()})
         return [], {}
 
     monkeypatch.setattr(baselines, "teacher_traces", record)

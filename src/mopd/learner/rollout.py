@@ -130,9 +130,13 @@ def best_of_n(
                    temperature=temperature, top_p=top_p, generator=generator, domains=[p.domain for p in rows],
                    prompt_format=prompt_format)
     rewards = [float(r) for r in row_rewards(rows, batch.completions, domains, reward)]
+    P, eos = batch.first_completion_column, tokenizer.eos_token_id
     best = []
     for i, p in enumerate(problems):
         j = max(range(i * n, (i + 1) * n), key=rewards.__getitem__)  # max keeps the first of equal rewards
-        best.append((Problem(prompt=p.prompt, answer=batch.completions[j], domain=p.domain,
-                             difficulty=p.difficulty), rewards[j]))
+        # the answer's tokens as sampled (the text may re-encode to other ids), for `tokenizer` only
+        ids = [t for t, m in zip(batch.input_ids_B_T[j, P:].tolist(), batch.completion_mask_B_T[j, P:].tolist(),
+                                 strict=True) if m and t != eos]
+        best.append((Problem(prompt=p.prompt, answer=batch.completions[j], domain=p.domain, difficulty=p.difficulty,
+                             meta={"answer_ids": ids, "answer_tokenizer": tokenizer}), rewards[j]))
     return best

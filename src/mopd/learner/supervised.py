@@ -26,7 +26,9 @@ def supervised_batch(tokenizer, problems: list[Problem], *, loss_on_prompt: bool
             targets.append([0] + [int(r == ROLE_MODEL or (loss_on_prompt and r == ROLE_PROMPT)) for r in roles[1:]])
             continue
         prompt = prompt_format.token_ids(tokenizer, p.prompt)
-        answer = [*tokenizer(p.answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        sampled = p.meta.get("answer_ids") if p.meta.get("answer_tokenizer") is tokenizer else None
+        text_ids = tokenizer(p.answer, add_special_tokens=False).input_ids if sampled is None else sampled
+        answer = [*text_ids, tokenizer.eos_token_id]
         rows.append(prompt + answer)
         targets.append([0] + [int(loss_on_prompt)] * (len(prompt) - 1) + [1] * len(answer))
     width = max(len(r) for r in rows)

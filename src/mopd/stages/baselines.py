@@ -3,7 +3,8 @@
     mix_rl:       the rlvr step on the union of the domains' prompts (no code here: `rl.py` treats it as rlvr)
     cascade_rl:   the rlvr step whose prompts come from one domain at a time, chosen by the step's phase
     offpolicy_ft: each domain's teacher samples its own prompts; the student takes the SFT step on those traces
-                  (`trace_sft_loss`, shared with rejection_sampling)
+                  (`trace_sft_loss`, shared with rejection_sampling). A teacher renders each prompt as the student
+                  trains and is evaluated on it (`trace_sampler`: the stage's chat template, when it has one)
 
 Everything random is derived from (seed, step), as in every stage, so a resumed stage continues exactly.
 """
@@ -20,6 +21,8 @@ from ..envs import DomainLike, Problem
 from ..learner.rollout import best_of_n
 from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer
+from ..models.prompting import PromptFormat, with_pad_token
+from ..models.tokenizer import tokenizer_fingerprint
 from .driver import LossFn, train
 from .loading import load_placed
 from .problems import ProblemSource, problem_source, step_generator, step_rng
@@ -55,6 +58,20 @@ def cascade_sources(ctx: ResolvedStage) -> Callable[[int], ProblemSource]:
     return lambda step: sources[cascade_domain(spans, step)]
 
 
+def trace_sampler(ctx: ResolvedStage, path: str) -> tuple[object, PromptFormat]:
+    """The tokenizer and prompt rendering the frozen model at `path` samples traces with.
+
+    Its vocabulary the student's: the student's tokenizer and the stage's `prompt_format`, so each trace answers
+    exactly the prompt ids the SFT step trains on (and the held-out evaluation scores). Another vocabulary: its own
+    tokenizer under the recipe's `chat_template` (its own template; the traces are text to the student).
+    Why: rendering the raw prompt for a chat model answers a prompt the student is never trained or evaluated on.
+    """
+    own = with_pad_token(load_tokenizer(path))
+    if tokenizer_fingerprint(own) == tokenizer_fingerprint(ctx.tokenizer):
+        return ctx.tokenizer, ctx.prompt_format
+    return own, ctx.rendering.format_for(own)
+
+
 def run_offpolicy(ctx: ResolvedStage) -> Path:
     return train(ctx, starting_model(ctx), offpolicy_loss_fn(ctx))
 
@@ -70,8 +87,7 @@ def offpolicy_loss_fn(ctx: ResolvedStage) -> LossFn:
         # frozen: on the stage's device in its compute dtype, like MOPD teachers (not float32 on the host)
         model = load_placed(ctx, ref)
         model.eval().requires_grad_(False)
-        # a teacher samples with its own tokenizer: traces are text, so the student's vocabulary may differ
-        teachers[name] = (model, load_tokenizer(ref))
+        teachers[name] = (model, *trace_sampler(ctx, ref))
 
     def loss_fn(model, step):
         problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
@@ -99,12 +115,13 @@ def trace_sft_loss(
 def teacher_traces(
     problems: list[Problem],
     s: OffPolicyFTStage,
-    teachers: dict[str, tuple[torch.nn.Module, object]],
+    teachers: dict[str, tuple[torch.nn.Module, object, PromptFormat]],
     generator: torch.Generator,
     domains: Mapping[str, DomainLike],
 ) -> tuple[list[Problem], dict[str, float]]:
-    """Each problem's domain teacher samples one completion; returns the kept traces as Problems whose `answer`
-    is the teacher's completion (what `supervised_loss` trains on), and metrics.
+    """Each problem's domain teacher samples one completion from the prompt rendered by its `trace_sampler`
+    (tokenizer, prompt format); returns the kept traces as Problems whose `answer` is the teacher's completion
+    (what `supervised_loss` trains on), and metrics.
 
     Teachers sample in sorted-name order from one generator, so the traces of a step are a function of
     (seed, step). With `verified_only`, a trace is kept when its verifier reward is >= `min_reward`. A trace cut
@@ -116,9 +133,10 @@ def teacher_traces(
     kept: list[Problem] = []
     rewards: list[float] = []
     for name in sorted(by_teacher):
-        model, tokenizer = teachers[name]
+        model, tokenizer, prompt_format = teachers[name]
         for trace, r in best_of_n(model, tokenizer, by_teacher[name], domains, n=1, max_new_tokens=s.max_new_tokens,
-                                  temperature=s.temperature, top_p=s.top_p, generator=generator):
+                                  temperature=s.temperature, top_p=s.top_p, generator=generator,
+                                  prompt_format=prompt_format):
             rewards.append(r)
             if not s.verified_only or r >= s.min_reward:
                 kept.append(trace)

@@ -13,9 +13,7 @@ from pathlib import Path
 
 from ..core.schema import RejectionSamplingStage
 from ..learner.rollout import best_of_n
-from ..models.checkpoint import load_tokenizer
-from ..models.prompting import with_pad_token
-from .baselines import trace_sft_loss
+from .baselines import trace_sampler, trace_sft_loss
 from .driver import LossFn, train
 from .loading import load_placed
 from .problems import problem_source, step_generator, step_rng
@@ -32,8 +30,7 @@ def rejection_loss_fn(ctx: ResolvedStage) -> LossFn:
     s: RejectionSamplingStage = ctx.settings
     path = ctx.model_refs[s.sampler or s.init]
     sampler = load_placed(ctx, path).eval().requires_grad_(False)  # frozen: it samples, it never trains
-    tokenizer = with_pad_token(load_tokenizer(path))  # answers are text: the sampler's vocabulary may differ
-    prompt_format = ctx.rendering.format_for(tokenizer)
+    tokenizer, prompt_format = trace_sampler(ctx, path)  # the student's rendering; text from another vocabulary
     source = problem_source(ctx)
     domains = ctx.domain_map
     reward_fn = stage_reward(ctx)  # `reward:` a reward model or judge (None: the domains' verifiers)
