@@ -88,6 +88,61 @@ def test_real_shape_benchmark_runs_both_tools_at_a_miniature_shape(monkeypatch, 
         sys.modules.pop("real_shape", None)
 
 
+def test_real_model_trl_benchmark_runs_both_tools_through_their_own_entry_points(monkeypatch, tmp_path) -> None:
+    """benchmarks/real_model_trl.py on its tiny stand-in model: TRL's DistillationTrainer (given directories, at
+    its defaults) and a one-stage mopd recipe run by `run_stage` train on the same prompts, every completion
+    exactly `new_tokens` long (EOS suppressed in both), each step split into phases; the patches go away."""
+    pytest.importorskip("trl")
+    import mopd.sampling.sampler as sampler_mod
+    import mopd.stages.mopd as stage_mod
+    import mopd.stages.rl as rl_mod
+    from mopd.teachers.panel import TeacherPanel
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = importlib.import_module("real_model_trl")
+    originals = (sampler_mod.next_tokens, sampler_mod._sample, rl_mod.rollout, stage_mod.policy_step_fn,
+                 TeacherPanel._teacher_hidden)
+    try:
+        student = bench.build_tiny(tmp_path / "student")
+        teacher = bench.perturbed_teacher(student, tmp_path / "teacher")
+        a = argparse.Namespace(student=student, teacher=teacher, run=0, warmup=1, steps=2, batch=4, new_tokens=5)
+        drawn = bench.draw_prompts(bench.write_recipe(tmp_path / "draw.yaml", a), tmp_path / "draw")
+        assert [len(step) for step in drawn["steps"]] == [4, 4, 4]
+        base = {**vars(a), "student": str(student), "teacher": str(teacher), "prompts": drawn["steps"],
+                "eos_ids": bench.eos_ids(student), "threads": 1}
+        runs = {}
+        for tool in ("trl", "mopd", "mopd-full[logit_chunk=2,micro_batch_size=2]"):
+            kind, _, settings = bench.parse_tool(tool)
+            work = tmp_path / f"work-{len(runs)}"
+            spec = {**base, "kind": kind, "settings": settings, "workdir": str(work)}
+            runs[tool] = (bench._worker_trl if kind == "trl" else bench._worker_mopd)(spec)
+        assert (sampler_mod.next_tokens, sampler_mod._sample, rl_mod.rollout, stage_mod.policy_step_fn,
+                TeacherPanel._teacher_hidden) == originals
+        for tool, res in runs.items():
+            assert len(res["steps"]) == 2 and len(res["warmup_steps"]) == 1, tool
+            for step in res["steps"]:
+                assert step["length_min"] == step["length_max"] == 5, (tool, step)  # no early EOS
+                phases = [step[p] for p in ("sampling", "reward", "teacher") if p in step]
+                assert all(p > 0 for p in phases) and sum(phases) < step["seconds"], (tool, step)
+                assert step["update"] > 0
+            res.update(bench.step_summary(res["steps"], a.batch), peak_rss_mib=500.0)
+        assert runs["trl"]["resolved"]["bf16"] and runs["trl"]["resolved"]["gradient_checkpointing"]  # its defaults
+        assert runs["mopd"]["resolved"] == {"objective": "sampled", "dtype": "torch.float32",
+                                            "weights_dtype": "torch.float32", "logit_chunk": 128,
+                                            "micro_batch_size": None, "micro_batch_by_length": False,
+                                            "teacher_shared_prefill": False, "grad_clip": 1.0}
+        assert runs["mopd-full[logit_chunk=2,micro_batch_size=2]"]["resolved"]["micro_batch_size"] == 2
+
+        summary = bench.summarize({t: [r] for t, r in runs.items()})
+        assert summary["best"] == {"trl": "trl", "sampled": "mopd",
+                                   "full_reverse_kl": "mopd-full[logit_chunk=2,micro_batch_size=2]"}
+        assert set(summary["headline"]) == {"defaults/sampled", "best/sampled", "best/full_reverse_kl"}
+        assert "| `trl` (best) | defaults |" in bench.markdown(summary)
+    finally:
+        for name in ("real_model_trl", "_common"):
+            sys.modules.pop(name, None)
+
+
 def test_objectives_grid_runs_each_objective_at_each_setting_and_names_the_best(monkeypatch, tmp_path) -> None:
     import json
 
