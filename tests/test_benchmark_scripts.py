@@ -100,22 +100,23 @@ def test_real_model_trl_benchmark_runs_both_tools_through_their_own_entry_points
 
     monkeypatch.syspath_prepend(str(BENCH))
     bench = importlib.import_module("real_model_trl")
+    setup, workers = importlib.import_module("_real_model_setup"), importlib.import_module("_real_model_workers")
     originals = (sampler_mod.next_tokens, sampler_mod._sample, rl_mod.rollout, stage_mod.policy_step_fn,
                  TeacherPanel._teacher_hidden)
     try:
-        student = bench.build_tiny(tmp_path / "student")
-        teacher = bench.perturbed_teacher(student, tmp_path / "teacher")
+        student = setup.build_tiny(tmp_path / "student")
+        teacher = setup.perturbed_teacher(student, tmp_path / "teacher")
         a = argparse.Namespace(student=student, teacher=teacher, run=0, warmup=1, steps=2, batch=4, new_tokens=5)
-        drawn = bench.draw_prompts(bench.write_recipe(tmp_path / "draw.yaml", a), tmp_path / "draw")
+        drawn = setup.draw_prompts(setup.write_recipe(tmp_path / "draw.yaml", a), tmp_path / "draw")
         assert [len(step) for step in drawn["steps"]] == [4, 4, 4]
         base = {**vars(a), "student": str(student), "teacher": str(teacher), "prompts": drawn["steps"],
-                "eos_ids": bench.eos_ids(student), "threads": 1}
+                "eos_ids": setup.eos_ids(student), "threads": 1}
         runs = {}
         for tool in ("trl", "mopd", "mopd-full[logit_chunk=2,micro_batch_size=2]"):
             kind, _, settings = bench.parse_tool(tool)
             work = tmp_path / f"work-{len(runs)}"
             spec = {**base, "kind": kind, "settings": settings, "workdir": str(work)}
-            runs[tool] = (bench._worker_trl if kind == "trl" else bench._worker_mopd)(spec)
+            runs[tool] = (workers._worker_trl if kind == "trl" else workers._worker_mopd)(spec)
         assert (sampler_mod.next_tokens, sampler_mod._sample, rl_mod.rollout, stage_mod.policy_step_fn,
                 TeacherPanel._teacher_hidden) == originals
         for tool, res in runs.items():
@@ -125,7 +126,7 @@ def test_real_model_trl_benchmark_runs_both_tools_through_their_own_entry_points
                 phases = [step[p] for p in ("sampling", "reward", "teacher") if p in step]
                 assert all(p > 0 for p in phases) and sum(phases) < step["seconds"], (tool, step)
                 assert step["update"] > 0
-            res.update(bench.step_summary(res["steps"], a.batch), peak_rss_mib=500.0)
+            res.update(workers.step_summary(res["steps"], a.batch), peak_rss_mib=500.0)
         assert runs["trl"]["resolved"]["bf16"] and runs["trl"]["resolved"]["gradient_checkpointing"]  # its defaults
         assert runs["mopd"]["resolved"] == {"objective": "sampled", "dtype": "torch.float32",
                                             "weights_dtype": "torch.float32", "logit_chunk": 128,
@@ -139,7 +140,7 @@ def test_real_model_trl_benchmark_runs_both_tools_through_their_own_entry_points
         assert set(summary["headline"]) == {"defaults/sampled", "best/sampled", "best/full_reverse_kl"}
         assert "| `trl` (best) | defaults |" in bench.markdown(summary)
     finally:
-        for name in ("real_model_trl", "_common"):
+        for name in ("real_model_trl", "_real_model_setup", "_real_model_workers", "_common"):
             sys.modules.pop(name, None)
 
 
