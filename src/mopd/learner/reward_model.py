@@ -1,9 +1,12 @@
 """A Bradley-Terry reward model (the `reward_model` stage, InstructGPT's RM): its loss, its scores, its reward.
 
 The model is an HF sequence classifier with one label (`AutoModelForSequenceClassification`, num_labels=1) on a
-causal LM's backbone. Its score r(x, y) of a prompt and answer is its output at the last token that is not
-padding of the row `prompt answer [EOS]` (the rows of `supervised.supervised_batch`); HF's own forward picks
-that token, so any user of the saved checkpoint who feeds the same rows gets the same scores. With the pair's
+causal LM's backbone. Its score r(x, y) of a prompt and answer is its output at the last token of the row
+`prompt answer [EOS]` (the rows of `supervised.supervised_batch`, left-padded: the EOS, in the last column of
+every row). HF's own forward picks the last token that is not `pad_token_id` instead, which is that EOS only
+when the pad token is not the EOS: for a tokenizer whose pad token is its EOS (SmolLM2, or any tokenizer
+`with_pad_token` gave one) it would read the answer's last token and never see the EOS, so `scores` reads the
+last column itself (the same forward, the same head). With the pair's
 scores r_c (chosen) and r_r (rejected), the Bradley-Terry model P(chosen > rejected) = sigmoid(r_c - r_r) gives
 
     loss = -mean_pairs log sigmoid(r_c - r_r)
@@ -40,8 +43,18 @@ def answer_rows(tokenizer, problems: list[Problem], prompt_format: PromptFormat,
 
 
 def scores(model, ids_B_T: torch.Tensor, attn_B_T: torch.Tensor) -> torch.Tensor:
-    """The reward model's scalar score of each row: [B] (with grad when the model has one)."""
-    return model(input_ids=ids_B_T, attention_mask=attn_B_T).logits[:, 0].float()
+    """The reward model's scalar score of each row: [B] (with grad when the model has one), its output at the
+    row's last column (`answer_rows` are left-padded, so that is every row's EOS; see the module docstring).
+
+    HF's forward run by hand (its backbone, its `score` head over every position, as it computes them) with the
+    last column picked instead of the last non-`pad_token_id` one; the same numbers whenever those agree."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA reward model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    head = getattr(inner, "score", None)
+    if not isinstance(backbone, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return model(input_ids=ids_B_T, attention_mask=attn_B_T).logits[:, 0].float()  # not a known layout
+    hidden_B_T_H = backbone(input_ids=ids_B_T, attention_mask=attn_B_T).last_hidden_state
+    return head(hidden_B_T_H)[:, -1, 0].float()
 
 
 def reward_model_loss(

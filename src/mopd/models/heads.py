@@ -3,8 +3,9 @@ value per token), each an HF class that `from_pretrained` reopens (`checkpoint.l
 saved config's `architectures`).
 
 Why HF's own classes: a reward model saved this way is a checkpoint any HF user opens with
-`AutoModelForSequenceClassification`; its score is at the last non-padding token, which HF finds from
-`pad_token_id` (so that id is written into the config). The backbone's weights come from the checkpoint; the
+`AutoModelForSequenceClassification`; HF's forward scores the last token that is not `pad_token_id` (so that id
+is written into the config), mopd the last token of its left-padded rows, the EOS (`learner.reward_model.scores`:
+the two differ when the pad token is the EOS, as SmolLM2's is). The backbone's weights come from the checkpoint; the
 new head is initialised by HF from torch's generator (which the driver seeds), so a stage builds it identically
 every time.
 """

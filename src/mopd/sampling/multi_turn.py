@@ -29,7 +29,7 @@ from ..envs.tool_domains import is_agentic
 from ..envs.tools import Tool
 from ..models.forward import accepts, position_ids_from_mask
 from ..models.prompting import RAW, PromptFormat
-from .sampler import kv_cache, next_tokens, on_device
+from .sampler import completion_text, kv_cache, next_tokens, on_device
 
 
 @dataclass
@@ -105,7 +105,7 @@ def sample_episodes(
             roles[b].append(ROLE_MODEL)
             turn[b].append(tok)
             if tok == eos:
-                reply = r.episode.step(tokenizer.decode(turn[b][:-1]))
+                reply = r.episode.step(completion_text(tokenizer, turn[b][:-1]))
                 turn[b] = []
                 if reply.observation is None:
                     done[b], rewards[b] = True, reply.reward
@@ -113,7 +113,7 @@ def sample_episodes(
                     pending[b] = observation_ids(tokenizer, prompt_format, r.episode.messages,
                                                  r.tools if chat else None)
         if not done[b] and t + 1 >= r.budget:  # the window is full: the episode is cut here
-            done[b], rewards[b] = True, r.episode.cut(tokenizer.decode(turn[b]))
+            done[b], rewards[b] = True, r.episode.cut(completion_text(tokenizer, turn[b]))
         return ends_observation
 
     cache = kv_cache(model)
@@ -152,7 +152,7 @@ def sample_episodes(
     stats = [r.episode.stats for r in rows]
     for s, rl in zip(stats, roles_B_N, strict=True):
         s.tokens = int((rl != ROLE_PROMPT).sum())
-    completions = [tokenizer.decode([i for i, rl in zip(row.tolist(), rrow.tolist(), strict=True) if rl])
+    completions = [completion_text(tokenizer, [i for i, rl in zip(row.tolist(), rrow.tolist(), strict=True) if rl])
                    for row, rrow in zip(ids_B_N, roles_B_N, strict=True)]
     batch = rollout_batch(prompt_B_P, pmask_B_P, ids_B_N, lp_B_N, model_B_N, prompts=[r.problem.prompt for r in rows],
                           completions=completions, domains=[r.problem.domain for r in rows], group_ids=group_ids,

@@ -34,6 +34,16 @@ def encode_prompts(
     return input_ids, mask
 
 
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """The text of completion tokens as the model wrote it, which is what verifiers and episodes read.
+
+    Why not `tokenizer.decode(ids)` alone: it applies `clean_up_tokenization_spaces` when the tokenizer's config
+    turns it on (Llama 3's does; transformers 5 keeps it for tokenizers other than BPE, earlier versions for all),
+    and that rewrites the text: "a , b ." becomes "a, b.", "it 's" becomes "it's", so an answer or a program's
+    string literal would be judged as something the model did not write."""
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+
 def filter_top_p(logprobs_B_V: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability mass reaches top_p; renormalize."""
     sorted_lp, order = logprobs_B_V.sort(dim=-1, descending=True)
@@ -271,7 +281,7 @@ def _sample(
 
     new_ids, new_lp, new_mask = new_ids[:, :steps], new_lp[:, :steps], new_mask[:, :steps]
     completions = [
-        tokenizer.decode([i for i, m in zip(row.tolist(), mrow.tolist(), strict=True) if m and i != eos])
+        completion_text(tokenizer, [i for i, m in zip(row.tolist(), mrow.tolist(), strict=True) if m and i != eos])
         for row, mrow in zip(new_ids, new_mask, strict=True)
     ]
     return rollout_batch(prompt_ids, prompt_mask, new_ids, new_lp, new_mask, prompts=prompts,

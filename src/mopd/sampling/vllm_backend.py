@@ -29,7 +29,7 @@ import torch
 from ..core.batch import RolloutBatch, rollout_batch
 from ..models.lora import is_lora, merged_copy
 from ..models.prompting import RAW, PromptFormat
-from .sampler import encode_prompts
+from .sampler import completion_text, encode_prompts
 
 
 def _outside_autocast():
@@ -136,7 +136,7 @@ def pack_batch(tokenizer, prompts, rows, lps, *, eos, pad, device, domains, grou
         new_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         new_lp[i, : len(r)] = torch.tensor(lp)
         new_mask[i, : len(r)] = 1.0
-    completions = [tokenizer.decode([t for t in r if t != eos]) for r in rows]
+    completions = [completion_text(tokenizer, [t for t in r if t != eos]) for r in rows]
     batch = rollout_batch(prompt_ids, prompt_mask, new_ids, new_lp, new_mask, prompts=prompts,
                           completions=completions, domains=domains, group_ids=group_ids, references=references)
     return batch.to(device)
