@@ -132,15 +132,34 @@ def converted_problem(directory: Path) -> str | None:
     return checkpoint_problem(Path(directory))
 
 
+# (file, size, mtime) -> its sha256, and the converted directories verified in this process: a recipe resolves its
+# references many times while it loads and runs (each full check reads ~0.6 GB), and a file that changes gets a
+# new key
+_SHA: dict[tuple[str, int, int], str] = {}
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def gguf_sha256(src: Path) -> str:
+    st = src.stat()
+    key = (str(src), st.st_size, st.st_mtime_ns)
+    if key not in _SHA:
+        _SHA[key] = file_sha256(src)
+    return _SHA[key]
+
+
 def cached_conversion(ref: str, base: Path | None = None) -> Path:
     """The model directory a `gguf:` reference stands for: converted on first use, then reused while its
-    checksums verify (a corrupt cached copy is converted again)."""
+    checksums verify (checked once per process; a corrupt cached copy is converted again)."""
     src = find_gguf(ref, base)
     _check_header(src)
-    out = cache_root() / "gguf" / file_sha256(src)[:32]
-    if out.is_dir() and converted_problem(out) is None:
+    sha = gguf_sha256(src)
+    out = cache_root() / "gguf" / sha[:32]
+    if (str(out), sha) in _VERIFIED and out.is_dir():
         return out
-    return convert_gguf(src, out, source_name=src.stem)
+    if not (out.is_dir() and converted_problem(out) is None):
+        convert_gguf(src, out, source_name=src.stem)
+    _VERIFIED.add((str(out), sha))
+    return out
 
 
 def source_of(directory: Path) -> dict | None:

@@ -10,8 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..models.gguf import find_gguf, is_gguf_ref
-from ..models.integrity import file_sha256
+from ..models.gguf import find_gguf, gguf_sha256, is_gguf_ref
 from .load import LoadedRecipe
 from .refs import resolve_external, stage_domains, stage_refs, stage_seed
 
@@ -31,7 +30,7 @@ SETTINGS_NOT_IN_IDENTITY = {
 def external_identity(ref: str, base) -> str:
     """A model from outside the recipe: its resolved path, or a GGUF's content hash (the cache moves, it does not)."""
     if is_gguf_ref(ref):
-        return f"gguf:{file_sha256(find_gguf(ref, base))}"
+        return f"gguf:{gguf_sha256(find_gguf(ref, base))}"
     return f"external:{resolve_external(ref, base) or ref}"
 
 
