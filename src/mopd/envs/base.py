@@ -88,6 +88,9 @@ class Domain:
     # greedy tokens per held-out prompt in evaluation (`eval.evaluate`); None: the recipe's `eval.max_new_tokens`.
     # Real-text answers need more than the character puzzles' 12
     max_new_tokens: int | None = None
+    # the characters prompts and answers may use: the character tokenizer's ALPHABET, or e.g. string.printable for
+    # real-text domains (a recipe training its own character model on them sets `tokenizer: {alphabet: printable}`)
+    alphabet: str = ALPHABET
 
     def _check_difficulty(self, difficulty: int) -> None:
         if difficulty not in self.difficulties:
@@ -108,11 +111,11 @@ class Domain:
         prompt, answer = out
         if not prompt or not answer:
             raise DomainError(f"domain {self.name!r}: empty prompt or answer in {out!r}")
-        bad = sorted(set(prompt + answer) - _ALPHABET_SET)
+        own = self.alphabet != ALPHABET  # a real-text domain's own alphabet (e.g. string.printable)
+        bad = sorted(set(prompt + answer) - (set(self.alphabet) if own else _ALPHABET_SET))
         if bad:
-            raise DomainError(
-                f"domain {self.name!r}: characters {bad!r} in {out!r} are outside ALPHABET {ALPHABET!r}"
-            )
+            raise DomainError(f"domain {self.name!r}: characters {bad!r} in {out!r} are outside "
+                              f"{'its alphabet' if own else 'ALPHABET'} {self.alphabet!r}")
         return Problem(prompt=prompt, answer=answer, domain=self.name, difficulty=difficulty)
 
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
@@ -286,12 +289,14 @@ def register_domain(
     description: str = "",
     rule_reward: bool = True,
     max_new_tokens: int | None = None,
+    alphabet: str = ALPHABET,
 ) -> Callable[[Generator], Generator]:
     """Decorator registering `fn(rng, difficulty) -> (prompt, answer)` as domain `name`; returns `fn` unchanged.
 
     `verify` defaults to `partial_match_reward`; `rule_reward=False` marks a `verify` that only measures the
     domain for the report and may not be a training reward (see `Domain.rule_reward`); `max_new_tokens` is the
-    domain's own generation length in held-out evaluation (None: `eval.max_new_tokens`). Registering the same
+    domain's own generation length in held-out evaluation (None: `eval.max_new_tokens`); `alphabet` the characters
+    its prompts and answers may use (`string.printable` for real text). Registering the same
     generator again is a no-op (the first registration is kept); registering a different generator under a taken name raises ValueError.
     """
     if not isinstance(name, str) or not name.strip():
@@ -304,6 +309,8 @@ def register_domain(
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens <= 0):
         raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
+    if not isinstance(alphabet, str) or not alphabet:
+        raise ValueError(f"alphabet must be a non-empty string, got {alphabet!r}")
 
     def decorator(fn: Generator) -> Generator:
         if not callable(fn):
@@ -324,6 +331,7 @@ def register_domain(
             description=description,
             rule_reward=rule_reward,
             max_new_tokens=max_new_tokens,
+            alphabet=alphabet,
         )
         return fn
 

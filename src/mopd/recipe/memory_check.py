@@ -19,6 +19,7 @@ import torch
 from ..core.errors import RecipeError
 from ..core.schema import (
     MergeStage,
+    ModelStage,
     MOPDStage,
     OffPolicyFTStage,
     PretrainStage,
@@ -97,7 +98,7 @@ def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Wher
     frozen weights, plus its teachers' weights) exceeds the total memory of its device."""
     counts = stage_parameters(recipe, order, base)
     for name, s in recipe.stages.items():
-        if name not in counts or isinstance(s, MergeStage | PromptedStage):
+        if name not in counts or isinstance(s, MergeStage | PromptedStage | ModelStage):
             continue
         placement = resolve_placement(s, recipe)
         total = device_memory(placement.device)

@@ -1,4 +1,5 @@
-"""The prompted stage: its `init` model with a system prompt and worked examples, written as a teacher checkpoint.
+"""The prompted stage: its `init` model with a system prompt and worked examples, written as a teacher checkpoint;
+and the model stage, the same without a prompt (a released model as the recipe's start).
 
 No training. The checkpoint is the model's own weights plus `teacher_prompt.json`, and its held-out scores are
 measured with the prompt (what it knows as a teacher), so the report's teacher column and the teacher-gain gate
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.schema import PromptedStage
+from ..core.schema import ModelStage, PromptedStage
 from ..models.checkpoint import load_model, save_checkpoint
 from ..models.precision import compute_precision
 from ..models.prompting import PromptContext, write_teacher_prompt
@@ -22,13 +23,14 @@ from .lineage import final_lineage
 from .resolved import ResolvedStage
 
 
-def stage_context(s: PromptedStage) -> PromptContext:
+def stage_context(s: PromptedStage | ModelStage) -> PromptContext | None:
+    if isinstance(s, ModelStage):
+        return None
     return PromptContext(s.system, tuple((e.prompt, e.answer) for e in s.examples))
 
 
 def run_prompted(ctx: ResolvedStage) -> Path:
-    s: PromptedStage = ctx.settings
-    context = stage_context(s)
+    context = stage_context(ctx.settings)
     model = load_model(ctx.init_path)  # float32, as it is saved
     p = ctx.placement
     model.to(p.device).eval()
@@ -41,4 +43,4 @@ def run_prompted(ctx: ResolvedStage) -> Path:
     (ctx.stage_dir / METRICS).write_text(json.dumps(record, sort_keys=True) + "\n")
     return save_checkpoint(ctx.stage_dir / FINAL, model.float().cpu(), ctx.tokenizer,
                            final_lineage(ctx, 0, {"eval": final_eval, **totals}),
-                           extra=lambda tmp: write_teacher_prompt(tmp, context))
+                           extra=None if context is None else lambda tmp: write_teacher_prompt(tmp, context))

@@ -77,6 +77,7 @@ RUNNERS: dict[str, Callable[[ResolvedStage], Path]] = {
     "merge": run_merge,
     "eval": run_eval,
     "prompted": run_prompted,
+    "model": run_prompted,
 }
 
 

@@ -3,7 +3,7 @@
 from .kinds import KINDS, SamplingStage, Stage, TrainedStage
 from .ppo import PPOStage
 from .preference import DatasetPairs, DeltaPairs, DPOStage, RejectionSamplingStage, RewardModelStage
-from .prompted import PromptedStage, PromptExample
+from .prompted import ModelStage, PromptedStage, PromptExample
 from .recipe import (
     CompareSettings,
     DataDomainSpec,
@@ -60,7 +60,7 @@ __all__ = [
     "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeltaPairs",
     "DeviceName", "DPOStage",
     "DistillationObjective", "DistillationSettings", "DType", "DomainEntry", "EvalSettings", "EvalStage",
-    "LoggingSettings", "LoraSettings", "MasterWeights", "MlflowSettings", "MergeStage", "PromptedStage", "PromptExample", "MixRLStage", "MOPDStage",
+    "LoggingSettings", "LoraSettings", "MasterWeights", "MlflowSettings", "MergeStage", "ModelStage", "PromptedStage", "PromptExample", "MixRLStage", "MOPDStage",
     "OffPolicyFTStage",
     "PreflightSettings", "PretrainStage", "RejectionSamplingStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
     "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",

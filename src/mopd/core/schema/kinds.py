@@ -8,7 +8,7 @@ from pydantic import Field
 
 from .ppo import PPOStage
 from .preference import DPOStage, RejectionSamplingStage, RewardModelStage
-from .prompted import PromptedStage
+from .prompted import ModelStage, PromptedStage
 from .stages import (
     CascadeRLStage,
     EvalStage,
@@ -23,12 +23,12 @@ from .stages import (
 
 Stage = Annotated[
     PretrainStage | SFTStage | RLVRStage | MixRLStage | CascadeRLStage | OffPolicyFTStage | MergeStage | MOPDStage
-    | DPOStage | RejectionSamplingStage | RewardModelStage | PPOStage | EvalStage | PromptedStage,
+    | DPOStage | RejectionSamplingStage | RewardModelStage | PPOStage | EvalStage | PromptedStage | ModelStage,
     Field(discriminator="kind"),
 ]
 KINDS = (
     "pretrain", "sft", "rlvr", "mix_rl", "cascade_rl", "offpolicy_ft", "merge", "mopd", "dpo", "rejection_sampling",
-    "reward_model", "ppo", "eval", "prompted",
+    "reward_model", "ppo", "eval", "prompted", "model",
 )
 SamplingStage = RLVRStage | MixRLStage | CascadeRLStage | MOPDStage  # the stages that train on their own rollouts
 TrainedStage = (

@@ -1,4 +1,5 @@
-"""The `prompted` stage: a teacher that is a model plus a system prompt and worked examples, no training.
+"""The `prompted` stage: a teacher that is a model plus a system prompt and worked examples, no training; and the
+`model` stage: a model from outside the recipe as it is, evaluated once.
 
 Why a stage: a prompted teacher then has what every teacher has (a checkpoint directory, held-out scores with its
 prompt, a lineage, a place in the report and in stage identities), so MOPD routes to it like to a trained one,
@@ -40,3 +41,16 @@ class PromptedStage(Strict):
         if not (self.system and self.system.strip()) and not self.examples:
             raise ValueError("a prompted stage needs a `system` prompt or `examples` (else it is its `init`)")
         return self
+
+
+class ModelStage(Strict):
+    """A released model (a Hub id, a directory, a `gguf:` file) as a stage of the recipe: its checkpoint and its
+    held-out scores, so the report's `start` column and `init:` references treat it like a trained stage."""
+
+    kind: Literal["model"]
+    init: str = Field(description="the model: a Hugging Face directory or id, or gguf:PATH")
+    seed: int | None = Field(None, description="defaults to the recipe seed")
+    dtype: DType | None = Field(None, description="defaults to the recipe's `dtype`")
+    device: DeviceName | None = Field(None, description="defaults to the recipe's `device`")
+    resources: StageResources = Field(default_factory=StageResources,
+                                      description="`--executor ray`: CPUs / GPUs this stage reserves")
