@@ -91,6 +91,9 @@ def card_body(lineage: dict[str, Any], scores: dict[str, dict[str, float]],
     what = (f"Converted by `mopd convert` from the GGUF file `{source.get('gguf')}` (sha256 {source.get('sha256')}, "
             f"architecture `{source.get('architecture')}`): its weights dequantized to float32, its tokenizer and "
             "chat template as the file declares them. No training." if kind == "gguf_convert" else
+            f"A `{kind}` stage of a mopd recipe: its `init` model unchanged (no training), with its held-out scores"
+            + (" measured after the system prompt and examples in `teacher_prompt.json`: a prompted teacher."
+               if kind == "prompted" else ".") if kind in ("model", "prompted") else
             f"A `{kind}` stage checkpoint trained with mopd (multi-teacher on-policy distillation).")
     parts = [f"# {name}",
              f"{what} It is a plain Hugging Face directory: `AutoModelForCausalLM.from_pretrained(this_dir)`."]

@@ -117,6 +117,17 @@ def final_problem(stage_dir: Path) -> str | None:
 AGENT_KEYS = ("tool_call_rate", "episode_length")
 
 
+def eval_standard_error(rewards) -> float | None:
+    """The standard error of a held-out mean score: the per-prompt rewards' sample standard deviation / sqrt(n)."""
+    if not isinstance(rewards, list) or len(rewards) < 2:
+        return None
+    xs = [x for x in (finite_number(r) for r in rewards) if x is not None]
+    if len(xs) < 2:
+        return None
+    mean = sum(xs) / len(xs)
+    return (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+
+
 def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | None:
     """{domain: {"score", "accuracy"} (+ "tool_call_rate", "episode_length" on a tool-use domain)} from
     <stage>/final/mopd.json; None when the stage is not finished or its
@@ -134,7 +145,8 @@ def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | Non
     if isinstance(ev, dict):
         for domain, d in ev.items():
             if isinstance(d, dict):
-                out[str(domain)] = {"score": finite_number(d.get("score")), "accuracy": finite_number(d.get("accuracy"))}
+                out[str(domain)] = {"score": finite_number(d.get("score")), "accuracy": finite_number(d.get("accuracy")),
+                                    "se": eval_standard_error(d.get("rewards"))}
                 for key in AGENT_KEYS:  # a tool-use domain's held-out episodes
                     if (value := finite_number(d.get(key))) is not None:
                         out[str(domain)][key] = value

@@ -229,6 +229,13 @@ def _recovery_table(start, teachers, students, rec, norm, score) -> Table:
             for s in students:
                 if rec[s][d] is None:
                     notes.append(f"n/a on `{d}` for `{s}`: no final eval score (stage not finished?).")
+    ses = []
+    for d, t in teachers.items():
+        cells = [(x, score(x, d, "se")) for x in dict.fromkeys((start, t, *students)) if x is not None]
+        if any(se is not None for _, se in cells):
+            ses.append(f"{d}: " + ", ".join(f"{x} ±{fmt_number(se)}" for x, se in cells if se is not None))
+    if ses:
+        notes.append("Held-out standard errors (per-prompt rewards' sd / sqrt(n)): " + "; ".join(ses) + ".")
     last = ["**normalized score**", "", ""]
     for s in students:
         last += ["", f"**{fmt_number(norm[s])}**"]
