@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="override every domain's max_new_tokens")
     ap.add_argument("--group-probe", type=int, default=0, help="prompts per domain sampled 8x at temperature 1")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--merge", action="store_true", help="keep the other domains' results already in --out")
     args = ap.parse_args(argv)
 
     import torch
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "n_per_domain": args.n, "eval_seed": args.seed, "decoding": "greedy",
         "batch": args.batch, "domains": {},
     }
+    if args.merge and args.out.is_file():
+        result["domains"] = json.loads(args.out.read_text()).get("domains", {})
     for name in args.domains.split(","):
         domain = get_domain(name)
         limit = args.max_new_tokens or domain.max_new_tokens or 32

@@ -417,3 +417,29 @@ def test_mopd_eval_scores_each_checkpoint_as_its_stage_did(smol_run: Path):
         if name == "sft":
             recorded = json.loads((smol_run / "sft" / "final" / "mopd.json").read_text())["metrics"]["eval"]
             assert {d: v["rewards"] for d, v in got.items()} == {d: recorded[d]["rewards"] for d in got}
+
+
+# ------------------------------------------------------------------------------------ the bundled smol recipe
+
+
+def test_the_smol_recipe_loads_on_the_converted_model_with_the_measured_prompts(smol_dir: Path):
+    """`mopd run smol` as shipped: its `gguf:` start resolves to this session's conversion, each prompted teacher
+    carries the system prompt and examples `benchmarks/smol_headroom.py` measured, and every domain is held out
+    on at least 100 prompts (the issue's floor)."""
+    from mopd.cli_tools.bundled import bundled_recipe
+    from mopd.envs.text_domains import PROMPTED
+    from mopd.recipe.load import load_recipe
+    from mopd.recipe.resolve import model_refs
+
+    loaded = load_recipe(bundled_recipe("smol"))
+    recipe = loaded.recipe
+    assert model_refs(loaded, Path("/unused"))[recipe.stages["start"].init] == str(smol_dir)
+    assert recipe.eval.size >= 100
+    student = recipe.stages["student"]
+    for domain, teacher in student.teachers.items():
+        stage = recipe.stages[teacher]
+        assert stage.kind == "prompted" and stage.init == "start"
+        assert stage.system == PROMPTED[domain]["system"]
+        assert [e.model_dump() for e in stage.examples] == PROMPTED[domain]["examples"]
+        assert recipe.stages[f"rl_{domain}"].lora is not None  # the RL teacher of the same domain
+    assert student.init == "start" and student.lora is not None
