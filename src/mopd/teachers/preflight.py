@@ -258,7 +258,9 @@ def run_preflight(
             how = " (sampled-token estimate)" if teacher in remote else ""
             warnings.append(
                 f"stage {stage!r}: teacher {teacher!r} starts far from the student: per-token reverse KL{how} "
-                f"{kl:.3f} > kl_warn {kl_warn:g} (a foreign or drifted teacher; distillation may collapse)"
+                f"{kl:.3f} > kl_warn {kl_warn:g} " + ("(a prompted teacher: its prompt moves it away from the bare "
+                                                      "student by design; watch the curves)" if teacher in formats
+                                                      else "(a foreign or drifted teacher; distillation may collapse)")
             )
     for w in warnings:
         warn(w)
