@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from mopd.cli import app
 from mopd.cli_tools.bundled import bundled_recipe
 from mopd.cli_tools.score import BUNDLED_DATA, BUNDLED_MAX_NEW_TOKENS, plan_eval
 from mopd.core.schema import TinyModelConfig
@@ -25,6 +23,8 @@ from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.recipe.runner import run_recipe
+
+from .test_cli_tools import invoke, one_error_line
 
 torch.set_num_threads(1)
 
@@ -39,17 +39,6 @@ PLUGIN = textwrap.dedent(
         return f"echo {word}:", word
     """
 )
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(res) -> str:
-    assert res.exit_code == 2, res.output
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -326,8 +326,7 @@ def init(
                                          "mopd eval ./my_model --domains vowel_count --plugin my_domains.py "
                                          "--size 300 --out scores.json"))
 def eval_model(
-    model_dir: Path = typer.Argument(..., help="a Hugging Face checkpoint directory (config.json, weights, "
-                                     "tokenizer)"),
+    model_dir: Path = typer.Argument(..., help="a Hugging Face checkpoint directory (config.json, weights, ...)"),
     domains: str | None = typer.Option(None, "--domains", help="comma-separated registered domains or bundled "
                                        "data (bundled:math, bundled:code, bundled:instructions); with --recipe, "
                                        "some of its domains (default: all)"),
@@ -346,9 +345,8 @@ def eval_model(
 ) -> None:
     """Score any Hugging Face checkpoint directory on any domains; prints a table, --out writes JSON.
 
-    The evaluation every stage gets: each domain's fixed held-out set, greedy decoding (each domain's own
-    generation length, if it declares one), its verifier, with the checkpoint's own tokenizer (and chat template,
-    if it has one). A bad directory, an unknown domain or a recipe that does not load is one line (exit 2)."""
+    The evaluation every stage gets (each domain's held-out set, greedy, its own generation length, its verifier)
+    with the checkpoint's tokenizer and chat template. A bad directory, domain or recipe is one line (exit 2)."""
     from .cli_tools.score import ScoreError, eval_command
 
     _prepare_process(threads)
@@ -391,14 +389,12 @@ def convert(
     source: str = typer.Argument(..., help="a .gguf file, or gguf:PACKAGE/FILE.gguf (a file a package ships)"),
     out_dir: Path = typer.Argument(..., help="the Hugging Face directory to write (replaced if it exists)"),
 ) -> None:
-    """Convert a GGUF file into a plain Hugging Face checkpoint directory (dequantized float32 safetensors,
-    tokenizer.json with its chat template, generation config, a model card naming the source), sealed with
-    checksums. Recipes may also name `gguf:PATH` wherever they name a model; that converts once into a cache."""
+    """Convert a GGUF file into a sealed Hugging Face checkpoint directory (float32 safetensors, tokenizer with its
+    chat template, model card); recipes may name `gguf:PATH` instead, converted once into a cache."""
     from .models.gguf import GGUFError, convert_gguf, find_gguf
 
     try:
-        src = find_gguf(source, Path.cwd())
-        convert_gguf(src, out_dir)
+        convert_gguf(src := find_gguf(source, Path.cwd()), out_dir)
     except GGUFError as e:
         _fail(str(e))
     console.print(f"converted {src} -> {out_dir}", highlight=False, soft_wrap=True)

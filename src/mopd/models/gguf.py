@@ -127,11 +127,6 @@ def convert_gguf(src: str | Path, out: str | Path, *, source_name: str | None = 
     return save_checkpoint(Path(out), plain, tokenizer, lineage)
 
 
-def converted_problem(directory: Path) -> str | None:
-    """None when `directory` is an intact converted (or any sealed) checkpoint, else one line why not."""
-    return checkpoint_problem(Path(directory))
-
-
 # (file, size, mtime) -> its sha256, and the converted directories verified in this process: a recipe resolves its
 # references many times while it loads and runs (each full check reads ~0.6 GB), and a file that changes gets a
 # new key
@@ -156,7 +151,7 @@ def cached_conversion(ref: str, base: Path | None = None) -> Path:
     out = cache_root() / "gguf" / sha[:32]
     if (str(out), sha) in _VERIFIED and out.is_dir():
         return out
-    if not (out.is_dir() and converted_problem(out) is None):
+    if not (out.is_dir() and checkpoint_problem(out) is None):
         convert_gguf(src, out, source_name=src.stem)
     _VERIFIED.add((str(out), sha))
     return out

@@ -18,6 +18,7 @@ from ..core.schema import ModelStage, PromptedStage
 from ..models.checkpoint import load_model, save_checkpoint
 from ..models.precision import compute_precision
 from ..models.prompting import PromptContext, write_teacher_prompt
+from ..teachers.prompted import prefix_tokens
 from .driver import FINAL, METRICS, eval_metrics
 from .lineage import final_lineage
 from .resolved import ResolvedStage
@@ -34,11 +35,11 @@ def run_prompted(ctx: ResolvedStage) -> Path:
     model = load_model(ctx.init_path)  # float32, as it is saved
     p = ctx.placement
     model.to(p.device).eval()
+    fmt = ctx.prompt_format.with_context(context)
     with compute_precision(p.device, p.compute_dtype, torch.float32):
-        final_eval = eval_metrics(ctx, model, ctx.tokenizer, ctx.prompt_format.with_context(context))
-    prefix = [len(ctx.prompt_format.with_context(context).token_ids(ctx.tokenizer, "")),
-              len(ctx.prompt_format.token_ids(ctx.tokenizer, ""))]
-    totals = {"samples": 0, "teacher_samples": 0, "prompt_prefix_tokens": prefix[0] - prefix[1]}
+        final_eval = eval_metrics(ctx, model, ctx.tokenizer, fmt)
+    totals = {"samples": 0, "teacher_samples": 0,
+              "prompt_prefix_tokens": int(prefix_tokens(ctx.tokenizer, ctx.prompt_format, fmt, [""]))}
     record = {"step": 0, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}}
     (ctx.stage_dir / METRICS).write_text(json.dumps(record, sort_keys=True) + "\n")
     return save_checkpoint(ctx.stage_dir / FINAL, model.float().cpu(), ctx.tokenizer,
