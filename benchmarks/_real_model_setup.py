@@ -109,9 +109,9 @@ def write_recipe(path: Path, a: argparse.Namespace, settings: dict | None = None
 
 def resolved(recipe: Path, out: Path, **callbacks):
     """The stage as `mopd run` resolves it (`recipe.stage_step.run_stage_step`, minus its run bookkeeping)."""
+    from mopd.execution.resolve import resolve_stage
     from mopd.recipe.identity import stage_identities
     from mopd.recipe.load import load_recipe
-    from mopd.recipe.resolve import resolve_stage
 
     loaded = load_recipe(recipe)
     (out / STAGE).mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 from tests.conftest import MINI_RECIPE  # noqa: E402
 
 from mopd.cli import app  # noqa: E402
+from mopd.execution.runner import run_recipe  # noqa: E402
 from mopd.models.integrity import checkpoint_problem  # noqa: E402
 from mopd.recipe.load import load_recipe  # noqa: E402
-from mopd.recipe.runner import run_recipe  # noqa: E402
 from mopd.stages import rl as rl_module  # noqa: E402
 
 STAGES = ["base", "sft", "teacher_add", "teacher_rev", "teacher_sort", "student"]

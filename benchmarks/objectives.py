@@ -35,9 +35,9 @@ import torch
 import yaml
 
 from mopd.core.schema import MOPDStage
+from mopd.execution.runner import run_recipe
 from mopd.recipe.load import LoadedRecipe, load_recipe
 from mopd.recipe.refs import resolve_external, stage_refs
-from mopd.recipe.runner import run_recipe
 from mopd.report.run_files import read_final_eval
 from mopd.report.scores import normalized_score, recovery
 

@@ -219,7 +219,7 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from mopd.recipe.runner import run_recipe
+    from mopd.execution.runner import run_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -91,8 +91,8 @@ def _final_scores(run: Path) -> dict[str, float]:
 
 
 def same(seeds: int) -> dict:
+    from mopd.execution.runner import run_recipe
     from mopd.recipe.load import load_recipe
-    from mopd.recipe.runner import run_recipe
 
     root = Path(tempfile.mkdtemp(prefix="scale_same_"))
     torch.set_num_threads(1)

@@ -79,7 +79,7 @@ def _warm(hold: float) -> int:
     import os
     import time
 
-    import mopd.recipe.executor_ray  # noqa: F401  the worker's imports (torch, transformers), once
+    import mopd.execution.ray_executor  # noqa: F401  the worker's imports (torch, transformers), once
     time.sleep(hold)  # held so that the other warm-up cannot take this worker after it
     return os.getpid()
 

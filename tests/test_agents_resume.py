@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from mopd.execution.runner import run_recipe
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.report.run_files import read_final_eval
 from mopd.stages import rl as rl_module
 

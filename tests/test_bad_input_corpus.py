@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import mopd.recipe.runner as runner
+import mopd.execution.runner as runner
 from mopd.cli import app
 from mopd.recipe.load import load_recipe
 

@@ -11,12 +11,12 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from mopd.core.schema import CascadeRLStage, OffPolicyFTStage
+from mopd.execution.resolve import resolve_stage
+from mopd.execution.runner import run_recipe
 from mopd.models.checkpoint import load_model
 from mopd.models.merge import merge_state_dicts
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.resolve import resolve_stage
-from mopd.recipe.runner import run_recipe
 from mopd.stages import baselines
 from mopd.stages.baselines import cascade_domain, cascade_spans, teacher_traces, trace_sampler
 from mopd.stages.problems import problem_source, step_generator, step_rng

@@ -28,10 +28,10 @@ from mopd.cli_tools.bundled import (
     run_bundled,
 )
 from mopd.core.schema import EvalStage
+from mopd.execution.runner import run_recipe
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.runner import run_recipe
-from mopd.recipe.scale import MIN_BATCH, MIN_EVAL, MIN_STEPS, shrink
+from mopd.recipe.reduced_scale import MIN_BATCH, MIN_EVAL, MIN_STEPS, shrink
 from mopd.report.run_files import read_final_eval
 
 SCALE = 0.01

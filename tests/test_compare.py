@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mopd.cli import app, bundled_recipe
+from mopd.experiments.compare_plan import compare_plan
 from mopd.models.integrity import sealed_lineage
-from mopd.recipe.compare import compare_plan
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.report.compare import build_compare

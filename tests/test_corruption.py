@@ -15,9 +15,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mopd.cli import app
+from mopd.execution.runner import run_recipe
 from mopd.models.integrity import checkpoint_problem, lineage_checksum, sealed_lineage, stage_output_problem
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.stages import run as run_module
 
 from .conftest import MINI_RECIPE

@@ -17,12 +17,12 @@ from mopd.cli_tools.score import BUNDLED_DATA, BUNDLED_MAX_NEW_TOKENS, plan_eval
 from mopd.core.schema import TinyModelConfig
 from mopd.envs import register_domain
 from mopd.eval import evaluate as evaluate_module
+from mopd.execution.runner import run_recipe
 from mopd.models.checkpoint import save_checkpoint
 from mopd.models.tiny import build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.runner import run_recipe
 
 from .test_cli_tools import invoke, one_error_line
 

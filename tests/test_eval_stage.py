@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from mopd.envs import ALPHABET
+from mopd.execution.runner import run_recipe
 from mopd.models.checkpoint import save_checkpoint
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.stages import driver as driver_module
 
 

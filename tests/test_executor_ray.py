@@ -16,9 +16,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from mopd.core.errors import StageError
+from mopd.execution.progress import logged_step
+from mopd.execution.runner import run_recipe
 from mopd.recipe.load import load_recipe
-from mopd.recipe.progress import logged_step
-from mopd.recipe.runner import run_recipe
 
 from .conftest import MINI_RECIPE
 
@@ -280,7 +280,7 @@ def test_a_killed_driver_resumes_with_the_same_command(tmp_path):
     cmd = [sys.executable, "-m", "mopd", "run", str(tmp_path / "r.yaml"), "--out", str(out), "--executor", "ray",
            "--threads", "1"]
     kill_after_first_checkpoint(cmd, out / stage, poll=0.02, settle=0.0)
-    from mopd.recipe.run_lock import RunLockedError, stage_lock
+    from mopd.execution.run_lock import RunLockedError, stage_lock
 
     with pytest.raises(RunLockedError, match="is still writing"), stage_lock(out, stage, wait_s=0):
         pass  # the killed run's stage worker outlives its driver, and holds the stage's directory
@@ -298,7 +298,7 @@ def test_a_directory_has_one_writer(tmp_path, which):
     for the first to let go, and past its wait says who holds it; `mopd run`'s own run lock does not wait."""
     import threading
 
-    from mopd.recipe.run_lock import RunLockedError, run_lock, stage_lock
+    from mopd.execution.run_lock import RunLockedError, run_lock, stage_lock
 
     def lock(wait_s: float):
         return stage_lock(tmp_path, "s", wait_s) if which == "stage" else run_lock(tmp_path, wait_s)

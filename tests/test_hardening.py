@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from mopd.core.errors import StageError
+from mopd.execution.run_lock import RunLockedError, run_lock
+from mopd.execution.runner import run_recipe
 from mopd.models.checkpoint import check_finite_weights
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.run_lock import RunLockedError, run_lock
-from mopd.recipe.runner import run_recipe
 from mopd.stages.guards import DivergenceWatch
 
 from .conftest import MINI_RECIPE
@@ -193,7 +193,7 @@ def test_a_crafted_trainer_state_is_refused_without_running_its_code(tmp_path: P
 
 def test_a_second_run_into_a_locked_directory_fails_in_one_line_naming_the_holder(tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom mopd.recipe.run_lock import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom mopd.execution.run_lock import run_lock\n"
          "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(30)\n", str(tmp_path / "run")],
         stdout=subprocess.PIPE, text=True,
     )

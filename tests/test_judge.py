@@ -15,13 +15,13 @@ import torch
 from rich.console import Console
 
 from mopd.envs import ALPHABET, Problem, get_domain
+from mopd.execution.runner import run_recipe
 from mopd.learner.judge import judge_scores
 from mopd.learner.rollout import rewards_by_domain
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 
 TOK = build_char_tokenizer(ALPHABET)
 

@@ -19,9 +19,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from mopd.execution.runner import run_recipe
 from mopd.models.lora import is_lora
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.stages import rl as rl_module
 
 from .conftest import MINI_RECIPE

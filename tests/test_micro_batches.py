@@ -184,7 +184,7 @@ def test_a_recipe_with_micro_batches_trains_like_one_without(mini_recipe: Path, 
     accumulated): every stage of the miniature recipe logs the same losses and gradient norms, step by step."""
     import json
 
-    from mopd.recipe.runner import run_recipe
+    from mopd.execution.runner import run_recipe
 
     data = yaml.safe_load(mini_recipe.read_text())
     for stage in data["stages"].values():

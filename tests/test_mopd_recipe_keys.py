@@ -10,8 +10,8 @@ import pytest
 import yaml
 from rich.console import Console
 
+from mopd.execution.runner import run_recipe
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 
 from .conftest import MINI_RECIPE
 

@@ -151,8 +151,8 @@ def test_a_mopd_stage_with_a_reward_only_domain_runs(tmp_path: Path) -> None:
 
     from rich.console import Console
 
+    from mopd.execution.runner import run_recipe
     from mopd.models.integrity import stage_output_problem
-    from mopd.recipe.runner import run_recipe
 
     (tmp_path / "r.yaml").write_text(RECIPE)
     run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "out", Console(quiet=True))

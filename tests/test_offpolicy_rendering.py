@@ -12,12 +12,12 @@ import torch
 
 import mopd.learner.rollout as rollout_mod
 from mopd.envs.base import ALPHABET
+from mopd.execution.resolve import resolve_stage
 from mopd.learner.supervised import supervised_batch
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
-from mopd.recipe.resolve import resolve_stage
 from mopd.stages import baselines
 
 # a ChatML-like template; its characters are in the tokenizers below, so every rendering is exact

@@ -158,9 +158,9 @@ def test_a_mopd_stage_with_teacher_shared_prefill_scores_through_it(tmp_path, mi
 
     import yaml
 
+    from mopd.execution.runner import run_recipe
     from mopd.recipe.identity import SETTINGS_NOT_IN_IDENTITY
     from mopd.recipe.load import load_recipe
-    from mopd.recipe.runner import run_recipe
     from mopd.teachers import panel as panel_module
 
     used: list[int] = []

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mopd.execution.runner import run_recipe
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.stages import driver as driver_module
 
 STAGES = ["base", "sft", "teacher_add", "teacher_rev", "teacher_sort", "student"]

@@ -15,10 +15,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForTokenClassification
 
+from mopd.execution.runner import run_recipe
 from mopd.learner.ppo import clipped_policy_loss, clipped_value_loss, gae, token_rewards, whiten
 from mopd.models.integrity import stage_output_problem
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.stages import ppo as ppo_module
 
 

@@ -15,12 +15,12 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from mopd.core.schema import LoraSettings
+from mopd.execution.runner import run_recipe
 from mopd.models.precision import compute_precision, resolve_placement, training_attention
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 
 from .mini_compare import recipe
 

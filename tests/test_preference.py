@@ -13,10 +13,10 @@ import pytest
 import torch
 from rich.console import Console
 
+from mopd.execution.runner import run_recipe
 from mopd.learner.preference import preference_loss, sequence_logprobs
 from mopd.models.integrity import stage_output_problem
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.stages import pairs as pairs_module
 
 # two pairs; margins m = (pi_c - ref_c) - (pi_r - ref_r):

@@ -15,10 +15,10 @@ from rich.console import Console
 
 from mopd.core.errors import StageError
 from mopd.envs import ALPHABET
+from mopd.execution.runner import run_recipe
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.teachers.preflight import PreflightError, RolloutSettings, check_tokenizers, initial_reverse_kl
 
 from .conftest import MINI_RECIPE

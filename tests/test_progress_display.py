@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from mopd.recipe.progress import PlainProgress, format_elapsed, stage_progress
+from mopd.execution.progress import PlainProgress, format_elapsed, stage_progress
 
 
 class Clock:
@@ -89,7 +89,7 @@ def test_elapsed_time_format():
 
 def test_it_is_a_drop_in_for_the_runners_bars(tmp_path, monkeypatch):
     """The runner's own calls (add_task, update with `completed` and `info`, `.console`) on a real small run."""
-    import mopd.recipe.runner as runner
+    import mopd.execution.runner as runner
     from mopd.recipe.load import load_recipe
 
     (tmp_path / "r.yaml").write_text(

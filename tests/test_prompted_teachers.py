@@ -213,9 +213,9 @@ stages:
 
 def test_a_prompted_stage_is_a_teacher_checkpoint_with_its_prompt(tmp_path: Path):
     from mopd.core.errors import RecipeError
+    from mopd.execution.runner import run_recipe
     from mopd.recipe.identity import stage_identities
     from mopd.recipe.load import load_recipe
-    from mopd.recipe.runner import run_recipe
 
     recipe = tmp_path / "p.yaml"
     recipe.write_text(PROMPTED_RECIPE.replace("SYSTEM", "add the numbers"))

@@ -187,9 +187,9 @@ def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: 
 
     from rich.console import Console
 
+    import mopd.execution.runner as runner
     import mopd.models.precision as precision
     import mopd.recipe.resources as resources
-    import mopd.recipe.runner as runner
     from mopd.recipe.resources import precision_warnings
 
     assert precision.emulated_bfloat16(torch.device("cuda")) is False
@@ -444,7 +444,7 @@ def test_vllm_engine_runs_outside_the_trainers_autocast_and_resets_its_prefix_ca
 
 def test_miniature_real_data_recipe_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("peft")
-    from mopd.recipe.runner import run_recipe
+    from mopd.execution.runner import run_recipe
 
     calls = {"math": 0, "code": 0, "instructions": 0}
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from mopd.execution.runner import run_recipe
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.report.plots import RAW_ALPHA, _render, ema, smoothing_weight
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"

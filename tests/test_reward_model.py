@@ -15,11 +15,11 @@ from rich.console import Console
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from mopd.envs import Problem
+from mopd.execution.runner import run_recipe
 from mopd.learner.reward_model import bradley_terry_loss, reward_model_reward
 from mopd.models.checkpoint import load_model
 from mopd.models.integrity import stage_output_problem
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 
 
 def test_bradley_terry_loss_by_hand() -> None:

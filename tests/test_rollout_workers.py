@@ -24,12 +24,12 @@ from mopd.core.batch import RolloutBatch
 from mopd.core.errors import RecipeError, StageError
 from mopd.core.schema import RLVRStage, RolloutWorkers
 from mopd.envs import ALPHABET, get_domain
+from mopd.execution.runner import run_recipe
 from mopd.learner.rollout import rollout_rows
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.sampling.grouped import concat_batches, group_rows, group_seeds, grouped_sampler, sample_groups
 from mopd.sampling.sampler import next_tokens, next_tokens_by_group, sample
 from mopd.stages.rollout_workers import RolloutPool, _shards, worker_name

@@ -13,13 +13,13 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from mopd.envs import ALPHABET
+from mopd.execution.resolve import resolve_stage
+from mopd.execution.runner import run_recipe
 from mopd.models.checkpoint import save_checkpoint
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.resolve import resolve_stage
-from mopd.recipe.runner import run_recipe
 from mopd.stages import mopd as mopd_module
 from mopd.stages import rl as rl_module
 from mopd.stages import run as run_module

@@ -9,14 +9,14 @@ import torch
 import yaml
 
 from mopd.envs import ALPHABET, get_domain
+from mopd.execution.resolve import resolve_stage
 from mopd.learner.filters import solved_group_filter
 from mopd.models.forward import sequence_logits
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
-from mopd.recipe.build import recipe_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.resolve import resolve_stage
+from mopd.recipe.tokenizer import recipe_tokenizer
 from mopd.sampling.sampler import sample
 from mopd.stages.problems import ProblemSource, problem_source, step_rng
 from mopd.stages.schedules import curriculum_levels, temperature_at

@@ -136,7 +136,7 @@ def test_a_model_the_server_does_not_serve_is_one_line(tmp_path):
 def test_a_run_with_http_teachers_has_the_in_process_numbers(tmp_path):
     """The same MOPD stage with in-process teachers and with both teachers behind `mopd serve`: the same
     metrics, step for step (the sampled objective reads one logprob per token, which the server ships)."""
-    from mopd.recipe.runner import run_recipe
+    from mopd.execution.runner import run_recipe
 
     path = _recipe(tmp_path)
     threads = torch.get_num_threads()
@@ -186,7 +186,7 @@ def test_mopd_serve_command(tmp_path):
 
 
 def test_a_run_with_an_unreachable_teacher_fails_in_one_line_before_step_0(tmp_path):
-    from mopd.recipe.runner import run_recipe
+    from mopd.execution.runner import run_recipe
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     extra = f"    teacher_backends: {{{tmp_path}/a: {{backend: http, url: '{url}', retries: 0}}}}\n"

@@ -314,8 +314,8 @@ def smol_run(smol_dir: Path, smol_server: str, ray_local, tmp_path_factory) -> P
       process (reversal), and the start itself served by `mopd serve` over HTTP (the bundled instruction data);
       its preflight runs on this tokenizer and template.
     The report's plots are skipped: they are no model path, and cost seconds."""
+    from mopd.execution.runner import run_recipe
     from mopd.recipe.load import load_recipe
-    from mopd.recipe.runner import run_recipe
 
     root = tmp_path_factory.mktemp("smol_run")
     recipe = {
@@ -428,8 +428,8 @@ def test_the_smol_recipe_loads_on_the_converted_model_with_the_measured_prompts(
     on at least 100 prompts (the issue's floor)."""
     from mopd.cli_tools.bundled import bundled_recipe
     from mopd.envs.text_domains import PROMPTED
+    from mopd.execution.resolve import model_refs
     from mopd.recipe.load import load_recipe
-    from mopd.recipe.resolve import model_refs
 
     loaded = load_recipe(bundled_recipe("smol"))
     recipe = loaded.recipe

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mopd.recipe.storage import storage_problem
+from mopd.execution.storage import storage_problem
 
 from .bad_input_cases import BASE
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from mopd.cli import app
 from mopd.core.errors import RecipeError
+from mopd.experiments.variants import key_path, parse_assignment, parse_grid, parse_value, plan_variants
 from mopd.recipe.load import load_recipe
-from mopd.recipe.variants import key_path, parse_assignment, parse_grid, parse_value, plan_variants
 
 from .mini_compare import recipe
 
@@ -167,8 +167,8 @@ def test_two_point_sweep_shares_parents_and_resumes(tmp_path: Path) -> None:
 
 
 def test_links_follow_identities_and_a_stale_link_is_replaced(tmp_path: Path) -> None:
+    from mopd.experiments.variants import finished_stages, link_shared_stages
     from mopd.recipe.identity import stage_identities
-    from mopd.recipe.variants import finished_stages, link_shared_stages
 
     loaded = load_recipe(_write(tmp_path))
     a, b = plan_variants(loaded, tmp_path / "out", 1, [("student.lr", ["1e-3", "2e-3"])])
@@ -205,8 +205,8 @@ def test_a_point_that_fails_is_a_hole_in_the_table_and_the_sweep_goes_on(tmp_pat
 def test_every_point_a_directory_holds_is_found_and_nothing_else(tmp_path: Path) -> None:
     """`sweep_points` reads the layout, not a ledger: point directories (one seed, or seed-<s> in seed order),
     never links, seed-only directories of `compare --seeds`, or a point that has no run yet."""
-    from mopd.recipe.sweep import _objective_in
-    from mopd.recipe.variants import point_settings, sweep_points
+    from mopd.experiments.sweep import _objective_in
+    from mopd.experiments.variants import point_settings, sweep_points
 
     for d in ("a.lr=1e-3", "a.lr=2e-3/seed-10", "a.lr=2e-3/seed-2", "seed-0", "a.lr=5e-3"):
         (tmp_path / d).mkdir(parents=True)

@@ -209,7 +209,7 @@ def test_a_run_with_actor_teachers_and_a_killed_actor_has_the_in_process_numbers
     """The same MOPD stage with in-process teachers, and with both teachers on actors where teacher a's actor is
     killed as the second step scores: the same metrics, step for step, and the same final weights, byte for byte (both runs
     at one torch thread, the actors' count at `cpus: 0`, so the reductions are the same)."""
-    from mopd.recipe.runner import run_recipe
+    from mopd.execution.runner import run_recipe
 
     extra = (f"    teacher_backends: {{{tmp_path}/a: {{backend: actor, resources: {{cpus: 0}}}}, "
              f"{tmp_path}/b: {{backend: actor, resources: {{cpus: 0}}}}}}\n")

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from mopd.cli import app
 from mopd.core.errors import RecipeError
 from mopd.core.schema import LoggingSettings
+from mopd.execution.runner import run_recipe
 from mopd.recipe.load import load_recipe
-from mopd.recipe.runner import run_recipe
 from mopd.stages import run as run_module
 from mopd.tracking import numbers, with_trackers
 

@@ -20,8 +20,8 @@ from mopd.envs import load_plugin  # noqa: E402
 from mopd.envs.base import DomainError  # noqa: E402
 from mopd.envs.tool_domains import is_agentic  # noqa: E402
 from mopd.envs.verifiers_env import verifiers_domain  # noqa: E402
+from mopd.execution.runner import run_recipe  # noqa: E402
 from mopd.recipe.load import load_recipe  # noqa: E402
-from mopd.recipe.runner import run_recipe  # noqa: E402
 
 PLUGIN = Path(__file__).with_name("verifiers_calc_plugin.py")
 

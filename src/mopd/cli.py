@@ -1,6 +1,6 @@
 """The `mopd` command line: run a recipe, run the bundled demo, compare methods (over seeds), sweep settings,
 rebuild a report; validate, scaffold and score (the commands' work lives in `mopd.cli_tools` and, for compare
-and sweep, `mopd.recipe.sweep`; this module only registers them)."""
+and sweep, `mopd.experiments.sweep`; this module only registers them)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _run_or_fail(loaded, out: Path, **executor) -> dict | None:
     """`run_recipe`, with every error a user can cause or meet mid-run printed as its one line (exit 2);
     `executor`: run_recipe's executor, address and threads."""
     from .core.errors import StageError
-    from .recipe.runner import RunLockedError, run_recipe
+    from .execution.runner import RunLockedError, run_recipe
     from .teachers.preflight import PreflightError
 
     try:
@@ -158,11 +158,11 @@ def compare(
 ) -> None:
     """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
-    from .cli_tools.keep_going import run_compare, variants_executor
+    from .cli_tools.compare_sweep import run_compare, variants_executor
     from .core.errors import StageError
+    from .execution.runner import RunLockedError
+    from .experiments.sweep import seed_count
     from .recipe.load import RecipeError
-    from .recipe.runner import RunLockedError
-    from .recipe.sweep import seed_count
 
     _check_executor(executor, address)
     loaded = _load_or_fail(recipe)
@@ -205,11 +205,11 @@ def sweep(
 
     Every variant is checked before any compute (a bad key or value is one line, exit 2). Points share their
     unchanged parents (trained once); a rerun skips finished points and resumes an interrupted one."""
-    from .cli_tools.keep_going import run_sweep, variants_executor
+    from .cli_tools.compare_sweep import run_sweep, variants_executor
     from .core.errors import StageError
+    from .execution.runner import RunLockedError
+    from .experiments.sweep import seed_count
     from .recipe.load import RecipeError
-    from .recipe.runner import RunLockedError
-    from .recipe.sweep import seed_count
 
     _check_executor(executor, address)
     loaded = _load_or_fail(recipe)

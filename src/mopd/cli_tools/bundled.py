@@ -76,8 +76,8 @@ def run_bundled(names: list[str], root: Path, run: Callable[[Any, Path], Any], s
     each stage whose identity a recipe run earlier finished is linked, not trained again (`recipe.variants`).
     `earlier`: run directories of recipes run before, whose finished stages may be linked too. Returns {name: run
     directory}."""
+    from ..experiments.variants import Variant, finished_stages, link_shared_stages
     from ..recipe.load import load_recipe
-    from ..recipe.variants import Variant, finished_stages, link_shared_stages
     from .scaled import with_scale
 
     dirs: dict[str, Path] = {}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from ..experiments.variants import portable
 from ..recipe.load import LoadedRecipe, RecipeError, load_recipe
-from ..recipe.scale import scaled_run_dir
-from ..recipe.variants import portable
+from ..recipe.reduced_scale import scaled_run_dir
 
 
 def default_run_dir(name: str, scale: float) -> Path:

@@ -38,10 +38,10 @@ from ..models.integrity import sealed_dir_problem
 from .agent_checks import check_agents
 from .hub import hub_unavailable_reason
 from .memory_check import check_model_memory
+from .reduced_scale import apply_scale
 from .refs import external_or_fail, looks_like_path, stage_domains, stage_refs, topo_order
 from .resources import alphabet_gap, check_resources
 from .reward_checks import check_rewards
-from .scale import apply_scale
 from .tokenizer_checks import check_tokenizer_agreement
 
 __all__ = ["LoadedRecipe", "RecipeError", "load_recipe"]

@@ -28,8 +28,8 @@ from ..core.schema import (
     TinyModelConfig,
 )
 from ..models.precision import resolve_placement
-from .build import recipe_tokenizer
 from .refs import init_ref, resolve_external
+from .tokenizer import recipe_tokenizer
 
 Where = Callable[..., str]
 ADAMW_STATE_BYTES = 8  # two float32 moments per trained parameter

@@ -19,7 +19,7 @@ from ..envs.data import DataDomain, DataDomainError
 from ..models.precision import emulated_bfloat16, resolve_placement
 from ..sampling.backend import vllm_unavailable_reason
 from ..tracking import enabled, missing_extra
-from .build import tokenizer_alphabet
+from .tokenizer import tokenizer_alphabet
 
 Where = Callable[..., str]
 

@@ -33,8 +33,8 @@ from ..core.schema import (
 )
 from ..data.pairs import read_pairs
 from ..models.checkpoint import head_kind
-from .build import tokenizer_alphabet
 from .refs import resolve_external, stage_domains, stage_refs, stage_roots
+from .tokenizer import tokenizer_alphabet
 
 
 def _scores(key: tuple) -> bool:

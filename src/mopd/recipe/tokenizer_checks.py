@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from ..core.errors import RecipeError
 from ..core.schema import DPOStage, MergeStage, MOPDStage, PPOStage, RewardModelReward, reward_parts
 from ..models.tokenizer import tokenizer_fingerprint
-from .build import recipe_tokenizer
 from .refs import resolve_external, stage_roots
+from .tokenizer import recipe_tokenizer
 
 if TYPE_CHECKING:
     from .load import LoadedRecipe

@@ -3,7 +3,7 @@
 For each method: per-domain held-out score, per-domain recovery (score - start) / (teacher - start), the
 normalized score (mean recovery), student samples and wall time. Writes compare.md, compare.json,
 compare_bars.png and sample_efficiency.png (normalized score against cumulative student samples, from the
-stages' `eval_every` records). What each method is charged for comes from the plan (recipe/compare.py).
+stages' `eval_every` records). What each method is charged for comes from the plan (experiments/compare_plan.py).
 
 Over several seeds (one run directory each) every number is the mean over seeds; every cell also gets a 95%
 interval and its evaluation standard error, and each method its paired difference from the reference method

@@ -28,7 +28,6 @@ from .rewards import (
     reward_parts,
     source_of,
 )
-from .scale import LearnerWorkers, RolloutWorkers
 from .stages import (
     NAME_PATTERN,
     CascadeRLStage,
@@ -55,6 +54,7 @@ from .stages import (
     TrainStage,
 )
 from .teachers import ActorBackend, HttpBackend, TeacherBackend, TeacherResources
+from .workers import LearnerWorkers, RolloutWorkers
 
 __all__ = [
     "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeltaPairs",

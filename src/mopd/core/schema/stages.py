@@ -12,9 +12,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from .rewards import REWARD_DESCRIPTION, RewardSource
-from .scale import LearnerWorkers, RolloutWorkers, scale_problem
 from .strict import Strict
 from .teachers import TeacherBackend
+from .workers import LearnerWorkers, RolloutWorkers, scale_problem
 
 # Positions per block of logits (`TrainStage.logit_chunk`): at least the K - 1 completion positions of the tiny
 # recipes (and the <= 64 positions of their SFT rows), so those run in one block, the unchunked computation.

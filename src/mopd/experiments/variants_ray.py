@@ -22,10 +22,16 @@ from typing import Any
 from rich.console import Console
 
 from ..core.errors import StageError
-from .executor_ray import WORKER_RETRIES, check_resources, import_ray, plugins_by_value, ray_cluster
-from .load import LoadedRecipe
-from .run_lock import RAY_WRITER_WAIT_S, run_lock
-from .stage_failures import first_line
+from ..execution.ray_executor import (
+    WORKER_RETRIES,
+    check_resources,
+    import_ray,
+    plugins_by_value,
+    ray_cluster,
+)
+from ..execution.run_lock import RAY_WRITER_WAIT_S, run_lock
+from ..execution.stage_failures import first_line
+from ..recipe.load import LoadedRecipe
 from .variants import Executor, RunFn, Variant, VariantRuns
 
 POLL_SECONDS = 0.25  # how often waiting variants look for the shared stages they need

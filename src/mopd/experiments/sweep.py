@@ -19,11 +19,11 @@ import yaml
 
 from ..core.errors import RecipeError
 from ..core.schema import MOPDStage
+from ..execution.runner import report_block
+from ..recipe.load import LoadedRecipe
 from ..report.compare import build_compare
 from ..report.sweep import build_sweep, build_sweep_history
-from .compare import compare_plan
-from .load import LoadedRecipe
-from .runner import report_block
+from .compare_plan import compare_plan
 from .variants import (
     Executor,
     RunFn,

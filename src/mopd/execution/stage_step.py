@@ -18,12 +18,12 @@ from pathlib import Path
 from ..core.errors import StageError
 from ..models.checkpoint import read_lineage, write_json_atomic
 from ..models.integrity import stage_output_problem
+from ..recipe.load import LoadedRecipe
+from ..recipe.refs import init_ref, stage_domains
 from ..stages.driver import FINAL
 from ..stages.resolved import ResolvedStage
 from ..stages.resumable import checkpointed_seconds, latest_checkpoint, supersede
 from ..stages.run import run_stage
-from .load import LoadedRecipe
-from .refs import init_ref, stage_domains
 from .resolve import resolve_stage
 from .storage import storage_problem
 

@@ -14,12 +14,12 @@ from ..core.schema import MOPDStage, OffPolicyFTStage
 from ..models.checkpoint import load_tokenizer
 from ..models.precision import resolve_placement
 from ..models.prompting import Rendering, with_pad_token
+from ..recipe.load import LoadedRecipe
+from ..recipe.refs import init_ref, resolve_external, stage_domains, stage_refs, stage_seed
+from ..recipe.tokenizer import recipe_tokenizer
 from ..stages.driver import FINAL
 from ..stages.lineage import teacher_checkpoint
 from ..stages.resolved import ResolvedStage, TeacherRef
-from .build import recipe_tokenizer
-from .load import LoadedRecipe
-from .refs import init_ref, resolve_external, stage_domains, stage_refs, stage_seed
 
 
 def model_refs(loaded: LoadedRecipe, out: Path) -> dict[str, str]:

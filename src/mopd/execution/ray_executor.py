@@ -25,11 +25,11 @@ from typing import Any
 from rich.console import Console
 
 from ..core.errors import StageError
+from ..recipe.load import LoadedRecipe
+from ..recipe.refs import stage_refs
 from ..stages.driver import METRICS
 from .learner_group import group_runner, learner_workers
-from .load import LoadedRecipe
 from .progress import logged_step, progress_info, stage_progress
-from .refs import stage_refs
 from .run_lock import stage_lock
 from .stage_failures import StageFailures, first_line
 from .stage_step import run_stage_step

@@ -19,11 +19,11 @@ from typing import Any
 from rich.console import Console
 
 from ..core.errors import StageError
-from ..recipe.compare import compare_plan
+from ..execution.runner import run_recipe
+from ..experiments.compare_plan import compare_plan
+from ..experiments.sweep import compare_seeds, sweep
+from ..experiments.variants import Executor, RunFn, run_in_order
 from ..recipe.load import LoadedRecipe
-from ..recipe.runner import run_recipe
-from ..recipe.sweep import compare_seeds, sweep
-from ..recipe.variants import Executor, RunFn, run_in_order
 from ..report.compare import build_compare
 
 
@@ -56,8 +56,8 @@ def variants_executor(console: Console, executor: str | None, address: str | Non
     with Ray's absence one StageError line before anything is planned."""
     if executor != "ray":
         return run_in_order
-    from ..recipe.executor_ray import import_ray
-    from ..recipe.variants_ray import ray_executor
+    from ..execution.ray_executor import import_ray
+    from ..experiments.variants_ray import ray_executor
 
     import_ray()
     return ray_executor(console, address, threads)

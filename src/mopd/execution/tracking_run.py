@@ -11,11 +11,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..core.errors import StageError
+from ..recipe.identity import stage_identities
+from ..recipe.load import LoadedRecipe
+from ..recipe.refs import init_ref, stage_domains, stage_refs
 from ..tracking import Trackers, open_trackers
 from ..tracking.base import enabled
-from .identity import stage_identities
-from .load import LoadedRecipe
-from .refs import init_ref, stage_domains, stage_refs
 
 __all__ = ["Trackers", "run_trackers", "tracker_config"]
 

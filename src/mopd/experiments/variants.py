@@ -33,10 +33,10 @@ import yaml
 from ..core.errors import RecipeError
 from ..core.schema import Recipe
 from ..models.checkpoint import read_lineage
+from ..recipe.identity import stage_identities
+from ..recipe.load import LoadedRecipe, load_recipe
+from ..recipe.refs import resolve_external, stage_refs
 from ..stages.driver import FINAL
-from .identity import stage_identities
-from .load import LoadedRecipe, load_recipe
-from .refs import resolve_external, stage_refs
 
 RESERVED_KEYS = {"seed": "use --seeds (seeds are base seed + 0, 1, ...)", "seeds": "use --seeds",
                  "name": "a variant keeps its recipe's name"}

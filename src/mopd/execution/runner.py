@@ -19,15 +19,15 @@ from rich.console import Console
 from .. import __version__
 from ..core.schema import MOPDStage
 from ..models.checkpoint import write_json_atomic
+from ..recipe.identity import stage_identities
+from ..recipe.load import LoadedRecipe
+from ..recipe.refs import stage_refs
+from ..recipe.resources import precision_warnings
 from ..stages.driver import METRICS
 from ..stages.resumable import supersede
 from ..stages.run import run_stage
-from .identity import stage_identities
-from .load import LoadedRecipe
 from .progress import progress_info as _progress_info
 from .progress import stage_progress
-from .refs import stage_refs
-from .resources import precision_warnings
 from .run_lock import RunLockedError, run_lock
 from .stage_failures import StageFailures
 from .stage_step import run_stage_step, storage_errors
@@ -57,7 +57,7 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None, 
     executor = executor or loaded.recipe.executor
     with ExitStack() as stack:
         if executor == "ray":  # the extra, the address and the stages' resources: one line before compute
-            from .executor_ray import ray_cluster
+            from .ray_executor import ray_cluster
 
             stack.enter_context(ray_cluster(loaded, address))
         else:  # a data-parallel learner's ranks are Ray tasks
@@ -113,7 +113,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
 
     if executor == "ray":
-        from .executor_ray import run_on_ray
+        from .ray_executor import run_on_ray
 
         run_on_ray(loaded, out, ids, stages_info, record, console, threads=threads)
     else:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from ..core.errors import StageError
 from ..learner.data_parallel import DataParallel
+from ..recipe.load import LoadedRecipe
 from ..stages.resolved import ResolvedStage
 from ..stages.run import run_stage
-from .load import LoadedRecipe
 from .resolve import resolve_stage
 
 GROUP_TIMEOUT = timedelta(minutes=30)  # a rank that waits this long for the others in a collective fails

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .load import LoadedRecipe
-from .refs import init_ref, stage_refs
+from ..recipe.load import LoadedRecipe
+from ..recipe.refs import init_ref, stage_refs
 
 
 def _ancestors(stages: dict, name: str) -> set[str]:
