@@ -71,8 +71,7 @@ def _rank(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str], rank:
     import torch
 
     torch.set_num_threads(threads)
-    ctx = resolve_stage(loaded, name, Path(out), ids)
-    ctx.executor = "ray"
+    ctx = resolve_stage(loaded, name, Path(out), ids, executor="ray")
     with _group(ctx, rank, world, init):
         run_stage(ctx)
 

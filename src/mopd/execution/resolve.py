@@ -45,6 +45,7 @@ def resolve_stage(
     on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_record: Callable[[dict], None] | None = None,
+    executor: str = "local",
 ) -> ResolvedStage:
     recipe = loaded.recipe
     stage = recipe.stages[name]
@@ -87,5 +88,6 @@ def resolve_stage(
         on_progress=on_progress,
         on_warning=on_warning,
         on_record=on_record,
+        executor=executor,
     )
 

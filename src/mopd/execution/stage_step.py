@@ -73,9 +73,9 @@ def run_stage_step(
         archive_if_stale(stage_dir, ids[name], Path(out))
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": info["kind"]})
+        # a stage's rollout / learner workers are Ray actors only under the Ray executor
         ctx = resolve_stage(loaded, name, Path(out), ids, on_progress=on_progress, on_warning=warn,
-                            on_record=on_record)
-        ctx.executor = executor  # a stage's rollout / learner workers are Ray actors only under the Ray executor
+                            on_record=on_record, executor=executor)
         started = time.time()
         t0 = started - checkpointed_seconds(latest_checkpoint(stage_dir))  # an interrupted stage's time counts
         run(ctx)
