@@ -196,7 +196,9 @@ def costs(rows: int, tokens: int, repeats: int) -> dict:
     out["update (loss+backward+AdamW less scoring)"] = round(out["loss+backward+AdamW"] - out["teacher scoring"], 4)
     params = sum(p.numel() for p in student.parameters())
     # weight sync: the learner puts its weights in the object store once, a rollout actor loads them
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from mopd.runtime import start_local_ray
+
+    start_local_ray(ray, num_cpus=2, log_to_driver=False)
 
     @ray.remote(num_cpus=1)
     class Loader:

@@ -81,7 +81,9 @@ def main() -> None:
     from mopd.teachers.serve import prompt_logprobs
 
     torch.set_num_threads(args.threads)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from mopd.runtime import start_local_ray
+
+    start_local_ray(ray, num_cpus=2, log_to_driver=False)
     tok = _common.build_char_tokenizer(_common.ALPHABET)
     names = [f"teacher{i}" for i in range(3)]
     routes = {d: names[i] for i, d in enumerate(_common.DOMAINS)}

@@ -102,7 +102,9 @@ def ray_local():
     only when a test asks for it; skipped without the `ray` extra."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from mopd.runtime import start_local_ray
+
+        start_local_ray(ray, num_cpus=2, log_to_driver=False)
     warm_workers(ray)
     yield ray
     ray.shutdown()

@@ -15,7 +15,9 @@ changes nothing process-wide.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from typing import Any
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -42,3 +44,22 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+# a local Ray instance that mopd starts listens on the loopback address only: its node address, the object store
+# and the workers' ports are then unreachable from the network, and every rendezvous built from the node address
+# (a data-parallel learner's torch.distributed group) stays on this machine
+LOCAL_RAY_NODE_IP = "127.0.0.1"
+# On Linux Ray rewrites a loopback `_node_ip_address` to the machine's network address (so that other nodes can
+# join) unless "clusters" are switched off, which is what this variable does (Ray's own default on macOS and
+# Windows). The processes Ray starts inherit it; the driver's copy of the constant was read when ray was imported.
+_RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(ray: Any, **options: Any) -> None:
+    """`ray.init` for a Ray instance on this machine only (no dashboard), bound to the loopback address."""
+    os.environ[_RAY_SINGLE_MACHINE] = "0"
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        constants.ENABLE_RAY_CLUSTER = False
+    ray.init(include_dashboard=False, _node_ip_address=LOCAL_RAY_NODE_IP, **options)

@@ -27,6 +27,7 @@ from rich.console import Console
 from ..core.errors import StageError
 from ..recipe.load import LoadedRecipe
 from ..recipe.refs import stage_refs
+from ..runtime import start_local_ray
 from ..stages.driver import METRICS
 from .learner_group import group_runner, learner_workers
 from .progress import logged_step, progress_info, stage_progress
@@ -62,7 +63,10 @@ def ray_cluster(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
         # concurrent stages and sweep points print look-alike progress lines; Ray would fold them into one
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            if address is None:  # a local instance: on the loopback address only
+                start_local_ray(ray, log_to_driver=True)
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True)
         except Exception as e:  # ConnectionError, a version mismatch, no cluster for "auto"
             raise StageError(f"--address {address}: cannot start or join Ray ({first_line(e)})") from None
         started = True

@@ -22,6 +22,7 @@ import torch
 from ..core.batch import RolloutBatch
 from ..core.errors import StageError
 from ..core.schema import ActorBackend
+from ..runtime import start_local_ray
 from .panel import TeacherPanel
 from .preflight import PreflightError
 from .remote import Pending
@@ -121,7 +122,7 @@ def start_actors(
         raise PreflightError(f"stage {stage!r}: teacher {first!r} has `backend: actor`, which needs Ray: "
                              "pip install 'mopd[ray]'") from None
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        start_local_ray(ray, log_to_driver=False)
     by_checkpoint: dict[str, list[str]] = {}
     for name in sorted(backends):
         by_checkpoint.setdefault(checkpoints[name], []).append(name)
