@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 import torch
 
+from mopd.core.position_blocks import block_bounds
 from mopd.learner import policy
-from mopd.learner.chunked import block_bounds
 from mopd.learner.fused_head import fusable
 from mopd.learner.objective_table import PolicyConfig
 from mopd.learner.policy import policy_loss

@@ -187,6 +187,7 @@ def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: 
 
     from rich.console import Console
 
+    import mopd.execution.local_executor as local_executor
     import mopd.execution.runner as runner
     import mopd.models.precision as precision
     import mopd.recipe.resources as resources
@@ -206,7 +207,7 @@ def test_bfloat16_without_hardware_support_is_warned_before_any_stage(tmp_path: 
     def first_stage(*args, **kwargs):
         raise Started
 
-    monkeypatch.setattr(runner, "run_stage", first_stage)
+    monkeypatch.setattr(local_executor, "run_stage", first_stage)
     out = io.StringIO()
     with pytest.raises(StageError) as failed:  # one line per failed stage, chained to the error itself
         runner.run_recipe(loaded, tmp_path / "run", console=Console(file=out, width=400))

@@ -1,6 +1,6 @@
-"""The `mopd` command line: run a recipe, run the bundled demo, compare methods (over seeds), sweep settings,
-rebuild a report; validate, scaffold and score (the commands' work lives in `mopd.cli_tools` and, for compare
-and sweep, `mopd.experiments.sweep`; this module only registers them)."""
+"""mopd: SFT, one RL teacher per domain, then multi-teacher on-policy distillation (MOPD) into one student,
+from one YAML recipe. Try 'mopd demo'; 'mopd run RECIPE.yaml' runs yours; 'mopd COMMAND --help' says more."""
+# Commands are only registered here; their work lives in `mopd.cli_tools` and `mopd.experiments.sweep`.
 
 from __future__ import annotations
 

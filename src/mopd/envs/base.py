@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any, Protocol
 
 from ..core.errors import StageError
+from ..core.schema.defaults import HELD_OUT_SEED
 
 # The character-level tokenizer is built from exactly this alphabet (order fixes the token ids).
 ALPHABET: str = "0123456789abcdefghijklmnopqrstuvwxyz+*=:,- "
@@ -155,7 +156,7 @@ class Domain:
                 )
         return out
 
-    def eval_set(self, n: int, seed: int = 1234) -> list[Problem]:
+    def eval_set(self, n: int, seed: int = HELD_OUT_SEED) -> list[Problem]:
         """Fixed held-out set: deterministic in (domain name, n, seed), unique prompts, even over difficulties.
 
         Each difficulty gets `n // k` problems (the first `n % k` one more). A difficulty whose prompt space
@@ -197,7 +198,7 @@ class Domain:
             )
         return [p for d in diffs for p in picked[d]]
 
-    def held_out_prompts(self, n: int, seed: int = 1234) -> frozenset[str]:
+    def held_out_prompts(self, n: int, seed: int = HELD_OUT_SEED) -> frozenset[str]:
         """The prompts of `eval_set(n, seed)`: pass as `exclude` to `sample_train`."""
         return frozenset(p.prompt for p in self.eval_set(n, seed))
 
@@ -218,9 +219,9 @@ class DomainLike(Protocol):
         self, rng: random.Random, n: int, difficulty: int | None = None, exclude: frozenset[str] = frozenset()
     ) -> list[Problem]: ...
 
-    def eval_set(self, n: int, seed: int = 1234) -> list[Problem]: ...
+    def eval_set(self, n: int, seed: int = HELD_OUT_SEED) -> list[Problem]: ...
 
-    def held_out_prompts(self, n: int, seed: int = 1234) -> frozenset[str]: ...
+    def held_out_prompts(self, n: int, seed: int = HELD_OUT_SEED) -> frozenset[str]: ...
 
 
 # name -> Domain: the built-in domains and those plugins register. A recipe reads it once, when it is loaded

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..core.schema.defaults import HELD_OUT_SEED
 from ..data.prompts import PromptRecord, bundled_path, load_prompts
 from ..verifiers import code_reward, instruction_reward, math_reward
 from .base import Problem, exact_match
@@ -92,7 +93,7 @@ class DataDomain:
         eval_size: int | None = None,
         default_eval_size: int = 96,
         limit: int | None = None,
-        seed: int = 1234,
+        seed: int = HELD_OUT_SEED,
         code_timeout_s: float = 5.0,
         base_dir: Path | None = None,
         max_new_tokens: int | None = None,
@@ -224,12 +225,12 @@ class DataDomain:
             raise RuntimeError(f"domain {self.name!r}: every training prompt is excluded")
         return [rng.choice(pool) for _ in range(n)]
 
-    def eval_set(self, n: int, seed: int = 1234) -> list[Problem]:
+    def eval_set(self, n: int, seed: int = HELD_OUT_SEED) -> list[Problem]:
         """The fixed held-out records (the first `n` of them). `seed` is fixed when the domain is built."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         return self._data()[1][:n]
 
-    def held_out_prompts(self, n: int, seed: int = 1234) -> frozenset[str]:
+    def held_out_prompts(self, n: int, seed: int = HELD_OUT_SEED) -> frozenset[str]:
         """Every held-out prompt, whatever `n`: a superset of any `eval_set`, so excluding it is always safe."""
         return frozenset(p.prompt for p in self._data()[1])

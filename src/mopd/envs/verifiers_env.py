@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..core.schema.defaults import HELD_OUT_SEED
 from .base import _REGISTRY, DomainError, Problem
 from .data import held_out_split
 from .episode import EpisodeStats, Limits, Reply
@@ -98,7 +99,7 @@ class VerifiersDomain:
     taskset: Any
     tasks: list[Any] = field(default_factory=list, repr=False)  # the taskset's tasks, loaded once
     eval_size: int | None = None
-    seed: int = 1234
+    seed: int = HELD_OUT_SEED
     answer_field: str = "answer"
     description: str = ""
     difficulties: tuple[int, ...] = (1,)
@@ -147,10 +148,10 @@ class VerifiersDomain:
             raise DomainError(f"domain {self.name!r}: every training prompt is excluded")
         return [rng.choice(pool) for _ in range(n)]
 
-    def eval_set(self, n: int, seed: int = 1234) -> list[Problem]:
+    def eval_set(self, n: int, seed: int = HELD_OUT_SEED) -> list[Problem]:
         return self._parts[1][:n]
 
-    def held_out_prompts(self, n: int, seed: int = 1234) -> frozenset[str]:
+    def held_out_prompts(self, n: int, seed: int = HELD_OUT_SEED) -> frozenset[str]:
         return frozenset(p.prompt for p in self._parts[1])
 
     def verify(self, problem: Problem, completion: str) -> float:
@@ -350,7 +351,7 @@ class VerifiersEpisode:
         return 0.0
 
 
-def verifiers_domain(name: str, taskset: Any, *, eval_size: int | None = None, seed: int = 1234,
+def verifiers_domain(name: str, taskset: Any, *, eval_size: int | None = None, seed: int = HELD_OUT_SEED,
                      answer_field: str = "answer", limits: Limits | None = None,
                      demonstration: Callable[[Any], list[str]] | None = None,
                      description: str = "") -> VerifiersDomain:

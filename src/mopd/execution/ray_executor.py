@@ -17,7 +17,7 @@ import dataclasses
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,13 @@ from rich.console import Console
 
 from ..core.errors import StageError
 from ..recipe.load import LoadedRecipe
-from ..recipe.refs import stage_refs
 from ..runtime import start_local_ray
 from ..stages.driver import METRICS
 from .learner_group import group_runner, learner_workers
 from .progress import logged_step, progress_info, stage_progress
 from .run_lock import stage_lock
-from .stage_failures import StageFailures, first_line
+from .scheduler import Ended
+from .stage_failures import first_line
 from .stage_step import run_stage_step
 
 RAY_EXTRA = "pip install 'mopd[ray]'"
@@ -107,58 +107,63 @@ def check_resources(loaded: LoadedRecipe, cluster: dict[str, float]) -> None:
                                  f"has {have:g}: lower `resources` or add nodes")
 
 
-def run_on_ray(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info: dict[str, dict],
-               record: Callable[[str, dict], None], console: Console, *, threads: int | None = None) -> None:
-    """Submit every stage whose parents finished, as they finish; `record(name, entry)` each finished stage.
+class RayExecutor:
+    """Each submitted stage a Ray task with the CPUs / GPUs its `resources` declare (`threads` torch threads, by
+    default its `resources.cpus`); `wait_any` polls the running stages' metrics logs for their progress bars
+    while it waits."""
 
-    A failed stage stops its dependants; the others run on. At the end, one StageError line per failed stage."""
-    ray = import_ray()
-    recipe = loaded.recipe
-    # workers run in other directories: every path they read absolute
-    loaded = dataclasses.replace(loaded, path=loaded.path.resolve())
-    out = Path(out).resolve()
-    plugins_by_value(ray)
-    shared = ray.put(loaded)
-    task = ray.remote(_stage_task)
-    parents = {n: [r for _, r in stage_refs(recipe.stages[n]) if r in recipe.stages] for n in loaded.order}
-    waiting, running = list(loaded.order), {}
-    done: set[str] = set()
-    failures = StageFailures()
-    with stage_progress(console) as progress:
-        bars: dict[str, int] = {}  # stage -> its progress bar (or plain lines), one per started stage
-        say = progress.console.print
-        while waiting or running:
-            for name in list(waiting):
-                if failures.blocked(name, parents[name]):
-                    waiting.remove(name)
-                elif all(p in done for p in parents[name]):
-                    res = recipe.stages[name].resources
-                    ref = task.options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=WORKER_RETRIES,
-                                       name=f"mopd:{name}").remote(
-                        shared, name, out, ids, stages_info.get(name, {}), threads or max(1, int(res.cpus)))
-                    running[ref] = name
-                    waiting.remove(name)
-                    say(f"{name}: started on Ray ({res.cpus:g} CPU, {res.gpus:g} GPU)", highlight=False)
-                    bars[name] = progress.add_task(name, total=getattr(recipe.stages[name], "steps", 1), info="")
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_POLL_SECONDS)
-            for name in running.values():
-                if (logged := logged_step(out / name / METRICS)) is not None:
-                    progress.update(bars[name], completed=logged[0], info=progress_info(logged[1]))
+    def __init__(self, loaded: LoadedRecipe, out: Path, ids: dict[str, str], console: Console,
+                 threads: int | None = None) -> None:
+        self.ray = import_ray()
+        # workers run in other directories: every path they read absolute
+        self.loaded = dataclasses.replace(loaded, path=loaded.path.resolve())
+        self.out, self.ids, self.console, self.threads = Path(out).resolve(), ids, console, threads
+        self.running: dict[Any, str] = {}  # task ref -> stage
+        self.bars: dict[str, Any] = {}  # stage -> its progress bar (or plain lines), one per started stage
+
+    def __enter__(self) -> RayExecutor:
+        plugins_by_value(self.ray)
+        self.shared = self.ray.put(self.loaded)
+        self.task = self.ray.remote(_stage_task)
+        self.progress = stage_progress(self.console).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def _steps(self, name: str) -> int:
+        return getattr(self.loaded.recipe.stages[name], "steps", 1)
+
+    def submit(self, name: str, prior: dict) -> None:
+        res = self.loaded.recipe.stages[name].resources
+        ref = self.task.options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=WORKER_RETRIES,
+                                name=f"mopd:{name}").remote(
+            self.shared, name, self.out, self.ids, prior, self.threads or max(1, int(res.cpus)))
+        self.running[ref] = name
+        self.progress.console.print(f"{name}: started on Ray ({res.cpus:g} CPU, {res.gpus:g} GPU)", highlight=False)
+        self.bars[name] = self.progress.add_task(name, total=self._steps(name), info="")
+
+    def wait_any(self) -> list[Ended]:
+        ended: list[Ended] = []
+        while not ended:
+            ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=PROGRESS_POLL_SECONDS)
+            for name in self.running.values():
+                if (logged := logged_step(self.out / name / METRICS)) is not None:
+                    self.progress.update(self.bars[name], completed=logged[0], info=progress_info(logged[1]))
             for ref in ready:
-                name = running.pop(ref)
+                name = self.running.pop(ref)
                 try:
-                    info = ray.get(ref)
+                    info = self.ray.get(ref)
                 except Exception as e:
-                    why = failures.fail(name, e)
-                    say(f"[bold red]{name}: failed:[/] {why}", highlight=False, soft_wrap=True)
+                    ended.append(Ended(name, error=e))
                     continue
-                done.add(name)
-                record(name, info)
-                progress.update(bars[name], completed=getattr(recipe.stages[name], "steps", 1),
-                                info=f"{info['status']} ({info.get('wall_seconds', 0):.1f}s)")
-    failures.raise_if_any()
+                self.progress.update(self.bars[name], completed=self._steps(name),
+                                     info=f"{info['status']} ({info.get('wall_seconds', 0):.1f}s)")
+                ended.append(Ended(name, entry=info))
+        return ended
+
+    def failed(self, name: str, why: str) -> None:
+        self.progress.console.print(f"[bold red]{name}: failed:[/] {why}", highlight=False, soft_wrap=True)
 
 
 def plugins_by_value(ray: Any) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -21,16 +22,15 @@ from ..core.schema import MOPDStage
 from ..models.checkpoint import write_json_atomic
 from ..recipe.identity import stage_identities
 from ..recipe.load import LoadedRecipe
-from ..recipe.refs import stage_refs
 from ..recipe.resources import precision_warnings
 from ..stages.driver import METRICS
 from ..stages.resumable import supersede
-from ..stages.run import run_stage
-from .progress import progress_info as _progress_info
-from .progress import stage_progress
+from .learner_group import check_local
+from .local_executor import LocalExecutor, warn_line
+from .ray_executor import RayExecutor, ray_cluster
 from .run_lock import RunLockedError, run_lock
-from .stage_failures import StageFailures
-from .stage_step import run_stage_step, storage_errors
+from .scheduler import Executor, schedule
+from .stage_step import storage_errors
 from .tracking_run import Trackers, run_trackers
 
 __all__ = ["RunLockedError", "report_block", "run_recipe"]
@@ -56,14 +56,7 @@ def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None, 
     lock throughout (`run_lock`): a second run into it fails at once, in one line."""
     executor = executor or loaded.recipe.executor
     with ExitStack() as stack:
-        if executor == "ray":  # the extra, the address and the stages' resources: one line before compute
-            from .ray_executor import ray_cluster
-
-            stack.enter_context(ray_cluster(loaded, address))
-        else:  # a data-parallel learner's ranks are Ray tasks
-            from .learner_group import check_local
-
-            check_local(loaded)
+        stack.enter_context(EXECUTORS[executor].setup(loaded, address))  # one line before compute
         stack.enter_context(run_lock(Path(out)))
         stack.enter_context(storage_errors("run", Path(out)))
         trackers = stack.enter_context(run_trackers(loaded, Path(out)))
@@ -90,7 +83,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     def write_run_json() -> None:
         write_json_atomic(run_path, {
             "recipe": recipe.name,
-            "recipe_path": str(loaded.path.resolve()),
+            "recipe_path": str(loaded.path),  # as given: the report names it so, not by this machine's absolute path
             "seed": recipe.seed,
             "version": __version__,
             "executor": executor,
@@ -105,19 +98,14 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         shutil.copyfile(loaded.path, out / "recipe.yaml")
 
     for msg in precision_warnings(recipe):  # before any stage spends compute
-        _warn(console, msg)
+        warn_line(console, msg)
 
     def record(name: str, info: dict) -> None:
         stages_info[name] = info
         write_run_json()
         trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
 
-    if executor == "ray":
-        from .ray_executor import run_on_ray
-
-        run_on_ray(loaded, out, ids, stages_info, record, console, threads=threads)
-    else:
-        _run_local(loaded, out, ids, stages_info, record, console, trackers)
+    schedule(loaded, EXECUTORS[executor].make(loaded, out, ids, console, trackers, threads), stages_info, record)
     console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}")
     if report_block(loaded) is None:
         console.print("no mopd stage in this recipe: report skipped")
@@ -128,39 +116,27 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         return build_report(out)
 
 
-def _run_local(loaded: LoadedRecipe, out: Path, ids: dict[str, str], stages_info: dict[str, dict],
-               record: Callable[[str, dict], None], console: Console, trackers: Trackers) -> None:
-    """The local executor: each stage in order, in this process, with a progress bar (or line) per stage."""
-    failures = StageFailures()
-    with stage_progress(console) as progress:
-        for name in loaded.order:
-            if failures.blocked(name, [r for _, r in stage_refs(loaded.recipe.stages[name])]):
-                continue
-            total = getattr(loaded.recipe.stages[name], "steps", 1)
-            task = progress.add_task(name, total=total, info="")
-            try:
-                info = run_stage_step(
-                    loaded, name, out, ids, stages_info.get(name, {}),
-                    warn=lambda msg: _warn(progress.console, msg),
-                    on_progress=lambda step, tot, m, task=task: progress.update(
-                        task, completed=step, info=_progress_info(m)),
-                    on_record=trackers.recorder(name),
-                    run=run_stage,  # looked up here, so a test can stand in for it
-                )
-            except Exception as e:  # as on Ray: its dependants are stopped, the rest runs on
-                why = failures.fail(name, e)
-                progress.update(task, info=f"[bold red]failed:[/] {why}")
-                continue
-            if info["status"] == "cached":
-                progress.update(task, completed=total, info="[dim]finished earlier (same identity): skipped")
-            else:
-                progress.update(task, completed=total)
-            record(name, info)
-    failures.raise_if_any()
+@dataclass(frozen=True)
+class ExecutorKind:
+    """One value of `executor:`: what it checks (and starts) before any compute, and how it is made."""
+
+    setup: Callable[[LoadedRecipe, str | None], AbstractContextManager]  # (recipe, --address)
+    make: Callable[[LoadedRecipe, Path, dict[str, str], Console, Trackers, int | None], Executor]
 
 
-def _warn(console: Console, msg: str) -> None:
-    console.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+@contextmanager
+def _local_setup(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
+    check_local(loaded)  # a data-parallel learner's ranks are Ray tasks
+    yield
+
+
+EXECUTORS: dict[str, ExecutorKind] = {
+    "local": ExecutorKind(_local_setup, lambda loaded, out, ids, console, trackers, threads: LocalExecutor(
+        loaded, out, ids, console, trackers.recorder)),
+    # the extra, the address and the stages' resources
+    "ray": ExecutorKind(ray_cluster, lambda loaded, out, ids, console, trackers, threads: RayExecutor(
+        loaded, out, ids, console, threads=threads)),
+}
 
 
 def _previous_run(run_path: Path, out: Path) -> dict:

@@ -9,12 +9,11 @@ Estimators:
 - OPD  (on-policy distillation, per-token)       Agarwal et al. 2024 (GKD) / Thinking Machines "On-Policy
                                                  Distillation" (2025): advantage = -(log pi_S - log pi_T)
 - MOPD (multi-teacher OPD)                       OPD where a per-row domain key routes to one teacher
+                                                 (`core.routing`): OPD advantages, `mopd_metrics`
 - combined                                       A = A_OPD + alpha * A_GRPO
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 
@@ -127,60 +126,14 @@ def opd_advantages(
     return advantages_B_T, {"opd/reverse_kl": float(masked_mean(log_ratio_B_T, mask_B_T))}
 
 
-def route_teachers(domains: list[str], teacher_of_domain: Mapping[str, str]) -> list[str]:
-    """Per-row teacher name: the teacher that row's domain routes to (multi-teacher = one lookup).
-
-    Args:
-        domains: domain name per row (`RolloutBatch.domains`).
-        teacher_of_domain: domain -> teacher name.
-
-    Returns:
-        teacher_names_B: list of teacher names, one per row.
-
-    Raises:
-        ValueError: naming the first domain that has no teacher.
-    """
-    missing = sorted({d for d in domains if d not in teacher_of_domain})
-    if missing:
-        raise ValueError(
-            f"no teacher routed for domain(s) {missing}; routed domains: {sorted(teacher_of_domain)}"
-        )
-    return [teacher_of_domain[d] for d in domains]
-
-
-def mopd_advantages(
-    routed_teacher_logprobs_B_T: torch.Tensor,
-    student_logprobs_B_T: torch.Tensor,
-    completion_mask_B_T: torch.Tensor,
-    teacher_names_B: list[str],
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Multi-teacher OPD: plain OPD where row b's teacher logprobs came from teacher `teacher_names_B[b]`.
-
-        A_{b,t} = sg[ log pi_{T(b)}(y_{b,t}) - log pi_S(y_{b,t}) ] * mask_{b,t},   T(b) = route(domain_b)
-
-    (the multi-teacher OPD stage of recent reports, e.g. Xiaomi MiMo-V2-Flash: routing, not a new algorithm.)
-
-    Args:
-        routed_teacher_logprobs_B_T: row b holds logprobs from its routed teacher (rows assembled by the
-            caller after scoring each teacher's sub-batch).
-        student_logprobs_B_T: log pi_S of each sampled token (normally the sampler's).
-        completion_mask_B_T: 1 on completion tokens.
-        teacher_names_B: per-row teacher names, e.g. from `route_teachers`.
-
-    Returns:
-        advantages_B_T: float32, zero outside the mask.
-        metrics: "mopd/reverse_kl" (all rows), and per teacher t: "mopd/reverse_kl/<t>" (masked token mean
-            over t's rows) and "mopd/routing_share/<t>" (fraction of rows routed to t).
-    """
-    advantages_B_T, _ = opd_advantages(routed_teacher_logprobs_B_T, student_logprobs_B_T, completion_mask_B_T)
-    return advantages_B_T, mopd_metrics(advantages_B_T, completion_mask_B_T, teacher_names_B)
-
-
 def mopd_metrics(
     opd_advantages_B_T: torch.Tensor, completion_mask_B_T: torch.Tensor, teacher_names_B: list[str]
 ) -> dict[str, float]:
-    """The metrics of `mopd_advantages` from its advantages: the learner computes the advantages per
-    micro-batch and these once over the whole batch.
+    """Multi-teacher OPD's metrics, from plain OPD advantages (`opd_advantages`) of rows whose teacher logprobs
+    came from their routed teachers `teacher_names_B` (`core.routing.route_teachers`). Multi-teacher OPD is
+    routing, not a new advantage (e.g. the multi-teacher stage of Xiaomi MiMo-V2-Flash), so only its metrics are
+    its own; they are separate from the advantages because the learner computes those per micro-batch and these
+    once over the whole batch.
 
     Returns:
         "mopd/reverse_kl" (all rows), and per teacher t: "mopd/reverse_kl/<t>" (masked token mean of the
@@ -206,7 +159,7 @@ def combine_advantages(opd_B_T: torch.Tensor, grpo_B_T: torch.Tensor, alpha: flo
     plain completion mask to the loss (not GRPO's `keep_B`): zero-variance groups keep their OPD term.
 
     Args:
-        opd_B_T: advantages from `opd_advantages` / `mopd_advantages`.
+        opd_B_T: advantages from `opd_advantages`.
         grpo_B_T: advantages from `grpo_advantages`.
         alpha: weight of the GRPO term.
 

@@ -22,7 +22,8 @@ around a mean of 150), so this skips most of the padding's vocabulary projection
 Positions: `hidden_B_K_H` holds the last K positions of the rows; position j predicts the token at column
 T - K + j + 1, so positions 0 .. K - 2 predict tokens ("predicting positions") and position K - 1 predicts past
 the row. Blocks partition the predicting positions; the last block also carries position K - 1 (so that one
-block is exactly the K-position projection the unchunked code did), whose logits are dropped.
+block is exactly the K-position projection the unchunked code did), whose logits are dropped. That geometry is
+`core.position_blocks`, shared with the teachers' scores, whose blocks must line up with the student's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..core.logprobs import (
     aligned_token_logprobs,
     fused_logprobs_and_entropy,
 )
+from ..core.position_blocks import block_bounds, block_rows, row_slice, scatter_rows
 from ..models.forward import LogitHead
 
 Scores = dict[str, torch.Tensor]
@@ -45,40 +47,6 @@ Scores = dict[str, torch.Tensor]
 # block's end over the K positions), their target ids [b, n], the batch rows of those b rows (None: every row))
 # -> more per-token tensors [b, n]
 BlockTerms = Callable[[torch.Tensor, int, int, torch.Tensor, torch.Tensor | None], Scores]
-
-
-def block_rows(live_B_W: torch.Tensor | None, start: int, n: int, several: bool) -> torch.Tensor | None:
-    """The rows with a completion token among predicting positions [start, start + n), or None for every row:
-    when there is one block (the unchunked computation, op for op) or when every row has one."""
-    if live_B_W is None or not several:
-        return None
-    rows = live_B_W[:, start : start + n].any(1).nonzero().flatten()
-    return None if rows.numel() == live_B_W.shape[0] else rows
-
-
-def row_slice(x_B_W: torch.Tensor, rows: torch.Tensor | None, cols: slice) -> torch.Tensor:
-    """`x_B_W[rows, cols]`, or every row's `x_B_W[:, cols]` (a view, no copy) when `rows` is None."""
-    return x_B_W[:, cols] if rows is None else x_B_W[rows, cols]
-
-
-def scatter_rows(x_b_N: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor:
-    """Per-token values of `rows` -> [size, N] in batch order, zeros elsewhere (differentiable wrt `x_b_N`)."""
-    if rows is None:
-        return x_b_N
-    return x_b_N.new_zeros((size, *x_b_N.shape[1:])).index_copy(0, rows, x_b_N)
-
-
-def block_bounds(positions: int, chunk: int | None) -> list[tuple[int, int]]:
-    """Blocks [start, stop) over `positions` positions of which the last predicts nothing: at most `chunk`
-    predicting positions each, the last block extended to `positions`. One block when `chunk` is None or at
-    least positions - 1."""
-    predicting = positions - 1
-    if chunk is None or chunk >= predicting:
-        return [(0, positions)]
-    if chunk <= 0:
-        raise ValueError(f"logit_chunk must be positive, got {chunk}")
-    starts = list(range(0, predicting, chunk))
-    return [(s, e) for s, e in zip(starts, [*starts[1:], positions], strict=True)]
 
 
 def over_blocks(block: Callable[[int, int], Scores], bounds: list[tuple[int, int]]) -> Scores:

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from ..core.position_blocks import block_bounds, block_rows, row_slice
 from ..core.scoring import LogitBlocks
 from ..models.forward import LogitHead
-from .chunked import Scores, block_bounds, block_rows, row_slice
+from .chunked import Scores
 from .fused_kl import kl_parts
 
 

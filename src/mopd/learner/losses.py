@@ -15,13 +15,10 @@ Departures from textbook PPO:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from ..core.logprobs import masked_mean
-
-ISMode = Literal["truncate", "clip", "none"]
+from ..core.schema.defaults import ADV_CLIP, EPS_HIGH, EPS_LOW, IS_MODE, ISMode
 
 # exp() of a log-ratio beyond this is inf in float32 territory; such tokens are dropped/clipped anyway.
 _MAX_LOG_RATIO = 20.0
@@ -32,10 +29,10 @@ def policy_gradient_loss(
     sampler_logprobs_B_T: torch.Tensor,
     advantages_B_T: torch.Tensor,
     mask_B_T: torch.Tensor,
-    is_mode: ISMode = "truncate",
-    eps_low: float = 0.5,
-    eps_high: float = 2.0,
-    adv_clip: float | None = 5.0,
+    is_mode: ISMode = IS_MODE,
+    eps_low: float = EPS_LOW,
+    eps_high: float = EPS_HIGH,
+    adv_clip: float | None = ADV_CLIP,
     loss_normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level policy-gradient loss with an importance correction for sampler/learner mismatch.

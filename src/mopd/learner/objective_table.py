@@ -5,7 +5,8 @@ loss, and the kept per-token tensors into whole-batch metrics:
 
     grpo             A = A_GRPO                       (rlvr, mix_rl, cascade_rl: no teachers)
     sampled          A = A_MOPD (+ alpha * A_GRPO)    per-token reverse-KL advantage of the sampled token
-                                                      (`advantages.mopd_advantages`), optional surprise weights
+                                                      (`advantages.opd_advantages` of the routed
+                                                      teacher's scores), optional surprise weights
     topk             top-k reverse KL over the teacher's support (+ alpha * GRPO through the PG loss)
     full_reverse_kl  KL(pi_S || pi_T) over the full vocabulary (+ alpha * GRPO)
     forward_kl       KL(pi_T || pi_S) (+ alpha * GRPO)
@@ -27,10 +28,11 @@ import torch
 
 from ..core.batch import RolloutBatch
 from ..core.logprobs import aligned_token_logprobs, masked_mean, upcast
+from ..core.position_blocks import row_slice
 from ..core.schema import DistillationSettings, SamplingSettings
 from ..core.scoring import TeacherScorer
 from .advantages import combine_advantages, mopd_metrics, opd_advantages
-from .chunked import BlockTerms, Scores, pad_front, row_slice
+from .chunked import BlockTerms, Scores, pad_front
 from .diagnostics import teacher_diagnostics
 from .fused_kl import forward_kl_and_teacher_lse, reverse_kl_and_teacher_lse
 from .losses import policy_gradient_loss, surprise_weights

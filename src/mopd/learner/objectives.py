@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..core.divergence import categorical_kl, log_softmax_pair
 from ..core.logprobs import masked_mean, upcast
 
 
@@ -45,8 +46,8 @@ def full_reverse_kl_loss(
 
 def reverse_kl_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor) -> torch.Tensor:
     """KL(p || q) at each position, [B, T] (the per-token terms of `full_reverse_kl_loss`)."""
-    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
-    return _kl(logp_B_T_V, logq_B_T_V)
+    logp_B_T_V, logq_B_T_V = log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
+    return categorical_kl(logp_B_T_V, logq_B_T_V)
 
 
 def forward_kl_loss(
@@ -69,8 +70,8 @@ def forward_kl_loss(
 
 def forward_kl_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor) -> torch.Tensor:
     """KL(q || p) at each position, [B, T] (the per-token terms of `forward_kl_loss`)."""
-    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
-    return _kl(logq_B_T_V, logp_B_T_V)
+    logp_B_T_V, logq_B_T_V = log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
+    return categorical_kl(logq_B_T_V, logp_B_T_V)
 
 
 def generalized_jsd_loss(
@@ -106,9 +107,9 @@ def jsd_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.T
             f"beta must be in (0, 1), got {beta}; use forward_kl_loss (beta -> 0) or full_reverse_kl_loss "
             "(beta -> 1)"
         )
-    logp_B_T_V, logq_B_T_V = _log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
+    logp_B_T_V, logq_B_T_V = log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
     logm_B_T_V = torch.logaddexp(logq_B_T_V + math.log(beta), logp_B_T_V + math.log1p(-beta))
-    return beta * _kl(logq_B_T_V, logm_B_T_V) + (1.0 - beta) * _kl(logp_B_T_V, logm_B_T_V)
+    return beta * categorical_kl(logq_B_T_V, logm_B_T_V) + (1.0 - beta) * categorical_kl(logp_B_T_V, logm_B_T_V)
 
 
 def teacher_topk(teacher_logits_B_T_V: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +216,7 @@ def topk_reverse_kl_tokens(
     logq_rest_B_T = _log1mexp(logq_in_B_T)
 
     # KL between the (K + 1)-outcome coarse-grained distributions [p_s1 .. p_sK, p_rest] and [q_s1 .. q_rest]
-    kl_B_T = _kl(
+    kl_B_T = categorical_kl(
         torch.cat([logp_B_T_K, logp_rest_B_T[..., None]], dim=-1),
         torch.cat([logq_B_T_K, logq_rest_B_T[..., None]], dim=-1),
     )
@@ -233,26 +234,6 @@ def _check_pair(
             f"student {tuple(student_logits_B_T_V.shape)} and teacher {tuple(teacher_logits_B_T_V.shape)} "
             f"logits must be [B, T, V] with [B, T] = mask {tuple(mask_B_T.shape)}"
         )
-
-
-def _log_softmax_pair(
-    student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logp_B_T_V = torch.log_softmax(upcast(student_logits_B_T_V), dim=-1)
-    logq_B_T_V = torch.log_softmax(upcast(teacher_logits_B_T_V.detach()), dim=-1)
-    return logp_B_T_V, logq_B_T_V
-
-
-def _kl(loga_B_T_V: torch.Tensor, logb_B_T_V: torch.Tensor) -> torch.Tensor:
-    """KL(a || b) = sum over the last dim of a_v (log a_v - log b_v), with 0 log 0 := 0 (e.g. -inf logits)."""
-    a_B_T_V = loga_B_T_V.exp()
-    diff_B_T_V = loga_B_T_V - logb_B_T_V
-    # With -inf log-probabilities (masked vocabulary), select the difference first so a (-inf) - (-inf) = nan
-    # never meets the multiply, even in backward. Without any, the select changes no value or gradient (where
-    # a = 0 the term and its gradients are 0 either way) and at a real vocabulary it costs passes over [B, T, V].
-    if diff_B_T_V.numel() and not bool(torch.isfinite(diff_B_T_V.detach()).all()):
-        diff_B_T_V = torch.where(a_B_T_V > 0, diff_B_T_V, 0.0)
-    return (a_B_T_V * diff_B_T_V).sum(-1)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

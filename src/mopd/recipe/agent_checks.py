@@ -12,7 +12,15 @@ compute.
 from __future__ import annotations
 
 from ..core.errors import RecipeError
-from ..core.schema import DatasetPairs, DPOStage, Recipe, RejectionSamplingStage, RewardModelStage, source_of
+from ..core.schema import (
+    DatasetPairs,
+    DPOStage,
+    Recipe,
+    RejectionSamplingStage,
+    RewardModelStage,
+    reward_of,
+    source_of,
+)
 from ..envs.tool_domains import is_agentic
 from .refs import stage_domains
 
@@ -29,7 +37,7 @@ def check_agents(recipe: Recipe, domains: dict, where) -> None:
         if sampled_pairs or isinstance(stage, RejectionSamplingStage):
             raise RecipeError(f"{at('domains')}: {tools[0]!r} is a tool-use domain, and a {stage.kind} stage samples "
                               "single-turn answers; list its single-turn domains in the stage's `domains`")
-        reward = getattr(stage, "reward", "verifier")
+        reward = reward_of(stage)
         if judged := [d for d in tools if source_of(reward, d) != "verifier"]:
             raise RecipeError(f"{at('reward')}: {judged[0]!r} is a tool-use domain, rewarded by its episodes; a "
                               "reward model or judge scores single-turn domains only")

@@ -1,5 +1,7 @@
 """A recipe as a graph: which names each stage refers to, what an external reference resolves to, and the
-order stages run in. Pure functions of the schema, shared by loading, identities, resolution and comparison."""
+order stages run in. Pure functions of the schema, shared by loading, identities, resolution and comparison;
+and the loader's check that every reference can be followed (`check_stage_refs`, which looks at the disk and
+the Hub), so the graph the other functions walk has no dangling edge."""
 
 from __future__ import annotations
 
@@ -17,12 +19,17 @@ from ..core.schema import (
     OffPolicyFTStage,
     PPOStage,
     PretrainStage,
+    Recipe,
     RejectionSamplingStage,
     RewardModelReward,
     RewardModelStage,
+    reward_of,
     reward_parts,
 )
+from ..core.schema.teachers import served_over_http
 from ..models.gguf import GGUFError, cached_conversion, is_gguf_ref
+from ..models.integrity import sealed_dir_problem
+from .hub import hub_unavailable_reason
 
 
 def stage_refs(stage) -> list[tuple[tuple, str]]:
@@ -48,7 +55,7 @@ def stage_refs(stage) -> list[tuple[tuple, str]]:
         refs += [(("pairs_from", "strong"), stage.pairs_from.strong), (("pairs_from", "weak"), stage.pairs_from.weak)]
     if isinstance(stage, PPOStage):
         refs += [((key,), getattr(stage, key)) for key in ("reference", "critic") if getattr(stage, key)]
-    for key, _, source in reward_parts(getattr(stage, "reward", "verifier")):
+    for key, _, source in reward_parts(reward_of(stage)):
         if isinstance(source, RewardModelReward):
             refs.append((("reward", *key, "reward_model"), source.reward_model))
         if isinstance(source, JudgeReward):
@@ -83,6 +90,32 @@ def external_or_fail(ref: str, base: Path, at: str) -> str | None:
         return resolve_external(ref, base)
     except GGUFError as e:
         raise RecipeError(f"{at}: {e}") from None
+
+
+def check_stage_refs(recipe: Recipe, name: str, stage: Any, base: Path, at, *, check_hub: bool) -> list[str]:
+    """Each reference of stage `name` is another stage of the recipe that writes a model, or a model this
+    machine can load (a directory holding one, intact if sealed; a Hub id it has or can fetch, asked only with
+    `check_hub`); returns the stages it depends on. `base`: the recipe's directory; `at(*key)` locates a key of
+    the stage."""
+    deps: list[str] = []
+    for key, ref in stage_refs(stage):
+        if ref in recipe.stages:
+            if ref == name:
+                raise RecipeError(f"{at(*key)}: stage {name!r} refers to itself")
+            if isinstance(recipe.stages[ref], EvalStage):
+                raise RecipeError(f"{at(*key)}: {ref!r} is an eval stage: it writes scores, not a model")
+            deps.append(ref)
+        elif (external := external_or_fail(ref, base, at(*key))) is None:
+            hint = "" if looks_like_path(ref) else f"; stages are: {', '.join(recipe.stages)}"
+            raise RecipeError(f"{at(*key)}: {ref!r} is neither a stage of this recipe nor a model directory{hint}")
+        elif Path(external).is_dir() and not (Path(external) / "config.json").is_file():
+            raise RecipeError(f"{at(*key)}: {ref!r} is a directory without a Hugging Face model (no config.json)")
+        elif Path(external).is_dir() and (problem := sealed_dir_problem(Path(external))):
+            raise RecipeError(f"{at(*key)}: {ref!r}: {problem}")
+        elif (check_hub and not Path(external).is_dir() and not served_over_http(stage, key)
+              and (why := hub_unavailable_reason(external))):
+            raise RecipeError(f"{at(*key)}: Hub model {ref!r}: {why}; download it first or name a local directory")
+    return deps
 
 
 def topo_order(stages: dict[str, Any], deps: dict[str, list[str]], where) -> list[str]:

@@ -28,6 +28,7 @@ from ..core.schema import (
     RewardModelReward,
     RewardModelStage,
     SamplingSettings,
+    reward_of,
     reward_parts,
     source_of,
 )
@@ -63,7 +64,7 @@ def check_rewards(recipe: Recipe, base: Path, domains: dict, order: list[str], w
     roots = stage_roots(recipe.stages, order, base)
     for name, stage in recipe.stages.items():
         at = lambda *key, name=name: where("stages", name, *key)  # noqa: E731
-        reward = getattr(stage, "reward", "verifier")
+        reward = reward_of(stage)
         rewarded = rewarded_domains(stage, recipe)
         for d in rewarded:
             if source_of(reward, d) == "verifier" and not getattr(domains[d], "rule_reward", True):

@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import RecipeError
-from ..core.schema import DPOStage, MergeStage, MOPDStage, PPOStage, RewardModelReward, reward_parts
+from ..core.schema import (
+    DPOStage,
+    MergeStage,
+    MOPDStage,
+    PPOStage,
+    RewardModelReward,
+    reward_of,
+    reward_parts,
+)
 from ..models.tokenizer import tokenizer_fingerprint
 from .refs import resolve_external, stage_roots
 from .tokenizer import recipe_tokenizer
@@ -59,7 +67,7 @@ def _policy_side(stage) -> list[tuple[tuple, str]]:
     refs = [((k,), getattr(stage, k)) for k in ("reference", "critic") if isinstance(stage, PPOStage) and getattr(stage, k)]
     if isinstance(stage, DPOStage) and stage.reference is not None:
         refs.append((("reference",), stage.reference))
-    for key, _, source in reward_parts(getattr(stage, "reward", "verifier")):
+    for key, _, source in reward_parts(reward_of(stage)):
         if isinstance(source, RewardModelReward):
             refs.append((("reward", *key, "reward_model"), source.reward_model))
     return refs

@@ -16,7 +16,7 @@ import html
 import json
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from mopd.report.plots import FIGURE_NAMES, render_figures
@@ -54,7 +54,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
 
-    header = _header(data.run, data.recipe, data.wall)
+    header = _header(data.run, data.recipe, data.wall, (run_dir / "recipe.yaml").is_file())
     if incomplete := incomplete_message(data.summary):
         header += f" **Incomplete:** {incomplete}; their scores are missing below."
     title = f"MOPD report: {data.recipe} ({fmt_duration(data.wall)} wall)"
@@ -81,10 +81,19 @@ PREFLIGHT_HOW = (
 )
 
 
-def _header(run, recipe, wall) -> str:
-    bits = [f"recipe `{recipe}`"]
-    if run.get("recipe_path"):
-        bits.append(f"from `{run['recipe_path']}`")
+def _header(run: dict[str, Any], recipe: str, wall: float, has_copy: bool) -> str:
+    """The run in one line. The recipe is named as it was given: by its `name`, the relative path it was run
+    from, and its copy in the run directory. An absolute path is left out: it names a file on the machine the
+    run happened on, which a reader of a shared or moved report has not got (the copy beside the report has
+    the same contents)."""
+    named = f"recipe `{recipe}`"
+    given = run.get("recipe_path")
+    absolute = isinstance(given, str) and any(p(given).is_absolute() for p in (PurePosixPath, PureWindowsPath))
+    if isinstance(given, str) and given and not absolute:
+        named += f" from `{given}`"
+    if has_copy:
+        named += " (a copy is `recipe.yaml` beside this report)"
+    bits = [named]
     if run.get("seed") is not None:
         bits.append(f"seed {run['seed']}")
     return ", ".join(bits) + f"; wall time {fmt_duration(wall)} ({wall:.1f} s)."

@@ -23,9 +23,9 @@ import torch
 
 from ..core.batch import RolloutBatch
 from ..core.logprobs import aligned_token_logprobs
+from ..core.position_blocks import block_bounds, block_rows, row_slice, scatter_rows
+from ..core.routing import route_teachers
 from ..core.scoring import LogitBlocks
-from ..learner.advantages import route_teachers
-from ..learner.chunked import block_bounds, block_rows, row_slice, scatter_rows
 from ..models.forward import LogitHead, final_hidden, shared_prompt_hidden
 from .offload import placed_on
 

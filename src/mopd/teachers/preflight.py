@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from ..core.batch import RolloutBatch, tail_aligned
+from ..core.divergence import categorical_kl, log_softmax_pair
 from ..core.errors import StageError
-from ..core.logprobs import token_logprobs
+from ..core.logprobs import masked_mean, token_logprobs
 from ..envs import DomainLike, Problem
 from ..envs.tool_domains import is_agentic
-from ..learner.objectives import full_reverse_kl_loss
 from ..models.forward import sequence_logits
 from ..models.prompting import RAW, PromptFormat
 from ..sampling.multi_turn import EpisodeRow, episode_rows, sample_episodes
@@ -149,7 +149,9 @@ def initial_reverse_kl(
         mask_B_T = batch.completion_mask_B_T[r : r + rows, 1:]
         n = int(mask_B_T.sum())
         if n:
-            kl, _ = full_reverse_kl_loss(student_B_T_V[:, :-1], teacher_B_T_V[:, :-1], mask_B_T)
+            # the learner's full reverse KL loss (`learner.objectives.full_reverse_kl_loss`), term for term
+            logp, logq = log_softmax_pair(student_B_T_V[:, :-1], teacher_B_T_V[:, :-1])
+            kl = masked_mean(categorical_kl(logp, logq), mask_B_T)
             total, tokens = total + float(kl) * n, tokens + n
     return (total / tokens if tokens else 0.0), tokens
 

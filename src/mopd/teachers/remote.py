@@ -20,8 +20,8 @@ from typing import Protocol
 import torch
 
 from ..core.batch import RolloutBatch
+from ..core.routing import route_teachers
 from ..core.scoring import LogitBlocks
-from ..learner.advantages import route_teachers
 from .panel import TeacherPanel
 
 Pending = Callable[[], object]  # waits for a started call and returns its result

@@ -1,6 +1,8 @@
-"""The recipe format: every setting, its type and its default (`stages.py`, `preference.py`, `kinds.py`, `recipe.py`)."""
+"""The recipe format: every setting, its type and its default (`stages.py`, `mopd.py`, `ppo.py`, `preference.py`,
+`prompted.py`, `kinds.py`, `recipe.py`; defaults code below the recipe shares: `defaults.py`)."""
 
 from .kinds import KINDS, SamplingStage, Stage, TrainedStage
+from .mopd import DistillationObjective, DistillationSettings, MOPDStage, PreflightSettings, TeacherPhase
 from .ppo import PPOStage
 from .preference import DatasetPairs, DeltaPairs, DPOStage, RejectionSamplingStage, RewardModelStage
 from .prompted import ModelStage, PromptedStage, PromptExample
@@ -20,11 +22,13 @@ from .recipe import (
     WandbSettings,
 )
 from .rewards import (
+    DEFAULT_REWARD,
     JudgeReward,
     OneRewardSource,
     PerDomainReward,
     RewardModelReward,
     RewardSource,
+    reward_of,
     reward_parts,
     source_of,
 )
@@ -32,24 +36,19 @@ from .stages import (
     NAME_PATTERN,
     CascadeRLStage,
     DeviceName,
-    DistillationObjective,
-    DistillationSettings,
     DType,
     EvalStage,
     LoraSettings,
     MasterWeights,
     MergeStage,
     MixRLStage,
-    MOPDStage,
     OffPolicyFTStage,
-    PreflightSettings,
     PretrainStage,
     RLVRStage,
     SamplingSettings,
     SFTStage,
     StageResources,
     Strict,
-    TeacherPhase,
     TinyModelConfig,
     TrainStage,
 )
@@ -66,7 +65,7 @@ __all__ = [
     "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
     "TrackioSettings", "TrainStage", "TrainedStage", "VerifiersDomainSpec", "WandbSettings",
     "DatasetPairs", "JudgeReward", "OneRewardSource", "PerDomainReward", "PPOStage", "RewardModelReward",
-    "RewardModelStage", "RewardSource", "reward_parts", "source_of",
+    "RewardModelStage", "RewardSource", "DEFAULT_REWARD", "reward_of", "reward_parts", "source_of",
     "ActorBackend", "HttpBackend", "TeacherBackend", "TeacherResources",
     "LearnerWorkers", "RolloutWorkers",
 ]

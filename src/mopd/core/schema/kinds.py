@@ -6,6 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from .mopd import MOPDStage
 from .ppo import PPOStage
 from .preference import DPOStage, RejectionSamplingStage, RewardModelStage
 from .prompted import ModelStage, PromptedStage
@@ -14,7 +15,6 @@ from .stages import (
     EvalStage,
     MergeStage,
     MixRLStage,
-    MOPDStage,
     OffPolicyFTStage,
     PretrainStage,
     RLVRStage,

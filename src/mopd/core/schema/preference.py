@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .rewards import REWARD_DESCRIPTION, RewardSource
+from .rewards import DEFAULT_REWARD, REWARD_DESCRIPTION, RewardSource
 from .stages import Strict, TrainStage
 
 
@@ -54,7 +54,7 @@ class DPOStage(TrainStage):
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     length_normalized: bool = Field(False, description="per-token mean logprobs instead of sums")
     pairs_from: PairsFrom = Field("policy", description=PAIRS_DESCRIPTION)
-    reward: RewardSource = Field("verifier", description="ranks pairs_from: policy; " + REWARD_DESCRIPTION)
+    reward: RewardSource = Field(DEFAULT_REWARD, description="ranks pairs_from: policy; " + REWARD_DESCRIPTION)
     group_size: int = Field(4, gt=0, description="policy samples per prompt (pairs_from: policy)")
     max_new_tokens: int = Field(12, gt=0)
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the pair's answers")
@@ -82,7 +82,7 @@ class RejectionSamplingStage(TrainStage):
         None, description="per-domain thresholds replacing `threshold` for the listed domains (a judged domain's "
         "scores are probabilities that never reach 1.0)",
     )
-    reward: RewardSource = Field("verifier", description="scores the answers; " + REWARD_DESCRIPTION)
+    reward: RewardSource = Field(DEFAULT_REWARD, description="scores the answers; " + REWARD_DESCRIPTION)
     max_new_tokens: int = Field(12, gt=0)
     temperature: float = Field(1.0, gt=0, description="sampler temperature")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -100,7 +100,7 @@ class RewardModelStage(TrainStage):
     kind: Literal["reward_model"]
     init: str
     pairs_from: PairsFrom = Field("policy", description=PAIRS_DESCRIPTION)
-    reward: RewardSource = Field("verifier", description="ranks pairs_from: policy; " + REWARD_DESCRIPTION)
+    reward: RewardSource = Field(DEFAULT_REWARD, description="ranks pairs_from: policy; " + REWARD_DESCRIPTION)
     group_size: int = Field(4, gt=0, description="samples per prompt (pairs_from: policy)")
     max_new_tokens: int = Field(12, gt=0)
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the pair's answers")

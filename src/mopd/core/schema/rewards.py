@@ -29,6 +29,8 @@ class JudgeReward(Strict):
     rubric: str = Field(min_length=1, description="text the judge reads before the prompt")
 
 
+# the source of a stage that names none, and of a domain `per_domain` leaves out: the domain's own rules
+DEFAULT_REWARD = "verifier"
 SOURCE_DESCRIPTION = "`verifier` (the domain's rules), {reward_model: STAGE_OR_DIR} or {judge: STAGE_OR_DIR, rubric: TEXT}"
 REWARD_DESCRIPTION = SOURCE_DESCRIPTION + ", or {per_domain: {DOMAIN: one of those}} (other domains: their verifier)"
 
@@ -81,6 +83,12 @@ RewardSource = Annotated[
 ]
 
 
+def reward_of(stage: object) -> object:
+    """A stage's `reward`; the default source for a kind that has no `reward` setting (a merge, an sft stage), so
+    every reader of a stage's rewards asks one question whatever the kind."""
+    return getattr(stage, "reward", DEFAULT_REWARD)
+
+
 def reward_parts(reward: object) -> list[tuple[tuple[str, ...], str | None, object]]:
     """(key path under `reward`, domain or None for every domain, one source) of a stage's `reward`."""
     if isinstance(reward, PerDomainReward):
@@ -91,5 +99,5 @@ def reward_parts(reward: object) -> list[tuple[tuple[str, ...], str | None, obje
 def source_of(reward: object, domain: str) -> object:
     """The one source that rewards `domain`'s rows under a stage's `reward`."""
     if isinstance(reward, PerDomainReward):
-        return reward.per_domain.get(domain, "verifier")
+        return reward.per_domain.get(domain, DEFAULT_REWARD)
     return reward

@@ -1,4 +1,6 @@
-"""The recipe schema of the stage kinds: every setting and its default is visible here, and only here.
+"""The recipe schema of the stage kinds: every setting and its default is visible here (the mopd, ppo and
+preference kinds in their own modules; a default the code below the recipe shares, by name from `defaults.py`),
+and only here.
 
 pydantic with `extra="forbid"` everywhere, so a misspelt key is an error at load time, never a silent default.
 Stage kinds form a discriminated union on `kind`. Every layer reads these types (they sit in the bottom layer),
@@ -9,11 +11,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from .rewards import REWARD_DESCRIPTION, RewardSource
-from .strict import Strict
-from .teachers import TeacherBackend
+from .defaults import ADV_CLIP, EPS_HIGH, EPS_LOW, IS_MODE, ISMode
+from .rewards import DEFAULT_REWARD, REWARD_DESCRIPTION, RewardSource
+from .strict import Strict, rule_error
 from .workers import LearnerWorkers, RolloutWorkers, scale_problem
 
 # Positions per block of logits (`TrainStage.logit_chunk`): at least the K - 1 completion positions of the tiny
@@ -141,10 +143,10 @@ class SamplingSettings(Strict):
     max_new_tokens: int = Field(12, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    is_mode: Literal["truncate", "clip", "none"] = "truncate"
-    eps_low: float = Field(0.5, gt=0, description="tokens with pi_theta/pi_sampler below this are dropped")
-    eps_high: float = Field(2.0, gt=1, description="... and above this")
-    adv_clip: float | None = Field(5.0, gt=0, description="|A| <= adv_clip")
+    is_mode: ISMode = IS_MODE
+    eps_low: float = Field(EPS_LOW, gt=0, description="tokens with pi_theta/pi_sampler below this are dropped")
+    eps_high: float = Field(EPS_HIGH, gt=1, description="... and above this")
+    adv_clip: float | None = Field(ADV_CLIP, gt=0, description="|A| <= adv_clip")
     temperature_schedule: Literal["constant", "linear"] = Field(
         "constant", description="linear: from `temperature` at the first step to `temperature_end` at the last"
     )
@@ -179,7 +181,24 @@ class SamplingSettings(Strict):
         if self.micro_batch_by_length and getattr(self, "micro_batch_size", None) is None:
             raise ValueError("`micro_batch_by_length` sorts rows into micro-batches: set `micro_batch_size` too")
         return self
-    reward: RewardSource = Field("verifier", description=REWARD_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> SamplingSettings:
+        """Sampling settings that only make sense together, each refused at its own key."""
+        if self.temperature_schedule == "linear" and self.temperature_end is None:
+            raise rule_error(self, "temperature_schedule", message="a linear schedule needs `temperature_end`")
+        if self.temperature_schedule == "constant" and self.temperature_end is not None:
+            raise rule_error(self, "temperature_end", message="only used by `temperature_schedule: linear` (the "
+                             "schedule is constant)")
+        if self.filter_solved and self.group_size < 2:
+            raise rule_error(self, "filter_solved", message="a group pass rate needs group_size >= 2 (got "
+                             f"{self.group_size})")
+        for d, w in (self.domain_weights or {}).items():
+            if not w > 0:
+                raise rule_error(self, "domain_weights", d, message=f"a weight must be above 0 (got {w})")
+        return self
+
+    reward: RewardSource = Field(DEFAULT_REWARD, description=REWARD_DESCRIPTION)
 
 
 class RLVRStage(TrainStage, SamplingSettings):
@@ -271,104 +290,6 @@ class MergeStage(Strict):
             raise ValueError("`lam` applies only to method: task_arithmetic")
         if len(set(self.models)) != len(self.models):
             raise ValueError("`models` lists a checkpoint twice")
-        return self
-
-
-class TeacherPhase(Strict):
-    """Until `until_step` (exclusive), every teacher is its `snapshot` (a kept step, or `final`)."""
-
-    until_step: int = Field(gt=0)
-    snapshot: int | str = Field(description="a step the teachers kept (keep_every), or final")
-
-    @field_validator("snapshot")
-    @classmethod
-    def _step_or_final(cls, v: int | str) -> int | str:
-        if (isinstance(v, str) and v != "final") or (isinstance(v, int) and v <= 0):
-            raise ValueError(f"a snapshot is a positive step number or `final`, not {v!r}")
-        return v
-
-
-class PreflightSettings(Strict):
-    """Checked once before a MOPD stage trains: same tokenizer (refused otherwise) and the initial per-token
-    reverse KL(student || teacher) on the student's own rollouts of each teacher's domains (warned above
-    `kl_warn`; the MOPD paper saw ~0.04 for a same-lineage teacher and ~0.19 for a foreign one that collapsed)."""
-
-    enabled: bool = True
-    kl_warn: float = Field(0.1, gt=0, description="warn when a teacher's initial reverse KL exceeds this")
-    prompts: int = Field(32, gt=0, description="student rollouts per teacher for the KL measurement")
-    min_teacher_gain: float | None = Field(
-        None, description="refuse to train unless every teacher's held-out score on each of its domains beats the "
-        "student start's by at least this (Nemotron 3 Ultra's round 2: teachers that beat the round-1 student); "
-        "null: no check",
-    )
-
-
-DistillationObjective = Literal["sampled", "topk", "full_reverse_kl", "forward_kl", "jsd"]
-
-
-class DistillationSettings(Strict):
-    """What a MOPD step optimises: the distillation objective and the weight of the verifiable-reward term.
-
-    The learner reads exactly this object (`learner.policy.policy_loss`); a stage without teachers has none.
-    """
-
-    alpha: float = Field(0.0, ge=0, description="weight of the verifiable-reward (GRPO) advantage")
-    objective: DistillationObjective = Field(
-        "sampled", description="sampled-token reverse KL (default) or a loss over teacher distributions"
-    )
-    topk: int = Field(16, gt=0, description="teacher support size for objective: topk")
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight for objective: jsd")
-    surprise_alpha: float = Field(
-        0.0, ge=0, description="objective: sampled; advantages times w_t = 1 + a * (1 - sg[pi_S(y_t)])"
-    )
-
-
-class MOPDStage(TrainStage, SamplingSettings, DistillationSettings):
-    """Multi-teacher on-policy distillation: each rollout routed to its domain's teacher, per-token reverse KL.
-
-    A = A_OPD + alpha * A_GRPO; alpha = 0 is pure distillation.
-    """
-
-    kind: Literal["mopd"]
-    init: str
-    teachers: dict[str, str] = Field(description="domain -> teacher (stage name or HF directory)")
-    group_size: int = Field(1, gt=0)
-    preflight: PreflightSettings = Field(
-        default_factory=lambda: PreflightSettings(), description="teacher-student compatibility check"
-    )
-    teacher_schedule: list[TeacherPhase] | None = Field(
-        None, description="staged teachers: earlier snapshots first, then later ones; null = final teachers"
-    )
-    teacher_backends: dict[str, TeacherBackend] = Field(
-        default_factory=dict, description="teacher -> where it scores (a Ray actor, an HTTP server); absent: in process"
-    )
-    teacher_shared_prefill: bool = Field(
-        False, description="in-process and actor teachers run each distinct prompt once and copy its KV cache to the "
-        "group's rollouts that share it (the prompt's decoder pass once instead of group_size times); the same "
-        "scores up to float rounding",
-    )
-
-    @model_validator(mode="after")
-    def _groups_for_grpo(self) -> MOPDStage:
-        if self.alpha > 0 and self.group_size < 2:
-            raise ValueError("alpha > 0 adds a GRPO advantage, which needs group_size >= 2")
-        return self
-
-    @model_validator(mode="after")
-    def _schedule_in_order(self) -> MOPDStage:
-        phases = self.teacher_schedule or []
-        if self.teacher_schedule is not None and not phases:
-            raise ValueError("`teacher_schedule` is empty; leave it out to use the final teachers")
-        order = [float("inf") if p.snapshot == "final" else p.snapshot for p in phases]
-        for a, b in zip(phases, phases[1:], strict=False):
-            if b.until_step <= a.until_step:
-                raise ValueError("`teacher_schedule` until_step values must increase")
-        if order != sorted(order):
-            raise ValueError("`teacher_schedule` must use earlier snapshots first, then later ones")
-        if phases and phases[-1].until_step != self.steps:
-            raise ValueError(
-                f"`teacher_schedule` must end at until_step = steps ({self.steps}), not {phases[-1].until_step}"
-            )
         return self
 
 
