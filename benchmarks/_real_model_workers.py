@@ -117,8 +117,6 @@ def _worker_mopd(spec: dict) -> dict:
             state["t0"], state["c0"] = time.perf_counter(), time.process_time()
             return loss_fn(model, step)
 
-        if hasattr(loss_fn, "close"):
-            timed_loss_fn.close = loss_fn.close
         return timed_loss_fn
 
     def on_progress(done: int, total: int, metrics: dict) -> None:

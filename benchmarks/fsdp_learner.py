@@ -32,10 +32,10 @@ from trl_vs_mopd import update_results
 from mopd.core.schema import RLVRStage
 from mopd.envs import ALPHABET
 from mopd.learner import sharded
-from mopd.learner.data_parallel import DataParallel
 from mopd.learner.objective_table import PolicyConfig
 from mopd.learner.policy import policy_loss
 from mopd.learner.rollout import rollout
+from mopd.learner.strategy import FSDP, LOCAL, Learner, data_parallel
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 
@@ -61,50 +61,41 @@ def _held(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     return total + sum(_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
 
 
-def _run(dp: DataParallel | None, layers: int, repeats: int) -> dict:
+def _run(learner: Learner, layers: int, repeats: int) -> dict:
     tok = build_char_tokenizer(ALPHABET)
     cfg = TinyModelConfig(arch="qwen3", hidden_size=256, layers=layers, heads=4, kv_heads=2, intermediate_size=768)
     torch.manual_seed(0)
     model = build_tiny_model(cfg, len(tok), tok, seed=0)
     params_total = sum(p.numel() for p in model.parameters())
-    whole = model
-    if dp is not None and dp.sharded:
-        whole = dp.whole = sharded.shard_layers(model, dp, "student")
+    whole = learner.shard(model, "student")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     problems = _common.problems(SETTINGS.batch_size, domains=("reversal",))
     domains = {"reversal": Odd()}
     times = []
     for r in range(repeats + 1):
-        batch = None
-        if dp is None or dp.lead:
+
+        def sample(r: int = r):
             with torch.no_grad():
-                batch, _ = rollout(whole, tok, problems, domains, SETTINGS, temperature=1.0,
-                                   generator=torch.Generator().manual_seed(r))
-        if dp is not None:
-            batch = dp.broadcast(batch)
+                return rollout(whole, tok, problems, domains, SETTINGS, temperature=1.0,
+                               generator=torch.Generator().manual_seed(r))[0]
+
+        batch = learner.from_lead(sample)
+        if learner.group is not None:
             dist.barrier()
         t0 = time.perf_counter()
-        loss, _ = policy_loss(model, batch, PolicyConfig(sampling=SETTINGS), temperature=1.0, dp=dp)
-        if loss.requires_grad:
-            loss.backward()
+        loss, _ = policy_loss(model, batch, PolicyConfig(sampling=SETTINGS), temperature=1.0, dp=learner.group)
+        learner.backward(loss)
         t1 = time.perf_counter()
-        if dp is None:
-            torch.nn.utils.clip_grad_norm_(params, CLIP)
-        else:
-            sharded.sum_gradients(dp, params)
-            if dp.sharded:
-                sharded.update_norm(dp, params, CLIP)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, CLIP)
+        learner.sum_gradients(params)
+        learner.update_norm(params, CLIP)
         opt.step()
-        if dp is not None and dp.sharded:
-            sharded.refresh_whole(dp.whole, model)
+        learner.updated()
         held = _held(model, opt)
         opt.zero_grad(set_to_none=True)
         if r:
             times.append((time.perf_counter() - t0, t1 - t0))
-    copy = sum(_bytes(p) for p in whole.parameters()) if (dp is not None and dp.sharded and dp.lead) else 0
+    copy = sum(_bytes(p) for p in whole.parameters()) if isinstance(learner, FSDP) and whole is not None else 0
     return {"step seconds": round(_common.median([t for t, _ in times]), 4),
             "of which loss + backward": round(_common.median([b for _, b in times]), 4), "training state MiB": round(held / 2**20, 2),
             "unsharded copy MiB": round(copy / 2**20, 2), "params": params_total, "rows": len(batch.completions)}
@@ -115,7 +106,7 @@ def _rank(rank: int, strategy: str, layers: int, repeats: int, store: str, out: 
     random.seed(0)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        Path(f"{out}.{rank}").write_text(json.dumps(_run(DataParallel(rank, 2, strategy), layers, repeats)))
+        Path(f"{out}.{rank}").write_text(json.dumps(_run(data_parallel(strategy, rank, 2), layers, repeats)))
     finally:
         dist.destroy_process_group()
 
@@ -126,7 +117,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    result = {"one process": _run(None, args.layers, args.repeats)}
+    result = {"one process": _run(LOCAL, args.layers, args.repeats)}
     tmp = Path(tempfile.mkdtemp(prefix="fsdp_learner_"))
     for strategy in ("ddp", "fsdp"):
         out = tmp / strategy

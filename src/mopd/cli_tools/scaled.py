@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from ..core.run_dir import RECIPE_COPY
 from ..experiments.variants import portable
 from ..recipe.load import LoadedRecipe, RecipeError, load_recipe
 from ..recipe.reduced_scale import scaled_run_dir
@@ -32,7 +33,7 @@ def with_scale(loaded: LoadedRecipe, scale: float, out: Path) -> LoadedRecipe:
     raw["scale"] = scale
     text = yaml.safe_dump(raw, sort_keys=False)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "recipe.yaml"
+        path = Path(tmp) / RECIPE_COPY
         path.write_text(text)
         try:
             scaled = load_recipe(path)
@@ -40,5 +41,5 @@ def with_scale(loaded: LoadedRecipe, scale: float, out: Path) -> LoadedRecipe:
             why = re.sub(rf"^{re.escape(str(path))}(:\d+)?: ", "", str(e))
             raise RecipeError(f"--scale {scale:g}: {why}") from None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(text)
-    return dataclasses.replace(scaled, path=out / "recipe.yaml")
+    (out / RECIPE_COPY).write_text(text)
+    return dataclasses.replace(scaled, path=out / RECIPE_COPY)

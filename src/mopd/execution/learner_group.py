@@ -1,6 +1,6 @@
 """The data-parallel learner's worker group under `--executor ray` (`learner: {workers: W}`): the stage's own Ray
 task is rank 0 and starts W - 1 Ray tasks as the other ranks; all W join one torch.distributed group (gloo on
-CPU, NCCL on GPU) and run the same stage, each with its `DataParallel` rank (`learner.data_parallel`).
+CPU, NCCL on GPU) and run the same stage, each with its rank's learner strategy (`learner.strategy`: DDP or FSDP).
 
 Why a group of plain Ray tasks rather than Ray Train's TorchTrainer: a mopd step is not a self-contained
 training function. Rank 0 samples (itself or through rollout workers), scores with the teachers, writes the
@@ -12,6 +12,7 @@ verl's actor worker groups do) keeps one code path, and needs only `ray` (not `r
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ..core.errors import StageError
-from ..learner.data_parallel import DataParallel
+from ..learner.strategy import data_parallel
 from ..recipe.load import LoadedRecipe
 from ..stages.resolved import ResolvedStage
 from ..stages.run import run_stage
@@ -52,13 +53,14 @@ def group_runner(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str]
             return run_stage(ctx)
         import ray
 
-        init = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+        host = ray.util.get_node_ip_address()  # the node's address Ray reports (127.0.0.1 for mopd's own instance)
+        init = f"tcp://{host}:{_free_port(host)}"
         res = loaded.recipe.stages[name].resources
         rank_task = ray.remote(_rank).options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=0,
                                               name=f"mopd:{name}:rank")
         others = [rank_task.remote(loaded, name, out, ids, rank, world, init, threads) for rank in range(1, world)]
-        with _group(ctx, 0, world, init):
-            final = run_stage(ctx)
+        with _group(ctx, 0, world, init) as ranked:
+            final = run_stage(ranked)
         ray.get(others)
         return final
 
@@ -72,28 +74,27 @@ def _rank(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str], rank:
 
     torch.set_num_threads(threads)
     ctx = resolve_stage(loaded, name, Path(out), ids, executor="ray")
-    with _group(ctx, rank, world, init):
-        run_stage(ctx)
+    with _group(ctx, rank, world, init) as ranked:
+        run_stage(ranked)
 
 
 @contextmanager
-def _group(ctx: ResolvedStage, rank: int, world: int, init: str) -> Iterator[None]:
-    """Join the group as `rank` (gloo on CPU, NCCL on a GPU) with the stage's `data_parallel` (rank, world and
-    `learner.strategy`) set; leave it."""
+def _group(ctx: ResolvedStage, rank: int, world: int, init: str) -> Iterator[ResolvedStage]:
+    """Join the group as `rank` (gloo on CPU, NCCL on a GPU); yields the stage as this rank runs it (its learner:
+    the rank's strategy of `learner.strategy`, `ctx` itself unchanged); leave the group."""
     import torch.distributed as dist
 
     backend = "nccl" if ctx.placement.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
     spec = getattr(ctx.settings, "learner", None)
-    ctx.data_parallel = DataParallel(rank, world, "ddp" if spec is None else spec.strategy)
     try:
-        yield
+        yield dataclasses.replace(ctx, learner=data_parallel("ddp" if spec is None else spec.strategy, rank, world))
     finally:
-        ctx.data_parallel = None
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
+    """A port free on `host`, the address the group's rendezvous listens on (not every interface)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])

@@ -25,9 +25,9 @@ from typing import Any
 from rich.console import Console
 
 from ..core.errors import StageError
+from ..core.run_dir import METRICS
 from ..recipe.load import LoadedRecipe
 from ..runtime import start_local_ray
-from ..stages.driver import METRICS
 from .learner_group import group_runner, learner_workers
 from .progress import logged_step, progress_info, stage_progress
 from .run_lock import stage_lock

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.run_dir import FINAL
 from ..core.schema import MOPDStage, OffPolicyFTStage
 from ..models.checkpoint import load_tokenizer
 from ..models.precision import resolve_placement
@@ -17,7 +18,6 @@ from ..models.prompting import Rendering, with_pad_token
 from ..recipe.load import LoadedRecipe
 from ..recipe.refs import init_ref, resolve_external, stage_domains, stage_refs, stage_seed
 from ..recipe.tokenizer import recipe_tokenizer
-from ..stages.driver import FINAL
 from ..stages.lineage import teacher_checkpoint
 from ..stages.resolved import ResolvedStage, TeacherRef
 

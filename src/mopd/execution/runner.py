@@ -18,12 +18,12 @@ from pathlib import Path
 from rich.console import Console
 
 from .. import __version__
+from ..core.run_dir import METRICS, RECIPE_COPY, RUN_JSON
 from ..core.schema import MOPDStage
 from ..models.checkpoint import write_json_atomic
 from ..recipe.identity import stage_identities
 from ..recipe.load import LoadedRecipe
 from ..recipe.resources import precision_warnings
-from ..stages.driver import METRICS
 from ..stages.resumable import supersede
 from .learner_group import check_local
 from .local_executor import LocalExecutor, warn_line
@@ -71,7 +71,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = stage_identities(loaded)
-    run_path = out / "run.json"
+    run_path = out / RUN_JSON
     previous = _previous_run(run_path, out)
     # a rerun that stops early must not forget what an earlier run finished: start from its entries (same
     # identity only); each stage this run reaches replaces its own
@@ -94,8 +94,8 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         })
 
     # the resolved recipe next to its results, so a run directory says what produced it
-    if loaded.path.resolve() != (out / "recipe.yaml").resolve():
-        shutil.copyfile(loaded.path, out / "recipe.yaml")
+    if loaded.path.resolve() != (out / RECIPE_COPY).resolve():
+        shutil.copyfile(loaded.path, out / RECIPE_COPY)
 
     for msg in precision_warnings(recipe):  # before any stage spends compute
         warn_line(console, msg)

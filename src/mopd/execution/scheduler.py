@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..recipe.load import LoadedRecipe
-from ..recipe.refs import stage_refs
 from .stage_failures import StageFailures
 
 
@@ -41,18 +40,12 @@ class Executor(AbstractContextManager, Protocol):
     def failed(self, name: str, why: str) -> None: ...
 
 
-def stage_parents(loaded: LoadedRecipe) -> dict[str, list[str]]:
-    """Each stage's parents among the recipe's stages (external references are not waited for)."""
-    stages = loaded.recipe.stages
-    return {n: [r for _, r in stage_refs(stages[n]) if r in stages] for n in loaded.order}
-
-
 def schedule(loaded: LoadedRecipe, executor: Executor, stages_info: dict[str, dict],
              record: Callable[[str, dict], None]) -> None:
     """Run every stage of `loaded` on `executor`, submitting each in the recipe's order once its parents are
     recorded; `record(name, entry)` each stage that finished. A stage whose parent failed (or was not run) is
     never submitted. Ends with one StageError line per failed stage."""
-    parents = stage_parents(loaded)
+    parents = loaded.parents  # external references are not waited for
     failures = StageFailures()
     waiting, running, done = list(loaded.order), set(), set()
     with executor:

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..core.errors import StageError
+from ..core.run_dir import FINAL, STAGE_JSON
 from ..models.checkpoint import read_lineage, write_json_atomic
 from ..models.integrity import stage_output_problem
 from ..recipe.load import LoadedRecipe
 from ..recipe.refs import init_ref, stage_domains
-from ..stages.driver import FINAL
 from ..stages.resolved import ResolvedStage
 from ..stages.resumable import checkpointed_seconds, latest_checkpoint, supersede
 from ..stages.run import run_stage
@@ -72,7 +72,7 @@ def run_stage_step(
             return info
         archive_if_stale(stage_dir, ids[name], Path(out))
         stage_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(stage_dir / "stage.json", {"identity": ids[name], "kind": info["kind"]})
+        write_json_atomic(stage_dir / STAGE_JSON, {"identity": ids[name], "kind": info["kind"]})
         # a stage's rollout / learner workers are Ray actors only under the Ray executor
         ctx = resolve_stage(loaded, name, Path(out), ids, on_progress=on_progress, on_warning=warn,
                             on_record=on_record, executor=executor)
@@ -112,7 +112,7 @@ def archive_if_stale(stage_dir: Path, identity: str, out: Path) -> None:
 def recorded_identity(stage_dir: Path) -> str:
     """The identity `stage.json` records, or "unknown" when it is missing or unreadable."""
     try:
-        marker = json.loads((stage_dir / "stage.json").read_text())
+        marker = json.loads((stage_dir / STAGE_JSON).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return "unknown"
     identity = marker.get("identity") if isinstance(marker, dict) else None

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..core.errors import RecipeError
+from ..core.run_dir import RECIPE_COPY
 from ..core.schema import MOPDStage
 from ..execution.runner import report_block
 from ..recipe.load import LoadedRecipe
@@ -92,7 +93,7 @@ def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: in
 def _objective_in(run_dir: Path, student: str) -> str | None:
     """The student's objective as a point's own recipe.yaml sets it (read as data: nothing in it is run)."""
     try:
-        raw = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        raw = yaml.safe_load((run_dir / RECIPE_COPY).read_text(encoding="utf-8"))
         value = raw["stages"][student].get("objective", MOPDStage.model_fields["objective"].default)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
         return None

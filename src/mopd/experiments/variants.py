@@ -31,12 +31,12 @@ from typing import Any
 import yaml
 
 from ..core.errors import RecipeError
+from ..core.run_dir import FINAL, RECIPE_COPY, RUN_JSON
 from ..core.schema import Recipe
 from ..models.checkpoint import read_lineage
 from ..recipe.identity import stage_identities
 from ..recipe.load import LoadedRecipe, load_recipe
 from ..recipe.refs import resolve_external, stage_refs
-from ..stages.driver import FINAL
 
 RESERVED_KEYS = {"seed": "use --seeds (seeds are base seed + 0, 1, ...)", "seeds": "use --seeds",
                  "name": "a variant keeps its recipe's name"}
@@ -194,7 +194,7 @@ def plan_variants(loaded: LoadedRecipe, out: Path, seeds: int,
 def place(variant: Variant) -> Variant:
     """Write the variant's recipe into its run directory (the loaded recipe then points there)."""
     variant.out.mkdir(parents=True, exist_ok=True)
-    path = variant.out / "recipe.yaml"
+    path = variant.out / RECIPE_COPY
     path.write_text(yaml.safe_dump(variant.raw, sort_keys=False))
     variant.loaded = dataclasses.replace(variant.loaded, path=path)
     return variant
@@ -296,7 +296,7 @@ def recorded_stages(dirs: Sequence[Path]) -> set[str]:
     done: set[str] = set()
     for d in dirs:
         try:
-            stages = json.loads((Path(d) / "run.json").read_text(encoding="utf-8")).get("stages", {})
+            stages = json.loads((Path(d) / RUN_JSON).read_text(encoding="utf-8")).get("stages", {})
         except (OSError, ValueError, AttributeError):
             continue
         done |= {s["identity"] for s in stages.values() if isinstance(s, dict) and isinstance(s.get("identity"), str)
@@ -328,7 +328,7 @@ def sweep_points(root: Path) -> dict[str, list[Path]]:
         if d.is_symlink() or not d.is_dir() or not point_settings(d.name):
             continue
         seeds = sorted((r.parent for r in d.glob("seed-*/run.json") if not r.parent.is_symlink()), key=_seed_number)
-        runs = seeds or ([d] if (d / "run.json").is_file() else [])
+        runs = seeds or ([d] if (d / RUN_JSON).is_file() else [])
         if runs:
             points[d.name] = runs
     return points

@@ -1,5 +1,7 @@
-"""The data-parallel learner (`learner: {workers: W}`): W processes in one torch.distributed group, each holding
-the whole model and optimizer, each running a share of the step's micro-batches; their gradients are summed.
+"""The ranks of a data-parallel learner (`learner: {workers: W}`): W processes in one torch.distributed group, each
+running a share of the step's micro-batches; their gradients are summed. How the model and optimizer are laid out
+over them (replicated, or sharded layers) is the learner strategy's business (`strategy.py`); this is what every
+strategy shares: who is rank 0, which micro-batches are whose, and the collectives.
 
 Why the same gradient as one worker: a step's loss is a token mean over the whole batch, and every micro-batch's
 part is already scaled by its share of the whole batch's loss tokens (`micro_batches.py`), so the sum of the
@@ -9,8 +11,8 @@ samples and broadcasts. Every rank applies the same summed gradient to the same 
 optimizer, so the replicas never drift (gloo's and NCCL's all-reduce give every rank the same sums). Rank 0 alone
 writes metrics and checkpoints.
 
-This module is plain torch.distributed (gloo on CPU, NCCL on GPU); who starts the processes and where (Ray actors)
-is the executor's business (`recipe.learner_group`).
+This module is plain torch.distributed (gloo on CPU, NCCL on GPU); who starts the processes and where (Ray tasks)
+is the executor's business (`execution.learner_group`).
 """
 
 from __future__ import annotations
@@ -23,26 +25,19 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataParallel:
     """This process's place in the learner group (the default process group, initialised by the caller).
 
-    `strategy` "fsdp": the decoder layers are sharded over the ranks (`sharded.py`), and `whole` is rank 0's
-    unsharded copy of the model, the one it samples, evaluates and saves (set by the training driver).
+    `same_passes`: every rank makes the same number of forward/backward passes through the model, a rank with
+    fewer micro-batches running one again at weight 0 (`padding_parts`). Needed where a pass is itself a
+    collective of every rank (FSDP's sharded layers gather their weights in forward and backward): unpaired
+    passes would hang the step.
     """
 
     rank: int
     world: int
-    strategy: str = "ddp"
-    whole: Any = None
-
-    @property
-    def sharded(self) -> bool:
-        return self.strategy == "fsdp"
-
-    def sampling_model(self, model: Any) -> Any:
-        """The model rank 0 samples with: the trained one, or under FSDP its unsharded copy."""
-        return self.whole if self.sharded else model
+    same_passes: bool = False
 
     @property
     def lead(self) -> bool:
@@ -57,8 +52,16 @@ class DataParallel:
         """This rank's micro-batches with their global index: every world-th one, from its rank."""
         return [(i, c) for i, c in enumerate(chunks) if i % self.world == self.rank]
 
+    def padding_parts(self, parts: int) -> int:
+        """How many weight-0 passes this rank adds to its share of `parts` micro-batches (0 without
+        `same_passes`), so that every rank runs ceil(parts / W)."""
+        if not self.same_passes:
+            return 0
+        return math.ceil(parts / self.world) - len(range(self.rank, parts, self.world))
+
     def broadcast(self, value: Any) -> Any:
-        """Rank 0's `value` on every rank (any picklable object: a rollout batch and its metrics)."""
+        """Rank 0's `value` on every rank (any picklable object: a rollout batch and its metrics). Rank 0 gets its
+        own object back, not a copy."""
         box = [value if self.lead else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]

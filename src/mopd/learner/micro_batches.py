@@ -5,7 +5,8 @@ run `part(rows, share)` per micro-batch and backpropagate each part as soon as i
 micro-batch's activations are alive. Each part returns its share of the whole step's token mean (the caller
 scales by `share`, the micro-batch's fraction of the step's loss tokens), so the accumulated gradient is the
 whole batch's up to float rounding (`tests/test_micro_batches.py`). Without micro-batches there is one part, of
-share 1, whose loss is returned with its graph: the training driver runs backward, as for any loss.
+share 1, whose loss is returned with its graph: the learner strategy runs its backward (`strategy.Learner.backward`),
+as for any loss that still has its graph.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Callable
 import torch
 
 from .data_parallel import DataParallel
-from .sharded import padding_parts
 
 # part(rows, share) -> (loss, token-mean metrics over the part, detached per-row tensors to keep); rows: a slice,
 # or the row indices of a micro-batch when the rows are taken in an `order`
@@ -41,11 +41,11 @@ def accumulate_micro_batches(
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
     """Run `part` over the micro-batches of `size` rows of a step whose loss tokens are `tokens_B_T` (rows first).
 
-    With `dp` (a data-parallel learner), this rank runs its share of the micro-batches (one per rank when `size`
-    is unset; under FSDP a rank with fewer micro-batches runs one again at weight 0, so every rank makes the same
-    passes through the sharded layers); loss, metrics and kept tensors are then the whole step's, summed and
-    gathered over the ranks, and each rank's `.grad` holds its own parts' gradient (the driver sums them:
-    `sharded.sum_gradients`).
+    With `dp` (the ranks of a data-parallel learner), this rank runs its share of the micro-batches (one per rank
+    when `size` is unset; with `dp.same_passes`, FSDP's, a rank with fewer micro-batches runs one again at weight
+    0, so every rank makes the same passes through the sharded layers); loss, metrics and kept tensors are then
+    the whole step's, summed and gathered over the ranks, and each rank's `.grad` holds its own parts' gradient
+    (the learner strategy sums them: `strategy.Learner.sum_gradients`).
 
     `order` (a permutation of the rows): micro-batches take the rows in that order (`part` gets index tensors),
     and the kept tensors come back in the batch's own row order.
@@ -77,8 +77,8 @@ def accumulate_micro_batches(
                 backward_outside_autocast(part_loss)
             loss = loss + part_loss.detach()
         kept.append(part_kept)
-    if dp is not None and dp.sharded:  # every rank the same number of passes through the sharded layers
-        for _ in range(padding_parts(dp, len(chunks))):
+    if dp is not None:  # with `same_passes`: every rank the same number of passes through the sharded layers
+        for _ in range(dp.padding_parts(len(chunks))):
             idle_loss, _, _ = part(chunks[0], 0.0)
             if idle_loss.requires_grad:
                 backward_outside_autocast(idle_loss * 0.0)

@@ -25,7 +25,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from ..core.errors import StageError
-from .integrity import LINEAGE_FILE, sealed_lineage
+from ..core.run_dir import LINEAGE
+from .integrity import sealed_lineage
 from .lora import is_lora, merged_copy, save_adapter
 from .model_card import write_model_card
 
@@ -91,7 +92,7 @@ def publish_dir(path: Path, fill: Callable[[Path], None], lineage: dict[str, Any
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     try:
         fill(tmp)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(sealed_lineage(tmp, lineage), indent=2, sort_keys=True))
+        (tmp / LINEAGE).write_text(json.dumps(sealed_lineage(tmp, lineage), indent=2, sort_keys=True))
         for f in (f for f in tmp.rglob("*") if f.is_file()):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -110,7 +111,7 @@ def publish_dir(path: Path, fill: Callable[[Path], None], lineage: dict[str, Any
 
 
 def read_lineage(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / LINEAGE_FILE).read_text())
+    return json.loads((Path(path) / LINEAGE).read_text())
 
 
 def head_kind(path: str | Path) -> str:

@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from ..core.run_dir import LINEAGE
 from .integrity import checkpoint_problem, file_sha256
 
 GGUF_PREFIX = "gguf:"
@@ -160,7 +161,7 @@ def cached_conversion(ref: str, base: Path | None = None) -> Path:
 def source_of(directory: Path) -> dict | None:
     """The GGUF a converted directory came from (its `mopd.json` `source`), or None."""
     try:
-        lineage = json.loads((Path(directory) / "mopd.json").read_text())
+        lineage = json.loads((Path(directory) / LINEAGE).read_text())
     except (OSError, ValueError):
         return None
     return lineage.get("source") if lineage.get("kind") == CONVERTED_KIND else None

@@ -17,17 +17,15 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-LINEAGE_FILE = "mopd.json"
+from ..core.run_dir import EVAL_JSON, FINAL, LINEAGE, METRICS, SNAPSHOTS
+
 # a stage directory's outputs: its final checkpoint, the snapshots it keeps, and its metrics log, whose size and
 # sha256 the final lineage records under METRICS_KEY (the log is complete once the final checkpoint is written)
-FINAL_DIR = "final"
-SNAPSHOTS_DIR = "snapshots"
-METRICS_FILE = "metrics.jsonl"
 METRICS_KEY = "metrics_log"
 FILES_KEY = "files"
 CHECKSUM_KEY = "checksum"
 # what a pre-checksum directory must hold besides mopd.json: a model (config.json) or an eval stage's scores
-_LEGACY_PAYLOAD = ("config.json", "eval.json")
+_LEGACY_PAYLOAD = ("config.json", EVAL_JSON)
 
 
 def file_sha256(path: Path) -> str:
@@ -50,7 +48,7 @@ def sealed_lineage(directory: Path, lineage: dict[str, Any]) -> dict[str, Any]:
     files = {
         f.relative_to(directory).as_posix(): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
         for f in sorted(directory.rglob("*"))
-        if f.is_file() and f.relative_to(directory).as_posix() != LINEAGE_FILE
+        if f.is_file() and f.relative_to(directory).as_posix() != LINEAGE
     }
     sealed = json.loads(json.dumps({**lineage, FILES_KEY: files}, default=str))
     sealed.pop(CHECKSUM_KEY, None)
@@ -61,7 +59,7 @@ def sealed_lineage(directory: Path, lineage: dict[str, Any]) -> dict[str, Any]:
 def _manifest_path_problem(directory: Path, rel: str) -> str | None:
     p = PurePosixPath(rel)
     if p.is_absolute() or ".." in p.parts or not p.parts:
-        return f"{directory / LINEAGE_FILE}: its file list names a path outside the checkpoint ({rel!r})"
+        return f"{directory / LINEAGE}: its file list names a path outside the checkpoint ({rel!r})"
     return None
 
 
@@ -69,7 +67,7 @@ def checkpoint_problem(directory: Path) -> str | None:
     """None when `directory` is an intact checkpoint; otherwise one line naming the file that is missing,
     unreadable, truncated or changed. Reads every listed file once (sha256)."""
     directory = Path(directory)
-    lineage_path = directory / LINEAGE_FILE
+    lineage_path = directory / LINEAGE
     if not lineage_path.is_file():
         return f"{lineage_path}: missing"
     try:
@@ -104,7 +102,7 @@ def checkpoint_problem(directory: Path) -> str | None:
 def sealed_dir_problem(directory: Path) -> str | None:
     """`checkpoint_problem` for a directory that carries a `mopd.json` (a stage's checkpoint, a converted GGUF);
     None for a plain Hugging Face directory, which has no checksums to check."""
-    return checkpoint_problem(directory) if (Path(directory) / LINEAGE_FILE).is_file() else None
+    return checkpoint_problem(directory) if (Path(directory) / LINEAGE).is_file() else None
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -115,14 +113,14 @@ def stage_output_problem(stage_dir: Path) -> str | None:
     """None when a finished stage's outputs are intact: its final checkpoint, each kept snapshot, and the metrics
     log its final lineage recorded; else one line naming the first file that fails."""
     stage_dir = Path(stage_dir)
-    final = stage_dir / FINAL_DIR
-    for directory in (final, *sorted((stage_dir / SNAPSHOTS_DIR).glob("step-*"))):
+    final = stage_dir / FINAL
+    for directory in (final, *sorted((stage_dir / SNAPSHOTS).glob("step-*"))):
         if problem := checkpoint_problem(directory):
             return problem
-    want = json.loads((final / LINEAGE_FILE).read_text(encoding="utf-8")).get(METRICS_KEY)
+    want = json.loads((final / LINEAGE).read_text(encoding="utf-8")).get(METRICS_KEY)
     if want is None:  # written before the log was recorded
         return None
-    log = stage_dir / METRICS_FILE
+    log = stage_dir / METRICS
     if not log.is_file():
         return f"{log}: missing"
     if file_record(log) != want:

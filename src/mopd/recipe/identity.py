@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..core.schema import DEFAULT_REWARD
 from ..models.gguf import find_gguf, gguf_sha256, is_gguf_ref
 from .load import LoadedRecipe
 from .refs import resolve_external, stage_domains, stage_refs, stage_seed
@@ -90,7 +91,7 @@ def _real_model_identity(recipe, settings: dict) -> dict:
 def _reward_identity(settings: dict) -> None:
     """The default reward source (`verifier`, what every stage used before `reward:` existed) stays out of the
     hash; a preference dataset enters by its content, not its path (the loader made the path absolute)."""
-    if settings.get("reward") == "verifier":
+    if settings.get("reward") == DEFAULT_REWARD:
         settings.pop("reward")
     for key in ("domain_weights", "domain_thresholds"):  # None: as before the setting existed
         if key in settings and settings[key] is None:

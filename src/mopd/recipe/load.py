@@ -42,6 +42,8 @@ class LoadedRecipe:
     lines: dict[tuple, int]
     # every recipe domain by name, read once here: registered (built-in, plugin) or declared as data
     domains: dict[str, DomainLike] = field(default_factory=dict)
+    # each stage's parents among the recipe's stages (in reference order, repeats kept): what it waits for
+    parents: dict[str, list[str]] = field(default_factory=dict)
 
     def where(self, *key: Any) -> str:
         return where_in_file(self.path, self.lines, key)
@@ -74,7 +76,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
     check_agents(recipe, domains, where)  # tool-use domains only where episodes are sampled (docs/AGENTS.md)
     check_compare(recipe, where)
     check_report_student(recipe, where)
-    loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines, domains=domains)
+    loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines, domains=domains, parents=deps)
     if check_tokenizers:
         check_tokenizer_agreement(loaded)
     return loaded

@@ -22,6 +22,8 @@ from typing import Any
 from mopd.report.plots import FIGURE_NAMES, render_figures
 from mopd.report.tables import Table, compute_report, fmt_duration, fmt_number, incomplete_message
 
+from ..core.run_dir import RECIPE_COPY, SUMMARY_JSON
+
 # ----------------------------------------------------------------------------------------------- write
 
 
@@ -54,7 +56,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             with contextlib.suppress(FileNotFoundError):
                 target.unlink()
 
-    header = _header(data.run, data.recipe, data.wall, (run_dir / "recipe.yaml").is_file())
+    header = _header(data.run, data.recipe, data.wall, (run_dir / RECIPE_COPY).is_file())
     if incomplete := incomplete_message(data.summary):
         header += f" **Incomplete:** {incomplete}; their scores are missing below."
     title = f"MOPD report: {data.recipe} ({fmt_duration(data.wall)} wall)"
@@ -63,7 +65,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     md = _markdown(title, header, main, norm, stage_tbl, acc_tbl, list(pngs), preflight, data.agent_table)
     page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight, data.agent_table)
     atomic_write(
-        run_dir / "summary.json", (json.dumps(data.summary, indent=2, allow_nan=False) + "\n").encode()
+        run_dir / SUMMARY_JSON, (json.dumps(data.summary, indent=2, allow_nan=False) + "\n").encode()
     )
     atomic_write(run_dir / "report.md", md.encode("utf-8"))
     atomic_write(run_dir / "report.html", page.encode("utf-8"))

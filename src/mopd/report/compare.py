@@ -25,12 +25,14 @@ from mopd.report.run_files import load_run, read_final_eval, read_metrics
 from mopd.report.scores import normalized_score, recovery
 from mopd.report.tables import MISSING, Table, fmt_duration, fmt_number
 
+from ..core.run_dir import METRICS
+
 FILES = ("compare.md", "compare.json", "compare_bars.png", "sample_efficiency.png")
 
 
 def _stage_totals(run_dir: Path, stage: str) -> dict[str, float]:
     """A stage's cumulative student / teacher samples: the last metrics record that carries them."""
-    path = run_dir / stage / "metrics.jsonl"
+    path = run_dir / stage / METRICS
     out = {"samples": 0.0, "teacher_samples": 0.0}
     if path.is_file():
         for row in read_metrics(path):
@@ -57,7 +59,7 @@ def _curve(run_dir: Path, plan_m: dict, start: dict, teacher: dict, score_of, to
     first = _norm(score_of(init), start, teacher)[1] if init else _norm(start, start, teacher)[1]
     if first is not None:
         points.append((offset, first))
-    path = run_dir / stage / "metrics.jsonl"
+    path = run_dir / stage / METRICS
     if path.is_file():
         for row in read_metrics(path):
             ev = {d: row.get(f"eval/{d}") for d in teacher}

@@ -32,13 +32,15 @@ from mopd.report.stats import (
     replicate_se,
 )
 
+from ..core.run_dir import FINAL, LINEAGE
+
 
 def read_prompt_rewards(stage_dir: Path) -> dict[str, np.ndarray] | None:
     """{domain: per-prompt rewards} from a verified final/mopd.json; None when unfinished, unverified, or saved
     without per-prompt rewards."""
     if read_final_eval(stage_dir) is None:  # missing or failing verification (it warns)
         return None
-    ev = json.loads((Path(stage_dir) / "final" / "mopd.json").read_text()).get("metrics", {}).get("eval", {})
+    ev = json.loads((Path(stage_dir) / FINAL / LINEAGE).read_text()).get("metrics", {}).get("eval", {})
     out = {}
     for d, v in ev.items():
         rewards = v.get("rewards") if isinstance(v, dict) else None

@@ -15,13 +15,15 @@ from typing import Any
 
 from mopd.models.integrity import stage_output_problem
 
+from ..core.run_dir import FINAL, LINEAGE, RUN_JSON
+
 REQUIRED_RUN_KEYS = ("recipe", "stages", "report")
 REQUIRED_REPORT_KEYS = ("start", "student", "teachers")
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
     """Read and check RUN/run.json; raises a one-line ValueError naming the file."""
-    path = Path(run_dir) / "run.json"
+    path = Path(run_dir) / RUN_JSON
     if not path.is_file():
         raise ValueError(f"{path}: not found (is this a run directory?)")
     try:
@@ -111,7 +113,7 @@ def curves_from_rows(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, fl
 def final_problem(stage_dir: Path) -> str | None:
     """One line naming the file of a finished stage's outputs (final checkpoint, snapshots, metrics log) that
     fails its checksums, or None (intact, or the stage has no final output)."""
-    return stage_output_problem(stage_dir) if (Path(stage_dir) / "final" / "mopd.json").is_file() else None
+    return stage_output_problem(stage_dir) if (Path(stage_dir) / FINAL / LINEAGE).is_file() else None
 
 
 AGENT_KEYS = ("tool_call_rate", "episode_length")
@@ -132,7 +134,7 @@ def read_final_eval(stage_dir: Path) -> dict[str, dict[str, float | None]] | Non
     """{domain: {"score", "accuracy"} (+ "tool_call_rate", "episode_length" on a tool-use domain)} from
     <stage>/final/mopd.json; None when the stage is not finished or its
     final directory fails verification (with a warning naming the file: see `final_problem`)."""
-    path = Path(stage_dir) / "final" / "mopd.json"
+    path = Path(stage_dir) / FINAL / LINEAGE
     if not path.is_file():
         return None
     if problem := final_problem(stage_dir):

@@ -24,6 +24,8 @@ from mopd.report.run_files import (
 )
 from mopd.report.scores import MIN_TEACHER_GAIN, normalized_score, recovery
 
+from ..core.run_dir import METRICS, PREFLIGHT
+
 MISSING = "—"
 
 
@@ -180,7 +182,7 @@ def compute_report(run_dir: Path) -> ReportData:
 
     curves = {}
     for s in order:
-        path = run_dir / s / "metrics.jsonl"
+        path = run_dir / s / METRICS
         if path.is_file():
             curves[s] = curves_from_rows(read_metrics(path))
 
@@ -302,7 +304,7 @@ def _preflight_table(run_dir: Path, mopd_stages: list[str]) -> Table | None:
     """One row per (MOPD stage, teacher) from <stage>/preflight.json; None when no stage has one."""
     rows, notes = [], []
     for s in mopd_stages:
-        path = run_dir / s / "preflight.json"
+        path = run_dir / s / PREFLIGHT
         if not path.is_file():
             continue
         try:

@@ -22,16 +22,14 @@ from typing import Any
 import torch
 
 from ..core.errors import StageError
+from ..core.run_dir import CHECKPOINTS, FINAL, METRICS
 from ..eval.evaluate import evaluate
-from ..learner import sharded
 from ..models.checkpoint import load_trainer_state, save_checkpoint
-from ..models.integrity import FINAL_DIR, METRICS_FILE
-from .guards import DivergenceWatch, nonfinite_message, update_norm
+from .guards import DivergenceWatch, nonfinite_message
 from .lineage import final_lineage, lineage, snapshot_path
 from .loading import trainable_model, trainable_parameters
 from .resolved import ResolvedStage
 from .resumable import (
-    CHECKPOINTS,
     checkpointed_seconds,
     prune_resumable,
     resume_point,
@@ -39,8 +37,6 @@ from .resumable import (
 
 # a stage's step: (model, 0-based step) -> (loss, metrics); the one thing a stage kind plugs into `train`
 LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
-FINAL = FINAL_DIR
-METRICS = METRICS_FILE
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, schedule: str) -> float:
@@ -126,23 +122,18 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
 
     Forward passes (rollouts, loss, evals) run in `training_precision`: autocast to the stage's `dtype` when the
     trained weights are kept in float32; backward and the optimizer step run outside it, on the wide weights.
-    A loss function that splits its step into micro-batches has already run each one's backward (with autocast
-    off) and returns the loss detached: the update follows whenever the step left gradients.
+    The stage's learner strategy (`ctx.learner`: one process, or this rank of a DDP / FSDP group) lays the model
+    out, finishes the step's backward (one rule: `learner.strategy`), sums and clips the gradients, keeps the
+    model rank 0 samples, evaluates and saves, and gathers the optimizer state a checkpoint keeps; rank 0 alone
+    picks the checkpoint to resume from, logs and saves. The update follows whenever the step left gradients.
     `evaluate_fn(model)` replaces the held-out generation eval for a model that does not generate (a reward
     model: its held-out pair accuracy); it returns {name: {"score": ..., ...}} like `eval_metrics`.
     """
-    s = ctx.settings
+    s, learner = ctx.settings, ctx.learner
     torch.manual_seed(ctx.seed)
-    dp = ctx.data_parallel  # a data-parallel learner's rank: rank 0 alone picks the checkpoint, logs and saves
-    lead = dp is None or dp.lead
-    resume_from = resume_point(ctx.stage_dir, ctx.name, ctx.on_warning) if lead else None
-    if dp is not None:
-        resume_from = dp.broadcast(resume_from)
+    resume_from = learner.from_lead(lambda: resume_point(ctx.stage_dir, ctx.name, ctx.on_warning))
     model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
-    whole = model  # the model sampled, evaluated and saved (rank 0's)
-    fsdp = dp is not None and dp.sharded
-    if fsdp:  # rank 0 keeps an unsharded copy of what the ranks train
-        whole = dp.whole = sharded.shard_layers(model, dp, ctx.name)
+    whole = learner.shard(model, ctx.name)  # the model sampled, evaluated and saved (rank 0's)
     model.train()
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
@@ -157,14 +148,13 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 f"stage {ctx.name!r}: the resumable checkpoint {resume_from} cannot be read safely "
                 f"({e.__class__.__name__}); move it aside to start the stage over"
             ) from None
-        opt.load_state_dict(sharded.sharded_optimizer_state(state["optimizer"], params) if fsdp
-                            else state["optimizer"])  # saved unsharded
+        learner.load_optimizer_state(opt, state["optimizer"], params)  # saved unsharded
         start = int(state["step"])
         totals.update(state.get("totals", {}))
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
         skipped = int(state.get("skipped", 0))
     watch = DivergenceWatch(ctx.name, ctx.on_warning)
-    log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record) if lead else NO_LOG
+    log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record) if learner.lead else NO_LOG
     precision = ctx.placement.precision
     t0 = time.time() - checkpointed_seconds(resume_from)  # a resumed stage's clock goes on (0 if new)
     try:
@@ -176,21 +166,19 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 loss, metrics = loss_fn(model, step)  # micro-batched: backward already done, loss detached
             done = step + 1
             bad = None if bool(torch.isfinite(loss.detach()).all()) else ("loss", float(loss.detach()))
-            if loss.requires_grad and bad is None:
-                loss.backward()
-            if dp is not None:
-                sharded.sum_gradients(dp, params)  # each rank's share of the micro-batches -> the step's gradient
+            if bad is None:
+                learner.backward(loss)
+            learner.sum_gradients(params)  # each rank's share of the micro-batches -> the step's gradient
             # a step with nothing to learn from (offpolicy_ft with no verified trace) leaves no gradient: no update
             if any(p.grad is not None for p in params):
-                norm = float(sharded.update_norm(dp, params, s.grad_clip) if fsdp else update_norm(params, s.grad_clip))
+                norm = learner.update_norm(params, s.grad_clip)
                 if s.grad_clip:
                     metrics["grad_norm"] = norm
                 if bad is None and not math.isfinite(norm):
                     bad = ("grad_norm", norm)
                 if bad is None:
                     opt.step()
-                    if fsdp:
-                        sharded.refresh_whole(whole, model)
+                    learner.updated()
                 opt.zero_grad(set_to_none=True)
             if bad is not None:
                 what = nonfinite_message(ctx.name, done, *bad)
@@ -205,7 +193,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             totals["samples"] += int(metrics.get("samples/student", 0))
             totals["teacher_samples"] += int(metrics.get("samples/teacher", 0))
             record = {"step": done, "lr": lr, "time": round(time.time() - t0, 3), **metrics, **totals}
-            if lead and s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            if learner.lead and s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 whole.eval()
                 with precision():
                     scores = evaluate_fn(whole) if evaluate_fn else eval_metrics(ctx, whole)
@@ -215,21 +203,20 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             if ctx.on_progress:
                 ctx.on_progress(done, s.steps, metrics)
             if done % s.checkpoint_every == 0 and done < s.steps:
-                # under FSDP every rank gathers the optimizer state (an unsharded AdamW's, whatever the layout)
-                opt_state = sharded.full_optimizer_state(opt) if fsdp else opt.state_dict()
-                if lead:
+                opt_state = learner.optimizer_state(opt)  # every rank: under FSDP they gather it
+                if learner.lead:
                     path = ctx.stage_dir / CHECKPOINTS / f"step-{done:07d}"
                     save_checkpoint(path, whole, ctx.tokenizer,
                                     lineage(ctx, done, {"elapsed_seconds": round(time.time() - t0, 3)}),
                                     trainer_state={"optimizer": opt_state, "step": done, "totals": dict(totals),
                                                    "rng": rng_state(), "skipped": skipped})
                     prune_resumable(ctx.stage_dir)
-            if lead and s.keep_every and done % s.keep_every == 0 and done < s.steps:
+            if learner.lead and s.keep_every and done % s.keep_every == 0 and done < s.steps:
                 # an HF snapshot only (no optimizer state); a resumed stage rewrites it identically
                 save_checkpoint(snapshot_path(ctx.stage_dir, done), whole, ctx.tokenizer,
                                 lineage(ctx, done, dict(totals)))
         model.eval()
-        if not lead:
+        if not learner.lead:
             return ctx.stage_dir / FINAL  # rank 0 writes it
         whole.eval()
         with precision():
@@ -237,8 +224,6 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()
-        if (close := getattr(loss_fn, "close", None)) is not None:
-            close()  # what the step started beside the model (rollout workers)
     final = save_checkpoint(ctx.stage_dir / FINAL, whole, ctx.tokenizer,
                             final_lineage(ctx, s.steps, {"eval": final_eval, **totals}))
     shutil.rmtree(ctx.stage_dir / CHECKPOINTS, ignore_errors=True)

@@ -13,15 +13,6 @@ import math
 from collections import deque
 from collections.abc import Callable
 
-import torch
-
-
-def update_norm(parameters: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
-    """The gradients' total norm, clipping them to `clip` when set (the norm before clipping, as torch reports it)."""
-    if clip:
-        return torch.nn.utils.clip_grad_norm_(parameters, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-
 
 def nonfinite_message(stage: str, step: int, metric: str, value: float) -> str:
     """What a non-finite step is, in one line: the stage, the step and the metric."""

@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__
+from ..core.run_dir import METRICS, SNAPSHOTS
 from ..core.schema import MOPDStage
-from ..models.integrity import METRICS_FILE, METRICS_KEY, SNAPSHOTS_DIR, file_record
+from ..models.integrity import METRICS_KEY, file_record
 from .resolved import ResolvedStage
-
-SNAPSHOTS = SNAPSHOTS_DIR
 
 
 def snapshot_path(stage_dir: Path, step: int) -> Path:
@@ -66,4 +65,4 @@ def lineage(ctx: ResolvedStage, step: int, metrics: dict) -> dict:
 def final_lineage(ctx: ResolvedStage, step: int, metrics: dict) -> dict:
     """The lineage of a stage's final output, with the size and sha256 of its (now complete) metrics log, so
     that a damaged log is found like a damaged checkpoint (`models.integrity.stage_output_problem`)."""
-    return {**lineage(ctx, step, metrics), METRICS_KEY: file_record(ctx.stage_dir / METRICS_FILE)}
+    return {**lineage(ctx, step, metrics), METRICS_KEY: file_record(ctx.stage_dir / METRICS)}

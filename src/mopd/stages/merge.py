@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..core.run_dir import FINAL, METRICS
 from ..core.schema import MergeStage
 from ..models.checkpoint import load_model, save_checkpoint
 from ..models.merge import merge_state_dicts
 from ..models.precision import compute_precision
-from .driver import FINAL, METRICS, eval_metrics
+from .driver import eval_metrics
 from .lineage import final_lineage
 from .resolved import ResolvedStage
 

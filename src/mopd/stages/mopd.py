@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..core.run_dir import PREFLIGHT
 from ..core.schema import ActorBackend, HttpBackend, MOPDStage
 from ..core.scoring import TeacherScorer
 from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
@@ -35,11 +36,9 @@ from .driver import train
 from .loading import load_placed
 from .problems import ProblemSource, problem_source
 from .resolved import ResolvedStage
-from .rl import policy_step_fn
+from .rl import policy_step_fn, policy_workers
 from .start import starting_model
 from .teacher_gate import check_teacher_gain
-
-PREFLIGHT_FILE = "preflight.json"
 
 
 def run_mopd(ctx: ResolvedStage) -> Path:
@@ -49,12 +48,13 @@ def run_mopd(ctx: ResolvedStage) -> Path:
     gains = check_teacher_gain(ctx, s.preflight.min_teacher_gain) if s.preflight.min_teacher_gain is not None else None
     # every phase's tokenizers now (no weights): a mismatch in a late phase fails before step 0
     check_teacher_tokenizers(ctx, [pair for i in range(len(schedule.phases)) for pair in schedule.checkpoints(i)])
-    due = s.preflight.enabled and not (ctx.stage_dir / PREFLIGHT_FILE).exists()
+    due = s.preflight.enabled and not (ctx.stage_dir / PREFLIGHT).exists()
     if due or not s.teacher_schedule:  # a resumed scheduled stage loads its phase's teachers at its first step
         first = schedule.at(0)  # the teachers of step 0, loaded once: training goes on with this panel
         if due:
             preflight(ctx, first, dict(schedule.checkpoints(0)), source, gains)
-    return train(ctx, starting_model(ctx), policy_step_fn(ctx, lambda step: source, schedule.at))
+    with policy_workers(ctx) as workers:
+        return train(ctx, starting_model(ctx), policy_step_fn(ctx, lambda step: source, schedule.at, workers))
 
 
 class TeacherSchedule:
@@ -197,4 +197,4 @@ def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str
         result["remote_teachers"] = {n: b.backend for n, b in sorted(s.teacher_backends.items())}
     if gains is not None:
         result["teacher_gain"] = {"min": s.preflight.min_teacher_gain, "domains": dict(gains)}
-    write_json_atomic(ctx.stage_dir / PREFLIGHT_FILE, result)
+    write_json_atomic(ctx.stage_dir / PREFLIGHT, result)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from ..core.run_dir import FINAL, METRICS
 from ..core.schema import ModelStage, PromptedStage
 from ..models.checkpoint import load_model, save_checkpoint
 from ..models.precision import compute_precision
 from ..models.prompting import PromptContext, write_teacher_prompt
 from ..teachers.prompted import prefix_tokens
-from .driver import FINAL, METRICS, eval_metrics
+from .driver import eval_metrics
 from .lineage import final_lineage
 from .resolved import ResolvedStage
 

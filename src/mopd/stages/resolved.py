@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core.schema import EvalSettings, Stage
 from ..envs import DomainLike
-from ..learner.data_parallel import DataParallel
+from ..learner.strategy import LOCAL, Learner
 from ..models.precision import Placement
 from ..models.prompting import PromptFormat, Rendering
 
@@ -56,7 +56,7 @@ class ResolvedStage:
     on_warning: Callable[[str], None] | None = None  # one-line warnings for the console (default: logging)
     on_record: Callable[[dict], None] | None = None  # each metrics.jsonl record (experiment trackers)
     executor: str = "local"  # what runs the stage: local (this process) or ray (rollout / learner workers as actors)
-    data_parallel: DataParallel | None = None  # this process's rank in a data-parallel learner (`learner:`)
+    learner: Learner = LOCAL  # how the trained model is laid out: one process, or this rank of a DDP/FSDP group
 
     @property
     def domain_map(self) -> dict[str, DomainLike]:

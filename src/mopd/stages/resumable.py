@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.run_dir import CHECKPOINTS, SUPERSEDED
 from ..models.checkpoint import read_lineage
 from ..models.integrity import checkpoint_problem
 
-CHECKPOINTS = "checkpoints"
-SUPERSEDED = ".superseded"
 KEEP_RESUMABLE = 2
 
 

@@ -6,7 +6,8 @@ mopd is the same step with a teacher panel (`mopd.py`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..core.schema import CascadeRLStage, MOPDStage
@@ -20,7 +21,7 @@ from .loading import lazy_rollout_sampler
 from .problems import ProblemSource, problem_source, step_generator, step_rng
 from .resolved import ResolvedStage
 from .rewards import stage_reward
-from .rollout_workers import rollout_pool
+from .rollout_workers import LazyPool, rollout_pool
 from .schedules import temperature_at
 from .start import starting_model
 
@@ -29,9 +30,11 @@ def policy_step_fn(
     ctx: ResolvedStage,
     source_at: Callable[[int], ProblemSource],
     teachers_at: Callable[[int], TeacherScorer] | None = None,
+    workers: LazyPool | None = None,
 ) -> LossFn:
     """The loss function of a sampling stage: step -> (problems of `source_at(step)`, rollouts, policy loss
-    against the teachers of `teachers_at(step)` when given)."""
+    against the teachers of `teachers_at(step)` when given). `workers`: the stage's rollout workers
+    (`policy_workers`), which sample in place of the stage's own sampler."""
     s = ctx.settings
     distill = s if isinstance(s, MOPDStage) else None  # a MOPD stage is its own DistillationSettings
     rollouts = lazy_rollout_sampler(ctx)  # torch sampler, or vLLM (recipe `rollout_backend`), built on first use
@@ -39,43 +42,52 @@ def policy_step_fn(
     # a mopd stage's domains without a teacher: trained by GRPO on their reward in the same step (Nemotron 3 Ultra)
     reward_only = frozenset(d.name for d in ctx.domains if distill and d.name not in ctx.teacher_of_domain)
     reward = stage_reward(ctx)  # `reward:` a reward model or judge (None: the domains' verifiers)
-
-    dp = ctx.data_parallel  # a rank of a data-parallel learner (`learner:`), else None
-    workers = rollout_pool(ctx, rollouts)  # `rollout:` rollout workers (or their in-process twin), else None
+    learner = ctx.learner  # one process, or a rank of a data-parallel learner (`learner:`): rank 0 samples
 
     def draw(step):
         problems = source_at(step).draw(step_rng(ctx.seed, step), s.batch_size, step=step)
         return problems, temperature_at(step, s.steps, s.temperature, s.temperature_end, s.temperature_schedule)
 
-    def loss_fn(model, step):
-        problems, temperature = draw(step)
-        sampling = model if dp is None else dp.sampling_model(model)  # FSDP: rank 0's unsharded copy
-        if dp is not None and not dp.lead:  # a data-parallel learner: rank 0 samples, every rank trains on it
-            batch, metrics = dp.broadcast(None)
-        else:
-            batch, metrics = rollout(sampling, ctx.tokenizer, problems, domains, s, temperature=temperature,
-                                     generator=step_generator(ctx.seed, step),
-                                     sampler=rollouts() if workers is None else workers(sampling).sampler(step),
-                                     prompt_format=ctx.prompt_format, reward=reward)
-            if dp is not None:
-                dp.broadcast((batch, metrics))
-        if workers is not None and (dp is None or dp.lead):
-            metrics.update(workers(sampling).metrics)
+    def sample(model, step, problems, temperature):
+        """Rank 0's part of the step: the rollouts, with rollout workers their metrics, and the next step's
+        rollouts started when `max_lag` lets them overlap this step's update."""
+        batch, metrics = rollout(model, ctx.tokenizer, problems, domains, s, temperature=temperature,
+                                 generator=step_generator(ctx.seed, step),
+                                 sampler=rollouts() if workers is None else workers(model).sampler(step),
+                                 prompt_format=ctx.prompt_format, reward=reward)
+        if workers is not None:
+            metrics.update(workers(model).metrics)
             if workers.max_lag and step + 1 < s.steps:  # the next step samples while this one trains
                 upcoming, upcoming_temperature = draw(step + 1)
-                workers(sampling).prefetch(step + 1, sampling, upcoming, temperature=upcoming_temperature,
+                workers(model).prefetch(step + 1, model, upcoming, temperature=upcoming_temperature,
                                         generator=step_generator(ctx.seed, step + 1),
                                         prompt_format=ctx.prompt_format)
+        return batch, metrics
+
+    def loss_fn(model, step):
+        problems, temperature = draw(step)
+        # every rank trains on the batch rank 0 sampled with the unsharded model (FSDP: its copy)
+        batch, metrics = learner.from_lead(lambda: sample(learner.whole(model), step, problems, temperature))
         cfg = PolicyConfig(sampling=s, distill=distill, teachers=teachers_at(step) if teachers_at else None,
                            reward_only=reward_only)
         loss, loss_metrics = policy_loss(model, batch, cfg, temperature=temperature,
-                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk, dp=dp,
-                                         by_length=s.micro_batch_by_length)
+                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk,
+                                         dp=learner.group, by_length=s.micro_batch_by_length)
         return loss, {**metrics, **loss_metrics, "samples/student": len(problems) * s.group_size}
 
-    if workers is not None:
-        loss_fn.close = workers.close  # the driver ends the rollout workers with the stage
     return loss_fn
+
+
+@contextmanager
+def policy_workers(ctx: ResolvedStage) -> Iterator[LazyPool | None]:
+    """The stage's rollout workers (`rollout:`; None without), built at the first step that samples and ended
+    with the stage, however it ends (their actors would otherwise outlive it in a reused Ray worker)."""
+    pool = rollout_pool(ctx, lazy_rollout_sampler(ctx))
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def run_rl(ctx: ResolvedStage) -> Path:
@@ -85,4 +97,5 @@ def run_rl(ctx: ResolvedStage) -> Path:
     else:
         source = problem_source(ctx)
         source_at = lambda step: source  # noqa: E731
-    return train(ctx, starting_model(ctx), policy_step_fn(ctx, source_at))
+    with policy_workers(ctx) as workers:
+        return train(ctx, starting_model(ctx), policy_step_fn(ctx, source_at, workers=workers))

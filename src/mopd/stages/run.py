@@ -9,13 +9,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.run_dir import EVAL_JSON, FINAL, METRICS
 from ..core.schema import EvalStage, PretrainStage
 from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer, publish_dir, write_json_atomic
 from ..models.prompting import with_pad_token
 from .baselines import run_offpolicy
 from .dpo import run_dpo
-from .driver import FINAL, eval_metrics, train
+from .driver import eval_metrics, train
 from .lineage import final_lineage
 from .loading import load_placed
 from .merge import run_merge
@@ -57,8 +58,8 @@ def run_eval(ctx: ResolvedStage) -> Path:
         results[ref] = eval_metrics(ctx, model, tokenizer, ctx.rendering.format_for(tokenizer))
         if s.domains:
             results[ref] = {d: v for d, v in results[ref].items() if d in s.domains}
-    (ctx.stage_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval": results}) + "\n")
-    return publish_dir(ctx.stage_dir / FINAL, lambda tmp: write_json_atomic(tmp / "eval.json", results),
+    (ctx.stage_dir / METRICS).write_text(json.dumps({"step": 0, "eval": results}) + "\n")
+    return publish_dir(ctx.stage_dir / FINAL, lambda tmp: write_json_atomic(tmp / EVAL_JSON, results),
                        final_lineage(ctx, 0, {"eval": results}))
 
 

@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import StageError
+from ..core.run_dir import LINEAGE
 from ..models.checkpoint import read_lineage
-from ..models.integrity import LINEAGE_FILE
 from .resolved import ResolvedStage
 
 
 def held_out_scores(checkpoint: str | Path | None) -> dict[str, float] | None:
     """{domain: held-out score} recorded in a finished checkpoint's lineage, or None (an external model, or no
     eval recorded)."""
-    if not checkpoint or not (Path(checkpoint) / LINEAGE_FILE).is_file():
+    if not checkpoint or not (Path(checkpoint) / LINEAGE).is_file():
         return None
     try:
         ev = read_lineage(Path(checkpoint)).get("metrics", {}).get("eval", {})
