@@ -107,15 +107,15 @@ def write_recipe(path: Path, a: argparse.Namespace, settings: dict | None = None
     return path
 
 
-def resolved(recipe: Path, out: Path, **callbacks):
-    """The stage as `mopd run` resolves it (`recipe.stage_step.run_stage_step`, minus its run bookkeeping)."""
+def resolved(recipe: Path, out: Path, **hooks):
+    """The stage as `mopd run` resolves it (`execution.stage_step.run_stage_step`, minus its run bookkeeping)."""
     from mopd.execution.resolve import resolve_stage
     from mopd.recipe.identity import stage_identities
     from mopd.recipe.load import load_recipe
 
     loaded = load_recipe(recipe)
     (out / STAGE).mkdir(parents=True, exist_ok=True)
-    return resolve_stage(loaded, STAGE, out, stage_identities(loaded), **callbacks)
+    return resolve_stage(loaded, STAGE, out, stage_identities(loaded), **hooks)
 
 
 def draw_prompts(recipe: Path, out: Path) -> dict:

@@ -84,6 +84,7 @@ def _worker_mopd(spec: dict) -> dict:
     import mopd.stages.mopd as stage_mod
     import mopd.stages.rl as rl_mod
     from mopd.runtime import keep_freed_memory
+    from mopd.stages.resolved import StageHooks
     from mopd.stages.run import run_stage
     from mopd.teachers.panel import TeacherPanel
 
@@ -139,7 +140,7 @@ def _worker_mopd(spec: dict) -> dict:
                  (rl_mod, "rollout", clock.wrap("rollout", rollout)),
                  (stage_mod, "policy_step_fn", policy_step_fn),
                  (TeacherPanel, "_teacher_hidden", clock.wrap("teacher", TeacherPanel._teacher_hidden))):
-        ctx = resolved(recipe, out / "run", on_progress=on_progress, on_warning=warnings.append)
+        ctx = resolved(recipe, out / "run", hooks=StageHooks(progress=on_progress, warn=warnings.append))
         with contextlib.suppress(_Finished):
             run_stage(ctx)
     if drawn != a.prompts:

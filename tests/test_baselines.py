@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def _ctx(run: Path, stage: str, stage_dir: Path, **recipe_keys: str):
     loaded = load_recipe(run / "recipe.yaml")
     loaded = replace(loaded, recipe=loaded.recipe.model_copy(update=recipe_keys))
     ctx = resolve_stage(loaded, stage, run, stage_identities(loaded))
-    ctx.stage_dir = stage_dir
+    ctx = dataclasses.replace(ctx, stage_dir=stage_dir)
     return ctx
 
 

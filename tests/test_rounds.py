@@ -3,6 +3,7 @@ snapshots (`keep_every`), a teacher schedule, and an exact resume with snapshots
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_scheduled_snapshots_are_placed_and_checked_like_final_teachers(run: Pat
                              len(own), own, 0)
     save_checkpoint(tmp_path / "other" / "final", model, own, {"stage": "other"})
     ctx = _staged_ctx(run)
-    ctx.init_path, ctx.stage_dir = str(tmp_path / "other" / "final"), tmp_path / "staged"
+    ctx = dataclasses.replace(ctx, init_path=str(tmp_path / "other" / "final"), stage_dir=tmp_path / "staged")
     with pytest.raises(PreflightError, match="teacher 'teacher_rev'.*step-0000002"):
         _run_staged_until_training(ctx, monkeypatch)
 
@@ -215,7 +216,7 @@ def test_scheduled_stage_loads_each_teacher_once_and_preflights_the_first_phase(
     first_phase = {t: str(run / t / "snapshots" / "step-0000002") for t in ("teacher_rev", "teacher_sort")}
     for enabled in (True, False):
         ctx = _staged_ctx(run, stage={"preflight": preflight.model_copy(update={"enabled": enabled})})
-        ctx.stage_dir, ctx.tokenizer = tmp_path / f"staged-{enabled}", build_char_tokenizer(ALPHABET)
+        ctx = dataclasses.replace(ctx, stage_dir=tmp_path / f"staged-{enabled}", tokenizer=build_char_tokenizer(ALPHABET))
         assert _run_staged_until_training(ctx, monkeypatch) == [first_phase]
         assert (ctx.stage_dir / "preflight.json").exists() == enabled
 
@@ -233,7 +234,7 @@ def test_a_late_phase_teacher_with_another_tokenizer_fails_before_the_first_step
     shutil.copytree(run / "teacher_rev" / "snapshots", tmp_path / "teacher_rev" / "snapshots")
     preflight = load_recipe(run / "recipe.yaml").recipe.stages["staged"].preflight
     ctx = _staged_ctx(run, stage={"preflight": preflight.model_copy(update={"enabled": False})})
-    ctx.stage_dir, ctx.tokenizer = tmp_path / "staged", build_char_tokenizer(ALPHABET)
+    ctx = dataclasses.replace(ctx, stage_dir=tmp_path / "staged", tokenizer=build_char_tokenizer(ALPHABET))
     moved = str(tmp_path / "teacher_rev" / "final")
     phases = tuple(teacher_checkpoint(moved, ph.snapshot) for ph in ctx.settings.teacher_schedule)
     ctx.teachers["teacher_rev"] = replace(ctx.teachers["teacher_rev"], checkpoint=moved, phases=phases)

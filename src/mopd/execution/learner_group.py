@@ -86,7 +86,7 @@ def _group(ctx: ResolvedStage, rank: int, world: int, init: str) -> Iterator[Res
 
     backend = "nccl" if ctx.placement.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
-    spec = getattr(ctx.settings, "learner", None)
+    spec = ctx.learner_workers
     try:
         yield dataclasses.replace(ctx, learner=data_parallel("ddp" if spec is None else spec.strategy, rank, world))
     finally:

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from ..recipe.load import LoadedRecipe
+from ..stages.resolved import StageHooks
 from ..stages.run import run_stage
 from .progress import progress_info, stage_progress
 from .scheduler import Ended
@@ -49,9 +50,10 @@ class LocalExecutor:
         try:
             info = run_stage_step(
                 self.loaded, name, self.out, self.ids, prior,
-                warn=lambda msg: warn_line(self.progress.console, msg),
-                on_progress=lambda step, tot, m: self.progress.update(task, completed=step, info=progress_info(m)),
-                on_record=self.recorder(name),
+                hooks=StageHooks(
+                    progress=lambda step, tot, m: self.progress.update(task, completed=step, info=progress_info(m)),
+                    warn=lambda msg: warn_line(self.progress.console, msg),
+                    record=self.recorder(name)),
                 run=run_stage,  # looked up here, so a test can stand in for it
             )
         except Exception as e:  # as on Ray: its dependants are stopped, the rest runs on

@@ -28,6 +28,7 @@ from ..core.errors import StageError
 from ..core.run_dir import METRICS
 from ..recipe.load import LoadedRecipe
 from ..runtime import start_local_ray
+from ..stages.resolved import StageHooks
 from .learner_group import group_runner, learner_workers
 from .progress import logged_step, progress_info, stage_progress
 from .run_lock import stage_lock
@@ -190,5 +191,5 @@ def _stage_task(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str],
         console.print(f"warning: {msg}", highlight=False, markup=False, soft_wrap=True)
 
     with stage_lock(Path(out), name):  # an orphaned worker of a killed run may still be writing it
-        return run_stage_step(loaded, name, out, ids, prior, warn=warn, executor="ray",
+        return run_stage_step(loaded, name, out, ids, prior, hooks=StageHooks(warn=warn), executor="ray",
                               run=group_runner(loaded, name, out, ids, threads))

@@ -7,11 +7,10 @@ schedule phase) is a function of the loaded recipe and the run directory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from ..core.run_dir import FINAL
-from ..core.schema import MOPDStage, OffPolicyFTStage
+from ..core.schema import ExecutorName, MOPDStage, OffPolicyFTStage, reward_of
 from ..models.checkpoint import load_tokenizer
 from ..models.precision import resolve_placement
 from ..models.prompting import Rendering, with_pad_token
@@ -19,7 +18,7 @@ from ..recipe.load import LoadedRecipe
 from ..recipe.refs import init_ref, resolve_external, stage_domains, stage_refs, stage_seed
 from ..recipe.tokenizer import recipe_tokenizer
 from ..stages.lineage import teacher_checkpoint
-from ..stages.resolved import ResolvedStage, TeacherRef
+from ..stages.resolved import ResolvedStage, StageHooks, TeacherRef
 
 
 def model_refs(loaded: LoadedRecipe, out: Path) -> dict[str, str]:
@@ -42,10 +41,8 @@ def resolve_stage(
     out: Path,
     identities: dict[str, str],
     *,
-    on_progress: Callable[[int, int, dict[str, float]], None] | None = None,
-    on_warning: Callable[[str], None] | None = None,
-    on_record: Callable[[dict], None] | None = None,
-    executor: str = "local",
+    hooks: StageHooks = StageHooks(),
+    executor: ExecutorName = "local",
 ) -> ResolvedStage:
     recipe = loaded.recipe
     stage = recipe.stages[name]
@@ -85,9 +82,10 @@ def resolve_stage(
         teacher_of_domain=teacher_of_domain,
         rollout_backend=recipe.rollout_backend,
         vllm_memory_fraction=recipe.vllm_memory_fraction,
-        on_progress=on_progress,
-        on_warning=on_warning,
-        on_record=on_record,
+        reward=reward_of(stage),
+        rollout_workers=getattr(stage, "rollout", None),
+        learner_workers=getattr(stage, "learner", None),
         executor=executor,
+        hooks=hooks,
     )
 

@@ -17,18 +17,18 @@ from pathlib import Path
 
 from ..core.errors import StageError
 from ..core.run_dir import FINAL, STAGE_JSON
+from ..core.schema import ExecutorName
 from ..models.checkpoint import read_lineage, write_json_atomic
 from ..models.integrity import stage_output_problem
 from ..recipe.load import LoadedRecipe
 from ..recipe.refs import init_ref, stage_domains
-from ..stages.resolved import ResolvedStage
+from ..stages.resolved import ResolvedStage, StageHooks
 from ..stages.resumable import checkpointed_seconds, latest_checkpoint, supersede
 from ..stages.run import run_stage
 from .resolve import resolve_stage
 from .storage import storage_problem
 
 Warn = Callable[[str], None]
-Progress = Callable[[int, int, dict[str, float]], None]
 
 
 def stage_entry(loaded: LoadedRecipe, name: str, ids: dict[str, str]) -> dict:
@@ -51,11 +51,9 @@ def run_stage_step(
     ids: dict[str, str],
     prior: dict,
     *,
-    warn: Warn,
-    on_progress: Progress | None = None,
-    on_record: Callable[[dict], None] | None = None,
+    hooks: StageHooks,
     run: Callable[[ResolvedStage], Path] = run_stage,
-    executor: str = "local",
+    executor: ExecutorName = "local",
 ) -> dict:
     """Run stage `name` into `out / name` unless it finished with its identity; returns its run.json entry with
     `status` (cached / ran), `wall_seconds` and the wall-clock `started_at` / `ended_at` (epoch seconds).
@@ -65,7 +63,7 @@ def run_stage_step(
     stage_dir = Path(out) / name
     info = stage_entry(loaded, name, ids)
     with storage_errors(f"stage {name!r}", Path(out)):
-        if finished(stage_dir, ids[name], warn):
+        if finished(stage_dir, ids[name], hooks.warn):
             info["status"] = "cached"
             for key in ("wall_seconds", "started_at", "ended_at"):
                 info[key] = prior.get(key, 0.0 if key == "wall_seconds" else None)
@@ -74,8 +72,7 @@ def run_stage_step(
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(stage_dir / STAGE_JSON, {"identity": ids[name], "kind": info["kind"]})
         # a stage's rollout / learner workers are Ray actors only under the Ray executor
-        ctx = resolve_stage(loaded, name, Path(out), ids, on_progress=on_progress, on_warning=warn,
-                            on_record=on_record, executor=executor)
+        ctx = resolve_stage(loaded, name, Path(out), ids, executor=executor, hooks=hooks)
         started = time.time()
         t0 = started - checkpointed_seconds(latest_checkpoint(stage_dir))  # an interrupted stage's time counts
         run(ctx)

@@ -131,7 +131,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     """
     s, learner = ctx.settings, ctx.learner
     torch.manual_seed(ctx.seed)
-    resume_from = learner.from_lead(lambda: resume_point(ctx.stage_dir, ctx.name, ctx.on_warning))
+    resume_from = learner.from_lead(lambda: resume_point(ctx.stage_dir, ctx.name, ctx.hooks.warn))
     model = trainable_model(ctx, model_factory, resume_from)  # on the stage's device/dtype; LoRA-wrapped if asked
     whole = learner.shard(model, ctx.name)  # the model sampled, evaluated and saved (rank 0's)
     model.train()
@@ -153,8 +153,8 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
         totals.update(state.get("totals", {}))
         restore_rng_state(state.get("rng"))  # after the model is built: building it draws from the generator
         skipped = int(state.get("skipped", 0))
-    watch = DivergenceWatch(ctx.name, ctx.on_warning)
-    log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.on_record) if learner.lead else NO_LOG
+    watch = DivergenceWatch(ctx.name, ctx.hooks.warn)
+    log = MetricsLog(ctx.stage_dir / METRICS, start, ctx.hooks.record) if learner.lead else NO_LOG
     precision = ctx.placement.precision
     t0 = time.time() - checkpointed_seconds(resume_from)  # a resumed stage's clock goes on (0 if new)
     try:
@@ -187,8 +187,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                                      "or set `nonfinite: skip` to skip such steps)")
                 skipped += 1
                 metrics["nonfinite/skipped"] = skipped
-                if ctx.on_warning:
-                    ctx.on_warning(f"{what}: update skipped ({skipped} so far)")
+                ctx.hooks.warn(f"{what}: update skipped ({skipped} so far)")
             watch.observe(done, metrics)
             totals["samples"] += int(metrics.get("samples/student", 0))
             totals["teacher_samples"] += int(metrics.get("samples/teacher", 0))
@@ -200,8 +199,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
                 record.update({f"eval/{d}": v["score"] for d, v in scores.items()})
                 whole.train()
             log.write(record)
-            if ctx.on_progress:
-                ctx.on_progress(done, s.steps, metrics)
+            ctx.hooks.progress(done, s.steps, metrics)
             if done % s.checkpoint_every == 0 and done < s.steps:
                 opt_state = learner.optimizer_state(opt)  # every rank: under FSDP they gather it
                 if learner.lead:

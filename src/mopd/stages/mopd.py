@@ -13,7 +13,6 @@ twice.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -185,7 +184,7 @@ def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str
         kl_warn=s.preflight.kl_warn,
         seed=ctx.seed,
         exclude=source.exclude,
-        warn=ctx.on_warning or logging.getLogger("mopd").warning,
+        warn=ctx.hooks.warn,
         compute_device=local.compute_device if local else None,  # offloaded teachers score where they train
         remote={name: (lambda batch, t=t: t.sampled(batch)())
                 for name, t in (panel.remote.items() if isinstance(panel, MixedPanel) else ())},

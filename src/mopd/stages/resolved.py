@@ -7,12 +7,13 @@ recipe, and nothing during a stage reads process-wide state (the domain registry
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.schema import EvalSettings, Stage
+from ..core.schema import EvalSettings, ExecutorName, LearnerWorkers, RewardSource, RolloutWorkers, Stage
 from ..envs import DomainLike
 from ..learner.strategy import LOCAL, Learner
 from ..models.precision import Placement
@@ -30,7 +31,24 @@ class TeacherRef:
     phases: tuple[str, ...] = ()
 
 
-@dataclass
+def _log_warning(message: str) -> None:
+    logging.getLogger("mopd").warning(message)
+
+
+def _ignore(*args: object) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class StageHooks:
+    """Where a running stage reports to: the runner's console and trackers (not settings: they decide nothing)."""
+
+    progress: Callable[[int, int, dict[str, float]], None] = _ignore  # (step, total, metrics)
+    warn: Callable[[str], None] = _log_warning  # one-line warnings (the console; a library user's log)
+    record: Callable[[dict], None] = _ignore  # each metrics.jsonl record (experiment trackers)
+
+
+@dataclass(frozen=True)
 class ResolvedStage:
     name: str
     settings: Stage  # one of the stage kinds of `core.schema`, exactly as the recipe declared it
@@ -52,10 +70,11 @@ class ResolvedStage:
     teacher_of_domain: dict[str, str]  # domain -> teacher name (mopd, offpolicy_ft; else empty)
     rollout_backend: str  # the recipe's `rollout_backend`
     vllm_memory_fraction: float  # the recipe's `vllm_memory_fraction`
-    on_progress: Callable[[int, int, dict[str, float]], None] | None = None  # (step, total, metrics)
-    on_warning: Callable[[str], None] | None = None  # one-line warnings for the console (default: logging)
-    on_record: Callable[[dict], None] | None = None  # each metrics.jsonl record (experiment trackers)
-    executor: str = "local"  # what runs the stage: local (this process) or ray (rollout / learner workers as actors)
+    reward: RewardSource  # the stage's `reward:` (the domains' verifiers for a kind without one)
+    rollout_workers: RolloutWorkers | None  # `rollout:` (None: the learner samples)
+    learner_workers: LearnerWorkers | None  # `learner:` (None: one process)
+    executor: ExecutorName = "local"  # local (this process) or ray (rollout workers / learner ranks as Ray actors)
+    hooks: StageHooks = StageHooks()
     learner: Learner = LOCAL  # how the trained model is laid out: one process, or this rank of a DDP/FSDP group
 
     @property

@@ -9,7 +9,7 @@ whose tokenizer differs from the policy's, see `recipe.tokenizer_checks`).
 
 from __future__ import annotations
 
-from ..core.schema import JudgeReward, PerDomainReward, RewardModelReward, RewardSource, reward_of
+from ..core.schema import JudgeReward, PerDomainReward, RewardModelReward, RewardSource
 from ..learner.judge import judge_reward
 from ..learner.reward_model import reward_model_reward
 from ..learner.rollout import RewardFn, rewards_by_domain
@@ -21,7 +21,7 @@ from .resolved import ResolvedStage
 
 def stage_reward(ctx: ResolvedStage, source: RewardSource | None = None) -> RewardFn | None:
     """The reward function of `source` (default: the stage's `reward`); None means the domains' verifiers."""
-    source = reward_of(ctx.settings) if source is None else source
+    source = ctx.reward if source is None else source
     if source == "verifier":
         return None
     if isinstance(source, PerDomainReward):

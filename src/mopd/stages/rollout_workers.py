@@ -231,7 +231,7 @@ def worker_name(stage: str, index: int) -> str:
 def rollout_pool(ctx: ResolvedStage, base: Callable[[], Callable[..., RolloutBatch]]) -> LazyPool | None:
     """The stage's rollout pool, built on first use from the learner's model (None without `rollout:`): Ray
     sampler actors under `--executor ray`, the in-process twin under the local executor."""
-    spec = getattr(ctx.settings, "rollout", None)
+    spec = ctx.rollout_workers
     if spec is None:
         return None
     return LazyPool(ctx, base, spec.workers if ctx.executor == "ray" else None, spec.max_lag)

@@ -12,6 +12,7 @@ from .recipe import (
     DataFields,
     DomainEntry,
     EvalSettings,
+    ExecutorName,
     LoggingSettings,
     MlflowSettings,
     Recipe,
@@ -58,7 +59,7 @@ from .workers import LearnerWorkers, RolloutWorkers
 __all__ = [
     "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeltaPairs",
     "DeviceName", "DPOStage",
-    "DistillationObjective", "DistillationSettings", "DType", "DomainEntry", "EvalSettings", "EvalStage",
+    "DistillationObjective", "DistillationSettings", "DType", "DomainEntry", "EvalSettings", "EvalStage", "ExecutorName",
     "LoggingSettings", "LoraSettings", "MasterWeights", "MlflowSettings", "MergeStage", "ModelStage", "PromptedStage", "PromptExample", "MixRLStage", "MOPDStage",
     "OffPolicyFTStage",
     "PreflightSettings", "PretrainStage", "RejectionSamplingStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",

@@ -141,6 +141,8 @@ def _domain_kind(v: Any) -> str:
     return "verifiers" if declares_verifiers else "data"
 
 
+ExecutorName = Literal["local", "ray"]  # what runs a recipe's stages (`executor:`, `--executor`)
+
 DomainEntry = Annotated[
     Annotated[str, Tag("name")] | Annotated[DataDomainSpec, Tag("data")]
     | Annotated[VerifiersDomainSpec, Tag("verifiers")],
@@ -188,7 +190,7 @@ class Recipe(Strict):
     report: ReportSettings = ReportSettings()
     compare: CompareSettings | None = None
     logging: LoggingSettings = LoggingSettings()
-    executor: Literal["local", "ray"] = Field(
+    executor: ExecutorName = Field(
         "local", description="local: stages one after another in this process; ray: every stage whose parents are "
         "finished runs as a Ray task with its `resources` (`--executor` overrides it; needs mopd[ray])",
     )
