@@ -15,7 +15,9 @@ only functions of the `mopd` package (calls and returns, so control coming back 
   (sampling, teacher scores, loss, backward, update, logging).
 
 For each span: `stays` (maximal runs of control in one module), `modules` (distinct), `returns` (stays in a
-module already visited earlier in the span) and `edges` (distinct module-to-module transfers).
+module already visited earlier in the span), `edges` (distinct module-to-module transfers) and the path as a
+reader follows it, each function once (`first_visit_hops`: changes of module between the first calls of the
+span's functions, in call order; loops and repeated helpers count once).
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ class Span:
     def __init__(self) -> None:
         self.stays: list[str] = []
         self.edges: set[tuple[str, str]] = set()
+        self.first: list[str] = []  # the module of each function's first call, in order (the path as read)
+        self.seen: set[object] = set()
+
+    def called(self, code: object, module: str) -> None:
+        if code not in self.seen:
+            self.seen.add(code)
+            if not self.first or self.first[-1] != module:
+                self.first.append(module)
 
     def at(self, module: str) -> None:
         if not self.stays or self.stays[-1] != module:
@@ -64,7 +74,7 @@ class Span:
             returns += m in seen
             seen.add(m)
         return {"stays": len(self.stays), "modules": len(seen), "returns": returns, "edges": len(self.edges),
-                "path": self.stays}
+                "first_visit_hops": max(0, len(self.first) - 1), "path": self.stays, "first_visit_path": self.first}
 
 
 def trace(fn, start: str | None, stop: str | None) -> dict:
@@ -89,6 +99,7 @@ def trace(fn, start: str | None, stop: str | None) -> dict:
             stack.append(module)
             if state["open"]:
                 span.at(module)
+                span.called(frame.f_code, module)
         else:
             if stack:
                 stack.pop()
@@ -136,7 +147,7 @@ def main() -> None:
             results[span] = trace(lambda: run_recipe(loaded, out, console=quiet), start, stop)
     for span, r in results.items():
         print(f"{span}: {r['stays']} stays in {r['modules']} modules, {r['returns']} returns to a module already "
-              f"left, {r['edges']} distinct hops")
+              f"left, {r['edges']} distinct hops; read once: {r['first_visit_hops']} hops")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

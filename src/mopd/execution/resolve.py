@@ -15,7 +15,7 @@ from ..models.checkpoint import load_tokenizer
 from ..models.precision import resolve_placement
 from ..models.prompting import Rendering, with_pad_token
 from ..recipe.load import LoadedRecipe
-from ..recipe.refs import init_ref, resolve_external, stage_domains, stage_refs, stage_seed
+from ..recipe.refs import resolve_external
 from ..recipe.tokenizer import recipe_tokenizer
 from ..stages.lineage import teacher_checkpoint
 from ..stages.resolved import ResolvedStage, StageHooks, TeacherRef
@@ -26,7 +26,7 @@ def model_refs(loaded: LoadedRecipe, out: Path) -> dict[str, str]:
     an external reference resolved against the recipe's folder."""
     refs: dict[str, str] = {}
     for name in loaded.order:
-        for _, ref in stage_refs(loaded.recipe.stages[name]):
+        for _, ref in loaded.facts[name].refs:
             if ref not in loaded.recipe.stages:
                 refs[ref] = resolve_external(ref, loaded.path.parent) or ref
     for name, stage in loaded.recipe.stages.items():
@@ -47,11 +47,12 @@ def resolve_stage(
     recipe = loaded.recipe
     stage = recipe.stages[name]
     refs = model_refs(loaded, out)
-    start = init_ref(stage)
+    facts = loaded.facts[name]
+    start = facts.init
     init_path = refs.get(start) if start else None
     tokenizer = with_pad_token(recipe_tokenizer(recipe) if init_path is None else load_tokenizer(init_path))
     rendering = Rendering(recipe.chat_template, dict(recipe.chat_template_kwargs))
-    parents = {r: identities.get(r, refs.get(r, r)) for _, r in stage_refs(stage)}
+    parents = {r: identities.get(r, refs.get(r, r)) for _, r in facts.refs}
     teacher_of_domain = dict(stage.teachers) if isinstance(stage, MOPDStage | OffPolicyFTStage) else {}
     schedule = stage.teacher_schedule if isinstance(stage, MOPDStage) else None
     teachers = {
@@ -65,10 +66,10 @@ def resolve_stage(
         name=name,
         settings=stage,
         identity=identities[name],
-        seed=stage_seed(stage, recipe),
+        seed=facts.seed,
         stage_dir=out / name,
         placement=resolve_placement(stage, recipe),
-        domains=[loaded.domains[d] for d in stage_domains(stage, recipe)],
+        domains=[loaded.domains[d] for d in facts.domains],
         eval_domains=[loaded.domains[d] for d in recipe.domains],
         eval=recipe.eval,
         tokenizer=tokenizer,

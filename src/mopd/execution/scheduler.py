@@ -45,7 +45,7 @@ def schedule(loaded: LoadedRecipe, executor: Executor, stages_info: dict[str, di
     """Run every stage of `loaded` on `executor`, submitting each in the recipe's order once its parents are
     recorded; `record(name, entry)` each stage that finished. A stage whose parent failed (or was not run) is
     never submitted. Ends with one StageError line per failed stage."""
-    parents = loaded.parents  # external references are not waited for
+    parents = {n: loaded.facts[n].parents for n in loaded.order}  # external references are not waited for
     failures = StageFailures()
     waiting, running, done = list(loaded.order), set(), set()
     with executor:

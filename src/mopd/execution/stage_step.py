@@ -21,7 +21,6 @@ from ..core.schema import ExecutorName
 from ..models.checkpoint import read_lineage, write_json_atomic
 from ..models.integrity import stage_output_problem
 from ..recipe.load import LoadedRecipe
-from ..recipe.refs import init_ref, stage_domains
 from ..stages.resolved import ResolvedStage, StageHooks
 from ..stages.resumable import checkpointed_seconds, latest_checkpoint, supersede
 from ..stages.run import run_stage
@@ -37,9 +36,9 @@ def stage_entry(loaded: LoadedRecipe, name: str, ids: dict[str, str]) -> dict:
     teachers = getattr(stage, "teachers", None)
     return {
         "kind": stage.kind,
-        "init": init_ref(stage),
+        "init": loaded.facts[name].init,
         "teachers": dict(teachers) if isinstance(teachers, dict) else None,
-        "domains": stage_domains(stage, loaded.recipe),
+        "domains": list(loaded.facts[name].domains),
         "identity": ids[name],
     }
 

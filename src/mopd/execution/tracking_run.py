@@ -13,7 +13,6 @@ from .. import __version__
 from ..core.errors import StageError
 from ..recipe.identity import stage_identities
 from ..recipe.load import LoadedRecipe
-from ..recipe.refs import init_ref, stage_domains, stage_refs
 from ..tracking import Trackers, open_trackers
 from ..tracking.base import enabled
 
@@ -28,10 +27,10 @@ def tracker_config(loaded: LoadedRecipe, identities: dict[str, str]) -> dict:
         stage = recipe.stages[name]
         lineage[name] = {
             "kind": stage.kind,
-            "init": init_ref(stage),
+            "init": loaded.facts[name].init,
             "teachers": dict(getattr(stage, "teachers", None) or {}),
-            "domains": stage_domains(stage, recipe),
-            "parents": {ref: identities.get(ref, ref) for _, ref in stage_refs(stage)},
+            "domains": list(loaded.facts[name].domains),
+            "parents": {ref: identities.get(ref, ref) for _, ref in loaded.facts[name].refs},
             "identity": identities[name],
         }
     return {"recipe": recipe.model_dump(mode="json"), "identities": identities, "lineage": lineage,

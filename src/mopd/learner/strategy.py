@@ -21,6 +21,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -57,6 +58,28 @@ class Learner:
     def whole(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The unsharded model of the trained `model`: what rank 0 samples with (after `shard`)."""
         return model
+
+    def update(self, loss: torch.Tensor, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+               clip: float | None) -> tuple[float | None, tuple[str, float] | None]:
+        """A step's update from its loss: its backward (not of a non-finite loss), the gradients summed over the
+        ranks, their norm (clipped to `clip`), then the optimizer step unless the loss or the norm is not finite.
+        Returns the norm (None when the step left no gradient: nothing to learn from, e.g. an offpolicy_ft step
+        without a verified trace) and what was not finite (None, or (metric, value)): the caller's guard decides
+        whether to stop or skip."""
+        bad = None if bool(torch.isfinite(loss.detach()).all()) else ("loss", float(loss.detach()))
+        if bad is None:
+            self.backward(loss)
+        self.sum_gradients(params)  # each rank's share of the micro-batches -> the step's gradient
+        if not any(p.grad is not None for p in params):
+            return None, bad
+        norm = self.update_norm(params, clip)
+        if bad is None and not math.isfinite(norm):
+            bad = ("grad_norm", norm)
+        if bad is None:
+            opt.step()
+            self.updated()
+        opt.zero_grad(set_to_none=True)
+        return norm, bad
 
     def backward(self, loss: torch.Tensor) -> None:
         """The step's backward, where its loss function left it to the caller (module docstring)."""

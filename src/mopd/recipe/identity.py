@@ -13,7 +13,7 @@ from pathlib import Path
 from ..core.schema import DEFAULT_REWARD
 from ..models.gguf import find_gguf, gguf_sha256, is_gguf_ref
 from .load import LoadedRecipe
-from .refs import resolve_external, stage_domains, stage_refs, stage_seed
+from .refs import resolve_external
 
 # they change logging (and the MOPD preflight check), how a step's gradient is computed (micro-batches, and blocks
 # of logit positions: the same loss and gradient up to float rounding), or what happens on a non-finite step (a
@@ -39,16 +39,13 @@ def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
     recipe = loaded.recipe
     ids: dict[str, str] = {}
     for name in loaded.order:
-        stage = recipe.stages[name]
+        stage, facts = recipe.stages[name], loaded.facts[name]
         settings = stage.model_dump(mode="json", exclude=SETTINGS_NOT_IN_IDENTITY)
-        parents = {
-            ref: ids.get(ref) or external_identity(ref, loaded.path.parent)
-            for _, ref in stage_refs(stage)
-        }
+        parents = {ref: ids.get(ref) or external_identity(ref, loaded.path.parent) for _, ref in facts.refs}
         payload = {
             "settings": settings,
-            "seed": stage_seed(stage, recipe),
-            "domains": stage_domains(stage, recipe),
+            "seed": facts.seed,
+            "domains": list(facts.domains),
             "eval": recipe.eval.model_dump(mode="json"),
             "tokenizer": recipe.tokenizer.model_dump(mode="json"),
             "parents": parents,

@@ -23,7 +23,7 @@ from .agent_checks import check_agents
 from .domains import load_plugins, recipe_domains
 from .memory_check import check_model_memory
 from .reduced_scale import apply_scale
-from .refs import topo_order
+from .refs import StageFacts, stage_facts, topo_order
 from .report_checks import check_compare, check_report_student
 from .resources import check_resources
 from .reward_checks import check_rewards
@@ -42,8 +42,8 @@ class LoadedRecipe:
     lines: dict[tuple, int]
     # every recipe domain by name, read once here: registered (built-in, plugin) or declared as data
     domains: dict[str, DomainLike] = field(default_factory=dict)
-    # each stage's parents among the recipe's stages (in reference order, repeats kept): what it waits for
-    parents: dict[str, list[str]] = field(default_factory=dict)
+    # each stage's references, parents, start, domains and seed, derived once (`refs.StageFacts`)
+    facts: dict[str, StageFacts] = field(default_factory=dict)
 
     def where(self, *key: Any) -> str:
         return where_in_file(self.path, self.lines, key)
@@ -76,7 +76,8 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
     check_agents(recipe, domains, where)  # tool-use domains only where episodes are sampled (docs/AGENTS.md)
     check_compare(recipe, where)
     check_report_student(recipe, where)
-    loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines, domains=domains, parents=deps)
+    loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines, domains=domains,
+                          facts=stage_facts(recipe))
     if check_tokenizers:
         check_tokenizer_agreement(loaded)
     return loaded

@@ -5,6 +5,7 @@ the Hub), so the graph the other functions walk has no dangling edge."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,29 @@ def stage_refs(stage) -> list[tuple[tuple, str]]:
         if isinstance(source, JudgeReward):
             refs.append((("reward", *key, "judge"), source.judge))
     return refs
+
+
+@dataclass(frozen=True)
+class StageFacts:
+    """One stage's place in the recipe's graph, derived once at load from the schema alone (no disk, no Hub):
+    everything downstream (identities, the scheduler, resolution, run.json) reads these instead of deriving
+    them again."""
+
+    refs: tuple[tuple[tuple, str], ...]  # (key path within the stage, referenced name), as `stage_refs`
+    parents: tuple[str, ...]  # the referenced names that are stages of the recipe: what the stage waits for
+    init: str | None  # the checkpoint its weights start from (`init_ref`)
+    domains: tuple[str, ...]  # what it trains on, or reports (`stage_domains`)
+    seed: int  # its own `seed`, else the recipe's
+
+
+def stage_facts(recipe: Recipe) -> dict[str, StageFacts]:
+    facts = {}
+    for name, stage in recipe.stages.items():
+        refs = tuple(stage_refs(stage))
+        facts[name] = StageFacts(refs=refs, parents=tuple(r for _, r in refs if r in recipe.stages),
+                                 init=init_ref(stage), domains=tuple(stage_domains(stage, recipe)),
+                                 seed=stage_seed(stage, recipe))
+    return facts
 
 
 def init_ref(stage) -> str | None:

@@ -165,21 +165,9 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             with precision():
                 loss, metrics = loss_fn(model, step)  # micro-batched: backward already done, loss detached
             done = step + 1
-            bad = None if bool(torch.isfinite(loss.detach()).all()) else ("loss", float(loss.detach()))
-            if bad is None:
-                learner.backward(loss)
-            learner.sum_gradients(params)  # each rank's share of the micro-batches -> the step's gradient
-            # a step with nothing to learn from (offpolicy_ft with no verified trace) leaves no gradient: no update
-            if any(p.grad is not None for p in params):
-                norm = learner.update_norm(params, s.grad_clip)
-                if s.grad_clip:
-                    metrics["grad_norm"] = norm
-                if bad is None and not math.isfinite(norm):
-                    bad = ("grad_norm", norm)
-                if bad is None:
-                    opt.step()
-                    learner.updated()
-                opt.zero_grad(set_to_none=True)
+            norm, bad = learner.update(loss, opt, params, s.grad_clip)  # no update from a non-finite loss or norm
+            if norm is not None and s.grad_clip:
+                metrics["grad_norm"] = norm
             if bad is not None:
                 what = nonfinite_message(ctx.name, done, *bad)
                 if s.nonfinite == "stop":
