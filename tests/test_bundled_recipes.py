@@ -1,22 +1,20 @@
 """The bundled report recipes (one per post-training report) and the reduced-scale knob (`scale:`, `--scale`).
 
 Every report recipe validates, says which report it follows and what it simplifies, is listed by `mopd
-recipes`, and runs end to end at scale 0.01 (all of them in one module fixture that trains their shared start
-once, as benchmarks/recipes_table.py does at full scale). The knob: what shrinks and by how much, its one-line
-errors, and that a scaled stage's identity never equals the full recipe's.
+recipes`, and runs end to end at scale 0.01 (all of them in one run that trains their shared start once, as
+benchmarks/recipes_table.py does at full scale; test_recipe_expected.py checks the same run's numbers against
+the stored ones). The knob: what shrinks and by how much, its one-line errors, and that a scaled stage's identity
+never equals the full recipe's.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from rich.console import Console
 from typer.testing import CliRunner
 
 from mopd.cli import app
@@ -25,14 +23,14 @@ from mopd.cli_tools.bundled import (
     bundled_recipe,
     bundled_recipes,
     recipe_summary,
-    run_bundled,
 )
 from mopd.core.schema import EvalStage
-from mopd.execution.runner import run_recipe
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
 from mopd.recipe.reduced_scale import MIN_BATCH, MIN_EVAL, MIN_STEPS, shrink
 from mopd.report.run_files import read_final_eval
+
+from .recipe_expected import group_runs
 
 SCALE = 0.01
 
@@ -52,17 +50,11 @@ def _scaled(tmp_path: Path, name: str, scale: object, edit=None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Iterator[dict[str, Path]]:
+def runs(tmp_path_factory) -> dict[str, Path]:
     """Every report recipe at SCALE, run in order into one folder (the shared start trained once), on one torch
-    thread: dozens of tiny stages, each too small for two threads to pay off."""
-    root = tmp_path_factory.mktemp("bundled")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield run_bundled(list(REPORT_RECIPES), root,
-                          lambda loaded, out: run_recipe(loaded, out, Console(quiet=True)), scale=SCALE)
-    finally:
-        torch.set_num_threads(threads)
+    thread: dozens of tiny stages, each too small for two threads to pay off. Run once per session by
+    tests/recipe_expected.py, whose stored numbers (test_recipe_expected.py) are checked on the same run."""
+    return group_runs("report", tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", REPORT_RECIPES)
