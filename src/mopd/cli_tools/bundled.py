@@ -73,7 +73,7 @@ def run_bundled(names: list[str], root: Path, run: Callable[[Any, Path], Any], s
     """Run bundled recipes by name, each into ROOT/<name> (at `scale`, if given), with `run(loaded, out)`.
 
     Why together: the report recipes share their start (base, sft) and some their teachers, stage for stage, so
-    each stage whose identity a recipe run earlier finished is linked, not trained again (`recipe.variants`).
+    each stage whose identity a recipe run earlier finished is linked, not trained again (`experiments.variants`).
     `earlier`: run directories of recipes run before, whose finished stages may be linked too. Returns {name: run
     directory}."""
     from ..experiments.variants import Variant, finished_stages, link_shared_stages

@@ -52,7 +52,7 @@ def _lines(outcomes: Sequence[Any]) -> list[str]:
 
 def variants_executor(console: Console, executor: str | None, address: str | None,
                       threads: int | None) -> Executor:
-    """How `--executor` runs the variants: local, one after another; ray, in parallel (`recipe.variants_ray`),
+    """How `--executor` runs the variants: local, one after another; ray, in parallel (`experiments.variants_ray`),
     with Ray's absence one StageError line before anything is planned."""
     if executor != "ray":
         return run_in_order

@@ -2,8 +2,8 @@
 
 Why a file and not an in-memory change: the run directory's recipe.yaml then says the run was scaled (a rerun
 or `mopd report` of that directory reads the same recipe), and the scaled recipe passes exactly the loader's
-checks (`recipe.scale` applies the factor at load). Relative paths are made absolute first, as for sweep
-variants (`recipe.variants.portable`), since the copy lives away from the original's folder.
+checks (`recipe.reduced_scale` applies the factor at load). Relative paths are made absolute first, as for sweep
+variants (`experiments.variants.portable`), since the copy lives away from the original's folder.
 """
 
 from __future__ import annotations

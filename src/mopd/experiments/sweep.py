@@ -1,5 +1,5 @@
 """`mopd compare --seeds N` and `mopd sweep`: plan every variant (checked before any compute), run them one after
-another (or, with the Ray executor, in parallel) through `recipe.variants`, then write the reports.
+another (or, with the Ray executor, in parallel) through `experiments.variants`, then write the reports.
 
 Layout: `compare --seeds N` runs seed s into RUN/seed-<s>/ (each a complete run directory with its own
 compare.md) and writes the combined compare.md/json in RUN. `sweep` runs point p, seed s into

@@ -51,7 +51,7 @@ def variant_label(v: Variant) -> str:
 
 
 def ray_executor(console: Console, address: str | None = None, threads: int | None = None) -> Executor:
-    """An executor for `recipe.variants.run_variants`: each variant a Ray task on the cluster at `address` (None:
+    """An executor for `experiments.variants.run_variants`: each variant a Ray task on the cluster at `address` (None:
     a local instance) with `threads` torch threads (default: its CPUs). The extra, the address and every
     variant's resources are checked before any variant starts, each mistake one StageError line."""
 

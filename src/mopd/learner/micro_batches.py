@@ -71,7 +71,7 @@ def accumulate_micro_batches(
         for k, v in part_metrics.items():
             metrics[k] = metrics.get(k, 0.0) + share * v
         if not split:
-            loss = part_loss  # the driver runs backward on the whole batch's loss
+            loss = part_loss  # the learner strategy runs its backward (`Learner.backward`)
         else:
             if part_loss.requires_grad:
                 backward_outside_autocast(part_loss)

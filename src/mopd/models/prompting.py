@@ -1,7 +1,7 @@
 """How a prompt becomes the token ids a model is conditioned on: one `PromptFormat` per stage, passed down.
 
 Sampling, supervised batches and evaluation all render through `PromptFormat.token_ids`, and a stage resolves
-its format once (`recipe.resolve`) and hands the same object to each of them, so a model is trained on exactly
+its format once (`execution.resolve`) and hands the same object to each of them, so a model is trained on exactly
 the rendering it is sampled and scored with. Two renderings:
 
 * raw (the tiny character tokenizer, and any tokenizer when the recipe says `chat_template: none`):

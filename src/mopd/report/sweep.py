@@ -6,7 +6,7 @@ A point's score is the normalized score of the recipe's report student in each o
 directories (recovery against the student's start and teachers, as report.md computes it), averaged over seeds;
 its interval resamples seeds and held-out prompts and its ± is the evaluation standard error
 (`report.compare_intervals`). Reads only the run directories' files, from the plain description the recipe
-layer passes in (`recipe.sweep`).
+layer passes in (`experiments.sweep`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A stage resolved once, by the runner, before any of its compute: the one object stages and the driver read.
 
 Why: device, precision, seed, domains, prompt rendering, the starting checkpoint and the teachers' checkpoints
-are each decided in one place (`recipe.resolve.resolve_stage`), so no module below re-derives them from the
+are each decided in one place (`execution.resolve.resolve_stage`), so no module below re-derives them from the
 recipe, and nothing during a stage reads process-wide state (the domain registry is read once, at load).
 """
 

@@ -1,6 +1,6 @@
 """Each stage kind as a short composition of the learner parts; `run_stage` picks the kind's runner.
 
-A new stage kind is a schema class in `core/schema/stages.py` and one entry of `RUNNERS` here.
+A new stage kind is a schema class in `core/schema/` (`stages.py`, `mopd.py`, ...) and one entry of `RUNNERS` here.
 """
 
 from __future__ import annotations
