@@ -47,6 +47,10 @@ def two_path_logprob_tol(cfg, logits_B_T_V) -> float:
     may put the same token's logprob under the tiny decoder `cfg`, whose logits (either path's) are
     `logits_B_T_V`: each path's logit and log-sum-exp are within gamma(N) S of the exact ones (S the largest
     |logit|, N = `decoder_path_terms`), so its logprob within 2 gamma(N) S, and the two paths within twice that.
+
+    S stands for the magnitude of what the reductions sum. In these tiny models RMS-normalized hidden states meet
+    small weights, so the largest logit is of the order of the sums of |terms| along the path; counting N u in
+    full (rounding errors of random sign add up to ~sqrt(N) u) leaves a factor sqrt(N) ~ 25 for the rest.
     """
     N = decoder_path_terms(cfg, logits_B_T_V.shape[1], logits_B_T_V.shape[-1])
     return 4 * gamma(N) * float(logits_B_T_V.detach().abs().max())

@@ -27,7 +27,7 @@ from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import SETTINGS_NOT_IN_IDENTITY
 from mopd.teachers.panel import TeacherPanel
 
-from .rounding import decoder_path_terms, gamma, two_path_grad_tol
+from .rounding import decoder_path_terms, gamma, head_logprob_tol, two_path_grad_tol
 
 TOK = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789+-=")
 TINY = TinyModelConfig(hidden_size=16, layers=2, heads=2, kv_heads=1, intermediate_size=24)
@@ -189,13 +189,23 @@ def test_panel_scores_in_blocks_equal_one_block() -> None:
     ref_lp, ref_top = panel.sampled_logprobs(batch, names), panel.topk(batch, names, 4, 9)
     blocks = panel.logit_blocks(batch, names, 10)
     whole = blocks(0, 10)
+    # Each teacher's decoder runs on the same rows and columns whatever the block: only the head's GEMM (of a
+    # block's rows: another kernel, by CPU) and the log-softmax differ, so two block sizes are within twice
+    # `head_logprob_tol` (~1e-5 here); a block's positions misplaced moves a logprob by O(0.1).
+    tol = 2 * max(head_logprob_tol(t, batch.input_ids_B_T, batch.attention_mask_B_T) for t in teachers.values())
+    top_lp, top_ids, _ = ref_top
+    top5 = whole[:, :-1].log_softmax(-1).topk(5, -1).values  # where the top-4 (and its order) is not determined:
+    near_tie = ((top5[..., :-1] - top5[..., 1:]) <= 2 * tol).any(-1)  # two of the top 5 within rounding
     for chunk in (1, 2, 4):
         panel.logit_chunk = chunk
-        torch.testing.assert_close(panel.sampled_logprobs(batch, names), ref_lp, rtol=1e-6, atol=1e-6)
-        for got, want in zip(panel.topk(batch, names, 4, 9), ref_top, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(panel.sampled_logprobs(batch, names), ref_lp, rtol=0, atol=tol)
+        lp, ids, sampled = panel.topk(batch, names, 4, 9)
+        torch.testing.assert_close(lp, top_lp, rtol=0, atol=tol)
+        torch.testing.assert_close(sampled, ref_top[2], rtol=0, atol=tol)
+        assert torch.equal(ids[~near_tie], top_ids[~near_tie])
         parts = [blocks(s, e) for s, e in block_bounds(10, chunk)]
-        torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=tol)
+    assert near_tie.float().mean() < 0.1  # the ids are checked at (nearly) every position
     torch.testing.assert_close(panel.full_logits(batch, names, 9), whole[:, :-1])
 
 

@@ -23,14 +23,16 @@ from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.load import load_recipe
 
+from .rounding import gamma, two_path_logprob_tol
+
 TOK = build_char_tokenizer(ALPHABET)
 
 
 def test_judge_score_is_the_geometric_mean_probability_after_the_rubric() -> None:
     """Recomputed by hand: the row [BOS] rubric prompt completion [EOS]; the judge's logprob of each completion
     token and of EOS; exp of their mean."""
-    judge = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16),
-                             len(TOK), TOK, 3).eval()
+    cfg = TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16)
+    judge = build_tiny_model(cfg, len(TOK), TOK, 3).eval()
     rows = [Problem(prompt="style:cat=", answer="c-a-t", domain="style", difficulty=1),
             Problem(prompt="style:dogs=", answer="d-o-g-s", domain="style", difficulty=1)]
     completions = ["c-a-t", "xyz"]
@@ -40,9 +42,13 @@ def test_judge_score_is_the_geometric_mean_probability_after_the_rubric() -> Non
         target = [*TOK(c, add_special_tokens=False).input_ids, TOK.eos_token_id]
         ids = torch.tensor([prefix + target])
         with torch.no_grad():
-            lp = sequence_logits(judge, ids, torch.ones_like(ids))[0, :-1].log_softmax(-1)
+            logits = sequence_logits(judge, ids, torch.ones_like(ids))
+        lp = logits[0, :-1].log_softmax(-1)
         token_lp = [float(lp[len(prefix) - 1 + j, t]) for j, t in enumerate(target)]
-        assert float(got[i]) == pytest.approx(math.exp(sum(token_lp) / len(token_lp)), rel=1e-5)
+        # the judge scores both rows in one padded batch, this each alone: their logprobs differ by float32
+        # rounding of two kernel paths (tests/rounding.py), and exp(mean + d) = exp(mean) (1 + d) to first order
+        rel = two_path_logprob_tol(cfg, logits) + 2 * gamma(len(target) + 2)
+        assert float(got[i]) == pytest.approx(math.exp(sum(token_lp) / len(token_lp)), rel=rel)
     assert all(0 < float(x) <= 1 for x in got)
 
 

@@ -23,21 +23,33 @@ from mopd.teachers.preflight import RolloutSettings, initial_reverse_kl, student
 from mopd.teachers.prompted import PromptedRemote, reprompter
 from mopd.teachers.remote import MixedPanel
 
+from .rounding import U64, decoder_path_terms, gamma
+
 CONTEXT = PromptContext("add the numbers", (("1+2=", "3"), ("4+4=", "8")))
-# float32 forward passes of one row alone and inside a padded batch differ in summation order only: a few ulps of
-# logits of magnitude <= ~10, so 1e-4 bounds a logprob difference with a wide margin and catches any misalignment
-# (a shifted position changes a logprob by O(1))
-ATOL = 1e-4
+CFG = TinyModelConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64, max_positions=96)
+# Float32 forward passes of one row alone and inside a padded batch differ in summation order only (other kernels
+# for other shapes, by CPU): for the 2-layer, 32-wide CFG with rows of <= 64 positions and 47 tokens, two paths
+# are within 4 gamma(N) S of each other (tests/rounding.py; N = 749 terms along a logprob's path), S the largest
+# |logit|, which `_logit_scale` checks is below 10: 1.8e-3. A shifted position or a prompt the teacher did not see
+# changes a logprob by O(0.1 - 1).
+ATOL = 4 * gamma(decoder_path_terms(CFG, 64, len(build_char_tokenizer(ALPHABET)))) * 10
+
+
+def _logit_scale(models, *batches) -> float:
+    with torch.no_grad():
+        return max(float(sequence_logits(m, b.input_ids_B_T, b.attention_mask_B_T).abs().max())
+                   for m in models for b in batches)
 
 
 def _setup():
     tok = build_char_tokenizer(ALPHABET)
-    cfg = TinyModelConfig(hidden_size=32, layers=2, heads=2, kv_heads=1, intermediate_size=64, max_positions=96)
-    student, plain, prompted = (build_tiny_model(cfg, len(tok), tok, seed=s).eval() for s in range(3))
+    student, plain, prompted = (build_tiny_model(CFG, len(tok), tok, seed=s).eval() for s in range(3))
     prompts = ["1+2=", "rev:abcdefg=", "33+4=", "sort:zyx="] * 2
     domains = ["add", "rev", "add", "rev"] * 2
     batch = sample(student, tok, prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(0),
                    domains=domains)
+    seen = reprompter(tok, PromptFormat().with_context(CONTEXT))(batch)  # what the prompted teacher reads
+    assert seen.input_ids_B_T.shape[1] <= 64 and _logit_scale((student, plain, prompted), batch, seen) < 10  # ATOL's
     return tok, batch, {"plain": plain, "prompted": prompted}
 
 
@@ -129,7 +141,10 @@ def test_the_preflight_kl_of_a_prompted_teacher_is_taken_after_its_prompt():
     fmt = PromptFormat().with_context(CONTEXT)
     settings = RolloutSettings(prompts=4, max_new_tokens=4, temperature=1.0, top_p=1.0)
     prompts = ["1+2=", "5+6=", "7+1=", "2+2="]
-    student, teacher = models["plain"], models["prompted"]
+    # in float64: the prompt moves this KL by only ~2.5e-4, which float32 rounding of the two paths (2 ATOL) could
+    # hide; in float64 they are within 2 x 4 gamma(N, U64) S of each other (~7e-12), and the exact KL is float64
+    student, teacher = models["plain"].double(), models["prompted"].double()
+    kl_tol = 2 * 4 * gamma(decoder_path_terms(CFG, 64, len(tok)), U64) * 10
     got, tokens = initial_reverse_kl(student, teacher, tok, prompts, settings, torch.Generator().manual_seed(0),
                                      teacher_view=reprompter(tok, fmt))
     # exact reference, one row at a time: the same rollouts, each completion position's full KL
@@ -146,9 +161,10 @@ def test_the_preflight_kl_of_a_prompted_teacher_is_taken_after_its_prompt():
         n += len(y)
     torch.set_grad_enabled(True)
     assert tokens == n
-    assert got == pytest.approx(total / n, abs=ATOL)
+    # a KL term sum_v p_v (log p_v - log q_v) moves by at most the two logprobs' rounding
+    assert got == pytest.approx(total / n, abs=kl_tol)
     bare, _ = initial_reverse_kl(student, teacher, tok, prompts, settings, torch.Generator().manual_seed(0))
-    assert bare != pytest.approx(got, abs=ATOL)
+    assert bare != pytest.approx(got, abs=kl_tol)  # the prompt reached the teacher
 
 
 def test_with_prompts_keeps_the_completion_columns():

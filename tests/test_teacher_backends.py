@@ -24,6 +24,8 @@ from mopd.teachers.panel import TeacherPanel
 from mopd.teachers.preflight import PreflightError
 from mopd.teachers.remote import MixedPanel
 
+from .rounding import decoder_path_terms, gamma, two_path_grad_tol, two_path_logprob_tol
+
 TINY = TinyModelConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
 ROUTES = {"short": "a", "long": "b"}
 
@@ -55,23 +57,32 @@ def scoring_setup(root: Path):
 
 
 def assert_same_scores(panel, other, batch, *, full: bool = True) -> None:
-    """Sampled-token logprobs, top-k (where a position follows a real token) and full logits agree."""
+    """Sampled-token logprobs, top-k (where a position follows a real token) and full logits agree.
+
+    To float32 rounding of two kernel paths (tests/rounding.py): another process scores with its own thread
+    count, a server each row alone. The top-k ids are compared where their order is determined: where no two of
+    the top 5 logprobs are within that rounding. A teacher scoring the wrong rows or positions is off by O(0.1).
+    """
     names = panel.route(batch)
     assert other.route(batch) == names
+    whole = panel.full_logits(batch, names)
+    tol = two_path_logprob_tol(TINY, whole)
     torch.testing.assert_close(other.sampled_logprobs(batch, names), panel.sampled_logprobs(batch, names),
-                               atol=1e-5, rtol=1e-5)
+                               atol=tol, rtol=0)
     T = batch.input_ids_B_T.shape[1]
     W = T - 2
     real = batch.attention_mask_B_T.bool()
     prev_real = torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1) & real
     lp, ids, s = panel.topk(batch, names, 4, W)
     lp2, ids2, s2 = other.topk(batch, names, 4, W)
-    torch.testing.assert_close(lp2[prev_real[:, -W:]], lp[prev_real[:, -W:]], atol=1e-5, rtol=1e-5)
-    assert torch.equal(ids2[prev_real[:, -W:]], ids[prev_real[:, -W:]])
-    torch.testing.assert_close(s2, s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp2[prev_real[:, -W:]], lp[prev_real[:, -W:]], atol=tol, rtol=0)
+    top5 = whole[:, -W:].log_softmax(-1).topk(5, -1).values
+    decided = prev_real[:, -W:] & ((top5[..., :-1] - top5[..., 1:]) > 2 * tol).all(-1)
+    assert decided.sum() > 0.9 * prev_real[:, -W:].sum()
+    assert torch.equal(ids2[decided], ids[decided])
+    torch.testing.assert_close(s2, s, atol=tol, rtol=0)
     if full:
-        torch.testing.assert_close(other.full_logits(batch, names)[prev_real], panel.full_logits(batch, names)[prev_real],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.full_logits(batch, names)[prev_real], whole[prev_real], atol=tol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +121,12 @@ def test_a_killed_actor_is_restarted_and_its_call_retried(actor_setup, ray_sessi
     mixed = MixedPanel(local=None, remote=actors, teacher_of_domain=ROUTES)
     names = panel.route(batch)
     want = panel.sampled_logprobs(batch, names)
+    tol = two_path_logprob_tol(TINY, panel.full_logits(batch, names))  # as in assert_same_scores
     ray_session.kill(actors["a"].handle, no_restart=False)
-    torch.testing.assert_close(mixed.sampled_logprobs(batch, names), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed.sampled_logprobs(batch, names), want, atol=tol, rtol=0)
     wait = actors["a"].sampled(batch.select(torch.tensor([0, 2, 4, 6])))
     ray_session.kill(actors["a"].handle, no_restart=False)
-    torch.testing.assert_close(wait(), want[[0, 2, 4, 6]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wait(), want[[0, 2, 4, 6]], atol=tol, rtol=0)
 
 
 def test_teachers_that_share_a_checkpoint_share_one_actor(actor_setup):
@@ -207,8 +219,12 @@ def _metrics(run: Path) -> list[dict]:
 def test_a_run_with_actor_teachers_and_a_killed_actor_has_the_in_process_numbers(tmp_path, ray_session,
                                                                                  monkeypatch):
     """The same MOPD stage with in-process teachers, and with both teachers on actors where teacher a's actor is
-    killed as the second step scores: the same metrics, step for step, and the same final weights, byte for byte (both runs
-    at one torch thread, the actors' count at `cpus: 0`, so the reductions are the same)."""
+    killed as the second step scores: the same metrics, step for step, and the same final weights, byte for byte.
+
+    Exact equality is sound on any CPU here because the two runs make the same computations: both at one torch
+    thread (the actors' count at `cpus: 0`), and an actor's panel scores its teacher's rows as the in-process
+    panel does (the same rows minus the same all-padding columns, the same window: the same kernels on the same
+    shapes); everything else runs in this process. A difference would be a difference in what is computed."""
     from mopd.execution.runner import run_recipe
 
     extra = (f"    teacher_backends: {{{tmp_path}/a: {{backend: actor, resources: {{cpus: 0}}}}, "
@@ -262,9 +278,21 @@ def test_a_step_with_actor_teachers_has_the_in_process_loss_and_gradient(actor_s
         results.append((loss, torch.autograd.grad(loss, list(student.parameters()))))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert float(loss_a.detach()) != 0 and any(float(g.abs().max()) > 0 for g in grads_a)
-    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-5)
+    # The teachers' scores differ by float32 rounding of two kernel paths (the actor's thread count); through the
+    # loss they move each token's term and gradient as rounding of one more path would (tests/rounding.py: the
+    # student's window of T positions, its completion tokens). Top-k ids could only differ at a near-tie of the
+    # teacher's 4th and 5th logprobs, of which there is none here (checked).
+    names = panel.route(batch)
+    whole = panel.full_logits(batch, names)
+    T, V, tokens = whole.shape[1], whole.shape[-1], int(batch.completion_mask_B_T.sum())
+    top5 = whole.log_softmax(-1).topk(5, -1).values
+    live = batch.completion_mask_B_T > 0
+    assert bool(((top5[..., :-1] - top5[..., 1:])[live] > 2 * two_path_logprob_tol(TINY, whole)).all())
+    grads = dict(zip(map(str, range(len(grads_a))), grads_a, strict=True))
+    torch.testing.assert_close(loss_b, loss_a, atol=2 * gamma(decoder_path_terms(TINY, T, V) + tokens) * 10, rtol=0)
+    tol = two_path_grad_tol(TINY, T, V, tokens, grads)
     for a, b in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b, a, atol=tol, rtol=0)
 
 
 def test_without_ray_an_actor_teacher_is_refused_at_load(tmp_path, monkeypatch):

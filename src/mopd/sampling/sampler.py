@@ -131,10 +131,12 @@ def on_device(generator: torch.Generator | None, device: torch.device) -> torch.
     return torch.Generator(device=device).manual_seed(seed)
 
 
-# Fewer rows than this in one forward and MKL's float32 GEMM takes other kernels (measured on the development
-# machine: 1-3, 5-7 and 9-11 rows round differently from 4, 8 and 12 or more), so a row's logits would depend on
-# how many rows share its forward. The shared prefill and the shrinking decode batch never go below it, which keeps
-# every token and logprob identical to decoding the whole batch (tests/test_padding_prefill.py).
+# Fewer rows than this in one forward and the float32 GEMM may take other kernels (on one development machine
+# 1-3, 5-7 and 9-11 rows rounded differently from 4, 8 and 12 or more; which counts do is the BLAS's choice and
+# differs by CPU), so a row's logits could depend on how many rows share its forward. The shared prefill and the
+# shrinking decode batch never go below it, so on a given machine they take the kernels decoding the whole batch
+# takes. Across machines nothing is promised bit for bit: tests/test_padding_prefill.py checks the tokens exactly
+# and the logprobs to a derived rounding bound, on a float64 model.
 MIN_ROWS = 16
 
 
