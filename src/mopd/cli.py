@@ -12,17 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .cli_tools import option_help as helps
 from .cli_tools.bundled import bundled_recipe
-from .cli_tools.option_help import (
-    ADDRESS_HELP,
-    COMPARE_EXECUTOR_HELP,
-    EXECUTOR_HELP,
-    LOG_HELP,
-    SCALE_HELP,
-    SEEDS_HELP,
-    SWEEP_EXECUTOR_HELP,
-    THREADS_HELP,
-)
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -104,11 +95,11 @@ def example(*lines: str) -> str:
 def run(
     recipe: Path = typer.Argument(..., help="the recipe YAML file, or a bundled recipe's name (mopd recipes)"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
-    log: list[str] = typer.Option([], "--log", help=LOG_HELP),
-    executor: str | None = typer.Option(None, "--executor", help=EXECUTOR_HELP),
-    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
-    scale: float | None = typer.Option(None, "--scale", help=SCALE_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
+    log: list[str] = typer.Option([], "--log", help=helps.LOG_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=helps.EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
+    scale: float | None = typer.Option(None, "--scale", help=helps.SCALE_HELP),
 ) -> None:
     """Run a recipe end to end; finished stages are skipped, an interrupted one resumes."""
     _check_executor(executor, address)
@@ -119,8 +110,8 @@ def run(
 @app.command(epilog=example("mopd demo", "mopd demo --out runs/demo2 --threads 1"))
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
-    log: list[str] = typer.Option([], "--log", help=LOG_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
+    log: list[str] = typer.Option([], "--log", help=helps.LOG_HELP),
 ) -> None:
     """The bundled demo: tiny base -> SFT -> one RL teacher per domain -> MOPD student, on this CPU."""
     _prepare_process(threads)
@@ -151,10 +142,10 @@ def _load_or_fail(recipe: Path):
 def compare(
     recipe: Path = typer.Argument(..., help="a recipe with a `compare:` block (bundled: compare)"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
-    seeds: int | None = typer.Option(None, "--seeds", help=SEEDS_HELP),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
-    executor: str | None = typer.Option(None, "--executor", help=COMPARE_EXECUTOR_HELP),
-    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    seeds: int | None = typer.Option(None, "--seeds", help=helps.SEEDS_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=helps.COMPARE_EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
 ) -> None:
     """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
@@ -196,9 +187,9 @@ def sweep(
                                           "(student.lr) or a top-level key (eval.size); repeat for a grid"),
     out: Path | None = typer.Option(None, "--out", help="sweep directory (default: runs/<recipe name>-sweep)"),
     seeds: int | None = typer.Option(None, "--seeds", help="seeds per point (default: the recipe's `seeds`, 1)"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
-    executor: str | None = typer.Option(None, "--executor", help=SWEEP_EXECUTOR_HELP),
-    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
+    executor: str | None = typer.Option(None, "--executor", help=helps.SWEEP_EXECUTOR_HELP),
+    address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
 ) -> None:
     """Run a grid of recipe variants (one point after another, or in parallel on Ray) and write sweep.md,
     sweep.json and one sweep_<key>.png per swept key, naming the best setting per objective with its 95% interval.
@@ -333,15 +324,13 @@ def eval_model(
     recipe: Path | None = typer.Option(None, "--recipe", help="score the domains this recipe (a file, or a bundled "
                                        "recipe's name) declares, with its eval settings and chat template"),
     plugin: list[Path] = typer.Option([], "--plugin", help="a Python file that registers domains (repeatable)"),
-    size: int | None = typer.Option(None, "--size", help="held-out prompts per domain (default 96, or the recipe's)"),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="greedy tokens per prompt, every "
-                                              "domain (default: the domain's own, else 12 or the recipe's)"),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="prompts per forward batch (default 256)"),
-    seed: int | None = typer.Option(None, "--seed", help="the held-out set's seed (default 1234, as in recipes)"),
-    chat_template: str | None = typer.Option(None, "--chat-template", help="auto: the tokenizer's chat template if "
-                                             "it has one; none: raw prompts (default: auto, or the recipe's)"),
+    size: int | None = typer.Option(None, "--size", help=helps.EVAL_SIZE_HELP),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help=helps.EVAL_TOKENS_HELP),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=helps.EVAL_BATCH_HELP),
+    seed: int | None = typer.Option(None, "--seed", help=helps.HELD_OUT_SEED_HELP),
+    chat_template: str | None = typer.Option(None, "--chat-template", help=helps.CHAT_TEMPLATE_HELP),
     out: Path | None = typer.Option(None, "--out", help="also write the scores as JSON to this file"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
 ) -> None:
     """Score any Hugging Face checkpoint directory on any domains; prints a table, --out writes JSON.
 
@@ -364,7 +353,7 @@ def serve(
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
     name: str | None = typer.Option(None, "--name", help="the served model name (default: the directory's name)"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
 ) -> None:
     """Serve a checkpoint as a teacher over HTTP, in vLLM's format (/v1/completions with prompt_logprobs,
     /v1/models, /tokenize): a recipe's `teacher_backends: {T: {backend: http, url: http://HOST:PORT/v1}}` scores

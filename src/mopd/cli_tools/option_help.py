@@ -1,6 +1,8 @@
 """The `--help` texts of the options several `mopd` commands share (kept here so that `cli.py` holds the
 commands themselves)."""
 
+from ..core.schema import EvalSettings
+
 THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core). Use 1 per process when several "
                 "recipes share a few cores: their OpenMP threads otherwise wait on each other. Results are "
                 "reproducible for a given thread count")
@@ -28,3 +30,13 @@ SWEEP_EXECUTOR_HELP = VARIANTS_EXECUTOR_HELP.format(what="points", tail="")
 
 SEEDS_HELP = ("run every method for N seeds (the recipe's seed, seed+1, ...), each in OUT/seed-<s>/, and report "
               "means with 95% intervals (default: the recipe's `seeds`, 1)")
+
+# `mopd eval`'s options: the defaults are the recipe's `eval:` defaults, named from the schema
+_EVAL = {name: field.default for name, field in EvalSettings.model_fields.items()}
+EVAL_SIZE_HELP = f"held-out prompts per domain (default {_EVAL['size']}, or the recipe's)"
+EVAL_TOKENS_HELP = ("greedy tokens per prompt, every domain (default: the domain's own, else "
+                    f"{_EVAL['max_new_tokens']} or the recipe's)")
+EVAL_BATCH_HELP = f"prompts per forward batch (default {_EVAL['batch_size']})"
+HELD_OUT_SEED_HELP = f"the held-out set's seed (default {_EVAL['seed']}, as in recipes)"
+CHAT_TEMPLATE_HELP = ("auto: the tokenizer's chat template if it has one; none: raw prompts (default: auto, or the "
+                      "recipe's)")

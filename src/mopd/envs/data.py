@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.schema.defaults import HELD_OUT_SEED
+from ..core.schema.defaults import HELD_OUT_SEED, HELD_OUT_SIZE
 from ..data.prompts import PromptRecord, bundled_path, load_prompts
 from ..verifiers import code_reward, instruction_reward, math_reward
 from .base import Problem, exact_match
@@ -57,7 +57,7 @@ def resolve_source(source: str, base_dir: Path | None) -> tuple[str, bool]:
 
 
 def held_out_split(problems: list[Problem], rng_seed: str, eval_size: int | None, label: str,
-                   default_eval_size: int = 96) -> tuple[list[Problem], list[Problem]]:
+                   default_eval_size: int = HELD_OUT_SIZE) -> tuple[list[Problem], list[Problem]]:
     """(training part, held-out part) of distinct-prompt `problems`: `eval_size` of them (default: a quarter, at
     most `default_eval_size`) held out, chosen once by `rng_seed`, each part in the original order."""
     if len(problems) < 2:
@@ -91,7 +91,7 @@ class DataDomain:
         domain_column: str | None = None,
         domain_value: str | None = None,
         eval_size: int | None = None,
-        default_eval_size: int = 96,
+        default_eval_size: int = HELD_OUT_SIZE,
         limit: int | None = None,
         seed: int = HELD_OUT_SEED,
         code_timeout_s: float = 5.0,

@@ -12,6 +12,8 @@ from typing import Literal
 
 # The seed of every domain's fixed held-out set (`eval.seed`): the same prompts in every run and every stage.
 HELD_OUT_SEED = 1234
+# Its size per domain (`eval.size`); a data domain holds out at most this many of its records by default.
+HELD_OUT_SIZE = 96
 
 # The importance correction of the policy-gradient loss (`learner.losses.policy_gradient_loss`): truncate tokens
 # whose sampler/learner ratio leaves [EPS_LOW, EPS_HIGH], and clip advantages to [-ADV_CLIP, ADV_CLIP].

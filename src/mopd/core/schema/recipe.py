@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
-from .defaults import HELD_OUT_SEED
+from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE
 from .kinds import Stage
 from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict
 
@@ -25,7 +25,7 @@ class TokenizerSettings(Strict):
 class EvalSettings(Strict):
     """Every trained stage is scored on each domain's fixed held-out set with greedy decoding."""
 
-    size: int = Field(96, gt=0, description="held-out prompts per domain")
+    size: int = Field(HELD_OUT_SIZE, gt=0, description="held-out prompts per domain")
     seed: int = HELD_OUT_SEED
     max_new_tokens: int = Field(12, gt=0)
     batch_size: int = Field(256, gt=0)
