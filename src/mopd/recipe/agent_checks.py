@@ -22,13 +22,13 @@ from ..core.schema import (
     source_of,
 )
 from ..envs.tool_domains import is_agentic
-from .refs import stage_domains
+from .refs import StageFacts
 
 
-def check_agents(recipe: Recipe, domains: dict, where) -> None:
+def check_agents(recipe: Recipe, facts: dict[str, StageFacts], domains: dict, where) -> None:
     """Every check of the module docstring; `domains` are the loaded domains, `where(*key)` locates a key."""
     for name, stage in recipe.stages.items():
-        tools = [d for d in stage_domains(stage, recipe) if is_agentic(domains.get(d))]
+        tools = [d for d in facts[name].domains if is_agentic(domains.get(d))]
         if not tools:
             continue
         at = lambda *key, name=name: where("stages", name, *key)  # noqa: E731

@@ -64,20 +64,21 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
 
     recipe = apply_scale(recipe, where)  # a reduced-scale run is checked on its scaled numbers
     check_stage_names(recipe, where)
+    facts = stage_facts(recipe)  # each stage's references, domains, start and seed, derived once
     load_plugins(recipe, path, where)
     data = check_resources(recipe, path, where)  # data domains (built here), devices, packages
     domains = recipe_domains(recipe, data, where)
-    deps = {name: check_stage(recipe, name, stage, path.parent, where, check_hub=check_hub)  # references, domains
-            for name, stage in recipe.stages.items()}
+    deps = {name: check_stage(recipe, name, facts[name], path.parent, where, check_hub=check_hub)  # refs, domains
+            for name in recipe.stages}
     order = topo_order(recipe.stages, deps, where)  # cycles
     check_model_memory(recipe, order, path.parent, where)
     check_teacher_schedules(recipe, where)
-    check_rewards(recipe, path.parent, domains, order, where)  # reward sources, judges, preference datasets
-    check_agents(recipe, domains, where)  # tool-use domains only where episodes are sampled (docs/AGENTS.md)
+    check_rewards(recipe, facts, path.parent, domains, order, where)  # reward sources, judges, preference datasets
+    check_agents(recipe, facts, domains, where)  # tool-use domains only where episodes are sampled (docs/AGENTS.md)
     check_compare(recipe, where)
     check_report_student(recipe, where)
     loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines, domains=domains,
-                          facts=stage_facts(recipe))
+                          facts=facts)
     if check_tokenizers:
         check_tokenizer_agreement(loaded)
     return loaded

@@ -5,6 +5,7 @@ the Hub), so the graph the other functions walk has no dangling edge."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,13 +117,15 @@ def external_or_fail(ref: str, base: Path, at: str) -> str | None:
         raise RecipeError(f"{at}: {e}") from None
 
 
-def check_stage_refs(recipe: Recipe, name: str, stage: Any, base: Path, at, *, check_hub: bool) -> list[str]:
+def check_stage_refs(recipe: Recipe, name: str, refs: Iterable[tuple[tuple, str]], base: Path, at, *,
+                     check_hub: bool) -> list[str]:
     """Each reference of stage `name` is another stage of the recipe that writes a model, or a model this
     machine can load (a directory holding one, intact if sealed; a Hub id it has or can fetch, asked only with
     `check_hub`); returns the stages it depends on. `base`: the recipe's directory; `at(*key)` locates a key of
     the stage."""
     deps: list[str] = []
-    for key, ref in stage_refs(stage):
+    stage = recipe.stages[name]
+    for key, ref in refs:
         if ref in recipe.stages:
             if ref == name:
                 raise RecipeError(f"{at(*key)}: stage {name!r} refers to itself")

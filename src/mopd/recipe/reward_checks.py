@@ -14,6 +14,7 @@ mistake one RecipeError line before compute.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import RecipeError
@@ -34,7 +35,7 @@ from ..core.schema import (
 )
 from ..data.pairs import read_pairs
 from ..models.checkpoint import head_kind
-from .refs import resolve_external, stage_domains, stage_refs, stage_roots
+from .refs import StageFacts, resolve_external, stage_roots
 from .tokenizer import tokenizer_alphabet
 
 
@@ -43,29 +44,30 @@ def _scores(key: tuple) -> bool:
     return key == ("critic",) or (key[0] == "reward" and key[-1] == "reward_model")
 
 
-def rewarded_domains(stage, recipe: Recipe) -> list[str]:
-    """The domains whose rows a stage rewards (an empty list: it uses no reward)."""
+def rewarded_domains(stage, domains: Sequence[str]) -> list[str]:
+    """The domains whose rows a stage rewards (an empty list: it uses no reward); `domains`: the stage's."""
     if isinstance(stage, MOPDStage):
         if stage.alpha > 0:
-            return stage_domains(stage, recipe)
-        return [d for d in stage_domains(stage, recipe) if d not in stage.teachers]  # reward-only domains
+            return list(domains)
+        return [d for d in domains if d not in stage.teachers]  # reward-only domains
     if isinstance(stage, CascadeRLStage):
         return list(stage.order)
     if isinstance(stage, DPOStage | RewardModelStage) and stage.pairs_from != "policy":
         return []
     if isinstance(stage, SamplingSettings | DPOStage | RewardModelStage | RejectionSamplingStage):
-        return stage_domains(stage, recipe)
+        return list(domains)
     return []
 
 
-def check_rewards(recipe: Recipe, base: Path, domains: dict, order: list[str], where) -> None:
+def check_rewards(recipe: Recipe, facts: dict[str, StageFacts], base: Path, domains: dict, order: list[str],
+                  where) -> None:
     """Every check of the module docstring; `domains` are the loaded domains, `order` the stages' run order,
     `where(*key)` locates a key."""
     roots = stage_roots(recipe.stages, order, base)
     for name, stage in recipe.stages.items():
         at = lambda *key, name=name: where("stages", name, *key)  # noqa: E731
         reward = reward_of(stage)
-        rewarded = rewarded_domains(stage, recipe)
+        rewarded = rewarded_domains(stage, facts[name].domains)
         for d in rewarded:
             if source_of(reward, d) == "verifier" and not getattr(domains[d], "rule_reward", True):
                 raise RecipeError(
@@ -86,7 +88,7 @@ def check_rewards(recipe: Recipe, base: Path, domains: dict, order: list[str], w
             if d not in rewarded:
                 raise RecipeError(f"{at('domain_thresholds', d)}: {d!r} is not one of the stage's domains "
                                   f"({', '.join(rewarded)})")
-        for key, ref in stage_refs(stage):
+        for key, ref in facts[name].refs:
             if isinstance(recipe.stages.get(ref), RewardModelStage) and not _scores(key):
                 raise RecipeError(f"{at(*key)}: {ref!r} is a reward model: it scores answers, it does not generate "
                                   "(use it as `reward: {reward_model: ...}` or as a ppo `critic`)")

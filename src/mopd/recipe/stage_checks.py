@@ -16,7 +16,7 @@ from typing import Any
 from ..core.errors import RecipeError
 from ..core.schema import NAME_PATTERN, CascadeRLStage, MOPDStage, OffPolicyFTStage, Recipe, SamplingSettings
 from ..core.schema.teachers import missing_extra
-from .refs import check_stage_refs, stage_domains
+from .refs import StageFacts, check_stage_refs
 
 Where = Callable[..., str]
 
@@ -31,16 +31,17 @@ def check_stage_names(recipe: Recipe, where: Where) -> None:
             )
 
 
-def check_stage(recipe: Recipe, name: str, stage: Any, base: Path, where: Where, *, check_hub: bool) -> list[str]:
+def check_stage(recipe: Recipe, name: str, facts: StageFacts, base: Path, where: Where, *, check_hub: bool) -> list[str]:
     """Stage `name`'s references (`refs.check_stage_refs`), then the domains it names, its teachers, its domain
     weights; returns the stages it depends on. `base`: the recipe's directory; `where(*key)` locates a key."""
     at = lambda *key: where("stages", name, *key)  # noqa: E731
-    deps = check_stage_refs(recipe, name, stage, base, at, check_hub=check_hub)
+    stage = recipe.stages[name]
+    deps = check_stage_refs(recipe, name, facts.refs, base, at, check_hub=check_hub)
     _check_domains_known(recipe, stage, at)
     if isinstance(stage, MOPDStage | OffPolicyFTStage):
         _check_teachers(recipe, stage, at)
     if isinstance(stage, SamplingSettings):
-        _check_domain_weights(stage, stage_domains(stage, recipe), at)
+        _check_domain_weights(stage, list(facts.domains), at)
     return deps
 
 
