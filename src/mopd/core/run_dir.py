@@ -19,8 +19,6 @@ tell which files make up a run, and renaming one meant finding every copy.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 RUN_JSON = "run.json"
 RECIPE_COPY = "recipe.yaml"
 SUMMARY_JSON = "summary.json"
@@ -33,11 +31,3 @@ SNAPSHOTS = "snapshots"
 FINAL = "final"
 LINEAGE = "mopd.json"
 EVAL_JSON = "eval.json"
-
-
-def final_dir(run: Path, stage: str) -> Path:
-    return Path(run) / stage / FINAL
-
-
-def metrics_path(run: Path, stage: str) -> Path:
-    return Path(run) / stage / METRICS

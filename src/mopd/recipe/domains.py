@@ -8,15 +8,13 @@ set, or whose characters the tiny model's tokenizer lacks, fails before any comp
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import RecipeError
 from ..core.schema import Recipe
 from ..envs import Domain, DomainLike, domain_problem, get_domain, list_domains, load_plugin
 from .resources import alphabet_gap
-
-Where = Callable[..., str]
+from .yaml_file import Where
 
 
 def load_plugins(recipe: Recipe, recipe_path: Path, where: Where) -> None:

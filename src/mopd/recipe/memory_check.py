@@ -11,7 +11,6 @@ already exceeds the device's total memory cannot run, so it is one line at load;
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ from ..core.schema import (
 from ..models.precision import resolve_placement
 from .refs import init_ref, resolve_external
 from .tokenizer import recipe_tokenizer
+from .yaml_file import Where
 
-Where = Callable[..., str]
 ADAMW_STATE_BYTES = 8  # two float32 moments per trained parameter
 
 

@@ -4,13 +4,11 @@ otherwise cost the whole run before it showed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import RecipeError
 from ..core.schema import EvalStage, MOPDStage, Recipe
-
-Where = Callable[..., str]
+from .yaml_file import Where
 
 
 def check_compare(recipe: Recipe, where: Where) -> None:

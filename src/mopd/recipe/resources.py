@@ -8,7 +8,6 @@ naming the file, line and key (the `where` callable of `load.py` builds that pre
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,7 @@ from ..models.precision import emulated_bfloat16, resolve_placement
 from ..sampling.backend import vllm_unavailable_reason
 from ..tracking import enabled, missing_extra
 from .tokenizer import tokenizer_alphabet
-
-Where = Callable[..., str]
+from .yaml_file import Where
 
 
 def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[str, Any]:

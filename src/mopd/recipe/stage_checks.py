@@ -9,7 +9,6 @@ stages, the disk and the installed packages.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,7 @@ from ..core.errors import RecipeError
 from ..core.schema import NAME_PATTERN, CascadeRLStage, MOPDStage, OffPolicyFTStage, Recipe, SamplingSettings
 from ..core.schema.teachers import missing_extra
 from .refs import StageFacts, check_stage_refs
-
-Where = Callable[..., str]
+from .yaml_file import Where
 
 
 def check_stage_names(recipe: Recipe, where: Where) -> None:

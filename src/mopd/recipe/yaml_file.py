@@ -7,6 +7,7 @@ path (stages.student.lr); the user reads a file, so the line of that key is what
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,10 @@ def refuse_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
     elif isinstance(node, yaml.SequenceNode):
         for v in node.value:
             refuse_duplicate_keys(path, v)
+
+
+# `where(*key)`: a key of the recipe as 'FILE:LINE: key.path', the start of every load-time error line
+Where = Callable[..., str]
 
 
 def where_in_file(path: Path, lines: dict[tuple, int], key: tuple) -> str:
