@@ -12,15 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..recipe.load import LoadedRecipe
-from ..recipe.refs import init_ref, stage_refs
 
 
-def _ancestors(stages: dict, name: str) -> set[str]:
+def _ancestors(loaded: LoadedRecipe, name: str) -> set[str]:
     seen: set[str] = set()
     todo = [name]
     while todo:
-        for _, ref in stage_refs(stages[todo.pop()]):
-            if ref in stages and ref not in seen:
+        for ref in loaded.facts[todo.pop()].parents:
+            if ref not in seen:
                 seen.add(ref)
                 todo.append(ref)
     return seen
@@ -35,17 +34,17 @@ def compare_plan(loaded: LoadedRecipe) -> dict[str, Any]:
     if cmp is None:
         raise ValueError(f"{loaded.path}: no `compare:` block (see src/mopd/recipes/compare.yaml)")
     stages = recipe.stages
-    shared = {cmp.start, *_ancestors(stages, cmp.start)}
+    shared = {cmp.start, *_ancestors(loaded, cmp.start)}
     for t in cmp.teachers.values():
-        shared |= {t, *_ancestors(stages, t)}
+        shared |= {t, *_ancestors(loaded, t)}
     methods = {}
     for label, stage in cmp.methods.items():
         chain, cur = [], stage
         while cur in stages and cur not in shared:
             chain.append(cur)
-            cur = init_ref(stages[cur])
-        ancestors = _ancestors(stages, stage)
-        after_start = {a for a in ancestors if cmp.start in _ancestors(stages, a)}
+            cur = loaded.facts[cur].init
+        ancestors = _ancestors(loaded, stage)
+        after_start = {a for a in ancestors if cmp.start in _ancestors(loaded, a)}
         extra = [s for s in loaded.order if s in after_start - shared - set(chain)]
         methods[label] = {"stage": stage, "kind": stages[stage].kind, "chain": chain, "extra": extra}
     curves = cmp.curves
