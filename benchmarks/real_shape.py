@@ -67,7 +67,7 @@ REAL = {"batch": 32, "completion": 256, "vocab": VOCAB, "teachers": 1}
 
 
 def build(out: Path, vocab: int, n_teachers: int, student_hidden: int = 64, teacher_hidden: int = 192,
-          eos_norm: float = EOS_NORM, layers: int = 2) -> None:
+          eos_norm: float = EOS_NORM, layers: int = 2, teacher_layers: int | None = None) -> None:
     """Student, `n_teachers` teachers (seeds 1..n) and a word-level tokenizer of `vocab` tokens, saved under `out`;
     `eos_norm` 0: no EOS bias (EOS about as likely as any token: completions run to their maximum)."""
     import torch
@@ -84,7 +84,7 @@ def build(out: Path, vocab: int, n_teachers: int, student_hidden: int = 64, teac
     tok.save_pretrained(out / "tokenizer")
     eos_dir = torch.randn(max(student_hidden, teacher_hidden), generator=torch.Generator().manual_seed(99))
 
-    def model(hidden: int, seed: int, name: str) -> None:
+    def model(hidden: int, seed: int, name: str, layers: int) -> None:
         torch.manual_seed(seed)
         cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
@@ -97,9 +97,9 @@ def build(out: Path, vocab: int, n_teachers: int, student_hidden: int = 64, teac
         m.generation_config.pad_token_id, m.generation_config.eos_token_id = PAD, EOS
         m.save_pretrained(out / name)
 
-    model(student_hidden, 0, "student")
+    model(student_hidden, 0, "student", layers)
     for i in range(n_teachers):
-        model(teacher_hidden, 1 + i, f"teacher{i}")
+        model(teacher_hidden, 1 + i, f"teacher{i}", teacher_layers or layers)
 
 
 def prompts(n: int, vocab: int, seed: int) -> list[str]:

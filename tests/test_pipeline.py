@@ -63,6 +63,11 @@ def test_run_writes_checkpoints_lineage_report(finished_run) -> None:
         assert (out / name).stat().st_size > 0
     lines = [json.loads(x) for x in (out / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    # the `auto` step settings the sampling stages chose, beside their identity: at the tiny shapes, the
+    # computation the recipes always ran (one block of logits, the whole batch a pass)
+    sizing = json.loads((out / "student" / "stage.json").read_text())["sizing"]
+    assert sizing["logit_chunk"] is None and sizing["vocab_block"] is None and sizing["micro_batch_size"] is None
+    assert "micro_batch_size" in sizing["chosen"] and 0 < sizing["estimated_peak_bytes"] <= 2**31
     assert all(any(k.startswith("mopd/reverse_kl/") for k in x) for x in lines if "loss" in x)
 
 

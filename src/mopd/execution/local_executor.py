@@ -53,7 +53,9 @@ class LocalExecutor:
                 hooks=StageHooks(
                     progress=lambda step, tot, m: self.progress.update(task, completed=step, info=progress_info(m)),
                     warn=lambda msg: warn_line(self.progress.console, msg),
-                    record=self.recorder(name)),
+                    record=self.recorder(name),
+                    note=lambda msg: self.progress.console.print(f"{name}: {msg}", highlight=False,
+                                                                 markup=False, soft_wrap=True)),
                 run=run_stage,  # looked up here, so a test can stand in for it
             )
         except Exception as e:  # as on Ray: its dependants are stopped, the rest runs on

@@ -190,6 +190,9 @@ def _stage_task(loaded: LoadedRecipe, name: str, out: Path, ids: dict[str, str],
     def warn(msg: str) -> None:
         console.print(f"warning: {msg}", highlight=False, markup=False, soft_wrap=True)
 
+    def note(msg: str) -> None:
+        console.print(f"{name}: {msg}", highlight=False, markup=False, soft_wrap=True)
+
     with stage_lock(Path(out), name):  # an orphaned worker of a killed run may still be writing it
-        return run_stage_step(loaded, name, out, ids, prior, hooks=StageHooks(warn=warn), executor="ray",
+        return run_stage_step(loaded, name, out, ids, prior, hooks=StageHooks(warn=warn, note=note), executor="ray",
                               run=group_runner(loaded, name, out, ids, threads))

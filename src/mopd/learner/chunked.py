@@ -40,7 +40,8 @@ from ..core.logprobs import (
     fused_logprobs_and_entropy,
 )
 from ..core.position_blocks import block_bounds, block_rows, row_slice, scatter_rows
-from ..models.forward import LogitHead
+from ..core.vocab_blocks import sampled_token_head
+from ..models.forward import LogitHead, plain_weight
 
 Scores = dict[str, torch.Tensor]
 # (the student's logits of predicting positions [start, start + n) as [b, n, V] with grad, start, stop (the
@@ -75,6 +76,7 @@ def token_scores(
     entropy: bool = False,
     terms: BlockTerms | None = None,
     live_B_W: torch.Tensor | None = None,
+    vocab_block: int | None = None,
 ) -> Scores:
     """Per-token scores of the K - 1 predicting positions, [B, K - 1] each, block by block.
 
@@ -88,11 +90,17 @@ def token_scores(
         terms: more per-token tensors from each block's logits (a distribution objective's loss terms).
         live_B_W: which predicting positions score a completion token (bool): with several blocks, a block
             projects only the rows with one among its positions; the others get zeros.
+        vocab_block: with no `terms` and a plain head (`models.forward.plain_weight`), score every live
+            position at once, this many vocabulary columns at a time (`core.vocab_blocks`; `chunk` unused);
+            the other positions get zeros.
 
     Returns:
         "logprobs" (log softmax(logits)[y], with grad), and what the options add.
     """
     B, K = hidden_B_K_H.shape[:2]
+    weight = plain_weight(head) if vocab_block is not None and terms is None else None
+    if weight is not None and hidden_B_K_H.dtype == weight.dtype:
+        return vocab_scores(hidden_B_K_H, weight, targets_B_W, live_B_W, vocab_block, temperature, entropy)
     bounds = block_bounds(K, chunk)
 
     def block(start: int, stop: int) -> Scores:
@@ -116,6 +124,27 @@ def token_scores(
         return {key: scatter_rows(x, rows, B) for key, x in out.items()}
 
     return over_blocks(block, bounds)
+
+
+def vocab_scores(hidden_B_K_H: torch.Tensor, weight_V_H: torch.Tensor, targets_B_W: torch.Tensor,
+                 live_B_W: torch.Tensor | None, block: int, temperature: float, entropy: bool) -> Scores:
+    """`token_scores` of the live predicting positions, all in one [N, H] matrix, a block of vocabulary columns
+    at a time (`core.vocab_blocks.sampled_token_head`); zeros at the other positions."""
+    B, K = hidden_B_K_H.shape[:2]
+    live_B_W = targets_B_W.new_ones(targets_B_W.shape, dtype=torch.bool) if live_B_W is None else live_B_W
+    where = live_B_W.nonzero(as_tuple=True)
+    logprobs, tempered, ent = sampled_token_head(hidden_B_K_H[:, : K - 1][where], weight_V_H, targets_B_W[where],
+                                                 block, temperature)
+
+    def place(x_N: torch.Tensor) -> torch.Tensor:
+        return x_N.new_zeros(B, K - 1).index_put(where, x_N)
+
+    out = {"logprobs": place(logprobs)}
+    if temperature != 1.0:
+        out["pg_logprobs"] = place(tempered)
+    if entropy:
+        out["entropy"] = place(ent)
+    return out
 
 
 def pad_front(x_B_W: torch.Tensor, T: int) -> torch.Tensor:

@@ -25,18 +25,15 @@ import torch
 
 from ..core.position_blocks import block_bounds, block_rows, row_slice
 from ..core.scoring import LogitBlocks
-from ..models.forward import LogitHead
+from ..models.forward import LogitHead, plain_weight
 from .chunked import Scores
 from .fused_kl import kl_parts
 
 
 def fusable(head: LogitHead | None, K: int, chunk: int | None) -> bool:
-    """Whether `head` is a plain projection this module can differentiate by hand, and the step has several
-    blocks (one block is the unchunked computation, kept op for op)."""
-    p = None if head is None else head.projection
-    return (type(p) is torch.nn.Linear and p.bias is None and head.final_map is None
-            and p.weight.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled(p.weight.device.type) and len(block_bounds(K, chunk)) > 1)
+    """Whether `head` is a plain projection this module can differentiate by hand (`plain_weight`), and the step
+    has several blocks (one block is the unchunked computation, kept op for op)."""
+    return plain_weight(head) is not None and len(block_bounds(K, chunk)) > 1
 
 
 def fused_kl_scores(hidden_B_K_H: torch.Tensor, head: LogitHead, targets_B_W: torch.Tensor,

@@ -32,12 +32,15 @@ from .reward_only import route_rows
 def policy_loss(
     model, batch: RolloutBatch, cfg: PolicyConfig, *, temperature: float, micro_batch_size: int | None = None,
     logit_chunk: int | None = None, dp: DataParallel | None = None, by_length: bool = False,
+    vocab_block: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a rewarded batch: A = A_GRPO without teachers; with them, the distillation objective of
     `cfg.distill` (+ alpha * A_GRPO). With `filter_solved`, rows of groups whose pass rate is 0 or 1 leave every
     loss term. The batch-wide parts (filter, GRPO's group statistics, routing) and the metrics see the whole
     batch; the student's forward, the teachers' scores and the loss run per micro-batch of rows, and within one
-    a block of `logit_chunk` positions at a time (None: every position in one block).
+    a block of `logit_chunk` positions at a time (None: every position in one block). With `vocab_block`, an
+    objective that needs only the sampled tokens' scores (`sampled`, `grpo`) takes them over all of a
+    micro-batch's positions at once, that many vocabulary columns at a time (`core.vocab_blocks`).
 
     `by_length` (`micro_batch_by_length`): micro-batches take the rows longest first, and each one runs (student
     and teachers) over its own columns only, without the columns that are padding in all its rows; the same loss
@@ -78,7 +81,7 @@ def policy_loss(
         elif objective.block_terms is not None:
             terms = objective.block_terms(part_batch, part_names, k, cfg)
         mb = student_scores(model, part_batch, k, temperature, part_loss_mask, part_grpo, part_names, share, total,
-                            terms=terms, logit_chunk=logit_chunk, fused_kl=fused_kl)
+                            terms=terms, logit_chunk=logit_chunk, fused_kl=fused_kl, vocab_block=vocab_block)
         loss, part_metrics, kept = objective.step(mb, cfg)
         kept = {**kept, "entropy_B_K": mb.entropy_B_T[:, -k:], "logprobs_B_T": mb.logprobs_B_T.detach()}
         return loss, part_metrics, repad(kept, lead, trail)
@@ -142,7 +145,7 @@ def student_scores(
     model, batch: RolloutBatch, K: int, temperature: float, loss_mask_B_T: torch.Tensor,
     grpo_B_T: torch.Tensor | None, names_B: list[str] | None, share: float, total_tokens: float, *,
     terms: BlockTerms | None = None, logit_chunk: int | None = None,
-    fused_kl: tuple[str, LogitBlocks] | None = None,
+    fused_kl: tuple[str, LogitBlocks] | None = None, vocab_block: int | None = None,
 ) -> MicroBatch:
     """The student's forward pass (with grad) over the last K positions of `batch`'s rows, scored per token a
     block of `logit_chunk` positions at a time, with the objective's loss `terms` from the same blocks; or, with
@@ -160,7 +163,7 @@ def student_scores(
     live_B_W = batch.completion_mask_B_T[:, T - K + 1 :] > 0
     if fused_kl is None:
         scores = token_scores(hidden_B_K_H, head, targets_B_W, logit_chunk, temperature=temperature, entropy=True,
-                              terms=terms, live_B_W=live_B_W)
+                              terms=terms, live_B_W=live_B_W, vocab_block=vocab_block)
     else:
         assert logit_chunk is not None
         mask_B_W = loss_mask_B_T[:, T - K + 1 :].to(hidden_B_K_H.dtype)

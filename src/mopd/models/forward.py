@@ -108,6 +108,18 @@ class LogitHead:
         return upcast(logits)
 
 
+def plain_weight(head: LogitHead | None) -> torch.Tensor | None:
+    """The [V, H] weight of a head that is one bias-free linear map in float32 or float64, outside autocast (so
+    its logits are exactly `hidden @ weight.T` and a caller may project a block of vocabulary columns at a time),
+    else None."""
+    p = None if head is None else head.projection
+    if type(p) is not torch.nn.Linear or p.bias is not None or head is None or head.final_map is not None:
+        return None
+    w = p.weight
+    ok = w.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(w.device.type)
+    return w if ok else None
+
+
 def split_head(model) -> tuple[torch.nn.Module, LogitHead] | None:
     """(decoder, head) of an HF causal LM whose forward is `final_map(lm_head(decoder(...)))`, else None.
 

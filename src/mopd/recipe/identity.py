@@ -19,7 +19,7 @@ from .refs import resolve_external
 # of logit positions: the same loss and gradient up to float rounding), or what happens on a non-finite step (a
 # stage that finished had none under `stop`), not what is trained
 SETTINGS_NOT_IN_IDENTITY = {
-    "checkpoint_every", "eval_every", "preflight", "micro_batch_size", "logit_chunk", "nonfinite",
+    "checkpoint_every", "eval_every", "preflight", "micro_batch_size", "logit_chunk", "memory_budget_gib", "nonfinite",
     "resources",  # where and with what a stage runs (the Ray executor), not what it trains
     "teacher_backends",  # where a MOPD stage's teachers score (in process, a Ray actor, a server), not who they are
     "learner",  # data-parallel learner workers: the same gradient up to float rounding (like micro-batches)

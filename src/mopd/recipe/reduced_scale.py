@@ -92,7 +92,7 @@ def _scale_stage(raw: dict[str, Any], scale: float) -> None:
         steps = _cascade(raw, steps, ratio)
     raw["steps"] = steps
     raw["batch_size"] = shrink(raw["batch_size"], scale, MIN_BATCH)
-    if raw.get("micro_batch_size"):
+    if isinstance(raw.get("micro_batch_size"), int):
         raw["micro_batch_size"] = min(raw["micro_batch_size"], raw["batch_size"])
     raw["warmup_steps"] = round(raw["warmup_steps"] * ratio)
     for key in ("checkpoint_every", "eval_every", "keep_every"):

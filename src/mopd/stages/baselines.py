@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.schema import CascadeRLStage, OffPolicyFTStage
+from ..core.schema import CascadeRLStage, OffPolicyFTStage, fixed_logit_chunk, fixed_micro_batch
 from ..envs import DomainLike, Problem
 from ..learner.rollout import best_of_n
 from ..learner.supervised import supervised_loss
@@ -107,8 +107,8 @@ def trace_sft_loss(
     if not traces:
         return torch.zeros(()), {"loss": 0.0, **metrics}
     loss, sft_metrics = supervised_loss(model, ctx.tokenizer, traces, loss_on_prompt=False,
-                                        micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format,
-                                        logit_chunk=s.logit_chunk)
+                                        micro_batch_size=fixed_micro_batch(s), prompt_format=ctx.prompt_format,
+                                        logit_chunk=fixed_logit_chunk(s))
     return loss, {**sft_metrics, **metrics}
 
 

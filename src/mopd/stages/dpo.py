@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.schema import DPOStage
+from ..core.schema import DPOStage, fixed_logit_chunk, fixed_micro_batch
 from ..learner.preference import dpo_loss
 from .driver import LossFn, train
 from .pairs import frozen, pairs_fn
@@ -31,8 +31,8 @@ def dpo_loss_fn(ctx: ResolvedStage) -> LossFn:
         if not chosen:  # every prompt tied: no update this step
             return torch.zeros(()), {"loss": 0.0, **metrics}
         loss, loss_metrics = dpo_loss(model, reference, ctx.tokenizer, chosen, rejected, beta=s.beta, loss=s.loss,
-                                      length_normalized=s.length_normalized, micro_batch_size=s.micro_batch_size,
-                                      prompt_format=ctx.prompt_format, logit_chunk=s.logit_chunk)
+                                      length_normalized=s.length_normalized, micro_batch_size=fixed_micro_batch(s),
+                                      prompt_format=ctx.prompt_format, logit_chunk=fixed_logit_chunk(s))
         return loss, {**loss_metrics, **metrics}
 
     return loss_fn

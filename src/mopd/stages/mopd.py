@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..core.run_dir import PREFLIGHT
-from ..core.schema import ActorBackend, HttpBackend, MOPDStage
+from ..core.schema import ActorBackend, HttpBackend, MOPDStage, fixed_logit_chunk
 from ..core.scoring import TeacherScorer
 from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
 from ..models.tokenizer import tokenizer_fingerprint
@@ -138,7 +138,8 @@ def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> Teacher
     if in_process:
         models, compute_device = load_teachers(ctx, in_process)
         local = TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
-                             logit_chunk=ctx.settings.logit_chunk, share_prefill=ctx.settings.teacher_shared_prefill,
+                             logit_chunk=fixed_logit_chunk(ctx.settings),
+                             share_prefill=ctx.settings.teacher_shared_prefill is True,
                              reprompt={n: v for n, v in views.items() if n in in_process})
     if not backends:
         return local
@@ -146,8 +147,8 @@ def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> Teacher
     served = {n: b for n, b in backends.items() if isinstance(b, HttpBackend) and n in checkpoints}
     student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
     remote = {**connect_all(ctx.name, served, student_tok),
-              **(start_actors(ctx.name, checkpoints, actors, ctx.placement.compute_dtype, ctx.settings.logit_chunk,
-                              ctx.settings.teacher_shared_prefill) if actors else {})}
+              **(start_actors(ctx.name, checkpoints, actors, ctx.placement.compute_dtype,
+                              fixed_logit_chunk(ctx.settings), ctx.settings.teacher_shared_prefill is True) if actors else {})}
     remote = {n: PromptedRemote(t, views[n]) if n in views else t for n, t in remote.items()}
     return MixedPanel(local=local, remote=remote, teacher_of_domain=ctx.teacher_of_domain)
 

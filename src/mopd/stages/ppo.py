@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import StageError
-from ..core.schema import PPOStage
+from ..core.schema import PPOStage, fixed_logit_chunk, fixed_micro_batch
 from ..learner.micro_batches import accumulate_micro_batches, backward_outside_autocast
 from ..learner.ppo import (
     clipped_policy_loss,
@@ -72,8 +72,8 @@ def ppo_loss_fn(ctx: ResolvedStage) -> LossFn:
                                  prompt_format=ctx.prompt_format, reward=reward)
         mask = batch.completion_mask_B_T
         with torch.no_grad():
-            old_lp = token_logprobs(model, batch, s.logit_chunk)
-            ref_lp = token_logprobs(reference, batch, s.logit_chunk)
+            old_lp = token_logprobs(model, batch, fixed_logit_chunk(s))
+            ref_lp = token_logprobs(reference, batch, fixed_logit_chunk(s))
             old_values = token_values(critic["model"], batch)
         rewards_B_T, reward_metrics = token_rewards(batch.rewards_B, old_lp, ref_lp, mask, s.kl_coef)
         advantages, returns = gae(rewards_B_T, old_values, mask, s.gamma, s.lam)
@@ -93,7 +93,7 @@ def ppo_loss_fn(ctx: ResolvedStage) -> LossFn:
 
         def policy_part(rows: slice, share: float):  # `micro_batch_size` rows at a time, the whole step's mean
             sub = batch.select(index[rows])
-            loss, m = clipped_policy_loss(token_logprobs(model, sub, s.logit_chunk), kept["old_lp"][rows],
+            loss, m = clipped_policy_loss(token_logprobs(model, sub, fixed_logit_chunk(s)), kept["old_lp"][rows],
                                           kept["advantages"][rows], sub.completion_mask_B_T, s.clip)
             return loss * share, m, {}
 
@@ -103,8 +103,8 @@ def ppo_loss_fn(ctx: ResolvedStage) -> LossFn:
                                          kept["returns"][rows], sub.completion_mask_B_T, s.value_clip)
             return s.vf_coef * loss * share, m, {}
 
-        loss, metrics, _ = accumulate_micro_batches(policy_part, mask, s.micro_batch_size)
-        value_loss, value_metrics, _ = accumulate_micro_batches(value_part, mask, s.micro_batch_size)
+        loss, metrics, _ = accumulate_micro_batches(policy_part, mask, fixed_micro_batch(s))
+        value_loss, value_metrics, _ = accumulate_micro_batches(value_part, mask, fixed_micro_batch(s))
         update_critic(critic, value_loss, s.grad_clip)
         save_critic(ctx, critic, step + 1)
         metrics = {**value_metrics, **metrics, "loss": float(loss.detach()) + s.vf_coef * value_metrics[

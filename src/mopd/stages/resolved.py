@@ -39,6 +39,10 @@ def _ignore(*args: object) -> None:
     pass
 
 
+def _log_info(message: str) -> None:
+    logging.getLogger("mopd").info(message)
+
+
 @dataclass(frozen=True)
 class StageHooks:
     """Where a running stage reports to: the runner's console and trackers (not settings: they decide nothing)."""
@@ -46,6 +50,7 @@ class StageHooks:
     progress: Callable[[int, int, dict[str, float]], None] = _ignore  # (step, total, metrics)
     warn: Callable[[str], None] = _log_warning  # one-line warnings (the console; a library user's log)
     record: Callable[[dict], None] = _ignore  # each metrics.jsonl record (experiment trackers)
+    note: Callable[[str], None] = _log_info  # one-line facts a stage states once (the step settings it chose)
 
 
 @dataclass(frozen=True)

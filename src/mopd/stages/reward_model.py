@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.schema import DatasetPairs, RewardModelStage
+from ..core.schema import DatasetPairs, RewardModelStage, fixed_micro_batch
 from ..data.pairs import read_pairs, split_pairs
 from ..envs import Problem
 from ..learner.reward_model import pair_accuracy, reward_model_loss
@@ -52,7 +52,7 @@ def reward_model_loss_fn(ctx: ResolvedStage, sampler: torch.nn.Module | None) ->
         if not chosen:  # every prompt tied: no update this step
             return torch.zeros(()), {"loss": 0.0, **metrics}
         loss, loss_metrics = reward_model_loss(model, ctx.tokenizer, chosen, rejected,
-                                               micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format)
+                                               micro_batch_size=fixed_micro_batch(s), prompt_format=ctx.prompt_format)
         return loss, {**loss_metrics, **metrics}
 
     return loss_fn

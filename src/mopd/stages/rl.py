@@ -15,6 +15,7 @@ from ..core.scoring import TeacherScorer
 from ..learner.objective_table import PolicyConfig
 from ..learner.policy import policy_loss
 from ..learner.rollout import rollout
+from ..learner.sizing import Sizing
 from .baselines import cascade_sources
 from .driver import LossFn, train
 from .loading import lazy_rollout_sampler
@@ -24,6 +25,7 @@ from .rewards import stage_reward
 from .rollout_workers import LazyPool, rollout_pool
 from .schedules import temperature_at
 from .start import starting_model
+from .step_sizing import apply_to_panel, stage_sizing
 
 
 def policy_step_fn(
@@ -64,15 +66,21 @@ def policy_step_fn(
                                         prompt_format=ctx.prompt_format)
         return batch, metrics
 
+    sizing: list[Sizing] = []  # chosen at the first step this process runs
+
     def loss_fn(model, step):
         problems, temperature = draw(step)
         # every rank trains on the batch rank 0 sampled with the unsharded model (FSDP: its copy)
         batch, metrics = learner.from_lead(lambda: sample(learner.whole(model), step, problems, temperature))
-        cfg = PolicyConfig(sampling=s, distill=distill, teachers=teachers_at(step) if teachers_at else None,
-                           reward_only=reward_only)
+        panel = teachers_at(step) if teachers_at else None
+        if not sizing:
+            sizing.append(stage_sizing(ctx, model, batch, panel))
+        z = sizing[0]
+        apply_to_panel(panel, z)
+        cfg = PolicyConfig(sampling=s, distill=distill, teachers=panel, reward_only=reward_only)
         loss, loss_metrics = policy_loss(model, batch, cfg, temperature=temperature,
-                                         micro_batch_size=s.micro_batch_size, logit_chunk=s.logit_chunk,
-                                         dp=learner.group, by_length=s.micro_batch_by_length)
+                                         micro_batch_size=z.micro_batch_size, logit_chunk=z.logit_chunk,
+                                         dp=learner.group, by_length=z.by_length, vocab_block=z.vocab_block)
         return loss, {**metrics, **loss_metrics, "samples/student": len(problems) * s.group_size}
 
     return loss_fn

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..core.run_dir import EVAL_JSON, FINAL, METRICS
-from ..core.schema import EvalStage, PretrainStage
+from ..core.schema import EvalStage, PretrainStage, fixed_logit_chunk, fixed_micro_batch
 from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer, publish_dir, write_json_atomic
 from ..models.prompting import with_pad_token
@@ -40,8 +40,8 @@ def run_supervised(ctx: ResolvedStage) -> Path:
     def loss_fn(model, step):
         problems = source.draw(step_rng(ctx.seed, step), s.batch_size)
         return supervised_loss(model, ctx.tokenizer, problems, loss_on_prompt=on_prompt,
-                               micro_batch_size=s.micro_batch_size, prompt_format=ctx.prompt_format,
-                               logit_chunk=s.logit_chunk)
+                               micro_batch_size=fixed_micro_batch(s), prompt_format=ctx.prompt_format,
+                               logit_chunk=fixed_logit_chunk(s))
 
     return train(ctx, starting_model(ctx), loss_fn)
 

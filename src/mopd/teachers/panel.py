@@ -26,7 +26,8 @@ from ..core.logprobs import aligned_token_logprobs
 from ..core.position_blocks import block_bounds, block_rows, row_slice, scatter_rows
 from ..core.routing import route_teachers
 from ..core.scoring import LogitBlocks
-from ..models.forward import LogitHead, final_hidden, shared_prompt_hidden
+from ..core.vocab_blocks import sampled_token_logprobs
+from ..models.forward import LogitHead, final_hidden, plain_weight, shared_prompt_hidden
 from .offload import placed_on
 
 
@@ -40,6 +41,9 @@ class TeacherPanel:
     # positions per block of logits in `sampled_logprobs` and `topk` (None: every position at once); the
     # full-distribution objectives choose their own blocks of `logit_blocks`
     logit_chunk: int | None = None
+    # `sampled_logprobs` over every live position at once, this many vocabulary columns at a time, for a teacher
+    # with a plain head (`core.vocab_blocks`); None: blocks of `logit_chunk` positions
+    vocab_block: int | None = None
     # run each distinct prompt once per teacher and copy its KV cache to the rows that share it (the G rollouts of
     # a group): the same scores up to float rounding, the prompt's decoder pass once instead of G times
     share_prefill: bool = False
@@ -91,6 +95,10 @@ class TeacherPanel:
         """The routed teacher's logits at the last `keep` positions of the batch, one block at a time
         (`core.scoring.TeacherScorer.logit_blocks`). Each teacher's decoder runs now, once, over its own rows
         (minus their all-padding columns); a block applies each teacher's head to its rows' slice."""
+        return _RoutedBlocks(self._routed_parts(batch, names_B, keep), batch.size, batch.input_ids_B_T.device)
+
+    def _routed_parts(self, batch: RolloutBatch, names_B: list[str], keep: int) -> list[_Routed]:
+        """Each routed teacher's final hidden states at the last `keep` positions of its rows, and its head."""
         parts = []
         first = batch.first_completion_column
         for name, rows in self._rows_by_teacher(names_B).items():
@@ -103,7 +111,7 @@ class TeacherPanel:
                 start = first - dropped
             hidden, head = self._teacher_hidden(name, ids, mask, min(keep, ids.shape[1]), start)
             parts.append(_Routed(rows, hidden, head, keep - hidden.shape[1]))
-        return _RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device)
+        return parts
 
     @torch.no_grad()
     def sampled_logprobs(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor:
@@ -112,17 +120,21 @@ class TeacherPanel:
         # completion column to the end (the prompt's vocabulary projection is skipped).
         T = batch.input_ids_B_T.shape[1]
         keep = T - batch.first_completion_column + 1
-        blocks = self.logit_blocks(batch, names_B, keep)
+        parts = self._routed_parts(batch, names_B, keep)
+        blocks = _RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device)
         targets_B_W = batch.input_ids_B_T[:, T - keep + 1 :]
         live_B_W = batch.completion_mask_B_T[:, T - keep + 1 :] > 0
+        if self.vocab_block is not None and all(plain_weight(p.head) is not None for p in parts):
+            lp_B_W = _vocab_logprobs(parts, targets_B_W, live_B_W, self.vocab_block)
+            return torch.cat([lp_B_W.new_zeros(batch.size, T - lp_B_W.shape[1]), lp_B_W], 1) * batch.completion_mask_B_T
         bounds = block_bounds(keep, self.logit_chunk)
-        parts = []
+        scored = []
         for start, stop in bounds:  # with several blocks, only the rows with a completion token in the block
             n = min(stop, keep - 1) - start
             rows = block_rows(live_B_W, start, n, len(bounds) > 1)
             y = row_slice(targets_B_W, rows, slice(start, start + n))
-            parts.append(scatter_rows(aligned_token_logprobs(blocks(start, stop, rows)[:, :n], y), rows, batch.size))
-        lp_B_W = torch.cat(parts, dim=1)
+            scored.append(scatter_rows(aligned_token_logprobs(blocks(start, stop, rows)[:, :n], y), rows, batch.size))
+        lp_B_W = torch.cat(scored, dim=1)
         return torch.cat([lp_B_W.new_zeros(batch.size, T - lp_B_W.shape[1]), lp_B_W], 1) * batch.completion_mask_B_T
 
     @torch.no_grad()
@@ -160,6 +172,28 @@ class TeacherPanel:
         sampled_B_W = torch.cat(sampled, dim=1)
         sampled_B_T = torch.cat([sampled_B_W.new_zeros(batch.size, T - W), sampled_B_W], dim=1)
         return torch.cat(tops, dim=1), torch.cat(ids, dim=1), sampled_B_T * batch.completion_mask_B_T
+
+
+def _vocab_logprobs(parts: list[_Routed], targets_B_W: torch.Tensor, live_B_W: torch.Tensor,
+                    block: int) -> torch.Tensor:
+    """Each routed teacher's log pi_T(y) at its rows' live predicting positions, [B, W] (zeros elsewhere): all
+    its positions in one matrix, `block` vocabulary columns at a time (`core.vocab_blocks`)."""
+    out = torch.zeros(targets_B_W.shape, device=targets_B_W.device)
+    W = targets_B_W.shape[1]
+    for p in parts:
+        weight = plain_weight(p.head)
+        assert weight is not None
+        dev = p.hidden.device
+        rows = p.rows.to(targets_B_W.device)
+        live = live_B_W[rows, p.first :]  # the part's predicting positions: keep positions first .. W - 1
+        where = live.nonzero(as_tuple=True)
+        if not where[0].numel():
+            continue
+        y = targets_B_W[rows, p.first :][where]
+        hidden = p.hidden[:, : W - p.first][(where[0].to(dev), where[1].to(dev))]
+        lp = sampled_token_logprobs(hidden, weight, y.to(dev), block).to(out.device, out.dtype)
+        out[rows[where[0]], p.first + where[1]] = lp
+    return out
 
 
 @dataclass(frozen=True)

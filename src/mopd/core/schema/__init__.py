@@ -52,11 +52,15 @@ from .stages import (
     Strict,
     TinyModelConfig,
     TrainStage,
+    fixed_logit_chunk,
+    fixed_micro_batch,
 )
 from .teachers import ActorBackend, HttpBackend, TeacherBackend, TeacherResources
 from .workers import LearnerWorkers, RolloutWorkers
 
 __all__ = [
+    "fixed_logit_chunk",
+    "fixed_micro_batch",
     "KINDS", "NAME_PATTERN", "CascadeRLStage", "CompareSettings", "DataDomainSpec", "DataFields", "DeltaPairs",
     "DeviceName", "DPOStage",
     "DistillationObjective", "DistillationSettings", "DType", "DomainEntry", "EvalSettings", "EvalStage", "ExecutorName",

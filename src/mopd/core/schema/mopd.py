@@ -85,10 +85,11 @@ class MOPDStage(TrainStage, SamplingSettings, DistillationSettings):
     teacher_backends: dict[str, TeacherBackend] = Field(
         default_factory=dict, description="teacher -> where it scores (a Ray actor, an HTTP server); absent: in process"
     )
-    teacher_shared_prefill: bool = Field(
-        False, description="in-process and actor teachers run each distinct prompt once and copy its KV cache to the "
-        "group's rollouts that share it (the prompt's decoder pass once instead of group_size times); the same "
-        "scores up to float rounding",
+    teacher_shared_prefill: bool | Literal["auto"] = Field(
+        "auto", description="in-process and actor teachers run each distinct prompt once and copy its KV cache to "
+        "the group's rollouts that share it (the prompt's decoder pass once instead of group_size times); the same "
+        "scores up to float rounding; auto: in-process teachers, when a step's groups share enough prompt tokens "
+        "(`learner.sizing`)",
     )
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ so a stage's settings keep one form from the YAML file down to the learner.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -18,9 +18,14 @@ from .rewards import DEFAULT_REWARD, REWARD_DESCRIPTION, RewardSource
 from .strict import Strict, rule_error
 from .workers import LearnerWorkers, RolloutWorkers, scale_problem
 
-# Positions per block of logits (`TrainStage.logit_chunk`): at least the K - 1 completion positions of the tiny
-# recipes (and the <= 64 positions of their SFT rows), so those run in one block, the unchunked computation.
+# Positions per block of logits where `logit_chunk: auto` is not chosen from the shapes (the stages that do not
+# sample: sft, dpo, ppo, ...): at least the <= 64 positions of the tiny recipes' rows, so those run in one block.
 DEFAULT_LOGIT_CHUNK = 128
+
+# `auto`: chosen at the start of the stage from the model shapes, the batch and `memory_budget_gib`
+# (`learner.sizing`), printed and stored in stage.json; a number (or null) set in the recipe wins.
+Auto = Literal["auto"]
+PositiveInt = Annotated[int, Field(gt=0)]
 
 # A stage name is a directory of the run: letters, digits, '_', '-' and '.', not starting with '.' or '-' (so
 # never '', '.', '..', a path, or a hidden or option-like name).
@@ -102,18 +107,25 @@ class TrainStage(Strict):
     keep_every: int = Field(
         0, ge=0, description="keep an HF snapshot every N steps under snapshots/step-N (staged teachers); 0 = none"
     )
-    micro_batch_size: int | None = Field(
-        None, gt=0,
+    micro_batch_size: PositiveInt | Auto | None = Field(
+        "auto",
         description="rows per forward/backward pass (rollouts for sampling stages); the step's gradient is "
         "accumulated over micro-batches, the same as the whole batch's up to float rounding, with the activation "
-        "memory of one micro-batch; default: the whole batch at once",
+        "memory of one micro-batch; null: the whole batch at once; auto: sampling stages choose it from the "
+        "shapes and `memory_budget_gib`, the others take the whole batch",
     )
-    logit_chunk: int | None = Field(
-        DEFAULT_LOGIT_CHUNK, gt=0,
+    logit_chunk: PositiveInt | Auto | None = Field(
+        "auto",
         description="positions per block of logits: the student's and teachers' logits ([rows, block, vocabulary]) "
         "are made from the final hidden states, turned into the loss and differentiated one block at a time "
         "(recomputed in backward), never all positions at once; the same loss and gradient up to float rounding; "
-        "null: one block",
+        "null: one block; auto: sampling stages choose it from the shapes (and, for the `sampled` and `grpo` "
+        f"objectives, blocks of vocabulary columns over every position instead), the others take {DEFAULT_LOGIT_CHUNK}",
+    )
+    memory_budget_gib: float | None = Field(
+        None, gt=0,
+        description="the memory the `auto` settings may plan for (GiB); null: half of the memory available when "
+        "the stage starts (the device's free memory on a GPU)",
     )
     resources: StageResources = Field(default_factory=StageResources, description="`--executor ray`: CPUs / GPUs this stage reserves")
 
@@ -168,17 +180,18 @@ class SamplingSettings(Strict):
     learner: LearnerWorkers | None = Field(
         None, description="the update on `workers` data-parallel processes (`--executor ray`); null: one process",
     )
-    micro_batch_by_length: bool = Field(
-        False, description="micro-batches take the rows longest first, and each runs the student and teachers over "
+    micro_batch_by_length: bool | Auto = Field(
+        "auto", description="micro-batches take the rows longest first, and each runs the student and teachers over "
         "its own columns only (not the columns that are padding in all its rows): the decoder's work on padding "
-        "mostly goes; the same loss and gradient up to float rounding; needs `micro_batch_size`",
+        "mostly goes; the same loss and gradient up to float rounding; auto: on when the step has several "
+        "micro-batches",
     )
 
     @model_validator(mode="after")
     def _scaled_kind(self) -> SamplingSettings:
         if why := scale_problem(getattr(self, "kind", None), self.rollout, self.learner):
             raise ValueError(why)
-        if self.micro_batch_by_length and getattr(self, "micro_batch_size", None) is None:
+        if self.micro_batch_by_length is True and getattr(self, "micro_batch_size", None) is None:
             raise ValueError("`micro_batch_by_length` sorts rows into micro-batches: set `micro_batch_size` too")
         return self
 
@@ -300,3 +313,13 @@ class EvalStage(Strict):
     models: list[str] = Field(min_length=1)
     domains: list[str] | None = None
     resources: StageResources = Field(default_factory=StageResources, description="`--executor ray`: CPUs / GPUs this stage reserves")
+
+
+def fixed_micro_batch(stage: TrainStage) -> int | None:
+    """`micro_batch_size` of a stage that does not choose it from the shapes: `auto` is the whole batch."""
+    return None if stage.micro_batch_size == "auto" else stage.micro_batch_size
+
+
+def fixed_logit_chunk(stage: TrainStage) -> int | None:
+    """`logit_chunk` of a stage that does not choose it from the shapes: `auto` is `DEFAULT_LOGIT_CHUNK`."""
+    return DEFAULT_LOGIT_CHUNK if stage.logit_chunk == "auto" else stage.logit_chunk
