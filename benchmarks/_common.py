@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mopd.core.schema import MOPDStage
+from mopd.core.schema import MOPDStage, fixed_micro_batch
 from mopd.envs import ALPHABET, Problem, get_domain
 from mopd.learner.objective_table import PolicyConfig
 from mopd.learner.policy import policy_loss
@@ -74,7 +74,7 @@ def policy_step(student, tokenizer, batch: list[Problem], settings: MOPDStage, g
                                 generator=generator)
     cfg = PolicyConfig(sampling=settings, distill=settings, teachers=panel)
     loss, loss_metrics = policy_loss(student, rollouts, cfg, temperature=settings.temperature,
-                                     micro_batch_size=settings.micro_batch_size)
+                                     micro_batch_size=fixed_micro_batch(settings))
     return loss, {**metrics, **loss_metrics}
 
 

@@ -205,11 +205,14 @@ def _worker_trl(a: argparse.Namespace) -> dict:
                 f"length_{k}": seen[f"completions/{k}_length"][-1] for k in ("mean", "min", "max")}})
 
     def train(rows: list[str], n_steps: int, out: str) -> None:
+        per_step = len(rows) // n_steps
+        micro = max(1, per_step // 4) if getattr(a, "lean", False) else per_step  # `trl-lean`: 4 micro-batches
         cfg = DistillationConfig(
-            output_dir=out, per_device_train_batch_size=len(rows) // n_steps, gradient_accumulation_steps=1,
+            output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
             max_steps=n_steps, max_completion_length=a.completion, temperature=1.0, top_p=1.0, top_k=0, beta=1.0,
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
-            adam_beta2=0.99, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+            adam_beta2=0.99, max_grad_norm=1.0, bf16=False, fp16=False,
+            gradient_checkpointing=getattr(a, "lean", False), use_cpu=True,
             shuffle_dataset=False, dataloader_num_workers=0, logging_strategy="no", save_strategy="no",
             eval_strategy="no", report_to="none", disable_tqdm=True, seed=a.run,
         )

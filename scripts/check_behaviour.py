@@ -49,7 +49,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = REPO / "scripts" / "behaviour_recipe.yaml"
-TIMING_KEYS = frozenset({"time", "wall_seconds", "elapsed_seconds", "started_at", "ended_at"})
+# wall-clock keys, and the memory budget a stage found free (stage.json `sizing`): they differ between two runs
+TIMING_KEYS = frozenset({"time", "wall_seconds", "elapsed_seconds", "started_at", "ended_at", "budget_bytes"})
 # a lineage's checksums of its own files: they cover wall-clock values (the metrics log's `time`, the model card's
 # metrics), so they differ between identical runs; the files they cover are compared themselves
 LINEAGE_BOOKKEEPING = frozenset({"checksum", "files", "metrics_log"})
@@ -162,7 +163,7 @@ def normalise(value: Any, run_dir: Path) -> Any:
     """Drop wall-clock keys at any depth; write the run directory as <RUN> in strings (the two runs differ)."""
     if isinstance(value, dict):
         return {k: normalise(v, run_dir) for k, v in value.items()
-                if k not in TIMING_KEYS and not k.endswith("_seconds")}
+                if k not in TIMING_KEYS and not k.endswith("_seconds") and not k.startswith("time/")}
     if isinstance(value, list):
         return [normalise(v, run_dir) for v in value]
     if isinstance(value, str):

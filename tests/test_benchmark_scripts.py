@@ -129,9 +129,9 @@ def test_real_model_trl_benchmark_runs_both_tools_through_their_own_entry_points
             res.update(workers.step_summary(res["steps"], a.batch), peak_rss_mib=500.0)
         assert runs["trl"]["resolved"]["bf16"] and runs["trl"]["resolved"]["gradient_checkpointing"]  # its defaults
         assert runs["mopd"]["resolved"] == {"objective": "sampled", "dtype": "torch.float32",
-                                            "weights_dtype": "torch.float32", "logit_chunk": 128,
-                                            "micro_batch_size": None, "micro_batch_by_length": False,
-                                            "teacher_shared_prefill": False, "grad_clip": 1.0}
+                                            "weights_dtype": "torch.float32", "logit_chunk": "auto",
+                                            "micro_batch_size": "auto", "micro_batch_by_length": "auto",
+                                            "teacher_shared_prefill": "auto", "grad_clip": 1.0}
         assert runs["mopd-full[logit_chunk=2,micro_batch_size=2]"]["resolved"]["micro_batch_size"] == 2
 
         summary = bench.summarize({t: [r] for t, r in runs.items()})

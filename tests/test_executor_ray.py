@@ -232,7 +232,7 @@ def _same_as_local(run: Path, local: Path, stage: str) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     def records(r: Path) -> list[dict]:
-        return [{k: v for k, v in json.loads(x).items() if k != "time"}
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time")}
                 for x in (r / stage / "metrics.jsonl").read_text().splitlines()]
 
     assert records(run) == records(local)

@@ -122,7 +122,7 @@ RECIPE = textwrap.dedent(
 
 
 def _rows(stage: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k != "time"}
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time")}
             for x in (stage / "metrics.jsonl").read_text().splitlines()]
 
 

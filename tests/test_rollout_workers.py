@@ -330,7 +330,7 @@ def runs(tmp_path_factory, ray_local):
 
 def _records(run: Path, stage: str) -> list[dict]:
     lines = (run / stage / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time")} for x in lines]
 
 
 def test_ray_rollout_workers_give_the_local_numbers_through_a_killed_worker(runs):

@@ -165,7 +165,9 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             with precision():
                 loss, metrics = loss_fn(model, step)  # micro-batched: backward already done, loss detached
             done = step + 1
+            t_update = time.perf_counter()
             norm, bad = learner.update(loss, opt, params, s.grad_clip)  # no update from a non-finite loss or norm
+            metrics["time/update_s"] = time.perf_counter() - t_update
             if norm is not None and s.grad_clip:
                 metrics["grad_norm"] = norm
             if bad is not None:

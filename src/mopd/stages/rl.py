@@ -6,6 +6,7 @@ mopd is the same step with a teacher panel (`mopd.py`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from .rollout_workers import LazyPool, rollout_pool
 from .schedules import temperature_at
 from .start import starting_model
 from .step_sizing import apply_to_panel, stage_sizing
+from .step_timing import TimedScorer
 
 
 def policy_step_fn(
@@ -69,19 +71,25 @@ def policy_step_fn(
     sizing: list[Sizing] = []  # chosen at the first step this process runs
 
     def loss_fn(model, step):
+        t0 = time.perf_counter()
         problems, temperature = draw(step)
         # every rank trains on the batch rank 0 sampled with the unsharded model (FSDP: its copy)
         batch, metrics = learner.from_lead(lambda: sample(learner.whole(model), step, problems, temperature))
+        t1 = time.perf_counter()
         panel = teachers_at(step) if teachers_at else None
         if not sizing:
             sizing.append(stage_sizing(ctx, model, batch, panel))
         z = sizing[0]
         apply_to_panel(panel, z)
-        cfg = PolicyConfig(sampling=s, distill=distill, teachers=panel, reward_only=reward_only)
+        timed = TimedScorer(panel) if panel is not None else None
+        cfg = PolicyConfig(sampling=s, distill=distill, teachers=timed, reward_only=reward_only)  # type: ignore[arg-type]
         loss, loss_metrics = policy_loss(model, batch, cfg, temperature=temperature,
                                          micro_batch_size=z.micro_batch_size, logit_chunk=z.logit_chunk,
                                          dp=learner.group, by_length=z.by_length, vocab_block=z.vocab_block)
-        return loss, {**metrics, **loss_metrics, "samples/student": len(problems) * s.group_size}
+        teachers_s = timed.seconds if timed is not None else 0.0
+        times = {"time/sampling_s": t1 - t0, "time/teachers_s": teachers_s,
+                 "time/learner_s": time.perf_counter() - t1 - teachers_s}
+        return loss, {**metrics, **loss_metrics, **times, "samples/student": len(problems) * s.group_size}
 
     return loss_fn
 
