@@ -86,7 +86,7 @@ def recipe_text(models: Path, data: Path, a: argparse.Namespace, settings: dict)
     stage = {"kind": "mopd", "init": str(models / "student"), "teachers": {"d0": str(models / "teacher0")},
              "steps": a.steps + 1, "batch_size": a.batch, "max_new_tokens": a.completion, "temperature": 1.0,
              "top_p": 1.0, "lr": 3e-4, "grad_clip": 1.0, "checkpoint_every": 1000, **settings}
-    recipe = {"name": "real_shape", "seed": a.run,
+    recipe = {"name": "real_shape", "seed": a.run, "chat_template": "none",
               "domains": [{"name": "d0", "source": str(data), "verifier": "exact", "eval_size": 1}],
               "eval": {"size": 1, "max_new_tokens": 1, "batch_size": 1}, "stages": {"student": stage}}
     return json.dumps(recipe, indent=1)  # JSON is YAML

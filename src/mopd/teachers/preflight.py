@@ -28,10 +28,10 @@ import torch
 from ..core.batch import RolloutBatch, tail_aligned
 from ..core.divergence import categorical_kl, log_softmax_pair
 from ..core.errors import StageError
-from ..core.logprobs import masked_mean, token_logprobs
+from ..core.logprobs import token_logprobs
 from ..envs import DomainLike, Problem
 from ..envs.tool_domains import is_agentic
-from ..models.forward import sequence_logits
+from ..models.forward import final_hidden, sequence_logits
 from ..models.prompting import RAW, PromptFormat
 from ..sampling.multi_turn import EpisodeRow, episode_rows, sample_episodes
 from ..sampling.sampler import sample
@@ -112,7 +112,8 @@ def student_rollouts(student, tokenizer, prompts: list[str], settings: RolloutSe
                   prompt_format=prompt_format)
 
 
-KL_ROWS = 4  # rollouts per forward of the preflight's exact KL: its logits are [KL_ROWS, T, V], never [B, T, V]
+KL_ROWS = 4  # rollouts per forward of the preflight's exact KL
+KL_BLOCK_BYTES = 16 * 2**20  # ... whose logits are made a block of positions at a time, at most this many bytes
 
 
 @torch.no_grad()
@@ -125,8 +126,10 @@ def initial_reverse_kl(
 
         KL = mean over completion positions t of sum_v pi_S(v | y_<t) (log pi_S(v | y_<t) - log pi_T(v | y_<t))
 
-    Computed `rows` rollouts at a time (at Qwen3's 151,936-token vocabulary a whole batch's logits of both models
-    are gigabytes; a block of rows holds a fraction of that, and the sum is the same up to float rounding).
+    Computed `rows` rollouts at a time, over the positions that predict a completion token only, and from the two
+    models' final hidden states a block of positions at a time (`KL_BLOCK_BYTES` of logits each): at Qwen3's
+    151,936-token vocabulary a whole batch's logits of both models are gigabytes, and even 4 rows of 190
+    positions held 2.5 GB at once (issue 35); the sum is the same up to float rounding.
 
     Returns:
         (kl, number of completion tokens it averages over).
@@ -134,25 +137,29 @@ def initial_reverse_kl(
     batch = student_rollouts(student, tokenizer, prompts, settings, generator, prompt_format, episodes)
     # a teacher kept on another device (e.g. offloaded to CPU) scores there; the KL is taken on the student's
     t_dev = next(teacher.parameters()).device
+    K = batch.input_ids_B_T.shape[1] - batch.first_completion_column + 1  # from the last prompt column on
     total, tokens = 0.0, 0
     for r in range(0, batch.input_ids_B_T.shape[0], rows):
         ids_B_T, attn_B_T = batch.input_ids_B_T[r : r + rows], batch.attention_mask_B_T[r : r + rows]
-        student_B_T_V = sequence_logits(student, ids_B_T, attn_B_T)
-        if teacher_view is not None:  # a prompted teacher reads its own prompt before the same completions
-            seen = teacher_view(batch.select(torch.arange(r, min(r + rows, batch.size))))
-            teacher_B_T_V = tail_aligned(sequence_logits(teacher, seen.input_ids_B_T.to(t_dev),
-                                                         seen.attention_mask_B_T.to(t_dev)), ids_B_T.shape[1])
-        else:
-            teacher_B_T_V = sequence_logits(teacher, ids_B_T.to(t_dev), attn_B_T.to(t_dev))
-        teacher_B_T_V = teacher_B_T_V.to(student_B_T_V.device)
-        # logits at t-1 produce token t: pair [:, :-1] with the completion mask [:, 1:]
-        mask_B_T = batch.completion_mask_B_T[r : r + rows, 1:]
-        n = int(mask_B_T.sum())
-        if n:
+        # position j of the last K predicts column T - K + j + 1: pair positions [:-1] with the mask's last K - 1
+        mask_B_W = batch.completion_mask_B_T[r : r + rows, ids_B_T.shape[1] - K + 1 :]
+        if not int(mask_B_W.sum()):
+            continue
+        hidden_s, head_s = final_hidden(student, ids_B_T, attn_B_T, keep=K)
+        # a prompted teacher reads its own prompt before the same completions: its last K positions line up
+        seen = teacher_view(batch.select(torch.arange(r, min(r + rows, batch.size)))) if teacher_view else None
+        t_ids, t_attn = (seen.input_ids_B_T, seen.attention_mask_B_T) if seen is not None else (ids_B_T, attn_B_T)
+        hidden_t, head_t = final_hidden(teacher, t_ids.to(t_dev), t_attn.to(t_dev), keep=K)
+        hidden_t = tail_aligned(hidden_t, K)
+        vocab = head_s(hidden_s[:1, :1]).shape[-1]
+        block = max(1, KL_BLOCK_BYTES // (4 * ids_B_T.shape[0] * vocab))
+        for a in range(0, K - 1, block):
+            b = min(a + block, K - 1)
             # the learner's full reverse KL loss (`learner.objectives.full_reverse_kl_loss`), term for term
-            logp, logq = log_softmax_pair(student_B_T_V[:, :-1], teacher_B_T_V[:, :-1])
-            kl = masked_mean(categorical_kl(logp, logq), mask_B_T)
-            total, tokens = total + float(kl) * n, tokens + n
+            logp, logq = log_softmax_pair(head_s(hidden_s[:, a:b]), head_t(hidden_t[:, a:b]).to(hidden_s.device))
+            m = mask_B_W[:, a:b]
+            total += float((categorical_kl(logp, logq) * m).sum())
+            tokens += int(m.sum())
     return (total / tokens if tokens else 0.0), tokens
 
 
