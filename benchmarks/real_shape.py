@@ -88,7 +88,7 @@ def build(out: Path, vocab: int, n_teachers: int, student_hidden: int = 64, teac
         torch.manual_seed(seed)
         cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                          max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=PAD,
+                          max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=PAD,
                           eos_token_id=EOS, bos_token_id=BOS)
         m = Qwen3ForCausalLM(cfg)
         with torch.no_grad():  # EOS as likely at every vocabulary size: its logit is measured against log V

@@ -134,16 +134,26 @@ def run_worker(tool: str, models: Path, shape: dict, run: int, a: argparse.Names
            str(a.steps), "--threads", str(a.threads), "--batch", str(shape["batch"]), "--completion",
            str(shape["completion"]), "--vocab", str(shape["vocab"])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads)}
+    cap = int(a.cap_gib * 2**30)
+
+    def limit() -> None:  # an out-of-memory run ends alone, as a recorded result
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit)
     if proc.returncode != 0:
         tail = [x for x in proc.stderr.strip().splitlines() if x.strip()][-1:] or [f"exit {proc.returncode}"]
-        return {"tool": tool, "failed": tail[0][-300:], "wall_s": round(time.perf_counter() - t0, 1)}
+        oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+        return {"tool": tool, "failed": tail[0][-300:], "oom": oom, "wall_s": round(time.perf_counter() - t0, 1)}
     return {"tool": tool, **json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def compare(name: str, a: argparse.Namespace, tmp: Path) -> dict:
-    shape, models = SHAPES[name], models_for(name, tmp)
+    return compare_at(name, SHAPES[name], models_for(name, tmp), a)
+
+
+def compare_at(name: str, shape: dict, models: Path, a: argparse.Namespace) -> dict:
+    """`a.runs` rounds of every tool in `a.tools` (rotating order); medians, and mopd / TRL ratios."""
     by_tool: dict[str, list[dict]] = {t: [] for t in a.tools}
     for r in range(a.runs):
         for tool in a.tools[r % len(a.tools):] + a.tools[: r % len(a.tools)]:
@@ -168,13 +178,41 @@ def compare(name: str, a: argparse.Namespace, tmp: Path) -> dict:
     return {"shape": shape, "median": table, "runs": by_tool}
 
 
+CURVES = {  # axis -> (values, the rest of the shape): the toy shape's models (hidden 64 / 192, 2 layers), no EOS bias
+    "vocab": ([32_768, 65_536, 131_072, 262_144], {"batch": 4, "completion": 128, "vocab": VOCAB}),
+    "completion": ([64, 256, 1024, 2048], {"batch": 2, "completion": 128, "vocab": VOCAB}),
+}
+
+
+def curves(a: argparse.Namespace, tmp: Path) -> dict:
+    """Peak memory and step time against the vocabulary and the completion length, one run per point and tool
+    (`mopd` and `trl` at their defaults), for docs/real_shape_scaling.png."""
+    from transformers import AutoTokenizer
+
+    out: dict[str, list] = {}
+    for axis, (values, fixed) in CURVES.items():
+        out[axis] = []
+        for v in values:
+            shape = {**fixed, axis: v}
+            models = tmp / f"curve-v{shape['vocab']}"
+            if not models.exists():
+                build(models, shape["vocab"], 1, 64, 192, eos_norm=0.0, layers=2)
+                tok = AutoTokenizer.from_pretrained(models / "tokenizer")
+                for name in ("student", "teacher0"):
+                    tok.save_pretrained(models / name)
+            out[axis].append(compare_at(f"{axis}={v}", shape, models, a))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", nargs="?", default="shapes", choices=["shapes", "curves"])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cap-gib", type=float, default=16.0, help="address-space cap of each run (RLIMIT_AS)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", type=Path, help=argparse.SUPPRESS)
@@ -187,7 +225,19 @@ def main() -> None:
     import _common
 
     result = {"command": "python benchmarks/real_shape_run.py " + " ".join(sys.argv[1:]),
-              "machine": _common.machine(), "threads": a.threads, "timed_steps_per_run": a.steps, "shapes": {}}
+              "machine": _common.machine(), "threads": a.threads, "timed_steps_per_run": a.steps, "cap_gib": a.cap_gib,
+              "shapes": {}}
+    if a.mode == "curves":
+        from real_shape_plot import plot
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result["curves"] = curves(a, Path(tmp))
+        plot(result["curves"], HERE.parent / "docs" / "real_shape_scaling.png")
+        if a.out:
+            a.out.write_text(json.dumps(result, indent=1) + "\n")
+        else:
+            update_results("real_shape/users-curves", result)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.shapes:
             result["shapes"][name] = compare(name, a, Path(tmp))

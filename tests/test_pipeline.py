@@ -69,6 +69,11 @@ def test_run_writes_checkpoints_lineage_report(finished_run) -> None:
     assert sizing["logit_chunk"] is None and sizing["vocab_block"] is None and sizing["micro_batch_size"] is None
     assert "micro_batch_size" in sizing["chosen"] and 0 < sizing["estimated_peak_bytes"] <= 2**31
     assert all(any(k.startswith("mopd/reverse_kl/") for k in x) for x in lines if "loss" in x)
+    split = ("time/sampling_s", "time/teachers_s", "time/learner_s", "time/update_s")  # where a step's time went
+    steps = [x for x in lines if "loss" in x]
+    assert all(x[k] >= 0 for x in steps for k in split) and all(x["time/teachers_s"] > 0 for x in steps)
+    assert all(sum(x[k] for k in split) <= b["time"] - a.get("time", 0) + 0.05  # within the step's wall time
+               for a, b in zip([{}, *steps], steps, strict=False))
 
 
 def test_rerun_skips_finished_stages(finished_run) -> None:

@@ -104,7 +104,7 @@ class _SampledTokenHead(torch.autograd.Function):
         g_t = None if g_tlp is None else g_tlp / tau
         want_h, want_w = ctx.needs_input_grad[:2]
         gh = torch.zeros_like(h) if want_h else None
-        gw = torch.zeros_like(w) if want_w else None
+        gw = torch.empty_like(w) if want_w else None  # every row is written by its block below
         N, V = h.shape[0], w.shape[0]
         width = min(ctx.block, V)
         s_buf, p_buf = h.new_empty(N, width), h.new_empty(N, width)

@@ -12,7 +12,8 @@ hand-tuned settings 2.7 GB but ran 10% slower). A user should not have to know w
   positions into blocks of about `BLOCK_ROWS` rows x positions (fewer rows than that slows the head's GEMMs: 45
   against 216 GFLOP/s for the weight gradient at 32 against 2,048 rows on 2 Xeon cores).
 - Micro-batches. Rows enough for about `TARGET_TOKENS` tokens a pass (where the decoder's GEMMs stop getting
-  faster), balanced, fewer when the estimated peak would pass the budget.
+  faster), or fewer when a pass's saved activations would pass `ACTIVATION_BYTES` (a deep model's activations
+  are most of its step's memory), balanced, and fewer again when the estimated peak would pass the budget.
 - `micro_batch_by_length` when there are several micro-batches; the shared prefill when a step's groups share at
   least `SHARED_PREFILL_TOKENS` prompt tokens (below that the KV-cache copies cost about what they save).
 
@@ -31,7 +32,10 @@ import torch
 
 ONE_BLOCK_BYTES = 64 * 2**20  # a step's whole logits below this: one block (the unchunked computation)
 BLOCK_ROWS = 512  # rows x positions of a block of positions' logits (the full-distribution objectives)
-TARGET_TOKENS = {"cpu": 2048, "cuda": 16384}  # tokens a micro-batch pass needs for the GEMMs to run at speed
+TARGET_TOKENS = {"cpu": 2048, "cuda": 16384}  # tokens a pass beyond which the GEMMs get no faster
+# the saved activations of one pass: at most about this much (fewer rows a pass frees more memory than the
+# GEMMs lose speed: SmolLM2-135M, 30 layers, held 3.5 GB more at 8 rows a pass than at 4)
+ACTIVATION_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 SHARED_PREFILL_TOKENS = 4096  # prompt tokens a step's groups must share for the shared prefill to pay
 RUNTIME_BYTES = 600 * 2**20  # the interpreter, torch and transformers before any model
 VOCAB_OBJECTIVES = ("sampled", "grpo")  # need only the sampled tokens' scores: vocabulary blocks
@@ -126,6 +130,13 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
 
+def activation_bytes_per_token(m: ModelShape) -> int:
+    """What a float32 decoder saves for backward per token: about 18 hidden-wide and 8 MLP-wide vectors a layer
+    (norms, projections, rotary q/k, attention output, gate/up and their activations; measured: SmolLM2-135M
+    2.9 MB a token, the issue-35 student 170 KB)."""
+    return m.layers * (18 * m.hidden + 8 * m.intermediate) * 4
+
+
 def estimate_peak(student: ModelShape, teachers: list[ModelShape], step: StepShape, micro: int, block_bytes: int) -> int:
     """Bytes at the step's peak: the runtime, the student's weights, gradients and AdamW moments, the teachers'
     weights, the sampler's KV cache, one micro-batch's saved activations and a teacher's transient ones, and the
@@ -135,7 +146,7 @@ def estimate_peak(student: ModelShape, teachers: list[ModelShape], step: StepSha
     teacher_weights = sum(t.weight_bytes for t in teachers)
     kv_cache = step.rows * T * student.layers * 2 * student.kv_width * student.dtype_bytes
     sampler_logits = 4 * step.rows * student.vocab * 4
-    activations = micro * T * student.layers * (8 * student.hidden + 4 * student.intermediate) * 4
+    activations = micro * T * activation_bytes_per_token(student)
     widest = max(teachers, key=lambda t: t.hidden, default=None)
     teacher_pass = 0 if widest is None else micro * T * (5 * widest.hidden + 2 * widest.intermediate) * 4
     return (RUNTIME_BYTES + training + teacher_weights + max(kv_cache + sampler_logits, activations + teacher_pass
@@ -158,7 +169,9 @@ def choose_sizing(
     micro: int | None
     if settings.micro_batch_size == "auto":
         chosen.append("micro_batch_size")
-        rows = max(1, min(step.rows, target // max(1, step.columns)))
+        tokens = min(target, ACTIVATION_BYTES.get(device_type, ACTIVATION_BYTES["cpu"])
+                     // max(1, activation_bytes_per_token(student)))
+        rows = max(1, min(step.rows, tokens // max(1, step.columns)))
         micro = rows
     else:
         micro = settings.micro_batch_size
