@@ -15,8 +15,8 @@ FLOPs are the matrix multiplies of the least work the step must do, counted from
 Completions are `completion` tokens (the `toy` shape's vary: its measured mean length is used when
 results.json has it, else the maximum); prompts `--prompt` tokens (the benchmarks' 16-64, mean 40). The GEMM rate
 is the best of [N, H] x [H, V] products at the shapes' own widths and vocabularies (forward, input gradient,
-weight gradient; N = 2,048 rows), measured here: nothing a step does runs faster than that on this CPU.
-Writes results.json key "real_shape/bound".
+weight gradient; N = 2,048 rows), measured here: nothing a step does runs faster than that on this CPU. Reads the measured steps from results.json
+(`real_shape/users`, `real_shape/users-smol`) and writes key "real_shape/bound".
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     import _common
 
-    measured = json.loads(RESULTS.read_text()).get("real_shape/users", {}).get("shapes", {}) if RESULTS.exists() else {}
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    measured = {**stored.get("real_shape/users", {}).get("shapes", {}),
+                **stored.get("real_shape/users-smol", {}).get("shapes", {})}
     shapes, widths, vocabs = {}, set(), set()
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in SHAPES.items():

@@ -118,10 +118,13 @@ def test_repad_puts_columns_back_where_they_were() -> None:
 
 
 def test_by_length_without_micro_batches_is_one_line(tmp_path) -> None:
+    """`micro_batch_size: null` is the whole batch a pass, so sorting rows into micro-batches contradicts it (left
+    out, `auto`, the stage chooses micro-batches and may sort them)."""
     text = (
         "name: r\nseed: 0\ndomains: [addition]\nstages:\n  base:\n    kind: pretrain\n"
         "    model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}\n    steps: 1\n"
         "  rl:\n    kind: rlvr\n    init: base\n    steps: 1\n    micro_batch_by_length: true\n"
+        "    micro_batch_size: null\n"
     )
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(RecipeError, match="`micro_batch_by_length` sorts rows into micro-batches: set "

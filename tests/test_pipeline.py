@@ -72,7 +72,7 @@ def test_run_writes_checkpoints_lineage_report(finished_run) -> None:
     split = ("time/sampling_s", "time/teachers_s", "time/learner_s", "time/update_s")  # where a step's time went
     steps = [x for x in lines if "loss" in x]
     assert all(x[k] >= 0 for x in steps for k in split) and all(x["time/teachers_s"] > 0 for x in steps)
-    assert all(sum(x[k] for k in split) <= b["time"] - a.get("time", 0) + 0.05  # within the step's wall time
+    assert all(sum(b[k] for k in split) <= b["time"] - a.get("time", 0) + 0.05  # within the step's wall time
                for a, b in zip([{}, *steps], steps, strict=False))
 
 
