@@ -34,7 +34,7 @@ def test_tiny_recipes_keep_one_block_and_the_whole_batch() -> None:
 def test_real_vocabulary_gets_vocab_blocks_or_wide_position_blocks() -> None:
     step = StepShape(rows=16, prompt_columns=64, max_new_tokens=128, group_size=1)
     sampled = choose_sizing(_stage(), "sampled", *REAL, step, "cpu", 8 * GIB)
-    # 16 rows of 192 columns: 2,048 tokens a pass at most -> balanced passes of 8 rows, sorted by length
+    # 16 rows of 192 columns, 33 MB of activations a row: 256 MiB a pass -> two passes of 8 rows, by length
     assert sampled.micro_batch_size == 8 and sampled.by_length
     assert sampled.vocab_block is not None and 512 <= sampled.vocab_block <= 8192
     full = choose_sizing(_stage(objective="full_reverse_kl"), "full_reverse_kl", *REAL, step, "cpu", 8 * GIB)
@@ -54,7 +54,7 @@ def test_recipe_settings_win() -> None:
 
 def test_a_smaller_budget_gives_smaller_passes_and_a_lower_estimate() -> None:
     step = StepShape(rows=64, prompt_columns=64, max_new_tokens=512, group_size=8)
-    roomy = choose_sizing(_stage(), "sampled", *REAL, step, "cuda", 64 * GIB)  # 16,384 tokens a pass: 22 rows
+    roomy = choose_sizing(_stage(), "sampled", *REAL, step, "cuda", 64 * GIB)  # 4 GiB of activations: 32 rows
     tight = choose_sizing(_stage(), "sampled", *REAL, step, "cuda", 2 * GIB)
     assert tight.micro_batch_size < roomy.micro_batch_size
     assert tight.estimated_peak_bytes <= 2 * GIB < roomy.estimated_peak_bytes

@@ -11,9 +11,10 @@ hand-tuned settings 2.7 GB but ran 10% slower). A user should not have to know w
   the head's GEMMs keep all the rows, so no time is lost to small blocks); the full-distribution objectives cut
   positions into blocks of about `BLOCK_ROWS` rows x positions (fewer rows than that slows the head's GEMMs: 45
   against 216 GFLOP/s for the weight gradient at 32 against 2,048 rows on 2 Xeon cores).
-- Micro-batches. Rows enough for about `TARGET_TOKENS` tokens a pass (where the decoder's GEMMs stop getting
-  faster), or fewer when a pass's saved activations would pass `ACTIVATION_BYTES` (a deep model's activations
-  are most of its step's memory), balanced, and fewer again when the estimated peak would pass the budget.
+- Micro-batches. The whole batch a pass unless its saved activations would pass `ACTIVATION_BYTES` (a deep
+  model's activations are most of its step's memory); then as many rows a pass as stay under it, balanced, and
+  fewer again when the estimated peak would pass the budget. Splitting a batch whose activations are small
+  saves nothing and changes float rounding (the tiny recipes keep the whole batch, and their numbers).
 - `micro_batch_by_length` when there are several micro-batches; the shared prefill when a step's groups share at
   least `SHARED_PREFILL_TOKENS` prompt tokens (below that the KV-cache copies cost about what they save).
 
@@ -32,9 +33,9 @@ import torch
 
 ONE_BLOCK_BYTES = 64 * 2**20  # a step's whole logits below this: one block (the unchunked computation)
 BLOCK_ROWS = 512  # rows x positions of a block of positions' logits (the full-distribution objectives)
-TARGET_TOKENS = {"cpu": 2048, "cuda": 16384}  # tokens a pass beyond which the GEMMs get no faster
 # the saved activations of one pass: at most about this much (fewer rows a pass frees more memory than the
-# GEMMs lose speed: SmolLM2-135M, 30 layers, held 3.5 GB more at 8 rows a pass than at 4)
+# GEMMs lose speed: SmolLM2-135M, 30 layers, peaked at 8.9-10.3 GB with 8 rows a pass, 6.0 GB with 4, 4.3 GB
+# with 1, at the same step time)
 ACTIVATION_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 SHARED_PREFILL_TOKENS = 4096  # prompt tokens a step's groups must share for the shared prefill to pay
 RUNTIME_BYTES = 600 * 2**20  # the interpreter, torch and transformers before any model
@@ -164,14 +165,12 @@ def choose_sizing(
     chosen = []
     K = step.max_new_tokens + 1
     V = max([student.vocab, *(t.vocab for t in teachers)])
-    target = TARGET_TOKENS.get(device_type, TARGET_TOKENS["cpu"])
 
     micro: int | None
     if settings.micro_batch_size == "auto":
         chosen.append("micro_batch_size")
-        tokens = min(target, ACTIVATION_BYTES.get(device_type, ACTIVATION_BYTES["cpu"])
-                     // max(1, activation_bytes_per_token(student)))
-        rows = max(1, min(step.rows, tokens // max(1, step.columns)))
+        per_row = max(1, activation_bytes_per_token(student) * step.columns)
+        rows = max(1, min(step.rows, ACTIVATION_BYTES.get(device_type, ACTIVATION_BYTES["cpu"]) // per_row))
         micro = rows
     else:
         micro = settings.micro_batch_size
