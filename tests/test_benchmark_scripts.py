@@ -88,6 +88,33 @@ def test_real_shape_benchmark_runs_both_tools_at_a_miniature_shape(monkeypatch, 
         sys.modules.pop("real_shape", None)
 
 
+def test_real_shape_run_benchmark_runs_mopd_run_and_trl_lean_at_a_miniature_shape(monkeypatch, tmp_path) -> None:
+    """benchmarks/real_shape_run.py at a miniature shape: `mopd run` on its recipe at the defaults (the step times
+    and their split from metrics.jsonl, the `auto` choice from stage.json) and TRL with its lean settings."""
+    pytest.importorskip("trl")
+    monkeypatch.syspath_prepend(str(BENCH))
+    try:
+        bench = importlib.import_module("real_shape_run")
+        bench.build(tmp_path, vocab=300, n_teachers=1, student_hidden=16, teacher_hidden=32, eos_norm=0.0)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+        for name in ("student", "teacher0"):
+            tok.save_pretrained(tmp_path / name)
+        args = argparse.Namespace(models=tmp_path, vocab=300, batch=4, completion=6, steps=2, run=0, threads=1)
+        mopd = bench._worker_mopd_run(args, {})
+        assert len(mopd["steps"]) == 2 and all(s["seconds"] > 0 for s in mopd["steps"])  # the warm-up step left out
+        assert set(mopd["split"]) == {"time/sampling_s", "time/teachers_s", "time/learner_s", "time/update_s"}
+        assert mopd["sizing"]["chosen"] and mopd["sizing"]["micro_batch_size"] is None  # tiny: the whole batch
+        assert mopd["length_mean"] == 6  # no EOS bias: every completion runs to its limit
+        args.lean = True
+        lean = bench._worker_trl(args)
+        assert len(lean["steps"]) == 2 and all(s["seconds"] > 0 for s in lean["steps"])
+    finally:
+        for name in ("real_shape_run", "real_shape"):
+            sys.modules.pop(name, None)
+
+
 def test_real_model_trl_benchmark_runs_both_tools_through_their_own_entry_points(monkeypatch, tmp_path) -> None:
     """benchmarks/real_model_trl.py on its tiny stand-in model: TRL's DistillationTrainer (given directories, at
     its defaults) and a one-stage mopd recipe run by `run_stage` train on the same prompts, every completion
