@@ -266,19 +266,26 @@ def run_worker(tool: str, models: Path, shape: dict, run: int, a: argparse.Names
            "--steps", str(a.steps), "--threads", str(a.threads), "--chunk", str(a.chunk),
            "--micro-batch", str(a.micro_batch),
            *[x for k, v in shape.items() for x in (f"--{k}", str(v))]]
-    cap = int(a.cap_gib * 2**30)
+    return run_capped(tool, cmd, a.cap_gib, a.threads)
+
+
+def run_capped(tool: str, cmd: list[str], cap_gib: float, threads: int) -> dict:
+    """Run a worker command in a fresh process under an address-space cap (RLIMIT_AS), so its peak RSS is its own
+    and an out-of-memory ends only that run: its last stdout line as JSON, or the failure as a recorded result."""
+    cap = int(cap_gib * 2**30)
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads)}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit)
+    wall = round(time.perf_counter() - t0, 1)
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
         oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-        return {"tool": tool, "failed": tail[0][-300:], "oom": oom, "wall_s": round(time.perf_counter() - t0, 1)}
-    return {"tool": tool, **json.loads(proc.stdout.strip().splitlines()[-1])}
+        return {"tool": tool, "failed": tail[0][-300:], "oom": oom, "wall_s": wall}
+    return {"tool": tool, **json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall}
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
@@ -312,6 +319,14 @@ def compare(tools: list[str], shape: dict, runs: int, a: argparse.Namespace, tmp
             m["cpu_speed_vs_trl"] = round(m["completions_per_cpu_s"] / trl["completions_per_cpu_s"], 2)
             m["memory_vs_trl"] = round(m["peak_rss_mib"] / trl["peak_rss_mib"], 3)
     return {"shape": shape, "median": med, "runs": by_tool}
+
+
+def save_result(result: dict, key: str, out: Path | None) -> None:
+    """`result` to `out` (`--out`), or under `key` in benchmarks/results.json."""
+    if out:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    else:
+        update_results(key, result)
 
 
 def update_results(key: str, value: dict) -> None:
@@ -392,10 +407,7 @@ def main() -> None:
             key = "real_shape/curves"
     summary = {k: v["median"] for k, v in result.items() if isinstance(v, dict) and "median" in v}
     print(json.dumps(summary or {k: [p["median"] for p in v] for k, v in result["curves"].items()}, indent=1))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
-    else:
-        update_results(key, result)
+    save_result(result, key, a.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from real_shape import RESULTS, update_results  # noqa: E402
+from real_shape import RESULTS, save_result  # noqa: E402
 from real_shape_run import SHAPES, models_for  # noqa: E402
 
 
@@ -111,10 +111,7 @@ def main() -> None:
     result = {"command": "python benchmarks/real_shape_bound.py " + " ".join(sys.argv[1:]),
               "machine": _common.machine(), "threads": a.threads, "gemm_gflops": round(rate, 1), "shapes": shapes}
     print(json.dumps(result, indent=1))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
-    else:
-        update_results("real_shape/bound", result)
+    save_result(result, "real_shape/bound", a.out)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from real_shape import EOS_NORM, VOCAB, _worker_trl, build, prompts, update_results  # noqa: E402
+from real_shape import EOS_NORM, VOCAB, _worker_trl, build, prompts, run_capped, save_result  # noqa: E402
 
 SHAPES = {
     "toy": dict(vocab=VOCAB, student_hidden=64, teacher_hidden=192, layers=2, teacher_layers=2, batch=32,
@@ -133,19 +130,7 @@ def run_worker(tool: str, models: Path, shape: dict, run: int, a: argparse.Names
     cmd = [sys.executable, __file__, "--worker", tool, "--models", str(models), "--run", str(run), "--steps",
            str(a.steps), "--threads", str(a.threads), "--batch", str(shape["batch"]), "--completion",
            str(shape["completion"]), "--vocab", str(shape["vocab"])]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads)}
-    cap = int(a.cap_gib * 2**30)
-
-    def limit() -> None:  # an out-of-memory run ends alone, as a recorded result
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=limit)
-    if proc.returncode != 0:
-        tail = [x for x in proc.stderr.strip().splitlines() if x.strip()][-1:] or [f"exit {proc.returncode}"]
-        oom = "memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-        return {"tool": tool, "failed": tail[0][-300:], "oom": oom, "wall_s": round(time.perf_counter() - t0, 1)}
-    return {"tool": tool, **json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - t0, 1)}
+    return run_capped(tool, cmd, a.cap_gib, a.threads)
 
 
 def compare(name: str, a: argparse.Namespace, tmp: Path) -> dict:
@@ -233,19 +218,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             result["curves"] = curves(a, Path(tmp))
         plot(result["curves"], HERE.parent / "docs" / "real_shape_scaling.png")
-        if a.out:
-            a.out.write_text(json.dumps(result, indent=1) + "\n")
-        else:
-            update_results("real_shape/users-curves", result)
-        return
+        return save_result(result, "real_shape/users-curves", a.out)
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.shapes:
             result["shapes"][name] = compare(name, a, Path(tmp))
             print(json.dumps({name: result["shapes"][name]["median"]}, indent=1), flush=True)
-            if a.out:
-                a.out.write_text(json.dumps(result, indent=1) + "\n")
-            else:
-                update_results("real_shape/users", result)
+            save_result(result, "real_shape/users", a.out)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ class Sizing:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory now: the device's on a GPU, else the machine's available memory (its container's limit)."""
+    """Free memory now: the device's on a GPU, else the machine's (`MemAvailable`; a container's cgroup limit is
+    not read)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:

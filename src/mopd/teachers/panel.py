@@ -121,20 +121,13 @@ class TeacherPanel:
         T = batch.input_ids_B_T.shape[1]
         keep = T - batch.first_completion_column + 1
         parts = self._routed_parts(batch, names_B, keep)
-        blocks = _RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device)
         targets_B_W = batch.input_ids_B_T[:, T - keep + 1 :]
         live_B_W = batch.completion_mask_B_T[:, T - keep + 1 :] > 0
         if self.vocab_block is not None and all(plain_weight(p.head) is not None for p in parts):
             lp_B_W = _vocab_logprobs(parts, targets_B_W, live_B_W, self.vocab_block)
-            return torch.cat([lp_B_W.new_zeros(batch.size, T - lp_B_W.shape[1]), lp_B_W], 1) * batch.completion_mask_B_T
-        bounds = block_bounds(keep, self.logit_chunk)
-        scored = []
-        for start, stop in bounds:  # with several blocks, only the rows with a completion token in the block
-            n = min(stop, keep - 1) - start
-            rows = block_rows(live_B_W, start, n, len(bounds) > 1)
-            y = row_slice(targets_B_W, rows, slice(start, start + n))
-            scored.append(scatter_rows(aligned_token_logprobs(blocks(start, stop, rows)[:, :n], y), rows, batch.size))
-        lp_B_W = torch.cat(scored, dim=1)
+        else:
+            lp_B_W = _block_logprobs(_RoutedBlocks(parts, batch.size, batch.input_ids_B_T.device), targets_B_W,
+                                     live_B_W, block_bounds(keep, self.logit_chunk))
         return torch.cat([lp_B_W.new_zeros(batch.size, T - lp_B_W.shape[1]), lp_B_W], 1) * batch.completion_mask_B_T
 
     @torch.no_grad()
@@ -172,6 +165,20 @@ class TeacherPanel:
         sampled_B_W = torch.cat(sampled, dim=1)
         sampled_B_T = torch.cat([sampled_B_W.new_zeros(batch.size, T - W), sampled_B_W], dim=1)
         return torch.cat(tops, dim=1), torch.cat(ids, dim=1), sampled_B_T * batch.completion_mask_B_T
+
+
+def _block_logprobs(blocks: LogitBlocks, targets_B_W: torch.Tensor, live_B_W: torch.Tensor,
+                    bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """log pi_T(y) of the routed teachers a block of positions at a time, [B, W]: with several blocks, only the
+    rows with a completion token in the block (the others get zeros)."""
+    scored = []
+    for start, stop in bounds:
+        n = min(stop, targets_B_W.shape[1]) - start
+        rows = block_rows(live_B_W, start, n, len(bounds) > 1)
+        y = row_slice(targets_B_W, rows, slice(start, start + n))
+        scored.append(scatter_rows(aligned_token_logprobs(blocks(start, stop, rows)[:, :n], y), rows,
+                                   targets_B_W.shape[0]))
+    return torch.cat(scored, dim=1)
 
 
 def _vocab_logprobs(parts: list[_Routed], targets_B_W: torch.Tensor, live_B_W: torch.Tensor,
