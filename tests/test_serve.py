@@ -42,12 +42,12 @@ uvicorn = pytest.importorskip("uvicorn")
 
 
 @contextmanager
-def served(model_dir: Path, name: str | None = None, dtype=None):
-    """`mopd serve`'s app on a free port, in a thread (the model in `dtype`, default float32); yields its OpenAI
-    base URL."""
+def served(model_dir: Path, name: str | None = None, dtype=None, port: int = 0, **app_kw):
+    """`mopd serve`'s app on a free port (or `port`), in a thread (the model in `dtype`, default float32); yields
+    its OpenAI base URL. `app_kw`: `build_app`'s api_key and owned_by."""
     from mopd.teachers.serve import build_app
 
-    server = uvicorn.Server(uvicorn.Config(build_app(model_dir, name, dtype), host="127.0.0.1", port=0,
+    server = uvicorn.Server(uvicorn.Config(build_app(model_dir, name, dtype, **app_kw), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -71,11 +71,15 @@ def http(url: str, **kw) -> HttpBackend:
     return HttpBackend(backend="http", url=url, **kw)
 
 
-def test_http_teachers_score_what_the_in_process_panel_scores(tmp_path):
+@pytest.mark.parametrize("owner", ["mopd", "vllm"])
+def test_http_teachers_score_what_the_in_process_panel_scores(tmp_path, owner):
+    """Through `mopd serve`'s own endpoint (the padded batch) and through vLLM's `prompt_logprobs` (a server that
+    does not say it is `mopd serve`: the rows of a request scored as one right-padded batch)."""
     dirs, tok, batch, panel = scoring_setup(tmp_path)
-    with served(dirs["a"]) as url_a, served(dirs["b"]) as url_b:
+    with served(dirs["a"], owned_by=owner) as url_a, served(dirs["b"], owned_by=owner) as url_b:
         remote = connect_all("s", {"a": http(url_a), "b": http(url_b, concurrency=2)}, tok)
         assert remote["a"].model == "a"  # the server's only model, by the directory's name
+        assert remote["a"].exact == (owner == "mopd")
         mixed = MixedPanel(local=None, remote=remote, teacher_of_domain=ROUTES)
         assert_same_scores(panel, mixed, batch, full=False)
         with pytest.raises(ServerError, match="returns top-k logprobs, not full logits"):

@@ -274,11 +274,12 @@ def test_actor_and_http_teachers_score_what_the_in_process_teacher_scores(smol, 
 
     The actor scores exactly what the in-process panel does, bit for bit: its panel runs the same rows minus the
     same all-padding columns over the same window, at one torch thread as this module does (`cpus: 0`), so the
-    same kernels on the same shapes. The server scores each row alone, so against it both run in float64
-    (`smol64`), where the two layouts agree to ~1e-13; what differs then is the float32 the server computes (its
-    log-softmax, as vLLM's), within `sampler_logprob_tol` of the exact logprobs (~3e-3, nearly all of it the
-    float32 sum of 49,152 exponentials). A row scored wrongly (a position off by one, padding attended) is off
-    by O(0.1 - 1)."""
+    same kernels on the same shapes. So does `mopd serve` through its own endpoint. Through vLLM's
+    `prompt_logprobs` (a server that does not say it is `mopd serve`) the rows are scored right-padded, so against
+    it both run in float64 (`smol64`), where the two layouts agree to ~1e-13; what differs then is the float32 the
+    server computes (its log-softmax, as vLLM's), within `sampler_logprob_tol` of the exact logprobs (~3e-3, nearly
+    all of it the float32 sum of 49,152 exponentials). A row scored wrongly (a position off by one, padding
+    attended) is off by O(0.1 - 1)."""
     from mopd.core.schema import ActorBackend, HttpBackend
     from mopd.models.forward import sequence_logits
     from mopd.teachers.actor import start_actors
@@ -306,12 +307,19 @@ def test_actor_and_http_teachers_score_what_the_in_process_teacher_scores(smol, 
     for got, want in zip(on_actor.topk(batch, names, 4, W), panel.topk(batch, names, 4, W), strict=True):
         assert torch.equal(got, want)
 
+    with served(smol_dir) as url:
+        exact = MixedPanel(local=None, remote=connect_all("s", {"t": HttpBackend(backend="http", url=url)}, tok),
+                           teacher_of_domain=routes)
+        assert torch.equal(exact.sampled_logprobs(batch, names), panel.sampled_logprobs(batch, names))
+        for got, want in zip(exact.topk(batch, names, 4, W), panel.topk(batch, names, 4, W), strict=True):
+            assert torch.equal(got, want)
+
     panel64 = TeacherPanel(models={"t": smol64[0]}, teacher_of_domain=routes)
     want = panel64.sampled_logprobs(batch, names)
     want_lp, want_ids, _ = panel64.topk(batch, names, 4, W)
     with torch.no_grad():
         tol = sampler_logprob_tol(sequence_logits(smol64[0], batch.input_ids_B_T, batch.attention_mask_B_T))
-    with served(smol_dir, dtype=torch.float64) as url:
+    with served(smol_dir, dtype=torch.float64, owned_by="vllm") as url:
         http = MixedPanel(local=None, remote=connect_all("s", {"t": HttpBackend(backend="http", url=url)}, tok),
                           teacher_of_domain=routes)
         got = http.sampled_logprobs(batch, names)

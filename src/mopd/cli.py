@@ -354,12 +354,17 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
     name: str | None = typer.Option(None, "--name", help="the served model name (default: the directory's name)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
+    api_key_env: str | None = typer.Option(None, "--api-key-env", help="the environment variable holding an API "
+                                           "key every request must carry (Authorization: Bearer KEY)"),
 ) -> None:
     """Serve a checkpoint as a teacher over HTTP, in vLLM's format (/v1/completions with prompt_logprobs,
-    /v1/models, /tokenize): a recipe's `teacher_backends: {T: {backend: http, url: http://HOST:PORT/v1}}` scores
-    with it (docs/SCALING.md). Needs mopd[serve]."""
+    /v1/models, /tokenize) and its own exact one: a recipe's `teacher_backends: {T: {backend: http, url:
+    http://HOST:PORT/v1}}` scores with it, with the in-process numbers (docs/SCALING.md). Needs mopd[serve]."""
     if not (model_dir / "config.json").is_file():
         _fail(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not api_key:
+        _fail(f"--api-key-env: the environment variable {api_key_env} is not set")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -369,7 +374,7 @@ def serve(
 
     _prepare_process(threads)
     console.print(f"serving {model_dir} as {name or model_dir.name} on http://{host}:{port}/v1", highlight=False)
-    serve_model(model_dir, host=host, port=port, name=name)
+    serve_model(model_dir, host=host, port=port, name=name, api_key=api_key)
 
 
 @app.command(epilog=example("mopd convert model.Q4_1.gguf models/smol",

@@ -70,8 +70,14 @@ def stage_sizing(ctx: ResolvedStage, model: torch.nn.Module, batch: RolloutBatch
 
 
 def apply_to_panel(panel: TeacherScorer | None, sizing: Sizing) -> None:
-    """The in-process teachers score with the step's blocks and shared prefill."""
+    """The in-process teachers score with the step's blocks and shared prefill, and so do served teachers that
+    run the in-process computation on their side (`mopd serve`'s exact endpoint: `teachers.http`)."""
     local = local_teachers(panel)
     if local is not None:
         local.logit_chunk, local.vocab_block, local.share_prefill = (sizing.logit_chunk, sizing.vocab_block,
                                                                     sizing.shared_prefill)
+    for teacher in getattr(panel, "remote", {}).values():
+        settings = getattr(getattr(teacher, "inner", teacher), "step_settings", None)
+        if isinstance(settings, dict):
+            settings.update(logit_chunk=sizing.logit_chunk, vocab_block=sizing.vocab_block,
+                            share_prefill=sizing.shared_prefill)

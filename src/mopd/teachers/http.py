@@ -1,68 +1,47 @@
-"""Teachers behind an OpenAI-compatible HTTP server that returns prompt logprobs (vLLM, SGLang, `mopd serve`).
+"""Teachers behind HTTP servers that return prompt logprobs: vLLM, SGLang, `mopd serve`.
 
-The request is vLLM's (docs/SCALING.md cites its documentation): `POST {url}/completions` with the rows' token
-ids as `prompt` (a list of id lists, so nothing is re-tokenized), `max_tokens: 1`, `temperature: 0` and
-`prompt_logprobs: k`. Each choice's `prompt_logprobs` is a list with one entry per prompt token: null for the
-first, then `{token_id: {logprob, rank, decoded_token}}` holding the actual token and the top k. The actual
-token's entry is the sampled-token logprob; the k best entries are the top-k. A server returns at most its
-`--max-logprobs` entries per position, never the full distribution, so the full-distribution objectives are
-refused at load (`core.schema.teachers.backend_problem`).
+Three ways to ask, chosen per teacher at `connect`:
+- **vLLM** (`api: openai`, docs/SCALING.md cites its documentation): `POST {url}/completions` with the rows'
+  token ids as `prompt` (a list of id lists, so nothing is re-tokenized), `max_tokens: 1`, `temperature: 0`,
+  `prompt_logprobs: k`.
+- **SGLang** (`api: sglang`): its native `POST {root}/generate` with `input_ids`, `max_new_tokens: 0`,
+  `return_logprob`, `logprob_start_len: 0`, `top_logprobs_num: k` (SGLang's OpenAI endpoint has no
+  `prompt_logprobs`: it drops the field and answers without them).
+- **`mopd serve`** (it says so in `/v1/models`): `POST {url}/mopd/score` with the teacher's rows as the padded
+  batch the in-process panel reads, scored by the same `TeacherPanel` code with the stage's step settings, so an
+  HTTP teacher gives the in-process numbers byte for byte (as an actor does), at the same thread count.
 
-Before step 0 (`connect`): the server must answer `GET {url}/models` and serve the named model, and its tokenizer
-must be the student's: `POST {root}/tokenize` (vLLM's tokenizer endpoint, at the server root) of a probe text
-built from the student's vocabulary and special tokens must give the student's ids. Connection errors,
-timeouts and a different tokenizer are one `PreflightError` line naming the stage, teacher and URL.
+Every answer is checked (`http_answers`) before it is used; a bad one is one `ServerError` line naming the stage,
+the teacher, the URL and what was wrong. A server returns at most its `--max-logprobs` entries per position, never
+the full distribution, so the full-distribution objectives are refused at load (`core.schema.teachers`).
 
-Requests run on a thread pool (`concurrency` per server), so every teacher's rows are in flight at once.
+Before step 0 (`connect`), each replica must answer `GET {url}/models`, serve the named model and tokenize as the
+student does (`POST {root}/tokenize` of a probe text built from the student's vocabulary: vLLM's and SGLang's
+endpoint). Then, unless `order_check: false`, one prompt is scored alone and beside another that shares its first
+half, in both orders: vLLM issue 42019 reports prompt logprobs that depend on request order with prefix caching
+on (its default). Requests run on a thread pool (`concurrency` per teacher), spread over the replicas.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..core.batch import RolloutBatch
-from ..core.errors import StageError
 from ..core.schema import HttpBackend
+from . import wire
+from .http_answers import BadAnswer, RowScores, read_sglang, read_vllm
+from .http_client import Refused, Replicas, ServerError, auth_headers, request
 from .preflight import PreflightError
 from .remote import Pending
 
+__all__ = ["HttpTeacher", "ServerError", "connect", "connect_all", "probe_ids", "server_root"]
+
 PROBE = "The quick brown fox jumps over 13 lazy dogs: 12+34=46, def f(x): return x[::-1] # done.\n"
-
-
-class ServerError(StageError):
-    """A teacher server that cannot answer (after its retries); str() is one line (the CLI prints it, exit 2)."""
-
-
-def request(url: str, payload: dict | None, timeout: float, retries: int = 0) -> dict:
-    """GET (payload None) or POST JSON to `url`; the decoded JSON answer. Connection errors, timeouts and 5xx
-    are retried `retries` times; then (and on a 4xx) `ServerError` with the reason in words."""
-    data = None if payload is None else json.dumps(payload).encode()
-    why = ""
-    for _ in range(retries + 1):
-        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            why = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
-            if e.code < 500:
-                break
-        except TimeoutError:
-            why = f"no answer within {timeout:g}s (timeout)"
-        except urllib.error.URLError as e:
-            reason = e.reason
-            why = (f"no answer within {timeout:g}s (timeout)" if isinstance(reason, TimeoutError)
-                   else f"cannot connect ({reason})")
-        except (ConnectionError, OSError, ValueError) as e:
-            why = f"{e.__class__.__name__}: {e}"
-    raise ServerError(f"{url}: {why}".replace("\n", " "))
+ORDER_TOLERANCE = 1.0  # nats; see `order_problem`
 
 
 def server_root(url: str) -> str:
@@ -72,55 +51,89 @@ def server_root(url: str) -> str:
 
 
 class HttpTeacher:
-    """`remote.RemoteTeacher` over one server and model."""
+    """`remote.RemoteTeacher` over one teacher's servers (its replicas) and model."""
 
-    def __init__(self, stage: str, name: str, backend: HttpBackend, model: str):
-        self.stage, self.name, self.backend, self.model = stage, name, backend, model
+    def __init__(self, stage: str, name: str, backend: HttpBackend, model: str, exact: bool):
+        self.stage, self.name, self.backend, self.model, self.exact = stage, name, backend, model, exact
+        bases = backend.urls if backend.api == "openai" else [server_root(u) for u in backend.urls]
+        self.replicas = Replicas(backend, bases, auth_headers(backend))
         self.pool = ThreadPoolExecutor(max_workers=backend.concurrency, thread_name_prefix=f"teacher-{name}")
+        # the step settings the in-process panel scores with (`stages.step_sizing.apply_to_panel`): the exact path
+        # sends them, so the server blocks its logits as this process would
+        self.step_settings = {"logit_chunk": None, "vocab_block": None, "share_prefill": False}
 
-    def _rows(self, batch: RolloutBatch, k: int) -> Pending:
-        """Start the requests of every row (chunks of rows, one request each) -> per row (its real columns,
-        its `prompt_logprobs` list)."""
+    def _fail(self, url: str, why: str) -> ServerError:
+        return ServerError(f"stage {self.stage!r}: teacher {self.name!r} at {url}: {why}".replace("\n", " "))
+
+    def _post(self, path: str, payload: dict, read):
+        """POST to a replica and read its answer with `read(answer)`; every failure is one line."""
+        try:
+            url, answer = self.replicas.post(path, payload)
+        except ServerError as e:
+            raise ServerError(f"stage {self.stage!r}: teacher {self.name!r}: {e}") from None
+        try:
+            return read(answer)
+        except (BadAnswer, ValueError, KeyError, TypeError) as e:
+            raise self._fail(url + path, f"bad answer: {e}") from None
+
+    # --- vLLM and SGLang: per-row prompt logprobs ---
+    def score_prompts(self, prompts: list[list[int]], k: int) -> list[RowScores]:
+        """Each prompt's checked scores, from one request."""
+        if self.backend.api == "sglang":
+            payload = {"input_ids": prompts, "return_logprob": True, "logprob_start_len": 0,
+                       "top_logprobs_num": k, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0}}
+            return self._post("/generate", payload, lambda a: read_sglang(a, prompts, k))
+        payload = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                   "prompt_logprobs": max(k, 1)}
+        return self._post("/completions", payload, lambda a: read_vllm(
+            a["choices"] if isinstance(a, dict) and "choices" in a else a, prompts, k))
+
+    def _rows(self, batch: RolloutBatch, k: int):
+        """Start the requests of every row (chunks of rows, one request each); a function that waits for
+        (each row's real columns, its ids, its `RowScores`)."""
         cols = [torch.nonzero(m, as_tuple=True)[0] for m in batch.attention_mask_B_T.bool()]
         ids = [batch.input_ids_B_T[b, c].tolist() for b, c in enumerate(cols)]
         per = max(1, math.ceil(len(ids) / self.backend.concurrency))
-        chunks = [list(range(i, min(i + per, len(ids)))) for i in range(0, len(ids), per)]
-        futures = [self.pool.submit(self._score, [ids[b] for b in chunk], k) for chunk in chunks]
+        chunks = [ids[i:i + per] for i in range(0, len(ids), per)]
+        futures = [self.pool.submit(self.score_prompts, chunk, k) for chunk in chunks]
+        return lambda: (cols, ids, [row for f in futures for row in f.result()])
 
-        def wait():
-            out = []
-            for f in futures:
-                out += f.result()
-            return cols, ids, out
-        return wait
+    # --- mopd serve: the in-process computation on the server ---
+    def _exact(self, method: str, batch: RolloutBatch, **args) -> Pending:
+        payload = {"model": self.model, "method": method, **args, **self.step_settings,
+                   "input_ids": wire.encode(batch.input_ids_B_T), "attention_mask": wire.encode(batch.attention_mask_B_T),
+                   "completion_mask": wire.encode(batch.completion_mask_B_T)}
+        shapes = {"sampled": [batch.input_ids_B_T.shape]}
 
-    def _score(self, prompts: list[list[int]], k: int) -> list[list]:
-        url = self.backend.url.rstrip("/") + "/completions"
-        payload = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
-                   "prompt_logprobs": k}
-        try:
-            answer = request(url, payload, self.backend.timeout, self.backend.retries)
-            choices = sorted(answer["choices"], key=lambda c: c["index"])
-            return [c["prompt_logprobs"] for c in choices]
-        except ServerError as e:
-            raise ServerError(f"stage {self.stage!r}: teacher {self.name!r}: {e}") from None
-        except (KeyError, TypeError) as e:
-            raise ServerError(f"stage {self.stage!r}: teacher {self.name!r}: {url} answered without "
-                              f"prompt_logprobs ({e!r}); the server must support vLLM's `prompt_logprobs`") from None
+        def read(answer):
+            out = [wire.decode(x) for x in answer["outputs"]]
+            for t in out:
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise BadAnswer("a score is not finite")
+            if method in shapes and [tuple(t.shape) for t in out] != [tuple(s) for s in shapes[method]]:
+                raise BadAnswer(f"shapes {[tuple(t.shape) for t in out]}, expected {shapes[method]}")
+            if bool((out[-1] > 0).any()):
+                raise BadAnswer("a sampled-token logprob is > 0")
+            return out[0] if method == "sampled" else tuple(out)
+        future = self.pool.submit(self._post, "/mopd/score", payload, read)
+        return future.result
 
     def sampled(self, batch: RolloutBatch) -> Pending:
-        wait = self._rows(batch, 1)
+        if self.exact:
+            return self._exact("sampled", batch)
+        wait = self._rows(batch, 0)
 
         def result() -> torch.Tensor:
             cols, ids, scored = wait()
             out = torch.zeros(batch.input_ids_B_T.shape, dtype=torch.float32)
-            for b, (c, row, lps) in enumerate(zip(cols, ids, scored, strict=True)):
-                for j in range(1, len(row)):
-                    out[b, c[j]] = lps[j][str(row[j])]["logprob"]
+            for b, (c, row, s) in enumerate(zip(cols, ids, scored, strict=True)):
+                out[b, c[1:len(row)]] = torch.tensor(s.sampled[1:], dtype=torch.float32)
             return out * batch.completion_mask_B_T
         return result
 
     def topk(self, batch: RolloutBatch, k: int, window: int) -> Pending:
+        if self.exact:
+            return self._exact("topk", batch, k=k, window=window)
         wait = self._rows(batch, k)
         T = batch.input_ids_B_T.shape[1]
 
@@ -129,16 +142,13 @@ class HttpTeacher:
             B = batch.size
             top_lp, top_ids = torch.zeros(B, window, k), torch.zeros(B, window, k, dtype=torch.long)
             sampled = torch.zeros(B, T)
-            for b, (c, row, lps) in enumerate(zip(cols, ids, scored, strict=True)):
+            for b, (c, row, s) in enumerate(zip(cols, ids, scored, strict=True)):
+                sampled[b, c[1:len(row)]] = torch.tensor(s.sampled[1:], dtype=torch.float32)
                 for j in range(1, len(row)):
-                    entries = lps[j]
-                    sampled[b, c[j]] = entries[str(row[j])]["logprob"]
                     w = int(c[j]) - (T - window)
-                    if w < 0:
-                        continue
-                    best = sorted(entries.items(), key=lambda kv: -kv[1]["logprob"])[:k]
-                    top_lp[b, w, : len(best)] = torch.tensor([e["logprob"] for _, e in best])
-                    top_ids[b, w, : len(best)] = torch.tensor([int(t) for t, _ in best])
+                    if w >= 0 and s.top[j]:
+                        top_lp[b, w, : len(s.top[j])] = torch.tensor([lp for _, lp in s.top[j]])
+                        top_ids[b, w, : len(s.top[j])] = torch.tensor([t for t, _ in s.top[j]])
             return top_lp, top_ids, sampled * batch.completion_mask_B_T
         return result
 
@@ -156,43 +166,83 @@ def probe_ids(student_tok) -> tuple[str, list[int]]:
     return text, student_tok(text, add_special_tokens=False)["input_ids"]
 
 
+def order_problem(teacher: HttpTeacher, ids: list[int]) -> str | None:
+    """Why the server's prompt logprobs depend on what else is in the request, or None.
+
+    Prompt A and prompt B share their first half; A is scored alone, then as [A, B] and [B, A]. A server that reuses
+    a cached prefix's stale values (vLLM issue 42019) gives A other numbers in some order. Numbers that differ by
+    float rounding of another batch shape are not that: a bfloat16 logit of magnitude <= 64 rounds by <= 0.25, so a
+    logprob (a difference of two) moves by <= 0.5; a stale value is another position's logprob, off by nats. Hence
+    a difference above ORDER_TOLERANCE (1 nat) is reported."""
+    half = max(2, len(ids) // 2)
+    a, b = ids[: 2 * half], ids[:half] + ids[half:2 * half][::-1]
+    if a == b:
+        return None
+    alone = teacher.score_prompts([a], 0)[0].sampled
+    for order, where in (([a, b], 0), ([b, a], 1)):
+        got = teacher.score_prompts(order, 0)[where].sampled
+        diff = max(abs(x - y) for x, y in zip(alone[1:], got[1:], strict=True))
+        if diff > ORDER_TOLERANCE:
+            return (f"scores one prompt differently when another shares its prefix in the same request (by up to "
+                    f"{diff:.3g} nats at order {'AB' if where == 0 else 'BA'}); with vLLM, start the server with "
+                    "--no-enable-prefix-caching (vLLM issue 42019), or set order_check: false to accept it")
+    return None
+
+
 def connect(stage: str, name: str, backend: HttpBackend, student_tok) -> HttpTeacher:
-    """Check that the server answers, serves the model and tokenizes as the student does; one line if not."""
-    where = f"stage {stage!r}: teacher {name!r} at {backend.url}"
+    """Check that every replica answers, serves the model and tokenizes as the student does, and that scores do not
+    depend on request order; one line if not."""
     try:
-        served = [m["id"] for m in request(backend.url.rstrip("/") + "/models", None, backend.timeout,
-                                           backend.retries)["data"]]
-    except (ServerError, KeyError, TypeError) as e:
-        raise PreflightError(f"{where}: the server does not list its models ({e})") from None
-    model = backend.model
-    if model is None and len(served) != 1:
-        raise PreflightError(f"{where}: the server serves {served}; name one with `model:`")
-    if model is not None and model not in served:
-        raise PreflightError(f"{where}: the server does not serve model {model!r} (it serves {served})")
-    model = model or served[0]
+        headers = auth_headers(backend)
+    except ServerError as e:
+        raise PreflightError(f"stage {stage!r}: teacher {name!r}: {e}") from None
     text, want = probe_ids(student_tok)
-    try:
-        got = request(server_root(backend.url) + "/tokenize",
-                      {"model": model, "prompt": text, "add_special_tokens": False}, backend.timeout,
-                      backend.retries)["tokens"]
-    except (ServerError, KeyError, TypeError) as e:
-        raise PreflightError(f"{where}: cannot check its tokenizer with /tokenize ({e})") from None
-    if got != want:
-        i = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
-        raise PreflightError(
-            f"{where}: uses a different tokenizer from the student (a probe text tokenizes to {len(got)} ids, "
-            f"the student's to {len(want)}; first difference at token {i}: server {got[i:i + 3]}, student "
-            f"{want[i:i + 3]}); on-policy distillation needs the teacher to score the student's token ids")
-    return HttpTeacher(stage, name, backend, model)
+    model, exact = backend.model, True
+    for url in backend.urls:
+        where = f"stage {stage!r}: teacher {name!r} at {url}"
+        models_url = (url if backend.api == "openai" else server_root(url) + "/v1") + "/models"
+        try:
+            listed = request(models_url, None, backend.timeout, backend.retries, headers)["data"]
+            served = [m["id"] for m in listed]
+        except Refused as e:
+            raise PreflightError(f"{where}: {e}") from None
+        except (ServerError, KeyError, TypeError) as e:
+            raise PreflightError(f"{where}: the server does not list its models ({e})") from None
+        if backend.model is None and len(served) != 1:
+            raise PreflightError(f"{where}: the server serves {served}; name one with `model:`")
+        if backend.model is not None and backend.model not in served:
+            raise PreflightError(f"{where}: the server does not serve model {backend.model!r} (it serves {served})")
+        model = backend.model or served[0]
+        exact = exact and backend.api == "openai" and any(m.get("owned_by") == "mopd" for m in listed)
+        try:
+            got = request(server_root(url) + "/tokenize", {"model": model, "prompt": text, "add_special_tokens": False},
+                          backend.timeout, backend.retries, headers)["tokens"]
+        except (ServerError, KeyError, TypeError) as e:
+            raise PreflightError(f"{where}: cannot check its tokenizer with /tokenize ({e})") from None
+        if got != want:
+            i = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+            raise PreflightError(
+                f"{where}: uses a different tokenizer from the student (a probe text tokenizes to {len(got)} ids, "
+                f"the student's to {len(want)}; first difference at token {i}: server {got[i:i + 3]}, student "
+                f"{want[i:i + 3]}); on-policy distillation needs the teacher to score the student's token ids")
+    teacher = HttpTeacher(stage, name, backend, model, exact)
+    if backend.order_check and not exact:
+        try:
+            why = order_problem(teacher, want)
+        except ServerError as e:
+            raise PreflightError(str(e)) from None
+        if why:
+            raise PreflightError(f"stage {stage!r}: teacher {name!r} at {backend.urls[0]}: {why}")
+    return teacher
 
 
 def connect_all(stage: str, backends: Mapping[str, HttpBackend], student_tok) -> dict[str, HttpTeacher]:
-    """`connect` every HTTP teacher; teachers with the same URL and model share one client."""
+    """`connect` every HTTP teacher; teachers with the same URLs and model share one client."""
     out: dict[str, HttpTeacher] = {}
     shared: dict[tuple, HttpTeacher] = {}
     for name in sorted(backends):
         b = backends[name]
-        key = (b.url.rstrip("/"), b.model)
+        key = (tuple(b.urls), b.model, b.api)
         if key not in shared:
             shared[key] = connect(stage, name, b, student_tok)
         out[name] = shared[key]

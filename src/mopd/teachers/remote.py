@@ -81,7 +81,7 @@ class MixedPanel:
             out[local.to(out.device)] = self.local.sampled_logprobs(
                 batch.select(local.to(batch.input_ids_B_T.device)), self._local_names(names_B, local)).float()
         for rows, wait in started:
-            out[rows.to(out.device)] = wait().to(out.device)
+            out[rows.to(out.device)] = wait().to(out.device, out.dtype)  # a float64 server's scores, too
         return out
 
     @torch.no_grad()

@@ -9,11 +9,12 @@ as before. A teacher named by several domains is one entry, so they share one ac
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 
-from .strict import Strict
+from .strict import Strict, rule_error
 
 
 class TeacherResources(Strict):
@@ -33,18 +34,69 @@ class ActorBackend(Strict):
     ready_timeout: float = Field(300.0, gt=0, description="seconds to wait for the actor to load its teacher")
 
 
+URL_PATTERN = r"^https?://\S+$"
+
+
 class HttpBackend(Strict):
-    """An OpenAI-compatible server that returns prompt logprobs (vLLM, SGLang, `mopd serve`): sampled-token
-    logprobs and top-k come from `/v1/completions` with `prompt_logprobs`; the full distribution does not (a
-    server returns at most `max_logprobs` per position), so the full-distribution objectives are refused."""
+    """A server that returns prompt logprobs: vLLM or `mopd serve` through vLLM's OpenAI-compatible
+    `/v1/completions` with `prompt_logprobs` (`api: openai`), SGLang through its native `/generate` with
+    `return_logprob` (`api: sglang`; its OpenAI endpoint drops `prompt_logprobs`). Sampled-token logprobs and top-k
+    only: a server returns at most `max_logprobs` per position, so the full-distribution objectives are refused.
+    Several URLs are replicas of one teacher: requests are spread over them, and one that dies is left out while
+    the others answer."""
 
     backend: Literal["http"]
-    url: str = Field(pattern=r"^https?://\S+$", description="the server's OpenAI base URL, e.g. http://host:8000/v1")
+    url: str | list[str] = Field(description="the server's base URL (vLLM, mopd serve: the OpenAI base, e.g. "
+                                             "http://host:8000/v1; SGLang: its root, e.g. http://host:30000), or "
+                                             "a list of replicas' URLs")
+    api: Literal["openai", "sglang"] = Field("openai", description="openai: /v1/completions with prompt_logprobs "
+                                                                   "(vLLM, mopd serve); sglang: SGLang's /generate")
     model: str | None = Field(None, description="the served model name; null: the server's only model")
     timeout: float = Field(60.0, gt=0, description="seconds per request before it counts as failed")
-    retries: int = Field(2, ge=0, description="retries of a failed request (connection error, timeout, 5xx)")
+    retries: int = Field(8, ge=0, description="retries of a failed request (connection error, timeout, 5xx), on "
+                                              "another replica at once or, when none answers, after a backoff")
+    retry_wait: float = Field(60.0, ge=0, description="the most seconds one request waits in backoff, in all "
+                                                      "(0.5 s doubling to 8 s: a server restart is bridged)")
     max_logprobs: int = Field(20, gt=0, description="the server's limit on logprobs per position (vLLM --max-logprobs)")
-    concurrency: int = Field(8, gt=0, description="requests in flight to this server at once")
+    concurrency: int = Field(8, gt=0, description="requests in flight to this teacher at once")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="the environment variable holding the server's API key (vLLM and "
+                                                "SGLang --api-key), sent as `Authorization: Bearer`")
+    api_key: SecretStr | None = Field(None, description="the API key itself (prefer api_key_env: the run "
+                                                        "directory keeps a copy of the recipe)")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers on every request")
+    order_check: bool = Field(True, description="before step 0, score one prompt alone and beside another in both "
+                                                "orders; different numbers are one line (vLLM issue 42019: prompt "
+                                                "logprobs with prefix caching on)")
+
+    @field_validator("url")
+    @classmethod
+    def _urls_are_urls(cls, value: str | list[str]) -> str | list[str]:
+        urls = [value] if isinstance(value, str) else value
+        if not urls:
+            raise ValueError("url: give at least one URL")
+        bad = [u for u in urls if not re.match(URL_PATTERN, u)]
+        if bad:
+            raise ValueError(f"url {bad[0]!r} is not an http:// or https:// URL")
+        if len(set(u.rstrip("/") for u in urls)) != len(urls):
+            raise ValueError("url: a replica is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key(self) -> HttpBackend:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise rule_error(self, "api_key", message="give api_key or api_key_env, not both")
+        return self
+
+    @field_serializer("headers", when_used="json")
+    def _headers_unshown(self, headers: dict[str, str]) -> dict[str, str]:
+        """Header values often carry a credential: lineage, trackers and reports see only the names."""
+        return {name: "**********" for name in headers}
+
+    @property
+    def urls(self) -> list[str]:
+        """The replicas' URLs, without a trailing slash."""
+        return [u.rstrip("/") for u in ([self.url] if isinstance(self.url, str) else self.url)]
 
 
 TeacherBackend = Annotated[ActorBackend | HttpBackend, Field(discriminator="backend")]
