@@ -14,9 +14,9 @@ and backward (`learner.policy.policy_loss`, no optimizer update, so every backen
 Where the time goes: the ideal is the in-process time of the slowest teacher alone on its rows (teachers that
 overlap perfectly, nothing paid for moving them); for actors, the actors' own scoring time (`TeacherWorker.scoring_seconds`, the slowest of
 the three, since they overlap), serialization (pickling the rows sent and the results returned, measured here),
-and the rest (Ray's dispatch, object transfer, waiting); for HTTP, the servers' scoring (the same per-prompt
-function `mopd serve` runs, timed here on the slowest teacher's rows), and the rest (JSON, HTTP, the server
-framework). Medians over the timed steps. Writes benchmarks/results.json key "teacher_backends".
+and the rest (Ray's dispatch, object transfer, waiting); for HTTP, the servers' scoring (`mopd serve`'s own
+endpoint runs the in-process panel's code on a teacher's rows: timed here as the slowest teacher alone), and the
+rest (JSON, HTTP, the server framework). Medians over the timed steps. Writes benchmarks/results.json key "teacher_backends".
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ def main() -> None:
 
     from mopd.teachers.actor import start_actors
     from mopd.teachers.http import connect_all
-    from mopd.teachers.serve import prompt_logprobs
 
     torch.set_num_threads(args.threads)
     from mopd.runtime import start_local_ray
@@ -142,8 +141,8 @@ def main() -> None:
                     if name == "in-process":
                         parts["in-process"]["slowest_teacher_alone"].append(_slowest_teacher(panel, batch, route))
                     if name == "http":
-                        parts["http"]["server_scoring"].append(_server_scoring(batch, route, teachers, tok,
-                                                                               prompt_logprobs))
+                        # `mopd serve`'s own endpoint runs the in-process panel's code on each teacher's rows
+                        parts["http"]["server_scoring"].append(_slowest_teacher(backends["in-process"], batch, route))
         finally:
             for proc, _ in servers:
                 proc.terminate()
@@ -189,20 +188,3 @@ def _serialization(batch, route: list[str], names: list[str]) -> float:
         pickle.loads(pickle.dumps(args))
         pickle.loads(pickle.dumps(torch.zeros_like(sub.completion_mask_B_T)))
     return time.perf_counter() - start
-
-
-def _server_scoring(batch, route: list[str], teachers: dict, tok, prompt_logprobs) -> float:
-    """What the slowest server spends scoring its rows: `mopd serve`'s per-prompt function on them, here."""
-    worst = 0.0
-    for n, model in teachers.items():
-        start = time.perf_counter()
-        for b, r in enumerate(route):
-            if r == n:
-                ids = batch.input_ids_B_T[b][batch.attention_mask_B_T[b].bool()].tolist()
-                prompt_logprobs(model, tok, ids, 1)
-        worst = max(worst, time.perf_counter() - start)
-    return worst
-
-
-if __name__ == "__main__":
-    main()

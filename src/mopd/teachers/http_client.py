@@ -3,7 +3,7 @@
 Why a pool and not a URL: a teacher served by several replicas should lose nothing when one dies mid-stage, and a
 teacher served by one should survive its server's restart (15-20 s for a small model). So a failed request
 (connection refused, timeout, 5xx) goes at once to the next replica that has not failed lately; when every
-replica has, it waits 0.5 s, doubling to 8 s, until the teacher's `retry_wait` is spent or `retries` are used.
+replica has, it waits 0.5 s, doubling to 2 s, until the teacher's `retry_wait` is spent or `retries` are used.
 A refused request (4xx) is the request's fault, not the server's, and is not retried.
 
 Requests are spread round-robin over the replicas that are up. A replica that failed is skipped for `COOLDOWN`
@@ -25,7 +25,8 @@ from ..core.errors import StageError
 from ..core.schema import HttpBackend
 
 COOLDOWN = 5.0  # seconds a replica that failed is skipped while another is up
-FIRST_WAIT, LONGEST_WAIT = 0.5, 8.0  # backoff when no replica answers: 0.5, 1, 2, 4, 8, 8, ... seconds
+FIRST_WAIT, LONGEST_WAIT = 0.5, 2.0  # backoff when no replica answers: 0.5, 1, 2, 2, ... seconds (a server that is
+# back is used within 2 s; a refused connection costs nothing, so waiting longer between tries would save nothing)
 
 
 class ServerError(StageError):

@@ -53,10 +53,10 @@ class HttpBackend(Strict):
                                                                    "(vLLM, mopd serve); sglang: SGLang's /generate")
     model: str | None = Field(None, description="the served model name; null: the server's only model")
     timeout: float = Field(60.0, gt=0, description="seconds per request before it counts as failed")
-    retries: int = Field(8, ge=0, description="retries of a failed request (connection error, timeout, 5xx), on "
-                                              "another replica at once or, when none answers, after a backoff")
+    retries: int = Field(40, ge=0, description="retries of a failed request (connection error, timeout, 5xx), on "
+                                               "another replica at once or, when none answers, after a backoff")
     retry_wait: float = Field(60.0, ge=0, description="the most seconds one request waits in backoff, in all "
-                                                      "(0.5 s doubling to 8 s: a server restart is bridged)")
+                                                      "(0.5 s doubling to 2 s: a server restart is bridged)")
     max_logprobs: int = Field(20, gt=0, description="the server's limit on logprobs per position (vLLM --max-logprobs)")
     concurrency: int = Field(8, gt=0, description="requests in flight to this teacher at once")
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
