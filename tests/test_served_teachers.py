@@ -324,3 +324,5 @@ def test_a_run_over_http_with_a_killed_replica_has_the_in_process_numbers(tmp_pa
     assert weights[0] == weights[1]
     pre = json.loads((tmp_path / "http" / "student" / "preflight.json").read_text())
     assert pre["remote_teachers"] == {f"{tmp_path}/a": "http", f"{tmp_path}/b": "http"}
+    assert pre["served_teachers"][f"{tmp_path}/a"]["urls"] == [u for _, u in replicas]
+    assert pre["served_teachers"][f"{tmp_path}/b"]["scoring"].startswith("mopd serve")

@@ -195,6 +195,9 @@ def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str
     del student  # training loads its own copy (or resumes)
     if s.teacher_backends:  # connected (and tokenizer-checked) when the panel was made; KL: a sampled estimate
         result["remote_teachers"] = {n: b.backend for n, b in sorted(s.teacher_backends.items())}
+        served = {n: getattr(t, "inner", t) for n, t in getattr(panel, "remote", {}).items()}
+        result["served_teachers"] = {n: {"urls": t.backend.urls, "scoring": t.scoring} for n, t in sorted(
+            served.items()) if hasattr(t, "scoring")}
     if gains is not None:
         result["teacher_gain"] = {"min": s.preflight.min_teacher_gain, "domains": dict(gains)}
     write_json_atomic(ctx.stage_dir / PREFLIGHT, result)

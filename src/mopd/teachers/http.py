@@ -62,6 +62,14 @@ class HttpTeacher:
         # sends them, so the server blocks its logits as this process would
         self.step_settings = {"logit_chunk": None, "vocab_block": None, "share_prefill": False}
 
+    @property
+    def scoring(self) -> str:
+        """How this teacher is asked (preflight.json's `served_teachers`)."""
+        if self.exact:
+            return "mopd serve: the in-process computation (/v1/mopd/score)"
+        return "SGLang /generate input_token_logprobs" if self.backend.api == "sglang" else \
+            "vLLM /v1/completions prompt_logprobs"
+
     def _fail(self, url: str, why: str) -> ServerError:
         return ServerError(f"stage {self.stage!r}: teacher {self.name!r} at {url}: {why}".replace("\n", " "))
 
