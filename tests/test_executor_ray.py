@@ -40,7 +40,9 @@ def runs(tmp_path_factory, ray_local):
     finally:
         torch.set_num_threads(threads)
     console = Console(file=io.StringIO(), width=200)
+    started = time.time()
     run_recipe(loaded, root / "ray", console, executor="ray", threads=1)
+    (root / "ray.seconds").write_text(f"{time.time() - started}")  # the run as the caller timed it
     (root / "ray.log").write_text(console.file.getvalue())
     return root
 
@@ -74,6 +76,21 @@ def test_independent_teachers_run_at_the_same_time(runs):
     # two CPUs, one per teacher: two teachers run at one moment, the third when one of them is done
     assert stages[second]["started_at"] < stages[first]["ended_at"], stages
     assert min(starts) >= stages["sft"]["ended_at"] and stages["student"]["started_at"] >= max(ends)
+
+
+def test_the_run_wall_time_is_not_the_sum_of_its_stage_times(runs):
+    """Teachers that ran at the same time count once in run.json's `wall_seconds`, which fits inside the time the
+    caller measured around the whole run (its set-up and report included); under the local executor the
+    stages ran one after another, so there it is their sum."""
+    for run in ("ray", "local"):
+        info = json.loads((runs / run / "run.json").read_text())
+        walls = [v["wall_seconds"] for v in info["stages"].values()]
+        assert max(walls) <= info["wall_seconds"]
+        if run == "ray":
+            assert info["wall_seconds"] < sum(walls)  # two teachers overlapped (the test above)
+            assert info["wall_seconds"] <= float((runs / "ray.seconds").read_text()) + 0.01  # run.json rounds
+        else:
+            assert info["wall_seconds"] == pytest.approx(sum(walls), abs=0.01 * len(walls))  # each rounded
 
 
 def test_the_driver_shows_each_running_stage_on_its_own_lines(runs):
@@ -151,6 +168,14 @@ def test_a_missing_address_is_one_line_before_compute(tmp_path, mini_recipe):
     with pytest.raises(StageError, match=r"--address 127\.0\.0\.1:9: no Ray head answers there"):
         run_recipe(loaded, tmp_path / "run", executor="ray", address="127.0.0.1:9")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_address_check_lets_a_ray_head_through(ray_local):
+    """The question `--address` asks before `ray.init` (its cluster id) is answered by a real head; a port
+    that is not one is refused (tests/test_silences.py)."""
+    from mopd.execution.ray_address import check_address
+
+    check_address(ray_local, ray_local.get_runtime_context().gcs_address)
 
 
 def test_too_many_gpus_is_one_line_before_compute(tmp_path, ray_local):

@@ -81,7 +81,7 @@ def _run(recipe: Path, out: Path | None, log: list[str], scale: float | None = N
     if summary is not None:
         score = summary["normalized_score"]
         console.print(f"normalized score: {score:.3f}" if score is not None else "normalized score: n/a")
-        console.print(f"report: {out / 'report.md'}")
+        console.print(f"report: {out / 'report.md'}", markup=False)
 
 
 def example(*lines: str) -> str:
@@ -172,8 +172,9 @@ def compare(
         score = m["normalized_score"]
         ci = (m.get("normalized_interval") or {}).get("ci")
         console.print(f"{label:<24} normalized score {'n/a' if score is None else f'{score:.3f}'}"
-                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  student samples {m['samples']:,}")
-    console.print(f"table: {out / 'compare.md'}")
+                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  student samples {m['samples']:,}",
+                      markup=False)
+    console.print(f"table: {out / 'compare.md'}", markup=False)
     if failures:  # after the table: what is missing from it, and why
         _fail("\n".join(failures))
 
@@ -215,8 +216,8 @@ def sweep(
     for objective, b in result["best"].items():
         ci = (b.get("interval") or {}).get("ci")
         console.print(f"best for objective {objective}: {b['point']}  normalized score {b['normalized_score']:.3f}"
-                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), highlight=False, soft_wrap=True)
-    console.print(f"table: {out / 'sweep.md'}")
+                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), highlight=False, soft_wrap=True, markup=False)
+    console.print(f"table: {out / 'sweep.md'}", markup=False)
     if failures:
         _fail("\n".join(failures))
 
@@ -232,7 +233,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory written by 
     except ValueError as e:
         _fail(str(e))
     console.print(f"normalized score: {summary['normalized_score']}")
-    console.print(f"report: {run_dir / 'report.md'}")
+    console.print(f"report: {run_dir / 'report.md'}", markup=False)
     if incomplete := incomplete_message(summary):
         _fail(f"{run_dir}: incomplete run: {incomplete}")
 
@@ -253,7 +254,7 @@ def validate(recipe: Path = typer.Argument(..., help="the recipe YAML file, or a
     if not recipe.exists() and bundled_recipe(str(recipe)).exists():
         recipe = bundled_recipe(str(recipe))
     try:
-        console.print(validate_recipe(recipe), highlight=False, soft_wrap=True)
+        console.print(validate_recipe(recipe), highlight=False, soft_wrap=True, markup=False)
     except RecipeError as e:
         _fail(str(e))
 
@@ -281,7 +282,7 @@ def recipes(paths: bool = typer.Option(False, "--paths", help="print each recipe
         if paths:
             print(bundled_recipe(name))
         else:
-            console.print(f"[bold]{name:<{width}}[/] {summary}", highlight=False, soft_wrap=True)
+            console.print(f"[bold]{name:<{width}}[/] {escape(summary)}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog=example("mopd init my_project --domains reversal,sorting",
@@ -307,8 +308,9 @@ def init(
     except ScaffoldError as e:
         _fail(str(e))
     for path in written:
-        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    console.print(f"next: mopd validate {written[0]} && mopd run {written[0]}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"next: mopd validate {written[0]} && mopd run {written[0]}", highlight=False, soft_wrap=True,
+                  markup=False)
 
 
 @app.command(name="eval", epilog=example("mopd eval runs/demo/student/final --domains reversal,sorting,shift",
@@ -373,7 +375,8 @@ def serve(
     from .teachers.serve import serve as serve_model
 
     _prepare_process(threads)
-    console.print(f"serving {model_dir} as {name or model_dir.name} on http://{host}:{port}/v1", highlight=False)
+    console.print(f"serving {model_dir} as {name or model_dir.name} on http://{host}:{port}/v1", highlight=False,
+                  markup=False)
     serve_model(model_dir, host=host, port=port, name=name, api_key=api_key)
 
 
@@ -391,4 +394,7 @@ def convert(
         convert_gguf(src := find_gguf(source, Path.cwd()), out_dir)
     except GGUFError as e:
         _fail(str(e))
-    console.print(f"converted {src} -> {out_dir}", highlight=False, soft_wrap=True)
+    console.print(f"converted {src} -> {out_dir}", highlight=False, soft_wrap=True, markup=False)
+
+
+helps.escape_markup(app)  # after every command is registered: `mopd[ray]` in a help text prints as written

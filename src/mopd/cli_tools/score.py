@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..core.errors import RecipeError
@@ -186,14 +187,14 @@ def eval_settings(base: EvalSettings | None = None, **kwargs: Any) -> EvalSettin
 def scores_table(model_dir: Path, results: dict[str, dict[str, float]],
                  lengths: dict[str, int] | None = None) -> Table:
     """The scores, one row per domain (and their mean); `lengths`: each domain's generation length, a column."""
-    table = Table(title=f"{model_dir}", title_justify="left")
+    table = Table(title=escape(f"{model_dir}"), title_justify="left")
     table.add_column("domain")
     table.add_column("score", justify="right")
     table.add_column("accuracy", justify="right")
     if lengths:
         table.add_column("max new tokens", justify="right")
     for domain, v in results.items():
-        table.add_row(domain, f"{v['score']:.3f}", f"{v['accuracy']:.3f}",
+        table.add_row(escape(domain), f"{v['score']:.3f}", f"{v['accuracy']:.3f}",
                       *([str(lengths.get(domain, ""))] if lengths else []))
     if len(results) > 1:
         mean = {k: sum(v[k] for v in results.values()) / len(results) for k in ("score", "accuracy")}
@@ -228,7 +229,7 @@ def eval_command(console: Console, model_dir: Path, out: Path | None, domains: s
     console.print(scores_table(model_dir, results, plan.lengths()))
     if out is not None:
         write_scores(out, scores_json(model_dir, plan.settings, results, plan.lengths()))
-        console.print(f"scores: {out}", highlight=False, soft_wrap=True)
+        console.print(f"scores: {out}", highlight=False, soft_wrap=True, markup=False)
 
 
 __all__ = ["BUNDLED_DATA", "BUNDLED_MAX_NEW_TOKENS", "EvalPlan", "ScoreError", "check_model_dir", "eval_command", "eval_settings", "plan_eval", "resolve_domains",

@@ -8,9 +8,10 @@ moved aside to `.superseded/` (never deleted), so nothing already saved is lost.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..recipe.load import LoadedRecipe
 from ..recipe.resources import precision_warnings
 from ..stages.resumable import supersede
 from .learner_group import check_local
-from .local_executor import LocalExecutor, warn_line
+from .local_executor import LocalExecutor, check_local_gpus, warn_line
 from .ray_executor import RayExecutor, ray_cluster
 from .run_lock import RunLockedError, run_lock
 from .scheduler import Executor, schedule
@@ -87,7 +88,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
             "seed": recipe.seed,
             "version": __version__,
             "executor": executor,
-            "wall_seconds": round(sum(v.get("wall_seconds", 0.0) for v in stages_info.values()), 2),
+            "wall_seconds": round(busy_seconds(stages_info.values()), 2),
             "order": loaded.order,
             "stages": stages_info,
             "report": report_block(loaded),
@@ -106,7 +107,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
 
     schedule(loaded, EXECUTORS[executor].make(loaded, out, ids, console, trackers, threads), stages_info, record)
-    console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}")
+    console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}", markup=False)
     if report_block(loaded) is None:
         console.print("no mopd stage in this recipe: report skipped")
         return None
@@ -114,6 +115,38 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
 
     with storage_errors("report", out):
         return build_report(out)
+
+
+def busy_seconds(entries: Iterable[dict]) -> float:
+    """The run's wall time: the seconds during which at least one of its stages ran, overlapping stages counted
+    once (the union of the stages' intervals `[ended_at - wall_seconds, ended_at]`).
+
+    Why not the sum of the stages' times: under the Ray executor independent stages run at the same time, and
+    their sum is the compute spent, not the time the run took. Why not this invocation's clock alone: a rerun
+    that skips finished stages keeps their intervals (the run still took that long), and the time between an
+    interrupted run and its resumption, when nothing ran, is not counted. A stage entry without a usable
+    `ended_at` (an older run.json) counts its `wall_seconds` on its own; entries are read from run.json, so a value
+    that is not a finite number counts as nothing."""
+    spans: list[tuple[float, float]] = []
+    unplaced = 0.0
+    for entry in entries:
+        wall, ended = _seconds(entry.get("wall_seconds")), _seconds(entry.get("ended_at"))
+        if wall is None or wall <= 0:
+            continue
+        if ended is None:
+            unplaced += wall
+        else:
+            spans.append((ended - wall, ended))
+    total, reach = unplaced, -math.inf
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
+def _seconds(value: object) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 @dataclass(frozen=True)
@@ -127,6 +160,7 @@ class ExecutorKind:
 @contextmanager
 def _local_setup(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
     check_local(loaded)  # a data-parallel learner's ranks are Ray tasks
+    check_local_gpus(loaded)  # GPUs reserved that this process does not have
     yield
 
 

@@ -76,7 +76,8 @@ class LoraSettings(Strict):
 
 class StageResources(Strict):
     """What one stage asks of the executor: `mopd run --executor ray` schedules it on a worker with these free;
-    the local executor runs stages one at a time and ignores it. Not part of a stage's identity."""
+    the local executor runs stages one at a time in its own process, and refuses GPUs this machine does not have.
+    Not part of a stage's identity."""
 
     cpus: float = Field(1.0, gt=0, description="CPU cores the stage's worker reserves (its torch threads by default)")
     gpus: float = Field(0.0, ge=0, description="GPUs the stage's worker reserves (fractions share one device)")
