@@ -76,7 +76,11 @@ def _ask_cluster_id(ray: Any, address: str, left_s: float, timeout: float) -> No
         code = e.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             return
-        why = "no answer" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f"{code.name.lower()}"
+        # gRPC's detail ends with the transport's own words: "connection attempt timed out before receiving
+        # SETTINGS frame" (a silent port), "Failed parsing HTTP/2 (...)" (a web server)
+        detail = (e.details() or "").rsplit(": ", 1)[-1].strip()[:160]
+        why = "no answer" if code == grpc.StatusCode.DEADLINE_EXCEEDED else code.name.lower() + (
+            f": {detail}" if detail else "")
         raise StageError(f"--address {address}: something listens there, but no Ray head answered within "
                          f"{timeout:g}s ({why}); give the head's GCS address (`ray start --head` prints it, port "
                          f"6379 by default), or set ${CONNECT_TIMEOUT_ENV} for a slow link") from None

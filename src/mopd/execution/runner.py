@@ -34,7 +34,9 @@ from .scheduler import Executor, schedule
 from .stage_step import storage_errors
 from .tracking_run import Trackers, run_trackers
 
-__all__ = ["RunLockedError", "report_block", "run_recipe"]
+__all__ = ["RunLockedError", "busy_seconds", "report_block", "run_recipe"]
+
+RUN_STARTED = "run_started_at"  # a stage entry's: when the run that computed the stage started (epoch seconds)
 
 
 def report_block(loaded: LoadedRecipe) -> dict | None:
@@ -102,7 +104,9 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         warn_line(console, msg)
 
     def record(name: str, info: dict) -> None:
-        stages_info[name] = info
+        # the start of the run that computed the stage: this one, or for a skipped stage the earlier one
+        since = start_time if info.get("status") != "cached" else _seconds(stages_info.get(name, {}).get(RUN_STARTED))
+        stages_info[name] = info if since is None else {**info, RUN_STARTED: round(since, 3)}
         write_run_json()
         trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
 
@@ -118,25 +122,28 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
 
 
 def busy_seconds(entries: Iterable[dict]) -> float:
-    """The run's wall time: the seconds during which at least one of its stages ran, overlapping stages counted
-    once (the union of the stages' intervals `[ended_at - wall_seconds, ended_at]`).
+    """The run's wall time, from run.json's stage entries: the union of the spans from the start of the run that
+    computed each stage (`run_started_at`) to the stage's end, overlapping spans counted once.
 
     Why not the sum of the stages' times: under the Ray executor independent stages run at the same time, and
-    their sum is the compute spent, not the time the run took. Why not this invocation's clock alone: a rerun
-    that skips finished stages keeps their intervals (the run still took that long), and the time between an
-    interrupted run and its resumption, when nothing ran, is not counted. A stage entry without a usable
-    `ended_at` (an older run.json) counts its `wall_seconds` on its own; entries are read from run.json, so a value
-    that is not a finite number counts as nothing."""
+    their sum is the compute spent, not the time the run took. Why from the run's start rather than the stage's:
+    the time between stages (the driver's work, a Ray worker starting) is part of the run's wall time too. A
+    rerun that skips finished stages keeps the spans of the runs that computed them, and the time between an
+    interrupted run and its resumption, when nothing ran, is not counted; a resumed stage's span reaches back
+    over the checkpointed seconds its `wall_seconds` includes. An entry without `run_started_at` (an older
+    run.json) spans its own `wall_seconds`, and one without a usable `ended_at` counts them on its own; entries
+    are read from run.json, so a value that is not a finite number counts as nothing."""
     spans: list[tuple[float, float]] = []
     unplaced = 0.0
     for entry in entries:
         wall, ended = _seconds(entry.get("wall_seconds")), _seconds(entry.get("ended_at"))
-        if wall is None or wall <= 0:
+        if wall is None or wall < 0:
             continue
         if ended is None:
             unplaced += wall
-        else:
-            spans.append((ended - wall, ended))
+            continue
+        since = _seconds(entry.get(RUN_STARTED))
+        spans.append((ended - wall if since is None else min(since, ended - wall), ended))
     total, reach = unplaced, -math.inf
     for start, end in sorted(spans):
         total += max(0.0, end - max(start, reach))
