@@ -141,4 +141,3 @@ def missing_extra(backends: dict[str, ActorBackend | HttpBackend]) -> str | None
     if actors and (why := import_problem("ray")):
         return f"teacher {actors[0]!r} has `backend: actor`, which needs Ray ({why}): pip install 'mopd[ray]'"
     return None
-
