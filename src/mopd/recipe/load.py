@@ -63,7 +63,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
         return where_in_file(path, lines, key)
 
     recipe = apply_scale(recipe, where)  # a reduced-scale run is checked on its scaled numbers
-    check_stage_names(recipe, where)
+    check_stage_names(recipe, path.parent, where)
     facts = stage_facts(recipe)  # each stage's references, domains, start and seed, derived once
     load_plugins(recipe, path, where)
     data = check_resources(recipe, path, where)  # data domains (built here), devices, packages

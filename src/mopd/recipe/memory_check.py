@@ -24,6 +24,7 @@ from ..core.schema import (
     PretrainStage,
     PromptedStage,
     Recipe,
+    SamplingSettings,
     TinyModelConfig,
 )
 from ..models.precision import resolve_placement
@@ -32,6 +33,9 @@ from .tokenizer import recipe_tokenizer
 from .yaml_file import Where
 
 ADAMW_STATE_BYTES = 8  # two float32 moments per trained parameter
+# What the whole-batch sampler (`sampling.sampler`) allocates per row and new token before its first step: the new
+# tokens' ids (int64), their logprobs and mask (float32 each) and the attention mask over them (int64).
+SAMPLER_BYTES_PER_TOKEN = 24
 
 
 def tiny_parameters(cfg: TinyModelConfig, vocab: int) -> int:
@@ -94,7 +98,9 @@ def stage_parameters(recipe: Recipe, order: list[str], base: Path) -> dict[str, 
 
 def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Where) -> None:
     """One RecipeError when a stage's floor (trained parameters with their gradients and AdamW state, or LoRA's
-    frozen weights, plus its teachers' weights) exceeds the total memory of its device."""
+    frozen weights, plus its teachers' weights; or a sampling stage's rollout buffers) exceeds the total memory of
+    its device."""
+    _check_rollout_buffers(recipe, where)
     counts = stage_parameters(recipe, order, base)
     for name, s in recipe.stages.items():
         if name not in counts or isinstance(s, MergeStage | PromptedStage | ModelStage):
@@ -118,4 +124,23 @@ def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Wher
                 f"({n:,} parameters with their gradients and optimizer state"
                 f"{f', plus {len(teachers)} teacher(s)' if teachers else ''}); {placement.device.type} has "
                 f"{total / 2**30:.1f} GiB in all"
+            )
+
+
+def _check_rollout_buffers(recipe: Recipe, where: Where) -> None:
+    """A sampling stage without rollout workers samples all batch_size x group_size rows at once, and its sampler
+    allocates their max_new_tokens columns before the first token: `max_new_tokens: 1000000` on a large batch
+    would train the stages before it and then stop in the allocator."""
+    for name, s in recipe.stages.items():
+        if not isinstance(s, SamplingSettings) or s.rollout is not None:
+            continue
+        rows = s.batch_size * s.group_size
+        need = rows * s.max_new_tokens * SAMPLER_BYTES_PER_TOKEN
+        device = resolve_placement(s, recipe).device
+        total = device_memory(device)
+        if total is not None and need > total:
+            raise RecipeError(
+                f"{where('stages', name, 'max_new_tokens')}: stage {name!r} samples {rows:,} rows (batch_size x "
+                f"group_size) of up to {s.max_new_tokens:,} new tokens at once: the sampler's buffers alone are "
+                f"{need / 2**30:.1f} GiB; {device.type} has {total / 2**30:.1f} GiB in all"
             )

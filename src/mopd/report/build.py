@@ -22,7 +22,7 @@ from typing import Any
 from mopd.report.plots import FIGURE_NAMES, render_figures
 from mopd.report.tables import Table, compute_report, fmt_duration, fmt_number, incomplete_message
 
-from ..core.run_dir import RECIPE_COPY, SUMMARY_JSON
+from ..core.run_dir import RECIPE_COPY, REPORT_HTML, REPORT_MD, SUMMARY_JSON
 
 # ----------------------------------------------------------------------------------------------- write
 
@@ -67,8 +67,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     atomic_write(
         run_dir / SUMMARY_JSON, (json.dumps(data.summary, indent=2, allow_nan=False) + "\n").encode()
     )
-    atomic_write(run_dir / "report.md", md.encode("utf-8"))
-    atomic_write(run_dir / "report.html", page.encode("utf-8"))
+    atomic_write(run_dir / REPORT_MD, md.encode("utf-8"))
+    atomic_write(run_dir / REPORT_HTML, page.encode("utf-8"))
     return data.summary
 
 
