@@ -50,8 +50,9 @@ def _held(lock: Path, wait_s: float, unusable: str, busy: str) -> Iterator[None]
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = lock.open("a+")
-    except OSError as e:  # named by its file: the run directory itself, or its lock (a directory in its place)
-        error = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+    except OSError as e:  # the lock itself named when it is the culprit (a directory in its place)
+        error = e.strerror or str(e)
+        error = f"{error}: {lock}" if e.filename and Path(e.filename) == lock else error
         raise RunLockedError(unusable.format(error=error)) from None
     if (holder := _flock(handle, wait_s)) is not None:
         handle.close()
