@@ -177,10 +177,11 @@ def test_command_line_cases(name: str, tmp_path: Path, monkeypatch) -> None:
 
 def test_corpus_size() -> None:
     """The issue asks for at least 80 cases; each id is distinct, so each is its own test. Checkpoints whose
-    weights are not their config's model (issue 36) are cases too, in test_inputs_nobody_tried.py."""
-    from .test_inputs_nobody_tried import MISMATCHES
+    weights are not their config's model and prompts too long to prefill (issue 36) are cases too, in
+    test_inputs_nobody_tried.py."""
+    from .test_inputs_nobody_tried import LONG_PROMPTS, MISMATCHES
 
-    n = len(CASES) + len(PLUGINS) + len(DOMAIN_PLUGINS) + len(COMMAND_CASES) + len(MISMATCHES)
+    n = len(CASES) + len(PLUGINS) + len(DOMAIN_PLUGINS) + len(COMMAND_CASES) + len(MISMATCHES) + len(LONG_PROMPTS)
     assert n >= 80 and len({c.id for c in CASES}) == len(CASES), n
     assert sum(c.legal for c in CASES) >= 3
 

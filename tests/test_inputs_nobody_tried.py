@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -175,3 +176,64 @@ def test_a_lock_that_is_a_directory_is_named(tmp_path: Path, monkeypatch) -> Non
     res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
     line = _one_line(res.output)
     assert res.exit_code == 2 and f"{tmp_path / 'out' / '.mopd.lock'}" in line and "Is a directory" in line, line
+
+
+def _long_prompt_recipe(tmp_path: Path, prompt_chars: int, records: int, stage_batch: int, eval_batch: int) -> Path:
+    with open(tmp_path / "long.jsonl", "w") as f:
+        for i in range(records):  # lengths differ by a character or two, so a batch of them is padded
+            f.write(json.dumps({"prompt": f"{i}+" + "x" * prompt_chars, "answer": "2"}) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BASE.replace("domains: [addition, reversal]", "domains: [addition, reversal, {name: longp, "
+                                   "source: long.jsonl, verifier: exact, eval_size: 2}]\ntokenizer: {alphabet: printable}")
+                      .replace("eval: {size: 4,", f"eval: {{batch_size: {eval_batch}, size: 4,")
+                      .replace("    domains: [reversal]\n    steps: 2\n    batch_size: 2\n",
+                               f"    domains: [reversal, longp]\n    steps: 2\n    batch_size: {stage_batch}\n")
+                      .replace("reversal: teacher_rev}", "reversal: teacher_rev, longp: teacher_rev}"))
+    return recipe
+
+
+LONG_PROMPTS = {  # prompts of 20,000 characters, 65,536 at a time: 24 TiB of attention mask, on any machine
+    "20k-character prompts in a large step": ((20_000, 8, 65_536, 4), 24, "stages.teacher_rev.batch_size: its step "
+                                              "prefills 65536 prompts of domain 'longp' at once"),
+    "3M-character held-out prompts": ((3_000_000, 4, 2, 4), 5, "eval.batch_size: the held-out evaluation after "
+                                      "stage 'base' prefills 2 prompts of domain 'longp'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(LONG_PROMPTS))
+def test_prompts_whose_padded_attention_mask_cannot_fit_are_refused_at_load(kind: str, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """Before: the stages before it trained, then the allocator failed. The mask is transformers' boolean
+    [prompts, 1, P, P] of a padded batch (what `_check_prompt_masks` assumes, checked here on the real model)."""
+    sizes, line_no, says = LONG_PROMPTS[kind]
+    recipe = _long_prompt_recipe(tmp_path, *sizes)
+    monkeypatch.setattr(runner, "_run_locked", _refuse_to_run)
+    res = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "out")])
+    line = _one_line(res.output)
+    assert res.exit_code == 2 and line.startswith(f"error: {recipe}:{line_no}: {says}"), line
+    assert "attention mask alone" in line
+
+
+def test_a_padded_batch_takes_the_boolean_mask_the_memory_check_counts() -> None:
+    """The assumption behind the prompt check: two prompts of different lengths reach attention with a
+    [2, 1, P, P] boolean mask; equal lengths with none."""
+    import torch.nn.functional as F
+
+    tok = build_char_tokenizer(ALPHABET)
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32),
+                             len(tok), tok, seed=0).eval()
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype))
+        return real(*args, attn_mask=attn_mask, **kwargs)
+
+    ids = torch.ones(2, 20, dtype=torch.long)
+    padded = torch.ones(2, 20, dtype=torch.long)
+    padded[1, :5] = 0
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(F, "scaled_dot_product_attention", spy)
+        model(ids, attention_mask=padded)
+        model(ids, attention_mask=torch.ones(2, 20, dtype=torch.long))
+    assert seen == [((2, 1, 20, 20), torch.bool), None]
