@@ -68,17 +68,19 @@ def weights_problem(directory: str | Path) -> str | None:
         model = _meta_model(directory)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         return f"cannot read its config.json or weights ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
-    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    state = model.state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in state.items()}
     aliases: dict[int, list[str]] = defaultdict(list)  # one tensor -> every name it has (tied weights)
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in state.items():
         aliases[id(tensor)].append(name)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
 
     def as_model_key(key: str) -> str:
-        if key in expected or not prefix:
-            return key
-        return key[len(prefix):] if key.startswith(prefix) and key[len(prefix):] in expected else (
-            prefix + key if prefix + key in expected else key)
+        """`key` as the model names it: with or without the base prefix, whichever the model has."""
+        for candidate in (key, key.removeprefix(prefix), prefix + key) if prefix else (key,):
+            if candidate in expected:
+                return candidate
+        return key
 
     found = {as_model_key(k): shape for k, shape in saved.items()}
     ignore_missing = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
