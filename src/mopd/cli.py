@@ -223,17 +223,25 @@ def sweep(
 
 
 @app.command(epilog=example("mopd report runs/demo"))
-def report(run_dir: Path = typer.Argument(..., help="a run directory written by `mopd run`")) -> None:
+def report(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `mopd run`"),
+    out: Path | None = typer.Option(None, "--out", help="write the report here (default: the run directory; "
+                                    "for a run on a read-only mount)"),
+) -> None:
     """Rebuild report.md, the PNG curves and summary.json from a run directory's saved metrics."""
     from .report import build_report
     from .report.tables import incomplete_message
 
+    dest = out or run_dir
     try:
-        summary = build_report(run_dir)
+        summary = build_report(run_dir, dest)
     except ValueError as e:
         _fail(str(e))
+    except OSError as e:  # a read-only mount, a full disk: the run is read, its report cannot be written there
+        _fail(f"{dest}: cannot write the report there ({e.strerror or e}); the run is untouched"
+              f"{'' if out else f'; write it elsewhere: mopd report {run_dir} --out DIR'}")
     console.print(f"normalized score: {summary['normalized_score']}")
-    console.print(f"report: {run_dir / 'report.md'}", markup=False)
+    console.print(f"report: {dest / 'report.md'}", markup=False)
     if incomplete := incomplete_message(summary):
         _fail(f"{run_dir}: incomplete run: {incomplete}")
 
