@@ -156,9 +156,9 @@ class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     seed: Seed = 0
     seeds: int = Field(
-        1, ge=1, description="`mopd compare` / `mopd sweep`: run every method for this many seeds (seed, seed+1, "
-        "...), each in RUN/seed-<s>/, and report means with 95% intervals; `--seeds` overrides it. `mopd run` "
-        "runs `seed` only",
+        1, ge=1, le=1000, description="`mopd compare` / `mopd sweep`: run every method for this many seeds (seed, "
+        "seed+1, ...), each in RUN/seed-<s>/, and report means with 95% intervals; `--seeds` overrides it. `mopd "
+        "run` runs `seed` only. At most 1000: each seed is a whole run of every method",
     )
     plugins: list[str] = Field(default_factory=list, description="Python files that register domains")
     domains: list[DomainEntry] = Field(
