@@ -142,7 +142,7 @@ def _load_or_fail(recipe: Path):
 def compare(
     recipe: Path = typer.Argument(..., help="a recipe with a `compare:` block (bundled: compare)"),
     out: Path | None = typer.Option(None, "--out", help="run directory (default: runs/<recipe name>)"),
-    seeds: int | None = typer.Option(None, "--seeds", min=1, max=1000, help=helps.SEEDS_HELP),
+    seeds: int | None = typer.Option(None, "--seeds", help=helps.SEEDS_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
     executor: str | None = typer.Option(None, "--executor", help=helps.COMPARE_EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
@@ -187,8 +187,7 @@ def sweep(
     assignments: list[str] = typer.Option([], "--set", help="KEY=V1,V2,...: a swept setting; KEY is stage.key "
                                           "(student.lr) or a top-level key (eval.size); repeat for a grid"),
     out: Path | None = typer.Option(None, "--out", help="sweep directory (default: runs/<recipe name>-sweep)"),
-    seeds: int | None = typer.Option(None, "--seeds", min=1, max=1000,
-                                     help="seeds per point (default: the recipe's `seeds`, 1)"),
+    seeds: int | None = typer.Option(None, "--seeds", help="seeds per point (default: the recipe's `seeds`, 1)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
     executor: str | None = typer.Option(None, "--executor", help=helps.SWEEP_EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),

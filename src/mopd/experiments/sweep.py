@@ -18,6 +18,7 @@ from typing import Any
 from ..core.errors import RecipeError
 from ..core.run_dir import RECIPE_COPY
 from ..core.schema import MOPDStage
+from ..core.schema.bounds import SEEDS_MAX
 from ..execution.runner import report_block
 from ..recipe.load import LoadedRecipe
 from ..recipe.yaml_file import read_yaml
@@ -41,8 +42,8 @@ from .variants import (
 def seed_count(option: int | None, loaded: LoadedRecipe) -> int:
     """`--seeds` if given, else the recipe's `seeds`; below 1 is a one-line RecipeError."""
     n = loaded.recipe.seeds if option is None else option
-    if n < 1:
-        raise RecipeError(f"--seeds {n}: must be at least 1")
+    if not 1 <= n <= SEEDS_MAX:
+        raise RecipeError(f"--seeds {n}: must be from 1 to {SEEDS_MAX} (each seed is a whole run of every method)")
     return n
 
 

@@ -28,6 +28,9 @@ NEW_TOKENS_MAX = 2**20
 # AdamW moves every weight by about `lr` per step whatever the gradient's scale, so lr = 1 already replaces each
 # weight of a trained model (typically |w| < 0.1) every step; larger values only overflow.
 LR_MAX = 1.0
+# `mopd compare` / `mopd sweep` seeds: each is a whole run of every method; 1000 already gives intervals far
+# narrower than any evaluation set resolves.
+SEEDS_MAX = 1000
 
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 Steps = Annotated[int, Field(gt=0, le=STEPS_MAX)]

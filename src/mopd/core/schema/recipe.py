@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
-from .bounds import BATCH_MAX, NEW_TOKENS_MAX, SEED_MAX, Seed
+from .bounds import BATCH_MAX, NEW_TOKENS_MAX, SEED_MAX, SEEDS_MAX, Seed
 from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE
 from .kinds import Stage
 from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict
@@ -156,7 +156,7 @@ class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     seed: Seed = 0
     seeds: int = Field(
-        1, ge=1, le=1000, description="`mopd compare` / `mopd sweep`: run every method for this many seeds (seed, "
+        1, ge=1, le=SEEDS_MAX, description="`mopd compare` / `mopd sweep`: run every method for this many seeds (seed, "
         "seed+1, ...), each in RUN/seed-<s>/, and report means with 95% intervals; `--seeds` overrides it. `mopd "
         "run` runs `seed` only. At most 1000: each seed is a whole run of every method",
     )
