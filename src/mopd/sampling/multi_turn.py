@@ -13,6 +13,13 @@ benchmarks/multi_turn_cache.py compare against.
 
 A row's episode ends at its final answer, at the environment's turn limit, or when its completion window
 reaches its token budget (`EpisodeRow.budget`; the episode is then `cut`).
+
+Tools do not run inside the row loop: a row whose turn ends submits it (`envs.episode.submit_turn`, which starts
+its tool calls on threads or worker processes), the batch's next forward runs while they work, and the replies
+are collected, in row order, before the next column is written. So the calls of every row that ended a turn at
+one step, and the calls of one turn, run at the same time, and the batch waits for the slowest, once; the
+results are applied in row and call order, so the batch is the same whatever the tools' timing
+(benchmarks/tool_latency.py measures the overlap).
 """
 
 from __future__ import annotations
@@ -24,7 +31,15 @@ import torch
 
 from ..core.batch import ROLE_ENV, ROLE_MODEL, ROLE_PROMPT, RolloutBatch, rollout_batch
 from ..envs import DomainLike, Problem
-from ..envs.episode import Episode, EpisodeStats, SingleTurnEpisode, observation_ids, prompt_ids
+from ..envs.episode import (
+    Episode,
+    EpisodeStats,
+    PendingReply,
+    SingleTurnEpisode,
+    observation_ids,
+    prompt_ids,
+    submit_turn,
+)
 from ..envs.tool_domains import is_agentic
 from ..envs.tools import Tool
 from ..models.forward import accepts, position_ids_from_mask
@@ -81,6 +96,7 @@ def sample_episodes(
     pending: list[list[int]] = [[] for _ in range(B)]  # observation tokens still to feed
     turn: list[list[int]] = [[] for _ in range(B)]  # the current model turn's tokens
     done = [False] * B
+    waiting: dict[int, PendingReply] = {}  # rows whose turn's tools are running
     rewards = [0.0] * B
     keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     full_mask = torch.cat([pmask_B_P, torch.zeros((B, N), dtype=torch.long, device=dev)], dim=1)
@@ -105,22 +121,32 @@ def sample_episodes(
             roles[b].append(ROLE_MODEL)
             turn[b].append(tok)
             if tok == eos:
-                reply = r.episode.step(completion_text(tokenizer, turn[b][:-1]))
+                waiting[b] = submit_turn(r.episode, completion_text(tokenizer, turn[b][:-1]))
                 turn[b] = []
-                if reply.observation is None:
-                    done[b], rewards[b] = True, reply.reward
-                else:
-                    pending[b] = observation_ids(tokenizer, prompt_format, r.episode.messages,
-                                                 r.tools if chat else None)
+                if waiting[b].immediate or t + 1 >= r.budget:  # no tool ran, or its window is full (cut below)
+                    receive(b)
         if not done[b] and t + 1 >= r.budget:  # the window is full: the episode is cut here
             done[b], rewards[b] = True, r.episode.cut(completion_text(tokenizer, turn[b]))
         return ends_observation
+
+    def receive(b: int) -> None:
+        """Row b's reply (waiting on its tools if they still run): the end of its episode, or its observation."""
+        reply = waiting.pop(b).reply()
+        if reply.observation is None:
+            done[b], rewards[b] = True, reply.reward
+        else:
+            pending[b] = observation_ids(tokenizer, prompt_format, rows[b].episode.messages,
+                                         rows[b].tools if chat else None)
 
     cache = kv_cache(model)
     logits = forward(prompt_B_P, P, position_ids_from_mask(pmask_B_P), cache)
     next_pos = pmask_B_P.sum(-1, keepdim=True)
     t = 0
-    while t < N and not all(done):
+    while True:
+        for b in sorted(waiting):  # the replies of the turns that ended last step, in row order
+            receive(b)
+        if t >= N or all(done):
+            break
         # Every live row feeding an observation: k of its tokens go in one cached step (a prefill), no draw.
         feeding = [len(pending[b]) for b in range(B) if not done[b]]
         k = min(*feeding, N - t) if all(feeding) else 1
@@ -132,7 +158,7 @@ def sample_episodes(
                 new_turn |= write(b, j, toks[b], tok_lps[b])
             full_mask[:, P + j] = torch.tensor([int(rl[j] != ROLE_PROMPT) for rl in roles], device=dev)
         t += k
-        if all(done):
+        if all(done) and not waiting:
             break
         if recompute and new_turn:  # the baseline: a row starts a turn, so re-read every row's whole prefix
             cache = kv_cache(model)
@@ -163,13 +189,17 @@ def sample_episodes(
 
 
 def episode_metrics(stats: list[EpisodeStats], domains: list[str]) -> dict[str, float]:
-    """Per-episode means: turns, tool calls, tool errors, episode length (window tokens), the share of episodes
-    that called a tool, and per domain the tool-call rate and length."""
+    """Per-episode means: turns, tool calls, tool errors (of which malformed calls: not JSON, unknown tool, bad
+    arguments, over `max_parallel_calls`), user-simulator turns, the per-turn rewards' sum, episode length (window
+    tokens), the share of episodes that called a tool, and per domain the tool-call rate and length."""
     n = max(len(stats), 1)
     metrics = {
         "episode/turns": sum(s.turns for s in stats) / n,
         "episode/tool_calls": sum(s.tool_calls for s in stats) / n,
         "episode/tool_errors": sum(s.tool_errors for s in stats) / n,
+        "episode/malformed_calls": sum(s.malformed_calls for s in stats) / n,
+        "episode/user_turns": sum(s.user_turns for s in stats) / n,
+        "episode/turn_reward": sum(sum(s.turn_rewards) for s in stats) / n,
         "episode/length": sum(s.tokens for s in stats) / n,
         "episode/tool_call_rate": sum(s.tool_calls > 0 for s in stats) / n,
         "episode/cut_rate": sum(s.cut for s in stats) / n,
