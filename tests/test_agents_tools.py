@@ -216,6 +216,7 @@ class SlowToolEpisode:
     row: int
     turns: int
     jitter: random.Random | None
+    delay: float = 0.03
     stats: EpisodeStats = field(default_factory=EpisodeStats)
     messages: list = field(default_factory=list)
 
@@ -223,7 +224,7 @@ class SlowToolEpisode:
         self.stats.turns += 1
         if self.stats.turns >= self.turns:
             return PendingReply.now(Reply(None, reward=self.stats.turns / 10))
-        delay = self.jitter.uniform(0.0, 0.03) if self.jitter else 0.0
+        delay = self.jitter.uniform(0.0, self.delay) if self.jitter else 0.0
         pending = start_calls([ToolCall(SLEEP, {"seconds": delay, "text": f"{self.row}x{turn[:3]}"})], None,
                               time_limit_s=5.0, max_chars=16)
 
@@ -231,7 +232,7 @@ class SlowToolEpisode:
             self.messages.append({"role": "tool", "content": pending.results()[0].text})
             return Reply(self.messages[-1]["content"])
 
-        return PendingReply(finish)
+        return PendingReply(finish, pending.done)
 
     def step(self, turn: str) -> Reply:
         return self.submit(turn).reply()
@@ -241,14 +242,19 @@ class SlowToolEpisode:
         return 0.0
 
 
+def _slow_rows(jitter_seed: int | None, delay: float = 0.03) -> list[EpisodeRow]:
+    jitter = random.Random(jitter_seed) if jitter_seed is not None else None
+    return [EpisodeRow(Problem(p, "1", "slow", 1), SlowToolEpisode(i, 2 + i % 3, jitter, delay), 28)
+            for i, p in enumerate(PROMPTS)]
+
+
 def test_episodes_are_the_same_whatever_the_tools_timing() -> None:
+    """Waiting at the next step: bit for bit the same batch with instant tools and with tools of random delays."""
     model, tok = _model("=", scale=10.0)
 
     def run(jitter_seed: int | None):
-        jitter = random.Random(jitter_seed) if jitter_seed is not None else None
-        rows = [EpisodeRow(Problem(p, "1", "slow", 1), SlowToolEpisode(i, 2 + i % 3, jitter), 28)
-                for i, p in enumerate(PROMPTS)]
-        return sample_episodes(model, tok, rows, temperature=1.0, generator=torch.Generator().manual_seed(3))
+        return sample_episodes(model, tok, _slow_rows(jitter_seed), temperature=1.0,
+                               generator=torch.Generator().manual_seed(3))
 
     (a, stats), (b, _), (c, _) = run(None), run(1), run(2)
     for other in (b, c):
@@ -256,6 +262,29 @@ def test_episodes_are_the_same_whatever_the_tools_timing() -> None:
         assert torch.equal(a.sampler_logprobs_B_T, other.sampler_logprobs_B_T)
         assert torch.equal(a.rewards_B, other.rewards_B)
     assert sum(s.turns >= 2 for s in stats) >= 3  # tools ran between turns
+
+
+def test_overlapped_tools_hold_their_row_and_give_the_same_episodes_in_any_timing() -> None:
+    """overlap_tools: a row whose tool runs holds while the others decode (the tools here sleep up to 30 ms, a
+    decode step of this model takes about 1 ms, so rows hold for many steps, a different number in each run);
+    with the holds removed the batch is the same: tokens, roles and rewards exactly, logprobs to the float32
+    rounding of float64 logits over differently masked caches (tests/rounding.py)."""
+    model, tok = _model("=", scale=10.0, dtype=torch.float64)
+
+    def run(jitter_seed: int | None, delay: float = 0.03):
+        return sample_episodes(model, tok, _slow_rows(jitter_seed, delay), temperature=1.0, overlap_tools=True,
+                               generator=torch.Generator().manual_seed(3))
+
+    (a, stats), (b, _), (c, _) = run(None, 0.0), run(1), run(2)
+    for other in (b, c):
+        assert torch.equal(a.input_ids_B_T, other.input_ids_B_T) and torch.equal(a.roles_B_T, other.roles_B_T)
+        assert torch.equal(a.rewards_B, other.rewards_B)
+        torch.testing.assert_close(a.sampler_logprobs_B_T, other.sampler_logprobs_B_T, atol=1e-6, rtol=0)
+    assert sum(s.turns >= 2 for s in stats) >= 3
+    # laid out as any batch: left padding, the prompt and the window without a gap, right padding
+    for mask in a.attention_mask_B_T.tolist():
+        text = "".join(map(str, mask))
+        assert text.strip("0") == "1" * text.count("1")
 
 
 def test_a_tool_episode_counts_each_call_of_a_turn() -> None:

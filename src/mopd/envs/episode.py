@@ -45,6 +45,7 @@ class Limits:
     max_observation_chars: int = 16  # longer tool results are truncated to this (each result of a turn)
     max_parallel_calls: int = 4  # calls one turn may make; each one past it is an error observation
     tool_processes: bool = False  # run each call in a forked worker process, killed at its time limit
+    overlap_tools: bool = False  # the batch keeps decoding while this domain's tools run (sampling.multi_turn)
 
 
 @dataclass
@@ -69,13 +70,18 @@ class Reply:
 class PendingReply:
     """A turn's reply that may still be waiting on its tools: `reply()` waits, then applies the results."""
 
-    def __init__(self, finish: Callable[[], Reply], immediate: bool = False) -> None:
-        self._finish, self._reply = finish, None
+    def __init__(self, finish: Callable[[], Reply], ready: Callable[[], bool] | None = None,
+                 immediate: bool = False) -> None:
+        self._finish, self._ready, self._reply = finish, ready, None
         self.immediate = immediate  # nothing to wait for (no tool ran)
 
     @staticmethod
     def now(reply: Reply) -> PendingReply:
         return PendingReply(lambda: reply, immediate=True)
+
+    def ready(self) -> bool:
+        """Whether `reply()` would return without waiting (every call finished or past its time limit)."""
+        return self.immediate or self._reply is not None or self._ready is None or self._ready()
 
     def reply(self) -> Reply:
         if self._reply is None:
@@ -165,7 +171,7 @@ class ToolEpisode:
             self.stats.turn_rewards.append(reward)
             return Reply(" ".join(texts))
 
-        return PendingReply(finish)
+        return PendingReply(finish, pending.done)
 
     def _user(self, turn: str) -> Reply | None:
         assert self.user is not None

@@ -79,6 +79,18 @@ class PendingCalls:
                 thread.start()
                 self.started.append(_Started(deadline, thread=thread, box=box))
 
+    def done(self) -> bool:
+        """Whether `results()` would return now: every call finished, or past its time limit."""
+        now = time.monotonic()
+        for s in self.started:
+            if s is None or now >= s.deadline:
+                continue
+            if s.thread is not None and s.thread.is_alive():
+                return False
+            if s.process is not None and not s.conn.poll(0):
+                return False
+        return True
+
     def results(self) -> list[ToolResult]:
         return [self._result(call, s) for call, s in zip(self.calls, self.started, strict=True)]
 

@@ -53,6 +53,7 @@ class EpisodeRow:
     episode: Episode
     budget: int  # completion-window tokens (model and observation)
     tools: Mapping[str, Tool] | None = None  # shown to a chat template; None for a single-turn row
+    overlap_tools: bool = False  # its domain's `Limits.overlap_tools`: the batch decodes while its tools run
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +78,21 @@ def sample_episodes(
     group_ids: list[int] | None = None,
     prompt_format: PromptFormat = RAW,
     recompute: bool = False,
+    overlap_tools: bool | None = None,
 ) -> tuple[RolloutBatch, list[EpisodeStats]]:
     """Play every row's episode to its end; returns the rewarded batch (with `roles_B_T`) and each episode's
-    stats. Completions are the decoded windows, EOS marks included (the reward came from the episode)."""
+    stats. Completions are the decoded windows, EOS marks included (the reward came from the episode).
+
+    `overlap_tools`: a row whose tools still run holds (a masked column that does not advance its positions)
+    while the other rows decode, and the holds are removed from the batch at the end; each row then draws from
+    its own random stream (seeded from `generator`), so its tokens do not depend on how long it held. Without
+    it the batch waits for the tools at the next step (module docstring), bit for bit the same in any timing.
+    None: on when a row's domain asks for it (`EpisodeRow.overlap_tools`).
+    """
+    if overlap_tools is None:
+        overlap_tools = any(r.overlap_tools for r in rows)
+    if overlap_tools and recompute:
+        raise ValueError("recompute is the cache benchmark's baseline; it does not overlap tools")
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -96,10 +109,16 @@ def sample_episodes(
     pending: list[list[int]] = [[] for _ in range(B)]  # observation tokens still to feed
     turn: list[list[int]] = [[] for _ in range(B)]  # the current model turn's tokens
     done = [False] * B
+    used = [0] * B  # window tokens written per row (holds not counted): the budget is on these
     waiting: dict[int, PendingReply] = {}  # rows whose turn's tools are running
+    holds: list[set[int]] = [set() for _ in range(B)]  # columns a row held in (overlap_tools)
     rewards = [0.0] * B
     keep_last = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
     full_mask = torch.cat([pmask_B_P, torch.zeros((B, N), dtype=torch.long, device=dev)], dim=1)
+    row_gens = None
+    if overlap_tools and temperature > 0:  # one stream per row: a row's draws do not depend on its holds
+        seeds = torch.randint(0, 2**62, (B,), generator=generator, device=generator.device if generator else "cpu")
+        row_gens = [torch.Generator(device=dev).manual_seed(int(x)) for x in seeds]
 
     def forward(input_ids: torch.Tensor, width: int, position_ids: torch.Tensor, cache: dict) -> torch.Tensor:
         out = model(input_ids=input_ids, attention_mask=full_mask[:, :width], position_ids=position_ids,
@@ -109,9 +128,12 @@ def sample_episodes(
     def write(b: int, t: int, tok: int, tok_lp: float) -> bool:
         """Column t of row b; True when it ends the row's observation (its next column is a model turn's)."""
         r, ends_observation = rows[b], False
-        if done[b]:
+        if done[b] or b in waiting:  # ended, or holding while its tools run (overlap_tools)
             roles[b].append(ROLE_PROMPT)
+            if not done[b]:
+                holds[b].add(t)
             return False
+        used[b] += 1
         if pending[b]:
             ids_B_N[b, t] = pending[b].pop(0)
             roles[b].append(ROLE_ENV)
@@ -123,9 +145,9 @@ def sample_episodes(
             if tok == eos:
                 waiting[b] = submit_turn(r.episode, completion_text(tokenizer, turn[b][:-1]))
                 turn[b] = []
-                if waiting[b].immediate or t + 1 >= r.budget:  # no tool ran, or its window is full (cut below)
+                if waiting[b].immediate or used[b] >= r.budget:  # no tool ran, or its window is full (cut below)
                     receive(b)
-        if not done[b] and t + 1 >= r.budget:  # the window is full: the episode is cut here
+        if not done[b] and used[b] >= r.budget:  # the window is full: the episode is cut here
             done[b], rewards[b] = True, r.episode.cut(completion_text(tokenizer, turn[b]))
         return ends_observation
 
@@ -138,20 +160,38 @@ def sample_episodes(
             pending[b] = observation_ids(tokenizer, prompt_format, rows[b].episode.messages,
                                          rows[b].tools if chat else None)
 
+    def draw(logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        if row_gens is None:
+            return tuple(x.tolist() for x in next_tokens(logits, temperature, top_p, generator))  # type: ignore
+        toks, lps = [0] * B, [0.0] * B
+        for b in range(B):  # only rows that write a model token draw, each from its own stream
+            if not done[b] and b not in waiting and not pending[b]:
+                tok, lp = next_tokens(logits[b : b + 1], temperature, top_p, row_gens[b])
+                toks[b], lps[b] = int(tok), float(lp)
+        return toks, lps
+
     cache = kv_cache(model)
     logits = forward(prompt_B_P, P, position_ids_from_mask(pmask_B_P), cache)
     next_pos = pmask_B_P.sum(-1, keepdim=True)
     t = 0
     while True:
-        for b in sorted(waiting):  # the replies of the turns that ended last step, in row order
-            receive(b)
-        if t >= N or all(done):
+        for b in sorted(waiting):  # the replies of the turns that ended, in row order
+            if not overlap_tools or waiting[b].ready():
+                receive(b)
+        if overlap_tools and waiting and all(done[b] or b in waiting for b in range(B)):
+            receive(min(waiting))  # no row can write: wait for one (which one does not change any row's tokens)
+        if all(done) or (t >= N and not overlap_tools):
             break
         # Every live row feeding an observation: k of its tokens go in one cached step (a prefill), no draw.
         feeding = [len(pending[b]) for b in range(B) if not done[b]]
-        k = min(*feeding, N - t) if all(feeding) else 1
-        toks, tok_lps = ([0] * B, [0.0] * B) if all(feeding) else (
-            x.tolist() for x in next_tokens(logits, temperature, top_p, generator))
+        k = (min(*feeding, N - t) if not overlap_tools else min(feeding)) if all(feeding) else 1
+        if t + k > ids_B_N.shape[1]:  # holds made the window longer than the budget: grow it
+            more = max(k, N)
+            ids_B_N = torch.cat([ids_B_N, torch.full((B, more), pad, dtype=torch.long, device=dev)], 1)
+            lp_B_N = torch.cat([lp_B_N, torch.zeros((B, more), device=dev)], 1)
+            full_mask = torch.cat([full_mask, torch.zeros((B, more), dtype=torch.long, device=dev)], 1)
+        toks, tok_lps = ([0] * B, [0.0] * B) if all(feeding) else draw(logits)
+        held = [b in waiting and not done[b] for b in range(B)]
         new_turn = False
         for j in range(t, t + k):
             for b in range(B):
@@ -167,11 +207,21 @@ def sample_episodes(
             next_pos = mask.sum(-1, keepdim=True)
         else:
             logits = forward(ids_B_N[:, t - k : t], P + t, next_pos + torch.arange(k, device=dev), cache)
-            next_pos = next_pos + k
+            # a row that held keeps its position for its next real token
+            next_pos = next_pos + k - torch.tensor(held, dtype=torch.long, device=dev)[:, None] * k
     steps = t
     if was_training:
         model.train()
 
+    if any(holds):  # remove each row's holds: the batch a run that never waited would have written
+        kept = [[j for j in range(steps) if j not in holds[b]][: used[b]] for b in range(B)]
+        steps = max(used)
+        ids, lps = torch.full((B, steps), pad, dtype=torch.long, device=dev), torch.zeros((B, steps), device=dev)
+        for b, cols in enumerate(kept):
+            index = torch.tensor(cols, dtype=torch.long, device=dev)
+            ids[b, : len(cols)], lps[b, : len(cols)] = ids_B_N[b, index], lp_B_N[b, index]
+            roles[b] = [roles[b][j] for j in cols] + [ROLE_PROMPT] * (steps - len(cols))
+        ids_B_N, lp_B_N = ids, lps
     roles_B_N = torch.tensor([rl[:steps] for rl in roles], dtype=torch.long, device=dev).reshape(B, steps)
     model_B_N = (roles_B_N == ROLE_MODEL).float()
     ids_B_N, lp_B_N = ids_B_N[:, :steps], lp_B_N[:, :steps] * model_B_N
@@ -219,7 +269,8 @@ def episode_rows(problems: list[Problem], domains: Mapping[str, DomainLike], max
     for p in problems:
         d = domains[p.domain]
         if is_agentic(d):
-            out.append(EpisodeRow(p, d.start(p, chat=chat), d.limits.max_tokens, d.tools))
+            out.append(EpisodeRow(p, d.start(p, chat=chat), d.limits.max_tokens, d.tools,
+                                  getattr(d.limits, "overlap_tools", False)))
         else:
             out.append(EpisodeRow(p, SingleTurnEpisode(p, d.verify), max_new_tokens))
     return out
