@@ -13,7 +13,10 @@ from mopd.envs import get_domain
 from .test_cli_tools import invoke, one_error_line
 
 
-def test_the_agent_starter_runs_as_written_at_a_reduced_scale(tmp_path) -> None:
+def test_the_agent_starter_runs_as_written_at_a_reduced_scale(tmp_path, monkeypatch) -> None:
+    from mopd.envs import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the plugin's registration stays in this test
     d = tmp_path / "agent"
     res = invoke("init", d, "--agent")
     assert res.exit_code == 0, res.output
@@ -37,3 +40,20 @@ def test_the_agent_starter_runs_as_written_at_a_reduced_scale(tmp_path) -> None:
 def test_agent_refuses_domains_in_one_line(tmp_path) -> None:
     assert "--agent writes its own domains" in one_error_line(invoke("init", tmp_path / "a", "--agent",
                                                                      "--domains", "reversal"))
+
+
+def test_the_tool_domain_example_in_agents_md_runs(monkeypatch, tmp_path) -> None:
+    """docs/AGENTS.md's "Writing a tool domain" example, executed as written: it registers, and its gold
+    trajectory is the one the page shows the shape of (two prices in one turn, then add, then the answer)."""
+    from pathlib import Path
+
+    from mopd.envs import base, load_plugin
+
+    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k != "shop"})
+    text = (Path(__file__).resolve().parents[1] / "docs" / "AGENTS.md").read_text()
+    code = "# my_tools.py" + text.split("```python\n# my_tools.py", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_tools.py").write_text(code)
+    load_plugin(tmp_path / "my_tools.py")
+    problem = get_domain("shop").sample(random.Random(1))
+    turns = [t for k, t in problem.meta["trajectory"] if k == "model"]
+    assert turns[0].count("price:") == 2 and turns[1].startswith("add:") and turns[2] == problem.answer

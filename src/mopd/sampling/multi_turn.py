@@ -18,8 +18,12 @@ Tools do not run inside the row loop: a row whose turn ends submits it (`envs.ep
 its tool calls on threads or worker processes), the batch's next forward runs while they work, and the replies
 are collected, in row order, before the next column is written. So the calls of every row that ended a turn at
 one step, and the calls of one turn, run at the same time, and the batch waits for the slowest, once; the
-results are applied in row and call order, so the batch is the same whatever the tools' timing
-(benchmarks/tool_latency.py measures the overlap).
+results are applied in row and call order, so the batch is the same whatever the tools' timing.
+
+With `overlap_tools` (a domain's `Limits.overlap_tools`) a row whose tools still run holds instead: a masked
+column that does not advance its positions, while the others decode; the holds are removed at the end, and each
+row draws from its own random stream, so its tokens do not depend on how long it held (`sample_episodes`).
+benchmarks/tool_latency.py measures the three ways (inline, waiting at the next step, overlapped).
 """
 
 from __future__ import annotations
