@@ -47,6 +47,12 @@ class Limits:
     tool_processes: bool = False  # run each call in a forked worker process, killed at its time limit
     overlap_tools: bool = False  # the batch keeps decoding while this domain's tools run (sampling.multi_turn)
 
+    def __post_init__(self) -> None:
+        for name in ("max_turns", "max_tokens", "tool_time_s", "max_observation_chars", "max_parallel_calls"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"Limits.{name} must be a positive number, got {value!r}")
+
 
 @dataclass
 class EpisodeStats:
