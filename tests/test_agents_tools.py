@@ -17,14 +17,15 @@ import torch
 import mopd.envs as envs
 from mopd.envs import Limits, Problem, ToolContext, ToolReply, python_tool, register_tool_domain, tool
 from mopd.envs import base as envs_base
-from mopd.envs.episode import EpisodeStats, PendingReply, Reply, ToolEpisode, trajectory_ids
+from mopd.envs.episode import EpisodeStats, PendingReply, Reply, ToolEpisode, observation_ids, trajectory_ids
 from mopd.envs.tool_domains import GET, MUL
 from mopd.envs.tool_runner import start_calls
 from mopd.envs.tools import CallError, ToolCall, parse_calls
-from mopd.models.prompting import RAW
+from mopd.models.prompting import RAW, PromptFormat
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.sampling.multi_turn import EpisodeRow, episode_metrics, sample_episodes
 
+from .test_agents_episode import CHATML
 from .test_agents_sampling import PROMPTS, _model, one_thread  # noqa: F401  (one_thread: a fixture used here)
 
 TOOLS = {"mul": MUL, "get": GET}
@@ -294,3 +295,24 @@ def test_a_tool_episode_counts_each_call_of_a_turn() -> None:
     assert reply.observation == f"{problem.answer} {problem.answer} err:at most 2 calls a turn"
     assert episode.stats.tool_calls == 3 and episode.stats.malformed_calls == 1 and episode.stats.tool_errors == 1
     assert episode.step(problem.answer).reward == 1.0
+
+
+def test_a_chat_turns_results_are_one_tool_message_each() -> None:
+    """Chat: two `<tool_call>` blocks get two `tool` messages, rendered together as the observation (and a user
+    simulator's message as a `user` one), the same in a gold trajectory as in sampling."""
+    tok = build_char_tokenizer(envs.ALPHABET + "<>_")
+    tok.chat_template = CHATML.replace("<e>", "<eos>")
+    fmt = PromptFormat(chat_template=True)
+    problem = Problem("mul:2*3=", "6", "tool_mul", 1)
+    episode = ToolEpisode(problem, TOOLS, envs.get_domain("tool_mul").verify, Limits(), chat=True)
+    turn = ('<tool_call>{"name": "mul", "arguments": {"a": 2, "b": 3}}</tool_call>'
+            '<tool_call>{"name": "mul", "arguments": {"a": 1, "b": 6}}</tool_call>')
+    assert episode.step(turn).observation == "6 6"
+    assert [m["role"] for m in episode.messages] == ["user", "assistant", "tool", "tool"]
+    rendered = tok.decode(observation_ids(tok, fmt, episode.messages, TOOLS))
+    assert rendered == "<s>tool:6<eos><s>tool:6<eos><s>assistant:"
+    ids, _ = trajectory_ids(tok, fmt, problem.prompt, [("model", "x"), ("env", "6"), ("env", "6"), ("model", "6")],
+                            TOOLS)
+    assert "<s>assistant:x<eos><s>tool:6<eos><s>tool:6<eos><s>assistant:6<eos>" in tok.decode(ids)
+    ids, _ = trajectory_ids(tok, fmt, problem.prompt, [("model", "x"), ("user", "more"), ("model", "6")], TOOLS)
+    assert "<s>assistant:x<eos><s>user:more<eos><s>assistant:6<eos>" in tok.decode(ids)
