@@ -12,7 +12,8 @@ observation is `err:timeout`. Worker processes (`Limits.tool_processes`) are for
 program as it is (plugin modules, closures, the episode's state) without pickling it, and a call still running
 at its time limit is killed (SIGKILL) and reaped, not abandoned. In a process a tool's changes to the state stay
 in that process: a stateful tool that writes its state runs on threads. Forking costs a few milliseconds per
-call (the parent's page tables are copied), and POSIX only.
+call (the parent's page tables are copied), and POSIX only; a tool that itself runs torch in the forked child may
+hang on the thread pool it inherited, and is then killed at its limit like any other.
 """
 
 from __future__ import annotations
