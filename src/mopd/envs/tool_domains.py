@@ -92,6 +92,9 @@ class ToolDomain(Domain):
             raise DomainError(f"domain {self.name!r}: its demonstration raised {e.__class__.__name__}: "
                               f"{e}") from None
         episode = self.start(problem)
+        # the domain's own perfect agent: its calls run on threads even where the policy's run in processes
+        # (a fork per call per training problem would cost SFT minutes)
+        episode.limits = replace(self.limits, tool_processes=False)
         segments: list[tuple[str, str]] = []
         for turn in turns:
             segments.append(("model", turn))
