@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from mopd.envs.tool_runner import start_calls
 from mopd.envs.tools import CallError, ToolCall, parse_calls
 from mopd.models.prompting import RAW, PromptFormat
 from mopd.models.tokenizer import build_char_tokenizer
-from mopd.sampling.multi_turn import EpisodeRow, episode_metrics, sample_episodes
+from mopd.sampling.multi_turn import EpisodeRow, episode_metrics, episode_rows, sample_episodes
 
 from .test_agents_episode import CHATML
 from .test_agents_sampling import PROMPTS, _model, one_thread  # noqa: F401  (one_thread: a fixture used here)
@@ -193,6 +193,10 @@ def test_a_stateful_domain_with_per_turn_rewards_and_a_user_turn(registry) -> No
     assert wrong.step("0").reward == pytest.approx(0.0)  # a wrong answer's 0 minus 0.1 is clipped to 0
     metrics = episode_metrics([episode.stats, wrong.stats], ["vault", "vault"])
     assert metrics["episode/malformed_calls"] == 0.5 and metrics["episode/user_turns"] == 0.5
+    # a domain's Limits.overlap_tools reaches the sampler through its rows
+    assert [r.overlap_tools for r in episode_rows([problem], {"vault": domain}, 8)] == [False]
+    overlapping = replace(domain, limits=Limits(max_turns=4, overlap_tools=True))
+    assert [r.overlap_tools for r in episode_rows([problem], {"vault": overlapping}, 8)] == [True]
 
 
 def test_a_broken_setup_is_one_line_naming_the_domain(registry) -> None:
