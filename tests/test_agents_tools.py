@@ -320,3 +320,22 @@ def test_a_chat_turns_results_are_one_tool_message_each() -> None:
     assert "<s>assistant:x<eos><s>tool:6<eos><s>tool:6<eos><s>assistant:6<eos>" in tok.decode(ids)
     ids, _ = trajectory_ids(tok, fmt, problem.prompt, [("model", "x"), ("user", "more"), ("model", "6")], TOOLS)
     assert "<s>assistant:x<eos><s>user:more<eos><s>assistant:6<eos>" in tok.decode(ids)
+
+
+def test_tools_in_processes_see_their_episode_but_their_writes_stay_there() -> None:
+    """tool_processes: the forked call reads the problem and the state as they were; what it writes to the state
+    stays in its process (docs/AGENTS.md: a stateful tool that writes its state runs on threads)."""
+
+    def mark(ctx: ToolContext, key: str) -> str:
+        """Append to the state and answer with the prompt."""
+        ctx.state.append(key)
+        return f"{ctx.problem.prompt[:3]}{len(ctx.state)}"
+
+    problem = Problem("abc=", "1", "marks", 1)
+    for processes, kept in ((False, ["x", "y"]), (True, [])):
+        state: list[str] = []
+        episode = ToolEpisode(problem, {"mark": tool(mark)}, lambda p, a: 1.0,
+                              Limits(tool_processes=processes, max_parallel_calls=1), state=state)
+        assert episode.step("mark:x").observation == "abc1"
+        assert episode.step("mark:y").observation == ("abc2" if not processes else "abc1")
+        assert state == kept
