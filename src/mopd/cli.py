@@ -294,25 +294,30 @@ def recipes(paths: bool = typer.Option(False, "--paths", help="print each recipe
 
 
 @app.command(epilog=example("mopd init my_project --domains reversal,sorting",
-                            "mopd init . --domains reversal,vowel_count --teachers reversal=runs/demo/teacher_reversal/final"))
+                            "mopd init . --domains reversal,vowel_count --teachers reversal=runs/demo/teacher_reversal/final",
+                            "mopd init my_agent --agent"))
 def init(
     directory: Path = typer.Argument(Path("."), help="where to write recipe.yaml, my_domains.py, recipe.schema.json"),
-    domains: str = typer.Option("reversal,sorting", "--domains",
-                                help="comma-separated domains: built-in ones, or vowel_count from my_domains.py"),
+    domains: str | None = typer.Option(None, "--domains", help="comma-separated domains: built-in ones, or "
+                                       "vowel_count from my_domains.py (default: reversal,sorting)"),
     teachers: str | None = typer.Option(None, "--teachers", help="DOMAIN=CHECKPOINT_DIR,...: distil that domain "
                                         "from an existing teacher instead of training one in the recipe"),
+    agent: bool = typer.Option(False, "--agent", help="the tool-use starter instead: my_tools.py (a tool domain "
+                               "with a state per episode and parallel calls) and a recipe that distils it"),
     force: bool = typer.Option(False, "--force", help="replace files that exist"),
 ) -> None:
     """Write a commented starter recipe that runs as written, and a plugin-domain template.
 
     The recipe: base -> sft -> a teacher per domain (domain SFT + RLVR, or an existing checkpoint given with
     --teachers) -> MOPD student; a few minutes on a laptop CPU. Also written: my_domains.py (a plugin that
-    registers the vowel_count domain, the pattern for your own) and recipe.schema.json for editors."""
+    registers the vowel_count domain, the pattern for your own) and recipe.schema.json for editors. With
+    --agent: my_tools.py (the tool-use domain `shop`) and a recipe with a tool teacher and a MOPD student."""
     from .cli_tools.scaffold import ScaffoldError, parse_teachers, write_starter
     from .cli_tools.score import parse_names
 
     try:
-        written = write_starter(directory, parse_names(domains), parse_teachers(teachers), force=force)
+        written = write_starter(directory, parse_names(domains) if domains else None, parse_teachers(teachers),
+                                force=force, agent=agent)
     except ScaffoldError as e:
         _fail(str(e))
     for path in written:
