@@ -8,6 +8,7 @@
       compare.md ...      `mopd compare`'s table, its numbers and plots (COMPARE_FILES)
       tracking/           experiment trackers' local stores (TRACKING)
       .superseded/        whatever a rerun moved aside, never deleted (SUPERSEDED)
+      .mopd-probe-*       a Ray run's shared-filesystem probe files, removed when it ends (PROBE_PREFIX)
       <stage>/
         stage.json        the identity the directory was started under (STAGE_JSON)
         metrics.jsonl     one record per step (METRICS)
@@ -44,6 +45,7 @@ SNAPSHOTS = "snapshots"
 FINAL = "final"
 LINEAGE = "mopd.json"
 EVAL_JSON = "eval.json"
+PROBE_PREFIX = ".mopd-probe-"  # hidden: no stage name starts with a dot
 
 # Every name the run directory itself uses beside the stages' directories.
 RUN_FILES = frozenset({RUN_JSON, RECIPE_COPY, SUMMARY_JSON, REPORT_MD, REPORT_HTML, *FIGURES, *COMPARE_FILES,
