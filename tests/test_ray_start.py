@@ -12,9 +12,12 @@ from rich.console import Console
 
 from mopd.core.errors import StageError
 from mopd.execution import ray_executor
+from mopd.execution.prestart import widest_moment
 from mopd.execution.runner import run_recipe
 from mopd.execution.shared_dir import check_shared_dir, probe_node
 from mopd.recipe.load import load_recipe
+
+from .conftest import MINI_RECIPE
 
 
 def _local_disk(elsewhere: Path):
@@ -53,3 +56,24 @@ def test_the_ray_executor_checks_the_run_directory_before_any_stage(tmp_path, ra
         run_recipe(load_recipe(mini_recipe), tmp_path / "run", Console(file=io.StringIO()), executor="ray")
     assert not [p for p in (tmp_path / "run").iterdir() if p.is_dir()]
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def _recipe(tmp_path: Path, text: str):
+    (tmp_path / "r.yaml").write_text(text)
+    return load_recipe(tmp_path / "r.yaml")
+
+
+def test_the_widest_moment_is_the_largest_generation_the_cluster_holds(tmp_path):
+    """The mini recipe: base, sft, then three teachers together, then the student."""
+    loaded = _recipe(tmp_path, MINI_RECIPE)
+    assert widest_moment(loaded, 8) == [1.0, 1.0, 1.0]
+    assert widest_moment(loaded, 2) == [1.0, 1.0]  # two teachers at a time on two CPUs
+    assert widest_moment(loaded, 1) == [1.0]
+
+
+def test_the_widest_moment_counts_learner_ranks_and_leaves_out_gpu_stages(tmp_path):
+    text = MINI_RECIPE.replace("    domains: [sorting]\n", "    domains: [sorting]\n    resources: {gpus: 1}\n")
+    text += "    learner: {workers: 4}\n    resources: {cpus: 0.5}\n"  # the student: 4 ranks of half a CPU
+    loaded = _recipe(tmp_path, text)
+    assert widest_moment(loaded, 8) == [0.5, 0.5, 0.5, 0.5]  # the student's ranks, not the 2 CPU teachers
+    assert widest_moment(loaded, 1.5) == [0.5, 0.5, 0.5]  # three ranks fit, one teacher would

@@ -8,7 +8,10 @@ that raises stops its dependants only. Callbacks cannot cross into a worker, so 
 lines (Ray forwards its stdout) and the driver replays each finished stage's metrics.jsonl to the trackers.
 
 The driver keeps the run directory's lock for the whole run and writes run.json; the workers write the stage
-directories, so the run directory must be on a filesystem every Ray node sees (one machine, or a shared mount).
+directories, so the run directory must be on a filesystem every Ray node sees (one machine, or a shared mount):
+the executor checks it from every node when it starts (`shared_dir`), while it prestarts the workers of the
+stages that can run at once (`prestart`), so that short stages overlap instead of waiting for a worker to import
+torch.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from ..recipe.load import LoadedRecipe
 from ..runtime import start_local_ray
 from ..stages.resolved import StageHooks
 from .learner_group import group_runner, learner_workers
+from .prestart import prestart_workers
 from .progress import logged_step, progress_info, stage_progress
 from .ray_address import check_address
 from .run_lock import stage_lock
 from .scheduler import Ended
+from .shared_dir import check_shared_dir
 from .stage_failures import first_line
 from .stage_step import run_stage_step
 
@@ -111,6 +116,10 @@ class RayExecutor:
         self.bars: dict[str, Any] = {}  # stage -> its progress bar (or plain lines), one per started stage
 
     def __enter__(self) -> RayExecutor:
+        # the warm-ups import (seconds) while every node probes the run directory; a probe that fails is one line
+        # before any stage starts, and the warm-ups write nothing
+        prestart_workers(self.ray, self.loaded)
+        check_shared_dir(self.ray, self.out)
         plugins_by_value(self.ray)
         self.shared = self.ray.put(self.loaded)
         self.task = self.ray.remote(_stage_task)
