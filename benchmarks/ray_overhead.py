@@ -1,0 +1,120 @@
+"""Ray's overhead on short stages (issue 36): the miniature recipe and the demo under `--executor ray` against the
+local executor, with REV's code (before the prestarted workers) and this checkout's (after), in one invocation.
+
+    .venv/bin/python benchmarks/ray_overhead.py --before 0e188bd [--mini-runs 3] [--demo-runs 1] [--tag NAME]
+
+Each run is a fresh `python -m mopd run RECIPE --out DIR --threads 1 [--executor ray]` process in a fresh
+directory (Ray's start and shutdown included), with PYTHONPATH at REV's `src` (exported by `git archive`) or at
+this checkout's; the three commands of a recipe run in rotating order, round after round, and the figures are
+medians. The local executor is this checkout's (it is not what changed). Besides the wall time: when each
+stage of the widest generation (the teachers) started, relative to the first of them, from run.json; and whether
+every stage's final eval under Ray equals the local run's. Writes benchmarks/results.json key "ray_overhead"
+(or "ray_overhead/<--tag>").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+from trl_vs_mopd import update_results
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.conftest import MINI_RECIPE  # noqa: E402
+
+RECIPES = {"mini": ["teacher_add", "teacher_rev", "teacher_sort"],
+           "demo": ["teacher_reversal", "teacher_sorting", "teacher_shift"]}  # the short teacher stages
+
+
+def _source(rev: str, into: Path) -> Path:
+    """REV's `src` tree, exported (no worktree: the repository is shared)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def _run(recipe: Path, out: Path, src: Path, ray: bool) -> float:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    where = subprocess.run([sys.executable, "-c", "import mopd; print(mopd.__file__)"], env=env, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    assert Path(where).is_relative_to(src), (where, src)  # the side's code, not the editable install
+    cmd = [sys.executable, "-m", "mopd", "run", str(recipe), "--out", str(out), "--threads", "1"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd + (["--executor", "ray"] if ray else []), env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return wall
+
+
+def _starts(out: Path, stages: list[str]) -> list[float]:
+    """Each of `stages`' start, in seconds after the first of them."""
+    info = json.loads((out / "run.json").read_text())["stages"]
+    first = min(info[s]["started_at"] for s in stages)
+    return [round(info[s]["started_at"] - first, 1) for s in stages]
+
+
+def _evals(out: Path) -> dict:
+    """Each stage's final eval, from its lineage (its final checkpoint's mopd.json)."""
+    info = json.loads((out / "run.json").read_text())["stages"]
+    return {s: json.loads((out / s / "final" / "mopd.json").read_text())["metrics"].get("eval") for s in info
+            if (out / s / "final" / "mopd.json").is_file()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", required=True, help="the revision without prestarted workers (any git rev)")
+    ap.add_argument("--mini-runs", type=int, default=3)
+    ap.add_argument("--demo-runs", type=int, default=1)
+    ap.add_argument("--tag", default=None, help="results.json sub-key")
+    args = ap.parse_args()
+    result: dict = {"machine": _common.machine(), "load_average_at_start": os.getloadavg(),
+                    "command": f"benchmarks/ray_overhead.py --before {args.before} --mini-runs {args.mini_runs} "
+                               f"--demo-runs {args.demo_runs}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sides = {"local": (ROOT / "src", False), "ray before": (_source(args.before, root / "before"), True),
+                 "ray after": (ROOT / "src", True)}
+        (root / "mini.yaml").write_text(MINI_RECIPE)
+        recipes = {"mini": (root / "mini.yaml", args.mini_runs),
+                   "demo": (ROOT / "src" / "mopd" / "recipes" / "demo.yaml", args.demo_runs)}
+        names = list(sides)
+        for recipe, (path, runs) in recipes.items():
+            if runs < 1:
+                continue
+            walls: dict[str, list[float]] = {n: [] for n in names}
+            starts: dict[str, list[list[float]]] = {n: [] for n in names}
+            same = True
+            for r in range(runs):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    out = root / f"{recipe}-{r}-{names.index(name)}"
+                    walls[name].append(round(_run(path, out, *sides[name]), 1))
+                    starts[name].append(_starts(out, RECIPES[recipe]))
+                    print(f"{recipe} round {r} {name}: {walls[name][-1]:.1f}s, {RECIPES[recipe]} started at "
+                          f"{starts[name][-1]} s", flush=True)
+                local = _evals(root / f"{recipe}-{r}-0")
+                same = same and all(_evals(root / f"{recipe}-{r}-{i}") == local for i in (1, 2))
+            medians = {n: statistics.median(w) for n, w in walls.items()}
+            result[recipe] = {
+                "runs": runs, "wall_seconds": walls, "median_seconds": {n: round(m, 1) for n, m in medians.items()},
+                "ray_over_local": {n: round(medians[n] / medians["local"], 2) for n in ("ray before", "ray after")},
+                "after_over_before": round(medians["ray after"] / medians["ray before"], 2),
+                "widest_generation_starts_s": starts, "every_eval_equal_to_local": same,
+            }
+    result["load_average_at_end"] = os.getloadavg()
+    print(json.dumps(result, indent=2))
+    update_results("ray_overhead" + (f"/{args.tag}" if args.tag else ""), result)
+
+
+if __name__ == "__main__":
+    main()
