@@ -1,12 +1,14 @@
 """Ray's overhead on short stages (issue 36): the miniature recipe and the demo under `--executor ray` against the
 local executor, with REV's code (before the prestarted workers) and this checkout's (after), in one invocation.
 
-    .venv/bin/python benchmarks/ray_overhead.py --before 0e188bd [--mini-runs 3] [--demo-runs 1] [--tag NAME]
+    .venv/bin/python benchmarks/ray_overhead.py --before REV [--after HEAD] [--mini-runs 3] [--demo-runs 1]
+        [--tag NAME]
 
 Each run is a fresh `python -m mopd run RECIPE --out DIR --threads 1 [--executor ray]` process in a fresh
-directory (Ray's start and shutdown included), with PYTHONPATH at REV's `src` (exported by `git archive`) or at
-this checkout's; the three commands of a recipe run in rotating order, round after round, and the figures are
-medians. The local executor is this checkout's (it is not what changed). Besides the wall time: when each
+directory (Ray's start and shutdown included), with PYTHONPATH at the `src` of `--before` or `--after`, each
+exported by `git archive` (so the checkout can change while it runs); the three commands of a recipe run in
+rotating order, round after round, and the figures are medians. The local executor runs `--after`'s code (it is
+not what changed). Besides the wall time: when each
 stage of the widest generation (the teachers) started, relative to the first of them, from run.json; and whether
 every stage's final eval under Ray equals the local run's. Writes benchmarks/results.json key "ray_overhead"
 (or "ray_overhead/<--tag>").
@@ -43,6 +45,11 @@ def _source(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+def _commit(rev: str) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def _run(recipe: Path, out: Path, src: Path, ray: bool) -> float:
     env = {**os.environ, "PYTHONPATH": str(src)}
     where = subprocess.run([sys.executable, "-c", "import mopd; print(mopd.__file__)"], env=env, check=True,
@@ -74,17 +81,20 @@ def _evals(out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", required=True, help="the revision without prestarted workers (any git rev)")
+    ap.add_argument("--after", default="HEAD", help="the revision with them")
     ap.add_argument("--mini-runs", type=int, default=3)
     ap.add_argument("--demo-runs", type=int, default=1)
     ap.add_argument("--tag", default=None, help="results.json sub-key")
     args = ap.parse_args()
     result: dict = {"machine": _common.machine(), "load_average_at_start": os.getloadavg(),
-                    "command": f"benchmarks/ray_overhead.py --before {args.before} --mini-runs {args.mini_runs} "
-                               f"--demo-runs {args.demo_runs}"}
+                    "command": f"benchmarks/ray_overhead.py --before {args.before} --after {args.after} "
+                               f"--mini-runs {args.mini_runs} --demo-runs {args.demo_runs}",
+                    "revisions": {side: _commit(rev) for side, rev in (("before", args.before), ("after", args.after))}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sides = {"local": (ROOT / "src", False), "ray before": (_source(args.before, root / "before"), True),
-                 "ray after": (ROOT / "src", True)}
+        after = _source(args.after, root / "after")
+        sides = {"local": (after, False), "ray before": (_source(args.before, root / "before"), True),
+                 "ray after": (after, True)}
         (root / "mini.yaml").write_text(MINI_RECIPE)
         recipes = {"mini": (root / "mini.yaml", args.mini_runs),
                    "demo": (ROOT / "src" / "mopd" / "recipes" / "demo.yaml", args.demo_runs)}
