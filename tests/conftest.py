@@ -76,16 +76,18 @@ def mini_recipe(tmp_path: Path) -> Path:
 
 
 def _warm(hold: float) -> int:
-    import os
     import time
 
-    import mopd.execution.ray_executor  # noqa: F401  the worker's imports (torch, transformers), once
+    from mopd.execution.prestart import warm_up
+
+    pid = warm_up()  # what a stage's task imports (torch, transformers, the stage runners), once
     time.sleep(hold)  # held so that the other warm-up cannot take this worker after it
-    return os.getpid()
+    return pid
 
 
 def warm_workers(ray) -> None:
-    """Two idle Ray workers with mopd imported. A test that killed a worker leaves one: the two warm-ups then
+    """Two idle Ray workers with mopd imported (as the Ray executor's prestart does, for tests that use the
+    instance without it: actor teachers, rollout and learner workers). A test that killed a worker leaves one: the two warm-ups then
     run on the same worker unless held past a new worker's start (seconds), so they are held longer until they
     ran on two."""
     warm = ray.remote(num_cpus=1)(_warm)
