@@ -1,5 +1,6 @@
 """Ray's overhead on short stages (issue 36): the miniature recipe and the demo under `--executor ray` against the
-local executor, with REV's code (before the prestarted workers) and this checkout's (after), in one invocation.
+local executor, with the code of --before (without the prestarted workers) and of --after (with them), in one
+invocation.
 
     .venv/bin/python benchmarks/ray_overhead.py --before REV [--after HEAD] [--mini-runs 3] [--demo-runs 1]
         [--tag NAME]
@@ -8,7 +9,8 @@ Each run is a fresh `python -m mopd run RECIPE --out DIR --threads 1 [--executor
 directory (Ray's start and shutdown included), with PYTHONPATH at the `src` of `--before` or `--after`, each
 exported by `git archive` (so the checkout can change while it runs); the three commands of a recipe run in
 rotating order, round after round, and the figures are medians. The local executor runs `--after`'s code (it is
-not what changed). Besides the wall time: when each
+not what changed). Besides the wall time: its split at the first stage's start and the last stage's end (Ray's
+start and the first worker's imports come before; the report and Ray's shutdown after); when each
 stage of the widest generation (the teachers) started, relative to the first of them, from run.json; and whether
 every stage's final eval under Ray equals the local run's. Writes benchmarks/results.json key "ray_overhead"
 (or "ray_overhead/<--tag>").
@@ -50,18 +52,24 @@ def _commit(rev: str) -> str:
                           text=True).stdout.strip()
 
 
-def _run(recipe: Path, out: Path, src: Path, ray: bool) -> float:
+def _run(recipe: Path, out: Path, src: Path, ray: bool) -> dict[str, float]:
+    """One fresh `mopd run`: its wall time, split at its first stage's start and its last stage's end (from
+    run.json): before (the command's imports, Ray's start, the first worker's imports), the stages, after (the
+    report, Ray's shutdown)."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     where = subprocess.run([sys.executable, "-c", "import mopd; print(mopd.__file__)"], env=env, check=True,
                            capture_output=True, text=True).stdout.strip()
     assert Path(where).is_relative_to(src), (where, src)  # the side's code, not the editable install
     cmd = [sys.executable, "-m", "mopd", "run", str(recipe), "--out", str(out), "--threads", "1"]
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     done = subprocess.run(cmd + (["--executor", "ray"] if ray else []), env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return wall
+    info = json.loads((out / "run.json").read_text())["stages"].values()
+    first, last = min(v["started_at"] for v in info), max(v["ended_at"] for v in info)
+    return {"wall": round(wall, 1), "before_stages": round(first - started, 1), "stages": round(last - first, 1),
+            "after_stages": round(started + wall - last, 1)}
 
 
 def _starts(out: Path, stages: list[str]) -> list[float]:
@@ -103,14 +111,16 @@ def main() -> None:
             if runs < 1:
                 continue
             walls: dict[str, list[float]] = {n: [] for n in names}
+            parts: dict[str, list[dict]] = {n: [] for n in names}
             starts: dict[str, list[list[float]]] = {n: [] for n in names}
             same = True
             for r in range(runs):
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     out = root / f"{recipe}-{r}-{names.index(name)}"
-                    walls[name].append(round(_run(path, out, *sides[name]), 1))
+                    parts[name].append(_run(path, out, *sides[name]))
+                    walls[name].append(parts[name][-1]["wall"])
                     starts[name].append(_starts(out, RECIPES[recipe]))
-                    print(f"{recipe} round {r} {name}: {walls[name][-1]:.1f}s, {RECIPES[recipe]} started at "
+                    print(f"{recipe} round {r} {name}: {parts[name][-1]}, {RECIPES[recipe]} started at "
                           f"{starts[name][-1]} s", flush=True)
                 local = _evals(root / f"{recipe}-{r}-0")
                 same = same and all(_evals(root / f"{recipe}-{r}-{i}") == local for i in (1, 2))
@@ -119,7 +129,9 @@ def main() -> None:
                 "runs": runs, "wall_seconds": walls, "median_seconds": {n: round(m, 1) for n, m in medians.items()},
                 "ray_over_local": {n: round(medians[n] / medians["local"], 2) for n in ("ray before", "ray after")},
                 "after_over_before": round(medians["ray after"] / medians["ray before"], 2),
-                "widest_generation_starts_s": starts, "every_eval_equal_to_local": same,
+                "median_split_seconds": {n: {k: statistics.median(p[k] for p in parts[n]) for k in parts[n][0]}
+                                         for n in names},
+                "split_seconds": parts, "widest_generation_starts_s": starts, "every_eval_equal_to_local": same,
             }
     result["load_average_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=2))
