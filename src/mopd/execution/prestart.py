@@ -5,11 +5,11 @@ Why: Ray starts its worker processes bare, and the first stage a worker runs imp
 mopd's stage runners (4-7 s on the project's 2-core machine). Ray starts a worker when a task finds none idle,
 so two short stages meant to run side by side did not: the second waited for its worker to import while the
 first finished (issue 36: the second teacher started 8-9 s late, and the miniature recipe took 2x its local time
-under Ray). So once the executor submitted the stages ready at the start, it submits a warm-up task for each other
-stage task the recipe can run at one moment, each reserving that stage's CPUs so that they run at the same time
-on workers of their own (and on the cores the first stages leave free); each imports what a stage imports. A
-task's worker goes back to Ray's pool when the task ends, and the stages then take these warm workers instead
-of starting cold ones.
+under Ray). So the executor submits, as it starts, one warm-up task for each stage task the recipe can run at one
+moment, each reserving that stage's CPUs so that they run at the same time on workers of their own; each imports
+what a stage imports. A task's worker goes back to Ray's pool when the task ends, and the stages then take these
+warm workers instead of starting cold ones. The first stage waits for a warm-up to end (they hold the CPUs), which
+costs it nothing where the cores are free: it would have imported the same modules itself.
 
 Not warmed: stages that reserve a GPU. Their warm-ups would hold the GPUs while they import (seconds, against a
 GPU stage's minutes), and a worker that ran on one GPU should not serve a stage given another: its CUDA context
@@ -60,13 +60,10 @@ def warm_up() -> int:
     return os.getpid()
 
 
-def prestart_workers(ray: Any, loaded: LoadedRecipe, starting: int = 0) -> list[Any]:
-    """Submit a warm-up task for each task of the recipe's widest moment (`widest_moment`) but the first
-    `starting` (the stages already submitted, whose workers are starting), each with that task's CPUs; returns
-    their object references without waiting.
-
-    Why after the first stages: a warm-up holds its CPUs while it imports, so one submitted before them would
-    delay them; after them, the warm-ups take the CPUs the first stages leave free and import while those run."""
+def prestart_workers(ray: Any, loaded: LoadedRecipe) -> list[Any]:
+    """Submit one warm-up task per task of the recipe's widest moment (`widest_moment`), each with that task's
+    CPUs; returns their object references without waiting (stages submitted next queue behind them and then run
+    on the workers they warmed)."""
     task = ray.remote(warm_up)
-    wanted = widest_moment(loaded, ray.cluster_resources().get("CPU", 0.0))
-    return [task.options(num_cpus=cpus, max_retries=0, name="mopd:prestart").remote() for cpus in wanted[starting:]]
+    return [task.options(num_cpus=cpus, max_retries=0, name="mopd:prestart").remote()
+            for cpus in widest_moment(loaded, ray.cluster_resources().get("CPU", 0.0))]
