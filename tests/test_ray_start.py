@@ -77,3 +77,22 @@ def test_the_widest_moment_counts_learner_ranks_and_leaves_out_gpu_stages(tmp_pa
     loaded = _recipe(tmp_path, text)
     assert widest_moment(loaded, 8) == [0.5, 0.5, 0.5, 0.5]  # the student's ranks, not the 2 CPU teachers
     assert widest_moment(loaded, 1.5) == [0.5, 0.5, 0.5]  # three ranks fit, one teacher would
+
+
+def test_a_sweep_on_ray_checks_its_run_directories_before_any_point(tmp_path, ray_local, monkeypatch, mini_recipe):
+    """`mopd sweep --executor ray`: its points' run directories are written by workers too; the same line, exit
+    2, and no point started."""
+    from typer.testing import CliRunner
+
+    from mopd.cli import app
+    from mopd.experiments import variants_ray
+
+    elsewhere = tmp_path / "node_local_disk"
+    elsewhere.mkdir()
+    monkeypatch.setattr(variants_ray, "check_shared_dir",
+                        functools.partial(check_shared_dir, probe=_local_disk(elsewhere)))
+    res = CliRunner().invoke(app, ["sweep", str(mini_recipe), "--set", "student.lr=1e-3,2e-3", "--executor", "ray",
+                                   "--out", str(tmp_path / "sweep")])
+    assert res.exit_code == 2, res.output
+    assert "cannot read the probe file the driver wrote there" in res.output
+    assert not any(p.is_dir() for p in (tmp_path / "sweep").rglob("*"))  # no point's directory

@@ -15,6 +15,7 @@ is retried by Ray and the retry resumes from the variant's checkpoints; a varian
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ..execution.ray_executor import (
     ray_cluster,
 )
 from ..execution.run_lock import RAY_WRITER_WAIT_S, run_lock
+from ..execution.shared_dir import check_shared_dir
 from ..execution.stage_failures import first_line
 from ..recipe.load import LoadedRecipe
 from .variants import Executor, RunFn, Variant, VariantRuns
@@ -53,14 +55,19 @@ def variant_label(v: Variant) -> str:
 
 def ray_executor(console: Console, address: str | None = None, threads: int | None = None) -> Executor:
     """An executor for `experiments.variants.run_variants`: each variant a Ray task on the cluster at `address` (None:
-    a local instance) with `threads` torch threads (default: its CPUs). The extra, the address and every
-    variant's resources are checked before any variant starts, each mistake one StageError line."""
+    a local instance) with `threads` torch threads (default: its CPUs). The extra, the address, every
+    variant's resources and every node's view of the run directories are checked before any variant starts,
+    each mistake one StageError line."""
 
     def execute(runs: VariantRuns) -> list[Any]:
         ray = import_ray()
         with ray_cluster(runs.variants[0].loaded, address):
             for v in runs.variants[1:]:
                 check_resources(v.loaded, ray.cluster_resources())
+            # the variants' run directories are written by workers on any node: every node must see them
+            root = Path(os.path.commonpath([v.out.resolve() for v in runs.variants]))
+            root.mkdir(parents=True, exist_ok=True)
+            check_shared_dir(ray, root)
             return _run_tasks(ray, runs, console, threads)
 
     return execute
