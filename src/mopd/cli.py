@@ -146,6 +146,7 @@ def compare(
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
     executor: str | None = typer.Option(None, "--executor", help=helps.COMPARE_EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
+    log: list[str] = typer.Option([], "--log", help=helps.VARIANTS_LOG_HELP),
 ) -> None:
     """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
@@ -159,6 +160,7 @@ def compare(
     loaded = _load_or_fail(recipe)
     if loaded.recipe.compare is None:
         _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
+    _with_log(loaded, log)
     out = out or Path("runs") / loaded.recipe.name
     try:
         n = seed_count(seeds, loaded)
@@ -168,6 +170,8 @@ def compare(
         result, failures = run_compare(loaded, out, n, run_variants_with, one_seed)
     except (RecipeError, RunLockedError, StageError) as e:
         _fail(str(e))
+    for msg in result.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     for label, m in result["methods"].items():
         score = m["normalized_score"]
         ci = (m.get("normalized_interval") or {}).get("ci")
@@ -190,6 +194,7 @@ def sweep(
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
     executor: str | None = typer.Option(None, "--executor", help=helps.SWEEP_EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
+    log: list[str] = typer.Option([], "--log", help=helps.VARIANTS_LOG_HELP),
 ) -> None:
     """Run a grid of recipe variants (one point after another, or in parallel on Ray) and write sweep.md,
     sweep.json and one sweep_<key>.png per swept key, naming the best setting per objective with its 95% interval.
@@ -204,6 +209,7 @@ def sweep(
 
     _check_executor(executor, address)
     loaded = _load_or_fail(recipe)
+    _with_log(loaded, log)
     out = out or Path("runs") / f"{loaded.recipe.name}-sweep"
     try:  # a failed point is a hole in the table, not the end of the sweep
         n = seed_count(seeds, loaded)
@@ -231,6 +237,8 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory written by 
         summary = build_report(run_dir)
     except ValueError as e:
         _fail(str(e))
+    for msg in summary.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     console.print(f"normalized score: {summary['normalized_score']}")
     console.print(f"report: {run_dir / 'report.md'}")
     if incomplete := incomplete_message(summary):

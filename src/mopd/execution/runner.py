@@ -43,7 +43,8 @@ def report_block(loaded: LoadedRecipe) -> dict | None:
         return None
     student = recipe.report.student or mopd[-1]
     s: MOPDStage = recipe.stages[student]
-    return {"start": s.init, "student": student, "teachers": dict(s.teachers)}
+    return {"start": s.init, "student": student, "teachers": dict(s.teachers),
+            "min_teacher_gain": recipe.report.min_teacher_gain}
 
 
 def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None, *, executor: str | None = None,
@@ -113,7 +114,10 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     from ..report import build_report
 
     with storage_errors("report", out):
-        return build_report(out)
+        summary = build_report(out)
+    for msg in summary.get("warnings", []):  # a domain left out of the normalized score, said where it is read
+        warn_line(console, msg)
+    return summary
 
 
 @dataclass(frozen=True)

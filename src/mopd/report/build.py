@@ -62,6 +62,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     title = f"MOPD report: {data.recipe} ({fmt_duration(data.wall)} wall)"
     main, norm, preflight = data.recovery_table, data.norm, data.preflight_table
     stage_tbl, acc_tbl = data.stage_table, data.accuracy_table
+    for msg in data.summary["warnings"]:  # above the table: a domain left out of the normalized score
+        header += f" **Warning:** {msg}."
     md = _markdown(title, header, main, norm, stage_tbl, acc_tbl, list(pngs), preflight, data.agent_table)
     page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight, data.agent_table)
     atomic_write(
@@ -107,7 +109,9 @@ HOW_TO_READ = (
     "(mean verifier reward); every student, later rounds included, is measured against this same start and teacher. "
     "Recovery = (student - start) / (teacher - start): 1.0 means the student gained as much "
     "as the teacher on that domain, 0 means no gain over start, below 0 means it got worse, above 1 means it beat "
-    "the teacher. The normalized score is the mean recovery over the domains where recovery is defined."
+    "the teacher. The normalized score is the mean recovery over the domains where recovery is defined: a domain "
+    "whose teacher gained less than `report.min_teacher_gain` (default 0.05) over the start is marked *teacher "
+    "gain too small* and left out, since a ratio over so small a gain is noise."
 )
 
 

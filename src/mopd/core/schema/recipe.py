@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
-from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE
+from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE, MIN_TEACHER_GAIN
 from .kinds import Stage
 from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict
 
@@ -33,6 +33,11 @@ class EvalSettings(Strict):
 
 class ReportSettings(Strict):
     student: str | None = Field(None, description="the MOPD stage the summary scores; default: the last one")
+    min_teacher_gain: float = Field(
+        MIN_TEACHER_GAIN, ge=0, le=1, description="a domain whose teacher gains less than this over the start "
+        "(held-out score) is reported as 'teacher gain too small' and left out of the normalized score, with a "
+        "warning (report, `mopd compare`, summary.json, sweeps)",
+    )
 
 
 class CompareSettings(Strict):
