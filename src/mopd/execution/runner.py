@@ -105,6 +105,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         stages_info[name] = info
         write_run_json()
         trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
+        trackers.samples(name, out / name)  # its logged rollouts (`log_samples`) as the trackers' tables
 
     schedule(loaded, EXECUTORS[executor].make(loaded, out, ids, console, trackers, threads), stages_info, record)
     console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}")
