@@ -242,3 +242,30 @@ def test_no_warning_on_clean_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_report(run)
+
+
+def test_report_shows_the_students_best_and_worst_transcript_per_domain(tmp_path):
+    """From the student's last eval (the highest step's samples/eval-<step>.jsonl), per domain the transcript of
+    highest reward and of lowest, in report.md and report.html; a run without transcripts has no such section."""
+    from mopd.eval.transcripts import samples_path, write_transcripts
+
+    run = make_run(tmp_path / "run")
+    assert "## Transcripts" not in (build_report(run), (run / "report.md").read_text())[1]
+
+    def record(domain, reward, text):
+        return {"step": 4, "kind": "eval", "domain": domain, "prompt": f"{domain}?", "reference": "r",
+                "reward": reward, "turns": [{"role": "assistant", "text": text, "tool_call": False}]}
+
+    write_transcripts(samples_path(run / "mopd", "eval", 2), [record("math", 0.0, "an older eval")])
+    write_transcripts(samples_path(run / "mopd", "eval", 4), [
+        record("math", 0.5, "half"), record("math", 1.0, "right <b>"), record("math", 0.0, "wrong"),
+        record("code", 0.25, "only one")])
+    build_report(run)
+    md = (run / "report.md").read_text()
+    section = md.split("## Transcripts (best and worst per domain)")[1]
+    assert "`mopd/samples/eval-0000004.jsonl`" in section and "an older eval" not in section
+    assert [line for line in section.splitlines() if line.startswith("assistant:")] == [
+        "assistant: only one", "assistant: right <b>", "assistant: wrong"]  # code: one; math: best, worst
+    assert "**best**, `math`" in section and "**worst**, `math`" in section
+    page = (run / "report.html").read_text()
+    assert "<pre>[math] reward 1.000  (reference: r)\nuser: math?\nassistant: right &lt;b&gt;</pre>" in page

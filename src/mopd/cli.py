@@ -322,6 +322,7 @@ def init(
 @app.command(name="eval", epilog=example("mopd eval runs/demo/student/final --domains reversal,sorting,shift",
                                          "mopd eval runs/qwen/student/final --recipe qwen3_0.6b --domains math",
                                          "mopd eval ./my_model --domains bundled:math,bundled:instructions --size 8",
+                                         "mopd eval runs/agents/student/final --recipe agents --size 8 --show 4",
                                          "mopd eval ./my_model --domains vowel_count --plugin my_domains.py "
                                          "--size 300 --out scores.json"))
 def eval_model(
@@ -337,10 +338,14 @@ def eval_model(
     batch_size: int | None = typer.Option(None, "--batch-size", help=helps.EVAL_BATCH_HELP),
     seed: int | None = typer.Option(None, "--seed", help=helps.HELD_OUT_SEED_HELP),
     chat_template: str | None = typer.Option(None, "--chat-template", help=helps.CHAT_TEMPLATE_HELP),
-    out: Path | None = typer.Option(None, "--out", help="also write the scores as JSON to this file"),
+    out: Path | None = typer.Option(None, "--out", help="also write the scores as JSON to this file, and every "
+                                    "prompt's transcript beside it (NAME.transcripts.jsonl)"),
+    show: int = typer.Option(0, "--show", help="print this many transcripts (prompt, turns, reward), taken in "
+                             "turn from each domain"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
 ) -> None:
-    """Score any Hugging Face checkpoint directory on any domains; prints a table, --out writes JSON.
+    """Score any Hugging Face checkpoint directory on any domains; prints a table, --show K transcripts, --out
+    writes JSON.
 
     The evaluation every stage gets (each domain's held-out set, greedy, its own generation length, its verifier)
     with the checkpoint's tokenizer and chat template. A bad directory, domain or recipe is one line (exit 2)."""
@@ -348,7 +353,7 @@ def eval_model(
 
     _prepare_process(threads)
     try:
-        eval_command(console, model_dir, out, domains, recipe, plugin, chat_template, size=size,
+        eval_command(console, model_dir, out, domains, recipe, plugin, chat_template, show, size=size,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     except ScoreError as e:
         _fail(str(e))

@@ -31,7 +31,8 @@ from mopd.report.scores import (
     recovery,
 )
 
-from ..core.run_dir import METRICS, PREFLIGHT
+from ..core.run_dir import METRICS, PREFLIGHT, SAMPLES
+from ..eval.transcripts import best_and_worst, read_transcripts
 
 MISSING = "—"
 
@@ -119,6 +120,8 @@ class ReportData:
     preflight_table: Table | None
     curves: dict[str, dict[str, list[tuple[int, float]]]]
     agent_table: Table | None = None  # tool-use domains' episodes: tool-call rate and episode length per stage
+    transcripts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # the student's best and worst
+    transcripts_file: str | None = None  # where they came from, relative to the run directory
 
 
 def compute_report(run_dir: Path) -> ReportData:
@@ -194,6 +197,8 @@ def compute_report(run_dir: Path) -> ReportData:
     preflight = _preflight_table(run_dir, [s for s in order if stages[s].get("kind") == "mopd"])
     agents = _agent_table(order, finals)
 
+    shown, shown_file = _student_transcripts(run_dir, student)
+
     curves = {}
     for s in order:
         path = run_dir / s / METRICS
@@ -213,7 +218,20 @@ def compute_report(run_dir: Path) -> ReportData:
         preflight_table=preflight,
         curves=curves,
         agent_table=agents,
+        transcripts=shown,
+        transcripts_file=shown_file,
     )
+
+
+def _student_transcripts(run_dir: Path, student: str | None) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """The best and worst held-out transcript of each domain from the student's last eval (its highest-step
+    `samples/eval-<step>.jsonl`), and that file; nothing when it has none (a run from before transcripts)."""
+    if student is None:
+        return [], None
+    files = sorted((run_dir / student / SAMPLES).glob("eval-*.jsonl"))
+    if not files:
+        return [], None
+    return best_and_worst(read_transcripts(files[-1])), str(files[-1].relative_to(run_dir))
 
 
 def _recovery_table(start, teachers, students, rec, norm, score, min_gain: float) -> Table:
