@@ -116,8 +116,8 @@ def test_mopd_eval_show_prints_transcripts_and_out_writes_them(tmp_path: Path) -
     from typer.testing import CliRunner
 
     from mopd.cli import app
-    from mopd.models.checkpoint import save_checkpoint
     from mopd.core.schema.stages import TinyModelConfig
+    from mopd.models.checkpoint import save_checkpoint
     from mopd.models.tiny import build_tiny_model
 
     tok = build_char_tokenizer(ALPHABET)

@@ -98,7 +98,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     if loaded.path.resolve() != (out / RECIPE_COPY).resolve():
         shutil.copyfile(loaded.path, out / RECIPE_COPY)
 
-    for msg in precision_warnings(recipe):  # before any stage spends compute
+    for msg in [*loaded.warnings, *precision_warnings(recipe)]:  # before any stage spends compute
         warn_line(console, msg)
 
     def record(name: str, info: dict) -> None:

@@ -133,6 +133,13 @@ class VerifiersDomainSpec(Strict):
     settings: dict[str, Any] = Field(default_factory=dict, description="the taskset's config fields")
     eval_size: int | None = Field(None, gt=0, description="held-out tasks; default: a quarter, at most 96")
     answer_field: str = Field("answer", description="the task data's reference answer (what SFT trains on)")
+    demonstration: str | None = Field(
+        None, description="a tool-use taskset's gold turns, which SFT trains on (played through its tools): a "
+        ".jsonl file (relative to the recipe) with one {prompt, turns} record per task, or a generator "
+        "`file.py:function` / `package.module:function` from a task's data to its turns (tool calls in mopd's "
+        "format, then the answer); null: SFT trains on the bare answer, so a model built from scratch never "
+        "learns to call the tools (a warning at load)",
+    )
     max_turns: int = Field(4, gt=0, description="model turns per episode (tool-use tasksets)")
     max_tokens: int = Field(48, gt=0, description="completion-window tokens per episode (tool-use tasksets)")
     tool_time_s: float = Field(1.0, gt=0, description="a tool call running longer is an error observation")
