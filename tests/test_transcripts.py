@@ -134,3 +134,46 @@ def test_mopd_eval_show_prints_transcripts_and_out_writes_them(tmp_path: Path) -
     assert sum(r["reward"] for r in lines[:3]) / 3 == pytest.approx(scores["reversal"]["score"])
     bad = CliRunner().invoke(app, ["eval", str(tmp_path / "m"), "--domains", "reversal", "--show", "-1"])
     assert bad.exit_code == 2 and "--show -1" in bad.output
+
+
+def test_teacher_kl_is_the_students_logprob_minus_the_routed_teachers_on_model_tokens() -> None:
+    """`stages.samples.teacher_kl`: log pi_S(y_t) - log pi_T(y_t) at each model token of a row whose domain has a
+    teacher (the student's logprobs from its own forward, one row at a time: the same as the whole batch's),
+    NaN on observations, prompt, padding and rows without a teacher."""
+    from types import SimpleNamespace
+
+    from mopd.core.batch import ROLE_MODEL
+    from mopd.core.logprobs import token_logprobs
+    from mopd.core.schema.stages import TinyModelConfig
+    from mopd.models.forward import sequence_logits
+    from mopd.models.tiny import build_tiny_model
+    from mopd.stages.samples import teacher_kl
+
+    tok = build_char_tokenizer(ALPHABET)
+    model = build_tiny_model(TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32),
+                             len(tok), tok, seed=0).eval()
+    batch, _ = _batch(tok, [("mul:12*34=", [("model", "mul:12,34"), ("env", "408"), ("model", "408")]),
+                            ("rev:abc=", [("model", "cba")])], ["tool_mul", "reversal"])
+
+    class Panel:
+        asked: list = []
+
+        def route(self, sub):
+            return ["t_mul" for _ in sub.domains]
+
+        def sampled_logprobs(self, sub, names):
+            self.asked.append((list(sub.domains), names))
+            return torch.full(sub.input_ids_B_T.shape, -2.0) * sub.completion_mask_B_T
+
+    panel = Panel()
+    ctx = SimpleNamespace(teacher_of_domain={"tool_mul": "t_mul"})  # reversal: a reward-only domain
+    steps = []
+    kl_B_T = teacher_kl(ctx, lambda step: steps.append(step) or panel)(model, batch, 5)
+    assert steps == [5] and panel.asked == [(["tool_mul"], ["t_mul"])]  # only the rows with a teacher are scored
+    with torch.no_grad():
+        student_B_T = token_logprobs(sequence_logits(model, batch.input_ids_B_T, batch.attention_mask_B_T),
+                                     batch.input_ids_B_T)
+    model_T = batch.roles[0] == ROLE_MODEL
+    torch.testing.assert_close(kl_B_T[0, model_T], student_B_T[0, model_T] + 2.0, rtol=1e-5, atol=1e-5)
+    assert kl_B_T[0, ~model_T].isnan().all() and kl_B_T[1].isnan().all()
+    assert model.training is False  # left as it was
