@@ -198,6 +198,11 @@ def test_logged_samples_reach_every_tracker_as_a_table(trackers_env: Path) -> No
     assert [(step, key) for step, key, _ in trackio_tables("tracked_samples")] == [(rl_offset + 4, "rl/samples")]
     table = json.loads(next((out / "tracking" / "mlflow-artifacts").glob("*/artifacts/rl/samples.json")).read_text())
     assert table["columns"] == ["step", "domain", "reward", "prompt", "transcript"] and len(table["data"]) == 4
+    from mopd.recipe.identity import stage_identities
+
+    unlogged = trackers_env / "unlogged.yaml"
+    unlogged.write_text(SAMPLED.format(name="tracked_samples", logging=ALL).replace(", log_samples: 2", ""))
+    assert stage_identities(load_recipe(unlogged)) == stage_identities(load_recipe(path))  # logging trains nothing
     run_recipe(load_recipe(path), out, Console(quiet=True))  # a rerun sends no table twice
     assert wandb_table_keys(out / "tracking") == ["rl/samples"] and len(trackio_tables("tracked_samples")) == 1
 
