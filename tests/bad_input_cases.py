@@ -80,6 +80,10 @@ TEACH = "    teachers: {addition: teacher_add, reversal: teacher_rev}\n"
 STYLE = BASE.replace("domains: [addition, reversal]", "domains: [addition, reversal, style]")  # a judged domain
 BASE_MODEL = "    model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}\n"
 
+# 9 levels of 10 aliases: 10^9 values once expanded, from ten short lines (before BASE: line 1 is `a0`)
+ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10))
+
 CASES: list[Case] = [
     # ----- the file itself
     text("empty file", "", None, "a recipe is a mapping"),
@@ -288,12 +292,43 @@ CASES: list[Case] = [
     # ----- plugins
     sub("plugin missing", "seed: 0\n", "seed: 0\nplugins: [./no_such_plugin.py]\n", 3, "no_such_plugin"),
     sub("plugins a string", "seed: 0\n", "seed: 0\nplugins: 7\n", 3, "plugins"),
+    # ----- inputs nobody tried (issue 36): each one line at load, before compute
+    text("an alias bomb (9 levels of 10 aliases)", ALIAS_BOMB + BASE, 5, "alias *a3 expands the recipe past 100,000"),
+    sub("nesting 1000 levels deep", "seed: 0\n", "seed: 0\nx: " + "[" * 1000 + "]" * 1000 + "\n", 3,
+        "nested more than 64 levels deep"),
+    sub("nested mappings 1000 levels deep", "seed: 0\n", "seed: 0\nx: " + "{a: " * 1000 + "1" + "}" * 1000 + "\n", 3,
+        "nested more than 64 levels deep"),
+    sub("a stage named run.json", "  teacher_rev:\n", "  run.json:\n", 18, "keeps its own 'run.json'"),
+    sub("a stage named summary.json", "  teacher_rev:\n", "  summary.json:\n", 18, "keeps its own 'summary.json'"),
+    sub("a stage named recipe.yaml", "  teacher_rev:\n", "  recipe.yaml:\n", 18, "keeps its own 'recipe.yaml'"),
+    sub("a stage named Report.MD (a case-insensitive filesystem)", "  teacher_rev:\n", "  Report.MD:\n", 18,
+        "keeps its own 'report.md'"),
+    sub("a stage name of 300 characters", "  teacher_rev:\n", "  " + "t" * 300 + ":\n", 18, "is 300 characters"),
+    sub("a recipe name of 300 characters", "name: corpus", "name: " + "c" * 300, 1, "the recipe name is 300"),
+    sub("seed 2**64", "seed: 0", f"seed: {2**64}", 2, "seed: Input should be less than or equal to"),
+    sub("seed negative", "seed: 0", "seed: -1", 2, "seed"),
+    sub("seeds running past 2**64", "seed: 0\n", f"seed: {2**64 - 2}\nseeds: 3\n", 2, "go past"),
+    sub("a stage seed 2**64", "    batch_size: 4\n", f"    batch_size: 4\n    seed: {2**64}\n", 11, "seed"),
+    sub("max_new_tokens a billion", "    group_size: 2\n", "    group_size: 2\n    max_new_tokens: 1000000000\n", 18,
+        "max_new_tokens: Input should be less than or equal to 1048576"),
+    sub("rollouts whose sampler buffers cannot fit", "    group_size: 2\n", "    group_size: 4096\n"
+        "    max_new_tokens: 1048576\n", 18, "the sampler's buffers alone are"),
+    sub("group size a million", "    group_size: 2\n", "    group_size: 1000000\n", 17, "group_size"),
+    sub("sft batch size a billion", "  student:\n", "  tune:\n    kind: sft\n    init: base\n    steps: 1\n"
+        "    batch_size: 1000000000\n  student:\n", 29, "batch_size: Input should be less than or equal to 65536"),
+    sub("steps 2**64", "    steps: 4\n", f"    steps: {2**64}\n", 9, "steps: Input should be less than or equal to"),
+    sub("steps 1e12", "    steps: 4\n", "    steps: 1000000000000\n", 9, "steps"),
+    sub("lr 1e38 without clipping", "    batch_size: 4\n", "    batch_size: 4\n    lr: 1.0e+38\n    grad_clip: null\n",
+        11, "lr: Input should be less than or equal to 1"),
+    sub("eval max_new_tokens a billion", "max_new_tokens: 4}", "max_new_tokens: 1000000000}", 4, "max_new_tokens"),
     # ----- legal, if unusual: these load
     legal("names with dots and dashes", "  student:\n", "  extra-sft.v2:\n    kind: sft\n    init: base\n    steps: 1\n"
           "  student:\n"),
     legal("a reward-only domain (no teacher: GRPO in the stage)", TEACH, "    teachers: {addition: teacher_add}\n"),
     legal("unicode in a comment", "seed: 0\n", "seed: 0  # graine ☃\n"),
     legal("a flow-style stage", "    kind: pretrain\n", "    kind: 'pretrain'\n"),
+    legal("the largest seed", "seed: 0", f"seed: {2**64 - 1}"),
+    legal("anchors and aliases within bounds", "    kind: pretrain\n", "    kind: &k pretrain\n"),
     legal("scientific notation lr", "    batch_size: 4\n", "    batch_size: 4\n    lr: 3.0e-4\n"),
     legal("dpo and rejection sampling with defaults", "  student:\n", "  pref:\n    kind: dpo\n    init: base\n"
           "    steps: 1\n  rs:\n    kind: rejection_sampling\n    init: pref\n    sampler: teacher_add\n    steps: 1\n"

@@ -17,6 +17,7 @@ from mopd.cli import app
 from mopd.recipe.load import load_recipe
 
 from .bad_input_cases import BASE, CASES, Case
+from .test_report import make_run
 
 
 def _refuse_to_run(*args, **kwargs):
@@ -141,6 +142,7 @@ def _command_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     ro = tmp_path / "read_only"
     ro.mkdir()
     os.chmod(ro, stat.S_IRUSR | stat.S_IXUSR)
+    (tmp_path / "locked" / ".mopd.lock").mkdir(parents=True)
     return {
         "recipe missing": (["run", str(tmp_path / "nope.yaml")], "no such recipe file"),
         "recipe a directory": (["run", str(tmp_path / "a_dir")], "not a file"),
@@ -151,11 +153,15 @@ def _command_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "threads absurd": (["run", str(good), "--threads", "100000"], "threads per core"),
         "report of no run": (["report", str(tmp_path / "a_dir")], "run.json"),
         "compare without a block": (["compare", str(good)], "no `compare:` block"),
+        "lock a directory": (["run", str(good), "--out", str(tmp_path / "locked")],
+                             f"Is a directory: {tmp_path / 'locked' / '.mopd.lock'}"),
+        "report out under a file": (["report", str(make_run(tmp_path / "run")), "--out", str(tmp_path / "a_file" / "r")],
+                                    "cannot write the report there"),
     }
 
 
 COMMAND_CASES = ["recipe missing", "recipe a directory", "recipe binary", "out a file", "out inside a file",
-                 "out read-only", "threads absurd", "report of no run", "compare without a block"]
+                 "out read-only", "threads absurd", "report of no run", "compare without a block", "lock a directory", "report out under a file"]
 
 
 @pytest.mark.parametrize("name", COMMAND_CASES)
@@ -170,8 +176,12 @@ def test_command_line_cases(name: str, tmp_path: Path, monkeypatch) -> None:
 
 
 def test_corpus_size() -> None:
-    """The issue asks for at least 80 cases; each id is distinct, so each is its own test."""
-    n = len(CASES) + len(PLUGINS) + len(DOMAIN_PLUGINS) + len(COMMAND_CASES)
+    """The issue asks for at least 80 cases; each id is distinct, so each is its own test. Checkpoints whose
+    weights are not their config's model and prompts too long to prefill (issue 36) are cases too, in
+    test_inputs_nobody_tried.py."""
+    from .test_inputs_nobody_tried import LONG_PROMPTS, MISMATCHES
+
+    n = len(CASES) + len(PLUGINS) + len(DOMAIN_PLUGINS) + len(COMMAND_CASES) + len(MISMATCHES) + len(LONG_PROMPTS)
     assert n >= 80 and len({c.id for c in CASES}) == len(CASES), n
     assert sum(c.legal for c in CASES) >= 3
 

@@ -36,11 +36,15 @@ def runs(tmp_path_factory, ray_local):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        started = time.time()
         run_recipe(loaded, root / "local", executor="local")
+        (root / "local.seconds").write_text(f"{time.time() - started}")
     finally:
         torch.set_num_threads(threads)
     console = Console(file=io.StringIO(), width=200)
+    started = time.time()
     run_recipe(loaded, root / "ray", console, executor="ray", threads=1)
+    (root / "ray.seconds").write_text(f"{time.time() - started}")  # the run as the caller timed it
     (root / "ray.log").write_text(console.file.getvalue())
     return root
 
@@ -74,6 +78,20 @@ def test_independent_teachers_run_at_the_same_time(runs):
     # two CPUs, one per teacher: two teachers run at one moment, the third when one of them is done
     assert stages[second]["started_at"] < stages[first]["ended_at"], stages
     assert min(starts) >= stages["sft"]["ended_at"] and stages["student"]["started_at"] >= max(ends)
+
+
+def test_the_run_wall_time_is_the_time_the_run_took(runs):
+    """run.json's `wall_seconds` lies between the span of its stages (first start to last end) and the time the
+    caller measured around the whole run (its Ray set-up and report included), whichever executor ran it; under
+    Ray, where two teachers ran at the same time, that span is shorter than the sum of the stage times it was."""
+    for run in ("ray", "local"):
+        info = json.loads((runs / run / "run.json").read_text())
+        stages = info["stages"].values()
+        span = max(v["ended_at"] for v in stages) - min(v["started_at"] for v in stages)
+        assert span - 0.01 <= info["wall_seconds"] <= float((runs / f"{run}.seconds").read_text()) + 0.01
+    ray_stages = _stages(runs / "ray").values()
+    assert (max(v["ended_at"] for v in ray_stages) - min(v["started_at"] for v in ray_stages)
+            < sum(v["wall_seconds"] for v in ray_stages))
 
 
 def test_the_driver_shows_each_running_stage_on_its_own_lines(runs):
@@ -151,6 +169,14 @@ def test_a_missing_address_is_one_line_before_compute(tmp_path, mini_recipe):
     with pytest.raises(StageError, match=r"--address 127\.0\.0\.1:9: no Ray head answers there"):
         run_recipe(loaded, tmp_path / "run", executor="ray", address="127.0.0.1:9")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_address_check_lets_a_ray_head_through(ray_local):
+    """The question `--address` asks before `ray.init` (its cluster id) is answered by a real head; a port
+    that is not one is refused (tests/test_silences.py)."""
+    from mopd.execution.ray_address import check_address
+
+    check_address(ray_local, ray_local.get_runtime_context().gcs_address)
 
 
 def test_too_many_gpus_is_one_line_before_compute(tmp_path, ray_local):

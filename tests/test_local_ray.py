@@ -13,3 +13,21 @@ def test_the_local_ray_node_and_its_workers_are_on_the_loopback_address(ray_loca
 
     assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
     assert ray.get(node_ip.remote()) == "127.0.0.1"
+
+
+def test_a_local_instance_never_joins_another_cluster_on_this_machine(monkeypatch) -> None:
+    """Without an address Ray joins $RAY_ADDRESS's cluster, or the last one `ray start` recorded here (another
+    user's on a shared machine); `address="local"` is Ray's documented way to start a new one instead."""
+    from mopd.runtime import start_local_ray
+
+    calls: list[dict] = []
+
+    class Recorder:
+        def init(self, **options) -> None:
+            calls.append(options)
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # start_local_ray sets it: restored after
+    start_local_ray(Recorder(), num_cpus=2)
+    assert calls == [{"address": "local", "include_dashboard": False, "_node_ip_address": "127.0.0.1",
+                      "num_cpus": 2}]

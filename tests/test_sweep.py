@@ -109,7 +109,8 @@ def test_log_reaches_every_seed_and_sweep_variant(tmp_path: Path) -> None:
         (["--set", "student.lr="], "empty value"),
         (["--set", "student.lr=1e-3,"], "empty value"),
         (["--set", "student.lr"], "expected KEY=VALUE"),
-        (["--set", "student.lr=1e-3", "--seeds", "0"], "--seeds 0: must be at least 1"),
+        (["--set", "student.lr=1e-3", "--seeds", "0"], "--seeds 0: must be from 1 to 1000"),
+        (["--set", "student.lr=1e-3", "--seeds", "5000"], "--seeds 5000: must be from 1 to 1000"),
         ([], "give at least one --set"),
     ],
 )
@@ -124,7 +125,7 @@ def test_compare_refuses_zero_seeds_in_one_line(tmp_path: Path) -> None:
     text = MINI + "compare: {start: sft, teachers: {reversal: teacher_rev, sorting: teacher_sort}, " \
                   "methods: {MOPD: student}}\n"
     out = tmp_path / "out"
-    assert "--seeds 0: must be at least 1" in _one_error_line(
+    assert "--seeds 0: must be from 1 to 1000" in _one_error_line(
         _invoke("compare", _write(tmp_path, text), "--seeds", "0", "--out", out))
     assert not out.exists()
     bad = _write(tmp_path, text.replace("seed: 0\n", "seed: 0\nseeds: 0\n", 1))

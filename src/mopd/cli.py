@@ -81,7 +81,7 @@ def _run(recipe: Path, out: Path | None, log: list[str], scale: float | None = N
     if summary is not None:
         score = summary["normalized_score"]
         console.print(f"normalized score: {score:.3f}" if score is not None else "normalized score: n/a")
-        console.print(f"report: {out / 'report.md'}")
+        console.print(f"report: {out / 'report.md'}", markup=False)
 
 
 def example(*lines: str) -> str:
@@ -176,8 +176,9 @@ def compare(
         score = m["normalized_score"]
         ci = (m.get("normalized_interval") or {}).get("ci")
         console.print(f"{label:<24} normalized score {'n/a' if score is None else f'{score:.3f}'}"
-                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  student samples {m['samples']:,}")
-    console.print(f"table: {out / 'compare.md'}")
+                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f"  student samples {m['samples']:,}",
+                      markup=False)
+    console.print(f"table: {out / 'compare.md'}", markup=False)
     if failures:  # after the table: what is missing from it, and why
         _fail("\n".join(failures))
 
@@ -221,26 +222,34 @@ def sweep(
     for objective, b in result["best"].items():
         ci = (b.get("interval") or {}).get("ci")
         console.print(f"best for objective {objective}: {b['point']}  normalized score {b['normalized_score']:.3f}"
-                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), highlight=False, soft_wrap=True)
-    console.print(f"table: {out / 'sweep.md'}")
+                      + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""), highlight=False, soft_wrap=True, markup=False)
+    console.print(f"table: {out / 'sweep.md'}", markup=False)
     if failures:
         _fail("\n".join(failures))
 
 
 @app.command(epilog=example("mopd report runs/demo"))
-def report(run_dir: Path = typer.Argument(..., help="a run directory written by `mopd run`")) -> None:
+def report(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `mopd run`"),
+    out: Path | None = typer.Option(None, "--out", help="write the report here (default: the run directory; "
+                                    "for a run on a read-only mount)"),
+) -> None:
     """Rebuild report.md, the PNG curves and summary.json from a run directory's saved metrics."""
     from .report import build_report
     from .report.tables import incomplete_message
 
+    dest = out or run_dir
     try:
-        summary = build_report(run_dir)
+        summary = build_report(run_dir, dest)
     except ValueError as e:
         _fail(str(e))
+    except OSError as e:  # a read-only mount, a full disk: the run is read, its report cannot be written there
+        _fail(f"{dest}: cannot write the report there ({e.strerror or e}); the run is untouched"
+              f"{'' if out else f'; write it elsewhere: mopd report {run_dir} --out DIR'}")
     for msg in summary.get("warnings", []):
         console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     console.print(f"normalized score: {summary['normalized_score']}")
-    console.print(f"report: {run_dir / 'report.md'}")
+    console.print(f"report: {dest / 'report.md'}", markup=False)
     if incomplete := incomplete_message(summary):
         _fail(f"{run_dir}: incomplete run: {incomplete}")
 
@@ -261,7 +270,7 @@ def validate(recipe: Path = typer.Argument(..., help="the recipe YAML file, or a
     if not recipe.exists() and bundled_recipe(str(recipe)).exists():
         recipe = bundled_recipe(str(recipe))
     try:
-        console.print(validate_recipe(recipe), highlight=False, soft_wrap=True)
+        console.print(validate_recipe(recipe), highlight=False, soft_wrap=True, markup=False)
     except RecipeError as e:
         _fail(str(e))
 
@@ -289,34 +298,40 @@ def recipes(paths: bool = typer.Option(False, "--paths", help="print each recipe
         if paths:
             print(bundled_recipe(name))
         else:
-            console.print(f"[bold]{name:<{width}}[/] {summary}", highlight=False, soft_wrap=True)
+            console.print(f"[bold]{name:<{width}}[/] {escape(summary)}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog=example("mopd init my_project --domains reversal,sorting",
-                            "mopd init . --domains reversal,vowel_count --teachers reversal=runs/demo/teacher_reversal/final"))
+                            "mopd init . --domains reversal,vowel_count --teachers reversal=runs/demo/teacher_reversal/final",
+                            "mopd init my_agent --agent"))
 def init(
     directory: Path = typer.Argument(Path("."), help="where to write recipe.yaml, my_domains.py, recipe.schema.json"),
-    domains: str = typer.Option("reversal,sorting", "--domains",
-                                help="comma-separated domains: built-in ones, or vowel_count from my_domains.py"),
+    domains: str | None = typer.Option(None, "--domains", help="comma-separated domains: built-in ones, or "
+                                       "vowel_count from my_domains.py (default: reversal,sorting)"),
     teachers: str | None = typer.Option(None, "--teachers", help="DOMAIN=CHECKPOINT_DIR,...: distil that domain "
                                         "from an existing teacher instead of training one in the recipe"),
+    agent: bool = typer.Option(False, "--agent", help="the tool-use starter instead: my_tools.py (a tool domain "
+                               "with a state per episode and parallel calls) and a recipe that distils it"),
     force: bool = typer.Option(False, "--force", help="replace files that exist"),
 ) -> None:
     """Write a commented starter recipe that runs as written, and a plugin-domain template.
 
     The recipe: base -> sft -> a teacher per domain (domain SFT + RLVR, or an existing checkpoint given with
     --teachers) -> MOPD student; a few minutes on a laptop CPU. Also written: my_domains.py (a plugin that
-    registers the vowel_count domain, the pattern for your own) and recipe.schema.json for editors."""
+    registers the vowel_count domain, the pattern for your own) and recipe.schema.json for editors. With
+    --agent: my_tools.py (the tool-use domain `shop`) and a recipe with a tool teacher and a MOPD student."""
     from .cli_tools.scaffold import ScaffoldError, parse_teachers, write_starter
     from .cli_tools.score import parse_names
 
     try:
-        written = write_starter(directory, parse_names(domains), parse_teachers(teachers), force=force)
+        written = write_starter(directory, parse_names(domains) if domains else None, parse_teachers(teachers),
+                                force=force, agent=agent)
     except ScaffoldError as e:
         _fail(str(e))
     for path in written:
-        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
-    console.print(f"next: mopd validate {written[0]} && mopd run {written[0]}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"next: mopd validate {written[0]} && mopd run {written[0]}", highlight=False, soft_wrap=True,
+                  markup=False)
 
 
 @app.command(name="eval", epilog=example("mopd eval runs/demo/student/final --domains reversal,sorting,shift",
@@ -386,7 +401,8 @@ def serve(
     from .teachers.serve import serve as serve_model
 
     _prepare_process(threads)
-    console.print(f"serving {model_dir} as {name or model_dir.name} on http://{host}:{port}/v1", highlight=False)
+    console.print(f"serving {model_dir} as {name or model_dir.name} on http://{host}:{port}/v1", highlight=False,
+                  markup=False)
     serve_model(model_dir, host=host, port=port, name=name, api_key=api_key)
 
 
@@ -404,4 +420,7 @@ def convert(
         convert_gguf(src := find_gguf(source, Path.cwd()), out_dir)
     except GGUFError as e:
         _fail(str(e))
-    console.print(f"converted {src} -> {out_dir}", highlight=False, soft_wrap=True)
+    console.print(f"converted {src} -> {out_dir}", highlight=False, soft_wrap=True, markup=False)
+
+
+helps.escape_markup(app)  # after every command is registered: `mopd[ray]` in a help text prints as written

@@ -57,9 +57,13 @@ _RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def start_local_ray(ray: Any, **options: Any) -> None:
-    """`ray.init` for a Ray instance on this machine only (no dashboard), bound to the loopback address."""
+    """`ray.init` for a new Ray instance on this machine only (no dashboard), bound to the loopback address.
+
+    `address="local"`: without an address, `ray.init` joins the cluster named by $RAY_ADDRESS or, failing that,
+    the last one `ray start` recorded on this machine (/tmp/ray/ray_current_cluster), another user's included,
+    without a word; a local instance is mopd's own, as `--address` absent promises."""
     os.environ[_RAY_SINGLE_MACHINE] = "0"
     constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
     if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
         constants.ENABLE_RAY_CLUSTER = False
-    ray.init(include_dashboard=False, _node_ip_address=LOCAL_RAY_NODE_IP, **options)
+    ray.init(address="local", include_dashboard=False, _node_ip_address=LOCAL_RAY_NODE_IP, **options)

@@ -5,7 +5,7 @@ the schema. The starter has the demo's shape at a smaller scale (base -> sft -> 
 domain -> MOPD student from sft, a few minutes on a laptop CPU); a domain given an existing teacher checkpoint
 (`--teachers DOMAIN=DIR`) is distilled from that directory instead of training one. Beside it go the
 recipe JSON schema (for yaml-language-server editors) and `my_domains.py`, a plugin registering one domain,
-the pattern to copy for your own.
+the pattern to copy for your own. `--agent` writes the tool-use starter instead (`scaffold_agent`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from ..core.schema import NAME_PATTERN
 from ..envs import list_domains
 from .bundled import SCHEMA_COMMENT, SCHEMA_FILE, schema_text
+from .scaffold_agent import agent_files
 
 RECIPE_FILE = "recipe.yaml"
 PLUGIN_FILE = "my_domains.py"
@@ -152,18 +153,25 @@ def recipe_text(name: str, domains: list[str], teachers: dict[str, str]) -> str:
 
 
 def write_starter(directory: Path, domains: list[str] | None = None, teachers: dict[str, str] | None = None,
-                  force: bool = False) -> list[Path]:
-    """Write recipe.yaml, my_domains.py and recipe.schema.json into `directory`; returns their paths.
+                  force: bool = False, agent: bool = False) -> list[Path]:
+    """Write recipe.yaml, my_domains.py and recipe.schema.json into `directory` (with `agent`: recipe.yaml,
+    my_tools.py and the schema); returns their paths.
 
     Refuses (ScaffoldError) to replace an existing file unless `force`."""
     directory = Path(directory)
-    domains = list(dict.fromkeys(domains or DEFAULT_DOMAINS))
-    resolved = _check(domains, dict(teachers or {}))
-    files = {
-        directory / RECIPE_FILE: recipe_text(recipe_name(directory), domains, resolved),
-        directory / PLUGIN_FILE: PLUGIN_TEMPLATE,
-        directory / SCHEMA_FILE: schema_text(),
-    }
+    if agent:
+        if domains or teachers:
+            raise ScaffoldError("--agent writes its own domains (my_tools.py's shop, and reversal); drop --domains "
+                                "and --teachers, or drop --agent")
+        files = agent_files(directory, recipe_name(directory))
+    else:
+        domains = list(dict.fromkeys(domains or DEFAULT_DOMAINS))
+        resolved = _check(domains, dict(teachers or {}))
+        files = {
+            directory / RECIPE_FILE: recipe_text(recipe_name(directory), domains, resolved),
+            directory / PLUGIN_FILE: PLUGIN_TEMPLATE,
+            directory / SCHEMA_FILE: schema_text(),
+        }
     existing = [p for p in files if p.exists()]
     if existing and not force:
         raise ScaffoldError(f"{existing[0]}: exists; pass --force to replace it")

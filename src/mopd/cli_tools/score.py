@@ -194,14 +194,14 @@ def eval_settings(base: EvalSettings | None = None, **kwargs: Any) -> EvalSettin
 def scores_table(model_dir: Path, results: dict[str, dict[str, float]],
                  lengths: dict[str, int] | None = None) -> Table:
     """The scores, one row per domain (and their mean); `lengths`: each domain's generation length, a column."""
-    table = Table(title=f"{model_dir}", title_justify="left")
+    table = Table(title=escape(f"{model_dir}"), title_justify="left")
     table.add_column("domain")
     table.add_column("score", justify="right")
     table.add_column("accuracy", justify="right")
     if lengths:
         table.add_column("max new tokens", justify="right")
     for domain, v in results.items():
-        table.add_row(domain, f"{v['score']:.3f}", f"{v['accuracy']:.3f}",
+        table.add_row(escape(domain), f"{v['score']:.3f}", f"{v['accuracy']:.3f}",
                       *([str(lengths.get(domain, ""))] if lengths else []))
     if len(results) > 1:
         mean = {k: sum(v[k] for v in results.values()) / len(results) for k in ("score", "accuracy")}
@@ -259,7 +259,8 @@ def eval_command(console: Console, model_dir: Path, out: Path | None, domains: s
     if out is not None:
         write_scores(out, scores_json(model_dir, plan.settings, results, plan.lengths()))
         write_transcripts(transcripts_path(out), records)
-        console.print(f"scores: {out}; transcripts: {transcripts_path(out)}", highlight=False, soft_wrap=True)
+        console.print(f"scores: {out}; transcripts: {transcripts_path(out)}", highlight=False, soft_wrap=True,
+                      markup=False)
 
 
 __all__ = ["BUNDLED_DATA", "BUNDLED_MAX_NEW_TOKENS", "EvalPlan", "ScoreError", "check_model_dir", "eval_command", "eval_settings", "plan_eval", "resolve_domains",

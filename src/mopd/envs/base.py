@@ -302,11 +302,7 @@ def register_domain(
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"domain name must be a non-empty string, got {name!r}")
-    diffs = tuple(difficulties)
-    if not diffs or not all(isinstance(d, int) and not isinstance(d, bool) for d in diffs):
-        raise ValueError(f"difficulties must be a non-empty tuple of ints, got {difficulties!r}")
-    if len(set(diffs)) != len(diffs):
-        raise ValueError(f"duplicate difficulties in {difficulties!r}")
+    diffs = check_difficulties(difficulties)
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens <= 0):
         raise ValueError(f"max_new_tokens must be a positive int or None, got {max_new_tokens!r}")
@@ -316,15 +312,7 @@ def register_domain(
     def decorator(fn: Generator) -> Generator:
         if not callable(fn):
             raise TypeError(f"register_domain({name!r}) must decorate a callable, got {fn!r}")
-        existing = _REGISTRY.get(name)
-        if existing is not None:
-            if _same_function(existing.generate, fn):
-                return fn
-            raise ValueError(
-                f"domain {name!r} is already registered by {existing.generate.__module__}."
-                f"{getattr(existing.generate, '__qualname__', existing.generate)!s}; pick another name"
-            )
-        _REGISTRY[name] = Domain(
+        add_domain(fn, lambda: Domain(
             name=name,
             generate=fn,
             verify=guarded_verifier(name, verify if verify is not None else partial_match_reward),
@@ -333,10 +321,34 @@ def register_domain(
             rule_reward=rule_reward,
             max_new_tokens=max_new_tokens,
             alphabet=alphabet,
-        )
+        ), name)
         return fn
 
     return decorator
+
+
+def check_difficulties(difficulties: tuple[int, ...]) -> tuple[int, ...]:
+    """`difficulties` as a tuple, or the ValueError that says what is wrong with them."""
+    diffs = tuple(difficulties)
+    if not diffs or not all(isinstance(d, int) and not isinstance(d, bool) for d in diffs):
+        raise ValueError(f"difficulties must be a non-empty tuple of ints, got {difficulties!r}")
+    if len(set(diffs)) != len(diffs):
+        raise ValueError(f"duplicate difficulties in {difficulties!r}")
+    return diffs
+
+
+def add_domain(fn: Generator, build: Callable[[], Domain], name: str) -> None:
+    """Register the domain `build()` makes for generator `fn` under `name`: a no-op when the same generator is
+    registered there already (a plugin imported twice), a ValueError when another one is."""
+    existing = _REGISTRY.get(name)
+    if existing is not None:
+        if _same_function(existing.generate, fn):
+            return
+        raise ValueError(
+            f"domain {name!r} is already registered by {existing.generate.__module__}."
+            f"{getattr(existing.generate, '__qualname__', existing.generate)!s}; pick another name"
+        )
+    _REGISTRY[name] = build()
 
 
 def get_domain(name: str) -> Domain:

@@ -199,6 +199,15 @@ class DataDomain:
         train, held = self._data()
         return {ch for p in (*train, *held) for ch in p.prompt + p.answer}
 
+    def longest_prompts(self) -> tuple[str, str]:
+        """The longest training prompt and the longest held-out one, in characters ('' where there is none):
+        what the load-time memory check tokenizes."""
+        train, held = self._data()
+        return (max((p.prompt for p in train), key=len, default=""), max((p.prompt for p in held), key=len, default=""))
+
+    def held_out_count(self) -> int:
+        return len(self._data()[1])
+
     def verify(self, problem: Problem, completion: str) -> float:
         return float(self._verifier()(problem, completion))
 

@@ -10,6 +10,10 @@ A gold trajectory (`ToolDomain.trajectory`) is the model turns a perfect agent w
 tools return, so an SFT stage teaches the call format; the reward is the partial-match reward of the final
 answer (the first turn that is not a tool call). A `ToolDomain` is a `Domain` (the registry's held-out sets,
 training draws and verifier) that also starts episodes (`envs.episode.Environment`).
+
+Plugins add one with `register_tool_domain` (docs/AGENTS.md, "Writing a tool domain"): its tools, a
+demonstration, and optionally `setup(problem) -> state` and `teardown(state)` around each episode (tools that
+declare a `ToolContext` parameter see the problem and that state) and a user simulator.
 """
 
 from __future__ import annotations
@@ -17,11 +21,22 @@ from __future__ import annotations
 import hashlib
 import random
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from .base import _REGISTRY, Domain, Problem, guarded_verifier, partial_match_reward
-from .episode import Limits, ToolEpisode
+from .base import (
+    Domain,
+    DomainError,
+    Generator,
+    Problem,
+    Verifier,
+    add_domain,
+    check_difficulties,
+    guarded_verifier,
+    partial_match_reward,
+)
+from .episode import Limits, ToolEpisode, UserSimulator
 from .tools import Tool, tool
 
 
@@ -46,6 +61,9 @@ class ToolDomain(Domain):
     tools: Mapping[str, Tool] = field(default_factory=dict, hash=False)
     limits: Limits = Limits()
     demonstration: Callable[[Problem], list[str]] | None = None  # a perfect agent's model turns
+    setup: Callable[[Problem], Any] | None = None  # an episode's state, made when it starts
+    teardown: Callable[[Any], None] | None = None  # run on that state once the episode ends
+    user: UserSimulator | None = None  # answers a turn that is not a call (None: it is the final answer)
 
     def _make(self, rng: random.Random, difficulty: int) -> Problem:
         """A problem that carries its gold trajectory and tools (`meta`), what SFT on trajectories trains on."""
@@ -53,20 +71,39 @@ class ToolDomain(Domain):
         return replace(problem, meta={"trajectory": self.trajectory(problem), "tools": self.tools})
 
     def start(self, problem: Problem, *, chat: bool = False) -> ToolEpisode:
-        return ToolEpisode(problem, self.tools, self.verify, self.limits, chat=chat)
+        state = None
+        if self.setup is not None:
+            try:
+                state = self.setup(problem)
+            except (Exception, SystemExit) as e:  # plugin code: one line naming the domain
+                raise DomainError(f"domain {self.name!r}: its setup raised {e.__class__.__name__}: {e}") from None
+        return ToolEpisode(problem, self.tools, self.verify, self.limits, chat=chat, state=state,
+                           teardown=self.teardown, user=self.user)
 
     def trajectory(self, problem: Problem) -> list[tuple[str, str]]:
-        """The gold trajectory: ("model", turn) and ("env", observation) segments, in order, from playing the
-        demonstration through an episode (so the observations are what the tools return)."""
-        assert self.demonstration is not None
+        """The gold trajectory: ("model", turn) segments, each followed by what answered it ("env": a tool
+        result, one per call; "user": a user simulator's message), from playing the demonstration through an
+        episode (so the observations are what the tools return)."""
+        if self.demonstration is None:
+            raise DomainError(f"domain {self.name!r}: a tool domain needs a demonstration (its gold turns)")
+        try:
+            turns = list(self.demonstration(problem))
+        except (Exception, SystemExit) as e:
+            raise DomainError(f"domain {self.name!r}: its demonstration raised {e.__class__.__name__}: "
+                              f"{e}") from None
         episode = self.start(problem)
+        # the domain's own perfect agent: its calls run on threads even where the policy's run in processes
+        # (a fork per call per training problem would cost SFT minutes)
+        episode.limits = replace(self.limits, tool_processes=False)
         segments: list[tuple[str, str]] = []
-        for turn in self.demonstration(problem):
+        for turn in turns:
             segments.append(("model", turn))
-            reply = episode.step(turn)
-            if reply.observation is None:
+            seen = len(episode.messages)
+            if episode.step(turn).observation is None:
                 break
-            segments.append(("env", reply.observation))
+            segments += [("user" if m["role"] == "user" else "env", m["content"]) for m in episode.messages[seen + 1:]]
+        else:
+            episode.cut("")  # a demonstration that never answers still ends its episode (teardown)
         return segments
 
 
@@ -111,15 +148,52 @@ def _demo_chain(problem: Problem) -> list[str]:
     return [f"get:{key}", f"mul:{value},{n}", str(value * int(n))]
 
 
+def register_tool_domain(
+    name: str,
+    *,
+    tools: Sequence[Tool | Callable[..., Any]],
+    demonstration: Callable[[Problem], list[str]],
+    difficulties: tuple[int, ...] = (1, 2, 3),
+    verify: Verifier | None = None,
+    description: str = "",
+    limits: Limits = Limits(),
+    setup: Callable[[Problem], Any] | None = None,
+    teardown: Callable[[Any], None] | None = None,
+    user: UserSimulator | None = None,
+) -> Callable[[Generator], Generator]:
+    """Decorator registering `fn(rng, difficulty) -> (prompt, answer)` as tool domain `name`; returns `fn`.
+
+    `tools`: functions (made `Tool`s with `tool`) or `Tool`s; `demonstration(problem)`: a perfect agent's model
+    turns, played through an episode for SFT's gold trajectories; `verify` the final answer's reward (default
+    `partial_match_reward`); `limits` the episode's (`envs.episode.Limits`); `setup(problem) -> state` and
+    `teardown(state)` run around each episode, and tools with a `ToolContext` parameter see that state; `user`
+    is a user simulator. Registering the same generator again is a no-op; another one under a taken name is a
+    ValueError, as for `register_domain`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"domain name must be a non-empty string, got {name!r}")
+    diffs = check_difficulties(difficulties)
+    made = [t if isinstance(t, Tool) else tool(t) for t in tools]
+    if not made or len({t.name for t in made}) != len(made):
+        raise ValueError(f"tool domain {name!r}: tools must be a non-empty list with distinct names")
+    if not callable(demonstration):
+        raise TypeError(f"tool domain {name!r}: demonstration must be a function of the problem")
+
+    def decorator(fn: Generator) -> Generator:
+        add_domain(fn, lambda: ToolDomain(
+            name=name, generate=fn, verify=guarded_verifier(name, verify or partial_match_reward),
+            difficulties=diffs, description=description, tools={t.name: t for t in made}, limits=limits,
+            demonstration=demonstration, setup=setup, teardown=teardown, user=user,
+        ), name)
+        return fn
+
+    return decorator
+
+
 def _register(name: str, generate, demonstration, tools: list[Tool], difficulties: tuple[int, ...],
-              description: str, limits: Limits = Limits()) -> None:
-    if name in _REGISTRY:  # registered already (this module imported twice): keep the first
-        return
-    _REGISTRY[name] = ToolDomain(
-        name=name, generate=generate, verify=guarded_verifier(name, partial_match_reward),
-        difficulties=difficulties, description=description, tools={t.name: t for t in tools}, limits=limits,
-        demonstration=demonstration,
-    )
+              description: str) -> None:
+    register_tool_domain(name, tools=tools, demonstration=demonstration, difficulties=difficulties,
+                         description=description)(generate)
 
 
 _register("tool_mul", _gen_mul, _demo_mul, [MUL], (1, 2, 3),

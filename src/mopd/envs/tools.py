@@ -8,9 +8,17 @@ Two call formats, one per kind of tokenizer (docs/AGENTS.md):
 * real chat models write `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes / Qwen format
   that their chat templates describe when given `tools=`), with the schema of `tool_schema`.
 
-A tool runs in-process on a worker thread with a time limit (`run_tool`): a tool that raises, hangs or returns
+A turn may hold several calls (`parse_calls`): chat models write several `<tool_call>` blocks, the character
+models several `name:args` calls one space apart (`get:qwk get:abc`); each gets its own result, in call order.
+
+A tool that needs its episode declares a parameter annotated `ToolContext`: it receives the problem and the
+episode's state (what the domain's `setup` returned), and that parameter is not part of the tool's schema. A tool
+may return `ToolReply(text, reward)` to give a per-turn reward beside its observation.
+
+`run_tool` runs one call in-process on a worker thread with a time limit: a tool that raises, hangs or returns
 text longer than a limit gives an error or truncated observation, never an exception in the rollout. A hung
-tool's thread cannot be killed in Python; it is abandoned (a daemon thread) and the episode goes on.
+tool's thread cannot be killed in Python; it is abandoned (a daemon thread) and the episode goes on. Calls that
+must be killable run in worker processes instead (`envs.tool_runner`, `Limits.tool_processes`).
 """
 
 from __future__ import annotations
@@ -28,26 +36,51 @@ _CHAR_CALL = re.compile(r"^\s*([a-z_][a-z0-9_]*):(.*)$", re.DOTALL)
 _CHAT_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
+@dataclass
+class ToolContext:
+    """What a tool that declares a `ToolContext` parameter receives: the episode's problem and its state (what
+    the domain's `setup(problem)` returned, None without one). Calls of one turn run at the same time, so a
+    tool that writes the state should write only what no other call of the turn reads."""
+
+    problem: Any  # envs.base.Problem (not imported: tools sit below the domain registry)
+    state: Any = None
+
+
+@dataclass(frozen=True)
+class ToolReply:
+    """A tool's result with a per-turn reward (added to the episode's reward, `envs.episode.ToolEpisode`)."""
+
+    text: str
+    reward: float = 0.0
+
+
 @dataclass(frozen=True)
 class Tool:
     name: str
     fn: Callable[..., Any]
     description: str
-    params: tuple[tuple[str, type], ...]  # (name, type) in signature order
+    params: tuple[tuple[str, type], ...]  # (name, type) in signature order, the ones the model writes
+    context_arg: str | None = None  # the parameter that receives the episode's `ToolContext`, if any
 
 
 def tool(fn: Callable[..., Any], name: str | None = None) -> Tool:
     """A `Tool` from a function: its name (or `name`), its docstring's first line and its annotated arguments
-    (int, float, str or bool each; anything else is refused here, not at call time)."""
+    (int, float, str or bool each; anything else is refused here, not at call time). One parameter annotated
+    `ToolContext` receives the episode's problem and state instead of a model-written value."""
     hints = get_type_hints(fn)
-    params = []
+    params, context_arg = [], None
     for p in inspect.signature(fn).parameters.values():
         t = hints.get(p.name)
+        if t is ToolContext and context_arg is None:
+            context_arg = p.name
+            continue
         if t not in ARG_TYPES:
-            raise TypeError(f"tool {fn.__name__}: argument {p.name!r} needs an int, float, str or bool annotation")
+            raise TypeError(f"tool {fn.__name__}: argument {p.name!r} needs an int, float, str or bool annotation "
+                            "(or ToolContext, once)")
         params.append((p.name, t))
     doc = (inspect.getdoc(fn) or "").strip().splitlines()
-    return Tool(name=name or fn.__name__, fn=fn, description=doc[0] if doc else "", params=tuple(params))
+    return Tool(name=name or fn.__name__, fn=fn, description=doc[0] if doc else "", params=tuple(params),
+                context_arg=context_arg)
 
 
 def tool_schema(t: Tool) -> dict[str, Any]:
@@ -111,10 +144,35 @@ def parse_char_call(text: str, tools: dict[str, Tool]) -> ToolCall | CallError |
 def parse_chat_call(text: str, tools: dict[str, Tool]) -> ToolCall | CallError | None:
     """The first `<tool_call>{json}</tool_call>` of a chat model's turn; None when the turn has none."""
     m = _CHAT_CALL.search(text)
-    if m is None:
-        return None
+    return None if m is None else _chat_body(m.group(1), tools)
+
+
+def parse_calls(text: str, tools: dict[str, Tool], *, chat: bool,
+                max_calls: int) -> list[ToolCall | CallError] | None:
+    """Every call of a turn, in order; None when the turn is not a call attempt (a final answer).
+
+    Chat: each `<tool_call>` block. Character models: `name:args` calls one space apart, when every
+    space-separated piece starts `name:`; otherwise the whole turn is one call (`mul:12, 3` stays one call).
+    Calls past `max_calls` are errors the model reads (`err:at most N calls a turn`), not dropped in silence.
+    """
+    if chat:
+        bodies = _CHAT_CALL.findall(text)
+        if not bodies:
+            return None
+        calls = [_chat_body(b, tools) for b in bodies]
+    else:
+        if _CHAR_CALL.match(text) is None:
+            return None
+        pieces = text.split()
+        many = len(pieces) > 1 and all(_CHAR_CALL.match(p) for p in pieces)
+        calls = [parse_char_call(p, tools) for p in (pieces if many else [text])]  # type: ignore[misc]
+    over = CallError(f"err:at most {max_calls} calls a turn")
+    return [c if i < max_calls else over for i, c in enumerate(calls)]
+
+
+def _chat_body(body: str, tools: dict[str, Tool]) -> ToolCall | CallError:
     try:
-        call = json.loads(m.group(1))
+        call = json.loads(body)
         name, args = call["name"], call.get("arguments", {})
         if isinstance(args, str):
             args = json.loads(args)
@@ -130,15 +188,44 @@ class ToolResult:
     text: str
     error: bool  # raised, timed out, or the call was malformed
     truncated: bool = False
+    reward: float = 0.0  # the tool's per-turn reward (`ToolReply`)
 
 
-def run_tool(call: ToolCall, *, time_limit_s: float, max_chars: int) -> ToolResult:
+def call_tool(call: ToolCall, context: ToolContext | None) -> tuple[str, float]:
+    """Run `call` here and now: its text and per-turn reward. Raises whatever the tool raises, or the error of a
+    result whose text cannot be made (a reward that is not a finite number is a ValueError)."""
+    args = dict(call.args)
+    if call.tool.context_arg is not None:
+        args[call.tool.context_arg] = context
+    value = call.tool.fn(**args)
+    if isinstance(value, ToolReply):
+        reward = value.reward
+        if isinstance(reward, bool) or not isinstance(reward, int | float) or reward != reward:
+            raise ValueError(f"tool {call.tool.name}: reward {reward!r} is not a number")
+        return str(value.text), float(reward)
+    return str(value), 0.0
+
+
+def error_result(e: BaseException) -> ToolResult:
+    """A tool's failure as the observation the model reads (a tool that raises `TimeoutError` timed out)."""
+    return ToolResult("err:timeout" if isinstance(e, TimeoutError) else f"err:{type(e).__name__.lower()}", error=True)
+
+
+def finished(text: str, reward: float, max_chars: int) -> ToolResult:
+    """A tool's text cut to `max_chars` (flagged truncated), with its per-turn reward."""
+    if len(text) > max_chars:
+        return ToolResult(text[:max_chars], error=False, truncated=True, reward=reward)
+    return ToolResult(text, error=False, reward=reward)
+
+
+def run_tool(call: ToolCall, *, time_limit_s: float, max_chars: int,
+             context: ToolContext | None = None) -> ToolResult:
     """Run `call` on a daemon thread for at most `time_limit_s`; its result as text of at most `max_chars`."""
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = call.tool.fn(**call.args)
+            box["value"] = call_tool(call, context)
         except BaseException as e:  # noqa: BLE001 - a tool's failure is an observation, whatever it is
             box["error"] = e
 
@@ -148,11 +235,5 @@ def run_tool(call: ToolCall, *, time_limit_s: float, max_chars: int) -> ToolResu
     if worker.is_alive():
         return ToolResult("err:timeout", error=True)
     if "error" in box:
-        return ToolResult(f"err:{type(box['error']).__name__.lower()}", error=True)
-    try:
-        text = str(box.get("value"))
-    except Exception as e:  # noqa: BLE001 - a result whose str() fails is the tool's error too
-        return ToolResult(f"err:{type(e).__name__.lower()}", error=True)
-    if len(text) > max_chars:
-        return ToolResult(text[:max_chars], error=False, truncated=True)
-    return ToolResult(text, error=False)
+        return error_result(box["error"])
+    return finished(*box["value"], max_chars)

@@ -19,8 +19,8 @@ Why in-process and not verifiers' rollout machinery (`vf.Agent`): that calls the
 interception server and serves each toolset from a subprocess (seconds per episode), and records no token ids
 for a policy it does not serve; mopd needs its own tokens, role masks and cached multi-turn sampling, and an
 episode here costs milliseconds. What this leaves out: harness-specific behaviour (`@vf.stop` hooks, user
-simulators, sandboxes and runtimes); toolsets run in this process, `setup()` once and `setup_task(task)` at each
-episode's start, on one event loop per domain.
+simulators, sandboxes and runtimes) and per-task toolset state (`setup_task` is not called); toolsets run in this
+process, `setup()` once when the domain is built, on one event loop per domain.
 
 A taskset without tools is a single-turn domain (the fast single-turn sampler; `verify` scores a completion as
 the assistant's one reply); with tools it is a tool-use domain (`envs.episode.Environment`). Rewards must be in
@@ -42,7 +42,8 @@ from ..core.schema.defaults import HELD_OUT_SEED
 from .base import _REGISTRY, DomainError, Problem
 from .data import held_out_split
 from .episode import EpisodeStats, Limits, Reply
-from .tools import CallError, Tool, parse_char_call, parse_chat_call, run_tool
+from .tool_runner import start_calls
+from .tools import CallError, Tool, ToolCall, parse_calls
 
 EXTRA = "pip install 'mopd[verifiers]'"
 _JSON_TYPES: dict[str, type] = {"integer": int, "number": float, "string": str, "boolean": bool}
@@ -329,30 +330,31 @@ class VerifiersEpisode:
     def step(self, turn: str) -> Reply:
         self.stats.turns += 1
         self.messages.append({"role": "assistant", "content": turn})
-        call = (parse_chat_call if self.chat else parse_char_call)(turn, self.domain.tools)
-        if call is None:
+        limits = self.domain.limits
+        calls = parse_calls(turn, self.domain.tools, chat=self.chat, max_calls=limits.max_parallel_calls)
+        if calls is None:
             self.wire.append({"role": "assistant", "content": turn})
             return Reply(None, reward=self.domain.score(self.problem, self.wire, self.domain.schemas))
-        self.stats.tool_calls += 1
-        if self.stats.turns >= self.domain.limits.max_turns:
+        self.stats.tool_calls += len(calls)
+        self.stats.malformed_calls += sum(isinstance(c, CallError) for c in calls)
+        if self.stats.turns >= limits.max_turns:
             return Reply(None, reward=0.0)  # the last allowed turn was not an answer
-        if isinstance(call, CallError):
-            self.stats.tool_errors += 1
-            self.wire.append({"role": "assistant", "content": turn})
-            text = call.message
-        else:
-            call_id = f"call_{self.stats.turns}"
-            self.wire.append({"role": "assistant", "content": None, "tool_calls": [{
-                "id": call_id, "type": "function",
-                "function": {"name": call.tool.name, "arguments": json.dumps(call.args)}}]})
-            result = run_tool(call, time_limit_s=self.domain.limits.tool_time_s,
-                              max_chars=self.domain.limits.max_observation_chars)
+        ids = {i: f"call_{self.stats.turns}_{i}" if i else f"call_{self.stats.turns}" for i in range(len(calls))}
+        valid = [(i, c) for i, c in enumerate(calls) if isinstance(c, ToolCall)]
+        self.wire.append({"role": "assistant", "content": turn} if not valid else {
+            "role": "assistant", "content": None, "tool_calls": [{
+                "id": ids[i], "type": "function",
+                "function": {"name": c.tool.name, "arguments": json.dumps(c.args)}} for i, c in valid]})
+        results = start_calls(calls, None, time_limit_s=limits.tool_time_s, max_chars=limits.max_observation_chars,
+                              processes=limits.tool_processes).results()
+        for i, (call, result) in enumerate(zip(calls, results, strict=True)):
             self.stats.tool_errors += int(result.error)
             self.stats.truncated_observations += int(result.truncated)
-            text = result.text
-            self.wire.append({"role": "tool", "tool_call_id": call_id, "name": call.tool.name, "content": text})
-        self.messages.append({"role": "tool", "content": text})
-        return Reply(text)
+            self.messages.append({"role": "tool", "content": result.text})
+            if isinstance(call, ToolCall):
+                self.wire.append({"role": "tool", "tool_call_id": ids[i], "name": call.tool.name,
+                                  "content": result.text})
+        return Reply(" ".join(r.text for r in results))
 
     def cut(self, partial: str) -> float:
         self.stats.cut = True

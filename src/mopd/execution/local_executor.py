@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
+from ..core.errors import StageError
 from ..recipe.load import LoadedRecipe
 from ..stages.resolved import StageHooks
 from ..stages.run import run_stage
@@ -17,8 +19,27 @@ from .scheduler import Ended
 from .stage_step import run_stage_step
 
 
+def check_local_gpus(loaded: LoadedRecipe) -> None:
+    """GPUs a stage reserves (`resources.gpus`, `rollout.gpus`) that torch does not see here: one line before
+    compute. Why: the local executor runs every stage in this process on the device its placement resolves
+    (`device: auto` is the CPU without CUDA), so a recipe written for GPUs would otherwise train on the CPU,
+    slowly and without a word. On a machine with the GPUs the stage runs on them, as before."""
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for name in loaded.order:
+        stage = loaded.recipe.stages[name]
+        rollout = getattr(stage, "rollout", None)
+        for key, asked in (("resources", stage.resources.gpus), ("rollout", rollout.gpus if rollout else 0.0)):
+            if asked > have:
+                raise StageError(f"stage {name!r}: `{key}: {{gpus: {asked:g}}}`, but torch sees {have} GPU(s) "
+                                 "here, and the local executor runs every stage in this process: it would run on "
+                                 "the CPU. Run with `--executor ray` on a cluster with the GPUs, or remove the "
+                                 f"stage's `{key}.gpus`")
+
+
 def warn_line(console: Console, msg: str) -> None:
-    console.print(f"[bold yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
+    console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 class LocalExecutor:
@@ -67,4 +88,4 @@ class LocalExecutor:
         return [Ended(name, entry=info)]
 
     def failed(self, name: str, why: str) -> None:
-        self.progress.update(self.bars[name], info=f"[bold red]failed:[/] {why}")
+        self.progress.update(self.bars[name], info=f"[bold red]failed:[/] {escape(why)}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..core.errors import StageError
+from ..core.extras import import_problem
 from ..core.run_dir import METRICS
 from ..recipe.load import LoadedRecipe
 from ..runtime import start_local_ray
 from ..stages.resolved import StageHooks
 from .learner_group import group_runner, learner_workers
 from .progress import logged_step, progress_info, stage_progress
+from .ray_address import check_address
 from .run_lock import stage_lock
 from .scheduler import Ended
 from .stage_failures import first_line
@@ -38,16 +40,15 @@ from .stage_step import run_stage_step
 
 RAY_EXTRA = "pip install 'mopd[ray]'"
 WORKER_RETRIES = 2  # a worker process that dies (killed, out of memory) is restarted this many times
-CONNECT_TIMEOUT_S = 5.0  # an --address that does not answer within this fails before compute
 PROGRESS_POLL_SECONDS = 1.0  # how often the driver reads the running stages' metrics logs for their progress
 
 
 def import_ray() -> Any:
     """The `ray` module, or one StageError line naming the extra."""
-    try:
-        import ray
-    except ImportError:
-        raise StageError(f"--executor ray needs Ray, which is not installed: {RAY_EXTRA}") from None
+    if why := import_problem("ray"):
+        raise StageError(f"--executor ray needs Ray, which does not import here ({why}): {RAY_EXTRA}")
+    import ray
+
     return ray
 
 
@@ -57,8 +58,8 @@ def ray_cluster(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
     belongs to) unless this process already did, and check every stage's resources fit it: each mistake is one
     StageError line before compute. Shuts down what it started."""
     ray = import_ray()
-    if address and address != "auto":
-        _check_reachable(address)
+    if address is not None:
+        check_address(ray, address)  # bounded: ray.init retries a port that is not a Ray head for minutes
     started = False
     if not ray.is_initialized():
         # concurrent stages and sweep points print look-alike progress lines; Ray would fold them into one
@@ -77,19 +78,6 @@ def ray_cluster(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
-
-
-def _check_reachable(address: str) -> None:
-    """A plain TCP connect to the address's host and port, bounded by CONNECT_TIMEOUT_S (ray.init itself keeps
-    retrying an unreachable head for a minute or more)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise StageError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise StageError(f"--address {address}: no Ray head answers there within {CONNECT_TIMEOUT_S:.0f}s "
-                         f"({e.strerror or e}); start one with `ray start --head`") from None
 
 
 def check_resources(loaded: LoadedRecipe, cluster: dict[str, float]) -> None:
@@ -141,7 +129,8 @@ class RayExecutor:
                                 name=f"mopd:{name}").remote(
             self.shared, name, self.out, self.ids, prior, self.threads or max(1, int(res.cpus)))
         self.running[ref] = name
-        self.progress.console.print(f"{name}: started on Ray ({res.cpus:g} CPU, {res.gpus:g} GPU)", highlight=False)
+        self.progress.console.print(f"{name}: started on Ray ({res.cpus:g} CPU, {res.gpus:g} GPU)", highlight=False,
+                                    markup=False)
         self.bars[name] = self.progress.add_task(name, total=self._steps(name), info="")
 
     def wait_any(self) -> list[Ended]:
@@ -164,7 +153,7 @@ class RayExecutor:
         return ended
 
     def failed(self, name: str, why: str) -> None:
-        self.progress.console.print(f"[bold red]{name}: failed:[/] {why}", highlight=False, soft_wrap=True)
+        self.progress.console.print(f"[bold red]{name}: failed:[/] {escape(why)}", highlight=False, soft_wrap=True)
 
 
 def plugins_by_value(ray: Any) -> None:

@@ -50,8 +50,10 @@ def _held(lock: Path, wait_s: float, unusable: str, busy: str) -> Iterator[None]
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = lock.open("a+")
-    except OSError as e:
-        raise RunLockedError(unusable.format(error=e.strerror or e)) from None
+    except OSError as e:  # the lock itself named when it is the culprit (a directory in its place)
+        error = e.strerror or str(e)
+        error = f"{error}: {lock}" if e.filename and Path(e.filename) == lock else error
+        raise RunLockedError(unusable.format(error=error)) from None
     if (holder := _flock(handle, wait_s)) is not None:
         handle.close()
         raise RunLockedError(busy.format(holder=holder)) from None

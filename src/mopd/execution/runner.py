@@ -8,9 +8,10 @@ moved aside to `.superseded/` (never deleted), so nothing already saved is lost.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +27,16 @@ from ..recipe.load import LoadedRecipe
 from ..recipe.resources import precision_warnings
 from ..stages.resumable import supersede
 from .learner_group import check_local
-from .local_executor import LocalExecutor, warn_line
+from .local_executor import LocalExecutor, check_local_gpus, warn_line
 from .ray_executor import RayExecutor, ray_cluster
 from .run_lock import RunLockedError, run_lock
 from .scheduler import Executor, schedule
 from .stage_step import storage_errors
 from .tracking_run import Trackers, run_trackers
 
-__all__ = ["RunLockedError", "report_block", "run_recipe"]
+__all__ = ["RunLockedError", "busy_seconds", "report_block", "run_recipe"]
+
+RUN_STARTED = "run_started_at"  # a stage entry's: when the run that computed the stage started (epoch seconds)
 
 
 def report_block(loaded: LoadedRecipe) -> dict | None:
@@ -88,7 +91,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
             "seed": recipe.seed,
             "version": __version__,
             "executor": executor,
-            "wall_seconds": round(sum(v.get("wall_seconds", 0.0) for v in stages_info.values()), 2),
+            "wall_seconds": round(busy_seconds(stages_info.values()), 2),
             "order": loaded.order,
             "stages": stages_info,
             "report": report_block(loaded),
@@ -102,13 +105,15 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         warn_line(console, msg)
 
     def record(name: str, info: dict) -> None:
-        stages_info[name] = info
+        # the start of the run that computed the stage: this one, or for a skipped stage the earlier one
+        since = start_time if info.get("status") != "cached" else _seconds(stages_info.get(name, {}).get(RUN_STARTED))
+        stages_info[name] = info if since is None else {**info, RUN_STARTED: round(since, 3)}
         write_run_json()
         trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
         trackers.samples(name, out / name)  # its logged rollouts (`log_samples`) as the trackers' tables
 
     schedule(loaded, EXECUTORS[executor].make(loaded, out, ids, console, trackers, threads), stages_info, record)
-    console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}")
+    console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}", markup=False)
     if report_block(loaded) is None:
         console.print("no mopd stage in this recipe: report skipped")
         return None
@@ -119,6 +124,41 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     for msg in summary.get("warnings", []):  # a domain left out of the normalized score, said where it is read
         warn_line(console, msg)
     return summary
+
+
+def busy_seconds(entries: Iterable[dict]) -> float:
+    """The run's wall time, from run.json's stage entries: the union of the spans from the start of the run that
+    computed each stage (`run_started_at`) to the stage's end, overlapping spans counted once.
+
+    Why not the sum of the stages' times: under the Ray executor independent stages run at the same time, and
+    their sum is the compute spent, not the time the run took. Why from the run's start rather than the stage's:
+    the time between stages (the driver's work, a Ray worker starting) is part of the run's wall time too. A
+    rerun that skips finished stages keeps the spans of the runs that computed them, and the time between an
+    interrupted run and its resumption, when nothing ran, is not counted; a resumed stage's span reaches back
+    over the checkpointed seconds its `wall_seconds` includes. An entry without `run_started_at` (an older
+    run.json) spans its own `wall_seconds`, and one without a usable `ended_at` counts them on its own; entries
+    are read from run.json, so a value that is not a finite number counts as nothing."""
+    spans: list[tuple[float, float]] = []
+    unplaced = 0.0
+    for entry in entries:
+        wall, ended = _seconds(entry.get("wall_seconds")), _seconds(entry.get("ended_at"))
+        if wall is None or wall < 0:
+            continue
+        if ended is None:
+            unplaced += wall
+            continue
+        since = _seconds(entry.get(RUN_STARTED))
+        spans.append((ended - wall if since is None else min(since, ended - wall), ended))
+    total, reach = unplaced, -math.inf
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
+def _seconds(value: object) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 @dataclass(frozen=True)
@@ -132,6 +172,7 @@ class ExecutorKind:
 @contextmanager
 def _local_setup(loaded: LoadedRecipe, address: str | None) -> Iterator[None]:
     check_local(loaded)  # a data-parallel learner's ranks are Ray tasks
+    check_local_gpus(loaded)  # GPUs reserved that this process does not have
     yield
 
 

@@ -90,11 +90,23 @@ def finished(stage_dir: Path, identity: str, warn: Warn) -> bool:
         return False
     problem = stage_output_problem(stage_dir)
     if problem is None:
-        return read_lineage(final).get("identity") == identity
+        recorded = read_lineage(final).get("identity")
+        if recorded == identity:
+            return True
+        # a verified output of other settings (stage.json said otherwise): kept, not overwritten by the rerun
+        dest = supersede(final, stage_dir.parent, f"{stage_dir.name}-{FINAL}-{_safe_label(recorded)}")
+        warn(f"stage {stage_dir.name!r}: its finished output was made with other settings; moved to {dest}; the "
+             "stage runs again")
+        return False
     dest = supersede(stage_dir, stage_dir.parent, f"{stage_dir.name}-unverified")
     warn(f"stage {stage_dir.name!r}: its finished output failed verification ({problem}); moved to {dest}; "
          "the stage runs again")
     return False
+
+
+def _safe_label(identity: object) -> str:
+    """An identity read from a run directory (untrusted) as part of a file name: 16 hex digits, or `unknown`."""
+    return identity if isinstance(identity, str) and re.fullmatch(r"[0-9a-f]{16}", identity) else "unknown"
 
 
 def archive_if_stale(stage_dir: Path, identity: str, out: Path) -> None:
@@ -111,8 +123,7 @@ def recorded_identity(stage_dir: Path) -> str:
         marker = json.loads((stage_dir / STAGE_JSON).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return "unknown"
-    identity = marker.get("identity") if isinstance(marker, dict) else None
-    return identity if isinstance(identity, str) and re.fullmatch(r"[0-9a-f]{16}", identity) else "unknown"
+    return _safe_label(marker.get("identity") if isinstance(marker, dict) else None)
 
 
 @contextmanager

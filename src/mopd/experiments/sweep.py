@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..core.errors import RecipeError
 from ..core.run_dir import RECIPE_COPY
 from ..core.schema import MOPDStage
+from ..core.schema.bounds import SEEDS_MAX
 from ..execution.runner import report_block
 from ..recipe.load import LoadedRecipe
+from ..recipe.yaml_file import read_yaml
 from ..report.compare import build_compare
 from ..report.sweep import build_sweep, build_sweep_history
 from .compare_plan import compare_plan
@@ -42,8 +42,8 @@ from .variants import (
 def seed_count(option: int | None, loaded: LoadedRecipe) -> int:
     """`--seeds` if given, else the recipe's `seeds`; below 1 is a one-line RecipeError."""
     n = loaded.recipe.seeds if option is None else option
-    if n < 1:
-        raise RecipeError(f"--seeds {n}: must be at least 1")
+    if not 1 <= n <= SEEDS_MAX:
+        raise RecipeError(f"--seeds {n}: must be from 1 to {SEEDS_MAX} (each seed is a whole run of every method)")
     return n
 
 
@@ -91,11 +91,12 @@ def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: in
 
 
 def _objective_in(run_dir: Path, student: str) -> str | None:
-    """The student's objective as a point's own recipe.yaml sets it (read as data: nothing in it is run)."""
+    """The student's objective as a point's own recipe.yaml sets it (read as data: nothing in it is run; a run
+    directory is untrusted, so the copy is read with the recipe loader's guard against alias bombs and nesting)."""
     try:
-        raw = yaml.safe_load((run_dir / RECIPE_COPY).read_text(encoding="utf-8"))
+        _, raw = read_yaml(run_dir / RECIPE_COPY)
         value = raw["stages"][student].get("objective", MOPDStage.model_fields["objective"].default)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+    except (RecipeError, KeyError, TypeError, AttributeError):
         return None
     return value if isinstance(value, str) else None
 

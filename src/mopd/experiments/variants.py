@@ -33,6 +33,7 @@ import yaml
 from ..core.errors import RecipeError
 from ..core.run_dir import FINAL, RECIPE_COPY, RUN_JSON
 from ..core.schema import Recipe
+from ..core.schema.bounds import SEEDS_MAX
 from ..models.checkpoint import read_lineage
 from ..recipe.identity import stage_identities
 from ..recipe.load import LoadedRecipe, load_recipe
@@ -165,8 +166,8 @@ def plan_variants(loaded: LoadedRecipe, out: Path, seeds: int,
     """Every variant (each grid point x each seed), each checked by the loader, before anything runs or is
     written under `out`; each has `loaded`'s trackers (the file's `logging:` and the command's `--log`). `grid`: (dotted key, values as typed). Seeds are the recipe's `seed` + 0 .. seeds-1;
     with one seed there is no seed-<s> level; with no grid there is no point level."""
-    if seeds < 1:
-        raise RecipeError(f"--seeds {seeds}: must be at least 1")
+    if not 1 <= seeds <= SEEDS_MAX:
+        raise RecipeError(f"--seeds {seeds}: must be from 1 to {SEEDS_MAX} (each seed is a whole run of every method)")
     raw0 = portable(yaml.safe_load(loaded.path.read_text()), loaded)
     raw0.pop("seeds", None)
     # the trackers as the command resolved them (`--log` adds to the file's `logging:`), so every variant logs

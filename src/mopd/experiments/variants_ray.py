@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..core.errors import StageError
 from ..execution.ray_executor import (
@@ -84,7 +85,8 @@ def _run_tasks(ray: Any, runs: VariantRuns, console: Console, threads: int | Non
                 runs.run, loaded, Path(v.out).resolve(), threads or max(1, int(cpus)))
             running[ref], started[i] = i, time.time()
             waiting.remove(i)
-            console.print(f"{variant_label(v)}: started on Ray ({cpus:g} CPU, {gpus:g} GPU)", highlight=False)
+            console.print(f"{variant_label(v)}: started on Ray ({cpus:g} CPU, {gpus:g} GPU)", highlight=False,
+                          markup=False)
         # while variants wait for shared stages, look for them every POLL_SECONDS
         ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS if waiting else None)
         for ref in ready:
@@ -95,9 +97,10 @@ def _run_tasks(ray: Any, runs: VariantRuns, console: Console, threads: int | Non
                 results[i] = ray.get(ref)
             except Exception as e:  # not a stage's failure (those are `run`'s result): the variant's own
                 failed.append(f"{label}: {first_line(getattr(e, 'cause', None) or e)}")
-                console.print(f"[bold red]{label}: failed:[/] {failed[-1]}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]{escape(label)}: failed:[/] {escape(failed[-1])}", highlight=False,
+                              soft_wrap=True)
                 continue
-            console.print(f"{label}: finished ({time.time() - started[i]:.0f}s)", highlight=False)
+            console.print(f"{label}: finished ({time.time() - started[i]:.0f}s)", highlight=False, markup=False)
     if failed:
         raise StageError("\n".join(failed))
     return results

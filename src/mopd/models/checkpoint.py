@@ -126,15 +126,25 @@ def head_kind(path: str | Path) -> str:
     return "causal_lm"
 
 
+def auto_class(path: str | Path):
+    """The transformers Auto class of the checkpoint's kind (`head_kind`)."""
+    return {"sequence_classifier": AutoModelForSequenceClassification,
+            "token_classifier": AutoModelForTokenClassification}.get(head_kind(path), AutoModelForCausalLM)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose weights are not the model its config.json describes; str() is one line naming it."""
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """The checkpoint as the class it was saved as: a causal LM, or a reward model / critic (`head_kind`)."""
-    kind = head_kind(path)
-    if kind == "sequence_classifier":
-        return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
-    if kind == "token_classifier":
-        return AutoModelForTokenClassification.from_pretrained(str(path), dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model
+    """The checkpoint as the class it was saved as: a causal LM, or a reward model / critic (`head_kind`). A local
+    directory whose weights do not match its config is refused first (`weights_check`), never loaded with
+    randomly initialised parameters."""
+    from .weights_check import weights_problem
+
+    if Path(path).is_dir() and (problem := weights_problem(path)):
+        raise CheckpointMismatch(f"{path}: {problem}")
+    return auto_class(path).from_pretrained(str(path), dtype=dtype)
 
 
 def load_tokenizer(path: str | Path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,14 +25,18 @@ from ..core.schema import (
     PretrainStage,
     PromptedStage,
     Recipe,
+    SamplingSettings,
     TinyModelConfig,
 )
 from ..models.precision import resolve_placement
-from .refs import init_ref, resolve_external
+from .refs import init_ref, resolve_external, stage_roots
 from .tokenizer import recipe_tokenizer
 from .yaml_file import Where
 
 ADAMW_STATE_BYTES = 8  # two float32 moments per trained parameter
+# What the whole-batch sampler (`sampling.sampler`) allocates per row and new token before its first step: the new
+# tokens' ids (int64), their logprobs and mask (float32 each) and the attention mask over them (int64).
+SAMPLER_BYTES_PER_TOKEN = 24
 
 
 def tiny_parameters(cfg: TinyModelConfig, vocab: int) -> int:
@@ -92,9 +97,14 @@ def stage_parameters(recipe: Recipe, order: list[str], base: Path) -> dict[str, 
     return counts
 
 
-def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Where) -> None:
+def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Where,
+                       data: dict[str, Any] | None = None) -> None:
     """One RecipeError when a stage's floor (trained parameters with their gradients and AdamW state, or LoRA's
-    frozen weights, plus its teachers' weights) exceeds the total memory of its device."""
+    frozen weights, plus its teachers' weights; a sampling stage's rollout buffers; the attention mask of a
+    padded batch of its data domains' longest prompts) exceeds the total memory of its device. `data`: the
+    recipe's data domains, read at load."""
+    _check_rollout_buffers(recipe, where)
+    _check_prompt_masks(recipe, order, base, data or {}, where)
     counts = stage_parameters(recipe, order, base)
     for name, s in recipe.stages.items():
         if name not in counts or isinstance(s, MergeStage | PromptedStage | ModelStage):
@@ -119,3 +129,79 @@ def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Wher
                 f"{f', plus {len(teachers)} teacher(s)' if teachers else ''}); {placement.device.type} has "
                 f"{total / 2**30:.1f} GiB in all"
             )
+
+
+def _check_rollout_buffers(recipe: Recipe, where: Where) -> None:
+    """A sampling stage without rollout workers samples all batch_size x group_size rows at once, and its sampler
+    allocates their max_new_tokens columns before the first token: `max_new_tokens: 1000000` on a large batch
+    would train the stages before it and then stop in the allocator."""
+    for name, s in recipe.stages.items():
+        if not isinstance(s, SamplingSettings) or s.rollout is not None:
+            continue
+        rows = s.batch_size * s.group_size
+        need = rows * s.max_new_tokens * SAMPLER_BYTES_PER_TOKEN
+        device = resolve_placement(s, recipe).device
+        total = device_memory(device)
+        if total is not None and need > total:
+            raise RecipeError(
+                f"{where('stages', name, 'max_new_tokens')}: stage {name!r} samples {rows:,} rows (batch_size x "
+                f"group_size) of up to {s.max_new_tokens:,} new tokens at once: the sampler's buffers alone are "
+                f"{need / 2**30:.1f} GiB; {device.type} has {total / 2**30:.1f} GiB in all"
+            )
+
+
+def _check_prompt_masks(recipe: Recipe, order: list[str], base: Path, data: dict[str, Any], where: Where) -> None:
+    """A batch of prompts of different lengths is left-padded, and transformers' attention then takes a
+    [prompts, 1, P, P] boolean mask (one byte per query-key pair; P the longest prompt in tokens; checked on
+    transformers 5): a 20,000-token prompt needs 400 MB of mask for each prompt prefilled beside it. A stage
+    prefills its step's batch_size prompts at once (without rollout workers), and every trained stage ends with
+    the held-out evaluation, eval.batch_size prompts at once; either mask beyond the device's memory is refused
+    here instead of in the allocator after the stages before it trained."""
+    lengths = {d: (domain.longest_prompts(), domain.held_out_count()) for d, domain in data.items()
+               if callable(getattr(domain, "longest_prompts", None)) and getattr(domain, "local", False)}
+    if not lengths:
+        return
+    roots = stage_roots(recipe.stages, order, base)
+    tokenizers: dict[str, Any] = {}
+    for name in order:
+        s = recipe.stages[name]
+        if name not in roots or not hasattr(s, "steps"):
+            continue
+        device = resolve_placement(s, recipe).device
+        if (total := device_memory(device)) is None:
+            continue
+        train_at_once = s.batch_size if isinstance(s, SamplingSettings) and s.rollout is None else 0
+        for d, ((train, held), n_held) in lengths.items():
+            for prompt, at_once, key, what in (
+                (train, train_at_once if d in (getattr(s, "domains", None) or recipe.domains) else 0,
+                 ("stages", name, "batch_size"), "its step prefills"),
+                (held, min(recipe.eval.batch_size, recipe.eval.size, n_held), ("eval", "batch_size"),
+                 f"the held-out evaluation after stage {name!r} prefills"),
+            ):
+                # cheap first: no tokenizer makes more tokens than UTF-8 bytes (+ a few special ones)
+                if at_once < 2 or at_once * (len(prompt.encode()) + 8) ** 2 <= total:
+                    continue
+                tokens = _prompt_tokens(prompt, roots[name], recipe, tokenizers)
+                need = at_once * tokens**2
+                if tokens and need > total:
+                    raise RecipeError(
+                        f"{where(*key)}: {what} {at_once} prompts of domain {d!r} at once, whose longest is "
+                        f"{tokens:,} tokens: a padded batch's attention mask alone is {need / 2**30:.1f} GiB "
+                        f"({at_once} x {tokens:,}^2 bytes); {device.type} has {total / 2**30:.1f} GiB in all "
+                        "(lower the batch size, or drop or shorten the longest prompts)"
+                    )
+
+
+def _prompt_tokens(prompt: str, root: str, recipe: Recipe, cache: dict[str, Any]) -> int:
+    """`prompt`'s length in the tokens of the models descending from `root` ('scratch': the recipe's character
+    tokenizer; a local directory or cached Hub id: its tokenizer); 0 when that tokenizer is not here."""
+    if root not in cache:
+        from transformers import AutoTokenizer
+
+        try:
+            cache[root] = recipe_tokenizer(recipe) if root == "scratch" else AutoTokenizer.from_pretrained(
+                root, local_files_only=True)
+        except Exception:  # not here (a Hub id not downloaded): its stage reports it
+            cache[root] = None
+    tok = cache[root]
+    return 0 if tok is None else len(tok(prompt, add_special_tokens=False)["input_ids"])

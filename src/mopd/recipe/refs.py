@@ -31,6 +31,7 @@ from ..core.schema import (
 from ..core.schema.teachers import served_over_http
 from ..models.gguf import GGUFError, cached_conversion, is_gguf_ref
 from ..models.integrity import sealed_dir_problem
+from ..models.weights_check import weights_problem
 from .hub import hub_unavailable_reason
 
 
@@ -137,7 +138,8 @@ def check_stage_refs(recipe: Recipe, name: str, refs: Iterable[tuple[tuple, str]
             raise RecipeError(f"{at(*key)}: {ref!r} is neither a stage of this recipe nor a model directory{hint}")
         elif Path(external).is_dir() and not (Path(external) / "config.json").is_file():
             raise RecipeError(f"{at(*key)}: {ref!r} is a directory without a Hugging Face model (no config.json)")
-        elif Path(external).is_dir() and (problem := sealed_dir_problem(Path(external))):
+        elif Path(external).is_dir() and (problem := sealed_dir_problem(Path(external))
+                                          or weights_problem(Path(external))):
             raise RecipeError(f"{at(*key)}: {ref!r}: {problem}")
         elif (check_hub and not Path(external).is_dir() and not served_over_http(stage, key)
               and (why := hub_unavailable_reason(external))):

@@ -8,25 +8,56 @@ stages, the disk and the installed packages.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import RecipeError
+from ..core.run_dir import DERIVED_NAME_EXTRA, NAME_MAX, reserved_stage_name
 from ..core.schema import NAME_PATTERN, CascadeRLStage, MOPDStage, OffPolicyFTStage, Recipe, SamplingSettings
 from ..core.schema.teachers import missing_extra
 from .refs import StageFacts, check_stage_refs
 from .yaml_file import Where
 
 
-def check_stage_names(recipe: Recipe, where: Where) -> None:
-    """A stage name becomes a directory of the run: no path, no hidden or option-like name."""
+def check_stage_names(recipe: Recipe, base: Path, where: Where) -> None:
+    """A stage name becomes a directory of the run: no path, no hidden or option-like name, none of the names
+    the run directory uses for its own files, and short enough that every name mopd derives from it fits the
+    filesystem (`base`: the recipe's directory, the run directory's stand-in at load)."""
+    longest = name_max(base) - DERIVED_NAME_EXTRA
+    if len(recipe.name) > longest:
+        raise RecipeError(f"{where('name')}: the recipe name is {len(recipe.name)} characters; at most {longest} "
+                          "here (it names the run directory, and file names on this filesystem are at most "
+                          f"{longest + DERIVED_NAME_EXTRA})")
     for name in recipe.stages:
         if not re.fullmatch(NAME_PATTERN, name):
             raise RecipeError(
                 f"{where('stages', name)}: stage name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
                 "starting with a letter, digit or '_' (it names the stage's directory in the run)"
             )
+        if taken := reserved_stage_name(name):
+            raise RecipeError(
+                f"{where('stages', name)}: stage name {name!r} is taken: the run directory keeps its own {taken!r} "
+                "beside the stages' directories; choose another name"
+            )
+        if len(name) > longest:
+            raise RecipeError(
+                f"{where('stages', name)}: stage name {name[:24]!r}... is {len(name)} characters; at most {longest} "
+                f"here (file names on this filesystem are at most {longest + DERIVED_NAME_EXTRA}, and mopd adds up "
+                f"to {DERIVED_NAME_EXTRA} to a stage's name)"
+            )
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name the filesystem of `directory` (or its nearest existing parent) takes, at most
+    NAME_MAX."""
+    for d in (directory, *directory.parents):
+        try:
+            return min(NAME_MAX, os.pathconf(d, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return NAME_MAX
 
 
 def check_stage(recipe: Recipe, name: str, facts: StageFacts, base: Path, where: Where, *, check_hub: bool) -> list[str]:

@@ -17,6 +17,14 @@ from pydantic import ValidationError
 from ..core.errors import RecipeError
 from ..core.schema import KINDS, Recipe
 
+# How far a recipe's YAML may nest, and how many values (scalars and collections) it may hold once its aliases are
+# expanded. The deepest bundled recipe nests 5 levels and the largest holds a few hundred values; data belongs in
+# files. Why bounds at all: the line map and the duplicate-key walk visit every expanded value (an alias bomb of
+# 9 levels of 10 aliases is 10^9 of them, about 70 minutes), and YAML's composer recurses once per level (1000
+# levels is a RecursionError).
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
 
 def read_yaml(path: Path) -> tuple[yaml.Node | None, Any]:
     """The file's node tree (which knows lines) and its plain data, or the one line saying why it has neither."""
@@ -29,11 +37,47 @@ def read_yaml(path: Path) -> tuple[yaml.Node | None, Any]:
     except (UnicodeDecodeError, OSError) as e:
         raise RecipeError(f"{path}: cannot read it as a YAML text file ({e.__class__.__name__})") from None
     try:
+        refuse_bombs(path, text)
         return yaml.compose(text), yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+
+
+def refuse_bombs(path: Path, text: str) -> None:
+    """One RecipeError line when the YAML nests deeper than MAX_DEPTH or its aliases expand it past MAX_VALUES,
+    found from the parser's events (a loop, no recursion, each event once) before anything is built from them.
+
+    An alias counts as many values as its anchor's node expands to, known when that node ends, so the sum is the
+    size of the expanded document without expanding it."""
+    expanded: dict[str, int] = {}  # anchor -> values its node expands to
+    open_nodes: list[tuple[int, str | None]] = []  # each open collection: (total when it started, its anchor)
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            total += expanded.get(event.anchor, 1)
+            if total > MAX_VALUES:
+                raise RecipeError(f"{path}:{line}: the alias *{event.anchor} expands the recipe past {MAX_VALUES:,} "
+                                  "values (a recipe holds at most that many; an alias bomb?)")
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            if event.anchor is not None:
+                expanded[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            total += 1
+            open_nodes.append((total - 1, event.anchor))
+            if len(open_nodes) > MAX_DEPTH:
+                raise RecipeError(f"{path}:{line}: nested more than {MAX_DEPTH} levels deep (a recipe nests at most "
+                                  f"{MAX_DEPTH})")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            start, anchor = open_nodes.pop()
+            if anchor is not None:
+                expanded[anchor] = total - start
+        if total > MAX_VALUES:
+            raise RecipeError(f"{path}:{line}: the recipe holds more than {MAX_VALUES:,} values (a recipe holds at "
+                              "most that many; data belongs in a data file)")
 
 
 def key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:

@@ -22,7 +22,7 @@ from typing import Any
 from mopd.report.plots import FIGURE_NAMES, render_figures
 from mopd.report.tables import Table, compute_report, fmt_duration, fmt_number, incomplete_message
 
-from ..core.run_dir import RECIPE_COPY, SUMMARY_JSON
+from ..core.run_dir import RECIPE_COPY, REPORT_HTML, REPORT_MD, SUMMARY_JSON
 from ..eval.transcripts import render
 
 # ----------------------------------------------------------------------------------------------- write
@@ -41,16 +41,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def build_report(run_dir: Path) -> dict[str, Any]:
-    """Rebuild report.md, report.html, summary.json and the curve PNGs in `run_dir`; returns the summary.
+def build_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    """Rebuild report.md, report.html, summary.json and the curve PNGs of `run_dir` in `out` (default: `run_dir`
+    itself; elsewhere when the run is on a read-only mount); returns the summary.
 
-    Raises ValueError (one line, naming the file) when run.json is missing or lacks required keys.
+    Raises ValueError (one line, naming the file) when run.json is missing or lacks required keys, and OSError
+    when `out` cannot be written (each file is replaced whole, so nothing already there is damaged).
     """
     run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir
     data = compute_report(run_dir)
     pngs = render_figures(data.curves, data.order, data.recipe)
+    out.mkdir(parents=True, exist_ok=True)
     for name in FIGURE_NAMES:
-        target = run_dir / name
+        target = out / name
         if name in pngs:
             atomic_write(target, pngs[name])
         else:  # remove a stale figure from an earlier build so the report never links old data
@@ -70,10 +74,10 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight, data.agent_table,
                  _transcripts_html(data.transcripts, data.transcripts_file))
     atomic_write(
-        run_dir / SUMMARY_JSON, (json.dumps(data.summary, indent=2, allow_nan=False) + "\n").encode()
+        out / SUMMARY_JSON, (json.dumps(data.summary, indent=2, allow_nan=False) + "\n").encode()
     )
-    atomic_write(run_dir / "report.md", md.encode("utf-8"))
-    atomic_write(run_dir / "report.html", page.encode("utf-8"))
+    atomic_write(out / REPORT_MD, md.encode("utf-8"))
+    atomic_write(out / REPORT_HTML, page.encode("utf-8"))
     return data.summary
 
 

@@ -32,9 +32,9 @@ from mopd.report.scores import (
 )
 from mopd.report.tables import MISSING, Table, fmt_duration, fmt_number
 
-from ..core.run_dir import METRICS
+from ..core.run_dir import COMPARE_FILES, METRICS
 
-FILES = ("compare.md", "compare.json", "compare_bars.png", "sample_efficiency.png")
+FILES = COMPARE_FILES
 
 
 def _stage_totals(run_dir: Path, stage: str) -> dict[str, float]:

@@ -13,13 +13,12 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 
+from ..core.run_dir import FIGURES
+
 # stage -> metric key -> [(step, value)] sorted by step
 Curves = Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]
 
-FIGURE_NAMES = (
-    "reward.png", "reverse_kl.png", "entropy.png", "completion_len.png",
-    "routing_share.png", "is_dropped.png", "teacher_nll.png",
-)
+FIGURE_NAMES = FIGURES  # named once in core.run_dir: a stage may not take one of these names
 DPI = 110
 _MARKERS_BELOW = 30  # draw point markers (and no smoothed line) when a line has at most this many points
 RAW_ALPHA = 0.25  # the raw curve under a smoothed one

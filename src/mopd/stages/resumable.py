@@ -33,14 +33,31 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
 
 def supersede(path: Path, run_dir: Path, label: str) -> Path:
     """Move `path` into `run_dir/.superseded/` under a name that says what it was; returns where it went."""
-    dest = Path(run_dir) / SUPERSEDED / f"{label}-{int(time.time())}"
+    _superseded_dir(Path(run_dir) / SUPERSEDED)
+    return _move_into(path, Path(run_dir) / SUPERSEDED, label)
+
+
+def _move_into(path: Path, folder: Path, label: str) -> Path:
+    dest = folder / f"{label}-{int(time.time())}"
     n = 1
-    while dest.exists():
+    while dest.exists() or dest.is_symlink():
         dest = dest.with_name(f"{label}-{int(time.time())}-{n}")
         n += 1
-    dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, dest)
     return dest
+
+
+def _superseded_dir(folder: Path) -> None:
+    """Make `.superseded/` a directory. Something else in its place (a file, a link) is itself kept, moved into
+    the new directory, rather than blocking every recovery until someone removes it by hand."""
+    if folder.is_dir() and not folder.is_symlink():
+        return
+    if folder.exists() or folder.is_symlink():
+        aside = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+        os.replace(folder, aside)
+        folder.mkdir()
+        _move_into(aside, folder, f"{folder.name}-was-not-a-directory")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def resume_point(stage_dir: Path, stage: str, warn: Callable[[str], None] | None) -> Path | None:

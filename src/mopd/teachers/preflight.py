@@ -247,7 +247,8 @@ def run_preflight(
         # a teacher of tool-use domains is measured on whole episodes, as training samples them
         episodes = (episode_rows(problems, {d.name: d for d in routed}, settings.max_new_tokens,
                                  prompt_format.chat_template) if any(is_agentic(d) for d in routed) else None)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        # wrapped into torch's unsigned 64-bit range: unchanged for every seed below 1.8e13
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**64)
         if teacher in remote:
             kl, tokens = sampled_reverse_kl(student, remote[teacher], tokenizer, prompts, settings, gen, prompt_format,
                                             episodes)

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from .bounds import GROUP_MAX
 from .stages import SamplingSettings, TrainStage
 from .strict import Strict, rule_error
 from .teachers import TeacherBackend, backend_problem
@@ -75,7 +76,7 @@ class MOPDStage(TrainStage, SamplingSettings, DistillationSettings):
     kind: Literal["mopd"]
     init: str
     teachers: dict[str, str] = Field(description="domain -> teacher (stage name or HF directory)")
-    group_size: int = Field(1, gt=0)
+    group_size: int = Field(1, gt=0, le=GROUP_MAX)
     preflight: PreflightSettings = Field(
         default_factory=lambda: PreflightSettings(), description="teacher-student compatibility check"
     )

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from .bounds import GROUP_MAX
 from .stages import SamplingSettings, TrainStage
 
 # SamplingSettings fields of the GRPO step that PPO has no use for: setting one is refused, not ignored
@@ -39,7 +40,7 @@ class PPOStage(TrainStage, SamplingSettings):
     value_clip: float | None = Field(0.2, gt=0, description="value clip around the rollout's values; null: none")
     vf_coef: float = Field(0.5, ge=0, description="weight of the value loss")
     epochs: int = Field(1, gt=0, description="updates per step's rollouts")
-    group_size: int = Field(4, gt=0, description="completions sampled per prompt")
+    group_size: int = Field(4, gt=0, le=GROUP_MAX, description="completions sampled per prompt")
 
     @model_validator(mode="after")
     def _whole_rollouts(self) -> PPOStage:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from .bounds import GROUP_MAX, NEW_TOKENS_MAX
 from .rewards import DEFAULT_REWARD, REWARD_DESCRIPTION, RewardSource
 from .stages import Strict, TrainStage
 
@@ -55,8 +56,8 @@ class DPOStage(TrainStage):
     length_normalized: bool = Field(False, description="per-token mean logprobs instead of sums")
     pairs_from: PairsFrom = Field("policy", description=PAIRS_DESCRIPTION)
     reward: RewardSource = Field(DEFAULT_REWARD, description="ranks pairs_from: policy; " + REWARD_DESCRIPTION)
-    group_size: int = Field(4, gt=0, description="policy samples per prompt (pairs_from: policy)")
-    max_new_tokens: int = Field(12, gt=0)
+    group_size: int = Field(4, gt=0, le=GROUP_MAX, description="policy samples per prompt (pairs_from: policy)")
+    max_new_tokens: int = Field(12, gt=0, le=NEW_TOKENS_MAX)
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the pair's answers")
     top_p: float = Field(1.0, gt=0, le=1)
 
@@ -76,14 +77,14 @@ class RejectionSamplingStage(TrainStage):
     kind: Literal["rejection_sampling"]
     init: str
     sampler: str | None = Field(None, description="the model sampled from (stage name or HF directory); default: init")
-    n: int = Field(8, gt=0, description="answers sampled per prompt (best-of-n)")
+    n: int = Field(8, gt=0, le=GROUP_MAX, description="answers sampled per prompt (best-of-n)")
     threshold: float = Field(1.0, ge=0, le=1, description="keep a prompt's best answer when its reward >= this")
     domain_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
         None, description="per-domain thresholds replacing `threshold` for the listed domains (a judged domain's "
         "scores are probabilities that never reach 1.0)",
     )
     reward: RewardSource = Field(DEFAULT_REWARD, description="scores the answers; " + REWARD_DESCRIPTION)
-    max_new_tokens: int = Field(12, gt=0)
+    max_new_tokens: int = Field(12, gt=0, le=NEW_TOKENS_MAX)
     temperature: float = Field(1.0, gt=0, description="sampler temperature")
     top_p: float = Field(1.0, gt=0, le=1)
 
@@ -101,8 +102,8 @@ class RewardModelStage(TrainStage):
     init: str
     pairs_from: PairsFrom = Field("policy", description=PAIRS_DESCRIPTION)
     reward: RewardSource = Field(DEFAULT_REWARD, description="ranks pairs_from: policy; " + REWARD_DESCRIPTION)
-    group_size: int = Field(4, gt=0, description="samples per prompt (pairs_from: policy)")
-    max_new_tokens: int = Field(12, gt=0)
+    group_size: int = Field(4, gt=0, le=GROUP_MAX, description="samples per prompt (pairs_from: policy)")
+    max_new_tokens: int = Field(12, gt=0, le=NEW_TOKENS_MAX)
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the pair's answers")
     top_p: float = Field(1.0, gt=0, le=1)
     eval_pairs: int = Field(32, gt=0, description="held-out prompts (policy / delta pairs) for the pair accuracy")

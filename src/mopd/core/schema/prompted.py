@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from .bounds import Seed
 from .stages import DeviceName, DType, StageResources
 from .strict import Strict
 
@@ -30,7 +31,7 @@ class PromptedStage(Strict):
     examples: list[PromptExample] = Field(
         default_factory=list, description="worked examples, rendered as earlier user / assistant turns")
     domains: list[str] | None = Field(None, description="the domains it is meant to teach (informational)")
-    seed: int | None = Field(None, description="defaults to the recipe seed")
+    seed: Seed | None = Field(None, description="defaults to the recipe seed")
     dtype: DType | None = Field(None, description="defaults to the recipe's `dtype`")
     device: DeviceName | None = Field(None, description="defaults to the recipe's `device`")
     resources: StageResources = Field(default_factory=StageResources,
@@ -49,7 +50,7 @@ class ModelStage(Strict):
 
     kind: Literal["model"]
     init: str = Field(description="the model: a Hugging Face directory or id, or gguf:PATH")
-    seed: int | None = Field(None, description="defaults to the recipe seed")
+    seed: Seed | None = Field(None, description="defaults to the recipe seed")
     dtype: DType | None = Field(None, description="defaults to the recipe's `dtype`")
     device: DeviceName | None = Field(None, description="defaults to the recipe's `device`")
     resources: StageResources = Field(default_factory=StageResources,

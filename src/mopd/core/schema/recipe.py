@@ -9,9 +9,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
+from .bounds import BATCH_MAX, NEW_TOKENS_MAX, SEED_MAX, SEEDS_MAX, Seed
 from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE, MIN_TEACHER_GAIN
 from .kinds import Stage
 from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict
+from .strict import rule_error
 
 
 class TokenizerSettings(Strict):
@@ -27,8 +29,8 @@ class EvalSettings(Strict):
 
     size: int = Field(HELD_OUT_SIZE, gt=0, description="held-out prompts per domain")
     seed: int = HELD_OUT_SEED
-    max_new_tokens: int = Field(12, gt=0)
-    batch_size: int = Field(256, gt=0)
+    max_new_tokens: int = Field(12, gt=0, le=NEW_TOKENS_MAX)
+    batch_size: int = Field(256, gt=0, le=BATCH_MAX)
 
 
 class ReportSettings(Strict):
@@ -83,7 +85,7 @@ class DataDomainSpec(Strict):
     limit: int | None = Field(None, gt=0, description="read at most this many records")
     code_timeout_s: float = Field(5.0, gt=0, description="wall-clock limit of one sandboxed code run")
     max_new_tokens: int | None = Field(
-        None, gt=0, description="greedy tokens per held-out prompt in every evaluation of this domain; default: "
+        None, gt=0, le=NEW_TOKENS_MAX, description="greedy tokens per held-out prompt in every evaluation of this domain; default: "
         "eval.max_new_tokens"
     )
 
@@ -164,11 +166,11 @@ DomainEntry = Annotated[
 
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    seed: int = 0
+    seed: Seed = 0
     seeds: int = Field(
-        1, ge=1, description="`mopd compare` / `mopd sweep`: run every method for this many seeds (seed, seed+1, "
-        "...), each in RUN/seed-<s>/, and report means with 95% intervals; `--seeds` overrides it. `mopd run` "
-        "runs `seed` only",
+        1, ge=1, le=SEEDS_MAX, description="`mopd compare` / `mopd sweep`: run every method for this many seeds (seed, "
+        "seed+1, ...), each in RUN/seed-<s>/, and report means with 95% intervals; `--seeds` overrides it. `mopd "
+        "run` runs `seed` only. At most 1000: each seed is a whole run of every method",
     )
     plugins: list[str] = Field(default_factory=list, description="Python files that register domains")
     domains: list[DomainEntry] = Field(
@@ -213,6 +215,13 @@ class Recipe(Strict):
     )
 
     _data_domains: dict[int, DataDomainSpec | VerifiersDomainSpec] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _last_seed_fits(self) -> Recipe:
+        if self.seed + self.seeds - 1 > SEED_MAX:
+            raise rule_error(self, "seed", message=f"seeds {self.seed} to {self.seed + self.seeds - 1} (`seeds`: "
+                             f"{self.seeds}) go past {SEED_MAX} (a seed is an unsigned 64-bit integer)")
+        return self
 
     @model_validator(mode="after")
     def _names_only(self) -> Recipe:

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from .bounds import BATCH_MAX, GROUP_MAX, LR_MAX, NEW_TOKENS_MAX, Seed, Steps
 from .defaults import ADV_CLIP, EPS_HIGH, EPS_LOW, IS_MODE, ISMode
 from .rewards import DEFAULT_REWARD, REWARD_DESCRIPTION, RewardSource
 from .strict import Strict, rule_error
@@ -76,7 +77,8 @@ class LoraSettings(Strict):
 
 class StageResources(Strict):
     """What one stage asks of the executor: `mopd run --executor ray` schedules it on a worker with these free;
-    the local executor runs stages one at a time and ignores it. Not part of a stage's identity."""
+    the local executor runs stages one at a time in its own process, and refuses GPUs this machine does not have.
+    Not part of a stage's identity."""
 
     cpus: float = Field(1.0, gt=0, description="CPU cores the stage's worker reserves (its torch threads by default)")
     gpus: float = Field(0.0, ge=0, description="GPUs the stage's worker reserves (fractions share one device)")
@@ -84,10 +86,10 @@ class StageResources(Strict):
 
 class TrainStage(Strict):
     init: str | None = Field(None, description="a stage name of this recipe, or a Hugging Face directory / id")
-    seed: int | None = Field(None, description="defaults to the recipe seed")
-    steps: int = Field(gt=0)
-    batch_size: int = Field(32, gt=0, description="prompts per step")
-    lr: float = Field(1e-3, gt=0)
+    seed: Seed | None = Field(None, description="defaults to the recipe seed")
+    steps: Steps
+    batch_size: int = Field(32, gt=0, le=BATCH_MAX, description="prompts per step")
+    lr: float = Field(1e-3, gt=0, le=LR_MAX)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -151,12 +153,12 @@ class SFTStage(TrainStage):
 
 
 class SamplingSettings(Strict):
-    group_size: int = Field(8, gt=0, description="completions sampled per prompt")
+    group_size: int = Field(8, gt=0, le=GROUP_MAX, description="completions sampled per prompt")
     log_samples: int = Field(
         0, ge=0, description="every this many steps, write a few rollouts of each domain as transcripts "
         "(<stage>/samples/train-<step>.jsonl, and the trackers' tables); 0 = none (evals always write theirs)",
     )
-    max_new_tokens: int = Field(12, gt=0)
+    max_new_tokens: int = Field(12, gt=0, le=NEW_TOKENS_MAX)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     is_mode: ISMode = IS_MODE
@@ -276,7 +278,7 @@ class OffPolicyFTStage(TrainStage):
     teachers: dict[str, str] = Field(description="domain -> teacher (stage name or HF directory)")
     verified_only: bool = False
     min_reward: float = Field(1.0, ge=0, le=1, description="with verified_only: keep traces with reward >= this")
-    max_new_tokens: int = Field(12, gt=0)
+    max_new_tokens: int = Field(12, gt=0, le=NEW_TOKENS_MAX)
     temperature: float = Field(1.0, gt=0, description="teacher sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1)
 

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 
+from ..extras import import_problem
 from .strict import Strict, rule_error
 
 
@@ -133,11 +134,10 @@ def served_over_http(stage, key: tuple) -> bool:
 
 
 def missing_extra(backends: dict[str, ActorBackend | HttpBackend]) -> str | None:
-    """Why the teachers' backends cannot run in this environment (an extra not installed), in words; None when
-    they can. Asked at load, so a recipe whose MOPD stage comes after hours of other stages fails first."""
-    from importlib.util import find_spec
-
+    """Why the teachers' backends cannot run in this environment (an extra not installed, or one that does not
+    import), in words; None when they can. Asked at load, so a recipe whose MOPD stage comes after hours of other
+    stages fails first, and `mopd validate` says so."""
     actors = sorted(n for n, b in backends.items() if isinstance(b, ActorBackend))
-    if actors and find_spec("ray") is None:
-        return f"teacher {actors[0]!r} has `backend: actor`, which needs Ray: pip install 'mopd[ray]'"
+    if actors and (why := import_problem("ray")):
+        return f"teacher {actors[0]!r} has `backend: actor`, which needs Ray ({why}): pip install 'mopd[ray]'"
     return None
