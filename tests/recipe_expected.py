@@ -58,7 +58,8 @@ of metric:
 - `recovery/<domain>` = (student - start) / (teacher - start) and the `normalized_score` (their mean) are
   functions of three held-out scores: their bound is the largest change that moving each score by its own
   K_PROMPTS / N can make (found at a corner of that box: the ratio is monotone in each score). Where that box lets
-  the teacher's gain reach zero (the recovery may become undefined, or anything), the value is not compared
+  the teacher's gain fall under the report's minimum (`report.min_teacher_gain`: the recovery may become undefined,
+  or anything), the value is not compared
   across machine kinds; its scores are. At 8 held-out prompts that is every recovery here.
 The cross-machine bounds are derived, not fitted, then checked: the numbers of a run under an emulated AVX2
 machine (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 on this AVX-512 one)
@@ -87,7 +88,7 @@ from rich.console import Console
 from mopd.cli_tools.bundled import REPORT_RECIPES, run_bundled
 from mopd.execution.runner import run_recipe
 from mopd.report.run_files import read_metrics
-from mopd.report.scores import MIN_TEACHER_GAIN
+from mopd.report.scores import MIN_TEACHER_GAIN, recovery
 
 EXPECTED_DIR = Path(__file__).resolve().parent / "expected"
 THREADS = 1
@@ -281,18 +282,17 @@ K_SAMPLES = 2
 
 
 def _recovery(a: float, t: float, s: float) -> float | None:
-    gain = t - a
-    return (s - a) / gain if gain > MIN_TEACHER_GAIN else None
+    return recovery(a, t, s)  # the report's own rule, with the default `report.min_teacher_gain`
 
 
 def _recovery_bound(report: dict[str, Any], counts: dict[str, int], domain: str) -> float:
     """The largest change of a recovery when each of its three scores moves by K_PROMPTS / N: inf where the
-    teacher's gain may reach zero (the recovery is then undefined or anything)."""
+    teacher's gain may fall under the report's minimum (the recovery is then undefined or anything)."""
     a, t, s = (report[f"eval/{role}/{domain}"] for role in ("start", "teacher", "student"))
     if None in (a, t, s):
         return math.inf
     eps = K_PROMPTS / counts[f"eval/student/{domain}"]
-    if t - a - 2 * eps <= MIN_TEACHER_GAIN:
+    if t - a - 2 * eps < MIN_TEACHER_GAIN:  # the gain may fall under the minimum: defined or not
         return math.inf
     r = _recovery(a, t, s)
     corners = (_recovery(a + da, t + dt, s + ds) for da in (-eps, eps) for dt in (-eps, eps) for ds in (-eps, eps))

@@ -3,6 +3,7 @@ single turns is refused at load in one line (recipe/agent_checks.py)."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -75,3 +76,18 @@ def test_the_bundled_agentic_recipe_runs_at_a_reduced_scale(tmp_path_factory) ->
     report = (run / "report.md").read_text()
     assert "## Agent episodes (tool-use domains)" in report
     assert "tool_mul: tool calls / length" in report and "tool_chain: tool calls / length" in report
+    # every eval wrote its transcripts; the MOPD student's carry each model turn's teacher KL, its tool turns the
+    # tools' results (issue 38)
+    from mopd.eval.transcripts import read_transcripts
+
+    final = read_transcripts(sorted((run / "student" / "samples").glob("eval-*.jsonl"))[-1])
+    assert {r["domain"] for r in final} == set(loaded.recipe.domains)
+    summary = json.loads((run / "summary.json").read_text())
+    for d in loaded.recipe.domains:  # the transcripts' rewards are the eval's: their mean is the score
+        rewards = [r["reward"] for r in final if r["domain"] == d]
+        assert sum(rewards) / len(rewards) == pytest.approx(summary["domains"][d]["student"])
+    turns = [t for r in final for t in r["turns"]]
+    assert all(isinstance(t.get("teacher_kl"), float) for t in turns if t["role"] == "assistant")
+    assert all("teacher_kl" not in t for t in turns if t["role"] == "tool")
+    assert all(list((run / s / "samples").glob("eval-*.jsonl")) for s in loaded.order)
+    assert "## Transcripts (best and worst per domain)" in report

@@ -225,3 +225,29 @@ def test_compare_needs_a_compare_block(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["compare", str(path), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "no `compare:` block" in res.output
     assert not (tmp_path / "out").exists()  # rejected before any compute
+
+
+def test_compare_leaves_out_a_teacher_that_gained_too_little(tmp_path: Path) -> None:
+    """`report.min_teacher_gain` reaches `mopd compare`: b's teacher gains +0.02 (< 0.05), so b is 'teacher gain
+    too small' in the table, compare.json and its warning, and the score is a's recovery alone; a plan that sets
+    the minimum to 0.01 keeps b."""
+    run = tmp_path / "run"
+    _stage(run, "sft", {"a": 0.2, "b": 0.5}, [{"step": 1, "samples": 0}])
+    _stage(run, "ta", {"a": 0.6, "b": 0.5}, [{"step": 1, "samples": 8}])
+    _stage(run, "tb", {"a": 0.2, "b": 0.52}, [{"step": 1, "samples": 8}])
+    _stage(run, "mopd", {"a": 0.5, "b": 0.7}, [{"step": 1, "samples": 10}])
+    stages = {s: {"kind": "x", "wall_seconds": 1.0} for s in ("sft", "ta", "tb", "mopd")}
+    (run / "run.json").write_text(json.dumps({"recipe": "small", "stages": stages,
+                                              "report": {"start": "sft", "student": "mopd", "teachers": {}}}))
+    plan = {"start": "sft", "teachers": {"a": "ta", "b": "tb"}, "curves": [],
+            "methods": {"MOPD": {"stage": "mopd", "kind": "mopd", "chain": ["mopd"], "extra": []}}}
+    result = build_compare(run, plan)  # a plan from before the setting: the default 0.05
+    m = result["methods"]["MOPD"]
+    assert m["domains"]["b"]["recovery"] is None and result["teachers"]["b"]["status"] == "teacher gain too small"
+    assert m["normalized_score"] == pytest.approx(0.75)  # (0.5 - 0.2) / (0.6 - 0.2); b's 10.0 left out
+    [warning] = result["warnings"]
+    assert warning.startswith("b: teacher gain too small: teacher 'tb' gained +0.020")
+    md = (run / "compare.md").read_text()
+    assert "| 0.750 | teacher gain too small | **0.750** |" in md and f"**Warning**: {warning}." in md
+    kept = build_compare(run, {**plan, "min_teacher_gain": 0.01})
+    assert kept["warnings"] == [] and kept["methods"]["MOPD"]["domains"]["b"]["recovery"] == pytest.approx(10.0)

@@ -57,7 +57,7 @@ def test_run_writes_checkpoints_lineage_report(finished_run) -> None:
     assert set(student["parents"]) == {"sft", "teacher_add", "teacher_rev", "teacher_sort"}
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary
-    assert set(on_disk) == {"recipe", "wall_seconds", "normalized_score", "domains"}
+    assert set(on_disk) == {"recipe", "wall_seconds", "normalized_score", "min_teacher_gain", "domains", "warnings"}
     assert set(on_disk["domains"]) == {"addition", "reversal", "sorting"}
     for name in ("report.md", "reward.png", "reverse_kl.png", "entropy.png", "completion_len.png"):
         assert (out / name).stat().st_size > 0
@@ -124,16 +124,16 @@ def test_interrupted_stage_resumes_from_its_checkpoint(mini_recipe: Path, tmp_pa
     out = tmp_path / "interrupted"
     real_train = driver_module.train
 
-    def crashing_train(ctx, model_factory, loss_fn):
+    def crashing_train(ctx, model_factory, loss_fn, **options):
         if ctx.name != "student":
-            return real_train(ctx, model_factory, loss_fn)
+            return real_train(ctx, model_factory, loss_fn, **options)
 
         def loss_then_crash(model, step):
             if step == 3:  # after the checkpoint at step 2
                 raise KeyboardInterrupt("simulated crash")
             return loss_fn(model, step)
 
-        return real_train(ctx, model_factory, loss_then_crash)
+        return real_train(ctx, model_factory, loss_then_crash, **options)
 
     _patch_train(monkeypatch, crashing_train)
     with pytest.raises(KeyboardInterrupt):
@@ -146,13 +146,13 @@ def test_interrupted_stage_resumes_from_its_checkpoint(mini_recipe: Path, tmp_pa
     resumed_steps: list[int] = []
     real_loss = []
 
-    def recording_train(ctx, model_factory, loss_fn):
+    def recording_train(ctx, model_factory, loss_fn, **options):
         def rec(model, step):
             resumed_steps.append(step)
             return loss_fn(model, step)
 
         real_loss.append(ctx.name)
-        return real_train(ctx, model_factory, rec)
+        return real_train(ctx, model_factory, rec, **options)
 
     _patch_train(monkeypatch, recording_train)
     summary = _run(mini_recipe, out)

@@ -111,8 +111,9 @@ def test_build_report_summary_and_files(tmp_path):
     summary = build_report(run)
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == summary
-    assert set(summary) == {"recipe", "wall_seconds", "normalized_score", "domains"}
+    assert set(summary) == {"recipe", "wall_seconds", "normalized_score", "min_teacher_gain", "domains", "warnings"}
     assert summary["recipe"] == "demo" and summary["wall_seconds"] == 301.2
+    assert summary["min_teacher_gain"] == 0.05 and summary["warnings"] == []  # the default; both gains are 0.4
     math_rec = (0.5 - 0.2) / (0.6 - 0.2)  # 0.75
     code_rec = (0.6 - 0.4) / (0.8 - 0.4)  # 0.5
     assert summary["domains"]["math"] == {
@@ -160,9 +161,50 @@ def test_na_recovery_excluded(tmp_path):
     assert summary["normalized_score"] == pytest.approx(0.75)  # mean over defined domains only
     assert "null" in (run / "summary.json").read_text()
     md = (run / "report.md").read_text()
-    assert "| code | 0.400 | 0.400 (rl_code) | 0.600 | n/a | 0.900 | n/a |" in md
-    assert "n/a on `code`: the teacher `rl_code` did not improve on start" in md
-    assert "excluded from the normalized score" in md
+    too_small = "teacher gain too small"
+    assert f"| code | 0.400 | 0.400 (rl_code) | 0.600 | {too_small} | 0.900 | {too_small} |" in md
+    assert f"**Warning**: {too_small} on `code`: the teacher `rl_code` gained +0.000 over the start" in md
+    assert "left out of the normalized score" in md
+
+
+def _run_with(tmp_path: Path, code_teacher: float, min_gain: float | None = None) -> Path:
+    """The fake run with the code teacher's score set (start 0.4), and `report.min_teacher_gain` in run.json."""
+    scores = {k: dict(v) for k, v in SCORES.items()}
+    scores["rl_code"]["code"] = code_teacher
+    run = make_run(tmp_path / f"run-{code_teacher}-{min_gain}", scores)
+    if min_gain is not None:
+        info = json.loads((run / "run.json").read_text())
+        info["report"]["min_teacher_gain"] = min_gain
+        (run / "run.json").write_text(json.dumps(info))
+    return run
+
+
+def test_small_teacher_gain_left_out_with_a_warning(tmp_path):
+    """Issue 38: a teacher that gained +0.004 made a normalized score of 9.13. Under the minimum (default 0.05) the
+    domain is 'teacher gain too small': left out of the score, marked in summary.json, warned in the report."""
+    run = _run_with(tmp_path, 0.404)  # gain +0.004: the student's +0.2 would be a recovery of 50
+    summary = build_report(run)
+    code = summary["domains"]["code"]
+    assert code["recovery"] is None and code["status"] == "teacher gain too small"
+    assert "status" not in summary["domains"]["math"]
+    assert summary["normalized_score"] == pytest.approx(0.75)  # math alone
+    [warning] = summary["warnings"]
+    assert warning.startswith("code: teacher gain too small: teacher 'rl_code' gained +0.004") and "0.05" in warning
+    md = (run / "report.md").read_text()
+    assert f"**Warning:** {warning}." in md.split("## Teacher gain recovered")[0]  # above the table
+    assert "teacher gain too small" in (run / "report.html").read_text()
+
+
+def test_min_teacher_gain_is_a_setting(tmp_path):
+    """The minimum comes from the recipe (`report.min_teacher_gain`, written to run.json); a gain at it counts."""
+    at_minimum = build_report(_run_with(tmp_path, 0.5, min_gain=0.1))  # gain 0.1 >= 0.1: kept
+    assert at_minimum["warnings"] == [] and at_minimum["domains"]["code"]["recovery"] == pytest.approx(2.0)
+    under = build_report(_run_with(tmp_path, 0.5, min_gain=0.2))  # gain 0.1 < 0.2: left out
+    assert under["domains"]["code"]["recovery"] is None and "under the minimum 0.2" in under["warnings"][0]
+    kept = build_report(_run_with(tmp_path, 0.404, min_gain=0.0))  # 0: any positive gain, as before the minimum
+    assert kept["domains"]["code"]["recovery"] == pytest.approx((0.6 - 0.4) / 0.004)
+    assert recovery(0.0, 0.05, 0.05) == 1.0 and recovery(0.0, 0.0499, 0.05) is None  # the default's edge
+    assert recovery(0.3, 0.3, 0.5, min_gain=0.0) is None  # a minimum of 0 still needs a gain to divide by
 
 
 def test_missing_data_and_malformed_lines(tmp_path):
@@ -200,3 +242,30 @@ def test_no_warning_on_clean_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_report(run)
+
+
+def test_report_shows_the_students_best_and_worst_transcript_per_domain(tmp_path):
+    """From the student's last eval (the highest step's samples/eval-<step>.jsonl), per domain the transcript of
+    highest reward and of lowest, in report.md and report.html; a run without transcripts has no such section."""
+    from mopd.eval.transcripts import samples_path, write_transcripts
+
+    run = make_run(tmp_path / "run")
+    assert "## Transcripts" not in (build_report(run), (run / "report.md").read_text())[1]
+
+    def record(domain, reward, text):
+        return {"step": 4, "kind": "eval", "domain": domain, "prompt": f"{domain}?", "reference": "r",
+                "reward": reward, "turns": [{"role": "assistant", "text": text, "tool_call": False}]}
+
+    write_transcripts(samples_path(run / "mopd", "eval", 2), [record("math", 0.0, "an older eval")])
+    write_transcripts(samples_path(run / "mopd", "eval", 4), [
+        record("math", 0.5, "half"), record("math", 1.0, "right <b>"), record("math", 0.0, "wrong"),
+        record("code", 0.25, "only one")])
+    build_report(run)
+    md = (run / "report.md").read_text()
+    section = md.split("## Transcripts (best and worst per domain)")[1]
+    assert "`mopd/samples/eval-0000004.jsonl`" in section and "an older eval" not in section
+    assert [line for line in section.splitlines() if line.startswith("assistant:")] == [
+        "assistant: only one", "assistant: right <b>", "assistant: wrong"]  # code: one; math: best, worst
+    assert "**best**, `math`" in section and "**worst**, `math`" in section
+    page = (run / "report.html").read_text()
+    assert "<pre>[math] reward 1.000  (reference: r)\nuser: math?\nassistant: right &lt;b&gt;</pre>" in page

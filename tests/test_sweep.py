@@ -79,6 +79,23 @@ def test_variants_keep_identities_of_what_they_do_not_change(tmp_path: Path) -> 
     assert not (tmp_path / "out").exists()  # planning writes nothing
 
 
+def test_log_reaches_every_seed_and_sweep_variant(tmp_path: Path) -> None:
+    """Issue 38: `--log` (the command's trackers over the file's `logging:`) reaches each variant, which used to
+    get the file's `logging:` alone; the copy of the recipe in each variant's directory says so too."""
+    import yaml
+
+    from mopd.tracking import with_trackers
+
+    loaded = load_recipe(_write(tmp_path))
+    assert loaded.recipe.logging.tensorboard is False
+    loaded.recipe.logging = with_trackers(loaded.recipe.logging, ["tensorboard"])  # what `_with_log` does
+    variants = plan_variants(loaded, tmp_path / "out", 2, [("student.lr", ["1e-3", "2e-3"])])
+    assert all(v.loaded.recipe.logging.tensorboard for v in variants) and len(variants) == 4
+    assert all(yaml.safe_load(yaml.safe_dump(v.raw))["logging"] == {"tensorboard": True} for v in variants)
+    plain = plan_variants(load_recipe(_write(tmp_path)), tmp_path / "out", 2)
+    assert not any(v.loaded.recipe.logging.tensorboard for v in plain) and "logging" not in plain[0].raw
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

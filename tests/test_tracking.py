@@ -23,7 +23,16 @@ from mopd.recipe.load import load_recipe
 from mopd.stages import run as run_module
 from mopd.tracking import numbers, with_trackers
 
-from .tracker_stores import jsonl_points, mlflow_points, tensorboard_points, trackio_points, wandb_points
+from .tracker_stores import (
+    jsonl_points,
+    mlflow_points,
+    tensorboard_points,
+    tensorboard_texts,
+    trackio_points,
+    trackio_tables,
+    wandb_points,
+    wandb_table_keys,
+)
 
 RECIPE = textwrap.dedent(
     """\
@@ -147,6 +156,55 @@ def test_kill_and_resume_continue_the_same_tracker_runs_without_duplicate_steps(
     # a rerun with everything finished replays nothing new
     run_recipe(recipe, out, Console(quiet=True))
     _assert_stores_match(out, "tracked_resume", redone=(OFFSETS["sft"] + 5,))
+
+
+SAMPLED = textwrap.dedent(
+    """\
+    name: {name}
+    seed: 0
+    domains: [reversal]
+    eval: {{size: 4, max_new_tokens: 6}}
+    logging: {logging}
+    stages:
+      base:
+        kind: pretrain
+        model: {{hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 64}}
+        steps: 2
+        batch_size: 8
+      rl: {{kind: rlvr, init: base, steps: 4, batch_size: 2, group_size: 2, max_new_tokens: 6, log_samples: 2}}
+    """
+)
+
+
+def test_logged_samples_reach_every_tracker_as_a_table(trackers_env: Path) -> None:
+    """`log_samples: 2` over 4 steps: train-0000002/4.jsonl with each domain's rollouts, and the stage's table of
+    them in each tracker (TensorBoard text at the last one's global step, W&B and trackio tables, MLflow's
+    artifact), sent once."""
+    path = trackers_env / "sampled.yaml"
+    path.write_text(SAMPLED.format(name="tracked_samples", logging=ALL))
+    out = trackers_env / "out"
+    run_recipe(load_recipe(path), out, Console(quiet=True))
+    files = sorted(p.name for p in (out / "rl" / "samples").glob("train-*"))
+    assert files == ["train-0000002.jsonl", "train-0000004.jsonl"]
+    records = [json.loads(x) for x in (out / "rl" / "samples" / files[0]).read_text().splitlines()]
+    assert len(records) == 2 and all(r["step"] == 2 and r["domain"] == "reversal" for r in records)  # 2 a domain
+    run_name = f"tracked_samples-{json.loads((out / 'tracking' / 'state.json').read_text())['run_id']}"
+    texts = tensorboard_texts(out / "tracking" / "tensorboard" / run_name)
+    rl_offset = 3  # base owns global steps 0..2
+    assert [k for k in texts if k[1].startswith("rl/samples")] == [(rl_offset + 4, "rl/samples/text_summary")]
+    text = texts[(rl_offset + 4, "rl/samples/text_summary")]
+    assert records[0]["prompt"] in text and text.count("\n| 2 | reversal |") == text.count("\n| 4 | reversal |") == 2
+    assert wandb_table_keys(out / "tracking") == ["rl/samples"]
+    assert [(step, key) for step, key, _ in trackio_tables("tracked_samples")] == [(rl_offset + 4, "rl/samples")]
+    table = json.loads(next((out / "tracking" / "mlflow-artifacts").glob("*/artifacts/rl/samples.json")).read_text())
+    assert table["columns"] == ["step", "domain", "reward", "prompt", "transcript"] and len(table["data"]) == 4
+    from mopd.recipe.identity import stage_identities
+
+    unlogged = trackers_env / "unlogged.yaml"
+    unlogged.write_text(SAMPLED.format(name="tracked_samples", logging=ALL).replace(", log_samples: 2", ""))
+    assert stage_identities(load_recipe(unlogged)) == stage_identities(load_recipe(path))  # logging trains nothing
+    run_recipe(load_recipe(path), out, Console(quiet=True))  # a rerun sends no table twice
+    assert wandb_table_keys(out / "tracking") == ["rl/samples"] and len(trackio_tables("tracked_samples")) == 1
 
 
 def test_a_tracker_not_installed_is_one_line_at_load(tmp_path: Path, monkeypatch) -> None:

@@ -232,3 +232,123 @@ def test_an_installed_taskset_is_a_recipe_domain_by_its_id(tmp_path: Path, monke
             load_recipe(tmp_path / "bad.yaml")
         assert needle in str(e.value) and "\n" not in str(e.value) and "domains.1.verifiers: " in str(e.value), \
             str(e.value)
+
+
+MUL_PACKAGE = '''\
+import verifiers.v1 as vf
+
+__all__ = ["MulTaskset"]
+
+
+class Tools(vf.Toolset[vf.ToolsetConfig]):
+    TOOL_PREFIX = None
+
+    @vf.tool
+    async def mul(self, a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+
+class MulData(vf.TaskData):
+    answer: str
+    a: int
+    b: int
+
+
+class MulTask(vf.Task[MulData]):
+    @classmethod
+    def toolsets(cls, config):
+        return [Tools(vf.ToolsetConfig())]
+
+    @vf.reward
+    async def exact(self, trace: vf.Trace) -> float:
+        return float((trace.last_reply or "").strip() == self.data.answer)
+
+
+class MulTaskset(vf.Taskset[MulTask, vf.TasksetConfig]):
+    def load(self):
+        return [MulTask(MulData(prompt=f"mul:{a}*{b}=", answer=str(a * b), a=a, b=b), self.config.task)
+                for a in range(11, 19) for b in (3, 7)]
+
+
+def demonstrate(data):
+    return [f"mul:{data.a},{data.b}", data.answer]
+'''
+
+DEMO_RECIPE = """\
+name: vf_demo
+seed: 0
+domains: [{entry}]
+eval: {{size: 4, max_new_tokens: 8}}
+stages:
+  base: {{kind: pretrain, model: {{hidden_size: 32, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 64}},
+          steps: 2, batch_size: 4}}
+  sft: {{kind: sft, init: base, steps: 2, batch_size: 4}}
+"""
+
+
+def _demo_recipe(tmp_path: Path, monkeypatch, extra: str = "") -> Path:
+    package = tmp_path / "mopd_test_mul_env"
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text(MUL_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "vf_demo.yaml"
+    path.write_text(DEMO_RECIPE.format(entry="{name: calc, verifiers: mopd_test_mul_env, eval_size: 4" + extra + "}"))
+    return path
+
+
+def test_a_yaml_taskset_takes_its_demonstration_from_a_file_or_a_generator(tmp_path: Path, monkeypatch) -> None:
+    """Issue 38: `demonstration:` on a taskset declared in YAML, a JSONL file of each task's turns or a generator,
+    gives SFT the gold trajectories played through the taskset's tools (the same from either)."""
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"mul:{a}*{b}=", "turns": [f"mul:{a},{b}", str(a * b)]}) + "\n"
+                             for a in range(11, 19) for b in (3, 7)))
+    (tmp_path / "gen.py").write_text("def demonstrate(data):\n    return [f'mul:{data.a},{data.b}', data.answer]\n")
+    trajectories = []
+    for ref in ("demos.jsonl", "gen.py:demonstrate", "mopd_test_mul_env:demonstrate"):
+        loaded = load_recipe(_demo_recipe(tmp_path, monkeypatch, f", demonstration: {ref}"))
+        calc = loaded.domains["calc"]
+        problems = calc.eval_set(4) + calc.sample_train(random.Random(0), 8)
+        trajectories.append([p.meta["trajectory"] for p in problems])
+        assert loaded.warnings == [], ref
+    assert trajectories[0] == trajectories[1] == trajectories[2]
+    first = trajectories[0][0]
+    a, b = (int(x) for x in first[0][1].split(":")[1].split(","))
+    assert first == [("model", f"mul:{a},{b}"), ("env", str(a * b)), ("model", str(a * b))]  # the tool answered
+
+
+def test_a_tool_taskset_without_a_demonstration_from_scratch_is_warned_before_compute(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from mopd.cli import app
+
+    path = _demo_recipe(tmp_path, monkeypatch)
+    [warning] = load_recipe(path).warnings
+    assert "vf_demo.yaml:3: domains.0" in warning and "'calc' has no demonstration" in warning
+    assert "'base', a model built from scratch" in warning and "0% tool calls" in warning and "score 0" in warning
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0 and res.output.startswith("warning: ") and "0% tool calls" in res.output
+
+
+@pytest.mark.parametrize(("extra", "files", "needle"), [
+    (", demonstration: demos.jsonl", {"demos.jsonl": '{"prompt": "mul:11*3=", "turns": ["mul:11,3", "33"]}\n'},
+     "domains.0.demonstration: 'mopd_test_mul_env': DomainError: domain 'calc': the demonstration has no turns for "
+     "the task whose prompt is"),
+    (", demonstration: demos.jsonl", {"demos.jsonl": '{"prompt": "mul:11*3=", "turns": []}\n'},
+     'demos.jsonl:1: each line is {"prompt": "...", "turns": ["...", ...]}'),
+    (", demonstration: demos.jsonl", {"demos.jsonl": "{cut\n"}, "demos.jsonl:1: not JSON"),
+    (", demonstration: missing.jsonl", {}, "missing.jsonl: cannot be read (FileNotFoundError)"),
+    (", demonstration: nothing", {}, "'nothing': not a .jsonl file nor a generator"),
+    (", demonstration: gen.py:absent", {"gen.py": "x = 1\n"}, "gen.py has no function 'absent'"),
+    (", demonstration: gen.py:f", {"gen.py": "raise RuntimeError('boom')\n"}, "raised RuntimeError: boom"),
+])
+def test_a_bad_demonstration_is_one_line_at_its_key(tmp_path: Path, monkeypatch, extra, files, needle) -> None:
+    from mopd.core.errors import RecipeError
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_demo_recipe(tmp_path, monkeypatch, extra))
+    assert needle in str(e.value) and "\n" not in str(e.value) and "domains.0.demonstration" in str(e.value), \
+        str(e.value)

@@ -108,3 +108,41 @@ def wandb_points(directory: Path) -> tuple[Points, dict[str, float], set[str]]:
                     if not key.startswith("_"):
                         summary[key] = json.loads(item.value_json)
     return dict(points), summary, ids
+
+
+def tensorboard_texts(logdir: Path) -> dict[tuple[int, str], str]:
+    """The text summaries (TensorBoard's text plugin) as {(step, tag): markdown}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        for event in acc.Tensors(tag):
+            out[(event.step, tag)] = event.tensor_proto.string_val[0].decode()
+    return out
+
+
+def wandb_table_keys(directory: Path) -> list[str]:
+    """The history keys of every offline run file under `directory` whose value is a W&B table."""
+    keys = []
+    for path in sorted(directory.glob("wandb/offline-run-*/run-*.wandb")):
+        for record in wandb_records(path):
+            if record.WhichOneof("record_type") == "history":
+                for item in record.history.item:  # a table is logged as nested keys: <key>/_type = "table-file"
+                    key = item.key or "/".join(item.nested_key)
+                    if key.endswith("/_type") and json.loads(item.value_json) == "table-file":
+                        keys.append(key.rsplit("/", 1)[0])
+    return keys
+
+
+def trackio_tables(project: str) -> list[tuple[int, str, object]]:
+    """(step, key, value) of every logged value that is not a number."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    out = []
+    for run in SQLiteStorage.get_runs(project):
+        for row in SQLiteStorage.get_logs(project, run=run):
+            out += [(row["step"], k, v) for k, v in row.items() if k not in ("step", "timestamp")
+                    and not isinstance(v, int | float)]
+    return out

@@ -146,6 +146,7 @@ def compare(
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
     executor: str | None = typer.Option(None, "--executor", help=helps.COMPARE_EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
+    log: list[str] = typer.Option([], "--log", help=helps.VARIANTS_LOG_HELP),
 ) -> None:
     """Run every method of a comparison recipe (cached stages are reused) and write compare.md, compare.json,
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
@@ -159,6 +160,7 @@ def compare(
     loaded = _load_or_fail(recipe)
     if loaded.recipe.compare is None:
         _fail(f"{recipe}: no `compare:` block; `mopd run` runs a recipe without one")
+    _with_log(loaded, log)
     out = out or Path("runs") / loaded.recipe.name
     try:
         n = seed_count(seeds, loaded)
@@ -168,6 +170,8 @@ def compare(
         result, failures = run_compare(loaded, out, n, run_variants_with, one_seed)
     except (RecipeError, RunLockedError, StageError) as e:
         _fail(str(e))
+    for msg in result.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     for label, m in result["methods"].items():
         score = m["normalized_score"]
         ci = (m.get("normalized_interval") or {}).get("ci")
@@ -191,6 +195,7 @@ def sweep(
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
     executor: str | None = typer.Option(None, "--executor", help=helps.SWEEP_EXECUTOR_HELP),
     address: str | None = typer.Option(None, "--address", help=helps.ADDRESS_HELP),
+    log: list[str] = typer.Option([], "--log", help=helps.VARIANTS_LOG_HELP),
 ) -> None:
     """Run a grid of recipe variants (one point after another, or in parallel on Ray) and write sweep.md,
     sweep.json and one sweep_<key>.png per swept key, naming the best setting per objective with its 95% interval.
@@ -205,6 +210,7 @@ def sweep(
 
     _check_executor(executor, address)
     loaded = _load_or_fail(recipe)
+    _with_log(loaded, log)
     out = out or Path("runs") / f"{loaded.recipe.name}-sweep"
     try:  # a failed point is a hole in the table, not the end of the sweep
         n = seed_count(seeds, loaded)
@@ -240,6 +246,8 @@ def report(
     except OSError as e:  # a read-only mount, a full disk: the run is read, its report cannot be written there
         _fail(f"{dest}: cannot write the report there ({e.strerror or e}); the run is untouched"
               f"{'' if out else f'; write it elsewhere: mopd report {run_dir} --out DIR'}")
+    for msg in summary.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     console.print(f"normalized score: {summary['normalized_score']}")
     console.print(f"report: {dest / 'report.md'}", markup=False)
     if incomplete := incomplete_message(summary):
@@ -329,6 +337,7 @@ def init(
 @app.command(name="eval", epilog=example("mopd eval runs/demo/student/final --domains reversal,sorting,shift",
                                          "mopd eval runs/qwen/student/final --recipe qwen3_0.6b --domains math",
                                          "mopd eval ./my_model --domains bundled:math,bundled:instructions --size 8",
+                                         "mopd eval runs/agents/student/final --recipe agents --size 8 --show 4",
                                          "mopd eval ./my_model --domains vowel_count --plugin my_domains.py "
                                          "--size 300 --out scores.json"))
 def eval_model(
@@ -344,10 +353,14 @@ def eval_model(
     batch_size: int | None = typer.Option(None, "--batch-size", help=helps.EVAL_BATCH_HELP),
     seed: int | None = typer.Option(None, "--seed", help=helps.HELD_OUT_SEED_HELP),
     chat_template: str | None = typer.Option(None, "--chat-template", help=helps.CHAT_TEMPLATE_HELP),
-    out: Path | None = typer.Option(None, "--out", help="also write the scores as JSON to this file"),
+    out: Path | None = typer.Option(None, "--out", help="also write the scores as JSON to this file, and every "
+                                    "prompt's transcript beside it (NAME.transcripts.jsonl)"),
+    show: int = typer.Option(0, "--show", help="print this many transcripts (prompt, turns, reward), taken in "
+                             "turn from each domain"),
     threads: int | None = typer.Option(None, "--threads", min=1, help=helps.THREADS_HELP),
 ) -> None:
-    """Score any Hugging Face checkpoint directory on any domains; prints a table, --out writes JSON.
+    """Score any Hugging Face checkpoint directory on any domains; prints a table, --show K transcripts, --out
+    writes JSON.
 
     The evaluation every stage gets (each domain's held-out set, greedy, its own generation length, its verifier)
     with the checkpoint's tokenizer and chat template. A bad directory, domain or recipe is one line (exit 2)."""
@@ -355,7 +368,7 @@ def eval_model(
 
     _prepare_process(threads)
     try:
-        eval_command(console, model_dir, out, domains, recipe, plugin, chat_template, size=size,
+        eval_command(console, model_dir, out, domains, recipe, plugin, chat_template, show, size=size,
                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     except ScoreError as e:
         _fail(str(e))

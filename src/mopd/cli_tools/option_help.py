@@ -16,6 +16,8 @@ THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core). Use 
 LOG_HELP = ("also send every metric to this experiment tracker (repeatable): tensorboard, wandb, trackio, mlflow; "
             "adds to the recipe's `logging:` (each needs its extra: pip install 'mopd[tensorboard]')")
 
+VARIANTS_LOG_HELP = LOG_HELP + "; every method, point and seed logs to it (each run directory its own tracker run)"
+
 EXECUTOR_HELP = ("local: stages one after another in this process; ray: each stage whose parents finished as a Ray "
                  "task with its `resources`, independent stages at the same time (needs mopd[ray]; default: the "
                  "recipe's `executor`, local)")

@@ -30,6 +30,7 @@ from ..core.schema import DataDomainSpec, EvalSettings
 from ..envs import DomainLike, get_domain, list_domains, load_plugin
 from ..envs.data import DataDomainError
 from ..eval.evaluate import evaluate, generation_length
+from ..eval.transcripts import render, transcripts, write_transcripts
 from ..models.checkpoint import load_model, load_tokenizer
 from ..models.prompting import prompt_format, with_pad_token
 from .bundled import bundled_recipe
@@ -154,9 +155,10 @@ def check_model_dir(model_dir: Path) -> None:
         raise ScoreError(f"{model_dir}: no config.json, so not a Hugging Face checkpoint directory")
 
 
-def score_checkpoint(model_dir: Path, plan: EvalPlan) -> dict[str, dict[str, float]]:
+def score_checkpoint(model_dir: Path, plan: EvalPlan, records: list[dict[str, Any]] | None = None,
+                     ) -> dict[str, dict[str, float]]:
     """{domain: {"score", "accuracy"}} of the checkpoint in `model_dir` (float32, CPU) on `plan`'s domains, as
-    `eval.evaluate`."""
+    `eval.evaluate`; each prompt's transcript is appended to `records` when given (`eval.transcripts`)."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
     try:
@@ -169,7 +171,12 @@ def score_checkpoint(model_dir: Path, plan: EvalPlan) -> dict[str, dict[str, flo
         fmt = prompt_format(tokenizer, plan.chat_template, plan.template_kwargs)
     except ValueError as e:
         raise ScoreError(f"--chat-template: {e}") from None
-    return evaluate(model, tokenizer, plan.domains, plan.settings, fmt, max_new_tokens=plan.max_new_tokens)
+    def keep(batch) -> None:
+        if records is not None:
+            records.extend(transcripts(batch, tokenizer, step=0, kind="eval"))
+
+    return evaluate(model, tokenizer, plan.domains, plan.settings, fmt, max_new_tokens=plan.max_new_tokens,
+                    on_batch=keep)
 
 
 def eval_settings(base: EvalSettings | None = None, **kwargs: Any) -> EvalSettings:
@@ -219,18 +226,42 @@ def write_scores(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def transcripts_path(out: Path) -> Path:
+    """Where `mopd eval --out scores.json` writes the transcripts: scores.transcripts.jsonl beside it."""
+    return out.with_name(f"{out.stem}.transcripts.jsonl")
+
+
+def shown(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """`--show K`: K transcripts taken in turn from each domain (its held-out order), so every domain shows."""
+    by_domain: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_domain.setdefault(r["domain"], []).append(r)
+    out: list[dict[str, Any]] = []
+    for i in range(max((len(v) for v in by_domain.values()), default=0)):
+        out += [v[i] for v in by_domain.values() if i < len(v)]
+    return out[:k]
+
+
 def eval_command(console: Console, model_dir: Path, out: Path | None, domains: str | None, recipe: Path | None,
-                 plugins: list[Path], chat_template: str | None, **options: int | None) -> None:
+                 plugins: list[Path], chat_template: str | None, show: int = 0, **options: int | None) -> None:
     """`mopd eval`: check the directory and plan the evaluation (each mistake a ScoreError line, before any
-    compute), score, print the table and, with `out`, write the JSON."""
+    compute), score, print the table and `show` transcripts and, with `out`, write the JSON and the
+    transcripts (`transcripts_path`)."""
+    if show < 0:
+        raise ScoreError(f"--show {show}: the number of transcripts to print, 0 or more")
     check_model_dir(model_dir)
     plan = plan_eval(domains, recipe, plugins, chat_template, **options)
-    results = score_checkpoint(model_dir, plan)
+    records: list[dict[str, Any]] = []
+    results = score_checkpoint(model_dir, plan, records)
     console.print(scores_table(model_dir, results, plan.lengths()))
+    for record in shown(records, show):
+        console.print(escape(render(record)) + "\n", highlight=False, soft_wrap=True)
     if out is not None:
         write_scores(out, scores_json(model_dir, plan.settings, results, plan.lengths()))
-        console.print(f"scores: {out}", highlight=False, soft_wrap=True, markup=False)
+        write_transcripts(transcripts_path(out), records)
+        console.print(f"scores: {out}; transcripts: {transcripts_path(out)}", highlight=False, soft_wrap=True,
+                      markup=False)
 
 
 __all__ = ["BUNDLED_DATA", "BUNDLED_MAX_NEW_TOKENS", "EvalPlan", "ScoreError", "check_model_dir", "eval_command", "eval_settings", "plan_eval", "resolve_domains",
-           "score_checkpoint", "scores_json", "scores_table", "write_scores"]
+           "score_checkpoint", "scores_json", "scores_table", "shown", "transcripts_path", "write_scores"]

@@ -24,5 +24,7 @@ def recipe_summary_line(loaded: LoadedRecipe) -> str:
 
 
 def validate_recipe(path: Path) -> str:
-    """The summary line of a recipe that passes every load-time check; raises `RecipeError` (one line) if not."""
-    return recipe_summary_line(load_recipe(Path(path)))
+    """The summary line of a recipe that passes every load-time check, after its warnings (`warning: ...`, one
+    line each); raises `RecipeError` (one line) if not."""
+    loaded = load_recipe(Path(path))
+    return "\n".join([*(f"warning: {w}" for w in loaded.warnings), recipe_summary_line(loaded)])

@@ -13,6 +13,8 @@
         stage.json        the identity the directory was started under (STAGE_JSON)
         metrics.jsonl     one record per step (METRICS)
         preflight.json    a MOPD stage's teacher-student check (PREFLIGHT)
+        samples/          transcripts (SAMPLES, `eval.transcripts`): eval-<step>.jsonl of every held-out eval,
+                          train-<step>.jsonl of a sampling stage's rollouts every `log_samples` steps
         checkpoints/      resumable checkpoints (CHECKPOINTS)
         snapshots/<step>/ kept checkpoints (SNAPSHOTS)
         final/            the stage's output: an HF checkpoint + mopd.json (LINEAGE), or eval.json (EVAL_JSON)
@@ -46,6 +48,7 @@ FINAL = "final"
 LINEAGE = "mopd.json"
 EVAL_JSON = "eval.json"
 PROBE_PREFIX = ".mopd-probe-"  # hidden: no stage name starts with a dot
+SAMPLES = "samples"
 
 # Every name the run directory itself uses beside the stages' directories.
 RUN_FILES = frozenset({RUN_JSON, RECIPE_COPY, SUMMARY_JSON, REPORT_MD, REPORT_HTML, *FIGURES, *COMPARE_FILES,

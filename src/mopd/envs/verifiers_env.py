@@ -234,9 +234,10 @@ class VerifiersToolDomain(VerifiersDomain):
     """A verifiers taskset with tools: a tool-use domain whose episodes mopd's multi-turn sampler plays."""
 
     limits: Limits = field(default_factory=Limits)
-    # a perfect agent's model turns for a task's data (`name:a,b` calls, then the answer): gold trajectories for
-    # SFT, played through the tools as `ToolDomain.trajectory` does; without it SFT trains on `answer` alone
-    demonstration: Callable[[Any], list[str]] | None = None
+    # a perfect agent's model turns for a task's data (`name:a,b` calls, then the answer), or a table of them by
+    # prompt (a recipe's demonstration file): gold trajectories for SFT, played through the tools as
+    # `ToolDomain.trajectory` does; without it SFT trains on `answer` alone
+    demonstration: Callable[[Any], list[str]] | Mapping[str, list[str]] | None = None
     tools: dict[str, Tool] = field(default_factory=dict)
     schemas: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool schemas, for the trace
 
@@ -250,7 +251,14 @@ class VerifiersToolDomain(VerifiersDomain):
 
     def _with_trajectory(self, problem: Problem) -> Problem:
         episode, segments = self.start(problem), []
-        for turn in self.demonstration(self.task(problem).data):
+        if isinstance(self.demonstration, Mapping):
+            if problem.prompt not in self.demonstration:
+                raise DomainError(f"domain {self.name!r}: the demonstration has no turns for the task whose prompt "
+                                  f"is {problem.prompt!r} (every task needs one)")
+            turns = self.demonstration[problem.prompt]
+        else:
+            turns = self.demonstration(self.task(problem).data)
+        for turn in turns:
             segments.append(("model", turn))
             reply = episode.step(turn)
             if reply.observation is None:
@@ -355,7 +363,7 @@ class VerifiersEpisode:
 
 def verifiers_domain(name: str, taskset: Any, *, eval_size: int | None = None, seed: int = HELD_OUT_SEED,
                      answer_field: str = "answer", limits: Limits | None = None,
-                     demonstration: Callable[[Any], list[str]] | None = None,
+                     demonstration: Callable[[Any], list[str]] | Mapping[str, list[str]] | None = None,
                      description: str = "") -> VerifiersDomain:
     """The taskset as a domain: a tool-use domain if it (or its tasks) has toolsets, else a single-turn one.
     `eval_size` tasks are held out (default: a quarter, at most 96), chosen once from (name, seed); `answer_field`

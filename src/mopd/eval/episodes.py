@@ -8,8 +8,10 @@ completion-window tokens (model and observation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from ..core.batch import RolloutBatch
 from ..core.schema import EvalSettings
 from ..envs import Problem
 from ..models.prompting import PromptFormat
@@ -17,7 +19,8 @@ from ..sampling.multi_turn import episode_rows, sample_episodes
 
 
 def evaluate_episodes(model, tokenizer, domain, problems: list[Problem], settings: EvalSettings,
-                      prompt_format: PromptFormat) -> dict[str, Any]:
+                      prompt_format: PromptFormat, on_batch: Callable[[RolloutBatch], None] | None = None,
+                      ) -> dict[str, Any]:
     rewards: list[float] = []
     calls: list[bool] = []
     lengths: list[int] = []
@@ -26,6 +29,8 @@ def evaluate_episodes(model, tokenizer, domain, problems: list[Problem], setting
         rows = episode_rows(chunk, {domain.name: domain}, settings.max_new_tokens, prompt_format.chat_template)
         batch, stats = sample_episodes(model, tokenizer, rows, temperature=0.0, prompt_format=prompt_format)
         assert batch.rewards_B is not None
+        if on_batch is not None:  # the episodes' rows, as played (eval.transcripts)
+            on_batch(batch)
         rewards += [float(r) for r in batch.rewards_B.tolist()]
         calls += [s.tool_calls > 0 for s in stats]
         lengths += [s.tokens for s in stats]

@@ -12,11 +12,13 @@ all would either cut the former or waste time on the latter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from ..core.batch import RolloutBatch
 from ..core.schema import EvalSettings
 from ..envs import DomainLike, exact_match
 from ..envs.tool_domains import is_agentic
@@ -39,6 +41,7 @@ def evaluate(
     settings: EvalSettings,
     prompt_format: PromptFormat = RAW,
     max_new_tokens: int | None = None,
+    on_batch: Callable[[RolloutBatch], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """{domain: {"score": mean verifier reward, "accuracy": exact-match rate, "rewards": per-prompt rewards}} on
     the held-out sets.
@@ -46,12 +49,15 @@ def evaluate(
     Args:
         max_new_tokens: one generation length for every domain, over their own (`mopd eval --max-new-tokens`);
             None: each domain's (`generation_length`). Tool-use domains keep their episode limits.
+        on_batch: called with each decoded chunk as a rewarded batch (domains, references and rewards set), in
+            held-out order: what the transcripts are made from (`eval.transcripts`).
     """
     results: dict[str, dict[str, Any]] = {}
     for domain in domains:
         problems = domain.eval_set(settings.size, seed=settings.seed)
         if is_agentic(domain):  # a tool-use domain: greedy episodes (eval/episodes.py)
-            results[domain.name] = evaluate_episodes(model, tokenizer, domain, problems, settings, prompt_format)
+            results[domain.name] = evaluate_episodes(model, tokenizer, domain, problems, settings, prompt_format,
+                                                     on_batch)
             continue
         length = generation_length(domain, settings, max_new_tokens)
         rewards: list[float] = []
@@ -63,6 +69,9 @@ def evaluate(
             for p, c in zip(chunk, batch.completions, strict=True):
                 rewards.append(float(domain.verify(p, c)))
                 exact.append(bool(exact_match(p, c)))
+            if on_batch is not None:
+                on_batch(replace(batch, domains=[p.domain for p in chunk], references=[p.answer for p in chunk],
+                                 rewards_B=torch.tensor(rewards[i:], device=batch.input_ids_B_T.device)))
         results[domain.name] = {"score": sum(rewards) / len(rewards), "accuracy": sum(exact) / len(exact),
                                 "rewards": rewards}
     return results

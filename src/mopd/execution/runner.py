@@ -46,7 +46,8 @@ def report_block(loaded: LoadedRecipe) -> dict | None:
         return None
     student = recipe.report.student or mopd[-1]
     s: MOPDStage = recipe.stages[student]
-    return {"start": s.init, "student": student, "teachers": dict(s.teachers)}
+    return {"start": s.init, "student": student, "teachers": dict(s.teachers),
+            "min_teacher_gain": recipe.report.min_teacher_gain}
 
 
 def run_recipe(loaded: LoadedRecipe, out: Path, console: Console | None = None, *, executor: str | None = None,
@@ -100,7 +101,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     if loaded.path.resolve() != (out / RECIPE_COPY).resolve():
         shutil.copyfile(loaded.path, out / RECIPE_COPY)
 
-    for msg in precision_warnings(recipe):  # before any stage spends compute
+    for msg in [*loaded.warnings, *precision_warnings(recipe)]:  # before any stage spends compute
         warn_line(console, msg)
 
     def record(name: str, info: dict) -> None:
@@ -109,6 +110,7 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
         stages_info[name] = info if since is None else {**info, RUN_STARTED: round(since, 3)}
         write_run_json()
         trackers.replay(name, out / name / METRICS)  # what the trackers lack: cached, merge and eval stages, Ray
+        trackers.samples(name, out / name)  # its logged rollouts (`log_samples`) as the trackers' tables
 
     schedule(loaded, EXECUTORS[executor].make(loaded, out, ids, console, trackers, threads), stages_info, record)
     console.print(f"ran {recipe.name} in {time.time() - start_time:.1f}s -> {out}", markup=False)
@@ -118,7 +120,10 @@ def _run_locked(loaded: LoadedRecipe, out: Path, console: Console, trackers: Tra
     from ..report import build_report
 
     with storage_errors("report", out):
-        return build_report(out)
+        summary = build_report(out)
+    for msg in summary.get("warnings", []):  # a domain left out of the normalized score, said where it is read
+        warn_line(console, msg)
+    return summary
 
 
 def busy_seconds(entries: Iterable[dict]) -> float:

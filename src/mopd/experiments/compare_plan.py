@@ -26,7 +26,8 @@ def _ancestors(loaded: LoadedRecipe, name: str) -> set[str]:
 
 
 def compare_plan(loaded: LoadedRecipe) -> dict[str, Any]:
-    """{"start", "teachers", "curves", "reference", "methods": {label: {"stage", "kind", "chain", "extra"}}}
+    """{"start", "teachers", "curves", "reference", "min_teacher_gain", "methods": {label: {"stage", "kind",
+    "chain", "extra"}}}
     (plain data, so the report layer reads it without the recipe). `reference`: the method every other is
     compared with (paired differences): the one labelled MOPD, else the first mopd method, else the first."""
     recipe = loaded.recipe
@@ -51,7 +52,7 @@ def compare_plan(loaded: LoadedRecipe) -> dict[str, Any]:
     if curves is None:
         curves = [label for label, m in methods.items() if m["kind"] in ("mopd", "mix_rl")]
     return {"start": cmp.start, "teachers": dict(cmp.teachers), "curves": list(curves), "methods": methods,
-            "reference": reference_method(methods)}
+            "reference": reference_method(methods), "min_teacher_gain": recipe.report.min_teacher_gain}
 
 
 def reference_method(methods: dict[str, dict]) -> str:

@@ -67,7 +67,7 @@ def _sweep_plan(variant: Variant) -> dict[str, Any]:
         raise RecipeError(f"{variant.loaded.path}: no mopd stage: a sweep scores the report's student")
     stage = variant.loaded.recipe.stages[block["student"]]
     return {"start": block["start"], "teachers": block["teachers"], "student": block["student"],
-            "objective": getattr(stage, "objective", None)}
+            "objective": getattr(stage, "objective", None), "min_teacher_gain": block["min_teacher_gain"]}
 
 
 def sweep(loaded: LoadedRecipe, out: Path, assignments: Sequence[str], seeds: int, run: RunFn,

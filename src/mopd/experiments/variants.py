@@ -164,12 +164,18 @@ def _load_variant(raw: dict[str, Any], tmp: Path, label: str) -> LoadedRecipe:
 def plan_variants(loaded: LoadedRecipe, out: Path, seeds: int,
                   grid: Sequence[tuple[str, list[str]]] = ()) -> list[Variant]:
     """Every variant (each grid point x each seed), each checked by the loader, before anything runs or is
-    written under `out`. `grid`: (dotted key, values as typed). Seeds are the recipe's `seed` + 0 .. seeds-1;
+    written under `out`; each has `loaded`'s trackers (the file's `logging:` and the command's `--log`). `grid`: (dotted key, values as typed). Seeds are the recipe's `seed` + 0 .. seeds-1;
     with one seed there is no seed-<s> level; with no grid there is no point level."""
     if not 1 <= seeds <= SEEDS_MAX:
         raise RecipeError(f"--seeds {seeds}: must be from 1 to {SEEDS_MAX} (each seed is a whole run of every method)")
     raw0 = portable(yaml.safe_load(loaded.path.read_text()), loaded)
     raw0.pop("seeds", None)
+    # the trackers as the command resolved them (`--log` adds to the file's `logging:`), so every variant logs
+    logging = loaded.recipe.logging.model_dump(mode="json", exclude_defaults=True)
+    if logging:
+        raw0["logging"] = logging
+    else:
+        raw0.pop("logging", None)
     base_seed = loaded.recipe.seed
     paths = {key: key_path(raw0, key) for key, _ in grid}
     points: list[dict[str, str]] = [{}]

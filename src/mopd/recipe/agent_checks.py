@@ -44,3 +44,32 @@ def check_agents(recipe: Recipe, facts: dict[str, StageFacts], domains: dict, wh
         if getattr(stage, "rollout", None) is not None:
             raise RecipeError(f"{at('rollout')}: {tools[0]!r} is a tool-use domain, and rollout workers sample single "
                               "turns; drop `rollout:` (episodes are sampled in the learner)")
+
+
+def _root(name: str, facts: dict[str, StageFacts]) -> str:
+    """The first stage of `name`'s chain of `init`s within the recipe (the stage itself when it has none)."""
+    seen = {name}
+    while (init := facts[name].init) in facts and init not in seen:
+        name = init
+        seen.add(name)
+    return name
+
+
+def demonstration_warnings(recipe: Recipe, facts: dict[str, StageFacts], domains: dict, where) -> list[str]:
+    """A tool-use domain without a demonstration, trained by a stage whose chain starts from a model built here
+    from scratch (it has never seen a tool call, so nothing teaches it to make one): SFT then trains on the bare
+    answers, the model never calls a tool and its episodes score 0 (issue 38). A warning, not an error: a
+    recipe may mean it (a baseline); a start loaded from elsewhere (a chat model) may already call tools."""
+    out = []
+    for i, d in enumerate(recipe.domains):
+        domain = domains.get(d)
+        if not is_agentic(domain) or getattr(domain, "demonstration", None) is not None:
+            continue
+        roots = sorted({root for n in recipe.stages if d in facts[n].domains
+                        if facts[root := _root(n, facts)].init is None})
+        if roots:
+            out.append(f"{where('domains', i)}: tool-use domain {d!r} has no demonstration, and its stages start "
+                       f"from {roots[0]!r}, a model built from scratch that cannot call its tools: SFT trains on the "
+                       "bare answers, so the model never calls a tool (0% tool calls) and its episodes score 0; give "
+                       "it `demonstration:` (a JSONL file of each task's turns, or a generator; docs/AGENTS.md)")
+    return out

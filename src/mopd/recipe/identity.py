@@ -25,6 +25,7 @@ SETTINGS_NOT_IN_IDENTITY = {
     "learner",  # data-parallel learner workers: the same gradient up to float rounding (like micro-batches)
     "teacher_shared_prefill",  # each prompt's teacher prefill once per group: the same scores up to float rounding
     "micro_batch_by_length",  # which rows share a micro-batch, and its columns: the same gradient up to rounding
+    "log_samples",  # which rollouts are written as transcripts: drawn with their own generator, nothing trained
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from ..core.errors import RecipeError
 from ..core.schema import Recipe
 from ..envs import DomainLike
-from .agent_checks import check_agents
+from .agent_checks import check_agents, demonstration_warnings
 from .domains import load_plugins, recipe_domains
 from .memory_check import check_model_memory
 from .reduced_scale import apply_scale
@@ -44,6 +44,8 @@ class LoadedRecipe:
     domains: dict[str, DomainLike] = field(default_factory=dict)
     # each stage's references, parents, start, domains and seed, derived once (`refs.StageFacts`)
     facts: dict[str, StageFacts] = field(default_factory=dict)
+    # legal but worth hearing before compute (`mopd validate`, `mopd run`): one line each
+    warnings: list[str] = field(default_factory=list)
 
     def where(self, *key: Any) -> str:
         return where_in_file(self.path, self.lines, key)
@@ -78,7 +80,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
     check_compare(recipe, where)
     check_report_student(recipe, where)
     loaded = LoadedRecipe(recipe=recipe, path=path, order=order, lines=lines, domains=domains,
-                          facts=facts)
+                          facts=facts, warnings=demonstration_warnings(recipe, facts, domains, where))
     if check_tokenizers:
         check_tokenizer_agreement(loaded)
     return loaded

@@ -15,9 +15,11 @@ from ..core.errors import RecipeError
 from ..core.schema import DataDomainSpec, EvalSettings, PretrainStage, Recipe, SFTStage, VerifiersDomainSpec
 from ..envs import list_domains
 from ..envs.data import DataDomain, DataDomainError
+from ..envs.tool_domains import is_agentic
 from ..models.precision import emulated_bfloat16, resolve_placement
 from ..sampling.backend import vllm_unavailable_reason
 from ..tracking import enabled, missing_extra
+from .demonstrations import load_demonstration
 from .tokenizer import tokenizer_alphabet
 from .yaml_file import Where
 
@@ -30,7 +32,7 @@ def build_data_domains(recipe: Recipe, recipe_path: Path, where: Where) -> dict[
     for i, spec in recipe.data_domains.items():
         at = lambda *key, i=i: where("domains", i, *key)  # noqa: E731
         if isinstance(spec, VerifiersDomainSpec):
-            domain = _verifiers_domain(spec, recipe, at)
+            domain = _verifiers_domain(spec, recipe, at, recipe_path.parent)
         else:
             domain = _data_domain(spec, recipe, recipe_path, at)
         if spec.name in list_domains():
@@ -61,7 +63,7 @@ def _data_domain(spec: DataDomainSpec, recipe: Recipe, recipe_path: Path, at: Wh
         raise RecipeError(f"{at(*e.key)}: {e}") from None
 
 
-def _verifiers_domain(spec: VerifiersDomainSpec, recipe: Recipe, at: Where) -> Any:
+def _verifiers_domain(spec: VerifiersDomainSpec, recipe: Recipe, at: Where, base: Path) -> Any:
     """The taskset loaded by id (verifiers' own loader) and its tasks read now, so a missing package, a bad
     setting or a task mopd cannot play is one line before compute."""
     from ..envs.episode import Limits
@@ -69,13 +71,25 @@ def _verifiers_domain(spec: VerifiersDomainSpec, recipe: Recipe, at: Where) -> A
 
     limits = Limits(max_turns=spec.max_turns, max_tokens=spec.max_tokens, tool_time_s=spec.tool_time_s,
                     max_observation_chars=spec.max_observation_chars)
+    demonstration = None
+    if spec.demonstration is not None:
+        try:
+            demonstration = load_demonstration(spec.demonstration, base)
+        except ValueError as e:
+            raise RecipeError(f"{at('demonstration')}: {e}") from None
     try:
-        return verifiers_domain(spec.name, load_taskset(spec.verifiers, spec.settings), eval_size=spec.eval_size,
-                                seed=recipe.eval.seed, answer_field=spec.answer_field, limits=limits)
-    except Exception as e:  # the taskset's package is plugin code: whatever it raises is one line
+        domain = verifiers_domain(spec.name, load_taskset(spec.verifiers, spec.settings), eval_size=spec.eval_size,
+                                  seed=recipe.eval.seed, answer_field=spec.answer_field, limits=limits,
+                                  demonstration=demonstration)
+    except Exception as e:  # the taskset's package (and a generator) is plugin code: whatever it raises is one line
         text = str(e).strip().splitlines()
-        raise RecipeError(f"{at('verifiers')}: {spec.verifiers!r}: {type(e).__name__}: "
+        key = "demonstration" if demonstration is not None and "demonstration" in str(e) else "verifiers"
+        raise RecipeError(f"{at(key)}: {spec.verifiers!r}: {type(e).__name__}: "
                           f"{text[0] if text else ''}") from None
+    if demonstration is not None and not is_agentic(domain):
+        raise RecipeError(f"{at('demonstration')}: {spec.verifiers!r} has no tools, so its tasks are single turns and "
+                          f"SFT trains on `{spec.answer_field}`; a demonstration is the turns of a tool-use episode")
+    return domain
 
 
 def check_data_fit(recipe: Recipe, data: dict[str, Any], where: Where) -> None:

@@ -23,6 +23,7 @@ from mopd.report.plots import FIGURE_NAMES, render_figures
 from mopd.report.tables import Table, compute_report, fmt_duration, fmt_number, incomplete_message
 
 from ..core.run_dir import RECIPE_COPY, REPORT_HTML, REPORT_MD, SUMMARY_JSON
+from ..eval.transcripts import render
 
 # ----------------------------------------------------------------------------------------------- write
 
@@ -66,8 +67,12 @@ def build_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     title = f"MOPD report: {data.recipe} ({fmt_duration(data.wall)} wall)"
     main, norm, preflight = data.recovery_table, data.norm, data.preflight_table
     stage_tbl, acc_tbl = data.stage_table, data.accuracy_table
+    for msg in data.summary["warnings"]:  # above the table: a domain left out of the normalized score
+        header += f" **Warning:** {msg}."
     md = _markdown(title, header, main, norm, stage_tbl, acc_tbl, list(pngs), preflight, data.agent_table)
-    page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight, data.agent_table)
+    md += _transcripts_markdown(data.transcripts, data.transcripts_file)
+    page = _html(title, header, main, norm, stage_tbl, acc_tbl, pngs, preflight, data.agent_table,
+                 _transcripts_html(data.transcripts, data.transcripts_file))
     atomic_write(
         out / SUMMARY_JSON, (json.dumps(data.summary, indent=2, allow_nan=False) + "\n").encode()
     )
@@ -111,7 +116,9 @@ HOW_TO_READ = (
     "(mean verifier reward); every student, later rounds included, is measured against this same start and teacher. "
     "Recovery = (student - start) / (teacher - start): 1.0 means the student gained as much "
     "as the teacher on that domain, 0 means no gain over start, below 0 means it got worse, above 1 means it beat "
-    "the teacher. The normalized score is the mean recovery over the domains where recovery is defined."
+    "the teacher. The normalized score is the mean recovery over the domains where recovery is defined: a domain "
+    "whose teacher gained less than `report.min_teacher_gain` (default 0.05) over the start is marked *teacher "
+    "gain too small* and left out, since a ratio over so small a gain is noise."
 )
 
 
@@ -138,6 +145,31 @@ def _markdown(title, header, main, norm, stage_tbl, acc_tbl, figures, preflight:
     return "\n".join(out)
 
 
+def _transcripts_intro(source: str) -> str:
+    return (f"The student's highest- and lowest-reward held-out transcript of each domain, from its last eval "
+            f"(`{source}`; every eval's are in its stage's `samples/`, and `mopd eval --show K` prints more).")
+
+
+def _transcripts_markdown(shown: list[tuple[str, dict[str, Any]]], source: str | None) -> str:
+    if not shown or source is None:
+        return ""
+    out = ["\n## Transcripts (best and worst per domain)\n", _transcripts_intro(source) + "\n"]
+    for kind, record in shown:
+        fence = "````" if "```" in render(record) else "```"  # a transcript holding a fence keeps its own
+        out.append(f"**{kind}**, `{record.get('domain', '')}`:\n\n{fence}text\n{render(record)}\n{fence}\n")
+    return "\n".join(out)
+
+
+def _transcripts_html(shown: list[tuple[str, dict[str, Any]]], source: str | None) -> str:
+    if not shown or source is None:
+        return ""
+    e = html.escape
+    parts = ["<h2>Transcripts (best and worst per domain)</h2>", f"<p>{e(_transcripts_intro(source).replace('`', ''))}</p>"]
+    parts += [f"<p><b>{e(kind)}</b>, {e(str(record.get('domain', '')))}:</p><pre>{e(render(record))}</pre>"
+              for kind, record in shown]
+    return "".join(parts)
+
+
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.25em .6em;"
@@ -147,7 +179,7 @@ _CSS = (
 
 def _html(
     title, header, main, norm, stage_tbl, acc_tbl, pngs: dict[str, bytes], preflight: Table | None = None,
-    agents: Table | None = None,
+    agents: Table | None = None, transcripts: str = "",
 ) -> str:
     e = html.escape
     parts = [
@@ -168,5 +200,5 @@ def _html(
     parts += ["<h2>Stages</h2>", stage_tbl.html(), "<h2>Accuracy (exact match)</h2>", acc_tbl.html()]
     if agents is not None:
         parts += ["<h2>Agent episodes (tool-use domains)</h2>", agents.html()]
-    parts.append("</body></html>\n")
+    parts += [transcripts, "</body></html>\n"]
     return "".join(parts)

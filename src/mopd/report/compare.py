@@ -22,7 +22,14 @@ from mopd.report.compare_intervals import compare_intervals
 from mopd.report.compare_plots import render_bars, render_sample_efficiency
 from mopd.report.compare_seeds import add_intervals, mean_over_seeds
 from mopd.report.run_files import load_run, read_final_eval, read_metrics
-from mopd.report.scores import normalized_score, recovery
+from mopd.report.scores import (
+    MIN_TEACHER_GAIN,
+    TOO_SMALL,
+    gain_too_small,
+    gain_warnings,
+    normalized_score,
+    recovery,
+)
 from mopd.report.tables import MISSING, Table, fmt_duration, fmt_number
 
 from ..core.run_dir import COMPARE_FILES, METRICS
@@ -42,12 +49,19 @@ def _stage_totals(run_dir: Path, stage: str) -> dict[str, float]:
     return out
 
 
-def _norm(scores: dict[str, float | None], start: dict, teacher: dict) -> tuple[dict, float | None]:
-    rec = {d: recovery(start.get(d), teacher.get(d), scores.get(d)) for d in teacher}
+def min_gain_of(plan: dict[str, Any]) -> float:
+    """The plan's `report.min_teacher_gain` (a plan written before the setting: the default)."""
+    return float(plan.get("min_teacher_gain", MIN_TEACHER_GAIN))
+
+
+def _norm(scores: dict[str, float | None], start: dict, teacher: dict, min_gain: float,
+          ) -> tuple[dict, float | None]:
+    rec = {d: recovery(start.get(d), teacher.get(d), scores.get(d), min_gain) for d in teacher}
     return rec, normalized_score(rec.values())
 
 
-def _curve(run_dir: Path, plan_m: dict, start: dict, teacher: dict, score_of, totals) -> list[tuple[float, float]]:
+def _curve(run_dir: Path, plan_m: dict, start: dict, teacher: dict, score_of, totals, min_gain: float,
+           ) -> list[tuple[float, float]]:
     """(cumulative student samples, normalized score) at the method's start and at each of its eval records."""
     chain = plan_m["chain"]
     if not chain:
@@ -56,7 +70,7 @@ def _curve(run_dir: Path, plan_m: dict, start: dict, teacher: dict, score_of, to
     offset = sum(totals[s]["samples"] for s in chain[1:])
     init = chain[1] if len(chain) > 1 else None
     points: list[tuple[float, float]] = []
-    first = _norm(score_of(init), start, teacher)[1] if init else _norm(start, start, teacher)[1]
+    first = _norm(score_of(init) if init else start, start, teacher, min_gain)[1]
     if first is not None:
         points.append((offset, first))
     path = run_dir / stage / METRICS
@@ -64,7 +78,7 @@ def _curve(run_dir: Path, plan_m: dict, start: dict, teacher: dict, score_of, to
         for row in read_metrics(path):
             ev = {d: row.get(f"eval/{d}") for d in teacher}
             if all(isinstance(v, (int, float)) for v in ev.values()) and isinstance(row.get("samples"), (int, float)):
-                n = _norm(ev, start, teacher)[1]
+                n = _norm(ev, start, teacher, min_gain)[1]
                 if n is not None:
                     points.append((offset + float(row["samples"]), n))
     return sorted(set(points))
@@ -92,9 +106,10 @@ def _seed_result(run_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
 
     methods: dict[str, dict] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
+    min_gain = min_gain_of(plan)
     for label, m in plan["methods"].items():
         scores = score_of(m["stage"])
-        rec, norm = _norm(scores, start, teacher)
+        rec, norm = _norm(scores, start, teacher, min_gain)
         charged = m["chain"] + m["extra"]
         methods[label] = {
             "stage": m["stage"],
@@ -108,12 +123,16 @@ def _seed_result(run_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
             "stages": charged,
         }
         if label in plan["curves"]:
-            curves[label] = _curve(run_dir, m, start, teacher, score_of, totals)
+            curves[label] = _curve(run_dir, m, start, teacher, score_of, totals, min_gain)
 
     return {
         "recipe": run["recipe"],
         "start": {"stage": plan["start"], "domains": start},
-        "teachers": {d: {"stage": t, "score": teacher[d]} for d, t in teachers.items()},
+        "teachers": {d: {"stage": t, "score": teacher[d],
+                         **({"status": TOO_SMALL} if gain_too_small(start.get(d), teacher[d], min_gain) else {})}
+                     for d, t in teachers.items()},
+        "min_teacher_gain": min_gain,
+        "warnings": gain_warnings(start, teacher, teachers, min_gain),
         "methods": methods,
         "sample_efficiency": {k: [list(p) for p in v] for k, v in curves.items()},
     }
@@ -186,7 +205,8 @@ def compare_table(result: dict[str, Any]) -> Table:
         rows.append([
             f"**{label}**", m["stage"],
             *(fmt_cell(doms[d]["score"], doms[d].get("score_interval")) for d in domains),
-            *(fmt_cell(doms[d]["recovery"], doms[d].get("recovery_interval")) for d in domains),
+            *(TOO_SMALL if teach[d].get("status") == TOO_SMALL
+              else fmt_cell(doms[d]["recovery"], doms[d].get("recovery_interval")) for d in domains),
             f"**{fmt_cell(m['normalized_score'], m.get('normalized_interval'))}**",
             *([fmt_difference(m, reference, label)] if diff_col else []),
             f"{m['samples']:,}", f"{m['other_samples']:,}", fmt_duration(m["wall_seconds"]),
@@ -215,6 +235,7 @@ def compare_table(result: dict[str, Any]) -> Table:
         if iv["seeds"] < 5:
             notes.append(f"With {seeds} the intervals are too narrow: a percentile bootstrap over so few seeds "
                          "cannot see how far another seed could land; read them as a lower bound on the uncertainty.")
+    notes += [f"**Warning**: {w}." for w in result.get("warnings", [])]
     for label, m in result["methods"].items():
         if len(m["stages"]) > 1:
             notes.append(f"`{label}` is charged for stages {', '.join(m['stages'])}.")

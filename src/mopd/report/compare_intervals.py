@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mopd.report.run_files import read_final_eval
-from mopd.report.scores import MIN_TEACHER_GAIN
+from mopd.report.scores import MIN_TEACHER_GAIN, ROUNDOFF
 from mopd.report.stats import (
     Draws,
     make_draws,
@@ -68,10 +68,13 @@ def _cell(full: np.ndarray, prompts_only: np.ndarray) -> dict[str, Any]:
     return {"ci": None if ci is None else [ci[0], ci[1]], "se": replicate_se(prompts_only)}
 
 
-def _recovery(method: np.ndarray, start: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+def _recovery(method: np.ndarray, start: np.ndarray, teacher: np.ndarray, min_gain: float = MIN_TEACHER_GAIN,
+              ) -> np.ndarray:
+    """`scores.recovery` per replicate: NaN where that replicate's teacher gain is too small
+    (`scores.gain_too_small`: not positive, or under `min_gain`)."""
     gain = teacher - start
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gain > MIN_TEACHER_GAIN, (method - start) / gain, np.nan)
+        return np.where((gain > 0) & (gain >= min_gain - ROUNDOFF), (method - start) / gain, np.nan)
 
 
 def _normalized(recoveries: list[np.ndarray]) -> np.ndarray:
@@ -107,6 +110,7 @@ def compare_intervals(seed_dirs: Sequence[Path], plan: dict[str, Any], reference
     for s, (f, n) in scores.items():
         out["scores"][s] = {d: _cell(over_seeds(f[d], full.seeds), over_seeds(n[d], noise.seeds)) for d in domains}
     start, teachers = plan["start"], plan["teachers"]
+    min_gain = float(plan.get("min_teacher_gain", MIN_TEACHER_GAIN))
     if start not in scores or any(t not in scores for t in teachers.values()):
         return out
     normalized: dict[str, np.ndarray] = {}
@@ -114,8 +118,8 @@ def compare_intervals(seed_dirs: Sequence[Path], plan: dict[str, Any], reference
         if m["stage"] not in scores:
             continue
         # per draw (full, prompts only): each domain's recovery per seed and replicate, (S, B)
-        recs = [[_recovery(scores[m["stage"]][k][d], scores[start][k][d], scores[teachers[d]][k][d]) for d in domains]
-                for k in (0, 1)]
+        recs = [[_recovery(scores[m["stage"]][k][d], scores[start][k][d], scores[teachers[d]][k][d], min_gain)
+                 for d in domains] for k in (0, 1)]
         cells = {d: _cell(over_seeds(recs[0][i], full.seeds), over_seeds(recs[1][i], noise.seeds))
                  for i, d in enumerate(domains)}
         normalized[label] = over_seeds(_normalized(recs[0]), full.seeds)

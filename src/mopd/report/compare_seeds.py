@@ -61,8 +61,13 @@ def mean_over_seeds(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "recipe": first["recipe"],
         "start": {"stage": first["start"]["stage"],
                   "domains": {d: _mean([r["start"]["domains"].get(d) for r in per_seed]) for d in domains}},
-        "teachers": {d: {"stage": t["stage"], "score": _mean([r["teachers"][d]["score"] for r in per_seed])}
+        # a domain whose teacher gained too little in any seed is marked so; each seed's warning is kept
+        "teachers": {d: {"stage": t["stage"], "score": _mean([r["teachers"][d]["score"] for r in per_seed]),
+                         **next(({"status": r["teachers"][d]["status"]} for r in per_seed
+                                 if "status" in r["teachers"][d]), {})}
                      for d, t in first["teachers"].items()},
+        "min_teacher_gain": first.get("min_teacher_gain"),
+        "warnings": [f"seed {i + 1}: {w}" for i, r in enumerate(per_seed) for w in r.get("warnings", [])],
         "methods": methods,
         "sample_efficiency": curves,
         "sample_efficiency_bands": bands,

@@ -23,7 +23,7 @@ from mopd.report.build import atomic_write
 from mopd.report.compare import fmt_cell
 from mopd.report.compare_intervals import compare_intervals
 from mopd.report.run_files import read_final_eval
-from mopd.report.scores import normalized_score, recovery
+from mopd.report.scores import MIN_TEACHER_GAIN, gain_warnings, normalized_score, recovery
 from mopd.report.tables import MISSING, Table
 
 DPI = 110
@@ -36,9 +36,11 @@ def _seed_score(run_dir: Path, point: dict[str, Any]) -> dict[str, Any]:
 
     start, student = scores(point["start"]), scores(point["student"])
     teacher = {d: scores(t).get(d) for d, t in point["teachers"].items()}
+    min_gain = float(point.get("min_teacher_gain", MIN_TEACHER_GAIN))
     domains = {d: {"start": start.get(d), "teacher": teacher[d], "student": student.get(d),
-                   "recovery": recovery(start.get(d), teacher[d], student.get(d))} for d in teacher}
-    return {"normalized_score": normalized_score(v["recovery"] for v in domains.values()), "domains": domains}
+                   "recovery": recovery(start.get(d), teacher[d], student.get(d), min_gain)} for d in teacher}
+    return {"normalized_score": normalized_score(v["recovery"] for v in domains.values()), "domains": domains,
+            "warnings": gain_warnings(start, teacher, point["teachers"], min_gain)}
 
 
 def score_point(out: Path, point: dict[str, Any]) -> dict[str, Any]:
@@ -48,10 +50,12 @@ def score_point(out: Path, point: dict[str, Any]) -> dict[str, Any]:
     per_seed = [s["normalized_score"] for s in seeds]
     mean = None if any(x is None for x in per_seed) else sum(per_seed) / len(per_seed)  # type: ignore[misc]
     plan = {"start": point["start"], "teachers": point["teachers"],
-            "methods": {"student": {"stage": point["student"]}}}
+            "methods": {"student": {"stage": point["student"]}},
+            "min_teacher_gain": point.get("min_teacher_gain", MIN_TEACHER_GAIN)}
     cell = compare_intervals(dirs, plan, None)["methods"].get("student", {}).get("normalized")
+    warned = list(dict.fromkeys(w for s in seeds for w in s["warnings"]))
     return {**point, "normalized_score": mean, "per_seed": per_seed, "interval": cell,
-            "per_seed_domains": [s["domains"] for s in seeds]}
+            "per_seed_domains": [s["domains"] for s in seeds], "warnings": warned}
 
 
 def best_per_objective(points: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -163,6 +167,9 @@ def sweep_markdown(result: dict[str, Any]) -> str:
              "\"Seeds, intervals and significance\").\n", "## Best setting per objective\n"]
     lines += best_lines(result["best"])
     lines.append("")
+    warned = [f"- **Warning** (`{p['name']}`): {w}." for p in result["points"] for w in p.get("warnings", [])]
+    if warned:
+        lines += ["## Domains left out (teacher gain too small)\n", *warned, ""]
     for key in result["keys"]:
         lines.append(f"## {key}\n")
         lines.append(key_table(result["points"], key, result["values"][key]).markdown())

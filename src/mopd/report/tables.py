@@ -22,9 +22,17 @@ from mopd.report.run_files import (
     read_final_eval,
     read_metrics,
 )
-from mopd.report.scores import MIN_TEACHER_GAIN, normalized_score, recovery
+from mopd.report.scores import (
+    MIN_TEACHER_GAIN,
+    TOO_SMALL,
+    gain_too_small,
+    gain_warnings,
+    normalized_score,
+    recovery,
+)
 
-from ..core.run_dir import METRICS, PREFLIGHT
+from ..core.run_dir import METRICS, PREFLIGHT, SAMPLES
+from ..eval.transcripts import best_and_worst, read_transcripts
 
 MISSING = "—"
 
@@ -112,6 +120,8 @@ class ReportData:
     preflight_table: Table | None
     curves: dict[str, dict[str, list[tuple[int, float]]]]
     agent_table: Table | None = None  # tool-use domains' episodes: tool-call rate and episode length per stage
+    transcripts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # the student's best and worst
+    transcripts_file: str | None = None  # where they came from, relative to the run directory
 
 
 def compute_report(run_dir: Path) -> ReportData:
@@ -128,6 +138,8 @@ def compute_report(run_dir: Path) -> ReportData:
     start, student = rep["start"], rep["student"]
     teachers: dict[str, str] = {str(d): t for d, t in (rep["teachers"] or {}).items()}
     domains = list(teachers)
+    min_gain = finite_number(rep.get("min_teacher_gain"))  # a run.json from before the setting: the default
+    min_gain = MIN_TEACHER_GAIN if min_gain is None else min_gain
 
     wall = finite_number(run.get("wall_seconds"))
     if wall is None:
@@ -145,24 +157,29 @@ def compute_report(run_dir: Path) -> ReportData:
 
     # recovery per (student, domain), shared start and per-domain teacher from the report block
     rec = {
-        s: {d: recovery(score(start, d), score(teachers[d], d), score(s, d)) for d in domains}
+        s: {d: recovery(score(start, d), score(teachers[d], d), score(s, d), min_gain) for d in domains}
         for s in students
     }
     norm = {s: normalized_score(rec[s].values()) for s in students}
+    warned = gain_warnings({d: score(start, d) for d in domains}, {d: score(teachers[d], d) for d in domains},
+                           teachers, min_gain)
 
     summary = {
         "recipe": recipe,
         "wall_seconds": float(wall),
         "normalized_score": norm.get(student),
+        "min_teacher_gain": min_gain,
         "domains": {
             d: {
                 "start": score(start, d),
                 "teacher": score(teachers[d], d),
                 "student": score(student, d),
                 "recovery": rec[student][d] if student in rec else None,
+                **({"status": TOO_SMALL} if gain_too_small(score(start, d), score(teachers[d], d), min_gain) else {}),
             }
             for d in domains
         },
+        "warnings": warned,
     }
 
     # stages of the run with no readable final checkpoint on disk: the report says so (and `mopd report` exits
@@ -175,10 +192,12 @@ def compute_report(run_dir: Path) -> ReportData:
         if corrupt:
             summary["corrupt"] = corrupt
 
-    main = _recovery_table(start, teachers, students, rec, norm, score)
+    main = _recovery_table(start, teachers, students, rec, norm, score, min_gain)
     stage_tbl, acc_tbl = _stage_tables(order, stages, finals, domains)
     preflight = _preflight_table(run_dir, [s for s in order if stages[s].get("kind") == "mopd"])
     agents = _agent_table(order, finals)
+
+    shown, shown_file = _student_transcripts(run_dir, student)
 
     curves = {}
     for s in order:
@@ -199,10 +218,23 @@ def compute_report(run_dir: Path) -> ReportData:
         preflight_table=preflight,
         curves=curves,
         agent_table=agents,
+        transcripts=shown,
+        transcripts_file=shown_file,
     )
 
 
-def _recovery_table(start, teachers, students, rec, norm, score) -> Table:
+def _student_transcripts(run_dir: Path, student: str | None) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """The best and worst held-out transcript of each domain from the student's last eval (its highest-step
+    `samples/eval-<step>.jsonl`), and that file; nothing when it has none (a run from before transcripts)."""
+    if student is None:
+        return [], None
+    files = sorted((run_dir / student / SAMPLES).glob("eval-*.jsonl"))
+    if not files:
+        return [], None
+    return best_and_worst(read_transcripts(files[-1])), str(files[-1].relative_to(run_dir))
+
+
+def _recovery_table(start, teachers, students, rec, norm, score, min_gain: float) -> Table:
     many = len(students) > 1
     headers = ["domain", f"start ({start})"]
     headers.append("teacher")
@@ -212,9 +244,10 @@ def _recovery_table(start, teachers, students, rec, norm, score) -> Table:
     for d, t in teachers.items():
         st, te = score(start, d), score(t, d)
         row = [d, fmt_number(st), f"{fmt_number(te)} ({t})"]
+        small = gain_too_small(st, te, min_gain)
         for s in students:
             r = rec[s][d]
-            row += [fmt_number(score(s, d)), "n/a" if r is None else f"{r:.3f}"]
+            row += [fmt_number(score(s, d)), TOO_SMALL if small else "n/a" if r is None else f"{r:.3f}"]
         rows.append(row)
         if st is None or te is None:
             notes.append(
@@ -222,10 +255,11 @@ def _recovery_table(start, teachers, students, rec, norm, score) -> Table:
                 + " and ".join(f"`{x}`" for x, v in ((start, st), (t, te)) if v is None)
                 + "; excluded from the normalized score."
             )
-        elif te - st <= MIN_TEACHER_GAIN:
+        elif small:
             notes.append(
-                f"n/a on `{d}`: the teacher `{t}` did not improve on start (teacher - start = {te - st:+.3g} "
-                f"<= {MIN_TEACHER_GAIN:g}), so there is no gain to recover; excluded from the normalized score."
+                f"**Warning**: {TOO_SMALL} on `{d}`: the teacher `{t}` gained {te - st:+.3f} over the start, under "
+                f"the minimum {min_gain:g} (`report.min_teacher_gain`); a recovery of so small a gain is noise, so "
+                "it is left out of the normalized score."
             )
         else:
             for s in students:

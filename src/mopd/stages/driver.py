@@ -34,6 +34,7 @@ from .resumable import (
     prune_resumable,
     resume_point,
 )
+from .samples import EvalTranscripts, TeacherKL
 
 # a stage's step: (model, 0-based step) -> (loss, metrics); the one thing a stage kind plugs into `train`
 LossFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict[str, float]]]
@@ -108,16 +109,23 @@ class _NoLog:
 NO_LOG = _NoLog()
 
 
-def eval_metrics(ctx: ResolvedStage, model, tokenizer=None, prompt_format=None) -> dict[str, dict[str, float]]:
+def eval_metrics(ctx: ResolvedStage, model, tokenizer=None, prompt_format=None, *, step: int = 0,
+                 kl: TeacherKL | None = None, sink: EvalTranscripts | None = None) -> dict[str, dict[str, float]]:
     """Held-out scores on every recipe domain; `tokenizer` and `prompt_format` default to the stage's (an eval
-    stage passes each scored model's own)."""
-    return evaluate(model, tokenizer or ctx.tokenizer, ctx.eval_domains, ctx.eval,
-                    prompt_format or ctx.prompt_format)
+    stage passes each scored model's own). Its transcripts go to `samples/eval-<step>.jsonl` (with each turn's
+    teacher KL when `kl` is given), or into `sink` for a caller that writes several evals as one file."""
+    tokenizer = tokenizer or ctx.tokenizer
+    collect = sink if sink is not None else EvalTranscripts(ctx, model, tokenizer, step, kl)
+    scores = evaluate(model, tokenizer, ctx.eval_domains, ctx.eval, prompt_format or ctx.prompt_format,
+                      on_batch=collect)
+    if sink is None:
+        collect.write()
+    return scores
 
 
 def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Module],
           loss_fn: LossFn, evaluate_fn: Callable[[torch.nn.Module], dict[str, dict[str, float]]] | None = None,
-          ) -> Path:
+          kl: TeacherKL | None = None) -> Path:
     """Run (or resume) the stage's steps and write its final checkpoint; returns the final checkpoint path.
 
     Forward passes (rollouts, loss, evals) run in `training_precision`: autocast to the stage's `dtype` when the
@@ -127,7 +135,8 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
     model rank 0 samples, evaluates and saves, and gathers the optimizer state a checkpoint keeps; rank 0 alone
     picks the checkpoint to resume from, logs and saves. The update follows whenever the step left gradients.
     `evaluate_fn(model)` replaces the held-out generation eval for a model that does not generate (a reward
-    model: its held-out pair accuracy); it returns {name: {"score": ..., ...}} like `eval_metrics`.
+    model: its held-out pair accuracy); it returns {name: {"score": ..., ...}} like `eval_metrics`. `kl`: the
+    per-turn teacher KL of the evals' transcripts (a MOPD stage's, `stages.samples.teacher_kl`).
     """
     s, learner = ctx.settings, ctx.learner
     torch.manual_seed(ctx.seed)
@@ -185,7 +194,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             if learner.lead and s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 whole.eval()
                 with precision():
-                    scores = evaluate_fn(whole) if evaluate_fn else eval_metrics(ctx, whole)
+                    scores = evaluate_fn(whole) if evaluate_fn else eval_metrics(ctx, whole, step=done, kl=kl)
                 record.update({f"eval/{d}": v["score"] for d, v in scores.items()})
                 whole.train()
             log.write(record)
@@ -208,7 +217,7 @@ def train(ctx: ResolvedStage, model_factory: Callable[[torch.dtype], torch.nn.Mo
             return ctx.stage_dir / FINAL  # rank 0 writes it
         whole.eval()
         with precision():
-            final_eval = evaluate_fn(whole) if evaluate_fn else eval_metrics(ctx, whole)
+            final_eval = evaluate_fn(whole) if evaluate_fn else eval_metrics(ctx, whole, step=s.steps, kl=kl)
         log.write({"step": s.steps, **totals, **{f"eval/{d}": v["score"] for d, v in final_eval.items()}})
     finally:
         log.close()

@@ -36,6 +36,7 @@ from .loading import load_placed
 from .problems import ProblemSource, problem_source
 from .resolved import ResolvedStage
 from .rl import policy_step_fn, policy_workers
+from .samples import teacher_kl
 from .start import starting_model
 from .teacher_gate import check_teacher_gain
 
@@ -53,7 +54,8 @@ def run_mopd(ctx: ResolvedStage) -> Path:
         if due:
             preflight(ctx, first, dict(schedule.checkpoints(0)), source, gains)
     with policy_workers(ctx) as workers:
-        return train(ctx, starting_model(ctx), policy_step_fn(ctx, lambda step: source, schedule.at, workers))
+        return train(ctx, starting_model(ctx), policy_step_fn(ctx, lambda step: source, schedule.at, workers),
+                     kl=teacher_kl(ctx, schedule.at))  # the evals' transcripts carry each turn's teacher KL
 
 
 class TeacherSchedule:

@@ -44,6 +44,7 @@ from .pairs import frozen
 from .problems import problem_source, step_generator, step_rng, step_seed
 from .resolved import ResolvedStage
 from .rewards import stage_reward
+from .samples import log_training_samples
 from .schedules import temperature_at
 from .start import starting_model
 
@@ -70,6 +71,7 @@ def ppo_loss_fn(ctx: ResolvedStage) -> LossFn:
         batch, metrics = rollout(model, ctx.tokenizer, problems, ctx.domain_map, s, temperature=temperature,
                                  generator=step_generator(ctx.seed, step), sampler=rollouts(),
                                  prompt_format=ctx.prompt_format, reward=reward)
+        log_training_samples(ctx, model, batch, step + 1)  # every `log_samples` steps that sample
         mask = batch.completion_mask_B_T
         with torch.no_grad():
             old_lp = token_logprobs(model, batch, fixed_logit_chunk(s))

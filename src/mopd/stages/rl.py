@@ -24,6 +24,7 @@ from .problems import ProblemSource, problem_source, step_generator, step_rng
 from .resolved import ResolvedStage
 from .rewards import stage_reward
 from .rollout_workers import LazyPool, rollout_pool
+from .samples import log_training_samples, teacher_kl
 from .schedules import temperature_at
 from .start import starting_model
 from .step_sizing import apply_to_panel, stage_sizing
@@ -47,6 +48,7 @@ def policy_step_fn(
     reward_only = frozenset(d.name for d in ctx.domains if distill and d.name not in ctx.teacher_of_domain)
     reward = stage_reward(ctx)  # `reward:` a reward model or judge (None: the domains' verifiers)
     learner = ctx.learner  # one process, or a rank of a data-parallel learner (`learner:`): rank 0 samples
+    kl = teacher_kl(ctx, teachers_at) if teachers_at is not None else None  # logged samples' per-turn teacher KL
 
     def draw(step):
         problems = source_at(step).draw(step_rng(ctx.seed, step), s.batch_size, step=step)
@@ -59,6 +61,7 @@ def policy_step_fn(
                                  generator=step_generator(ctx.seed, step),
                                  sampler=rollouts() if workers is None else workers(model).sampler(step),
                                  prompt_format=ctx.prompt_format, reward=reward)
+        log_training_samples(ctx, model, batch, step + 1, kl)  # every `log_samples` steps: a few transcripts
         if workers is not None:
             metrics.update(workers(model).metrics)
             if workers.max_lag and step + 1 < s.steps:  # the next step samples while this one trains

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.run_dir import EVAL_JSON, FINAL, METRICS
 from ..core.schema import EvalStage, PretrainStage, fixed_logit_chunk, fixed_micro_batch
+from ..eval.transcripts import samples_path, write_transcripts
 from ..learner.supervised import supervised_loss
 from ..models.checkpoint import load_tokenizer, publish_dir, write_json_atomic
 from ..models.prompting import with_pad_token
@@ -28,6 +29,7 @@ from .rejection import run_rejection_sampling
 from .resolved import ResolvedStage
 from .reward_model import run_reward_model
 from .rl import run_rl
+from .samples import EvalTranscripts
 from .start import starting_model
 
 
@@ -51,13 +53,17 @@ def run_eval(ctx: ResolvedStage) -> Path:
     a Hugging Face model scored with the recipe's character tokenizer would be scored on garbage ids."""
     s: EvalStage = ctx.settings
     results = {}
+    records: list[dict] = []  # every model's transcripts, each record naming its model: one eval-0000000.jsonl
     for ref in s.models:
         path = ctx.model_refs[ref]
         model = load_placed(ctx, path).eval()
         tokenizer = with_pad_token(load_tokenizer(path))
-        results[ref] = eval_metrics(ctx, model, tokenizer, ctx.rendering.format_for(tokenizer))
+        sink = EvalTranscripts(ctx, model, tokenizer, 0, extra={"model": ref})
+        results[ref] = eval_metrics(ctx, model, tokenizer, ctx.rendering.format_for(tokenizer), sink=sink)
+        records += [r for r in sink.records if not s.domains or r["domain"] in s.domains]
         if s.domains:
             results[ref] = {d: v for d, v in results[ref].items() if d in s.domains}
+    write_transcripts(samples_path(ctx.stage_dir, "eval", 0), records)
     (ctx.stage_dir / METRICS).write_text(json.dumps({"step": 0, "eval": results}) + "\n")
     return publish_dir(ctx.stage_dir / FINAL, lambda tmp: write_json_atomic(tmp / EVAL_JSON, results),
                        final_lineage(ctx, 0, {"eval": results}))

@@ -33,6 +33,8 @@ class Tracker(Protocol):
 
     def summary(self, values: dict[str, float], step: int) -> None: ...
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...  # transcripts
+
     def close(self, failed: bool = False) -> None: ...  # failed: the run stopped on an exception
 
 

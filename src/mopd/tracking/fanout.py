@@ -22,11 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..core.run_dir import SAMPLES
 from ..core.schema import LoggingSettings
+from ..eval.transcripts import read_transcripts, render
 from ..models.checkpoint import write_json_atomic
 from .base import Tracker, TrackerRun, enabled, missing_extra, numbers
 
 TRACKING_DIR = "tracking"
+SAMPLE_COLUMNS = ("step", "domain", "reward", "prompt", "transcript")  # a samples table's columns
 STATE_FILE = "state.json"
 
 
@@ -76,6 +79,28 @@ class Trackers:
                 continue  # a line cut by a crash
             if isinstance(record, dict):
                 self.record(stage, record)
+
+    def samples(self, stage: str, stage_dir: Path) -> None:
+        """Send a stage's logged rollouts not sent yet (`samples/train-<step>.jsonl`, `log_samples`) as one table,
+        `<stage>/samples`, with a step column, at the global step of the last of them (W&B: at its latest step,
+        since it drops a step below it and merges one key logged twice at a step). Called when a stage ends, as
+        `replay`: the stages of every executor get there, and a rerun sends nothing twice."""
+        if not self.trackers:
+            return
+        sent = self.state.setdefault("samples", {})
+        rows, last = [], sent.get(stage, 0)
+        for path in sorted(Path(stage_dir, SAMPLES).glob("train-*.jsonl")):
+            step = int(path.stem.split("-", 1)[1])
+            if step > sent.get(stage, 0):
+                rows += [[r.get("step"), r.get("domain"), r.get("reward"), r.get("prompt"), render(r)]
+                         for r in read_transcripts(path)]
+                last = step
+        if last == sent.get(stage, 0):
+            return
+        for tracker in self.trackers:
+            tracker.table(f"{stage}/samples", list(SAMPLE_COLUMNS), rows, self.offsets.get(stage, 0) + last)
+        sent[stage] = last
+        write_json_atomic(self.path, self.state)
 
     def summary(self, report: dict | None) -> None:
         """The final scores: each stage's last eval and the report's numbers (`report/normalized_score`, ...)."""
@@ -148,8 +173,9 @@ def _state(path: Path, layout: dict[str, list]) -> dict[str, Any]:
                 and isinstance(saved.get("layout"), dict) and isinstance(saved.get("logged"), dict))
     if readable and all(layout.get(s) == where for s, where in saved["layout"].items() if s in layout):
         logged = {s: v for s, v in saved["logged"].items() if s in layout}
+        samples = {s: v for s, v in (saved.get("samples") or {}).items() if s in layout}
         return {"run_id": saved["run_id"], "layout": {**saved["layout"], **layout}, "logged": logged,
-                "summary": saved.get("summary")}
+                "summary": saved.get("summary"), "samples": samples}
     return {"run_id": secrets.token_hex(4), "layout": layout, "logged": {}}
 
 

@@ -58,6 +58,12 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        """An MLflow table artifact per key (`<key>.json`; MLflow appends to it), shown in the run's Evaluation
+        view; the step is a column."""
+        data = {c: [row[i] for row in rows] for i, c in enumerate(columns)}
+        self.client.log_table(self.run_id, data=data, artifact_file=f"{key}.json")
+
     def summary(self, values: dict[str, float], step: int) -> None:
         self.log({f"summary/{k}": v for k, v in values.items()}, step)
 

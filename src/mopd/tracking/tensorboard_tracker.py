@@ -32,6 +32,17 @@ class TensorBoardTracker:
             writer.add_scalar(key, value, global_step=step)
         writer.flush()  # a kill loses nothing that metrics.jsonl already has
 
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        """TensorBoard's text plugin renders markdown: the table as one, each cell on one line."""
+        def cell(x) -> str:
+            return str(x).replace("|", "\\|").replace("\n", "<br>")
+
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+        writer = self._writer(step)
+        writer.add_text(key, "\n".join(lines), global_step=step)
+        writer.flush()
+
     def summary(self, values: dict[str, float], step: int) -> None:
         self.log({f"summary/{k}": v for k, v in values.items()}, step)
 

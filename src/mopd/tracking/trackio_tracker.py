@@ -19,6 +19,11 @@ class TrackioTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        import trackio
+
+        self.run.log({key: trackio.Table(columns=columns, data=rows)}, step=step)
+
     def summary(self, values: dict[str, float], step: int) -> None:
         # trackio has no summary of its own: the values go in as metrics at the run's last step
         self.run.log({f"summary/{k}": v for k, v in values.items()}, step=step)

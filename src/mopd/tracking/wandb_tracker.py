@@ -20,9 +20,17 @@ class WandbTracker:
             resume="allow", dir=str(run.directory), config=run.config, mode=settings.mode,
             tags=settings.tags or None, settings=wandb.Settings(console="off"),
         )
+        self.step = 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
+        self.step = max(self.step, step)
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        # W&B drops a step below its latest: the table goes in at the latest, its rows say their own step
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=max(self.step, step))
 
     def summary(self, values: dict[str, float], step: int) -> None:
         self.run.summary.update(values)

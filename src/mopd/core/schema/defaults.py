@@ -22,3 +22,7 @@ IS_MODE: ISMode = "truncate"
 EPS_LOW = 0.5
 EPS_HIGH = 2.0
 ADV_CLIP = 5.0
+
+# The least gain a teacher must make over the start on a domain for the report's recovery of it to be defined
+# (`report.min_teacher_gain`, `report.scores.recovery`); below it the domain is "teacher gain too small".
+MIN_TEACHER_GAIN = 0.05

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 
 from .bounds import BATCH_MAX, NEW_TOKENS_MAX, SEED_MAX, SEEDS_MAX, Seed
-from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE
+from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE, MIN_TEACHER_GAIN
 from .kinds import Stage
 from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict
 from .strict import rule_error
@@ -35,6 +35,11 @@ class EvalSettings(Strict):
 
 class ReportSettings(Strict):
     student: str | None = Field(None, description="the MOPD stage the summary scores; default: the last one")
+    min_teacher_gain: float = Field(
+        MIN_TEACHER_GAIN, ge=0, le=1, description="a domain whose teacher gains less than this over the start "
+        "(held-out score) is reported as 'teacher gain too small' and left out of the normalized score, with a "
+        "warning (report, `mopd compare`, summary.json, sweeps)",
+    )
 
 
 class CompareSettings(Strict):
@@ -130,6 +135,13 @@ class VerifiersDomainSpec(Strict):
     settings: dict[str, Any] = Field(default_factory=dict, description="the taskset's config fields")
     eval_size: int | None = Field(None, gt=0, description="held-out tasks; default: a quarter, at most 96")
     answer_field: str = Field("answer", description="the task data's reference answer (what SFT trains on)")
+    demonstration: str | None = Field(
+        None, description="a tool-use taskset's gold turns, which SFT trains on (played through its tools): a "
+        ".jsonl file (relative to the recipe) with one {prompt, turns} record per task, or a generator "
+        "`file.py:function` / `package.module:function` from a task's data to its turns (tool calls in mopd's "
+        "format, then the answer); null: SFT trains on the bare answer, so a model built from scratch never "
+        "learns to call the tools (a warning at load)",
+    )
     max_turns: int = Field(4, gt=0, description="model turns per episode (tool-use tasksets)")
     max_tokens: int = Field(48, gt=0, description="completion-window tokens per episode (tool-use tasksets)")
     tool_time_s: float = Field(1.0, gt=0, description="a tool call running longer is an error observation")

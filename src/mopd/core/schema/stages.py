@@ -154,6 +154,10 @@ class SFTStage(TrainStage):
 
 class SamplingSettings(Strict):
     group_size: int = Field(8, gt=0, le=GROUP_MAX, description="completions sampled per prompt")
+    log_samples: int = Field(
+        0, ge=0, description="every this many steps, write a few rollouts of each domain as transcripts "
+        "(<stage>/samples/train-<step>.jsonl, and the trackers' tables); 0 = none (evals always write theirs)",
+    )
     max_new_tokens: int = Field(12, gt=0, le=NEW_TOKENS_MAX)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
