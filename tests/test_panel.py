@@ -196,9 +196,11 @@ def test_a_mopd_stage_with_teacher_shared_prefill_scores_through_it(tmp_path, mi
     used: list[int] = []
     real = panel_module.shared_prompt_hidden
 
-    def counting(*args, **kwargs):
-        out = real(*args, **kwargs)
-        used.append(out is not None)
+    def counting(model, ids, mask, prompt_columns, keep):
+        out = real(model, ids, mask, prompt_columns, keep)
+        prompts = (ids[:, :prompt_columns] * mask[:, :prompt_columns]).unique(dim=0).shape[0]
+        if prompts < ids.shape[0]:  # rows share a prompt: a training step's groups (held-out transcripts do not)
+            used.append(out is not None)
         return out
 
     monkeypatch.setattr(panel_module, "shared_prompt_hidden", counting)
