@@ -28,19 +28,10 @@ from mopd.execution.ray_address import CONNECT_TIMEOUT_ENV, connect_timeout
 from mopd.execution.runner import busy_seconds, run_recipe
 from mopd.recipe.load import load_recipe
 
+from .test_cli import ONE_STAGE
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-ONE_STAGE = """\
-name: one
-domains: [reversal]
-eval: {size: 4, max_new_tokens: 4}
-stages:
-  base:
-    kind: pretrain
-    model: {hidden_size: 16, layers: 1, heads: 2, kv_heads: 1, intermediate_size: 32}
-    steps: 1
-    batch_size: 4
-"""
 
 
 def _invoke(*args: object, **env: str):
