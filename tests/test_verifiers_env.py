@@ -352,3 +352,17 @@ def test_a_bad_demonstration_is_one_line_at_its_key(tmp_path: Path, monkeypatch,
         load_recipe(_demo_recipe(tmp_path, monkeypatch, extra))
     assert needle in str(e.value) and "\n" not in str(e.value) and "domains.0.demonstration" in str(e.value), \
         str(e.value)
+
+
+def test_a_yaml_taskset_sets_its_parallel_call_limit(tmp_path: Path, monkeypatch) -> None:
+    """`max_parallel_calls:` on a taskset declared in YAML reaches its episodes: two calls in one turn under a
+    limit of 1 give the second an error observation the model can read, and both calls are counted."""
+    loaded = load_recipe(_demo_recipe(tmp_path, monkeypatch, ", demonstration: mopd_test_mul_env:demonstrate, "
+                                                             "max_parallel_calls: 1"))
+    calc = loaded.domains["calc"]
+    assert calc.limits.max_parallel_calls == 1
+    [problem] = calc.eval_set(1)
+    episode = calc.start(problem)
+    reply = episode.step("mul:12,3 mul:4,5")
+    assert reply.observation == "36 err:at most 1 calls a turn"
+    assert episode.stats.tool_calls == 2 and episode.stats.malformed_calls == 1

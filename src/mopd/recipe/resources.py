@@ -70,7 +70,7 @@ def _verifiers_domain(spec: VerifiersDomainSpec, recipe: Recipe, at: Where, base
     from ..envs.verifiers_env import load_taskset, verifiers_domain
 
     limits = Limits(max_turns=spec.max_turns, max_tokens=spec.max_tokens, tool_time_s=spec.tool_time_s,
-                    max_observation_chars=spec.max_observation_chars)
+                    max_observation_chars=spec.max_observation_chars, max_parallel_calls=spec.max_parallel_calls)
     demonstration = None
     if spec.demonstration is not None:
         try:

@@ -146,6 +146,8 @@ class VerifiersDomainSpec(Strict):
     max_tokens: int = Field(48, gt=0, description="completion-window tokens per episode (tool-use tasksets)")
     tool_time_s: float = Field(1.0, gt=0, description="a tool call running longer is an error observation")
     max_observation_chars: int = Field(256, gt=0, description="longer tool results are truncated to this")
+    max_parallel_calls: int = Field(4, gt=0, le=64, description="tool calls one turn may make, run concurrently; "
+                                                               "each past it is an error observation")
 
 
 def _domain_kind(v: Any) -> str:
