@@ -152,6 +152,7 @@ def compare(
     compare_bars.png and sample_efficiency.png: the MOPD paper's table of merge methods, with 95% intervals."""
     from .cli_tools.compare_sweep import run_compare, variants_executor
     from .core.errors import StageError
+    from .execution.local_executor import warn_line
     from .execution.runner import RunLockedError
     from .experiments.sweep import seed_count
     from .recipe.load import RecipeError
@@ -171,7 +172,7 @@ def compare(
     except (RecipeError, RunLockedError, StageError) as e:
         _fail(str(e))
     for msg in result.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+        warn_line(console, msg)
     for label, m in result["methods"].items():
         score = m["normalized_score"]
         ci = (m.get("normalized_interval") or {}).get("ci")
@@ -235,6 +236,7 @@ def report(
                                     "for a run on a read-only mount)"),
 ) -> None:
     """Rebuild report.md, the PNG curves and summary.json from a run directory's saved metrics."""
+    from .execution.local_executor import warn_line
     from .report import build_report
     from .report.tables import incomplete_message
 
@@ -247,7 +249,7 @@ def report(
         _fail(f"{dest}: cannot write the report there ({e.strerror or e}); the run is untouched"
               f"{'' if out else f'; write it elsewhere: mopd report {run_dir} --out DIR'}")
     for msg in summary.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+        warn_line(console, msg)
     console.print(f"normalized score: {summary['normalized_score']}")
     console.print(f"report: {dest / 'report.md'}", markup=False)
     if incomplete := incomplete_message(summary):
