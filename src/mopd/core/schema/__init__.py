@@ -2,7 +2,7 @@
 `prompted.py`, `kinds.py`, `recipe.py`; defaults code below the recipe shares: `defaults.py`)."""
 
 from .kinds import KINDS, SamplingStage, Stage, TrainedStage
-from .mopd import DistillationObjective, DistillationSettings, MOPDStage, PreflightSettings, TeacherPhase
+from .mopd import DistillationObjective, DistillationSettings, MOPDStage, PreflightSettings, TeacherEntry, TeacherPhase
 from .ppo import PPOStage
 from .preference import DatasetPairs, DeltaPairs, DPOStage, RejectionSamplingStage, RewardModelStage
 from .prompted import ModelStage, PromptedStage, PromptExample
@@ -67,7 +67,7 @@ __all__ = [
     "LoggingSettings", "LoraSettings", "MasterWeights", "MlflowSettings", "MergeStage", "ModelStage", "PromptedStage", "PromptExample", "MixRLStage", "MOPDStage",
     "OffPolicyFTStage",
     "PreflightSettings", "PretrainStage", "RejectionSamplingStage", "RLVRStage", "Recipe", "ReportSettings", "SamplingSettings",
-    "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
+    "SamplingStage", "SFTStage", "Stage", "StageResources", "Strict", "TeacherEntry", "TeacherPhase", "TinyModelConfig", "TokenizerSettings",
     "TrackioSettings", "TrainStage", "TrainedStage", "VerifiersDomainSpec", "WandbSettings",
     "DatasetPairs", "JudgeReward", "OneRewardSource", "PerDomainReward", "PPOStage", "RewardModelReward",
     "RewardModelStage", "RewardSource", "DEFAULT_REWARD", "reward_of", "reward_parts", "source_of",

@@ -32,6 +32,19 @@ class TeacherPhase(Strict):
         return v
 
 
+class TeacherEntry(Strict):
+    """A domain's teacher with its options: `{stage: NAME, cross_tokenizer: true}` opts a teacher of another
+    tokenizer (another model family) into cross-tokenizer scoring (docs/CROSS_TOKENIZER.md). Read into the stage's
+    `teachers` (the name) and `cross_tokenizer` (the names that opted in), so the rest of mopd sees one form."""
+
+    stage: str = Field(description="the teacher: a stage name or an HF directory")
+    cross_tokenizer: bool = Field(
+        False, description="the teacher has its own tokenizer: rollouts are re-rendered and re-tokenized for it, "
+        "and its scores aligned to the student's tokens by character spans; without it a teacher whose tokenizer "
+        "differs is refused",
+    )
+
+
 class PreflightSettings(Strict):
     """Checked once before a MOPD stage trains: same tokenizer (refused otherwise) and the initial per-token
     reverse KL(student || teacher) on the student's own rollouts of each teacher's domains (warned above
@@ -75,7 +88,14 @@ class MOPDStage(TrainStage, SamplingSettings, DistillationSettings):
 
     kind: Literal["mopd"]
     init: str
-    teachers: dict[str, str] = Field(description="domain -> teacher (stage name or HF directory)")
+    teachers: dict[str, str | TeacherEntry] = Field(
+        description="domain -> teacher (stage name or HF directory), or {stage: NAME, cross_tokenizer: true} for "
+        "a teacher with its own tokenizer"
+    )
+    cross_tokenizer: list[str] = Field(
+        default_factory=list, description="teachers (names as in `teachers`) scored across tokenizers; set by "
+        "`cross_tokenizer: true` on a teacher, or listed here",
+    )
     group_size: int = Field(1, gt=0, le=GROUP_MAX)
     preflight: PreflightSettings = Field(
         default_factory=lambda: PreflightSettings(), description="teacher-student compatibility check"
@@ -92,6 +112,21 @@ class MOPDStage(TrainStage, SamplingSettings, DistillationSettings):
         "scores up to float rounding; auto: in-process teachers, when a step's groups share enough prompt tokens "
         "(`learner.sizing`)",
     )
+
+    @model_validator(mode="after")
+    def _teacher_names(self) -> MOPDStage:
+        """Every `teachers` value as its name; the names that opted in go to `cross_tokenizer` (sorted, once)."""
+        cross = set(self.cross_tokenizer)
+        for domain, t in list(self.teachers.items()):
+            if isinstance(t, TeacherEntry):
+                self.teachers[domain] = t.stage
+                if t.cross_tokenizer:
+                    cross.add(t.stage)
+        names = set(self.teachers.values())
+        if unknown := sorted(cross - names):
+            raise rule_error(self, "cross_tokenizer", message=f"{unknown[0]!r} is not one of this stage's teachers")
+        self.cross_tokenizer = sorted(cross)
+        return self
 
     @model_validator(mode="after")
     def _groups_for_grpo(self) -> MOPDStage:
