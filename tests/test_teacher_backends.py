@@ -326,5 +326,5 @@ def test_the_sampled_reverse_kl_estimate_is_the_mean_log_ratio_of_the_sampled_to
 
     prompts = ["1+2=", "rev:abc=", "3+4=", "sort:cba="]
     for c in (0.0, 0.25):
-        kl, tokens = sampled_reverse_kl(student, shifted(c), tok, prompts, settings, torch.Generator().manual_seed(0))
+        kl, tokens, _ = sampled_reverse_kl(student, shifted(c), tok, prompts, settings, torch.Generator().manual_seed(0))
         assert tokens > 0 and kl == pytest.approx(c, abs=1e-6)

@@ -45,6 +45,13 @@ class TeacherScorer(Protocol):
         """Full next-token logits aligned to the last `window` tokens: [B, W, V]."""
         ...
 
+    def chunk_ids(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor | None:
+        """None when every routed teacher reads the student's tokens; else [B, T] long: each completion token's
+        chunk in its row (the tokens a teacher of another tokenizer scores as one string, whose teacher logprob
+        `sampled_logprobs` puts on one of them; `teachers.cross_tokenizer`), -1 for a token in no chunk. Rows of
+        same-tokenizer teachers have one chunk per token."""
+        ...
+
     def logit_blocks(self, batch: RolloutBatch, names_B: list[str], keep: int) -> LogitBlocks:
         """The routed teacher's next-token logits at the last `keep` positions, a block at a time: `blocks(start,
         stop, rows)` is `sequence_logits(teacher, ..., logits_to_keep=keep)[rows, start:stop]` ([b, stop - start,

@@ -126,6 +126,34 @@ def opd_advantages(
     return advantages_B_T, {"opd/reverse_kl": float(masked_mean(log_ratio_B_T, mask_B_T))}
 
 
+def chunk_advantages(
+    teacher_logprobs_B_T: torch.Tensor,
+    student_logprobs_B_T: torch.Tensor,
+    completion_mask_B_T: torch.Tensor,
+    chunk_B_T: torch.Tensor,
+) -> torch.Tensor:
+    """The on-policy distillation advantage over aligned chunks (a teacher of another tokenizer,
+    `teachers.cross_tokenizer`): every student token t of chunk c gets
+
+        A_t = sg[ log pi_T(c) - log pi_S(c) ] * mask_t,   log pi(c) = sum of the chunk's token logprobs,
+
+    the chunk's reverse-KL estimate; a token in no chunk (`chunk_B_T` < 0: a template token of one side only)
+    gets 0. `teacher_logprobs_B_T` carries each chunk's teacher logprob on any of its tokens (0 on the others).
+    With one token per chunk this is `opd_advantages`' advantage exactly: each sum adds one value to 0.
+    """
+    B, T = completion_mask_B_T.shape
+    mask_B_T = completion_mask_B_T.float()
+    live = (chunk_B_T >= 0) & (mask_B_T > 0)
+    index = (torch.arange(B, device=chunk_B_T.device)[:, None] * T + chunk_B_T.clamp(min=0))[live]
+    student = student_logprobs_B_T.detach().float()[live]
+    teacher = teacher_logprobs_B_T.detach().float()[live]
+    s_sum = student.new_zeros(B * T).index_add_(0, index, student)
+    t_sum = teacher.new_zeros(B * T).index_add_(0, index, teacher)
+    out = torch.zeros_like(mask_B_T)
+    out[live] = -(s_sum[index] - t_sum[index]) * mask_B_T[live]
+    return out
+
+
 def mopd_metrics(
     opd_advantages_B_T: torch.Tensor, completion_mask_B_T: torch.Tensor, teacher_names_B: list[str]
 ) -> dict[str, float]:

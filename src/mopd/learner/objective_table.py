@@ -31,13 +31,13 @@ from ..core.logprobs import aligned_token_logprobs, masked_mean, upcast
 from ..core.position_blocks import row_slice
 from ..core.schema import DistillationSettings, SamplingSettings
 from ..core.scoring import TeacherScorer
-from .advantages import combine_advantages, mopd_metrics, opd_advantages
+from .advantages import chunk_advantages, combine_advantages, mopd_metrics, opd_advantages
 from .chunked import BlockTerms, Scores, pad_front
 from .diagnostics import teacher_diagnostics
 from .fused_kl import forward_kl_and_teacher_lse, reverse_kl_and_teacher_lse
 from .losses import policy_gradient_loss, surprise_weights
 from .objectives import forward_kl_tokens, jsd_tokens, reverse_kl_tokens, topk_metrics, topk_reverse_kl_tokens
-from .reward_only import scored_rows, teacher_rows, with_reward_only_rows
+from .reward_only import chunk_layout, scored_rows, teacher_rows, with_reward_only_rows
 
 Kept = dict[str, torch.Tensor]
 
@@ -96,7 +96,14 @@ def sampled_step(mb: MicroBatch, cfg: PolicyConfig) -> tuple[torch.Tensor, dict[
     assert d is not None and teachers is not None and mb.names_B is not None
     kept = {"teacher_lp_B_T": scored_rows(teachers.sampled_logprobs, mb.batch, mb.names_B)}
     # the batch-wide metrics come from `batch_metrics` over all micro-batches, not from this part's
-    kept["opd_B_T"], _ = opd_advantages(kept["teacher_lp_B_T"], mb.logprobs_B_T.detach(), mb.batch.completion_mask_B_T)
+    chunks = chunk_layout(teachers, mb.batch, mb.names_B)
+    if chunks is None:
+        kept["opd_B_T"], _ = opd_advantages(kept["teacher_lp_B_T"], mb.logprobs_B_T.detach(),
+                                            mb.batch.completion_mask_B_T)
+    else:  # a teacher of another tokenizer: advantages over aligned chunks
+        kept["opd_B_T"] = chunk_advantages(kept["teacher_lp_B_T"], mb.logprobs_B_T.detach(),
+                                           mb.batch.completion_mask_B_T, chunks)
+        kept["chunked_B_T"] = (chunks >= 0).float()
     advantages_B_T = combine_advantages(kept["opd_B_T"], mb.grpo_B_T, d.alpha) if d.alpha > 0 else kept["opd_B_T"]
     if d.surprise_alpha > 0:
         kept["surprise_B_T"] = surprise_weights(mb.logprobs_B_T, d.surprise_alpha)
@@ -201,6 +208,8 @@ def sampled_metrics(kept: Kept, mask_B_T: torch.Tensor, names_B: list[str] | Non
     metrics.update(teacher_diagnostics(kept["teacher_lp_B_T"], mask_B_T, names_B))
     if "surprise_B_T" in kept:
         metrics["surprise/weight_mean"] = float(masked_mean(kept["surprise_B_T"], mask_B_T))
+    if "chunked_B_T" in kept:  # a teacher of another tokenizer: the share of tokens in aligned chunks
+        metrics["xtok/aligned_token_frac"] = float(masked_mean(kept["chunked_B_T"], mask_B_T))
     return metrics
 
 

@@ -50,6 +50,23 @@ def scored_rows(
     return out
 
 
+def chunk_layout(teachers: TeacherScorer, batch: RolloutBatch, names_B: Names) -> torch.Tensor | None:
+    """Each completion token's aligned chunk ([B, T] long, `TeacherScorer.chunk_ids`) where a routed teacher
+    has another tokenizer, -1 on reward-only rows; None when every teacher reads the student's own tokens."""
+    rows = teacher_rows(names_B)
+    if not rows:
+        return None
+    if len(rows) == batch.size:
+        return teachers.chunk_ids(batch, names_B)  # type: ignore[arg-type]  # every row has a teacher
+    idx = torch.tensor(rows, device=batch.input_ids_B_T.device)
+    part = teachers.chunk_ids(batch.select(idx), [names_B[i] for i in rows])  # type: ignore[misc]
+    if part is None:
+        return None
+    out = torch.full(batch.completion_mask_B_T.shape, -1, dtype=torch.long, device=part.device)
+    out[idx.to(part.device)] = part
+    return out
+
+
 def reward_only_mask(names_B: Names, device: torch.device) -> torch.Tensor:
     """[B] bool: True on the rows of reward-only domains."""
     return torch.tensor([n is None for n in names_B], dtype=torch.bool, device=device)

@@ -23,8 +23,10 @@ from ..core.run_dir import PREFLIGHT
 from ..core.schema import ActorBackend, HttpBackend, MOPDStage, fixed_logit_chunk
 from ..core.scoring import TeacherScorer
 from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
+from ..models.prompting import read_teacher_prompt, with_pad_token
 from ..models.tokenizer import tokenizer_fingerprint
 from ..teachers.actor import start_actors
+from ..teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher
 from ..teachers.http import connect_all
 from ..teachers.offload import teachers_fit
 from ..teachers.panel import TeacherPanel
@@ -99,6 +101,8 @@ def check_teacher_tokenizers(ctx: ResolvedStage, checkpoints: Iterable[tuple[str
     student_fp = tokenizer_fingerprint(student_tok)
     served = {n for n, b in ctx.settings.teacher_backends.items() if isinstance(b, HttpBackend)}
     for name, ref in checkpoints:
+        if name in ctx.settings.cross_tokenizer:  # scored in its own tokens (`teachers.cross_tokenizer`)
+            continue
         if name in served:  # its server's tokenizer is checked when the panel connects (`teachers.http.connect`)
             continue
         teacher_tok = load_tokenizer(ref)
@@ -132,27 +136,48 @@ def load_teachers(
 def teacher_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str]) -> TeacherScorer:
     """The stage's panel over the teachers of `checkpoints`, routed by the stage's `teachers`: in this process,
     or where its `teacher_backends` puts them (Ray actors started and HTTP servers checked here, before step 0:
-    a problem is one `PreflightError` line)."""
-    backends = ctx.settings.teacher_backends
-    in_process = {n: ref for n, ref in checkpoints.items() if n not in backends}
-    views = {n: reprompter(ctx.tokenizer, fmt) for n, fmt in teacher_formats(checkpoints, ctx.prompt_format).items()}
-    local = None
-    if in_process:
-        models, compute_device = load_teachers(ctx, in_process)
-        local = TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
-                             logit_chunk=fixed_logit_chunk(ctx.settings),
-                             share_prefill=ctx.settings.teacher_shared_prefill is True,
-                             reprompt={n: v for n, v in views.items() if n in in_process})
-    if not backends:
+    a problem is one `PreflightError` line). A teacher of another tokenizer (`cross_tokenizer`) scores wherever
+    it runs, behind a `ForeignTeacher` that re-reads each row in its tokens."""
+    s: MOPDStage = ctx.settings
+    backends = s.teacher_backends
+    foreign = {n: cross_reader(ctx, ref) for n, ref in checkpoints.items() if n in s.cross_tokenizer}
+    in_process = {n: ref for n, ref in checkpoints.items() if n not in backends and n not in foreign}
+    views = {n: reprompter(ctx.tokenizer, fmt) for n, fmt in teacher_formats(checkpoints, ctx.prompt_format).items()
+             if n not in foreign}
+    local = local_panel(ctx, in_process, {n: v for n, v in views.items() if n in in_process}) if in_process else None
+    if not backends and not foreign:
         return local
     actors = {n: b for n, b in backends.items() if isinstance(b, ActorBackend) and n in checkpoints}
     served = {n: b for n, b in backends.items() if isinstance(b, HttpBackend) and n in checkpoints}
     student_tok = load_tokenizer(ctx.init_path) if ctx.init_path else ctx.tokenizer
-    remote = {**connect_all(ctx.name, served, student_tok),
+    remote = {**connect_all(ctx.name, served, student_tok, {n: foreign[n].teacher_tok for n in served if n in foreign}),
               **(start_actors(ctx.name, checkpoints, actors, ctx.placement.compute_dtype,
-                              fixed_logit_chunk(ctx.settings), ctx.settings.teacher_shared_prefill is True) if actors else {})}
-    remote = {n: PromptedRemote(t, views[n]) if n in views else t for n, t in remote.items()}
+                              fixed_logit_chunk(s), s.teacher_shared_prefill is True) if actors else {})}
+    here = {n: ref for n, ref in checkpoints.items() if n in foreign and n not in backends}
+    if here:  # in-process teachers of another tokenizer: a panel of their own, scoring their token batches
+        panel = local_panel(ctx, here, {})
+        remote.update({n: PanelTeacher(panel, n) for n in here})
+    remote = {n: ForeignTeacher(t, foreign[n]) if n in foreign else PromptedRemote(t, views[n]) if n in views else t
+              for n, t in remote.items()}
     return MixedPanel(local=local, remote=remote, teacher_of_domain=ctx.teacher_of_domain)
+
+
+def local_panel(ctx: ResolvedStage, checkpoints: Mapping[str, str], views: Mapping[str, Any]) -> TeacherPanel:
+    """The in-process panel of `checkpoints`, with the stage's step settings."""
+    models, compute_device = load_teachers(ctx, checkpoints)
+    return TeacherPanel(models=models, teacher_of_domain=ctx.teacher_of_domain, compute_device=compute_device,
+                        logit_chunk=fixed_logit_chunk(ctx.settings),
+                        share_prefill=ctx.settings.teacher_shared_prefill is True, reprompt=dict(views))
+
+
+def cross_reader(ctx: ResolvedStage, ref: str) -> CrossTokenizer:
+    """How a teacher of another tokenizer reads the student's rows: its own tokenizer, and the recipe's prompt
+    rendering (`chat_template`) applied to it, after its system prompt and examples if it is a prompted teacher."""
+    teacher_tok = with_pad_token(load_tokenizer(ref))
+    fmt = ctx.rendering.format_for(teacher_tok)
+    if (context := read_teacher_prompt(ref)) is not None:
+        fmt = fmt.with_context(context)
+    return CrossTokenizer(ctx.tokenizer, teacher_tok, fmt)
 
 
 def local_part(panel: TeacherScorer) -> TeacherPanel | None:
@@ -192,7 +217,9 @@ def preflight(ctx: ResolvedStage, panel: TeacherScorer, checkpoints: Mapping[str
         remote={name: (lambda batch, t=t: t.sampled(batch)())
                 for name, t in (panel.remote.items() if isinstance(panel, MixedPanel) else ())},
         prompt_format=ctx.prompt_format,
-        teacher_formats=teacher_formats(checkpoints, ctx.prompt_format),
+        teacher_formats={n: f for n, f in teacher_formats(checkpoints, ctx.prompt_format).items()
+                         if n not in s.cross_tokenizer},
+        foreign={n: t for n, t in getattr(panel, "remote", {}).items() if isinstance(t, ForeignTeacher)},
     )
     del student  # training loads its own copy (or resumes)
     if s.teacher_backends:  # connected (and tokenizer-checked) when the panel was made; KL: a sampled estimate

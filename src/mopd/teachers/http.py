@@ -243,14 +243,18 @@ def connect(stage: str, name: str, backend: HttpBackend, student_tok) -> HttpTea
     return teacher
 
 
-def connect_all(stage: str, backends: Mapping[str, HttpBackend], student_tok) -> dict[str, HttpTeacher]:
-    """`connect` every HTTP teacher; teachers with the same URLs and model share one client."""
+def connect_all(stage: str, backends: Mapping[str, HttpBackend], student_tok,
+                own_toks: Mapping[str, object] | None = None) -> dict[str, HttpTeacher]:
+    """`connect` every HTTP teacher; teachers with the same URLs and model share one client. A teacher in
+    `own_toks` (one of another tokenizer, `teachers.cross_tokenizer`) is scored in its own token ids: its server
+    must tokenize as that tokenizer does."""
     out: dict[str, HttpTeacher] = {}
     shared: dict[tuple, HttpTeacher] = {}
+    own_toks = own_toks or {}
     for name in sorted(backends):
         b = backends[name]
-        key = (tuple(b.urls), b.model, b.api)
+        key = (tuple(b.urls), b.model, b.api, name in own_toks)
         if key not in shared:
-            shared[key] = connect(stage, name, b, student_tok)
+            shared[key] = connect(stage, name, b, own_toks.get(name, student_tok))
         out[name] = shared[key]
     return out

@@ -84,6 +84,11 @@ class TeacherPanel:
     def route(self, batch: RolloutBatch) -> list[str]:
         return route_teachers(batch.domains, self.teacher_of_domain)
 
+    def chunk_ids(self, batch: RolloutBatch, names_B: list[str]) -> None:
+        """None: every in-process teacher of a panel reads the student's tokens (a teacher of another tokenizer
+        is a `cross_tokenizer.ForeignTeacher` of a `remote.MixedPanel`)."""
+        return None
+
     def _rows_by_teacher(self, names_B: list[str]) -> dict[str, torch.Tensor]:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(names_B):

@@ -167,15 +167,18 @@ def initial_reverse_kl(
 def sampled_reverse_kl(
     student, score: Callable[[RolloutBatch], torch.Tensor], tokenizer, prompts: list[str],
     settings: RolloutSettings, generator: torch.Generator, prompt_format: PromptFormat = RAW,
-    episodes: list[EpisodeRow] | None = None,
-) -> tuple[float, int]:
+    episodes: list[EpisodeRow] | None = None, foreign: Any = None,
+) -> tuple[float, int, dict[str, Any]]:
     """Sampled-token estimate of the per-token reverse KL(pi_S || pi_T) on student rollouts of `prompts`, for a
     teacher known only through `score(batch)` -> log pi_T(y_t) [B, T] (a remote teacher):
 
         KL_hat = mean over completion positions t of (log pi_S(y_t | y_<t) - log pi_T(y_t | y_<t)),  y_t ~ pi_S
 
+    A teacher of another tokenizer (`foreign`, a `cross_tokenizer.ForeignTeacher`) is compared over its aligned
+    chunks: log pi_T of a chunk against the sum of its student tokens' log pi_S, over the tokens in chunks.
+
     Returns:
-        (estimate, number of completion tokens it averages over).
+        (estimate, number of completion tokens it averages over, the alignment's coverage for `foreign`).
     """
     batch = student_rollouts(student, tokenizer, prompts, settings, generator, prompt_format, episodes)
     ids, attn = batch.input_ids_B_T, batch.attention_mask_B_T
@@ -183,7 +186,11 @@ def sampled_reverse_kl(
                                            ids[r : r + KL_ROWS]) for r in range(0, ids.shape[0], KL_ROWS)])
     teacher_lp = score(batch.to("cpu")).to(student_lp.device)
     mask = batch.completion_mask_B_T
-    return float(((student_lp - teacher_lp) * mask).sum() / mask.sum().clamp(min=1)), int(mask.sum())
+    coverage: dict[str, Any] = {}
+    if foreign is not None:
+        mask = mask * (foreign.chunk_ids(batch).to(mask.device) >= 0)
+        coverage = foreign.alignment_report(batch)
+    return float(((student_lp - teacher_lp) * mask).sum() / mask.sum().clamp(min=1)), int(mask.sum()), coverage
 
 
 def domain_problems(
@@ -216,6 +223,7 @@ def run_preflight(
     prompt_format: PromptFormat = RAW,
     remote: Mapping[str, Callable[[RolloutBatch], torch.Tensor]] | None = None,
     teacher_formats: Mapping[str, PromptFormat] | None = None,
+    foreign: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Check every teacher of a MOPD stage; returns the JSON-ready result (also passed through `warn`).
 
@@ -226,7 +234,9 @@ def run_preflight(
     `compute_device` is the teacher panel's: an offloaded teacher (kept in host memory) is moved there to score,
     as in training, rather than running its forward pass on the host CPU.
     `remote`: teachers scored elsewhere, name -> score(batch) (log pi_T of each token): their KL is the
-    sampled-token estimate (`sampled_reverse_kl`), measured after the in-process teachers'.
+    sampled-token estimate (`sampled_reverse_kl`), measured after the in-process teachers'. Those of another
+    tokenizer are also in `foreign` (name -> `cross_tokenizer.ForeignTeacher`): their estimate is over aligned
+    chunks, and their alignment's coverage is reported (`cross_tokenizer.describe`).
     Deterministic in `seed`; it draws from its own generators, so training is unaffected.
     """
     warnings: list[str] = []
@@ -249,9 +259,10 @@ def run_preflight(
                                  prompt_format.chat_template) if any(is_agentic(d) for d in routed) else None)
         # wrapped into torch's unsigned 64-bit range: unchanged for every seed below 1.8e13
         gen = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**64)
+        coverage: dict[str, Any] = {}
         if teacher in remote:
-            kl, tokens = sampled_reverse_kl(student, remote[teacher], tokenizer, prompts, settings, gen, prompt_format,
-                                            episodes)
+            kl, tokens, coverage = sampled_reverse_kl(student, remote[teacher], tokenizer, prompts, settings, gen,
+                                                      prompt_format, episodes, (foreign or {}).get(teacher))
         else:
             view = reprompter(tokenizer, formats[teacher]) if teacher in formats else None
             with placed_on(teachers[teacher], compute_device) as model:
@@ -263,7 +274,9 @@ def run_preflight(
             results[teacher]["prompt_prefix_tokens"] = prefix_tokens(tokenizer, prompt_format, formats[teacher],
                                                                      prompts)
         if teacher in remote:
-            results[teacher]["estimate"] = "sampled-token"
+            results[teacher]["estimate"] = "sampled-token" + (" over aligned chunks" if coverage else "")
+        if coverage:
+            results[teacher]["cross_tokenizer"] = coverage
         if flagged:
             how = " (sampled-token estimate)" if teacher in remote else ""
             warnings.append(
@@ -278,7 +291,8 @@ def run_preflight(
         "stage": stage,
         "kl_warn": kl_warn,
         "prompts": settings.prompts,
-        "tokenizer": "same vocabulary and special tokens",
+        "tokenizer": "same vocabulary and special tokens" + (
+            f"; cross-tokenizer: {', '.join(sorted(foreign))}" if foreign else ""),
         "teachers": results,
         "warnings": warnings,
     }

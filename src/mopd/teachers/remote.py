@@ -84,6 +84,21 @@ class MixedPanel:
             out[rows.to(out.device)] = wait().to(out.device, out.dtype)  # a float64 server's scores, too
         return out
 
+    def chunk_ids(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor | None:
+        """The aligned chunks of the rows of teachers of another tokenizer (`cross_tokenizer.ForeignTeacher`), one
+        chunk per token on every other row; None when the panel has no such teacher."""
+        foreign = {n for n, t in self.remote.items() if hasattr(t, "chunk_ids")}
+        if not foreign:
+            return None
+        B, T = batch.completion_mask_B_T.shape
+        out = torch.arange(T).repeat(B, 1)
+        for name in foreign:
+            rows = [i for i, n in enumerate(names_B) if n == name]
+            if rows:
+                idx = torch.tensor(rows, dtype=torch.long)
+                out[idx] = self.remote[name].chunk_ids(batch.select(idx.to(batch.input_ids_B_T.device)))
+        return out.to(batch.input_ids_B_T.device)
+
     @torch.no_grad()
     def topk(
         self, batch: RolloutBatch, names_B: list[str], k: int, window: int | None = None

@@ -1,0 +1,292 @@
+"""A teacher of another tokenizer: the student's rollouts re-rendered and re-tokenized for it, its scores aligned.
+
+Why: the best teacher of a domain is often of another model family (another vocabulary and chat template). Its
+logprobs of the student's token ids mean nothing, but its logprob of the student's *text* does. Each routed row is
+turned into the teacher's own reading of it: the prompt rendered with the teacher's prompt format (its chat
+template when the recipe uses chat templates), each model turn's text tokenized by the teacher's tokenizer,
+each observation's text as context, and the teacher's end-of-turn token where the student's turn ended with its
+own. The teacher scores that batch wherever it runs (in this process, a Ray actor, an HTTP server: any
+`remote.RemoteTeacher` over its own token ids). Its token logprobs are then summed over the aligned chunks of
+`core.token_chunks` and each chunk's sum is put on the chunk's last student token; `chunk_ids` says which
+student tokens form each chunk, so the learner compares log pi_T(chunk) with log pi_S(chunk) (docs/CROSS_TOKENIZER.md).
+
+A student's special token is a chunk of its own with the teacher's special token of the same string, and the
+student's end token with the teacher's, whatever their strings (both say "the turn ends here"). A special token the
+teacher lacks (a template token of one side only) is in no chunk and carries no advantage; a run of text whose
+tokens do not reproduce it (`models.token_bytes` finds no convention) is left unaligned. Both are counted
+(`describe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from ..core.batch import ROLE_ENV, ROLE_MODEL, RolloutBatch, rollout_batch
+from ..core.token_chunks import align_tokens
+from ..models.prompting import PromptFormat
+from ..models.token_bytes import token_bytes
+from .remote import Pending, RemoteTeacher
+
+
+@dataclass
+class RowPlan:
+    """One row as the teacher reads it, and how its tokens map onto the student's."""
+
+    prompt: list[int]  # the teacher's rendering of the prompt
+    completion: list[int] = field(default_factory=list)  # the teacher's tokens of the completion window
+    roles: list[int] = field(default_factory=list)  # ROLE_MODEL / ROLE_ENV of each
+    teacher_chunk: list[int] = field(default_factory=list)  # chunk of each teacher completion token (-1: none)
+    student_chunk: dict[int, int] = field(default_factory=dict)  # student column -> chunk
+    chunks: int = 0
+    model_tokens: int = 0  # student model tokens
+    unpaired: int = 0  # student model tokens that cover no text and have no counterpart (template tokens)
+    unaligned: int = 0  # student model tokens of turns whose text could not be aligned
+    text_bytes: int = 0  # bytes of the model turns' text
+    aligned_bytes: int = 0  # ... in aligned chunks
+
+
+def _segments(roles: list[int]) -> list[tuple[int, int, int]]:
+    """(role, start, stop) of each run of model or environment columns (padding ends none and is skipped)."""
+    out: list[tuple[int, int, int]] = []
+    for col, role in enumerate(roles):
+        if role not in (ROLE_MODEL, ROLE_ENV):
+            continue
+        if out and out[-1][0] == role and out[-1][2] == col:
+            out[-1] = (role, out[-1][1], col + 1)
+        else:
+            out.append((role, col, col + 1))
+    return out
+
+
+@dataclass(frozen=True)
+class CrossTokenizer:
+    """The student's tokenizer and the teacher's tokenizer and prompt format: how a row is re-read."""
+
+    student_tok: Any
+    teacher_tok: Any
+    teacher_format: PromptFormat
+
+    def _teacher_tokens(self, text: str) -> tuple[list[int], list[bytes] | None]:
+        ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return ids, token_bytes(self.teacher_tok.convert_ids_to_tokens(ids), text)
+
+    def plan(self, prompt: str, ids: list[int], roles: list[int]) -> RowPlan:
+        """`ids` and `roles`: the student's completion window of one row (ROLE_PROMPT on its padding)."""
+        plan = RowPlan(prompt=self.teacher_format.token_ids(self.teacher_tok, prompt))
+        for role, start, stop in _segments(roles):
+            if role == ROLE_ENV:  # context: its text, in the teacher's tokens
+                t_ids, _ = self._teacher_tokens(self.student_tok.decode(ids[start:stop], skip_special_tokens=True))
+                plan.completion += t_ids
+                plan.roles += [ROLE_ENV] * len(t_ids)
+                plan.teacher_chunk += [-1] * len(t_ids)
+                continue
+            plan.model_tokens += stop - start
+            text_cols: list[int] = []
+            for col in range(start, stop):
+                if ids[col] not in self._special:
+                    text_cols.append(col)
+                    continue
+                self._add_text(plan, ids, text_cols)
+                text_cols = []
+                self._add_special(plan, col, ids[col])
+            self._add_text(plan, ids, text_cols)
+        return plan
+
+    @cached_property
+    def _special(self) -> set[int]:
+        return set(self.student_tok.all_special_ids)
+
+    def _add_special(self, plan: RowPlan, col: int, token: int) -> None:
+        """A student special token: its own chunk with the teacher's token of the same string (the student's end
+        token with the teacher's, whatever their strings), or in no chunk when the teacher has none."""
+        if token == self.student_tok.eos_token_id and self.teacher_tok.eos_token_id is not None:
+            mate = self.teacher_tok.eos_token_id
+        else:
+            mate = self._teacher_special.get(self.student_tok.convert_ids_to_tokens(token))
+        if mate is None:
+            plan.unpaired += 1
+            return
+        plan.completion.append(mate)
+        plan.roles.append(ROLE_MODEL)
+        plan.teacher_chunk.append(plan.chunks)
+        plan.student_chunk[col] = plan.chunks
+        plan.chunks += 1
+
+    @cached_property
+    def _teacher_special(self) -> dict[str, int]:
+        tok = self.teacher_tok
+        return dict(zip(tok.all_special_tokens, tok.all_special_ids, strict=True))
+
+    def _add_text(self, plan: RowPlan, ids: list[int], text_cols: list[int]) -> None:
+        """A run of the student's text tokens: the teacher's tokens of its text, aligned by bytes."""
+        if not text_cols:
+            return
+        text_ids = [ids[c] for c in text_cols]
+        text = self.student_tok.decode(text_ids, clean_up_tokenization_spaces=False)
+        s_bytes = token_bytes(self.student_tok.convert_ids_to_tokens(text_ids), text)
+        t_ids, t_bytes = self._teacher_tokens(text)
+        alignment = (align_tokens([len(b) for b in s_bytes], [len(b) for b in t_bytes])
+                     if s_bytes is not None and t_bytes is not None else None)
+        plan.text_bytes += len(text.encode())
+        plan.completion += t_ids
+        plan.roles += [ROLE_MODEL] * len(t_ids)
+        if alignment is None:
+            plan.unaligned += len(text_cols)
+            plan.teacher_chunk += [-1] * len(t_ids)
+            return
+        plan.teacher_chunk += [c + plan.chunks if c >= 0 else -1 for c in alignment.teacher]
+        for col, c in zip(text_cols, alignment.student, strict=True):
+            if c >= 0:
+                plan.student_chunk[col] = c + plan.chunks
+        plan.chunks += alignment.chunks
+        plan.aligned_bytes += len(text.encode())
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """A batch's rows as the teacher reads them (`batch`) and their plans (student columns are relative to the
+    student batch's first completion column, `first`)."""
+
+    batch: RolloutBatch
+    plans: list[RowPlan]
+    first: int
+    width: int  # the student batch's columns
+    prompt_width: int  # the teacher batch's prompt columns (its completion window starts there)
+
+    def chunk_ids(self) -> torch.Tensor:
+        """[b, width] long: each student completion token's chunk in its row, -1 outside any chunk."""
+        out = torch.full((len(self.plans), self.width), -1, dtype=torch.long)
+        for b, plan in enumerate(self.plans):
+            for col, c in plan.student_chunk.items():
+                out[b, self.first + col] = c
+        return out
+
+    def to_student(self, teacher_lp_B_T: torch.Tensor) -> torch.Tensor:
+        """Teacher token logprobs [b, T'] of `batch` -> [b, width]: each chunk's sum on its last student token."""
+        out = torch.zeros((len(self.plans), self.width), dtype=torch.float32)
+        lp = teacher_lp_B_T.float().cpu()
+        t_first = self.prompt_width
+        for b, plan in enumerate(self.plans):
+            if not plan.chunks:
+                continue
+            chunk = torch.tensor(plan.teacher_chunk, dtype=torch.long)
+            keep = chunk >= 0
+            sums = torch.zeros(plan.chunks).index_add_(0, chunk[keep],
+                                                       lp[b, t_first:t_first + len(chunk)][keep])
+            last = torch.full((plan.chunks,), -1, dtype=torch.long)
+            for col, c in plan.student_chunk.items():
+                last[c] = max(int(last[c]), col)
+            out[b, self.first + last] = sums
+        return out
+
+
+def teacher_view(cross: CrossTokenizer, batch: RolloutBatch) -> TeacherView:
+    """The teacher's reading of every row of `batch` (a routed sub-batch, on any device)."""
+    if len(batch.prompts) != batch.size:
+        raise ValueError("a cross-tokenizer teacher needs each row's prompt text (RolloutBatch.prompts)")
+    first = batch.first_completion_column
+    ids = batch.input_ids_B_T[:, first:].tolist()
+    roles = (batch.roles * batch.attention_mask_B_T)[:, first:].tolist()
+    plans = [cross.plan(p, i, r) for p, i, r in zip(batch.prompts, ids, roles, strict=True)]
+    tok = cross.teacher_tok
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    P = max((len(p.prompt) for p in plans), default=0)
+    N = max(1, max((len(p.completion) for p in plans), default=0))
+    B = len(plans)
+    prompt_ids, prompt_mask = torch.full((B, P), pad, dtype=torch.long), torch.zeros((B, P), dtype=torch.long)
+    comp_ids, comp_roles = torch.full((B, N), pad, dtype=torch.long), torch.zeros((B, N), dtype=torch.long)
+    for b, p in enumerate(plans):
+        if p.prompt:
+            prompt_ids[b, P - len(p.prompt):], prompt_mask[b, P - len(p.prompt):] = torch.tensor(p.prompt), 1
+        if p.completion:
+            comp_ids[b, : len(p.completion)] = torch.tensor(p.completion)
+            comp_roles[b, : len(p.roles)] = torch.tensor(p.roles)
+    multi_turn = bool((comp_roles == ROLE_ENV).any())
+    seen = rollout_batch(prompt_ids, prompt_mask, comp_ids, torch.zeros((B, N)), (comp_roles == ROLE_MODEL).float(),
+                         prompts=list(batch.prompts), completions=list(batch.completions), domains=list(batch.domains),
+                         references=list(batch.references),
+                         completion_roles_B_N=comp_roles if multi_turn else None)
+    if multi_turn:  # observations are attended to (context), only model tokens are scored
+        seen.attention_mask_B_T[:, P:] = (comp_roles > 0).long()
+    return TeacherView(seen, plans, first, batch.input_ids_B_T.shape[1], P)
+
+
+def describe(views: list[TeacherView]) -> dict[str, Any]:
+    """What a teacher's alignment covered (preflight.json): the share of the model turns' text bytes in aligned
+    chunks, the chunk length distribution (student and teacher tokens per chunk), the student tokens in no chunk."""
+    plans = [p for v in views for p in v.plans]
+    text = sum(p.text_bytes for p in plans)
+    tokens = sum(p.model_tokens for p in plans)
+    lengths: dict[str, dict[int, int]] = {"student": {}, "teacher": {}}
+    for p in plans:
+        s_len = [0] * p.chunks
+        for c in p.student_chunk.values():
+            s_len[c] += 1
+        t_len = [0] * p.chunks
+        for c in p.teacher_chunk:
+            if c >= 0:
+                t_len[c] += 1
+        for side, ls in (("student", s_len), ("teacher", t_len)):
+            for n in ls:
+                lengths[side][n] = lengths[side].get(n, 0) + 1
+    chunks = sum(p.chunks for p in plans)
+    return {
+        "aligned_text_frac": sum(p.aligned_bytes for p in plans) / text if text else 1.0,
+        "chunks": chunks,
+        "student_tokens_per_chunk": {str(k): v for k, v in sorted(lengths["student"].items())},
+        "teacher_tokens_per_chunk": {str(k): v for k, v in sorted(lengths["teacher"].items())},
+        "template_tokens": sum(p.unpaired for p in plans),
+        "unaligned_tokens": sum(p.unaligned for p in plans),
+        "student_tokens": tokens,
+    }
+
+
+@dataclass
+class ForeignTeacher:
+    """`remote.RemoteTeacher` over the student's batches for a teacher of another tokenizer: `inner` scores the
+    teacher's own token batches (an in-process panel of it, an actor, a server)."""
+
+    inner: RemoteTeacher
+    cross: CrossTokenizer
+
+    def sampled(self, batch: RolloutBatch) -> Pending:
+        view = teacher_view(self.cross, batch.to("cpu"))
+        wait = self.inner.sampled(view.batch)
+        return lambda: view.to_student(wait())
+
+    def chunk_ids(self, batch: RolloutBatch) -> torch.Tensor:
+        return teacher_view(self.cross, batch.to("cpu")).chunk_ids()
+
+    def alignment_report(self, batch: RolloutBatch) -> dict[str, Any]:
+        return describe([teacher_view(self.cross, batch.to("cpu"))])
+
+    def topk(self, batch: RolloutBatch, k: int, window: int) -> Pending:
+        raise NotImplementedError("a cross-tokenizer teacher's top-k is not defined over the student's vocabulary")
+
+    def logits(self, batch: RolloutBatch, keep: int) -> Pending:
+        raise NotImplementedError("a cross-tokenizer teacher's logits are not over the student's vocabulary")
+
+
+@dataclass
+class PanelTeacher:
+    """An in-process `TeacherPanel` as a `remote.RemoteTeacher` of one teacher: what a `ForeignTeacher` in this
+    process scores its token batches with."""
+
+    panel: Any  # teachers.panel.TeacherPanel
+    name: str
+
+    def sampled(self, batch: RolloutBatch) -> Pending:
+        out = self.panel.sampled_logprobs(batch, [self.name] * batch.size).cpu()
+        return lambda: out
+
+    def topk(self, batch: RolloutBatch, k: int, window: int) -> Pending:
+        out = tuple(t.cpu() for t in self.panel.topk(batch, [self.name] * batch.size, k, window))
+        return lambda: out
+
+    def logits(self, batch: RolloutBatch, keep: int) -> Pending:
+        out = self.panel.logit_blocks(batch, [self.name] * batch.size, keep)(0, keep).cpu()
+        return lambda: out
