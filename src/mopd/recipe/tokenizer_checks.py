@@ -74,8 +74,8 @@ def _policy_side(stage) -> list[tuple[tuple, str]]:
 
 
 def _teachers_or_models(stage) -> list[tuple[tuple, str]]:
-    if isinstance(stage, MOPDStage):
-        return [(("teachers", d), t) for d, t in stage.teachers.items()]
+    if isinstance(stage, MOPDStage):  # a teacher scored in its own tokens may have another tokenizer
+        return [(("teachers", d), t) for d, t in stage.teachers.items() if t not in stage.cross_tokenizer]
     if isinstance(stage, MergeStage):
         return [(("models", i), m) for i, m in enumerate(stage.models)]
     return []
