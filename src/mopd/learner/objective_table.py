@@ -204,7 +204,13 @@ def sampled_metrics(kept: Kept, mask_B_T: torch.Tensor, names_B: list[str] | Non
         idx = torch.tensor(rows, dtype=torch.long, device=mask_B_T.device)
         sub = sampled_metrics({k: v[idx] for k, v in kept.items()}, mask_B_T[idx], [names_B[i] for i in rows])
         return {**sub, "reward_only/share": 1 - len(rows) / len(names_B)}
-    metrics = mopd_metrics(kept["opd_B_T"], mask_B_T, names_B)
+    if "chunked_B_T" in kept:  # a chunk's advantage sits on each of its tokens: the per-token estimate is the
+        # log-ratio of every chunk once (its teacher logprob is on one token) over the tokens in chunks
+        in_chunks = mask_B_T * kept["chunked_B_T"]
+        per_token = -(kept["logprobs_B_T"].float() - kept["teacher_lp_B_T"].float()) * in_chunks
+        metrics = mopd_metrics(per_token, in_chunks, names_B)
+    else:
+        metrics = mopd_metrics(kept["opd_B_T"], mask_B_T, names_B)
     metrics.update(teacher_diagnostics(kept["teacher_lp_B_T"], mask_B_T, names_B))
     if "surprise_B_T" in kept:
         metrics["surprise/weight_mean"] = float(masked_mean(kept["surprise_B_T"], mask_B_T))
