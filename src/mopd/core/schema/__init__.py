@@ -2,7 +2,14 @@
 `prompted.py`, `kinds.py`, `recipe.py`; defaults code below the recipe shares: `defaults.py`)."""
 
 from .kinds import KINDS, SamplingStage, Stage, TrainedStage
-from .mopd import DistillationObjective, DistillationSettings, MOPDStage, PreflightSettings, TeacherEntry, TeacherPhase
+from .mopd import (
+    DistillationObjective,
+    DistillationSettings,
+    MOPDStage,
+    PreflightSettings,
+    TeacherEntry,
+    TeacherPhase,
+)
 from .ppo import PPOStage
 from .preference import DatasetPairs, DeltaPairs, DPOStage, RejectionSamplingStage, RewardModelStage
 from .prompted import ModelStage, PromptedStage, PromptExample
@@ -17,7 +24,6 @@ from .recipe import (
     MlflowSettings,
     Recipe,
     ReportSettings,
-    TokenizerSettings,
     TrackioSettings,
     VerifiersDomainSpec,
     WandbSettings,
@@ -51,6 +57,7 @@ from .stages import (
     StageResources,
     Strict,
     TinyModelConfig,
+    TokenizerSettings,
     TrainStage,
     fixed_logit_chunk,
     fixed_micro_batch,
