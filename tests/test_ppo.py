@@ -19,7 +19,7 @@ from mopd.execution.runner import run_recipe
 from mopd.learner.ppo import clipped_policy_loss, clipped_value_loss, gae, token_rewards, whiten
 from mopd.models.integrity import stage_output_problem
 from mopd.recipe.load import load_recipe
-from mopd.recipe.tokenizer import recipe_tokenizer
+from mopd.recipe.tokenizer import scratch_tokenizer
 from mopd.stages import ppo as ppo_module
 
 from .rounding import decoder_path_terms, gamma, two_path_grad_tol
@@ -195,7 +195,7 @@ def test_ppo_stage_end_to_end_and_a_cut_stage_resumes_exactly(tmp_path: Path, mo
     # are <= sqrt(40) in magnitude, times a ratio clipped to 1.2; squared value errors of returns in [-1, 2]).
     # A micro-batch weighted wrongly, or a row missed, moves these by O(1/8) of their scale.
     cfg = TinyModelConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)  # RECIPE's base
-    vocab = len(recipe_tokenizer(loaded.recipe))
+    vocab = len(scratch_tokenizer(loaded.recipe, loaded.recipe.tokenizer, loaded.domains))
     term_tol = 2 * gamma(decoder_path_terms(cfg, 15, vocab) + 40) * 10
     grad_rel = 2 * gamma(2 * decoder_path_terms(cfg, 15, vocab) + 40)
     a, b = (_rows(d / "ppo")[0] for d in (micro, whole))

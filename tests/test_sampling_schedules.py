@@ -16,7 +16,7 @@ from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import RecipeError, load_recipe
-from mopd.recipe.tokenizer import recipe_tokenizer
+from mopd.recipe.tokenizer import scratch_tokenizer
 from mopd.sampling.sampler import sample
 from mopd.stages.problems import ProblemSource, problem_source, step_rng
 from mopd.stages.schedules import curriculum_levels, temperature_at
@@ -76,7 +76,7 @@ def _source(tmp_path: Path, curriculum: bool) -> ProblemSource:
     loaded = load_recipe(path, check_tokenizers=False)
     out = tmp_path / "out"
     # resolving a stage reads its starting checkpoint's tokenizer: the parent `sft` has not run, give it the recipe's
-    recipe_tokenizer(loaded.recipe).save_pretrained(out / "sft" / "final")
+    scratch_tokenizer(loaded.recipe, loaded.recipe.tokenizer, loaded.domains).save_pretrained(out / "sft" / "final")
     return problem_source(resolve_stage(loaded, "teacher_add", out, stage_identities(loaded)))
 
 

@@ -16,7 +16,7 @@ from ..models.precision import resolve_placement
 from ..models.prompting import Rendering, with_pad_token
 from ..recipe.load import LoadedRecipe
 from ..recipe.refs import resolve_external
-from ..recipe.tokenizer import recipe_tokenizer
+from ..recipe.tokenizer import scratch_tokenizer, tokenizer_settings
 from ..stages.lineage import teacher_checkpoint
 from ..stages.resolved import ResolvedStage, StageHooks, TeacherRef
 
@@ -50,7 +50,11 @@ def resolve_stage(
     facts = loaded.facts[name]
     start = facts.init
     init_path = refs.get(start) if start else None
-    tokenizer = with_pad_token(recipe_tokenizer(recipe) if init_path is None else load_tokenizer(init_path))
+    if init_path is None:  # a model built from scratch (an eval stage: the recipe's, for its prompt format)
+        settings = tokenizer_settings(recipe, name) or recipe.tokenizer
+        tokenizer = with_pad_token(scratch_tokenizer(recipe, settings, loaded.domains))
+    else:
+        tokenizer = with_pad_token(load_tokenizer(init_path))
     rendering = Rendering(recipe.chat_template, dict(recipe.chat_template_kwargs))
     parents = {r: identities.get(r, refs.get(r, r)) for _, r in facts.refs}
     teacher_of_domain = dict(stage.teachers) if isinstance(stage, MOPDStage | OffPolicyFTStage) else {}

@@ -14,6 +14,7 @@ from ..core.schema import DEFAULT_REWARD
 from ..models.gguf import find_gguf, gguf_sha256, is_gguf_ref
 from .load import LoadedRecipe
 from .refs import resolve_external
+from .tokenizer import tokenizer_identity
 
 # they change logging (and the MOPD preflight check), how a step's gradient is computed (micro-batches, and blocks
 # of logit positions: the same loss and gradient up to float rounding), or what happens on a non-finite step (a
@@ -48,9 +49,10 @@ def stage_identities(loaded: LoadedRecipe) -> dict[str, str]:
             "seed": facts.seed,
             "domains": list(facts.domains),
             "eval": recipe.eval.model_dump(mode="json"),
-            "tokenizer": recipe.tokenizer.model_dump(mode="json"),
+            "tokenizer": tokenizer_identity(recipe, recipe.tokenizer),
             "parents": parents,
         }
+        _tokenizer_setting(recipe, stage, settings)
         payload.update(_real_model_identity(recipe, settings))
         _reward_identity(settings)
         ids[name] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -84,6 +86,16 @@ def _real_model_identity(recipe, settings: dict) -> dict:
     if recipe.scale != 1:  # a scaled run's stages never pass for the full recipe's (`recipe.scale`)
         extra["scale"] = recipe.scale
     return extra
+
+
+def _tokenizer_setting(recipe, stage, settings: dict) -> None:
+    """A pretrain stage's own `tokenizer:` enters its identity (and so its descendants') in the form
+    `tokenizer_identity` gives it; absent, it stays out, as before the setting existed (the recipe's tokenizer is
+    in every identity)."""
+    if settings.get("tokenizer", 0) is None:
+        settings.pop("tokenizer")
+    elif "tokenizer" in settings:
+        settings["tokenizer"] = tokenizer_identity(recipe, stage.tokenizer)
 
 
 def _reward_identity(settings: dict) -> None:

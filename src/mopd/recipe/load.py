@@ -73,7 +73,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
     deps = {name: check_stage(recipe, name, facts[name], path.parent, where, check_hub=check_hub)  # refs, domains
             for name in recipe.stages}
     order = topo_order(recipe.stages, deps, where)  # cycles
-    check_model_memory(recipe, order, path.parent, where, data)
+    check_model_memory(recipe, order, path.parent, where, data, domains)
     check_teacher_schedules(recipe, where)
     check_rewards(recipe, facts, path.parent, domains, order, where)  # reward sources, judges, preference datasets
     check_agents(recipe, facts, domains, where)  # tool-use domains only where episodes are sampled (docs/AGENTS.md)

@@ -30,7 +30,7 @@ from ..core.schema import (
 )
 from ..models.precision import resolve_placement
 from .refs import init_ref, resolve_external, stage_roots
-from .tokenizer import recipe_tokenizer
+from .tokenizer import scratch_tokenizer, tokenizer_settings, vocab_bound
 from .yaml_file import Where
 
 ADAMW_STATE_BYTES = 8  # two float32 moments per trained parameter
@@ -80,13 +80,12 @@ def device_memory(device: torch.device) -> int | None:
 def stage_parameters(recipe: Recipe, order: list[str], base: Path) -> dict[str, int]:
     """Parameter count of each stage's model, where it can be known without loading weights (`order`: stages in
     dependency order, so a stage's init is counted before it)."""
-    vocab = len(recipe_tokenizer(recipe))
     counts: dict[str, int] = {}
     external: dict[str, int | None] = {}
     for name in order:
         s, ref = recipe.stages[name], init_ref(recipe.stages[name])
         if isinstance(s, PretrainStage) and s.model is not None:
-            counts[name] = tiny_parameters(s.model, vocab)
+            counts[name] = tiny_parameters(s.model, vocab_bound(s.tokenizer or recipe.tokenizer))
         elif ref in counts:
             counts[name] = counts[ref]
         elif ref is not None and ref not in recipe.stages and (path := resolve_external(ref, base)):
@@ -98,13 +97,13 @@ def stage_parameters(recipe: Recipe, order: list[str], base: Path) -> dict[str, 
 
 
 def check_model_memory(recipe: Recipe, order: list[str], base: Path, where: Where,
-                       data: dict[str, Any] | None = None) -> None:
+                       data: dict[str, Any] | None = None, domains: dict[str, Any] | None = None) -> None:
     """One RecipeError when a stage's floor (trained parameters with their gradients and AdamW state, or LoRA's
     frozen weights, plus its teachers' weights; a sampling stage's rollout buffers; the attention mask of a
     padded batch of its data domains' longest prompts) exceeds the total memory of its device. `data`: the
-    recipe's data domains, read at load."""
+    recipe's data domains, read at load; `domains`: every recipe domain (a BPE built from scratch learns from them)."""
     _check_rollout_buffers(recipe, where)
-    _check_prompt_masks(recipe, order, base, data or {}, where)
+    _check_prompt_masks(recipe, order, base, data or {}, domains or {}, where)
     counts = stage_parameters(recipe, order, base)
     for name, s in recipe.stages.items():
         if name not in counts or isinstance(s, MergeStage | PromptedStage | ModelStage):
@@ -150,7 +149,8 @@ def _check_rollout_buffers(recipe: Recipe, where: Where) -> None:
             )
 
 
-def _check_prompt_masks(recipe: Recipe, order: list[str], base: Path, data: dict[str, Any], where: Where) -> None:
+def _check_prompt_masks(recipe: Recipe, order: list[str], base: Path, data: dict[str, Any],
+                        domains: dict[str, Any], where: Where) -> None:
     """A batch of prompts of different lengths is left-padded, and transformers' attention then takes a
     [prompts, 1, P, P] boolean mask (one byte per query-key pair; P the longest prompt in tokens; checked on
     transformers 5): a 20,000-token prompt needs 400 MB of mask for each prompt prefilled beside it. A stage
@@ -181,7 +181,7 @@ def _check_prompt_masks(recipe: Recipe, order: list[str], base: Path, data: dict
                 # cheap first: no tokenizer makes more tokens than UTF-8 bytes (+ a few special ones)
                 if at_once < 2 or at_once * (len(prompt.encode()) + 8) ** 2 <= total:
                     continue
-                tokens = _prompt_tokens(prompt, roots[name], recipe, tokenizers)
+                tokens = _prompt_tokens(prompt, name, roots[name], recipe, domains, tokenizers)
                 need = at_once * tokens**2
                 if tokens and need > total:
                     raise RecipeError(
@@ -192,16 +192,20 @@ def _check_prompt_masks(recipe: Recipe, order: list[str], base: Path, data: dict
                     )
 
 
-def _prompt_tokens(prompt: str, root: str, recipe: Recipe, cache: dict[str, Any]) -> int:
-    """`prompt`'s length in the tokens of the models descending from `root` ('scratch': the recipe's character
-    tokenizer; a local directory or cached Hub id: its tokenizer); 0 when that tokenizer is not here."""
-    if root not in cache:
+def _prompt_tokens(prompt: str, name: str, root: str, recipe: Recipe, domains: dict[str, Any],
+                   cache: dict[str, Any]) -> int:
+    """`prompt`'s length in the tokens of stage `name`'s model, which descends from `root` ('scratch': its
+    pretrain stage's tokenizer, `recipe.tokenizer.tokenizer_settings`; a local directory or cached Hub id: its
+    tokenizer); 0 when that tokenizer is not here."""
+    settings = tokenizer_settings(recipe, name) if root == "scratch" else None
+    key = settings.model_dump_json() if settings is not None else root
+    if key not in cache:
         from transformers import AutoTokenizer
 
         try:
-            cache[root] = recipe_tokenizer(recipe) if root == "scratch" else AutoTokenizer.from_pretrained(
-                root, local_files_only=True)
+            cache[key] = scratch_tokenizer(recipe, settings, domains) if settings is not None else (
+                AutoTokenizer.from_pretrained(root, local_files_only=True))
         except Exception:  # not here (a Hub id not downloaded): its stage reports it
-            cache[root] = None
-    tok = cache[root]
+            cache[key] = None
+    tok = cache[key]
     return 0 if tok is None else len(tok(prompt, add_special_tokens=False)["input_ids"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import RecipeError
-from ..core.schema import DataDomainSpec, EvalSettings, PretrainStage, Recipe, SFTStage, VerifiersDomainSpec
+from ..core.schema import DataDomainSpec, EvalSettings, Recipe, SFTStage, VerifiersDomainSpec
 from ..envs import list_domains
 from ..envs.data import DataDomain, DataDomainError
 from ..envs.tool_domains import is_agentic
@@ -20,7 +20,7 @@ from ..models.precision import emulated_bfloat16, resolve_placement
 from ..sampling.backend import vllm_unavailable_reason
 from ..tracking import enabled, missing_extra
 from .demonstrations import load_demonstration
-from .tokenizer import tokenizer_alphabet
+from .tokenizer import scratch_settings, tokenizer_alphabet
 from .yaml_file import Where
 
 
@@ -108,17 +108,18 @@ def check_data_fit(recipe: Recipe, data: dict[str, Any], where: Where) -> None:
 
 
 def alphabet_gap(recipe: Recipe, domain: Any, label: str) -> str | None:
-    """Where the recipe builds its own character tokenizer, the characters of a domain's prompts and answers
-    (`characters()`, known at load) that it lacks, as one line; None when it covers them or nothing is known."""
-    from_scratch = any(isinstance(s, PretrainStage) and s.model is not None for s in recipe.stages.values())
-    if not from_scratch or not callable(getattr(domain, "characters", None)) or not getattr(domain, "local", False):
+    """Where the recipe builds its own tokenizers (one for each `tokenizer:` of a pretrain stage from scratch),
+    the characters of a domain's prompts and answers (`characters()`, known at load) that one lacks, as one line;
+    None when they cover them or nothing is known."""
+    if not callable(getattr(domain, "characters", None)) or not getattr(domain, "local", False):
         return None
-    missing = sorted(domain.characters() - set(tokenizer_alphabet(recipe)))
-    if not missing:
-        return None
-    shown = "".join(missing[:20]).encode("unicode_escape").decode()
-    return (f"{len(missing)} character(s) of {label} are not in the tiny model's tokenizer alphabet ({shown!r}); "
-            "set `tokenizer: {alphabet: printable}` or list them")
+    for settings in scratch_settings(recipe):
+        missing = sorted(domain.characters() - set(tokenizer_alphabet(settings)))
+        if missing:
+            shown = "".join(missing[:20]).encode("unicode_escape").decode()
+            return (f"{len(missing)} character(s) of {label} are not in the tiny model's tokenizer alphabet "
+                    f"({shown!r}); set `tokenizer: {{alphabet: printable}}` or list them")
+    return None
 
 
 def check_machine(recipe: Recipe, where: Where) -> None:

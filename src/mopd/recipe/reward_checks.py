@@ -36,7 +36,7 @@ from ..core.schema import (
 from ..data.pairs import read_pairs
 from ..models.checkpoint import head_kind
 from .refs import StageFacts, resolve_external, stage_roots
-from .tokenizer import tokenizer_alphabet
+from .tokenizer import tokenizer_alphabet, tokenizer_settings
 
 
 def _scores(key: tuple) -> bool:
@@ -125,12 +125,12 @@ KIND_NAMES = {"sequence_classifier": "reward model (a sequence classifier)",
 
 
 def _check_rubric(recipe: Recipe, roots: dict[str, str], reward: JudgeReward, at: str) -> None:
-    """A judge built from scratch reads the recipe's character tokenizer: a rubric character outside its alphabet
+    """A judge built from scratch reads its pretrain stage's tokenizer: a rubric character outside its alphabet
     would read as <unk>, so the rubric would not say what it says."""
     if roots.get(reward.judge) != "scratch":  # a stage descending from a model built here
         return
-    alphabet = tokenizer_alphabet(recipe)
+    alphabet = tokenizer_alphabet(tokenizer_settings(recipe, reward.judge) or recipe.tokenizer)
     unknown = sorted(set(reward.rubric) - set(alphabet))
     if unknown:
-        raise RecipeError(f"{at}: characters {''.join(unknown)!r} are not in the judge's character vocabulary "
+        raise RecipeError(f"{at}: characters {''.join(unknown)!r} are not in the judge's tokenizer alphabet "
                           f"({alphabet!r}); they would read as <unk>")

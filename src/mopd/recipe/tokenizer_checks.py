@@ -19,7 +19,7 @@ from ..core.schema import (
 )
 from ..models.tokenizer import tokenizer_fingerprint
 from .refs import resolve_external, stage_roots
-from .tokenizer import recipe_tokenizer
+from .tokenizer import scratch_tokenizer, tokenizer_settings
 
 if TYPE_CHECKING:
     from .load import LoadedRecipe
@@ -41,18 +41,21 @@ def offline_fingerprint(ref: str) -> str | None:
 
 def tokenizer_fingerprints(loaded: LoadedRecipe) -> dict[str, str | None]:
     """Fingerprint of the tokenizer every model reference in the recipe will carry (cheap: no weights; None for
-    a Hub id that is not in the local cache, since validation never downloads)."""
+    a Hub id that is not in the local cache, since validation never downloads). A model built from scratch carries
+    its pretrain stage's tokenizer (`recipe.tokenizer.tokenizer_settings`), built here as that stage will build it."""
+    recipe = loaded.recipe
     cache: dict[str, str | None] = {}
 
-    def of_root(root: str) -> str | None:
-        if root not in cache:
-            cache[root] = (
-                tokenizer_fingerprint(recipe_tokenizer(loaded.recipe)) if root == "scratch" else offline_fingerprint(root)
-            )
-        return cache[root]
+    def of_stage(name: str, root: str) -> str | None:
+        settings = tokenizer_settings(recipe, name) if root == "scratch" else None
+        key = settings.model_dump_json() if settings is not None else root
+        if key not in cache:
+            cache[key] = (tokenizer_fingerprint(scratch_tokenizer(recipe, settings, loaded.domains))
+                          if settings is not None else offline_fingerprint(root))
+        return cache[key]
 
-    roots = stage_roots(loaded.recipe.stages, loaded.order, loaded.path.parent)
-    return {name: of_root(root) for name, root in roots.items()}
+    roots = stage_roots(recipe.stages, loaded.order, loaded.path.parent)
+    return {name: of_stage(name, root) for name, root in roots.items()}
 
 
 def _shared_vocabulary(stage) -> list[tuple[tuple, str]]:
@@ -83,7 +86,9 @@ def _teachers_or_models(stage) -> list[tuple[tuple, str]]:
 
 def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
     """A teacher (a DPO reference) must score the student's (the policy's) token ids, and merged models must share
-    one vocabulary: refuse any whose tokenizer differs from the student's (the merge base's, the policy's)."""
+    one vocabulary: refuse any whose tokenizer differs from the student's (the merge base's, the policy's). A MOPD
+    teacher listed in the stage's `cross_tokenizer` may differ: that is what it opted into (it is scored on the
+    rollouts' text, docs/CROSS_TOKENIZER.md), whatever the objective."""
     recipe = loaded.recipe
     if not any(_shared_vocabulary(s) for s in recipe.stages.values()):
         return
@@ -103,6 +108,8 @@ def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
                     ) from None
             if fp is None or student_fp is None or fp == student_fp:
                 continue  # None: a Hub id not cached here (validation never downloads); checked when the stage starts
+            if isinstance(stage, MOPDStage) and key[0] == "teachers" and teacher in stage.cross_tokenizer:
+                continue
             if isinstance(stage, MergeStage):
                 raise RecipeError(
                     f"{loaded.where('stages', name, *key)}: {teacher!r} uses a different tokenizer from the "
@@ -121,5 +128,6 @@ def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
                 )
             raise RecipeError(
                 f"{loaded.where('stages', name, *key)}: teacher {teacher!r} uses a different "
-                f"tokenizer from the student {stage.init!r}; on-policy distillation needs the same vocabulary"
+                f"tokenizer from the student {stage.init!r}; on-policy distillation needs the same vocabulary "
+                f"(or the teacher's opt-in to cross-tokenizer scoring: {{stage: {teacher}, cross_tokenizer: true}})"
             )

@@ -32,5 +32,9 @@ LR_MAX = 1.0
 # narrower than any evaluation set resolves.
 SEEDS_MAX = 1000
 
+# Tokens of a tokenizer built from scratch (`tokenizer.vocab_size`): twice a 2026 model's vocabulary is far past
+# anything a tiny model built here needs.
+VOCAB_MAX = 524_288
+
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 Steps = Annotated[int, Field(gt=0, le=STEPS_MAX)]

@@ -12,16 +12,8 @@ from pydantic import Discriminator, Field, PrivateAttr, Tag, model_validator
 from .bounds import BATCH_MAX, NEW_TOKENS_MAX, SEED_MAX, SEEDS_MAX, Seed
 from .defaults import HELD_OUT_SEED, HELD_OUT_SIZE, MIN_TEACHER_GAIN
 from .kinds import Stage
-from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict
+from .stages import NAME_PATTERN, DeviceName, DType, MasterWeights, Strict, TokenizerSettings
 from .strict import rule_error
-
-
-class TokenizerSettings(Strict):
-    """Character tokenizer for tiny models built from scratch; `alphabet: null` means the domains' alphabet."""
-
-    alphabet: str | None = Field(
-        None, description="the characters; `printable` = Python's string.printable (covers the bundled data sets)"
-    )
 
 
 class EvalSettings(Strict):
@@ -178,7 +170,10 @@ class Recipe(Strict):
     domains: list[DomainEntry] = Field(
         min_length=1, description="registered domain names, or data / verifiers domains declared as mappings"
     )
-    tokenizer: TokenizerSettings = TokenizerSettings()
+    tokenizer: TokenizerSettings = Field(
+        TokenizerSettings(), description="the tokenizer of every model built from scratch (a pretrain stage's own "
+        "`tokenizer:` overrides it for that model and its descendants)",
+    )
     chat_template: Literal["auto", "none"] = Field(
         "auto", description="auto: render prompts with the tokenizer's chat template when it has one"
     )

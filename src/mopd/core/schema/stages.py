@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from .bounds import BATCH_MAX, GROUP_MAX, LR_MAX, NEW_TOKENS_MAX, Seed, Steps
+from .bounds import BATCH_MAX, GROUP_MAX, LR_MAX, NEW_TOKENS_MAX, VOCAB_MAX, Seed, Steps
 from .defaults import ADV_CLIP, EPS_HIGH, EPS_LOW, IS_MODE, ISMode
 from .rewards import DEFAULT_REWARD, REWARD_DESCRIPTION, RewardSource
 from .strict import Strict, rule_error
@@ -27,6 +27,10 @@ DEFAULT_LOGIT_CHUNK = 128
 # (`learner.sizing`), printed and stored in stage.json; a number (or null) set in the recipe wins.
 Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(gt=0)]
+
+# Tokens of a BPE tokenizer built from scratch unless a recipe says otherwise: about the size of the character
+# vocabulary's 47 plus two hundred merges, so tiny models keep a small embedding (`TokenizerSettings`).
+BPE_VOCAB_SIZE = 256
 
 # A stage name is a directory of the run: letters, digits, '_', '-' and '.', not starting with '.' or '-' (so
 # never '', '.', '..', a path, or a hidden or option-like name).
@@ -53,6 +57,29 @@ class TinyModelConfig(Strict):
             raise ValueError("hidden_size must divide by heads, and heads by kv_heads")
         if (self.hidden_size // self.heads) % 2:
             raise ValueError("hidden_size / heads (the head size) must be even: rotary embeddings rotate pairs")
+        return self
+
+
+class TokenizerSettings(Strict):
+    """The tokenizer of a tiny model built from scratch: one token per character (`char`), or a byte-level BPE
+    (`bpe`) trained on a fixed-seed corpus of the recipe's domains (`recipe.tokenizer`), e.g. for teachers whose
+    tokens differ from a character student's (docs/CROSS_TOKENIZER.md)."""
+
+    kind: Literal["char", "bpe"] = Field("char", description="char: one token per character; bpe: byte-level BPE")
+    alphabet: str | None = Field(
+        None, description="the characters (bpe: those its vocabulary starts from); `printable` = Python's "
+        "string.printable (covers the bundled data sets); null: the domains' alphabet",
+    )
+    vocab_size: int = Field(
+        BPE_VOCAB_SIZE, gt=0, le=VOCAB_MAX, description="bpe only: the most tokens in all (the four special tokens, "
+        "the alphabet's bytes, then merges learned from the corpus)",
+    )
+
+    @model_validator(mode="after")
+    def _vocab_size_for_bpe(self) -> TokenizerSettings:
+        if self.kind == "char" and "vocab_size" in self.model_fields_set:
+            raise rule_error(self, "vocab_size", message="only a `kind: bpe` tokenizer learns a vocabulary; a "
+                             "character tokenizer has one token per character of `alphabet`")
         return self
 
 
@@ -137,11 +164,18 @@ class PretrainStage(TrainStage):
 
     kind: Literal["pretrain"]
     model: TinyModelConfig | None = Field(None, description="shape of a model built from scratch (when no init)")
+    tokenizer: TokenizerSettings | None = Field(
+        None, description="the tokenizer of the model built from scratch (and of its descendants); null: the "
+        "recipe's `tokenizer`",
+    )
 
     @model_validator(mode="after")
     def _model_or_init(self) -> PretrainStage:
         if (self.model is None) == (self.init is None):
             raise ValueError("a pretrain stage needs exactly one of `model` (build from scratch) or `init`")
+        if self.tokenizer is not None and self.model is None:
+            raise rule_error(self, "tokenizer", message="only a model built from scratch (`model:`) takes a "
+                             "tokenizer; a stage that starts from `init` keeps its start's")
         return self
 
 
