@@ -19,7 +19,12 @@ from mopd.core.errors import RecipeError
 from mopd.envs import ALPHABET
 from mopd.execution.runner import run_recipe
 from mopd.models.checkpoint import load_tokenizer
-from mopd.models.tokenizer import SPECIAL_TOKENS, build_bpe_tokenizer, build_char_tokenizer, tokenizer_fingerprint
+from mopd.models.tokenizer import (
+    SPECIAL_TOKENS,
+    build_bpe_tokenizer,
+    build_char_tokenizer,
+    tokenizer_fingerprint,
+)
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
 from mopd.recipe.tokenizer import bpe_corpus, scratch_tokenizer, tokenizer_settings
