@@ -129,6 +129,29 @@ def test_a_killed_actor_is_restarted_and_its_call_retried(actor_setup, ray_sessi
     torch.testing.assert_close(wait(), want[[0, 2, 4, 6]], atol=tol, rtol=0)
 
 
+def test_an_actor_teacher_of_another_tokenizer_scores_what_it_scores_in_process(actor_setup):
+    """A cross-tokenizer teacher (`teachers.cross_tokenizer.ForeignTeacher`) on its Ray actor: the actor scores the
+    re-read rows in the teacher's tokens, and the chunk sums equal the in-process teacher's to float32 rounding of
+    two kernel paths (one token per chunk here: the same tokenizer on both sides)."""
+    from mopd.models.prompting import RAW
+    from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher
+
+    _, batch, panel, actors = actor_setup
+    tok = build_char_tokenizer(ALPHABET)
+    cross = CrossTokenizer(tok, tok, RAW)
+    here = MixedPanel(local=None, remote={n: ForeignTeacher(PanelTeacher(panel, n), cross) for n in "ab"},
+                      teacher_of_domain=ROUTES)
+    there = MixedPanel(local=None, remote={n: ForeignTeacher(actors[n], cross) for n in "ab"},
+                       teacher_of_domain=ROUTES)
+    names = panel.route(batch)
+    tol = two_path_logprob_tol(TINY, panel.full_logits(batch, names))
+    torch.testing.assert_close(there.sampled_logprobs(batch, names), here.sampled_logprobs(batch, names),
+                               atol=tol, rtol=0)
+    torch.testing.assert_close(here.sampled_logprobs(batch, names), panel.sampled_logprobs(batch, names).float(),
+                               atol=tol, rtol=0)
+    assert torch.equal(there.chunk_ids(batch, names), here.chunk_ids(batch, names))
+
+
 def test_teachers_that_share_a_checkpoint_share_one_actor(actor_setup):
     from mopd.teachers.actor import start_actors
 
