@@ -28,8 +28,10 @@ import torch
 from ..core.batch import ROLE_ENV, ROLE_MODEL, RolloutBatch, rollout_batch
 from ..core.token_chunks import align_tokens
 from ..models.prompting import PromptFormat
+from ..models.shared_vocab import SharedVocab, shared_vocab
 from ..models.token_bytes import token_bytes
 from .remote import Pending, RemoteTeacher
+from .shared_support import logits_in_student_vocab, topk_in_student_vocab
 
 
 @dataclass
@@ -47,6 +49,21 @@ class RowPlan:
     unaligned: int = 0  # student model tokens of turns whose text could not be aligned
     text_bytes: int = 0  # bytes of the model turns' text
     aligned_bytes: int = 0  # ... in aligned chunks
+
+
+    def single_token_chunks(self) -> list[tuple[int, int]]:
+        """(student column, teacher completion index) of each chunk of one token on each side: where the two
+        models' next-token distributions follow the same text and predict the same string (the distribution-level
+        objectives' positions, `teachers.shared_support`)."""
+        students: dict[int, list[int]] = {}
+        for col, c in self.student_chunk.items():
+            students.setdefault(c, []).append(col)
+        teachers: dict[int, list[int]] = {}
+        for i, c in enumerate(self.teacher_chunk):
+            if c >= 0:
+                teachers.setdefault(c, []).append(i)
+        return sorted((cols[0], teachers[c][0]) for c, cols in students.items()
+                      if len(cols) == 1 and len(teachers.get(c, ())) == 1)
 
 
 def _segments(roles: list[int]) -> list[tuple[int, int, int]]:
@@ -69,6 +86,12 @@ class CrossTokenizer:
     student_tok: Any
     teacher_tok: Any
     teacher_format: PromptFormat
+    student_width: int | None = None  # the student model's logit columns, when more than its tokenizer's tokens
+
+    @cached_property
+    def vocab(self) -> SharedVocab:
+        """The tokens both vocabularies have as strings (built once per pair; the distribution-level objectives)."""
+        return shared_vocab(self.student_tok, self.teacher_tok, self.student_width)
 
     def _teacher_tokens(self, text: str) -> tuple[list[int], list[bytes] | None]:
         ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -265,10 +288,24 @@ class ForeignTeacher:
         return describe([teacher_view(self.cross, batch.to("cpu"))])
 
     def topk(self, batch: RolloutBatch, k: int, window: int) -> Pending:
-        raise NotImplementedError("a cross-tokenizer teacher's top-k is not defined over the student's vocabulary")
+        """The teacher's top-k of the tokens the student has, at the student's single-token chunks, in student ids
+        (`shared_support`), and each chunk's teacher logprob on its last student token (as `sampled`)."""
+        view = teacher_view(self.cross, batch.to("cpu"))
+        wait = self.inner.topk(view.batch, k, view.batch.input_ids_B_T.shape[1] - view.prompt_width)
+
+        def result():
+            top_lp, top_ids, sampled = wait()  # type: ignore[misc]
+            return (*topk_in_student_vocab(view, self.cross.vocab, top_lp, top_ids, window), view.to_student(sampled))
+
+        return result
 
     def logits(self, batch: RolloutBatch, keep: int) -> Pending:
-        raise NotImplementedError("a cross-tokenizer teacher's logits are not over the student's vocabulary")
+        """The teacher's logits of the shared tokens at the student's single-token chunks, in the student's
+        vocabulary, -inf elsewhere (`shared_support`): [b, keep, V_s]."""
+        view = teacher_view(self.cross, batch.to("cpu"))
+        T_t = view.batch.input_ids_B_T.shape[1]
+        wait = self.inner.logits(view.batch, min(T_t, T_t - view.prompt_width + 1))
+        return lambda: logits_in_student_vocab(view, self.cross.vocab, wait(), keep)  # type: ignore[arg-type]
 
 
 @dataclass
