@@ -15,6 +15,10 @@ student's end token with the teacher's, whatever their strings (both say "the tu
 teacher lacks (a template token of one side only) is in no chunk and carries no advantage; a run of text whose
 tokens do not reproduce it (`models.token_bytes` finds no convention) is left unaligned. Both are counted
 (`describe`).
+
+The distribution-level objectives (`topk`, `full_reverse_kl`, `forward_kl`, `jsd`) read the teacher's next-token
+distributions at the student's single-token chunks (one token on each side), over the tokens both vocabularies
+spell alike (`models.shared_vocab`), placed in the student's positions and vocabulary by `shared_support`.
 """
 
 from __future__ import annotations
