@@ -237,8 +237,9 @@ def test_a_bpe_teacher_gives_the_directly_computed_loss(objective: str) -> None:
         batch.sampler_logprobs_B_T[:, 1:] = lp * batch.completion_mask_B_T[:, 1:]
     settings = _settings(objective)
     routes = {"addition": "t"}
-    panel = MixedPanel(local=None, teacher_of_domain=routes, remote={"t": ForeignTeacher(
-        PanelTeacher(TeacherPanel(models={"t": teacher}, teacher_of_domain=routes), "t"), CrossTokenizer(TOK, BPE, RAW))})
+    foreign = ForeignTeacher(PanelTeacher(TeacherPanel(models={"t": teacher}, teacher_of_domain=routes), "t"),
+                             CrossTokenizer(TOK, BPE, RAW))
+    panel = MixedPanel(local=None, teacher_of_domain=routes, remote={"t": foreign})
     loss, metrics = policy_loss(student, batch, PolicyConfig(sampling=settings, distill=settings, teachers=panel),
                                 temperature=1.0)
     expected = _direct_loss(student, teacher, objective, prompts, completions, p_ids, c_ids, settings)
@@ -246,6 +247,10 @@ def test_a_bpe_teacher_gives_the_directly_computed_loss(objective: str) -> None:
     # at most adv_clip: the mean is exact to adv_clip float32 roundings of the advantage and its two sums
     assert float(loss.detach()) == pytest.approx(expected, rel=0, abs=3 * settings.adv_clip * torch.finfo(torch.float32).eps)
     assert 0.0 < metrics["xtok/distribution_token_frac"] < 1.0  # " 46" is one BPE token: a chunk term there
+    report = foreign.alignment_report(batch)  # what the preflight records: one-character BPE tokens and the ends
+    singles = sum(b - a == 1 for c in completions for a, b in BPE(c, return_offsets_mapping=True)["offset_mapping"])
+    assert report["single_token_chunks"] == singles + len(completions)
+    assert report["shared_tokens"] == len(ALPHABET) + 1
 
 
 def test_an_http_teacher_of_another_tokenizer_is_refused_full_distributions_at_load() -> None:

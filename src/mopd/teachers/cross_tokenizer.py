@@ -289,7 +289,11 @@ class ForeignTeacher:
         return teacher_view(self.cross, batch.to("cpu")).chunk_ids()
 
     def alignment_report(self, batch: RolloutBatch) -> dict[str, Any]:
-        return describe([teacher_view(self.cross, batch.to("cpu"))])
+        """`describe`, and what the distribution-level objectives would have: the single-token chunks (their
+        positions) and the tokens both vocabularies share."""
+        view = teacher_view(self.cross, batch.to("cpu"))
+        return {**describe([view]), "single_token_chunks": sum(len(p.single_token_chunks()) for p in view.plans),
+                "shared_tokens": int(self.cross.vocab.student_ids.numel())}
 
     def topk(self, batch: RolloutBatch, k: int, window: int) -> Pending:
         """The teacher's top-k of the tokens the student has, at the student's single-token chunks, in student ids
