@@ -5,8 +5,9 @@ Three panels score one batch of the character student's rollouts: the teacher in
 teacher through the cross-tokenizer path (`same-via-cross`: what the path itself costs), and a teacher with a
 byte-level BPE trained on the domains' text (`bpe`). Each step is `policy_loss` + backward, timed `--repeats`
 times with the panels interleaved (medians reported), and split into where the time goes: re-reading rows in the
-teacher's tokens (`teacher_view`: tokenizing, aligning), the teacher's forward passes, and the rest (the
-student's forward and backward, the loss).
+teacher's tokens (`teacher_view`: rendering, tokenizing, aligning), the teacher's decoder passes, and the rest
+(the student's forward and backward, both heads, the loss, moving the teacher's answers into the student's
+vocabulary). Each part's median is taken on its own, so the parts need not add up to the step's median.
 
     PYTHONPATH=src python benchmarks/xtok_distribution_step.py --threads 1
 """
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import mopd.teachers.cross_tokenizer as cross_tokenizer
+import mopd.teachers.panel as teacher_panel
 from mopd.core.schema import MOPDStage
 from mopd.envs import ALPHABET, get_domain
 from mopd.learner.objective_table import PolicyConfig
@@ -93,8 +95,7 @@ def main() -> None:
     routes = {d: "t" for d in DOMAINS}
     clock = Clock()
     cross_tokenizer.teacher_view = clock.wrap("teacher_view", cross_tokenizer.teacher_view)
-    for name in ("logit_blocks", "sampled_logprobs", "topk"):
-        setattr(TeacherPanel, name, clock.wrap("teacher_forward", getattr(TeacherPanel, name)))
+    teacher_panel.final_hidden = clock.wrap("teacher_decoder", teacher_panel.final_hidden)
 
     def panel(teacher, reader):
         own = TeacherPanel(models={"t": teacher}, teacher_of_domain=routes)
@@ -122,7 +123,7 @@ def main() -> None:
                 loss.backward()
                 wall = time.perf_counter() - start
                 walls[name].append(wall)
-                for label in ("teacher_view", "teacher_forward"):
+                for label in ("teacher_view", "teacher_decoder"):
                     parts[name][label].append(clock.spent.get(label, 0.0))
                 parts[name]["rest"].append(wall - sum(clock.spent.values()))
         results[objective] = {
