@@ -273,32 +273,70 @@ def describe(views: list[TeacherView]) -> dict[str, Any]:
 
 
 @dataclass
+class _Reading:
+    """One batch as the teacher reads it, and (once its logits came) its token logprobs on the student's columns."""
+
+    key: tuple
+    view: TeacherView
+    sampled: torch.Tensor | None = None
+
+
+def _batch_key(batch: RolloutBatch) -> tuple:
+    """What a batch's reading depends on: its ids, masks, roles and prompt texts (a CPU batch)."""
+    return (tuple(batch.input_ids_B_T.shape), *(t.numpy().tobytes() for t in (
+        batch.input_ids_B_T, batch.attention_mask_B_T, batch.completion_mask_B_T, batch.roles)), tuple(batch.prompts))
+
+
+def _token_logprobs(batch: RolloutBatch, logits_B_K_V: torch.Tensor) -> torch.Tensor:
+    """log pi(y_t) [b, T] of `batch`'s completion tokens from the logits of its last K positions (position p
+    predicts column T - K + p + 1), 0 off the completion: what `RemoteTeacher.sampled` answers."""
+    T, K = batch.input_ids_B_T.shape[1], logits_B_K_V.shape[1]
+    lp_B_W = torch.log_softmax(logits_B_K_V[:, :-1].float(), -1).gather(
+        -1, batch.input_ids_B_T[:, T - K + 1:, None]).squeeze(-1)
+    return torch.cat([lp_B_W.new_zeros(lp_B_W.shape[0], T - K + 1), lp_B_W], 1) * batch.completion_mask_B_T
+
+
+@dataclass
 class ForeignTeacher:
     """`remote.RemoteTeacher` over the student's batches for a teacher of another tokenizer: `inner` scores the
-    teacher's own token batches (an in-process panel of it, an actor, a server)."""
+    teacher's own token batches (an in-process panel of it, an actor, a server).
+
+    A step asks several things of one batch (the logits, the chunk layout, the chunks' logprobs), so the last
+    batch's reading is kept, and the token logprobs its logits give answer `sampled` for that batch without a
+    second teacher pass (`_Reading`): the same answers as reading and scoring again, up to float rounding."""
 
     inner: RemoteTeacher
     cross: CrossTokenizer
+    _last: _Reading | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _read(self, batch: RolloutBatch) -> _Reading:
+        cpu = batch.to("cpu")
+        key = _batch_key(cpu)
+        if self._last is None or self._last.key != key:
+            self._last = _Reading(key, teacher_view(self.cross, cpu))
+        return self._last
 
     def sampled(self, batch: RolloutBatch) -> Pending:
-        view = teacher_view(self.cross, batch.to("cpu"))
-        wait = self.inner.sampled(view.batch)
-        return lambda: view.to_student(wait())
+        reading = self._read(batch)
+        if (known := reading.sampled) is not None:
+            return lambda: known
+        wait = self.inner.sampled(reading.view.batch)
+        return lambda: reading.view.to_student(wait())  # type: ignore[arg-type]
 
     def chunk_ids(self, batch: RolloutBatch) -> torch.Tensor:
-        return teacher_view(self.cross, batch.to("cpu")).chunk_ids()
+        return self._read(batch).view.chunk_ids()
 
     def alignment_report(self, batch: RolloutBatch) -> dict[str, Any]:
         """`describe`, and what the distribution-level objectives would have: the single-token chunks (their
         positions) and the tokens both vocabularies share."""
-        view = teacher_view(self.cross, batch.to("cpu"))
+        view = self._read(batch).view
         return {**describe([view]), "single_token_chunks": sum(len(p.single_token_chunks()) for p in view.plans),
                 "shared_tokens": int(self.cross.vocab.student_ids.numel())}
 
     def topk(self, batch: RolloutBatch, k: int, window: int) -> Pending:
         """The teacher's top-k of the tokens the student has, at the student's single-token chunks, in student ids
         (`shared_support`), and each chunk's teacher logprob on its last student token (as `sampled`)."""
-        view = teacher_view(self.cross, batch.to("cpu"))
+        view = self._read(batch).view
         wait = self.inner.topk(view.batch, k, view.batch.input_ids_B_T.shape[1] - view.prompt_width)
 
         def result():
@@ -309,11 +347,18 @@ class ForeignTeacher:
 
     def logits(self, batch: RolloutBatch, keep: int) -> Pending:
         """The teacher's logits of the shared tokens at the student's single-token chunks, in the student's
-        vocabulary, -inf elsewhere (`shared_support`): [b, keep, V_s]."""
-        view = teacher_view(self.cross, batch.to("cpu"))
+        vocabulary, -inf elsewhere (`shared_support`): [b, keep, V_s]. Its token logprobs are kept for `sampled`."""
+        reading = self._read(batch)
+        view = reading.view
         T_t = view.batch.input_ids_B_T.shape[1]
         wait = self.inner.logits(view.batch, min(T_t, T_t - view.prompt_width + 1))
-        return lambda: logits_in_student_vocab(view, self.cross.vocab, wait(), keep)  # type: ignore[arg-type]
+
+        def result():
+            logits = wait()
+            reading.sampled = view.to_student(_token_logprobs(view.batch, logits))  # type: ignore[arg-type]
+            return logits_in_student_vocab(view, self.cross.vocab, logits, keep)  # type: ignore[arg-type]
+
+        return result
 
 
 @dataclass
