@@ -102,8 +102,13 @@ def main() -> None:
         return own if reader is None else MixedPanel(local=None, teacher_of_domain=routes,
                                                      remote={"t": ForeignTeacher(PanelTeacher(own, "t"), reader)})
 
-    panels = {"same": panel(same, None), "same-via-cross": panel(same, CrossTokenizer(tok, tok, RAW)),
-              "bpe": panel(other, CrossTokenizer(tok, bpe, RAW))}
+    readers = {"same-via-cross": CrossTokenizer(tok, tok, RAW), "bpe": CrossTokenizer(tok, bpe, RAW)}
+    for reader in readers.values():
+        _ = reader.vocab  # the shared vocabulary is built once per pair, before the first step
+    # a fresh panel per step: a teacher of another tokenizer keeps its last batch's reading, and each step of a
+    # run has a new batch
+    panels = {"same": lambda: panel(same, None), "same-via-cross": lambda: panel(same, readers["same-via-cross"]),
+              "bpe": lambda: panel(other, readers["bpe"])}
     problems = [p for d in domains.values() for p in d.sample_train(rng, args.rows // len(DOMAINS))]
     results = {}
     for objective in ("full_reverse_kl", "topk"):
@@ -114,7 +119,8 @@ def main() -> None:
         walls: dict[str, list[float]] = defaultdict(list)
         parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for _ in range(args.repeats):
-            for name, p in panels.items():
+            for name, fresh in panels.items():
+                p = fresh()
                 clock.spent.clear()
                 student.zero_grad()
                 start = time.perf_counter()
