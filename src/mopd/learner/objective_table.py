@@ -144,9 +144,10 @@ def full_distribution_terms(token_loss: TokenLoss, fused: FusedLoss | None = Non
     composed computation, op for op.
 
     With a teacher of another tokenizer in the panel, the loss is over the shared support at the positions that
-    have a term (`restrict_to_shared`), 0 elsewhere; "term", "chunk" and the chunks' teacher logprobs (one more
-    sampled-token pass: "teacher_lp") go to `distribution_step`, which gives the other positions the chunk's
-    sampled-token term, and the masses outside the support go to the metrics."""
+    have a term (`restrict_to_shared`), 0 elsewhere; "term", "chunk" and the chunks' teacher logprobs
+    (`sampled_logprobs`, which such a teacher answers from the pass that gave its logits: "teacher_lp") go to
+    `distribution_step`, which gives the other positions the chunk's sampled-token term, and the masses outside
+    the support go to the metrics."""
 
     def prepare(batch: RolloutBatch, names_B: list[str] | None, K: int, cfg: PolicyConfig) -> BlockTerms:
         d, teachers = cfg.distill, cfg.teachers
@@ -191,7 +192,7 @@ def shared_support_terms(raw_B_N_V: torch.Tensor, student_B_N_V: torch.Tensor, t
 
         student: 1 - P_S = 1 - exp(lse_S(s) - lse(s));
         teacher: 1 - Q_S, log Q_S = lse_S(t) - t_y + log q(y): the teacher ships its logits on S only, and its
-                 logprob of the sampled token y (a single-token chunk's, from the sampled-token pass) fixes the
+                 logprob of the sampled token y (a single-token chunk's, `sampled_logprobs`) fixes the
                  normaliser over its whole vocabulary."""
     with torch.no_grad():
         log_p_in = torch.logsumexp(upcast(student_B_N_V), -1) - torch.logsumexp(upcast(raw_B_N_V), -1)
