@@ -158,6 +158,26 @@ def test_shared_vocabulary_of_characters_and_a_byte_level_bpe() -> None:
     assert vocab.student_of_teacher[BPE.eos_token_id] == TOK.eos_token_id
 
 
+def test_shared_vocabulary_of_characters_and_a_sentencepiece_style_bpe() -> None:
+    """A metaspace tokenizer (SentencePiece's spelling: `▁` is a space, a dummy space before the text): its
+    convention is read from the probe despite the dummy prefix, `▁` pairs with the space, a letter with itself,
+    and `▁a` (two bytes) with no character."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    core.train_from_iterator(["ab 12 cba 21", "a b c 1 2"] * 20, trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["</s>"], initial_alphabet=[*ALPHABET.replace(" ", ""), "▁"],
+        show_progress=False))
+    spm = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+    assert "▁a" in spm.get_vocab()
+    vocab = shared_vocab(TOK, spm)
+    pairs = dict(zip(vocab.student_ids.tolist(), vocab.teacher_ids.tolist(), strict=True))
+    assert pairs[TOK.convert_tokens_to_ids(" ")] == spm.convert_tokens_to_ids("▁")
+    assert pairs[TOK.convert_tokens_to_ids("a")] == spm.convert_tokens_to_ids("a")
+    assert spm.convert_tokens_to_ids("▁a") not in pairs.values()
+    assert pairs[TOK.eos_token_id] == spm.eos_token_id
+
+
 def _rows(prompts: list[str], completions: list[str]):
     """A rewarded batch of the char student's prompts and completions (each ended by its end token)."""
     p_ids = [RAW.token_ids(TOK, p) for p in prompts]
