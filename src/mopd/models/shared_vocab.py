@@ -65,7 +65,7 @@ def vocabulary_bytes(tok: Any, size: int) -> dict[bytes, int]:
 @dataclass(frozen=True)
 class SharedVocab:
     """Pairs of (student id, teacher id) that stand for the same string; `student_size` / `teacher_size` are the
-    widths of each model's logits (at least each tokenizer's length)."""
+    widths of each model's logits (each tokenizer's length when not given)."""
 
     student_ids: torch.Tensor  # [n] long
     teacher_ids: torch.Tensor  # [n] long
@@ -89,10 +89,10 @@ class SharedVocab:
 
 def shared_vocab(student_tok: Any, teacher_tok: Any, student_size: int | None = None,
                  teacher_size: int | None = None) -> SharedVocab:
-    """The shared tokens of two tokenizers (`student_size` / `teacher_size`: the models' logit widths, when larger
-    than the tokenizers)."""
-    s_size = max(len(student_tok), student_size or 0)
-    t_size = max(len(teacher_tok), teacher_size or 0)
+    """The shared tokens of two tokenizers (`student_size` / `teacher_size`: the models' logit widths, when known;
+    an id at or past its model's width is no token of it)."""
+    s_size = student_size or len(student_tok)
+    t_size = teacher_size or len(teacher_tok)
     teacher_of = vocabulary_bytes(teacher_tok, t_size)
     pairs = {s: teacher_of[b] for b, s in vocabulary_bytes(student_tok, s_size).items() if b in teacher_of}
     teacher_special = dict(zip(teacher_tok.all_special_tokens, teacher_tok.all_special_ids, strict=True))
@@ -104,7 +104,7 @@ def shared_vocab(student_tok: Any, teacher_tok: Any, student_size: int | None = 
     taken: set[int] = set()
     kept = []
     for s, t in sorted(pairs.items()):
-        if t not in taken:  # one-to-one: a teacher id goes to the lowest student id that names it
+        if t not in taken and s < s_size and t < t_size:  # one-to-one: a teacher id to the lowest student id
             taken.add(t)
             kept.append((s, t))
     ids = torch.tensor(kept, dtype=torch.long).reshape(-1, 2)
