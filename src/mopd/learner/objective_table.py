@@ -262,22 +262,25 @@ def distribution_step(metric: str):
             metrics = {metric: float(masked_mean(terms["loss"], term_mask_B_W).detach())}
         teacher_lp_B_T = pad_front(terms["teacher_lp"], T) * batch.completion_mask_B_T
         loss = loss * mb.share  # a token mean over this micro-batch -> its share of the whole step's
+        kept = {"teacher_lp_B_T": teacher_lp_B_T}
         pg_B_T = None
         if d.alpha > 0:
             assert mb.grpo_B_T is not None
             pg_B_T = d.alpha * mb.grpo_B_T
         if "term" in terms:
             metrics.update(shared_support_metrics(terms, mask_B_W, term_mask_B_W))
+            chunks_B_T = pad_front(terms["chunk"], T)
+            kept["chunked_B_T"] = (chunks_B_T >= 0).to(teacher_lp_B_T.dtype) * batch.completion_mask_B_T
             off_B_T = pad_front(1.0 - terms["term"], T) * mb.loss_mask_B_T  # loss tokens without a term
             if bool(off_B_T.any()):
                 chunk_B_T = chunk_advantages(teacher_lp_B_T, mb.logprobs_B_T.detach(), batch.completion_mask_B_T,
-                                             pad_front(terms["chunk"], T)) * off_B_T
+                                             chunks_B_T) * off_B_T
                 pg_B_T = chunk_B_T if pg_B_T is None else pg_B_T + chunk_B_T
         if pg_B_T is not None:
             pg, pg_metrics = pg_loss(mb, cfg, pg_B_T)
             loss = loss + pg
             metrics.update(pg_metrics)
-        return loss, metrics, {"teacher_lp_B_T": teacher_lp_B_T}
+        return loss, metrics, kept
 
     return step
 
@@ -319,9 +322,15 @@ def sampled_metrics(kept: Kept, mask_B_T: torch.Tensor, names_B: list[str] | Non
 
 
 def distribution_metrics(kept: Kept, mask_B_T: torch.Tensor, names_B: list[str] | None) -> dict[str, float]:
-    """Per-teacher routing share, teacher NLL and the sampled-token reverse-KL estimate."""
+    """Per-teacher routing share, teacher NLL and the sampled-token reverse-KL estimate; with a teacher of another
+    tokenizer (a chunk's teacher logprob on one of its tokens) over the tokens in chunks, each chunk once, as
+    `sampled_metrics`, and the share of tokens in chunks."""
     assert names_B is not None
-    return teacher_diagnostics(kept["teacher_lp_B_T"], mask_B_T, names_B, kept["logprobs_B_T"])
+    if "chunked_B_T" not in kept:
+        return teacher_diagnostics(kept["teacher_lp_B_T"], mask_B_T, names_B, kept["logprobs_B_T"])
+    in_chunks_B_T = mask_B_T * kept["chunked_B_T"]
+    return {**teacher_diagnostics(kept["teacher_lp_B_T"], in_chunks_B_T, names_B, kept["logprobs_B_T"]),
+            "xtok/aligned_token_frac": float(masked_mean(kept["chunked_B_T"], mask_B_T))}
 
 
 @dataclass(frozen=True)
