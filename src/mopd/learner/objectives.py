@@ -109,8 +109,10 @@ def jsd_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.T
         )
     logp_B_T_V, logq_B_T_V = log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
     q_part_B_T_V, p_part_B_T_V = logq_B_T_V + math.log(beta), logp_B_T_V + math.log1p(-beta)
-    none_B_T_V = torch.isneginf(q_part_B_T_V) & torch.isneginf(p_part_B_T_V)
-    if bool(none_B_T_V.any()):  # a token of neither (a masked vocabulary): logaddexp's backward would be nan there
+    # a masked student vocabulary (`objective_table.restrict_to_shared`): where neither side has mass, logaddexp's
+    # backward would be nan; one pass over the student's side finds out, so an unmasked step pays only that
+    if bool(torch.isneginf(p_part_B_T_V).any()):
+        none_B_T_V = torch.isneginf(q_part_B_T_V) & torch.isneginf(p_part_B_T_V)
         q_part_B_T_V, p_part_B_T_V = (torch.where(none_B_T_V, 0.0, x) for x in (q_part_B_T_V, p_part_B_T_V))
         logm_B_T_V = torch.where(none_B_T_V, -torch.inf, torch.logaddexp(q_part_B_T_V, p_part_B_T_V))
     else:
