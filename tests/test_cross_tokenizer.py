@@ -104,7 +104,7 @@ class _Pieces:
         self.all_special_ids = [] if eos is None else [eos]
         self.all_special_tokens = [self.inv[i] for i in self.all_special_ids]
 
-    def __call__(self, text: str, add_special_tokens: bool = False):
+    def __call__(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False):
         ids, i = [], 0
         while i < len(text):
             piece = max((p for p in self.vocab if text.startswith(p, i)), key=len)

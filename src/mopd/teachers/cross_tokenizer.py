@@ -98,7 +98,10 @@ class CrossTokenizer:
         return shared_vocab(self.student_tok, self.teacher_tok, self.student_width)
 
     def _teacher_tokens(self, text: str) -> tuple[list[int], list[bytes] | None]:
-        ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"] if text else []
+        """The teacher's tokens of `text` and their bytes. Text that spells one of the teacher's special tokens
+        ("<eos>" written piece by piece by a student of another vocabulary) is read as text
+        (`split_special_tokens`): the teacher's end token would score the end of the turn, not the string."""
+        ids = self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
         return ids, token_bytes(self.teacher_tok.convert_ids_to_tokens(ids), text)
 
     def plan(self, prompt: str, ids: list[int], roles: list[int]) -> RowPlan:
