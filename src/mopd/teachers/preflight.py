@@ -277,6 +277,11 @@ def run_preflight(
             results[teacher]["estimate"] = "sampled-token" + (" over aligned chunks" if coverage else "")
         if coverage:
             results[teacher]["cross_tokenizer"] = coverage
+        if coverage and coverage["aligned_text_frac"] == 0:  # its KL of 0 over no text is no sign of agreement
+            warnings.append(
+                f"stage {stage!r}: teacher {teacher!r} aligns none of the student's completion text "
+                f"({coverage['unaligned_tokens']} tokens whose text its tokenizer does not reproduce): it gives "
+                "those rows no distillation signal; check that its tokenizer can write the domains' characters")
         if flagged:
             how = " (sampled-token estimate)" if teacher in remote else ""
             warnings.append(
