@@ -102,6 +102,7 @@ def test_mopd_run_reports_the_alignment_of_what_it_scored(tmp_path, monkeypatch)
         pre = json.loads((out / stage / "preflight.json").read_text())
         for domain, name in routes.items():
             entry = pre["teachers"][str(dirs[name])]
+            assert entry["domains"] == [domain]
             if stage == "student" and name == "t_char":  # the student's own tokenizer: no alignment to report
                 assert "cross_tokenizer" not in entry and "estimate" not in entry
                 continue

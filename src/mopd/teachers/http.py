@@ -196,9 +196,10 @@ def order_problem(teacher: HttpTeacher, ids: list[int]) -> str | None:
     return None
 
 
-def connect(stage: str, name: str, backend: HttpBackend, student_tok) -> HttpTeacher:
-    """Check that every replica answers, serves the model and tokenizes as the student does, and that scores do not
-    depend on request order; one line if not."""
+def connect(stage: str, name: str, backend: HttpBackend, student_tok, whose: str = "the student") -> HttpTeacher:
+    """Check that every replica answers, serves the model and tokenizes as the student does (`whose`: the tokenizer
+    `student_tok` is, as the error line names it), and that scores do not depend on request order; one line if
+    not."""
     try:
         headers = auth_headers(backend)
     except ServerError as e:
@@ -229,9 +230,10 @@ def connect(stage: str, name: str, backend: HttpBackend, student_tok) -> HttpTea
         if got != want:
             i = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
             raise PreflightError(
-                f"{where}: uses a different tokenizer from the student (a probe text tokenizes to {len(got)} ids, "
-                f"the student's to {len(want)}; first difference at token {i}: server {got[i:i + 3]}, student "
-                f"{want[i:i + 3]}); on-policy distillation needs the teacher to score the student's token ids")
+                f"{where}: uses a different tokenizer from {whose} (a probe text tokenizes to {len(got)} ids on the "
+                f"server, to {len(want)} with {whose}; first difference at token {i}: server {got[i:i + 3]}, "
+                f"expected {want[i:i + 3]}); the teacher must score the token ids "
+                + ("of the student (on-policy distillation)" if whose == "the student" else "its tokenizer gives"))
     teacher = HttpTeacher(stage, name, backend, model, exact)
     if backend.order_check and not exact:
         try:
@@ -255,6 +257,7 @@ def connect_all(stage: str, backends: Mapping[str, HttpBackend], student_tok,
         b = backends[name]
         key = (tuple(b.urls), b.model, b.api, name in own_toks)
         if key not in shared:
-            shared[key] = connect(stage, name, b, own_toks.get(name, student_tok))
+            shared[key] = connect(stage, name, b, own_toks[name], "its checkpoint's tokenizer") if name in own_toks \
+                else connect(stage, name, b, student_tok)
         out[name] = shared[key]
     return out
