@@ -94,8 +94,15 @@ def test_the_same_server_without_the_opt_in_is_refused_in_one_line(setup):
             connect_all("s", backend, BPE)
         [line] = str(err.value).splitlines()
         assert line.startswith(f"stage 's': teacher 'x' at {root}/v1: uses a different tokenizer from the student")
+        other = build_char_tokenizer(ALPHABET.replace("q", ""))
         with pytest.raises(PreflightError) as err:
-            connect_all("s", backend, BPE, {"x": build_char_tokenizer(ALPHABET.replace("q", ""))})
+            connect_all("s", backend, BPE, {"x": other})
         [line] = str(err.value).splitlines()
         assert line.startswith(f"stage 's': teacher 'x' at {root}/v1: uses a different tokenizer from its "
                                "checkpoint's tokenizer")
+        # two cross-tokenizer teachers of one server share its client only if they share a tokenizer: the one
+        # whose checkpoint is of another tokenizer than the server's is still checked, and refused
+        with pytest.raises(PreflightError, match="^stage 's': teacher 'y' at .*its checkpoint's tokenizer"):
+            connect_all("s", {**backend, "y": backend["x"]}, BPE, {"x": CHAR, "y": other})
+        both = connect_all("s", {**backend, "y": backend["x"]}, BPE, {"x": CHAR, "y": build_char_tokenizer(ALPHABET)})
+        assert both["x"] is both["y"]

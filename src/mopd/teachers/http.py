@@ -32,6 +32,7 @@ import torch
 
 from ..core.batch import RolloutBatch
 from ..core.schema import HttpBackend
+from ..models.tokenizer import tokenizer_fingerprint
 from . import wire
 from .http_answers import BadAnswer, RowScores, read_sglang, read_vllm
 from .http_client import Refused, Replicas, ServerError, auth_headers, request
@@ -247,15 +248,16 @@ def connect(stage: str, name: str, backend: HttpBackend, student_tok, whose: str
 
 def connect_all(stage: str, backends: Mapping[str, HttpBackend], student_tok,
                 own_toks: Mapping[str, object] | None = None) -> dict[str, HttpTeacher]:
-    """`connect` every HTTP teacher; teachers with the same URLs and model share one client. A teacher in
-    `own_toks` (one of another tokenizer, `teachers.cross_tokenizer`) is scored in its own token ids: its server
-    must tokenize as that tokenizer does."""
+    """`connect` every HTTP teacher; teachers with the same URLs and model, checked against the same tokenizer,
+    share one client. A teacher in `own_toks` (one of another tokenizer, `teachers.cross_tokenizer`) is scored in
+    its own token ids: its server must tokenize as that tokenizer does (so two such teachers of one server but of
+    different tokenizers are each checked, and one of them refused)."""
     out: dict[str, HttpTeacher] = {}
     shared: dict[tuple, HttpTeacher] = {}
     own_toks = own_toks or {}
     for name in sorted(backends):
         b = backends[name]
-        key = (tuple(b.urls), b.model, b.api, name in own_toks)
+        key = (tuple(b.urls), b.model, b.api, tokenizer_fingerprint(own_toks[name]) if name in own_toks else None)
         if key not in shared:
             shared[key] = connect(stage, name, b, own_toks[name], "its checkpoint's tokenizer") if name in own_toks \
                 else connect(stage, name, b, student_tok)
