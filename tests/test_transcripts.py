@@ -165,6 +165,9 @@ def test_teacher_kl_is_the_students_logprob_minus_the_routed_teachers_on_model_t
             self.asked.append((list(sub.domains), names))
             return torch.full(sub.input_ids_B_T.shape, -2.0) * sub.completion_mask_B_T
 
+        def chunk_ids(self, sub, names):  # the teacher reads the student's tokens
+            return None
+
     panel = Panel()
     ctx = SimpleNamespace(teacher_of_domain={"tool_mul": "t_mul"})  # reversal: a reward-only domain
     steps = []

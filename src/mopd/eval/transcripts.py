@@ -12,7 +12,8 @@ The turns are cut from the completion window by who wrote each token (`core.batc
 is an assistant turn (its EOS left out of the text), a run of observation tokens a tool turn (the tool's result as
 the model saw it, the raw format's `=` cue included); an assistant turn followed by a tool turn is a `tool_call`.
 `teacher_kl` (MOPD stages): the mean over the turn's tokens of log pi_student(y_t) - log pi_teacher(y_t), the
-per-token reverse-KL estimate on the sampled tokens that MOPD's advantage is the negative of.
+per-token reverse-KL estimate on the sampled tokens that MOPD's advantage is the negative of (a teacher of another
+tokenizer: over the tokens in its aligned chunks, each chunk's log-ratio counted once; absent when none aligns).
 
 One file per eval and per logged step, each written whole and atomically: a resumed stage that redoes a step
 rewrites its file, so nothing is written twice and no half-written record is left by a kill. Files are read back

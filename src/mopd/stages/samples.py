@@ -44,7 +44,12 @@ def teacher_kl(ctx: ResolvedStage, teachers_at: Callable[[int], TeacherScorer]) 
             return out_B_T
         panel = teachers_at(step)
         sub = batch.select(torch.tensor(rows, device=batch.input_ids_B_T.device))
-        teacher_b_T = panel.sampled_logprobs(sub, panel.route(sub)).float().cpu()
+        names = panel.route(sub)
+        teacher_b_T = panel.sampled_logprobs(sub, names).float().cpu()
+        # a teacher of another tokenizer: its logprob of a chunk sits on the chunk's last token, so the KL summed over
+        # a chunk's tokens is the chunk's; a token in no chunk has no teacher logprob (NaN: out of the turn's mean)
+        chunks = panel.chunk_ids(sub, names)
+        scored_b_T = torch.ones_like(teacher_b_T, dtype=torch.bool) if chunks is None else (chunks >= 0).cpu()
         was_training = model.training
         model.eval()
         B, T = sub.input_ids_B_T.shape
@@ -54,7 +59,7 @@ def teacher_kl(ctx: ResolvedStage, teachers_at: Callable[[int], TeacherScorer]) 
             ids_b_T = sub.input_ids_B_T[j : j + step_rows]
             student_b_T = token_logprobs(sequence_logits(model, ids_b_T, sub.attention_mask_B_T[j : j + step_rows]),
                                          ids_b_T).float().cpu()
-            model_b_T = (sub.roles[j : j + step_rows] == ROLE_MODEL).cpu()
+            model_b_T = (sub.roles[j : j + step_rows] == ROLE_MODEL).cpu() & scored_b_T[j : j + step_rows]
             kl_b_T = torch.where(model_b_T, student_b_T - teacher_b_T[j : j + step_rows], float("nan"))
             out_B_T[rows[j : j + step_rows]] = kl_b_T
         model.train(was_training)
