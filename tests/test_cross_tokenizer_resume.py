@@ -16,6 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from mopd.envs import ALPHABET
 from mopd.models.tokenizer import build_char_tokenizer
 
@@ -62,6 +64,7 @@ def _rows(stage: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # wall-clock seconds
 
 
+@pytest.mark.slow  # three `mopd run` processes (two at once), most of their time start-up: ~40 s on 2 busy cores
 def test_kill_9_in_a_cross_tokenizer_stage_then_rerun_equals_the_uninterrupted_run(tmp_path):
     char = build_char_tokenizer(ALPHABET)
     for seed, (name, tok) in enumerate({"student": char, "t_char": char, "t_bpe": bpe_tokenizer(512)}.items()):
