@@ -18,7 +18,7 @@ from mopd.models.tokenizer import build_char_tokenizer
 from mopd.stages import rl as rl_module
 from mopd.teachers.cross_tokenizer import ForeignTeacher
 
-from .xtok_oracle import batch_coverage
+from .xtok_oracle import batch_coverage, expected_report
 from .xtok_setup import bpe_tokenizer, save_tiny
 
 RECIPE = """\
@@ -109,7 +109,7 @@ def test_mopd_run_reports_the_alignment_of_what_it_scored(tmp_path, monkeypatch)
             [(batch, got)] = [(b, o) for t, b, o in previews if Path(t) == dirs[name]]  # once per teacher
             assert got == entry["cross_tokenizer"]
             want = batch_coverage(batch, student_toks[stage], [load_tokenizer(dirs[name])] * batch.size)
-            assert got == want.describe(), (stage, name)
+            assert got == expected_report(want, student_toks[stage], load_tokenizer(dirs[name])), (stage, name)
             assert entry["tokens"] == want.chunked_tokens  # the KL estimate averages over the tokens in chunks
             seen[(stage, name)] = want
     # the run covered what it should: chunks of several student tokens (the BPE's merges read by a character

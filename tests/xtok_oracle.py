@@ -28,6 +28,7 @@ class Coverage:
     template: int = 0
     student_per_chunk: Counter = field(default_factory=Counter)
     teacher_per_chunk: Counter = field(default_factory=Counter)
+    single: int = 0  # chunks of one token on each side
 
     def describe(self) -> dict:
         """`cross_tokenizer.describe`'s keys."""
@@ -40,6 +41,19 @@ class Coverage:
             "unaligned_tokens": self.unaligned,
             "student_tokens": self.model_tokens,
         }
+
+
+def expected_report(cov: Coverage, student_tok, teacher_tok) -> dict:
+    """`ForeignTeacher.alignment_report`: `describe`'s keys, the single-token chunks and the size of the shared
+    vocabulary (student ids whose token is a teacher token of the same text; special tokens of the same string, and
+    the student's end token with the teacher's)."""
+    teacher_texts = {teacher_tok.decode([i]) for i in teacher_tok.get_vocab().values()
+                     if i not in teacher_tok.all_special_ids}
+    shared = sum(teacher_tok.eos_token_id is not None if i == student_tok.eos_token_id
+                 else student_tok.convert_ids_to_tokens(i) in teacher_tok.all_special_tokens
+                 if i in student_tok.all_special_ids else student_tok.decode([i]) in teacher_texts
+                 for i in student_tok.get_vocab().values())
+    return {**cov.describe(), "single_token_chunks": cov.single, "shared_tokens": shared}
 
 
 def writable(tok) -> set[str]:
@@ -74,6 +88,7 @@ def row_coverage(cov: Coverage, student_tok, teacher_tok, ids: list[int], roles:
             for piece in coarse:
                 cov.student_per_chunk[1 if by_student else len(piece)] += 1
                 cov.teacher_per_chunk[len(piece) if by_student else 1] += 1
+                cov.single += len(piece) == 1
         run.clear()
 
     for i, role in zip(ids, roles, strict=True):
@@ -88,6 +103,7 @@ def row_coverage(cov: Coverage, student_tok, teacher_tok, ids: list[int], roles:
             cov.chunked_tokens += 1
             cov.student_per_chunk[1] += 1
             cov.teacher_per_chunk[1] += 1
+            cov.single += 1
         else:
             cov.template += 1
     close_run()
