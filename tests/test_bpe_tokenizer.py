@@ -199,6 +199,10 @@ def test_a_bpe_teacher_of_a_char_student_needs_cross_tokenizer(tmp_path) -> None
      "stages.base.tokenizer.vocab_size", "only a `kind: bpe` tokenizer"),
     ({"sft": {"kind": "pretrain", "init": "base", "steps": 2, "tokenizer": {"kind": "bpe"}}},
      "stages.sft.tokenizer", "keeps its start's"),
+    # 4 special tokens + the 43 characters of the domains' alphabet: no merge would fit
+    ({"base_bpe": {"kind": "pretrain", "model": {"hidden_size": 32}, "steps": 2,
+                   "tokenizer": {"kind": "bpe", "vocab_size": 47}}},
+     "stages.base_bpe.tokenizer.vocab_size", "leave no room for merges"),
 ])
 def test_tokenizer_settings_that_cannot_apply_are_one_line(tmp_path, stages, key, says) -> None:
     with pytest.raises(RecipeError) as e:
