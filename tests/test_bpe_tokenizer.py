@@ -27,6 +27,7 @@ from mopd.models.tokenizer import (
 )
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
+from mopd.recipe.memory_check import stage_parameters, tiny_parameters
 from mopd.recipe.tokenizer import bpe_corpus, scratch_tokenizer, tokenizer_settings
 
 # two tiny pipelines from scratch, a character one (the recipe's tokenizer) and a BPE one (its pretrain stage's own)
@@ -173,6 +174,14 @@ def test_identity_holds_the_bpe_settings_of_the_stages_that_use_them(tmp_path, l
     # the default tokenizer, spelled out, is the one every finished stage was saved under
     spelled = PIPELINES.replace("eval: {size: 12", "tokenizer: {kind: char}\neval: {size: 12")
     assert stage_identities(load_recipe(_write(tmp_path, spelled, "s.yaml"), check_tokenizers=False)) == ids
+
+
+def test_the_memory_check_counts_each_scratch_models_own_vocabulary(loaded) -> None:
+    """A BPE model's embedding has `vocab_size` rows (at most), a character model's one per token."""
+    counts = stage_parameters(loaded.recipe, loaded.order, loaded.path.parent)
+    cfg = loaded.recipe.stages["base"].model
+    assert counts["base"] == tiny_parameters(cfg, len(build_char_tokenizer(ALPHABET)))
+    assert counts["sft_bpe"] == counts["base_bpe"] == tiny_parameters(cfg, 96) != counts["base"]
 
 
 def test_a_bpe_teacher_of_a_char_student_needs_cross_tokenizer(tmp_path) -> None:
