@@ -129,6 +129,59 @@ def test_a_killed_actor_is_restarted_and_its_call_retried(actor_setup, ray_sessi
     torch.testing.assert_close(wait(), want[[0, 2, 4, 6]], atol=tol, rtol=0)
 
 
+def test_an_actor_teacher_of_another_tokenizer_scores_what_it_scores_in_process(actor_setup):
+    """A cross-tokenizer teacher (`teachers.cross_tokenizer.ForeignTeacher`) on its Ray actor: the actor scores the
+    re-read rows in the teacher's tokens, and the chunk sums equal the in-process teacher's to float32 rounding of
+    two kernel paths (one token per chunk here: the same tokenizer on both sides)."""
+    from mopd.models.prompting import RAW
+    from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher
+
+    _, batch, panel, actors = actor_setup
+    tok = build_char_tokenizer(ALPHABET)
+    cross = CrossTokenizer(tok, tok, RAW)
+    here = MixedPanel(local=None, remote={n: ForeignTeacher(PanelTeacher(panel, n), cross) for n in "ab"},
+                      teacher_of_domain=ROUTES)
+    there = MixedPanel(local=None, remote={n: ForeignTeacher(actors[n], cross) for n in "ab"},
+                       teacher_of_domain=ROUTES)
+    names = panel.route(batch)
+    tol = two_path_logprob_tol(TINY, panel.full_logits(batch, names))
+    torch.testing.assert_close(there.sampled_logprobs(batch, names), here.sampled_logprobs(batch, names),
+                               atol=tol, rtol=0)
+    torch.testing.assert_close(here.sampled_logprobs(batch, names), panel.sampled_logprobs(batch, names).float(),
+                               atol=tol, rtol=0)
+    assert torch.equal(there.chunk_ids(batch, names), here.chunk_ids(batch, names))
+
+
+def test_an_actor_teacher_of_another_tokenizer_answers_distributions_as_in_process(actor_setup):
+    """The distribution-level answers of a cross-tokenizer teacher on its Ray actor (`teachers.shared_support`):
+    its logits at the single-token chunks in the student's vocabulary, -inf at the same places, and its top-k,
+    as the in-process teacher gives them (the same tokenizer on both sides: every completion position has a term),
+    to the two kernel paths' rounding (each logit within half of the logprob bound)."""
+    from mopd.models.prompting import RAW
+    from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher
+
+    _, batch, panel, actors = actor_setup
+    tok = build_char_tokenizer(ALPHABET)
+    cross = CrossTokenizer(tok, tok, RAW)
+    here = MixedPanel(local=None, remote={n: ForeignTeacher(PanelTeacher(panel, n), cross) for n in "ab"},
+                      teacher_of_domain=ROUTES)
+    there = MixedPanel(local=None, remote={n: ForeignTeacher(actors[n], cross) for n in "ab"},
+                       teacher_of_domain=ROUTES)
+    names = panel.route(batch)
+    K = batch.input_ids_B_T.shape[1] - batch.first_completion_column + 1
+    tol = two_path_logprob_tol(TINY, panel.full_logits(batch, names))
+    a, b = there.logit_blocks(batch, names, K)(0, K), here.logit_blocks(batch, names, K)(0, K)
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite)
+    torch.testing.assert_close(a[finite], b[finite], atol=tol, rtol=0)
+    live = batch.completion_mask_B_T[:, -(K - 1):] > 0  # what position j < K - 1 predicts is a completion token
+    assert torch.equal(finite[:, : K - 1].all(-1), live)
+    (lp_a, ids_a, s_a), (lp_b, ids_b, s_b) = there.topk(batch, names, 4, K - 1), here.topk(batch, names, 4, K - 1)
+    assert torch.equal(ids_a[live], ids_b[live]) and torch.equal(torch.isinf(lp_a), torch.isinf(lp_b))
+    torch.testing.assert_close(lp_a[live], lp_b[live], atol=tol, rtol=0)
+    torch.testing.assert_close(s_a, s_b, atol=tol, rtol=0)
+
+
 def test_teachers_that_share_a_checkpoint_share_one_actor(actor_setup):
     from mopd.teachers.actor import start_actors
 

@@ -9,6 +9,16 @@ Every method scores the rows routed to each teacher and returns results in batch
 for the block of positions it is differentiating, and an in-process backend keeps only its final hidden states
 and applies its LM head per block. A backend that can only ship whole logits returns
 `blocks_of(full logits)`.
+
+Rows of a teacher of another tokenizer (`chunk_ids` is not None; `teachers.cross_tokenizer.ForeignTeacher`) are
+in the student's positions and vocabulary too, but only at the student's single-token chunks and over the tokens
+both vocabularies share (`teachers.shared_support`): `logit_blocks` gives the teacher's logits there at the
+shared tokens' student ids and -inf at the others, and an all -inf row at every other position; `topk` gives the
+teacher's top-k tokens that the student has (-inf log-probabilities where fewer than k are, repeating the first
+id; all -inf where there is no term) and, as its third answer, each chunk's logprob on its last student token
+(as `sampled_logprobs`). The learner restricts both distributions to that support
+(`learner.objective_table.restrict_to_shared`); rows of the student's own tokenizer are finite, and there the
+restriction is the identity.
 """
 
 from __future__ import annotations

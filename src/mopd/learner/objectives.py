@@ -108,7 +108,15 @@ def jsd_tokens(student_logits_B_T_V: torch.Tensor, teacher_logits_B_T_V: torch.T
             "(beta -> 1)"
         )
     logp_B_T_V, logq_B_T_V = log_softmax_pair(student_logits_B_T_V, teacher_logits_B_T_V)
-    logm_B_T_V = torch.logaddexp(logq_B_T_V + math.log(beta), logp_B_T_V + math.log1p(-beta))
+    q_part_B_T_V, p_part_B_T_V = logq_B_T_V + math.log(beta), logp_B_T_V + math.log1p(-beta)
+    # a masked student vocabulary (`objective_table.restrict_to_shared`): where neither side has mass, logaddexp's
+    # backward would be nan; one pass over the student's side finds out, so an unmasked step pays only that
+    if bool(torch.isneginf(p_part_B_T_V).any()):
+        none_B_T_V = torch.isneginf(q_part_B_T_V) & torch.isneginf(p_part_B_T_V)
+        q_part_B_T_V, p_part_B_T_V = (torch.where(none_B_T_V, 0.0, x) for x in (q_part_B_T_V, p_part_B_T_V))
+        logm_B_T_V = torch.where(none_B_T_V, -torch.inf, torch.logaddexp(q_part_B_T_V, p_part_B_T_V))
+    else:
+        logm_B_T_V = torch.logaddexp(q_part_B_T_V, p_part_B_T_V)
     return beta * categorical_kl(logq_B_T_V, logm_B_T_V) + (1.0 - beta) * categorical_kl(logp_B_T_V, logm_B_T_V)
 
 
@@ -204,6 +212,9 @@ def topk_reverse_kl_tokens(
     lse_B_T = torch.logsumexp(logits_B_T_V, dim=-1)
     ids_B_T_K = teacher_topk_ids_B_T_K.long()
     logp_B_T_K = logits_B_T_V.gather(-1, ids_B_T_K) - lse_B_T[..., None]
+    # a -inf teacher entry is no outcome (a teacher of another tokenizer with fewer than k shared tokens there,
+    # `teachers.shared_support`; its id repeats a real one's): the student's entry goes too (0 log 0 = 0)
+    logp_B_T_K = torch.where(torch.isfinite(teacher_topk_logprobs_B_T_K), logp_B_T_K, -torch.inf)
     # log p_rest = logsumexp over the logits outside the top-k, minus the normaliser. Rows with nothing outside
     # (K = V) get p_rest = 0 via a where, so logsumexp never sees an all -inf row (its backward would be nan).
     outside_B_T_V = logits_B_T_V.scatter(-1, ids_B_T_K, -torch.inf)

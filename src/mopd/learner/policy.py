@@ -26,7 +26,7 @@ from .filters import solved_group_filter
 from .fused_head import fusable, fused_kl_scores
 from .micro_batches import accumulate_micro_batches
 from .objective_table import OBJECTIVES, MicroBatch, PolicyConfig
-from .reward_only import route_rows
+from .reward_only import chunk_layout, route_rows
 
 
 def policy_loss(
@@ -54,10 +54,12 @@ def policy_loss(
     T = mask_B_T.shape[1]
     K = T - batch.first_completion_column + 1
     total = float(loss_mask_B_T.sum())
-    # a KL that is the whole loss, over several blocks of a plain head: its gradient made in the forward
+    # a KL that is the whole loss, over several blocks of a plain head: its gradient made in the forward (not
+    # with a teacher of another tokenizer, whose distributions are restricted: `objective_table.restrict_to_shared`)
     kind = objective.fused_head if grpo_B_T is None else None
     fused = (kind is not None and torch.is_grad_enabled()
-             and fusable((split_head(model) or (None, None))[1], K, logit_chunk))
+             and fusable((split_head(model) or (None, None))[1], K, logit_chunk)
+             and chunk_layout(cfg.teachers, batch, names_B) is None)  # type: ignore[arg-type]
 
     def part(rows: slice | torch.Tensor, share: float):
         idx = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows

@@ -86,7 +86,7 @@ def build_report(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
 
 PREFLIGHT_HOW = (
     "Checked before each MOPD stage trained: every teacher has the student's vocabulary and special tokens "
-    "(refused otherwise), and the exact per-token reverse KL(student || teacher) on the student's own rollouts "
+    "(refused otherwise, unless it opted into cross-tokenizer scoring: docs/CROSS_TOKENIZER.md), and the exact per-token reverse KL(student || teacher) on the student's own rollouts "
     "of the teacher's domains. A large initial KL flags a foreign or drifted teacher (the MOPD paper saw ~0.04 "
     "for a same-lineage teacher and ~0.19 for a foreign one whose distillation collapsed)."
 )

@@ -184,7 +184,10 @@ def compute_report(run_dir: Path) -> ReportData:
 
     # stages of the run with no readable final checkpoint on disk: the report says so (and `mopd report` exits
     # non-zero) instead of showing their scores as if the run were complete
-    named = dict.fromkeys([*order, *(s for s in (start, *teachers.values(), student) if s is not None)])
+    # (a teacher named by its directory, not a stage of the run, has no score here: its domain's recovery is
+    # undefined, not a missing stage)
+    named = dict.fromkeys([*order, *(s for s in (start, *teachers.values(), student) if s is not None and
+                                     (s in order or s not in teachers.values()))])
     missing = [s for s in named if (finals[s] if s in finals else read_final_eval(run_dir / s)) is None]
     if missing:
         summary["missing_stages"] = missing
@@ -354,10 +357,30 @@ def _preflight_table(run_dir: Path, mopd_stages: list[str]) -> Table | None:
             kl = finite_number(r.get("reverse_kl"))
             status = "**WARNING**: far from the student" if r.get("warn") else "ok"
             rows.append(
-                [s, t, ", ".join(r.get("domains") or []), fmt_number(kl, 4), fmt_number(kl_warn, 3), status]
+                [s, t, ", ".join(r.get("domains") or []), fmt_number(kl, 4), fmt_number(kl_warn, 3), status,
+                 _alignment_cell(r.get("cross_tokenizer"))]
             )
         notes += [str(w) for w in pf.get("warnings") or []]
     if not rows:
         return None
-    headers = ["stage", "teacher", "domains", "initial reverse KL", "kl_warn", "status"]
+    headers = ["stage", "teacher", "domains", "initial reverse KL", "kl_warn", "status", "tokenizer"]
+    if all(row[-1] == "the student's" for row in rows):
+        headers, rows = headers[:-1], [row[:-1] for row in rows]
     return Table(headers, rows, notes)
+
+
+def _alignment_cell(cross: object) -> str:
+    """A teacher's tokenizer column: the student's, or another one with how much of the text its chunks covered
+    and the mean student tokens per chunk (preflight.json's `cross_tokenizer`, `teachers.cross_tokenizer`)."""
+    if not isinstance(cross, dict):
+        return "the student's"
+    lengths = cross.get("student_tokens_per_chunk")
+    mean = None
+    if isinstance(lengths, dict) and lengths:
+        try:
+            mean = sum(int(k) * int(v) for k, v in lengths.items()) / sum(int(v) for v in lengths.values())
+        except (TypeError, ValueError, ZeroDivisionError):
+            mean = None
+    frac = finite_number(cross.get("aligned_text_frac"))
+    return (f"another (cross-tokenizer): {fmt_number(frac, 3)} of the text aligned, "
+            f"{fmt_number(mean, 2)} student tokens a chunk")

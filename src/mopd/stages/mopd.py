@@ -177,7 +177,17 @@ def cross_reader(ctx: ResolvedStage, ref: str) -> CrossTokenizer:
     fmt = ctx.rendering.format_for(teacher_tok)
     if (context := read_teacher_prompt(ref)) is not None:
         fmt = fmt.with_context(context)
-    return CrossTokenizer(ctx.tokenizer, teacher_tok, fmt)
+    return CrossTokenizer(ctx.tokenizer, teacher_tok, fmt, student_width=logit_width(ctx.init_path))
+
+
+def logit_width(checkpoint: str | None) -> int | None:
+    """The columns of a checkpoint's logits (its config's vocab_size, often padded past its tokenizer): a teacher
+    of another tokenizer's distributions are put in that many student columns (`models.shared_vocab`)."""
+    if checkpoint is None:
+        return None
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(checkpoint), "vocab_size", None)
 
 
 def local_part(panel: TeacherScorer) -> TeacherPanel | None:

@@ -15,6 +15,10 @@ student's end token with the teacher's, whatever their strings (both say "the tu
 teacher lacks (a template token of one side only) is in no chunk and carries no advantage; a run of text whose
 tokens do not reproduce it (`models.token_bytes` finds no convention) is left unaligned. Both are counted
 (`describe`).
+
+The distribution-level objectives (`topk`, `full_reverse_kl`, `forward_kl`, `jsd`) read the teacher's next-token
+distributions at the student's single-token chunks (one token on each side), over the tokens both vocabularies
+spell alike (`models.shared_vocab`), placed in the student's positions and vocabulary by `shared_support`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ import torch
 from ..core.batch import ROLE_ENV, ROLE_MODEL, RolloutBatch, rollout_batch
 from ..core.token_chunks import align_tokens
 from ..models.prompting import PromptFormat
+from ..models.shared_vocab import SharedVocab, shared_vocab
 from ..models.token_bytes import token_bytes
 from .remote import Pending, RemoteTeacher
+from .shared_support import logits_in_student_vocab, topk_in_student_vocab
 
 
 @dataclass
@@ -47,6 +53,21 @@ class RowPlan:
     unaligned: int = 0  # student model tokens of turns whose text could not be aligned
     text_bytes: int = 0  # bytes of the model turns' text
     aligned_bytes: int = 0  # ... in aligned chunks
+
+
+    def single_token_chunks(self) -> list[tuple[int, int]]:
+        """(student column, teacher completion index) of each chunk of one token on each side: where the two
+        models' next-token distributions follow the same text and predict the same string (the distribution-level
+        objectives' positions, `teachers.shared_support`)."""
+        students: dict[int, list[int]] = {}
+        for col, c in self.student_chunk.items():
+            students.setdefault(c, []).append(col)
+        teachers: dict[int, list[int]] = {}
+        for i, c in enumerate(self.teacher_chunk):
+            if c >= 0:
+                teachers.setdefault(c, []).append(i)
+        return sorted((cols[0], teachers[c][0]) for c, cols in students.items()
+                      if len(cols) == 1 and len(teachers.get(c, ())) == 1)
 
 
 def _segments(roles: list[int]) -> list[tuple[int, int, int]]:
@@ -69,6 +90,12 @@ class CrossTokenizer:
     student_tok: Any
     teacher_tok: Any
     teacher_format: PromptFormat
+    student_width: int | None = None  # the student model's logit columns, when more than its tokenizer's tokens
+
+    @cached_property
+    def vocab(self) -> SharedVocab:
+        """The tokens both vocabularies have as strings (built once per pair; the distribution-level objectives)."""
+        return shared_vocab(self.student_tok, self.teacher_tok, self.student_width)
 
     def _teacher_tokens(self, text: str) -> tuple[list[int], list[bytes] | None]:
         ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -246,29 +273,92 @@ def describe(views: list[TeacherView]) -> dict[str, Any]:
 
 
 @dataclass
+class _Reading:
+    """One batch as the teacher reads it, and (once its logits came) its token logprobs on the student's columns."""
+
+    key: tuple
+    view: TeacherView
+    sampled: torch.Tensor | None = None
+
+
+def _batch_key(batch: RolloutBatch) -> tuple:
+    """What a batch's reading depends on: its ids, masks, roles and prompt texts (a CPU batch)."""
+    return (tuple(batch.input_ids_B_T.shape), *(t.numpy().tobytes() for t in (
+        batch.input_ids_B_T, batch.attention_mask_B_T, batch.completion_mask_B_T, batch.roles)), tuple(batch.prompts))
+
+
+def _token_logprobs(batch: RolloutBatch, logits_B_K_V: torch.Tensor) -> torch.Tensor:
+    """log pi(y_t) [b, T] of `batch`'s completion tokens from the logits of its last K positions (position p
+    predicts column T - K + p + 1), 0 off the completion: what `RemoteTeacher.sampled` answers."""
+    T, K = batch.input_ids_B_T.shape[1], logits_B_K_V.shape[1]
+    lp_B_W = torch.log_softmax(logits_B_K_V[:, :-1].float(), -1).gather(
+        -1, batch.input_ids_B_T[:, T - K + 1:, None]).squeeze(-1)
+    return torch.cat([lp_B_W.new_zeros(lp_B_W.shape[0], T - K + 1), lp_B_W], 1) * batch.completion_mask_B_T
+
+
+@dataclass
 class ForeignTeacher:
     """`remote.RemoteTeacher` over the student's batches for a teacher of another tokenizer: `inner` scores the
-    teacher's own token batches (an in-process panel of it, an actor, a server)."""
+    teacher's own token batches (an in-process panel of it, an actor, a server).
+
+    A step asks several things of one batch (the logits, the chunk layout, the chunks' logprobs), so the last
+    batch's reading is kept, and the token logprobs its logits give answer `sampled` for that batch without a
+    second teacher pass (`_Reading`): the same answers as reading and scoring again, up to float rounding."""
 
     inner: RemoteTeacher
     cross: CrossTokenizer
+    _last: _Reading | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _read(self, batch: RolloutBatch) -> _Reading:
+        cpu = batch.to("cpu")
+        key = _batch_key(cpu)
+        if self._last is None or self._last.key != key:
+            self._last = _Reading(key, teacher_view(self.cross, cpu))
+        return self._last
 
     def sampled(self, batch: RolloutBatch) -> Pending:
-        view = teacher_view(self.cross, batch.to("cpu"))
-        wait = self.inner.sampled(view.batch)
-        return lambda: view.to_student(wait())
+        reading = self._read(batch)
+        if (known := reading.sampled) is not None:
+            return lambda: known
+        wait = self.inner.sampled(reading.view.batch)
+        return lambda: reading.view.to_student(wait())  # type: ignore[arg-type]
 
     def chunk_ids(self, batch: RolloutBatch) -> torch.Tensor:
-        return teacher_view(self.cross, batch.to("cpu")).chunk_ids()
+        return self._read(batch).view.chunk_ids()
 
     def alignment_report(self, batch: RolloutBatch) -> dict[str, Any]:
-        return describe([teacher_view(self.cross, batch.to("cpu"))])
+        """`describe`, and what the distribution-level objectives would have: the single-token chunks (their
+        positions) and the tokens both vocabularies share."""
+        view = self._read(batch).view
+        return {**describe([view]), "single_token_chunks": sum(len(p.single_token_chunks()) for p in view.plans),
+                "shared_tokens": int(self.cross.vocab.student_ids.numel())}
 
     def topk(self, batch: RolloutBatch, k: int, window: int) -> Pending:
-        raise NotImplementedError("a cross-tokenizer teacher's top-k is not defined over the student's vocabulary")
+        """The teacher's top-k of the tokens the student has, at the student's single-token chunks, in student ids
+        (`shared_support`), and each chunk's teacher logprob on its last student token (as `sampled`)."""
+        view = self._read(batch).view
+        wait = self.inner.topk(view.batch, k, view.batch.input_ids_B_T.shape[1] - view.prompt_width)
+
+        def result():
+            top_lp, top_ids, sampled = wait()  # type: ignore[misc]
+            return (*topk_in_student_vocab(view, self.cross.vocab, top_lp, top_ids, window), view.to_student(sampled))
+
+        return result
 
     def logits(self, batch: RolloutBatch, keep: int) -> Pending:
-        raise NotImplementedError("a cross-tokenizer teacher's logits are not over the student's vocabulary")
+        """The teacher's logits of the shared tokens at the student's single-token chunks, in the student's
+        vocabulary, -inf elsewhere (`shared_support`): [b, keep, V_s]. Its token logprobs are kept for `sampled`."""
+        reading = self._read(batch)
+        view = reading.view
+        T_t = view.batch.input_ids_B_T.shape[1]
+        wait = self.inner.logits(view.batch, min(T_t, T_t - view.prompt_width + 1))
+
+        def result():
+            logits = wait()
+            reading.sampled = view.to_student(_token_logprobs(view.batch, logits))  # type: ignore[arg-type]
+            return logits_in_student_vocab(view, self.cross.vocab, logits, keep)  # type: ignore[arg-type]
+
+        return result
 
 
 @dataclass

@@ -41,7 +41,9 @@ class RemoteTeacher(Protocol):
         ...
 
     def logits(self, batch: RolloutBatch, keep: int) -> Pending:
-        """-> next-token logits at the last `keep` positions, [b, keep, V] (`logit_blocks(...)(0, keep)`)."""
+        """-> next-token logits at the last `keep` positions, [b, keep, V] (`logit_blocks(...)(0, keep)`; a teacher
+        of another tokenizer: in the student's vocabulary, -inf off the shared tokens and the single-token chunks,
+        `core.scoring`)."""
         ...
 
 
