@@ -27,6 +27,7 @@ from mopd.models.tokenizer import (
 )
 from mopd.recipe.identity import stage_identities
 from mopd.recipe.load import load_recipe
+from mopd.recipe.memory_check import stage_parameters, tiny_parameters
 from mopd.recipe.tokenizer import bpe_corpus, scratch_tokenizer, tokenizer_settings
 
 # two tiny pipelines from scratch, a character one (the recipe's tokenizer) and a BPE one (its pretrain stage's own)
@@ -175,6 +176,14 @@ def test_identity_holds_the_bpe_settings_of_the_stages_that_use_them(tmp_path, l
     assert stage_identities(load_recipe(_write(tmp_path, spelled, "s.yaml"), check_tokenizers=False)) == ids
 
 
+def test_the_memory_check_counts_each_scratch_models_own_vocabulary(loaded) -> None:
+    """A BPE model's embedding has `vocab_size` rows (at most), a character model's one per token."""
+    counts = stage_parameters(loaded.recipe, loaded.order, loaded.path.parent)
+    cfg = loaded.recipe.stages["base"].model
+    assert counts["base"] == tiny_parameters(cfg, len(build_char_tokenizer(ALPHABET)))
+    assert counts["sft_bpe"] == counts["base_bpe"] == tiny_parameters(cfg, 96) != counts["base"]
+
+
 def test_a_bpe_teacher_of_a_char_student_needs_cross_tokenizer(tmp_path) -> None:
     """Without the opt-in: one line naming the teacher's key; with it: the recipe loads (the stage itself is the
     cross-tokenizer scorer's); a teacher of the student's own tokenizer never needed it."""
@@ -199,6 +208,10 @@ def test_a_bpe_teacher_of_a_char_student_needs_cross_tokenizer(tmp_path) -> None
      "stages.base.tokenizer.vocab_size", "only a `kind: bpe` tokenizer"),
     ({"sft": {"kind": "pretrain", "init": "base", "steps": 2, "tokenizer": {"kind": "bpe"}}},
      "stages.sft.tokenizer", "keeps its start's"),
+    # 4 special tokens + the 43 characters of the domains' alphabet: no merge would fit
+    ({"base_bpe": {"kind": "pretrain", "model": {"hidden_size": 32}, "steps": 2,
+                   "tokenizer": {"kind": "bpe", "vocab_size": 47}}},
+     "stages.base_bpe.tokenizer.vocab_size", "leave no room for merges"),
 ])
 def test_tokenizer_settings_that_cannot_apply_are_one_line(tmp_path, stages, key, says) -> None:
     with pytest.raises(RecipeError) as e:

@@ -28,7 +28,7 @@ from .report_checks import check_compare, check_report_student
 from .resources import check_resources
 from .reward_checks import check_rewards
 from .stage_checks import check_stage, check_stage_names, check_teacher_schedules
-from .tokenizer_checks import check_tokenizer_agreement
+from .tokenizer_checks import check_bpe_room, check_tokenizer_agreement
 from .yaml_file import key_lines, read_yaml, refuse_duplicate_keys, validate_recipe, where_in_file
 
 __all__ = ["LoadedRecipe", "RecipeError", "load_recipe"]
@@ -66,6 +66,7 @@ def load_recipe(path: str | Path, *, check_tokenizers: bool = True, check_hub: b
 
     recipe = apply_scale(recipe, where)  # a reduced-scale run is checked on its scaled numbers
     check_stage_names(recipe, path.parent, where)
+    check_bpe_room(recipe, where)
     facts = stage_facts(recipe)  # each stage's references, domains, start and seed, derived once
     load_plugins(recipe, path, where)
     data = check_resources(recipe, path, where)  # data domains (built here), devices, packages

@@ -13,16 +13,36 @@ from ..core.schema import (
     MergeStage,
     MOPDStage,
     PPOStage,
+    PretrainStage,
+    Recipe,
     RewardModelReward,
     reward_of,
     reward_parts,
 )
-from ..models.tokenizer import tokenizer_fingerprint
+from ..models.tokenizer import SPECIAL_TOKENS, byte_level_symbols, tokenizer_fingerprint
 from .refs import resolve_external, stage_roots
-from .tokenizer import scratch_tokenizer, tokenizer_settings
+from .tokenizer import scratch_tokenizer, tokenizer_alphabet, tokenizer_settings
+from .yaml_file import Where
 
 if TYPE_CHECKING:
     from .load import LoadedRecipe
+
+
+def check_bpe_room(recipe: Recipe, where: Where) -> None:
+    """A BPE's `vocab_size` must leave room for merges past its four special tokens and its alphabet's symbols
+    (the trainer keeps them all whatever the size): at or below that it would be a character tokenizer spelt in
+    bytes, not what the recipe asked for."""
+    places = [(("tokenizer",), recipe.tokenizer)] + [
+        (("stages", name, "tokenizer"), s.tokenizer) for name, s in recipe.stages.items()
+        if isinstance(s, PretrainStage) and s.tokenizer is not None
+    ]
+    for key, settings in places:
+        if settings.kind != "bpe":
+            continue
+        floor = len(SPECIAL_TOKENS) + len(set(byte_level_symbols(tokenizer_alphabet(settings))))
+        if settings.vocab_size <= floor:
+            raise RecipeError(f"{where(*key, 'vocab_size')}: {settings.vocab_size} tokens leave no room for merges: "
+                              f"the special tokens and the alphabet's symbols are {floor} already; set it above")
 
 
 def offline_fingerprint(ref: str) -> str | None:
@@ -108,8 +128,6 @@ def check_tokenizer_agreement(loaded: LoadedRecipe) -> None:
                     ) from None
             if fp is None or student_fp is None or fp == student_fp:
                 continue  # None: a Hub id not cached here (validation never downloads); checked when the stage starts
-            if isinstance(stage, MOPDStage) and key[0] == "teachers" and teacher in stage.cross_tokenizer:
-                continue
             if isinstance(stage, MergeStage):
                 raise RecipeError(
                     f"{loaded.where('stages', name, *key)}: {teacher!r} uses a different tokenizer from the "
