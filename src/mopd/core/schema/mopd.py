@@ -47,10 +47,9 @@ class TeacherEntry(Strict):
 
 class PreflightSettings(Strict):
     """Checked once before a MOPD stage trains: same tokenizer (refused otherwise, unless the teacher opted into
-    cross-tokenizer scoring: `TeacherEntry.cross_tokenizer`, which reports the alignment's coverage instead) and the
-    initial per-token
-    reverse KL(student || teacher) on the student's own rollouts of each teacher's domains (warned above
-    `kl_warn`; the MOPD paper saw ~0.04 for a same-lineage teacher and ~0.19 for a foreign one that collapsed)."""
+    cross-tokenizer scoring: `TeacherEntry.cross_tokenizer`, which reports the alignment's coverage instead) and
+    the initial per-token reverse KL(student || teacher) on the student's own rollouts of each teacher's domains
+    (warned above `kl_warn`; the MOPD paper saw ~0.04 for a same-lineage teacher and ~0.19 for a foreign one that collapsed)."""
 
     enabled: bool = True
     kl_warn: float = Field(0.1, gt=0, description="warn when a teacher's initial reverse KL exceeds this")
