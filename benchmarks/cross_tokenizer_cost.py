@@ -1,21 +1,17 @@
-"""What a teacher of another tokenizer costs: one MOPD step's loss and backward, same-tokenizer against cross.
+"""The cost of a MOPD step with a teacher of another tokenizer, against the same step with a teacher of the
+student's own, for the sampled-token objective and two distribution-level ones (docs/CROSS_TOKENIZER.md, "Cost").
 
-    .venv/bin/python benchmarks/cross_tokenizer_cost.py [--batch 64] [--reps 7]
+Three panels score one batch of the character student's rollouts: the teacher in process (`same`), the same
+teacher through the cross-tokenizer path (`same-via-cross`: what the path itself costs), and a teacher with a
+byte-level BPE trained on the domains' text (`bpe`). Each step is `policy_loss` + backward, timed `--repeats`
+times with the panels interleaved (medians reported), and split into where the time goes: re-reading rows in the
+teacher's tokens (`teacher_view`: rendering, tokenizing, aligning), the teacher's decoder passes, and the rest
+(the student's forward and backward, both heads, the loss, moving the teacher's answers into the student's
+vocabulary). Each part's median is taken on its own, so the parts need not add up to the step's median.
 
-The demo's shapes (0.4M-parameter student and teacher, its three domains, completions of up to 10 tokens): a
-batch of `--batch` rows whose completions are the domains' reference answers (so a BPE teacher's merges apply, as
-they would to a trained student's text), then, on the same batch and weights:
+    .venv/bin/python benchmarks/cross_tokenizer_cost.py [--threads 1] [--repeats 7] [--rows 16]
 
-* same: the teacher in process, reading the student's token ids (the path every same-tokenizer run takes);
-* cross, same tokenizer: the same teacher through the cross-tokenizer path (re-rendered, re-tokenized, aligned),
-  which gives the same step bit for bit (tests/test_cross_tokenizer.py): the path's own overhead;
-* cross, BPE: a teacher of the same shape whose tokenizer is the byte-level BPE of the testbed
-  (`models.tokenizer.build_bpe_tokenizer` when present, else one trained here the same way).
-
-Each is the median of `--reps` steps, interleaved. The cross path's time is split into its parts: re-reading the
-rows (`teacher_view`: rendering, tokenizing, aligning; done twice a step, for the scores and the chunk ids), the
-teacher's forward on its own tokens, and mapping the scores back (`to_student`). Writes
-benchmarks/cross_tokenizer_cost.json.
+Writes benchmarks/cross_tokenizer_cost.json.
 """
 
 from __future__ import annotations
@@ -26,130 +22,134 @@ import platform
 import random
 import statistics
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
-from mopd.core.batch import rollout_batch
+import mopd.teachers.cross_tokenizer as cross_tokenizer
+import mopd.teachers.panel as teacher_panel
 from mopd.core.schema import MOPDStage
 from mopd.envs import ALPHABET, get_domain
 from mopd.learner.objective_table import PolicyConfig
 from mopd.learner.policy import policy_loss
+from mopd.learner.rollout import rollout
 from mopd.models.prompting import RAW
 from mopd.models.tiny import TinyModelConfig, build_tiny_model
 from mopd.models.tokenizer import build_char_tokenizer
-from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher, teacher_view
+from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher
 from mopd.teachers.panel import TeacherPanel
 from mopd.teachers.remote import MixedPanel
 
+DOMAINS = ("addition", "reversal")
 OUT = Path(__file__).resolve().parent / "cross_tokenizer_cost.json"
-DEMO = TinyModelConfig(hidden_size=128, layers=2, heads=4, kv_heads=2, intermediate_size=384)
-DOMAINS = ("reversal", "sorting", "shift")
 
 
-def bpe_tokenizer():
-    """The testbed's BPE (`build_bpe_tokenizer`), or a byte-level BPE of 256 tokens trained here on the domains."""
-    try:
-        from mopd.models.tokenizer import build_bpe_tokenizer  # type: ignore[attr-defined]
-
-        return build_bpe_tokenizer(list(DOMAINS))
-    except (ImportError, TypeError):
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast
-
-        rng = random.Random(0)
-        corpus = [p.prompt + p.answer for d in DOMAINS for p in get_domain(d).sample_train(rng, 2000)]
-        core = Tokenizer(models.BPE(unk_token="<unk>"))
-        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        core.decoder = decoders.ByteLevel()
-        core.train_from_iterator(corpus, trainers.BpeTrainer(
-            vocab_size=256 + 64, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-        return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                       eos_token="<eos>", unk_token="<unk>", padding_side="left")
+def bpe_tokenizer(corpus: list[str], size: int) -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=size, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|end|>", pad_token="<|end|>",
+                                   padding_side="left", clean_up_tokenization_spaces=False)
 
 
-def answer_batch(tok, n: int):
-    """`n` rows of the demo's domains: raw prompts, the reference answers as completions, then EOS."""
-    rng = random.Random(1)
-    problems = [p for i in range(n) for p in get_domain(DOMAINS[i % 3]).sample_train(rng, 1)]
-    prompts = [RAW.token_ids(tok, p.prompt) for p in problems]
-    answers = [tok(p.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in problems]
-    P, N = max(map(len, prompts)), max(map(len, answers))
-    ids_p, mask_p = torch.zeros(n, P, dtype=torch.long), torch.zeros(n, P, dtype=torch.long)
-    ids_c, mask_c = torch.zeros(n, N, dtype=torch.long), torch.zeros(n, N)
-    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        ids_p[i, P - len(p):], mask_p[i, P - len(p):] = torch.tensor(p), 1
-        ids_c[i, : len(a)], mask_c[i, : len(a)] = torch.tensor(a), 1
-    batch = rollout_batch(ids_p, mask_p, ids_c, torch.zeros(n, N), mask_c, prompts=[p.prompt for p in problems],
-                          completions=[p.answer for p in problems], domains=[p.domain for p in problems],
-                          references=[p.answer for p in problems])
-    return batch.with_rewards(torch.ones(n))
+class Clock:
+    """Seconds spent in wrapped functions, by label (the outermost call only)."""
 
+    def __init__(self):
+        self.spent: dict[str, float] = defaultdict(float)
+        self.depth = 0
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    def wrap(self, label: str, fn):
+        def timed(*args, **kwargs):
+            self.depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    self.spent[label] += time.perf_counter() - start
+        return timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=7)
-    args = parser.parse_args()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rows", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--objectives", nargs="+", default=["sampled", "full_reverse_kl", "topk"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tok, bpe = build_char_tokenizer(ALPHABET), bpe_tokenizer()
-    student = build_tiny_model(DEMO, len(tok), tok, 0)
-    teacher = build_tiny_model(DEMO, len(tok), tok, 1).eval().requires_grad_(False)
-    teacher_bpe = build_tiny_model(DEMO, len(bpe), bpe, 2).eval().requires_grad_(False)
+    tok = build_char_tokenizer(ALPHABET)
+    domains = {n: get_domain(n) for n in DOMAINS}
+    rng = random.Random(0)
+    corpus = [f"{p.prompt} {p.answer}" for d in domains.values() for p in d.sample_train(rng, 400)]
+    bpe = bpe_tokenizer(corpus, 400)
+    config = TinyModelConfig(hidden_size=args.hidden, layers=2, heads=4, kv_heads=2, intermediate_size=2 * args.hidden)
+    student = build_tiny_model(config, len(tok), tok, 0)
+    same = build_tiny_model(config, len(tok), tok, 1).eval().requires_grad_(False)
+    other = build_tiny_model(config, len(bpe), bpe, 2).eval().requires_grad_(False)
     routes = {d: "t" for d in DOMAINS}
-    panels = {
-        "same": TeacherPanel(models={"t": teacher}, teacher_of_domain=routes),
-        "cross, same tokenizer": MixedPanel(local=None, remote={"t": ForeignTeacher(PanelTeacher(
-            TeacherPanel(models={"t": teacher}, teacher_of_domain=routes), "t"), CrossTokenizer(tok, tok, RAW))},
-            teacher_of_domain=routes),
-        "cross, BPE": MixedPanel(local=None, remote={"t": ForeignTeacher(PanelTeacher(
-            TeacherPanel(models={"t": teacher_bpe}, teacher_of_domain=routes), "t"), CrossTokenizer(tok, bpe, RAW))},
-            teacher_of_domain=routes),
-    }
-    settings = MOPDStage(kind="mopd", init="x", steps=1, teachers=routes, max_new_tokens=10)
-    batch = answer_batch(tok, args.batch)
+    clock = Clock()
+    cross_tokenizer.teacher_view = clock.wrap("teacher_view", cross_tokenizer.teacher_view)
+    teacher_panel.final_hidden = clock.wrap("teacher_decoder", teacher_panel.final_hidden)
 
-    def step(panel) -> None:
-        student.zero_grad()
-        loss, _ = policy_loss(student, batch, PolicyConfig(sampling=settings, distill=settings, teachers=panel),
-                              temperature=1.0)
-        loss.backward()
+    def panel(teacher, reader):
+        own = TeacherPanel(models={"t": teacher}, teacher_of_domain=routes)
+        return own if reader is None else MixedPanel(local=None, teacher_of_domain=routes,
+                                                     remote={"t": ForeignTeacher(PanelTeacher(own, "t"), reader)})
 
-    times: dict[str, list[float]] = {k: [] for k in panels}
-    parts: dict[str, list[float]] = {"re-read rows (teacher_view)": [], "teacher forward": [],
-                                     "scores to student (to_student)": []}
-    cross = panels["cross, BPE"].remote["t"]
-    with torch.no_grad():
-        view = teacher_view(cross.cross, batch)
-    for _ in range(args.reps):
-        for name, panel in panels.items():
-            times[name].append(timed(lambda p=panel: step(p)))
-        with torch.no_grad():
-            parts["re-read rows (teacher_view)"].append(timed(lambda: teacher_view(cross.cross, batch)))
-            parts["teacher forward"].append(timed(lambda: cross.inner.sampled(view.batch)()))
-            lp = cross.inner.sampled(view.batch)()
-            parts["scores to student (to_student)"].append(timed(lambda lp=lp: view.to_student(lp)))
-    same = statistics.median(times["same"])
-    chunk_lengths = [sum(1 for c in p.student_chunk.values()) / max(1, p.chunks) for p in view.plans]
-    result = {
-        "command": f"benchmarks/cross_tokenizer_cost.py --batch {args.batch} --reps {args.reps}",
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "step_s": {k: statistics.median(v) for k, v in times.items()},
-        "ratio_to_same": {k: statistics.median(v) / same for k, v in times.items()},
-        "cross_bpe_parts_s": {k: statistics.median(v) for k, v in parts.items()},
-        "bpe_vocab": len(bpe),
-        "student_tokens_per_chunk_mean": statistics.fmean(chunk_lengths),
-    }
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    readers = {"same-via-cross": CrossTokenizer(tok, tok, RAW), "bpe": CrossTokenizer(tok, bpe, RAW)}
+    for reader in readers.values():
+        _ = reader.vocab  # the shared vocabulary is built once per pair, before the first step
+    # a fresh panel per step: a teacher of another tokenizer keeps its last batch's reading, and each step of a
+    # run has a new batch
+    panels = {"same": lambda: panel(same, None), "same-via-cross": lambda: panel(same, readers["same-via-cross"]),
+              "bpe": lambda: panel(other, readers["bpe"])}
+    problems = [p for d in domains.values() for p in d.sample_train(rng, args.rows // len(DOMAINS))]
+    results = {}
+    for objective in args.objectives:
+        settings = MOPDStage(kind="mopd", init="x", steps=1, teachers=dict(routes), group_size=1,
+                             max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, objective=objective, topk=16)
+        batch, _ = rollout(student, tok, problems, domains, settings, temperature=1.0,
+                           generator=torch.Generator().manual_seed(1))
+        walls: dict[str, list[float]] = defaultdict(list)
+        parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for _ in range(args.repeats):
+            for name, fresh in panels.items():
+                p = fresh()
+                clock.spent.clear()
+                student.zero_grad()
+                start = time.perf_counter()
+                loss, _ = policy_loss(student, batch, PolicyConfig(sampling=settings, distill=settings, teachers=p),
+                                      temperature=1.0)
+                loss.backward()
+                wall = time.perf_counter() - start
+                walls[name].append(wall)
+                for label in ("teacher_view", "teacher_decoder"):
+                    parts[name][label].append(clock.spent.get(label, 0.0))
+                parts[name]["rest"].append(wall - sum(clock.spent.values()))
+        results[objective] = {
+            name: {"step_ms": round(1e3 * statistics.median(w), 1),
+                   **{f"{k}_ms": round(1e3 * statistics.median(v), 1) for k, v in parts[name].items()}}
+            for name, w in walls.items()}
+        results[objective]["tokens"] = int(batch.completion_mask_B_T.sum())
+    out = {"command": "benchmarks/cross_tokenizer_cost.py " + " ".join(f"--{k.replace('_', '-')} {v}" if not
+                                                                     isinstance(v, list) else f"--{k} {' '.join(v)}"
+                                                                     for k, v in vars(args).items()),
+           "machine": platform.processor() or platform.machine(), "threads": args.threads, "repeats": args.repeats,
+           "rows": args.rows, "hidden": args.hidden, "bpe_vocab": len(bpe), "results": results}
+    OUT.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
