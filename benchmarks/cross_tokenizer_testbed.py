@@ -36,6 +36,28 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "src" / "mopd" / "recipes" / "compare_cross_tokenizer.yaml"
 STUDENTS = ("student", "student_xtok", "student_mixed")
 START = "sft"
+CONTROL = "student_lineage"
+LINEAGE_SEED = 1000  # the control's character pipeline pretrains from seed + this
+
+
+def with_lineage_control(data: dict, seed: int) -> dict:
+    """The control for lineage: a second character pipeline (the demo's stages, `_lineage`) whose base pretrains
+    from another seed, and a student of its teachers. Its teachers share the student's tokenizer but not its
+    lineage, as every teacher of another tokenizer does not: a student of BPE teachers that falls short where this
+    one does not is short for its teachers' tokenizer; one that falls short where this one does too, for lineage."""
+    stages = data["stages"]
+    pipeline = ["base", "sft", *(f"sft_{d}" for d in data["domains"]), *(f"teacher_{d}" for d in data["domains"])]
+    for name in pipeline:
+        stage = dict(stages[name])
+        if "init" in stage:
+            stage["init"] = f"{stage['init']}_lineage"
+        if name == "base":
+            stage["seed"] = seed + LINEAGE_SEED
+        stages[f"{name}_lineage"] = stage
+    student = dict(stages["student"])
+    student["teachers"] = {d: f"teacher_{d}_lineage" for d in data["domains"]}
+    stages[CONTROL] = student
+    return data
 
 
 def recipe_for(recipe: Path, seed: int, teachers_only: bool, objective: str | None) -> dict:
@@ -70,12 +92,16 @@ def main() -> None:
     parser.add_argument("--teachers-only", action="store_true")
     parser.add_argument("--objective", default=None)
     parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--lineage-control", action="store_true",
+                        help="add a character pipeline of another pretraining seed and its student (`student_lineage`)")
     args = parser.parse_args()
     per_seed: dict[int, dict] = {}
     for seed in args.seeds:
         out = args.out / f"seed-{seed}"
         out.mkdir(parents=True, exist_ok=True)
         data = recipe_for(args.recipe, seed, args.teachers_only, args.objective)
+        if args.lineage_control and not args.teachers_only:
+            data = with_lineage_control(data, seed)
         path = out / "recipe.in.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         t0 = time.time()
@@ -86,7 +112,7 @@ def main() -> None:
         row: dict = {"wall_s": round(wall, 1), "scores": stages}
         if not args.teachers_only:
             start = stages[START] or {}
-            for student in STUDENTS:
+            for student in (s for s in (*STUDENTS, CONTROL) if s in data["stages"]):
                 teachers = teacher_names(data, student)
                 rec = {d: recovery(start.get(d), (stages[t] or {}).get(d), (stages[student] or {}).get(d))
                        for d, t in teachers.items()}
@@ -98,7 +124,7 @@ def main() -> None:
     if not args.teachers_only:
         summary = {}
         base = np.array([per_seed[s]["student"]["normalized"] for s in args.seeds], dtype=float)
-        for student in STUDENTS:
+        for student in (s for s in (*STUDENTS, CONTROL) if all(s in per_seed[k] for k in args.seeds)):
             norm = np.array([per_seed[s][student]["normalized"] for s in args.seeds], dtype=float)
             summary[student] = {"normalized_mean": float(norm.mean()), "normalized_interval": mean_interval(norm),
                                 "ratio_to_same_tokenizer": float((norm / base).mean()),
