@@ -71,11 +71,14 @@ def stage_sizing(ctx: ResolvedStage, model: torch.nn.Module, batch: RolloutBatch
 
 def apply_to_panel(panel: TeacherScorer | None, sizing: Sizing) -> None:
     """The in-process teachers score with the step's blocks and shared prefill, and so do served teachers that
-    run the in-process computation on their side (`mopd serve`'s exact endpoint: `teachers.http`)."""
-    local = local_teachers(panel)
-    if local is not None:
-        local.logit_chunk, local.vocab_block, local.share_prefill = (sizing.logit_chunk, sizing.vocab_block,
-                                                                    sizing.shared_prefill)
+    run the in-process computation on their side (`mopd serve`'s exact endpoint: `teachers.http`) and in-process
+    teachers of another tokenizer."""
+    # and a teacher of another tokenizer in this process (`teachers.cross_tokenizer.PanelTeacher`): its own panel
+    own = [getattr(getattr(t, "inner", None), "panel", None) for t in getattr(panel, "remote", {}).values()]
+    for local in [local_teachers(panel), *own]:
+        if isinstance(local, TeacherPanel):
+            local.logit_chunk, local.vocab_block, local.share_prefill = (sizing.logit_chunk, sizing.vocab_block,
+                                                                        sizing.shared_prefill)
     for teacher in getattr(panel, "remote", {}).values():
         settings = getattr(getattr(teacher, "inner", teacher), "step_settings", None)
         if isinstance(settings, dict):
