@@ -12,7 +12,7 @@ from transformers import BatchEncoding
 from mopd.core.batch import ROLE_ENV, ROLE_MODEL
 from mopd.core.schema import MOPDStage
 from mopd.core.token_chunks import align_tokens
-from mopd.envs import ALPHABET, get_domain
+from mopd.envs import ALPHABET, Problem, get_domain
 from mopd.learner.advantages import chunk_advantages, opd_advantages
 from mopd.learner.objective_table import PolicyConfig
 from mopd.learner.policy import policy_loss
@@ -176,3 +176,47 @@ def test_alignment_and_token_bytes_hand_cases() -> None:
     assert token_bytes(["é"], "é") == ["é".encode()]
     assert token_bytes(["Ã", "©"], "é") == [b"\xc3", b"\xa9"]  # byte-level: one character split in two tokens
     assert token_bytes(["ab"], "abc") is None
+
+
+def test_a_tool_use_row_is_re_rendered_with_the_teachers_own_chat_template() -> None:
+    """Multi-turn rows of a chat-template student: a teacher of the same tokenizer and template reads exactly the
+    student's ids (prompt with the tools, each observation the template's tool message); a teacher whose template
+    differs reads the same conversation in its own template, and the model turns still align one chunk a token."""
+    from mopd.envs.tool_domains import GET
+    from mopd.models.prompting import PromptFormat
+    from mopd.sampling.multi_turn import EpisodeRow, sample_episodes
+
+    from .test_agents_episode import CHATML
+    from .test_agents_sampling import PROMPTS, ChatEchoEpisode
+
+    tok = build_char_tokenizer(ALPHABET + "<>_[]")
+    tok.chat_template = CHATML.replace("<e>", "<eos>")
+    model = build_tiny_model(TINY, len(tok), tok, 0).double().eval()
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        head[tok.eos_token_id] = 10 * head[tok.convert_tokens_to_ids("=")]
+    fmt = PromptFormat(chat_template=True)
+    rows = [EpisodeRow(Problem(p, "1", "echo", 1), ChatEchoEpisode(i, 3), 160, {"get": GET})
+            for i, p in enumerate(PROMPTS[:4])]
+    batch, stats = sample_episodes(model, tok, rows, generator=torch.Generator().manual_seed(0), prompt_format=fmt)
+    assert any(s.turns >= 2 for s in stats) and len(batch.messages) == batch.size
+    same = teacher_view(CrossTokenizer(tok, tok, fmt, tools={"echo": {"get": GET}}), batch)
+    for b in range(batch.size):
+        real = batch.input_ids_B_T[b][batch.attention_mask_B_T[b] == 1].tolist()
+        seen = same.batch.input_ids_B_T[b][same.batch.attention_mask_B_T[b] == 1].tolist()
+        if not stats[b].cut:  # a cut episode may end inside an observation the teacher renders whole
+            assert seen == real
+    model_tokens = int(batch.completion_mask_B_T.sum())
+    assert sum(len(p.student_chunk) for p in same.plans) == model_tokens  # one chunk a model token
+
+    other = build_char_tokenizer(ALPHABET + "<>_[]")
+    other.chat_template = ("{% if tools %}[x]{% for t in tools %}{{ t.function.name }}{% endfor %}{% endif %}"
+                           "{% for m in messages %}[{{ m.role }}]{{ m.content }}<eos>{% endfor %}"
+                           "{% if add_generation_prompt %}[assistant]{% endif %}")
+    view = teacher_view(CrossTokenizer(tok, other, fmt, tools={"echo": {"get": GET}}), batch)
+    for b in range(batch.size):
+        text = other.decode(view.batch.input_ids_B_T[b][view.batch.attention_mask_B_T[b] == 1].tolist())
+        assert text.startswith(f"[x]get[user]{PROMPTS[b]}<eos>[assistant]")
+        if stats[b].turns >= 2 and not stats[b].cut:
+            assert f"[tool]{b}x" in text and "<s>" not in text  # the teacher's tool message, not the student's
+    assert sum(len(p.student_chunk) for p in view.plans) == model_tokens

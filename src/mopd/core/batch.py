@@ -33,6 +33,9 @@ class RolloutBatch:
     references: list[str] = field(default_factory=list)  # the domain's reference answer per row
     rewards_B: torch.Tensor | None = None  # float in [0, 1], set by the verifier phase
     roles_B_T: torch.Tensor | None = None  # long ROLE_* per token (multi-turn rows); None: single-turn
+    # each row's conversation (multi-turn rows: user, assistant, tool messages), what a teacher of another tokenizer
+    # re-renders with its own chat template (`teachers.cross_tokenizer`); empty: not kept
+    messages: list[list[dict]] = field(default_factory=list)
 
     @property
     def roles(self) -> torch.Tensor:
@@ -101,6 +104,7 @@ class RolloutBatch:
             references=pick(self.references),
             rewards_B=None if self.rewards_B is None else self.rewards_B[rows],
             roles_B_T=None if self.roles_B_T is None else self.roles_B_T[rows],
+            messages=pick(self.messages),
         )
 
 

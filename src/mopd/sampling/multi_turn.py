@@ -239,6 +239,7 @@ def sample_episodes(
                           references=[r.problem.answer for r in rows], completion_roles_B_N=roles_B_N)
     # rollout_batch's attention mask is the completion mask: observations are real tokens too
     batch.attention_mask_B_T[:, P:] = (roles_B_N != ROLE_PROMPT).long()
+    batch.messages = [[dict(m) for m in r.episode.messages] for r in rows]  # re-rendered by a foreign teacher
     return batch.with_rewards(torch.tensor(rewards, device=dev)), stats
 
 

@@ -22,6 +22,7 @@ import torch
 from ..core.run_dir import PREFLIGHT
 from ..core.schema import ActorBackend, HttpBackend, MOPDStage, fixed_logit_chunk
 from ..core.scoring import TeacherScorer
+from ..envs.tool_domains import is_agentic
 from ..models.checkpoint import load_model, load_tokenizer, write_json_atomic
 from ..models.prompting import read_teacher_prompt, with_pad_token
 from ..models.tokenizer import tokenizer_fingerprint
@@ -177,7 +178,8 @@ def cross_reader(ctx: ResolvedStage, ref: str) -> CrossTokenizer:
     fmt = ctx.rendering.format_for(teacher_tok)
     if (context := read_teacher_prompt(ref)) is not None:
         fmt = fmt.with_context(context)
-    return CrossTokenizer(ctx.tokenizer, teacher_tok, fmt, student_width=logit_width(ctx.init_path))
+    tools = {d.name: d.tools for d in ctx.domains if is_agentic(d)}  # shown to a chat template, as the sampler does
+    return CrossTokenizer(ctx.tokenizer, teacher_tok, fmt, student_width=logit_width(ctx.init_path), tools=tools)
 
 
 def logit_width(checkpoint: str | None) -> int | None:

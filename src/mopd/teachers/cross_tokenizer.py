@@ -23,6 +23,7 @@ spell alike (`models.shared_vocab`), placed in the student's positions and vocab
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 
 from ..core.batch import ROLE_ENV, ROLE_MODEL, RolloutBatch, rollout_batch
 from ..core.token_chunks import align_tokens
+from ..envs.episode import observation_ids, prompt_ids
 from ..models.prompting import PromptFormat
 from ..models.shared_vocab import SharedVocab, shared_vocab
 from ..models.token_bytes import token_bytes
@@ -91,6 +93,9 @@ class CrossTokenizer:
     teacher_tok: Any
     teacher_format: PromptFormat
     student_width: int | None = None  # the student model's logit columns, when more than its tokenizer's tokens
+    # each tool-use domain's tools (domain -> name -> Tool): a chat template shows their schemas, so the teacher's
+    # rendering of such a row's prompt and observations needs them (`envs.episode.prompt_ids`, `observation_ids`)
+    tools: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @cached_property
     def vocab(self) -> SharedVocab:
@@ -104,12 +109,22 @@ class CrossTokenizer:
         ids = self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
         return ids, token_bytes(self.teacher_tok.convert_ids_to_tokens(ids), text)
 
-    def plan(self, prompt: str, ids: list[int], roles: list[int]) -> RowPlan:
-        """`ids` and `roles`: the student's completion window of one row (ROLE_PROMPT on its padding)."""
-        plan = RowPlan(prompt=self.teacher_format.token_ids(self.teacher_tok, prompt))
+    def plan(self, prompt: str, ids: list[int], roles: list[int], domain: str = "",
+             messages: list[dict] | None = None) -> RowPlan:
+        """`ids` and `roles`: the student's completion window of one row (ROLE_PROMPT on its padding); `messages`:
+        its conversation, for a tool-use row (`RolloutBatch.messages`), whose prompt and observations the teacher
+        renders as its own chat template renders them (with the domain's tools); without it an observation is
+        read as text."""
+        tools = self.tools.get(domain)
+        plan = RowPlan(prompt=prompt_ids(self.teacher_tok, self.teacher_format, prompt, tools) if tools is not None
+                       else self.teacher_format.token_ids(self.teacher_tok, prompt))
+        observation = 0
         for role, start, stop in _segments(roles):
-            if role == ROLE_ENV:  # context: its text, in the teacher's tokens
-                t_ids, _ = self._teacher_tokens(self.student_tok.decode(ids[start:stop], skip_special_tokens=True))
+            if role == ROLE_ENV:  # context, in the teacher's tokens
+                t_ids = self._observation(messages, observation, tools)
+                if t_ids is None:  # its text, as the student wrote it out
+                    t_ids, _ = self._teacher_tokens(self.student_tok.decode(ids[start:stop], skip_special_tokens=True))
+                observation += 1
                 plan.completion += t_ids
                 plan.roles += [ROLE_ENV] * len(t_ids)
                 plan.teacher_chunk += [-1] * len(t_ids)
@@ -125,6 +140,20 @@ class CrossTokenizer:
                 self._add_special(plan, col, ids[col])
             self._add_text(plan, ids, text_cols)
         return plan
+
+    def _observation(self, messages: list[dict] | None, k: int, tools) -> list[int] | None:
+        """The teacher's rendering of a row's k-th observation (the messages after its k-th assistant turn), or None
+        without the messages or when its template cannot render one after an assistant turn."""
+        if not messages:
+            return None
+        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if k >= len(turns):
+            return None
+        upto = turns[k + 1] if k + 1 < len(turns) else len(messages)
+        try:
+            return observation_ids(self.teacher_tok, self.teacher_format, messages[:upto], tools)
+        except ValueError:
+            return None
 
     @cached_property
     def _special(self) -> set[int]:
@@ -221,7 +250,10 @@ def teacher_view(cross: CrossTokenizer, batch: RolloutBatch) -> TeacherView:
     first = batch.first_completion_column
     ids = batch.input_ids_B_T[:, first:].tolist()
     roles = (batch.roles * batch.attention_mask_B_T)[:, first:].tolist()
-    plans = [cross.plan(p, i, r) for p, i, r in zip(batch.prompts, ids, roles, strict=True)]
+    messages = batch.messages if len(batch.messages) == batch.size else [None] * batch.size
+    domains = batch.domains if len(batch.domains) == batch.size else [""] * batch.size
+    plans = [cross.plan(p, i, r, d, m) for p, i, r, d, m in zip(batch.prompts, ids, roles, domains, messages,
+                                                                strict=True)]
     tok = cross.teacher_tok
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     P = max((len(p.prompt) for p in plans), default=0)
