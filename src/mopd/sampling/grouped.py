@@ -94,6 +94,7 @@ def concat_batches(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
                           for p, w, n in zip(parts, prompt_w, comp_w, strict=True)])
 
     rewards = [p.rewards_B for p in parts]
+    messages = [m for p in parts for m in (p.messages if len(p.messages) == p.size else [[]] * p.size)]
     roles = None if all(p.roles_B_T is None for p in parts) else torch.cat(
         [widen(p.roles, w, n, 0) for p, w, n in zip(parts, prompt_w, comp_w, strict=True)])
     return RolloutBatch(
@@ -108,6 +109,7 @@ def concat_batches(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         references=[x for p in parts for x in p.references],
         rewards_B=None if any(r is None for r in rewards) else torch.cat(rewards),
         roles_B_T=roles,
+        messages=messages if any(messages) else [],
     )
 
 
