@@ -28,6 +28,8 @@ from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelT
 from mopd.teachers.panel import TeacherPanel
 from mopd.teachers.remote import MixedPanel
 
+from .test_cross_tokenizer import _loss_and_grads
+
 TINY = TinyModelConfig(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=16)
 TOK = build_char_tokenizer(ALPHABET)
 DOMAINS = {n: get_domain(n) for n in ("addition", "reversal")}
@@ -43,14 +45,6 @@ def _settings(objective: str, **kw) -> MOPDStage:
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
-
-
-def _loss_and_grads(student, batch, panel, settings):
-    student.zero_grad()
-    loss, metrics = policy_loss(student, batch, PolicyConfig(sampling=settings, distill=settings, teachers=panel),
-                                temperature=settings.temperature)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}, metrics
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5])

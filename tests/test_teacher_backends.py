@@ -129,10 +129,9 @@ def test_a_killed_actor_is_restarted_and_its_call_retried(actor_setup, ray_sessi
     torch.testing.assert_close(wait(), want[[0, 2, 4, 6]], atol=tol, rtol=0)
 
 
-def test_an_actor_teacher_of_another_tokenizer_scores_what_it_scores_in_process(actor_setup):
-    """A cross-tokenizer teacher (`teachers.cross_tokenizer.ForeignTeacher`) on its Ray actor: the actor scores the
-    re-read rows in the teacher's tokens, and the chunk sums equal the in-process teacher's to float32 rounding of
-    two kernel paths (one token per chunk here: the same tokenizer on both sides)."""
+def _cross_panels(actor_setup):
+    """The actor teachers and the in-process ones, each behind the cross-tokenizer path (the same tokenizer on both
+    sides): (batch, the in-process panel, its cross-path panel, the actors' cross-path panel)."""
     from mopd.models.prompting import RAW
     from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher
 
@@ -143,6 +142,14 @@ def test_an_actor_teacher_of_another_tokenizer_scores_what_it_scores_in_process(
                       teacher_of_domain=ROUTES)
     there = MixedPanel(local=None, remote={n: ForeignTeacher(actors[n], cross) for n in "ab"},
                        teacher_of_domain=ROUTES)
+    return batch, panel, here, there
+
+
+def test_an_actor_teacher_of_another_tokenizer_scores_what_it_scores_in_process(actor_setup):
+    """A cross-tokenizer teacher (`teachers.cross_tokenizer.ForeignTeacher`) on its Ray actor: the actor scores the
+    re-read rows in the teacher's tokens, and the chunk sums equal the in-process teacher's to float32 rounding of
+    two kernel paths (one token per chunk here: the same tokenizer on both sides)."""
+    batch, panel, here, there = _cross_panels(actor_setup)
     names = panel.route(batch)
     tol = two_path_logprob_tol(TINY, panel.full_logits(batch, names))
     torch.testing.assert_close(there.sampled_logprobs(batch, names), here.sampled_logprobs(batch, names),
@@ -157,16 +164,7 @@ def test_an_actor_teacher_of_another_tokenizer_answers_distributions_as_in_proce
     its logits at the single-token chunks in the student's vocabulary, -inf at the same places, and its top-k,
     as the in-process teacher gives them (the same tokenizer on both sides: every completion position has a term),
     to the two kernel paths' rounding (each logit within half of the logprob bound)."""
-    from mopd.models.prompting import RAW
-    from mopd.teachers.cross_tokenizer import CrossTokenizer, ForeignTeacher, PanelTeacher
-
-    _, batch, panel, actors = actor_setup
-    tok = build_char_tokenizer(ALPHABET)
-    cross = CrossTokenizer(tok, tok, RAW)
-    here = MixedPanel(local=None, remote={n: ForeignTeacher(PanelTeacher(panel, n), cross) for n in "ab"},
-                      teacher_of_domain=ROUTES)
-    there = MixedPanel(local=None, remote={n: ForeignTeacher(actors[n], cross) for n in "ab"},
-                       teacher_of_domain=ROUTES)
+    batch, panel, here, there = _cross_panels(actor_setup)
     names = panel.route(batch)
     K = batch.input_ids_B_T.shape[1] - batch.first_completion_column + 1
     tol = two_path_logprob_tol(TINY, panel.full_logits(batch, names))

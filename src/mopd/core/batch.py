@@ -152,14 +152,10 @@ def with_prompts(batch: RolloutBatch, prompt_ids: list[list[int]], pad_id: int) 
     `keep` positions of one is a score of the same tokens in the other, for any `keep` up to the completion
     window plus one (`tail_aligned`)."""
     first = batch.first_completion_column
-    B, P = batch.size, max((len(p) for p in prompt_ids), default=0)
+    B = batch.size
     dev = batch.input_ids_B_T.device
-    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
-    mask = torch.zeros((B, P), dtype=torch.long, device=dev)
-    for i, p in enumerate(prompt_ids):
-        if p:
-            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
-            mask[i, P - len(p):] = 1
+    ids, mask = (x.to(dev) for x in left_padded(prompt_ids, pad_id))
+    P = ids.shape[1]
 
     def joined(front: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else torch.cat([front.to(t.dtype), t[:, first:]], dim=1)
@@ -170,6 +166,18 @@ def with_prompts(batch: RolloutBatch, prompt_ids: list[list[int]], pad_id: int) 
                    completion_mask_B_T=joined(zeros, batch.completion_mask_B_T),
                    sampler_logprobs_B_T=joined(zeros, batch.sampler_logprobs_B_T),
                    roles_B_T=joined(torch.full((B, P), ROLE_PROMPT, device=dev), batch.roles_B_T))
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to the longest with `pad`: (ids, mask) [len(rows), width], long, on the CPU."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
 
 
 def tail_aligned(x: torch.Tensor, width: int) -> torch.Tensor:

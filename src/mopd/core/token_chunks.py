@@ -25,17 +25,6 @@ class Alignment:
     teacher: list[int]
     chunks: int
 
-    def chunk_lengths(self) -> list[tuple[int, int]]:
-        """(student tokens, teacher tokens) of each chunk."""
-        out = [[0, 0] for _ in range(self.chunks)]
-        for c in self.student:
-            if c >= 0:
-                out[c][0] += 1
-        for c in self.teacher:
-            if c >= 0:
-                out[c][1] += 1
-        return [(s, t) for s, t in out]
-
 
 def align_tokens(student_bytes: list[int], teacher_bytes: list[int]) -> Alignment | None:
     """Chunks of two tokenizations given each token's byte length, in order; None when the two do not cover the

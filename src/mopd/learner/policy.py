@@ -26,7 +26,7 @@ from .filters import solved_group_filter
 from .fused_head import fusable, fused_kl_scores
 from .micro_batches import accumulate_micro_batches
 from .objective_table import OBJECTIVES, MicroBatch, PolicyConfig
-from .reward_only import chunk_layout, route_rows
+from .reward_only import route_rows
 
 
 def policy_loss(
@@ -59,7 +59,7 @@ def policy_loss(
     kind = objective.fused_head if grpo_B_T is None else None
     fused = (kind is not None and torch.is_grad_enabled()
              and fusable((split_head(model) or (None, None))[1], K, logit_chunk)
-             and chunk_layout(cfg.teachers, batch, names_B) is None)  # type: ignore[arg-type]
+             and not getattr(cfg.teachers, "reads_other_tokens", False))  # known without reading the batch
 
     def part(rows: slice | torch.Tensor, share: float):
         idx = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows

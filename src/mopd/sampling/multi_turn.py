@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.batch import ROLE_ENV, ROLE_MODEL, ROLE_PROMPT, RolloutBatch, rollout_batch
+from ..core.batch import ROLE_ENV, ROLE_MODEL, ROLE_PROMPT, RolloutBatch, left_padded, rollout_batch
 from ..envs import DomainLike, Problem
 from ..envs.episode import (
     Episode,
@@ -58,16 +58,6 @@ class EpisodeRow:
     budget: int  # completion-window tokens (model and observation)
     tools: Mapping[str, Tool] | None = None  # shown to a chat template; None for a single-turn row
     overlap_tools: bool = False  # its domain's `Limits.overlap_tools`: the batch decodes while its tools run
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -102,7 +92,7 @@ def sample_episodes(
     dev = next(model.parameters()).device
     chat = prompt_format.chat_template
     starts = [prompt_ids(tokenizer, prompt_format, r.problem.prompt, r.tools if chat else None) for r in rows]
-    prompt_B_P, pmask_B_P = (x.to(dev) for x in _left_pad(starts, tokenizer.pad_token_id))
+    prompt_B_P, pmask_B_P = (x.to(dev) for x in left_padded(starts, tokenizer.pad_token_id))
     generator = on_device(generator, dev)
     B, P = prompt_B_P.shape
     N = max(r.budget for r in rows)

@@ -86,12 +86,17 @@ class MixedPanel:
             out[rows.to(out.device)] = wait().to(out.device, out.dtype)  # a float64 server's scores, too
         return out
 
+    @property
+    def reads_other_tokens(self) -> bool:
+        """Whether a teacher of another tokenizer (`cross_tokenizer.ForeignTeacher`) is in the panel."""
+        return any(hasattr(t, "chunk_ids") for t in self.remote.values())
+
     def chunk_ids(self, batch: RolloutBatch, names_B: list[str]) -> torch.Tensor | None:
         """The aligned chunks of the rows of teachers of another tokenizer (`cross_tokenizer.ForeignTeacher`), one
         chunk per token on every other row; None when the panel has no such teacher."""
-        foreign = {n for n, t in self.remote.items() if hasattr(t, "chunk_ids")}
-        if not foreign:
+        if not self.reads_other_tokens:
             return None
+        foreign = {n for n, t in self.remote.items() if hasattr(t, "chunk_ids")}
         B, T = batch.completion_mask_B_T.shape
         out = torch.arange(T).repeat(B, 1)
         for name in foreign:
